@@ -1,0 +1,30 @@
+"""Shared test set-up.
+
+Without a GPU, Triton kernels run under the CPU interpreter: TRITON_INTERPRET must be set before
+triton is first imported, which is why it is set here, at collection time. Tests marked ``gpu`` are
+skipped, with the reason shown, where no CUDA device is visible.
+"""
+
+import os
+
+import pytest
+import torch
+
+GPU_AVAILABLE = torch.cuda.is_available()
+if not GPU_AVAILABLE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if GPU_AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: none visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_backend_choice(monkeypatch):
+    # A QUANTKERN_BACKEND set in the caller's shell must not change what the tests test.
+    monkeypatch.delenv("QUANTKERN_BACKEND", raising=False)
