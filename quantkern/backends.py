@@ -1,0 +1,162 @@
+"""Which kernel backends are present, and which one runs an op.
+
+Three backends, in order of preference on a CUDA tensor:
+  ``cuda``      the compiled extension ``quantkern._C`` (ops registered with TORCH_LIBRARY)
+  ``triton``    ``quantkern.triton_kernels`` (on CPU tensors only under ``TRITON_INTERPRET=1``)
+  ``reference`` plain PyTorch (``quantkern.reference``): the default on CPU tensors, and on CUDA
+                tensors only when asked for, by argument or ``QUANTKERN_BACKEND=reference``.
+
+A CUDA tensor whose op has no fast kernel raises ``MissingKernelError``: quantkern never silently
+dequantizes and multiplies in fp16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ENV_BACKEND = "QUANTKERN_BACKEND"
+BACKENDS = ("cuda", "triton", "reference")
+
+# Every public op and the backends that can implement it (one place for the list of ops).
+OPS = (
+    "quantize_per_token",
+    "weight_only_linear",
+    "w8a8_linear",
+    "w4a4_linear",
+    "hadamard",
+    "quantize_kv",
+)
+
+
+class MissingKernelError(RuntimeError):
+    """An op was asked to run on a device/backend for which no kernel is available."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str  # why it is missing, or what it is
+    kernels: frozenset
+
+
+def _load_cuda_extension() -> BackendStatus:
+    if os.environ.get("QUANTKERN_DISABLE_CUDA_EXTENSION") == "1":
+        return BackendStatus("cuda", False, "disabled by QUANTKERN_DISABLE_CUDA_EXTENSION=1", frozenset())
+    try:
+        from . import _C  # noqa: F401  (loading it registers the torch.ops.quantkern.* ops)
+    except ImportError as error:
+        return BackendStatus(
+            "cuda", False,
+            f"quantkern._C is not built ({error}). Build it with a CUDA build of torch and the CUDA toolkit: "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . (see docs/BUILD.md)",
+            frozenset())
+    from ._fake import register_extension_fakes
+
+    register_extension_fakes()  # so torch.compile can trace the extension's ops
+
+    info = _C.build_info()
+    where = "" if torch.cuda.is_available() else "; no CUDA device visible, so its kernels cannot run here"
+    return BackendStatus(
+        "cuda", True,
+        f"quantkern._C built for archs {info['archs']} with CUDA {info['cuda_version']}, torch {info['torch_version']}{where}",
+        frozenset(info["kernels"]))
+
+
+def _load_triton() -> BackendStatus:
+    try:
+        import triton
+    except ImportError as error:
+        return BackendStatus("triton", False, f"triton is not installed ({error})", frozenset())
+    from .triton_kernels import KERNELS
+
+    if torch.cuda.is_available():
+        reason = f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    elif triton_interpreting():
+        reason = f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU interpreter: for tests, slow)"
+    else:
+        reason = f"triton {triton.__version__} installed, but no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
+    return BackendStatus("triton", True, reason, frozenset(KERNELS))
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_STATUS: dict = {}
+
+
+def status(name: str) -> BackendStatus:
+    """The backend's status, computed once per process."""
+    if name not in _STATUS:
+        if name == "cuda":
+            _STATUS[name] = _load_cuda_extension()
+        elif name == "triton":
+            _STATUS[name] = _load_triton()
+        elif name == "reference":
+            _STATUS[name] = BackendStatus("reference", True, "plain PyTorch (quantkern.reference)", frozenset(OPS))
+        else:
+            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    return _STATUS[name]
+
+
+def _can_run(name: str, op: str, device: torch.device) -> Optional[str]:
+    """None if backend ``name`` can run ``op`` on ``device``, else the reason it cannot."""
+    st = status(name)
+    if not st.available:
+        return st.reason
+    if op not in st.kernels:
+        return f"the {name} backend has no kernel for {op}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got a tensor on {device}"
+    if name == "triton" and device.type != "cuda" and not triton_interpreting():
+        return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}"
+    return None
+
+
+def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device``.
+
+    ``backend`` (argument) overrides ``QUANTKERN_BACKEND`` (environment), which overrides the
+    automatic choice: cuda, then triton, for CUDA tensors; reference for CPU tensors.
+    """
+    requested = backend or os.environ.get(ENV_BACKEND) or "auto"
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS} or 'auto'")
+        reason = _can_run(requested, op, device)
+        if reason:
+            raise MissingKernelError(f"{op}: backend {requested!r} cannot run: {reason}")
+        return requested
+    if device.type != "cuda":
+        return "reference"
+    reasons = []
+    for name in ("cuda", "triton"):
+        reason = _can_run(name, op, device)
+        if reason is None:
+            return name
+        reasons.append(f"{name}: {reason}")
+    raise MissingKernelError(
+        f"no GPU kernel for {op} on {device} ({'; '.join(reasons)}). quantkern does not fall back to "
+        f"dequantize-and-fp16 on a GPU; build the CUDA extension, or pass backend='reference' "
+        f"(or set {ENV_BACKEND}=reference) to run the slow plain-PyTorch path on purpose.")
+
+
+def report() -> list:
+    """Rows (op, backend, state) for ``quantkern info``."""
+    rows = []
+    for op in OPS:
+        for name in BACKENDS:
+            st = status(name)
+            if not st.available:
+                state = "missing: backend unavailable"
+            elif op in st.kernels:
+                state = "yes"
+            else:
+                state = "no kernel yet"
+            rows.append((op, name, state))
+    return rows

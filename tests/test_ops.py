@@ -1,0 +1,99 @@
+"""quantkern.ops: backend choice, overrides, clear errors, and torch.compile over the public ops."""
+
+import pytest
+import torch
+
+from quantkern import backends, ops, reference
+from quantkern.backends import MissingKernelError
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+
+
+def test_cpu_tensors_run_the_reference_by_default():
+    assert backends.select("quantize_per_token", CPU) == "reference"
+    assert backends.select("weight_only_linear", CPU) == "reference"
+
+
+def test_argument_overrides_environment(monkeypatch):
+    monkeypatch.setenv(backends.ENV_BACKEND, "cuda")
+    assert backends.select("quantize_per_token", CPU, backend="reference") == "reference"
+    with pytest.raises(MissingKernelError, match="cuda"):
+        backends.select("quantize_per_token", CPU)
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        backends.select("quantize_per_token", CPU, backend="fast")
+    monkeypatch.setenv(backends.ENV_BACKEND, "nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        backends.select("quantize_per_token", CPU)
+
+
+def test_cuda_tensor_without_kernel_raises_instead_of_falling_back():
+    # No fast kernel exists for these ops yet: on a GPU they must raise, never dequantize silently.
+    for op in ("weight_only_linear", "w4a4_linear", "w8a8_linear", "hadamard", "quantize_kv"):
+        with pytest.raises(MissingKernelError, match="does not fall back"):
+            backends.select(op, CUDA)
+    # ... unless the reference is asked for explicitly.
+    assert backends.select("weight_only_linear", CUDA, backend="reference") == "reference"
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(MissingKernelError, match="TRITON_INTERPRET"):
+        backends.select("quantize_per_token", CPU, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.select("quantize_per_token", CPU, backend="triton") == "triton"
+
+
+def test_report_covers_every_op_and_backend():
+    rows = backends.report()
+    assert {(op, b) for op, b, _ in rows} == {(op, b) for op in backends.OPS for b in backends.BACKENDS}
+    assert all(state == "yes" for op, b, state in rows if b == "reference")
+
+
+def test_quantize_per_token_keeps_leading_dims_and_copies_non_contiguous_input():
+    x = torch.randn(2, 3, 64 * 2)[..., ::2]  # non-contiguous view
+    q, scales = ops.quantize_per_token(x, bits=4)
+    q_ref, s_ref = reference.quantize_per_token(x.reshape(6, 64).contiguous(), 4)
+    assert q.shape == (2, 3, 32) and scales.shape == (2, 3)
+    assert torch.equal(q.reshape(6, 32), q_ref) and torch.equal(scales.reshape(6), s_ref)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ops.quantize_per_token(torch.randn(4, 7), bits=4), ValueError, "even"),
+    (lambda: ops.quantize_per_token(torch.randn(4, 8), bits=2), ValueError, "bits"),
+    (lambda: ops.quantize_per_token(torch.randn(4, 8).double()), TypeError, "dtype"),
+    (lambda: ops.quantize_per_token(torch.randint(0, 4, (4, 8))), TypeError, "dtype"),
+    (lambda: ops.quantize_per_token(torch.randn(4, 8), clip_ratio=1.5), ValueError, "clip_ratio"),
+    (lambda: ops.quantize_per_token(torch.tensor(1.0)), ValueError, "at least one dimension"),
+    (lambda: ops.quantize_per_token([1.0, 2.0]), TypeError, "torch.Tensor"),
+])
+def test_quantize_per_token_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_linear_ops_bad_input():
+    qw = reference.quantize_weight(torch.randn(16, 64), 4, 32)
+    with pytest.raises(ValueError, match="last dimension 64"):
+        ops.weight_only_linear(torch.randn(2, 32), qw)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.w4a4_linear(torch.randint(0, 2, (2, 64)), qw)
+    with pytest.raises(ValueError, match="8-bit"):
+        ops.w8a8_linear(torch.randn(2, 64), qw)
+
+
+def test_public_ops_compile_without_graph_breaks():
+    qw = reference.quantize_weight(torch.randn(32, 128), 4, 64)
+
+    def block(x):
+        q, s = ops.quantize_per_token(x, bits=8)
+        return ops.weight_only_linear(x, qw) + s[..., None], q
+
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    x = torch.randn(5, 128)
+    y, q = compiled(x)
+    y_eager, q_eager = block(x)
+    assert torch.equal(q, q_eager) and torch.allclose(y, y_eager)

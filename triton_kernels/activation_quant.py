@@ -1,0 +1,88 @@
+"""Per-token symmetric activation quantization (int8, or int4 packed two per byte) in Triton.
+
+Semantics: ``quantkern.reference.quantize_per_token`` (bit-exact: IEEE fp32 division, round half
+to even). Tiling: one program per row (token); the row is walked in chunks of ``BLOCK`` elements
+(int8) or ``BLOCK`` byte pairs (int4). Pipeline: pass 1 reduces the row's absmax, pass 2 re-reads the
+row (from L2 for real hidden sizes), quantizes and stores. Layout: x [M, K] row-major (any row
+stride, unit column stride); q int8 [M, K] or uint8 [M, K/2] with element 2j in the low nibble;
+scales fp32 [M].
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkern._fake import quantize_per_token_fake
+
+MAX_BLOCK = 2048
+
+
+@triton.jit
+def _round_half_even(v):
+    # floor(v + 0.5) is exact here (|v| is small); ties (r - v == 0.5) go to the even neighbour.
+    r = tl.floor(v + 0.5)
+    is_tie = (r - v) == 0.5
+    is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(is_tie & is_odd, r - 1.0, r)
+
+
+@triton.jit
+def _quantize(v, scale, QMAX: tl.constexpr):
+    q = _round_half_even(tl.math.div_rn(v, scale))
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int32)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x_row, stride_q_row, clip_ratio,
+                               BITS: tl.constexpr, BLOCK: tl.constexpr):
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x_row
+    q_row = q_ptr + row * stride_q_row
+
+    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(v))
+    scale = tl.math.div_rn(tl.max(absmax, axis=0) * clip_ratio, QMAX * 1.0)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    tl.store(scale_ptr + row, scale)
+
+    if BITS == 8:
+        for start in range(0, K, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < K
+            v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + offs, _quantize(v, scale, QMAX).to(tl.int8), mask=mask)
+    else:
+        pairs = K // 2
+        for start in range(0, pairs, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < pairs
+            even = tl.load(x_row + 2 * offs, mask=mask, other=0.0).to(tl.float32)
+            odd = tl.load(x_row + 2 * offs + 1, mask=mask, other=0.0).to(tl.float32)
+            byte = (_quantize(even, scale, QMAX) & 0xF) | ((_quantize(odd, scale, QMAX) & 0xF) << 4)
+            tl.store(q_row + offs, byte.to(tl.uint8), mask=mask)
+
+
+@torch.library.custom_op("quantkern_triton::quantize_per_token", mutates_args=())
+def _quantize_per_token_op(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, scales = quantize_per_token_fake(x, bits, clip_ratio)
+    tokens, features = x.shape
+    if tokens == 0:
+        return q, scales
+    work = features // 2 if bits == 4 else features
+    block = min(triton.next_power_of_2(max(work, 1)), MAX_BLOCK)
+    _quantize_per_token_kernel[(tokens,)](
+        x, q, scales, features, x.stride(0), q.stride(0), float(clip_ratio),
+        BITS=bits, BLOCK=block, num_warps=8 if block >= 1024 else 4)
+    return q, scales
+
+
+_quantize_per_token_op.register_fake(quantize_per_token_fake)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
+    """Triton backend of ``quantkern.ops.quantize_per_token`` for a 2-D contiguous ``x``."""
+    return _quantize_per_token_op(x, bits, clip_ratio)
