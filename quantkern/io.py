@@ -1,0 +1,153 @@
+"""Saving and reading quantized checkpoints (format: docs/FORMAT.md).
+
+A checkpoint directory holds ``model.safetensors`` (QuantLinear buffers plus the unquantized
+tensors), ``config.json`` with a versioned ``quantization_config``, the tokenizer files, and
+``quantization_metadata.json`` (method, bits, group size, activation/KV bits, rotation,
+calibration, tag, versions, timings). Writes are atomic: everything goes to a temporary sibling
+directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .format import FORMAT_VERSION, LAYOUT
+from .version import __version__
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METADATA_FILE = "quantization_metadata.json"
+QUANT_METHOD = "quantkern"
+
+# Display names of methods, as the seeds' tags spell them (e.g. GPTQ_w4_g128_headfp16).
+METHOD_NAMES = {
+    "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "quarot": "QuaRot",
+    "hqq": "HQQ", "adaround": "AdaRound", "autoround": "AutoRound", "brecq": "BRECQ",
+}
+
+
+def quant_tag(method: str, bits: int, group_size: int, act_bits: Optional[int] = None,
+              kv_bits: Optional[int] = None, lm_head_fp16: bool = True) -> str:
+    """The naming tag, e.g. ``GPTQ_w4_g128_headfp16`` or ``QuaRot_w4_pc_a4_kv4_headfp16``."""
+    parts = [METHOD_NAMES.get(method, method), f"w{bits}", "pc" if group_size == -1 else f"g{group_size}"]
+    if act_bits:
+        parts.append(f"a{act_bits}")
+    if kv_bits:
+        parts.append(f"kv{kv_bits}")
+    if lm_head_fp16:
+        parts.append("headfp16")
+    return "_".join(parts)
+
+
+def quantization_config(method: str, bits: int, group_size: int, symmetric: bool, act_bits=None,
+                        kv_bits=None, rotation=None, modules_not_converted=("lm_head",)) -> dict:
+    """The ``quantization_config`` entry of config.json (versioned)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "layout": LAYOUT,
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "act_bits": act_bits,
+        "kv_bits": kv_bits,
+        "rotation": rotation,
+        "modules_not_converted": list(modules_not_converted),
+    }
+
+
+def sha256_of_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def build_metadata(qconfig: dict, source: str, calibration: Optional[dict], timings: dict,
+                   lm_head_fp16: bool = True) -> dict:
+    return {
+        "tag": quant_tag(qconfig["method"], qconfig["bits"], qconfig["group_size"], qconfig["act_bits"],
+                         qconfig["kv_bits"], lm_head_fp16),
+        "method": qconfig["method"],
+        "bits": qconfig["bits"],
+        "group_size": qconfig["group_size"],
+        "symmetric": qconfig["symmetric"],
+        "act_bits": qconfig["act_bits"],
+        "kv_bits": qconfig["kv_bits"],
+        "rotation": qconfig["rotation"],
+        "lm_head_fp16": lm_head_fp16,
+        "calibration": calibration or {"samples": 0, "seq_len": None, "sha256": None, "source": None},
+        "source_model": source,
+        "quantkern_version": __version__,
+        "torch_version": torch.__version__,
+        "format_version": FORMAT_VERSION,
+        "timings_s": timings,
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, tokenizer=None,
+                   overwrite: bool = False) -> Path:
+    """Write a quantized model to ``dst`` atomically; refuses an existing ``dst`` unless ``overwrite``."""
+    from safetensors.torch import save_model
+
+    dst = Path(dst).resolve()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        config = model.config.to_dict()
+        config["quantization_config"] = qconfig
+        _write_json(staging / CONFIG_FILE, config)
+        _write_json(staging / METADATA_FILE, metadata)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _apply_umask(staging)
+        if dst.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, backup / dst.name)
+            os.replace(staging, dst)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dst
+
+
+def _apply_umask(directory: Path) -> None:
+    # mkdtemp makes the staging directory private (0700); give the result the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def read_metadata(directory) -> dict:
+    """``quantization_metadata.json`` of a checkpoint, with clear errors for missing or corrupt files."""
+    path = Path(directory) / METADATA_FILE
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {directory} is not a quantkern checkpoint")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is corrupt: {error}") from None
+
+
+def directory_size(directory) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

@@ -1,0 +1,147 @@
+"""``QuantLinear`` and model surgery: the one place where quantizers' output meets the kernels.
+
+A ``QuantLinear`` holds a weight in the canonical packed format (``quantkern.format``) as buffers
+named like the checkpoint's tensors (``qweight``, ``scales``, ``zeros``, ``bias``), so its
+``state_dict`` is the checkpoint. ``forward`` calls ``quantkern.ops``: on CPU tensors the reference
+path, on CUDA tensors a fast kernel or ``MissingKernelError`` (never a silent fp16 fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .format import QuantizedWeight, canonical_group_size, check_bits, group_length
+
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer with quantized weights: W4A16/W8A16 (``act_bits=None``), W8A8 or W4A4."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 symmetric: bool = True, act_bits: Optional[int] = None, bias: bool = False,
+                 scale_dtype: torch.dtype = torch.float16, device=None):
+        super().__init__()
+        check_bits(bits)
+        if act_bits is not None:
+            check_bits(act_bits)
+            if act_bits != bits:
+                raise ValueError(f"supported activation modes are W4A4, W8A8 and weight-only; got W{bits}A{act_bits}")
+            if not symmetric:
+                raise ValueError("W4A4 and W8A8 need symmetric weights")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.act_bits = bits, act_bits
+        self.group_size = canonical_group_size(group_size)
+        groups = in_features // group_length(self.group_size, in_features)
+        packed = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", None if symmetric else
+                             torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype, device=device) if bias else None)
+        self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                               self.in_features, self.out_features)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                       act_bits: Optional[int] = None) -> "QuantLinear":
+        layer = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, qw.symmetric, act_bits,
+                    bias is not None, qw.scales.dtype, device=qw.device)
+        layer.qweight.copy_(qw.qweight)
+        layer.scales.copy_(qw.scales)
+        if qw.zeros is not None:
+            layer.zeros.copy_(qw.zeros)
+        if bias is not None:
+            layer.bias = bias.detach().to(qw.scales.dtype).clone()
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                    act_bits: Optional[int] = None, scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
+        """Round-to-nearest quantization of ``linear`` (quantizers pass their own tensors to ``from_quantized``)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
+        if scale_dtype is None:
+            scale_dtype = torch.bfloat16 if linear.weight.dtype == torch.bfloat16 else torch.float16
+        qw = reference.quantize_weight(linear.weight.detach(), bits, group_size, symmetric, scale_dtype)
+        return cls.from_quantized(qw, linear.bias, act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is None:
+            return ops.weight_only_linear(x, self.weight, self.bias, backend=self.backend)
+        op = ops.w8a8_linear if self.act_bits == 8 else ops.w4a4_linear
+        return op(x, self.weight, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        group = "per-channel" if self.group_size == -1 else self.group_size
+        mode = f"W{self.bits}A{self.act_bits or 16}"
+        kind = "symmetric" if self.zeros is None else "asymmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}, "
+                f"group_size={group}, {kind}, bias={self.bias is not None}, backend={self.backend or 'auto'}")
+
+
+def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:
+    """``(name, module)`` of every ``nn.Linear`` in ``model`` whose name's last part is not in ``skip``."""
+    skip = set(skip)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
+
+
+def choose_group_size(layers: list, requested) -> int:
+    """``requested`` if given; for "auto"/None the largest of 128, 64, 32 dividing every layer's in_features."""
+    if requested not in (None, "auto"):
+        return int(requested)
+    for size in AUTO_GROUP_SIZES:
+        if all(module.in_features % size == 0 for _, module in layers):
+            return size
+    return -1
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def cast_unquantized_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters left unquantized (embeddings, norms, lm_head) to ``dtype``.
+
+    Buffers are left alone: QuantLinear's already have their storage dtype, and others (rotary
+    inverse frequencies) are not saved and must keep their precision."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: bool = True,
+                   act_bits: Optional[int] = None, skip: Iterable[str] = ("lm_head",),
+                   scale_dtype: Optional[torch.dtype] = None, progress: bool = False) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` (except names ending in ``skip``, by default lm_head,
+    the seeds' ``headfp16``) for an RTN-quantized ``QuantLinear`` with ``scale_dtype`` scales (default:
+    bf16 for bf16 layers, else fp16). Checks every layer's shape first,
+    so a bad group size fails before anything is replaced. Returns ``model``."""
+    layers = linear_layers(model, skip)
+    if not layers:
+        raise ValueError("the model has no nn.Linear layers to quantize")
+    group_size = choose_group_size(layers, group_size)
+    for name, module in layers:
+        try:
+            group_length(group_size, module.in_features)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    iterator = layers
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(layers, desc=f"RTN W{bits} g{group_size}", unit="layer")
+    for name, module in iterator:
+        set_submodule(model, name, QuantLinear.from_linear(module, bits, group_size, symmetric, act_bits, scale_dtype))
+    return model

@@ -1,0 +1,70 @@
+"""The quantkern command line, end to end on the built-in SmolLM2 (reference path, CPU)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from quantkern.builtin_model import find_builtin_gguf
+from quantkern.cli import main
+
+
+@pytest.fixture(scope="module")
+def builtin_model_present():
+    try:
+        find_builtin_gguf()
+    except FileNotFoundError as error:
+        if os.environ.get("QUANTKERN_REQUIRE_BUILTIN_MODEL") == "1":
+            raise
+        pytest.skip(str(error))
+
+
+def test_info_lists_every_backend_and_op():
+    result = subprocess.run([sys.executable, "-m", "quantkern", "info"], capture_output=True, text=True, check=True)
+    for word in ("cuda", "triton", "reference", "quantize_per_token", "weight_only_linear", "hadamard"):
+        assert word in result.stdout
+
+
+def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_present, tmp_path, capsys):
+    dst = tmp_path / "smollm2-rtn"
+    assert main(["quantize", "--dst", str(dst), "--bits", "4", "--group-size", "auto"]) == 0
+    out = capsys.readouterr().out
+    ppl = float(re.search(r"perplexity on .*: ([0-9.]+)", out).group(1))
+    # RTN W4 g64 measured 33.69 here (fp32: 22.05); the bound fails if quantization or packing breaks.
+    assert 30.0 < ppl < 37.0, out
+    size_mib = float(re.search(r"\(([0-9.]+) MiB on disk", out).group(1))
+    assert size_mib < 0.5 * 256.6  # fp16 model: 256.6 MiB, most of what remains is the fp16 embedding
+    metadata = json.loads((dst / "quantization_metadata.json").read_text())
+    assert metadata["tag"] == "RTN_w4_g64_headfp16" and metadata["group_size"] == 64
+    config = json.loads((dst / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "quantkern"
+    assert not list(tmp_path.glob(".*tmp-*")), "the staging directory was left behind"
+
+    assert main(["info", str(dst)]) == 0
+    assert "RTN_w4_g64_headfp16" in capsys.readouterr().out
+
+    assert main(["quantize", "--dst", str(dst), "--no-eval"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_group_size_that_does_not_divide(builtin_model_present, tmp_path, capsys):
+    assert main(["quantize", "--dst", str(tmp_path / "x"), "--group-size", "128", "--no-eval"]) == 2
+    assert "does not divide in_features 576" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_info_on_missing_or_corrupt_checkpoint(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a quantkern checkpoint" in capsys.readouterr().err
+    (tmp_path / "quantization_metadata.json").write_text("{not json")
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is corrupt" in capsys.readouterr().err
+
+
+def test_bad_group_size_spelling_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--group-size", "big"])
+    assert "--group-size must be an integer" in capsys.readouterr().err

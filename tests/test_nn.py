@@ -1,0 +1,79 @@
+"""QuantLinear and replace_linear on the reference path (CPU)."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantkern import reference
+from quantkern.nn import QuantLinear, replace_linear
+
+
+def tiny_llama(intermediate_size=384):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=intermediate_size, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric,act_bits", [
+    (4, 128, True, None), (4, 32, False, None), (8, -1, True, None), (8, -1, True, 8), (4, 64, True, 4)])
+def test_quant_linear_matches_the_reference(bits, group_size, symmetric, act_bits):
+    linear = nn.Linear(256, 96, bias=True)
+    layer = QuantLinear.from_linear(linear, bits, group_size, symmetric, act_bits)
+    qw = reference.quantize_weight(linear.weight.detach(), bits, group_size, symmetric)
+    x = torch.randn(4, 256)
+    bias = linear.bias.detach().half()
+    if act_bits is None:
+        expected = reference.weight_only_linear(x, qw, bias)
+    else:
+        expected = reference.quantized_activation_linear(x, qw, act_bits, bias)
+    assert torch.equal(layer(x), expected)
+    assert f"W{bits}A{act_bits or 16}" in repr(layer)
+
+
+def test_quant_linear_is_a_quarter_of_fp16_at_group_128():
+    layer = QuantLinear.from_linear(nn.Linear(4096, 1024, bias=False), 4, 128)
+    fp16_bytes = 4096 * 1024 * 2
+    assert layer.weight.nbytes() / fp16_bytes <= 0.27
+
+
+def test_state_dict_round_trip():
+    layer = QuantLinear.from_linear(nn.Linear(128, 64), 4, 64, symmetric=False)
+    state = layer.state_dict()
+    assert set(state) == {"qweight", "scales", "zeros", "bias"}
+    fresh = QuantLinear(128, 64, 4, 64, symmetric=False, bias=True)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 128)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_quant_linear_rejects_unsupported_modes():
+    with pytest.raises(ValueError, match="W4A8"):
+        QuantLinear(64, 64, bits=4, act_bits=8)
+    with pytest.raises(ValueError, match="symmetric"):
+        QuantLinear(64, 64, bits=4, act_bits=4, symmetric=False)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+def test_replace_linear_keeps_lm_head_and_generates():
+    model = tiny_llama()
+    replace_linear(model, bits=4, group_size=64)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name.endswith(("proj", "lm_head"))}
+    assert kinds["lm_head"] == "Linear"
+    assert all(kind == "QuantLinear" for name, kind in kinds.items() if name != "lm_head")
+    assert len(kinds) == 2 * 7 + 1
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_replace_linear_checks_every_layer_before_replacing():
+    model = tiny_llama(intermediate_size=320)  # down_proj has in_features 320, which 128 does not divide
+    with pytest.raises(ValueError, match="down_proj: group_size 128 does not divide in_features 320"):
+        replace_linear(model, bits=4, group_size=128)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing half-replaced
+    replace_linear(model, bits=4, group_size="auto")  # auto picks 64, which divides 128 and 320
+    assert {m.group_size for m in model.modules() if isinstance(m, QuantLinear)} == {64}
