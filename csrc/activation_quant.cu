@@ -1,0 +1,264 @@
+// quantkern::quantize_per_token(Tensor x, int bits, float clip_ratio) -> (Tensor q, Tensor scale)
+//
+// Symmetric per-row (per-token) quantization of activations, bit-exact with
+// quantkern.reference.quantize_per_token:
+//
+//   qmax  = 2^(bits-1) - 1                        (7 or 127)
+//   scale = (absmax(row) * float(clip_ratio)) / qmax   in fp32, IEEE round-to-nearest, in that order;
+//           1 where that is 0 (all-zero rows)
+//   q     = clamp(round_half_even(x / scale), -qmax, qmax)   (IEEE fp32 division)
+//
+// Memory layout
+//   x     [M, K] fp16 / bf16 / fp32, contiguous (row stride K elements).
+//   q     bits=8: int8  [M, K]   one byte per element.
+//         bits=4: uint8 [M, K/2] two signed two's-complement nibbles per byte, element 2j in the
+//                 low nibble of byte j, element 2j+1 in the high nibble (K must be even).
+//   scale fp32 [M].
+//
+// Tiling
+//   A "row group" of GROUP threads owns one row: GROUP = 32 (one warp per row, 8 rows per 256-thread
+//   block) when K <= kWarpPerRowMaxK, else GROUP = 256 (one block per row). Within a row, thread t
+//   of the group owns the 16-byte vectors t, t + GROUP, t + 2*GROUP, ... (8 fp16/bf16 or 4 fp32
+//   elements each; consecutive threads read consecutive 16 bytes, so every warp load is a fully
+//   coalesced 512-byte transaction). The main loops issue kUnroll independent 16-byte loads per
+//   thread before using any of them, to keep enough bytes in flight.
+//   Vector path when x's base pointer is 16-byte aligned and K * sizeof(T) % 16 == 0 (then every row
+//   is aligned, and so is every output vector: the outputs come fresh from the allocator and their
+//   row stride is a multiple of the store width). Otherwise a scalar path, element by element
+//   (bits=4: pair by pair), which is correct for any K >= 0 and any alignment.
+//
+// Pipeline (per row group, no inter-block communication, no host sync, no allocation)
+//   pass 1: stream the row, per-thread max |x| in fp32 (NaN-propagating, like torch.amax);
+//           reduce: warp shuffles (xor butterfly), then for GROUP = 256 one shared-memory exchange
+//           of the 8 warp maxima; every thread ends up with the row's absmax.
+//   scale:  computed redundantly by every thread (identical); thread 0 of the group stores it.
+//   pass 2: stream the row again (a row of up to K = 32768 fp16 is 64 KiB, so for typical tile
+//           counts the re-read hits L2), quantize each element with __fdiv_rn + __float2int_rn
+//           (round half to even; NaN -> 0, like the float->int8 cast of the reference), clamp in
+//           integer, pack, and write one store per input vector: 8 B (bits=8, fp16/bf16),
+//           4 B (bits=8 fp32, bits=4 fp16/bf16) or 2 B (bits=4 fp32).
+//
+// Compiled without --use_fast_math: the divisions must be IEEE for bit-exact results.
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace quantkern {
+namespace {
+
+constexpr int kThreads = 256;             // threads per block, both variants
+constexpr int kUnroll = 4;                // 16-byte vectors in flight per thread in the main loops
+constexpr int64_t kWarpPerRowMaxK = 1024;  // K up to this: one warp per row
+
+template <int BITS>
+struct QuantTraits {
+  static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
+  static constexpr int kQmax = (1 << (BITS - 1)) - 1;  // 7 or 127
+  static constexpr uint32_t kMask = (1u << BITS) - 1;  // 0xF or 0xFF
+};
+
+// Quantize one value with the row's scale: IEEE division, round half to even, clamp.
+template <int BITS>
+__device__ __forceinline__ int quantize_one(float v, float scale) {
+  constexpr int qmax = QuantTraits<BITS>::kQmax;
+  const int r = __float2int_rn(__fdiv_rn(v, scale));  // saturates on +-inf, NaN -> 0
+  return min(max(r, -qmax), qmax);
+}
+
+// Store the low NBYTES bytes of `packed` (little-endian) at p, which is NBYTES-aligned.
+template <int NBYTES>
+__device__ __forceinline__ void store_packed(uint8_t* p, uint64_t packed) {
+  if constexpr (NBYTES == 8) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(static_cast<uint32_t>(packed), static_cast<uint32_t>(packed >> 32));
+  } else if constexpr (NBYTES == 4) {
+    *reinterpret_cast<uint32_t*>(p) = static_cast<uint32_t>(packed);
+  } else if constexpr (NBYTES == 2) {
+    *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(packed);
+  } else {
+    static_assert(NBYTES == 8 || NBYTES == 4 || NBYTES == 2, "unsupported store width");
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float vec_absmax(const Vec16<T>& v, float m) {
+#pragma unroll
+  for (int e = 0; e < Vec16<T>::kElems; ++e) m = max_propagate_nan(m, fabsf(to_float(v.v[e])));
+  return m;
+}
+
+template <typename T, int BITS>
+__device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i) {
+  constexpr int kElems = Vec16<T>::kElems;
+  constexpr int kBytes = kElems * BITS / 8;
+  uint64_t packed = 0;
+#pragma unroll
+  for (int e = 0; e < kElems; ++e) {
+    const uint32_t code = static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & QuantTraits<BITS>::kMask;
+    packed |= static_cast<uint64_t>(code) << (BITS * e);
+  }
+  store_packed<kBytes>(qrow + i * kBytes, packed);
+}
+
+template <typename T, int BITS, bool VEC, int GROUP>
+__global__ void __launch_bounds__(kThreads)
+quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
+                          int64_t M, int64_t K, float clip) {
+  static_assert(kThreads % GROUP == 0, "a block holds whole row groups");
+  constexpr int kRowsPerBlock = kThreads / GROUP;
+  __shared__ float smem[kThreads / kWarpSize];
+
+  const int t = threadIdx.x % GROUP;  // thread index within the row group
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP;
+  if constexpr (kRowsPerBlock > 1) {
+    // GROUP == one warp: its reduction uses no block barrier, so a surplus warp may leave.
+    if (row >= M) return;
+  }
+
+  const T* __restrict__ xrow = x + row * K;
+  uint8_t* __restrict__ qrow = q + row * (K * BITS / 8);
+
+  // ---- pass 1: absmax ----------------------------------------------------------------------
+  float amax = 0.0f;
+  if constexpr (VEC) {
+    constexpr int kElems = Vec16<T>::kElems;
+    const int64_t nvec = K / kElems;
+    int64_t i = t;
+    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+      Vec16<T> v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec16(xrow + (i + u * GROUP) * kElems);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) amax = vec_absmax(v[u], amax);
+    }
+    for (; i < nvec; i += GROUP) amax = vec_absmax(load_vec16(xrow + i * kElems), amax);
+  } else {
+#pragma unroll 4
+    for (int64_t i = t; i < K; i += GROUP) amax = max_propagate_nan(amax, fabsf(to_float(xrow[i])));
+  }
+  amax = group_reduce_max<GROUP>(amax, smem);
+
+  // ---- scale ------------------------------------------------------------------------------
+  // (absmax * clip) / qmax, each step rounded to nearest fp32 (no FMA contraction, no reciprocal).
+  float scale = __fdiv_rn(__fmul_rn(amax, clip), static_cast<float>(QuantTraits<BITS>::kQmax));
+  if (scale == 0.0f) scale = 1.0f;  // all-zero row (NaN stays NaN, like torch.where(scale == 0, ...))
+  if (t == 0) scales[row] = scale;
+
+  // ---- pass 2: quantize, pack, store --------------------------------------------------------
+  if constexpr (VEC) {
+    constexpr int kElems = Vec16<T>::kElems;
+    const int64_t nvec = K / kElems;
+    int64_t i = t;
+    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+      Vec16<T> v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = load_vec16(xrow + (i + u * GROUP) * kElems);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) quantize_store_vec<T, BITS>(v[u], scale, qrow, i + u * GROUP);
+    }
+    for (; i < nvec; i += GROUP) quantize_store_vec<T, BITS>(load_vec16(xrow + i * kElems), scale, qrow, i);
+  } else if constexpr (BITS == 8) {
+#pragma unroll 4
+    for (int64_t i = t; i < K; i += GROUP) {
+      qrow[i] = static_cast<uint8_t>(quantize_one<8>(to_float(xrow[i]), scale) & 0xFF);
+    }
+  } else {
+    const int64_t npairs = K / 2;
+#pragma unroll 4
+    for (int64_t j = t; j < npairs; j += GROUP) {
+      const uint32_t lo = static_cast<uint32_t>(quantize_one<4>(to_float(xrow[2 * j]), scale)) & 0xF;
+      const uint32_t hi = static_cast<uint32_t>(quantize_one<4>(to_float(xrow[2 * j + 1]), scale)) & 0xF;
+      qrow[j] = static_cast<uint8_t>(lo | (hi << 4));
+    }
+  }
+}
+
+template <typename T, int BITS, bool VEC>
+void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, cudaStream_t stream) {
+  if (K <= kWarpPerRowMaxK) {
+    constexpr int kRowsPerBlock = kThreads / kWarpSize;
+    const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
+    quantize_per_token_kernel<T, BITS, VEC, kWarpSize>
+        <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
+  } else {
+    quantize_per_token_kernel<T, BITS, VEC, kThreads>
+        <<<static_cast<unsigned>(M), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
+  }
+  QK_CHECK_LAUNCH();
+}
+
+template <typename T, int BITS>
+void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, cudaStream_t stream) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const T* xp = static_cast<const T*>(x.const_data_ptr());
+  uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
+  float* sp = scale.data_ptr<float>();
+  const bool vec = is_aligned(xp, 16) && (K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  if (vec) {
+    launch_group<T, BITS, true>(xp, qp, sp, M, K, clip, stream);
+  } else {
+    launch_group<T, BITS, false>(xp, qp, sp, M, K, clip, stream);
+  }
+}
+
+template <typename T>
+void launch_bits(int64_t bits, const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, cudaStream_t stream) {
+  if (bits == 4) {
+    launch<T, 4>(x, q, scale, clip, stream);
+  } else {
+    launch<T, 8>(x, q, scale, clip, stream);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits, double clip_ratio) {
+  constexpr const char* op = "quantkern::quantize_per_token";
+  check_cuda(x, op, "x");
+  check_dim(x, 2, op, "x");
+  check_float_dtype(x, op, "x");
+  check_contiguous(x, op, "x");
+  check_bits(bits, op);
+  // Written so that NaN fails too.
+  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio must be in (0, 1], got ", clip_ratio);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(bits == 8 || K % 2 == 0, op,
+              ": bits=4 packs two values per byte, so x.size(1) (K) must be even, got K = ", K);
+  // Grid: one block per row, or per 8 rows; gridDim.x is at most 2^31 - 1.
+  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, "), at most 2^31 - 1");
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor q = at::empty({M, bits == 4 ? K / 2 : K}, x.options().dtype(bits == 4 ? at::kByte : at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {q, scale};
+
+  const float clip = static_cast<float>(clip_ratio);  // once, like torch.tensor(clip_ratio, dtype=float32)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  switch (x.scalar_type()) {
+    case at::kHalf:
+      launch_bits<__half>(bits, x, q, scale, clip, stream);
+      break;
+    case at::kBFloat16:
+      launch_bits<__nv_bfloat16>(bits, x, q, scale, clip, stream);
+      break;
+    case at::kFloat:
+      launch_bits<float>(bits, x, q, scale, clip, stream);
+      break;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());
+  }
+  return {q, scale};
+}
+
+}  // namespace
+}  // namespace quantkern
+
+TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
+  m.impl("quantize_per_token", &quantkern::quantize_per_token_cuda);
+}

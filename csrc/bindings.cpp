@@ -1,0 +1,78 @@
+// The Python module quantkern._C and the schemas of the quantkern::* ops.
+//
+// This is the ONLY translation unit that includes <torch/extension.h> (it dominates compile time).
+// The kernels live in csrc/*.cu and register their CUDA implementations themselves with
+// TORCH_LIBRARY_IMPL(quantkern, CUDA, m); this file only declares the schemas.
+//
+// Importing quantkern._C (after `import torch`) registers the ops as torch.ops.quantkern.*.
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>  // CUDART_VERSION
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+#include <torch/version.h>  // TORCH_VERSION
+
+// The CUDA arch list, baked in by setup.py (-DQUANTKERN_CUDA_ARCHS="...") or by CMakeLists.txt (a
+// generated header, since CMake splits definitions at ';').
+#if defined(QUANTKERN_BUILD_CONFIG_H)
+#include "quantkern_build_config.h"
+#endif
+#ifndef QUANTKERN_CUDA_ARCHS
+#define QUANTKERN_CUDA_ARCHS "unknown"
+#endif
+
+// The op schemas: one m.def per op. Each gets its CUDA kernel from a TORCH_LIBRARY_IMPL in its .cu file.
+TORCH_LIBRARY(quantkern, m) {
+  // The ops' fake (meta) implementations for torch.compile live in Python, in quantkern/_fake.py;
+  // torch requires C++-defined ops to name that module (and imports it on demand).
+  m.set_python_module("quantkern._fake");
+  // x [M, K] fp16/bf16/fp32 -> (q int8 [M, K] (bits=8) or uint8 [M, K/2] (bits=4), scale fp32 [M])
+  m.def("quantize_per_token(Tensor x, int bits, float clip_ratio) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+std::string cuda_version_string() {
+  // CUDART_VERSION = 1000 * major + 10 * minor, e.g. 13000 -> "13.0"
+  return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+}
+
+// Names (without the "quantkern::" prefix) of the ops that have a CUDA kernel registered, read
+// back from the dispatcher: the registrations themselves are the one place for the list.
+std::vector<std::string> cuda_kernels() {
+  const std::string prefix = "quantkern::";
+  std::vector<std::string> names;
+  for (const auto& op : c10::Dispatcher::singleton().getAllOpNamesForDispatchKey(c10::DispatchKey::CUDA)) {
+    if (op.name.rfind(prefix, 0) != 0) continue;
+    std::string name = op.name.substr(prefix.size());
+    if (!op.overload_name.empty()) name += "." + op.overload_name;
+    names.push_back(std::move(name));
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "quantkern CUDA kernels; the ops are registered as torch.ops.quantkern.*";
+  m.def(
+      "build_info",
+      []() {
+        pybind11::dict info;
+        info["cuda_version"] = cuda_version_string();
+        info["archs"] = std::string(QUANTKERN_CUDA_ARCHS);
+        info["torch_version"] = std::string(TORCH_VERSION);
+        info["kernels"] = cuda_kernels();
+        return info;
+      },
+      "How this extension was built: {'cuda_version': CUDA runtime version at build time, "
+      "'archs': the TORCH_CUDA_ARCH_LIST it was compiled for, 'torch_version': torch at build time, "
+      "'kernels': names of the quantkern ops with a CUDA kernel}.");
+}

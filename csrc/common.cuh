@@ -1,0 +1,120 @@
+// Shared helpers for quantkern's CUDA kernels.
+//
+// Deliberately light on includes: no <torch/extension.h> (only csrc/bindings.cpp includes it, to keep
+// compile time down) and no <ATen/cuda/CUDAContext.h> (it pulls in cuBLAS/cuSPARSE headers that a
+// bare CUDA toolkit may not have). The current stream comes from <c10/cuda/CUDAStream.h>.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+namespace quantkern {
+
+// ---------------------------------------------------------------------------------------------
+// Host-side checks and launch errors
+// ---------------------------------------------------------------------------------------------
+
+// Checks that the last kernel launch succeeded (cudaGetLastError: no host sync, fine inside
+// CUDA graph capture). Throws a c10::Error with the CUDA error string otherwise.
+#define QK_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+// Input checks with messages that name the op and the argument.
+inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got a tensor on ", t.device());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name,
+              " must be contiguous (row-major); call .contiguous() first. Got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+inline void check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat, op, ": ", name,
+              " must be float16, bfloat16 or float32, got ", dt);
+}
+
+inline void check_bits(int64_t bits, const char* op) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+}
+
+inline bool is_aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kWarpSize = 32;
+
+// Element <-> float conversions for the three activation dtypes (exact widening).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// One 16-byte vector of activations: 8 x fp16/bf16 or 4 x fp32. Loaded with a single 128-bit
+// instruction (ld.global.nc.v4.u32) when the address is 16-byte aligned.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+  T v[kElems];
+};
+
+template <typename T>
+__device__ __forceinline__ Vec16<T> load_vec16(const T* __restrict__ p) {
+  Vec16<T> out;
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  static_assert(sizeof(Vec16<T>) == sizeof(uint4), "Vec16 must be 16 bytes");
+  *reinterpret_cast<uint4*>(&out) = raw;
+  return out;
+}
+
+// max() that propagates NaN (like torch.amax): NaN wins over any number.
+__device__ __forceinline__ float max_propagate_nan(float a, float b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// Max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_reduce_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    v = max_propagate_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Max over a group of GROUP threads (GROUP == 32: one warp; GROUP == blockDim.x: the whole block,
+// through `smem`, which must hold GROUP / 32 floats). Every thread of the group gets the result.
+// For GROUP > 32 every thread of the block must call it (it contains __syncthreads), and `smem`
+// must not be reused without another barrier.
+template <int GROUP>
+__device__ __forceinline__ float group_reduce_max(float v, float* smem) {
+  static_assert(GROUP % kWarpSize == 0, "group must be whole warps");
+  v = warp_reduce_max(v);
+  if constexpr (GROUP == kWarpSize) {
+    return v;
+  } else {
+    constexpr int kWarps = GROUP / kWarpSize;
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    v = lane < kWarps ? smem[lane] : 0.0f;  // |x| >= 0, so 0 is a neutral element
+    return warp_reduce_max(v);
+  }
+}
+
+}  // namespace quantkern
