@@ -145,7 +145,10 @@ def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
     qmax = implicit_zero(bits) - 1
     xf = x.float()
     absmax = xf.abs().amax(dim=-1) if x.shape[1] else xf.new_zeros(x.shape[0])
-    scale = absmax * torch.tensor(clip, dtype=torch.float32, device=x.device) / qmax
+    # Both operands as fp32 tensors: on CUDA, torch computes ``tensor / python_number`` as a
+    # multiplication by the reciprocal, which is not the IEEE division the kernels implement.
+    as_tensor = lambda v: torch.tensor(float(v), dtype=torch.float32, device=x.device)  # noqa: E731
+    scale = absmax * as_tensor(clip) / as_tensor(qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = torch.clamp(torch.round(xf / scale[:, None]), -qmax, qmax).to(torch.int8)
     if bits == 4:
