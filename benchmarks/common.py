@@ -1,0 +1,57 @@
+"""Shared helpers for quantkern's benchmarks: timing, the device's copy bandwidth, and JSON results
+that record the device, versions and commit next to every figure."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time of ``fn()`` in microseconds, timed with CUDA events (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written (the roofline to compare with)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (median_us(lambda: dst.copy_(src)) * 1e3)
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent, check=False).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    import triton
+
+    import quantkern
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "quantkern": quantkern.__version__,
+        "commit": commit, "dirty": dirty,
+    }
+
+
+def write_json(path, results: list, extra: dict | None = None) -> None:
+    data = {"environment": environment(), **(extra or {}), "results": results}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def print_table(rows: list, headers: list) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    for cells in [headers, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))

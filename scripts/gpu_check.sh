@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one command to send to the GPU machine:  bash scripts/gpu_check.sh OUTDIR
+#
+# Builds the extension with all cores, runs the GPU tests, runs them again under compute-sanitizer
+# (memcheck, then racecheck on the kernels that use shared memory), runs the kernel benchmarks,
+# writes logs and JSON to OUTDIR and prints a short summary table last. Fits in one 10-minute call.
+# Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch), QUANTKERN_SKIP_BENCH=1.
+set -uo pipefail
+OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+declare -A STATUS
+
+step() {  # step NAME LOGFILE COMMAND...: run, log, remember pass/fail and time
+    local name=$1 log=$2; shift 2
+    local start=$SECONDS
+    echo "=== $name: $*"
+    "$@" >"$OUTDIR/$log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUTDIR/$log"
+    STATUS[$name]="$([ $rc -eq 0 ] && echo PASS || echo "FAIL (rc $rc)") $((SECONDS - start))s"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    cap=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+    [ "$cap" = "9.0" ] && cap="9.0a"
+    export TORCH_CUDA_ARCH_LIST=$cap
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+step build build.log env QUANTKERN_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e . \
+    || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
+grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
+step info info.txt $PY -m quantkern info
+cat "$OUTDIR/info.txt"
+step tests tests.log $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
+    tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_reference.py tests/test_rotation.py
+SAN="compute-sanitizer --target-processes all --error-exitcode 99"
+step memcheck memcheck.log $SAN --tool memcheck $PY -m pytest -q -x tests/test_cuda_kernels.py -k "not compile"
+step racecheck racecheck.log $SAN --tool racecheck $PY -m pytest -q -x tests/test_cuda_kernels.py -k "bit_exact and (576 or 14336 or 32768)"
+if [ "${QUANTKERN_SKIP_BENCH:-0}" != 1 ]; then
+    step bench_activation_quant bench_activation_quant.log \
+        $PY benchmarks/bench_activation_quant.py --json "$OUTDIR/bench_activation_quant.json"
+fi
+
+echo
+echo "=== summary ($(head -n1 "$OUTDIR/gpu.txt"), archs $TORCH_CUDA_ARCH_LIST)"
+grep -hE "passed|failed" "$OUTDIR/tests.log" | tail -n1
+grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/memcheck.log" "$OUTDIR/racecheck.log" | sort | uniq -c
+[ -f "$OUTDIR/bench_activation_quant.log" ] && sed -n '/^per-token/,$p' "$OUTDIR/bench_activation_quant.log"
+printf '%-24s %s\n' step result
+for name in build info tests memcheck racecheck bench_activation_quant; do
+    [ -n "${STATUS[$name]:-}" ] && printf '%-24s %s\n' "$name" "${STATUS[$name]}"
+done
