@@ -4,6 +4,7 @@ that record the device, versions and commit next to every figure."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -26,11 +27,13 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 
 
 def environment() -> dict:
+    commit, dirty = os.environ.get("QUANTKERN_COMMIT"), None  # the GPU machine gets no .git
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        if commit is None:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=False).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent, check=False).stdout.strip())
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                        text=True, cwd=Path(__file__).parent, check=False).stdout.strip())
     except OSError:
         commit, dirty = None, None
     import triton

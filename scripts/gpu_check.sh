@@ -36,7 +36,6 @@ step build build.log env QUANTKERN_PTXAS_VERBOSE=1 $PY -m pip install --no-build
     || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
 grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
 step info info.txt $PY -m quantkern info
-cat "$OUTDIR/info.txt"
 step tests tests.log $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
     tests/test_cuda_kernels.py tests/test_triton_kernels.py tests/test_ops.py tests/test_reference.py tests/test_rotation.py
 SAN="compute-sanitizer --target-processes all --error-exitcode 99"
