@@ -49,6 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     copy_gbs = copy_bandwidth_gbs()
+    # One specialised compilation per shape: lift Dynamo's recompile limit (default 8), past which
+    # it would silently run the peer eagerly.
+    torch._dynamo.config.cache_size_limit = 1024
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 1024
     compiled_peer = torch.compile(torch_per_token_quant, dynamic=False)
     if "quantize_per_token" not in backends.status("cuda").kernels:
         raise SystemExit(f"the CUDA extension is missing: {backends.status('cuda').reason}")

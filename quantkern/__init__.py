@@ -6,8 +6,10 @@ Public surface:
 - ``quantkern.format``: the one packed on-disk format (see docs/FORMAT.md).
 - ``quantkern.nn``: ``QuantLinear`` and model surgery.
 
-Heavy dependencies (transformers) are imported only by the modules that need them.
+transformers is imported only by the modules that need it.
 """
+
+import torch  # noqa: F401  (loads libtorch/libc10 first: the extension quantkern._C links against them)
 
 from .version import __version__
 
