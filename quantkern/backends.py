@@ -32,6 +32,13 @@ OPS = (
 )
 
 
+# Each public op and the extension op (torch.ops.quantkern.*) that implements it on CUDA.
+EXTENSION_OPS = {
+    "quantize_per_token": "quantize_per_token",
+    "weight_only_linear": "w4a16_gemm",
+}
+
+
 class MissingKernelError(RuntimeError):
     """An op was asked to run on a device/backend for which no kernel is available."""
 
@@ -64,7 +71,7 @@ def _load_cuda_extension() -> BackendStatus:
     return BackendStatus(
         "cuda", True,
         f"quantkern._C built for archs {info['archs']} with CUDA {info['cuda_version']}, torch {info['torch_version']}{where}",
-        frozenset(info["kernels"]))
+        frozenset(op for op, ext_op in EXTENSION_OPS.items() if ext_op in info["kernels"]))
 
 
 def _load_triton() -> BackendStatus:

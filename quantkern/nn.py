@@ -44,6 +44,34 @@ class QuantLinear(nn.Module):
                              torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype, device=device) if bias else None)
         self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
+        self._prepared = None  # ops.PreparedWeight: the weight in its kernel's layout, made once
+
+    def prepare(self, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
+        """Repack the weight once into the layout of the kernel that will run it (on its device),
+        for activations of ``dtype`` (default: the scales' dtype). Forward does this on first use;
+        call it explicitly before ``torch.compile`` or CUDA-graph capture."""
+        if backend is not None:
+            self.backend = backend
+        if self.act_bits is not None:
+            return self  # W8A8 / W4A4 kernels come with their own issue; they take the weight as is
+        self._prepared = ops.prepare_weight_only(self.weight, dtype or self.scales.dtype, self.backend)
+        return self
+
+    def _prepared_for(self, x: torch.Tensor):
+        prepared = self._prepared
+        if (prepared is None or prepared.dtype != x.dtype or prepared.backend != (self.backend or prepared.backend)
+                or self.qweight.device != x.device):
+            self.prepare(x.dtype)
+        return self._prepared
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() move or convert the canonical buffers: the prepared copy is stale.
+        self._prepared = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._prepared = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -76,7 +104,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is None:
-            return ops.weight_only_linear(x, self.weight, self.bias, backend=self.backend)
+            return ops.weight_only_linear(x, self._prepared_for(x), self.bias)
         op = ops.w8a8_linear if self.act_bits == 8 else ops.w4a4_linear
         return op(x, self.weight, self.bias, backend=self.backend)
 

@@ -8,7 +8,8 @@ triton, on CUDA tensors; reference on CPU tensors). A CUDA tensor with no fast k
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import torch
 
@@ -18,6 +19,8 @@ from .format import QuantizedWeight, check_bits
 
 __all__ = [
     "MissingKernelError",
+    "PreparedWeight",
+    "prepare_weight_only",
     "quantize_per_token",
     "weight_only_linear",
     "w8a8_linear",
@@ -69,11 +72,89 @@ def _reference_only(op: str, device: torch.device, backend: Optional[str]) -> No
     select(op, device, backend)
 
 
-def weight_only_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-                       backend: Optional[str] = None) -> torch.Tensor:
-    """W4A16 / W8A16 linear: ``x @ dequant(weight).T + bias`` (see ``reference.weight_only_linear``)."""
-    _reference_only("weight_only_linear", x.device, backend)
-    return reference.weight_only_linear(x, weight, bias)
+@dataclass(frozen=True)
+class PreparedWeight:
+    """A quantized weight repacked once, at load time, into one backend's kernel layout.
+
+    ``tensors`` holds the backend's layout (opaque outside it); the reference backend keeps the
+    canonical ``QuantizedWeight`` in ``source``. ``dtype`` is the activation dtype it serves.
+    """
+
+    backend: str
+    dtype: torch.dtype
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+    tensors: dict = field(default_factory=dict)
+    source: Optional[QuantizedWeight] = None
+
+
+def _w4a16_module(backend: str):
+    if backend == "cuda":
+        from . import layout_cuda as module
+    else:
+        from .triton_kernels import w4a16 as module
+    return module
+
+
+def weight_only_unsupported_reason(bits: int, group_size: int, in_features: int, out_features: int,
+                                   backend: str) -> Optional[str]:
+    """Why ``backend``'s W4A16 kernel cannot serve this layer (None if it can); quantizers ask first."""
+    if backend == "reference":
+        return None
+    if bits != 4:
+        return f"the {backend} weight-only kernels are 4-bit; W{bits}A16 runs on the reference backend only"
+    module = _w4a16_module(backend)
+    check = getattr(module, "unsupported_reason", None)
+    return check(in_features, out_features, group_size) if check else None
+
+
+def prepare_weight_only(weight: QuantizedWeight, dtype: torch.dtype = torch.float16,
+                        backend: Optional[str] = None) -> PreparedWeight:
+    """Repack ``weight`` for the backend that will run it on its device (once, at load time)."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    chosen = select("weight_only_linear", weight.device, backend)
+    meta = dict(dtype=dtype, bits=weight.bits, group_size=weight.group_size,
+                in_features=weight.in_features, out_features=weight.out_features)
+    if chosen == "reference":
+        return PreparedWeight("reference", source=weight, **meta)
+    if dtype == torch.float32:
+        raise TypeError(f"the {chosen} W4A16 kernels take float16 or bfloat16 activations, not float32")
+    reason = weight_only_unsupported_reason(weight.bits, weight.group_size, weight.in_features,
+                                            weight.out_features, chosen)
+    if reason:
+        raise MissingKernelError(f"weight_only_linear ({weight.in_features} -> {weight.out_features}): {reason}")
+    return PreparedWeight(chosen, tensors=_w4a16_module(chosen).prepare_w4a16(weight, dtype), **meta)
+
+
+def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
+                       bias: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """W4A16 / W8A16 linear: ``x @ dequant(weight).T + bias`` (see ``reference.weight_only_linear``).
+
+    Pass a ``PreparedWeight`` (``prepare_weight_only``; ``QuantLinear`` keeps one): a bare
+    ``QuantizedWeight`` is repacked on every call, which is fine for a one-off and slow in a loop.
+    """
+    if isinstance(weight, QuantizedWeight):
+        weight = prepare_weight_only(weight, x.dtype if isinstance(x, torch.Tensor) else torch.float16, backend)
+    elif not isinstance(weight, PreparedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
+    elif backend is not None and backend != weight.backend:
+        raise ValueError(f"weight was prepared for the {weight.backend} backend, not {backend!r}")
+    if weight.backend == "reference":
+        return reference.weight_only_linear(x, weight.source, bias)
+    reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight was prepared for {weight.dtype} activations")
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, weight.in_features).contiguous()
+    y = _w4a16_module(weight.backend).w4a16_linear(x2d, weight.tensors, bias)
+    return y.reshape(*lead, weight.out_features)
 
 
 def w8a8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
