@@ -1,0 +1,101 @@
+"""W4A16 linear: our CUDA and Triton kernels against peers in the same run.
+
+Peers: cuBLAS through ``F.linear`` (fp16 and bf16 weights) and torch's built-in int4 kernel
+(``torch.ops.aten._weight_int4pack_mm``, tinygemm, bf16 only). Group size 128, symmetric weights.
+Each figure is the median of ``triton.testing.do_bench``; speed-ups are over cuBLAS fp16. Before
+timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
+
+    python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import median_us, print_table, write_json
+from quantkern import backends, ops, reference
+
+# K x N of the real models' linear layers (Llama-3-8B/70B, Qwen2.5/3, SmolLM2).
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192),
+          (896, 4864), (4864, 896), (1024, 3072), (3072, 1024), (576, 1536), (1536, 576)]
+QUICK_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+BATCHES = [1, 4, 16, 32, 64, 128, 512, 2048]
+GROUP = 128
+
+
+def torch_int4_peer(w: torch.Tensor, group: int):
+    """torch's tinygemm int4 kernel on the same weights (asymmetric-style scales/zeros in bf16)."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // group, group)
+    wmin, wmax = groups.amin(-1), groups.amax(-1)
+    scale = ((wmax - wmin) / 15).clamp(min=1e-6)
+    codes = torch.clamp(torch.round((groups - wmin[..., None]) / scale[..., None]), 0, 15).to(torch.int32)
+    codes = codes.reshape(n, k)
+    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+    weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    # tinygemm dequantizes (code - 8) * scale + zero, with zero = min + 8 * scale.
+    zeros = wmin + 8 * scale
+    scales_and_zeros = torch.stack([scale.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
+    dequant = ((codes.float().reshape(n, k // group, group) - 8) * scale[..., None] + zeros[..., None]).reshape(n, k)
+    return (lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, group, scales_and_zeros)), dequant
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="the four Llama shapes only")
+    parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    args = parser.parse_args()
+    ours = [b for b in ("cuda", "triton") if "weight_only_linear" in backends.status(b).kernels]
+    if not ours:
+        raise SystemExit("no W4A16 kernel is available: " + "; ".join(backends.status(b).reason for b in ("cuda", "triton")))
+
+    results, table = [], []
+    for k, n in (QUICK_SHAPES if args.quick else SHAPES):
+        torch.manual_seed(0)
+        w = torch.randn(n, k, device="cuda") / k ** 0.5
+        w16, wbf = w.half(), w.bfloat16()
+        qw = reference.quantize_weight(w, 4, GROUP, symmetric=True, scale_dtype=torch.float16)
+        prepared = {b: ops.prepare_weight_only(qw, torch.float16, backend=b) for b in ours}
+        dequant = reference.dequantize_weight(qw)
+        int4_peer, int4_dequant = torch_int4_peer(w, GROUP)
+        for m in args.batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xb = x.bfloat16()
+            ref = x.float() @ dequant.T
+            errors = {b: relative_error(ops.weight_only_linear(x, prepared[b]), ref) for b in ours}
+            bad = {b: e for b, e in errors.items() if e > 2e-3}
+            if bad:
+                raise SystemExit(f"wrong results at M={m}, K={k}, N={n}: relative errors {bad}")
+            # The peer is checked too, so that a mis-set-up peer is not timed (reported, not fatal).
+            errors["torch_int4"] = relative_error(int4_peer(xb), xb.float() @ int4_dequant.T)
+            if errors["torch_int4"] > 1e-2:
+                print(f"warning: torch int4 peer relative error {errors['torch_int4']:.2e} at M={m}, {k}x{n}")
+            times = {
+                "cublas_fp16": median_us(lambda: F.linear(x, w16)),
+                "cublas_bf16": median_us(lambda: F.linear(xb, wbf)),
+                "torch_int4": median_us(lambda: int4_peer(xb)),
+            }
+            for b in ours:
+                times[b] = median_us(lambda: ops.weight_only_linear(x, prepared[b]))
+            speedup = {name: times["cublas_fp16"] / t for name, t in times.items()}
+            results.append({"m": m, "k": k, "n": n, "group_size": GROUP, "time_us": times,
+                            "speedup_vs_cublas_fp16": speedup, "relative_error": errors})
+            table.append([f"{k}x{n}", m, f"{times['cublas_fp16']:.1f}"]
+                         + [f"{times[b]:.1f} ({speedup[b]:.2f}x)" for b in ours]
+                         + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x"])
+    if args.json:
+        write_json(args.json, results, {"group_size": GROUP})
+    print("\nW4A16 linear, fp16 activations, group 128: microseconds (speed-up over cuBLAS fp16)")
+    print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16"])
+
+
+if __name__ == "__main__":
+    main()
