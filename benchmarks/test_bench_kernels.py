@@ -1,0 +1,55 @@
+"""pytest-benchmark hooks for the kernels (GPU only; not part of the test suite).
+
+    python -m pytest benchmarks/test_bench_kernels.py --benchmark-json out/pytest-bench.json
+
+Each kernel is timed beside its peer in the same session, so ratios come from one run. The scripts
+beside this file (bench_*.py) print the full tables against every peer.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantkern import backends, ops, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _sync(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+@pytest.mark.parametrize("rows,features", [(2048, 4096), (2048, 14336)])
+@pytest.mark.parametrize("impl", ["cuda", "triton", "torch_compile"])
+def test_quantize_per_token(benchmark, impl, rows, features):
+    x = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16)
+    if impl == "torch_compile":
+        fn = torch.compile(reference.quantize_per_token)
+        call = lambda: fn(x, 4)  # noqa: E731
+    else:
+        if "quantize_per_token" not in backends.status(impl).kernels:
+            pytest.skip(backends.status(impl).reason)
+        call = lambda: ops.quantize_per_token(x, 4, backend=impl)  # noqa: E731
+    call()
+    benchmark(_sync(call))
+
+
+@pytest.mark.parametrize("m", [1, 16, 2048])
+@pytest.mark.parametrize("impl", ["cuda", "triton", "cublas_fp16"])
+def test_w4a16_linear_4096x14336(benchmark, impl, m):
+    k, n = 4096, 14336
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    if impl == "cublas_fp16":
+        w16 = w.half()
+        call = lambda: F.linear(x, w16)  # noqa: E731
+    else:
+        if "weight_only_linear" not in backends.status(impl).kernels:
+            pytest.skip(f"no {impl} W4A16 kernel: {backends.status(impl).reason}")
+        prepared = ops.prepare_weight_only(reference.quantize_weight(w, 4, 128), torch.float16, impl)
+        call = lambda: ops.weight_only_linear(x, prepared)  # noqa: E731
+    call()
+    benchmark(_sync(call))
