@@ -5,7 +5,9 @@
 """
 
 from .activation_quant import quantize_per_token
+from .w4a16 import w4a16_linear
 
 KERNELS = {
     "quantize_per_token": quantize_per_token,
+    "weight_only_linear": w4a16_linear,
 }

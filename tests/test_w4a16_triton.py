@@ -1,0 +1,226 @@
+"""The Triton W4A16 GEMM (triton_kernels/w4a16.py) against ``reference.weight_only_linear``.
+
+On a GPU if there is one, else under TRITON_INTERPRET=1 (set by conftest.py). The interpreter is slow,
+so on CPU the big Llama shapes run at M = 1 only and the (shape, group size) grid cycles through the
+(M, dtype, symmetry, bias) combinations instead of taking their product; a GPU runs every combination
+and more M values.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from quantkern import reference
+from quantkern.format import QuantizedWeight, pack_int4
+from quantkern.triton_kernels.w4a16 import (CONFIGS, _as_triton_configs, _launch, _prune, _w4a16_gemm_op,
+                                            prepare_w4a16, w4a16_linear)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+TOL = 2e-3
+
+SMOLLM2 = [(576, 1536), (1536, 576), (576, 576)]
+QWEN = [(896, 4864), (4864, 896), (1024, 3072)]
+LLAMA = [(4096, 14336), (14336, 4096), (4096, 4096)]
+M_VALUES = [1, 5, 16, 33] + ([64, 128, 512, 2048] if ON_GPU else [])
+GROUPS = [32, 64, 128, -1]
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def random_weight(k, n, group_size, symmetric, scale_dtype, seed=0):
+    """A random canonical 4-bit weight: every code 0..15, random positive scales, random zero codes."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    groups = 1 if group_size == -1 else k // group_size
+    scales = (torch.rand(n, groups, generator=gen) * 0.04 + 0.005).to(scale_dtype)
+    zeros = None if symmetric else torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+    qw = QuantizedWeight(pack_int4(codes), scales, zeros, 4, group_size, k, n)
+    return qw.to(DEVICE)
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check(k, n, m, group_size, symmetric, dtype, with_bias, seed=0):
+    qw = random_weight(k, n, group_size, symmetric, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if with_bias else None
+    y = w4a16_linear(x, prepare_w4a16(qw, dtype), bias)
+    ref = reference.weight_only_linear(x, qw, bias)
+    assert y.dtype == dtype and y.shape == (m, n) and y.device == x.device
+    assert torch.isfinite(y).all()
+    err = rel_err(y, ref)
+    assert err <= TOL, f"relative error {err:.3g} > {TOL} (K={k}, N={n}, M={m}, g={group_size}, sym={symmetric}, {dtype})"
+
+
+def _grid(shapes, m_values):
+    """(K, N, group) for every valid group size; the other parameters cycle on CPU, multiply on GPU."""
+    combos = list(itertools.product(m_values, DTYPES, (True, False), (False, True)))
+    cases, i = [], 0
+    for k, n in shapes:
+        for g in GROUPS:
+            if g != -1 and k % g:
+                continue
+            chosen = combos if ON_GPU else [combos[(i * 5 + j * 11) % len(combos)] for j in range(3)]
+            i += 1
+            cases += [(k, n, g, *c) for c in chosen]
+    return cases
+
+
+def _id(case):
+    k, n, g, m, dtype, sym, bias = case
+    return f"K{k}-N{n}-g{g}-M{m}-{str(dtype)[6:]}-{'sym' if sym else 'asym'}{'-bias' if bias else ''}"
+
+
+GRID = _grid(SMOLLM2 + QWEN, M_VALUES)
+
+
+@pytest.mark.parametrize("case", GRID, ids=[_id(c) for c in GRID])
+def test_real_shapes(case):
+    k, n, g, m, dtype, sym, bias = case
+    check(k, n, m, g, sym, dtype, bias)
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_combination_on_a_small_layer(m, dtype, symmetric, with_bias):
+    check(576, 576, m, 64, symmetric, dtype, with_bias)
+
+
+LLAMA_CASES = ([(k, n, m, g, sym, dt, b) for (k, n) in LLAMA for m in M_VALUES for g in (128, -1)
+                for (sym, dt, b) in ((True, torch.float16, False), (False, torch.bfloat16, True))]
+               if ON_GPU else
+               [(4096, 14336, 1, 128, True, torch.float16, True), (14336, 4096, 1, 128, False, torch.bfloat16, False),
+                (4096, 4096, 1, -1, False, torch.bfloat16, True)])
+
+
+@pytest.mark.parametrize("k,n,m,g,sym,dtype,with_bias", LLAMA_CASES)
+def test_llama_shapes(k, n, m, g, sym, dtype, with_bias):
+    check(k, n, m, g, sym, dtype, with_bias)
+
+
+@pytest.mark.parametrize("k,n,g", [(130, 72, -1), (200, 40, -1), (96, 24, 32), (64, 8, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_awkward_shapes(k, n, g, dtype):
+    # K not a multiple of 8 / of BLOCK_K (padded weights, masked x), N not a multiple of the tile.
+    check(k, n, 3, g, False, dtype, True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", [64, -1])
+@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256), dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5),
+                                 CONFIGS["large"][1]], ids=["splitk4", "splitk5", "large"])
+def test_forced_configs(dtype, g, cfg):
+    # Split-K (fp32 atomics; 9 K tiles over 4 splits leaves one empty, 18 over 5 are uneven; bias from
+    # split 0) and a large-M tile, whatever the interpreter would choose.
+    k, n, m = 576, 1536, 17
+    qw = random_weight(k, n, g, False, dtype, seed=3)
+    x = torch.randn(m, k).to(dtype).to(DEVICE)
+    bias = torch.randn(n).to(dtype).to(DEVICE)
+    p = prepare_w4a16(qw, dtype)
+    y = _launch(x, p["qweight"], p["scales"], p["zeros"], bias, p["group_len"], k, config=cfg)
+    assert y.dtype == dtype and rel_err(y, reference.weight_only_linear(x, qw, bias)) <= TOL
+
+
+def test_mixed_scale_dtype_and_strided_rows():
+    # bf16 checkpoint scales serving fp16 activations (scales kept exact), x a column slice (row stride > K).
+    qw = random_weight(576, 1536, 32, True, torch.bfloat16, seed=5)
+    wide = torch.randn(7, 1000).half().to(DEVICE)
+    x = wide[:, :576]
+    y = w4a16_linear(x, prepare_w4a16(qw, torch.float16))
+    assert rel_err(y, reference.weight_only_linear(x, qw)) <= TOL
+
+
+def test_empty_batch():
+    qw = random_weight(64, 32, 32, True, torch.float16)
+    y = w4a16_linear(torch.empty(0, 64, dtype=torch.float16, device=DEVICE), prepare_w4a16(qw, torch.float16))
+    assert y.shape == (0, 32) and y.dtype == torch.float16
+
+
+def test_prepare_is_pure_and_idempotent():
+    qw = random_weight(576, 1536, 64, False, torch.float16, seed=7)
+    before = [t.clone() for t in (qw.qweight, qw.scales, qw.zeros)]
+    a = prepare_w4a16(qw, torch.float16)
+    b = prepare_w4a16(qw, torch.float16)
+    for t, t0 in zip((qw.qweight, qw.scales, qw.zeros), before):
+        assert torch.equal(t, t0)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]) and a[key].data_ptr() != b[key].data_ptr()
+            assert all(a[key].data_ptr() != t.data_ptr() for t in (qw.qweight, qw.scales, qw.zeros))
+        else:
+            assert a[key] == b[key]
+    assert prepare_w4a16(a, torch.float16) is a
+    with pytest.raises(TypeError, match="prepared for"):
+        prepare_w4a16(a, torch.bfloat16)
+    # The packed layout: word (j, n) holds codes 8j .. 8j+7 of row n, code 8j+i in bits 4i..4i+3.
+    codes = qw.codes().cpu().to(torch.int64)
+    words = a["qweight"].cpu().to(torch.int64) & 0xFFFFFFFF
+    unpacked = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1).reshape(-1, 1536)
+    assert torch.equal(unpacked[:576].T, codes)
+
+
+def test_torch_compile_fullgraph():
+    qw = random_weight(576, 576, 64, False, torch.float16, seed=9)
+    p = prepare_w4a16(qw, torch.float16)
+    bias = torch.randn(576).half().to(DEVICE)
+
+    def f(x):
+        return w4a16_linear(x, p, bias) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.randn(5, 576).half().to(DEVICE)
+    assert torch.equal(compiled(x), f(x))
+
+
+def test_opcheck():
+    qw = random_weight(64, 32, 32, False, torch.bfloat16, seed=11)
+    p = prepare_w4a16(qw, torch.bfloat16)
+    x = torch.randn(3, 64).to(torch.bfloat16).to(DEVICE)
+    bias = torch.randn(32).to(torch.bfloat16).to(DEVICE)
+    torch.library.opcheck(_w4a16_gemm_op, (x, p["qweight"], p["scales"], p["zeros"], bias, p["group_len"], 64),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs():
+    qw = random_weight(64, 32, 32, True, torch.float16)
+    p = prepare_w4a16(qw, torch.float16)
+    x = torch.randn(3, 64).half().to(DEVICE)
+    with pytest.raises(TypeError, match="prepared for"):
+        w4a16_linear(x.bfloat16(), p)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        _w4a16_gemm_op(x.float(), p["qweight"], p["scales"], None, None, 32, 64)
+    with pytest.raises(ValueError, match="in_features 64"):
+        w4a16_linear(torch.randn(3, 48).half().to(DEVICE), p)
+    with pytest.raises(ValueError, match="2-D"):
+        w4a16_linear(x[None], p)
+    with pytest.raises(ValueError, match="2-D"):
+        w4a16_linear(x[0], p)
+    with pytest.raises(ValueError, match="bias"):
+        w4a16_linear(x, p, torch.randn(31).half().to(DEVICE))
+    with pytest.raises(TypeError, match="prepare_w4a16"):
+        w4a16_linear(x, {"scales": p["scales"]})
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        prepare_w4a16(qw, torch.float32)
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        prepare_w4a16(torch.zeros(4, 4), torch.float16)
+    w8 = reference.quantize_weight(torch.randn(32, 64), bits=8, group_size=32)
+    with pytest.raises(ValueError, match="4-bit"):
+        prepare_w4a16(w8, torch.float16)
+
+
+@pytest.mark.parametrize("bucket", ["small", "large"])
+@pytest.mark.parametrize("k,group_len", [(576, 32), (576, 64), (4096, 128), (576, 576), (130, 130)])
+@pytest.mark.parametrize("m", [1, 16, 33, 2048])
+def test_autotune_pruning_keeps_valid_configs(bucket, k, group_len, m):
+    kept = _prune(_as_triton_configs(CONFIGS[bucket]), dict(M=m, K=k, GROUP_LEN=group_len))
+    assert kept
+    for c in kept:
+        bk = c.kwargs["BLOCK_K"]
+        assert group_len == k or group_len % bk == 0
