@@ -46,28 +46,43 @@ class QuantLinear(nn.Module):
         self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
         self._prepared = None  # ops.PreparedWeight: the weight in its kernel's layout, made once
 
-    def prepare(self, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None):
-        """Repack the weight once into the layout of the kernel that will run it (on its device),
-        for activations of ``dtype`` (default: the scales' dtype). Forward does this on first use;
-        call it explicitly before ``torch.compile`` or CUDA-graph capture."""
+    def prepare(self, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, device=None):
+        """Repack the weight once into the layout of the kernel that will run it on ``device``
+        (default: where the buffers are), for activations of ``dtype`` (default: the scales' dtype).
+        Forward does this on first use; call it explicitly before torch.compile or CUDA-graph capture.
+
+        Once a GPU kernel holds the weight in its own layout, the canonical buffers (what
+        ``state_dict`` saves) are parked in host memory, so the device holds the weight once."""
         if backend is not None:
             self.backend = backend
         if self.act_bits is not None:
             return self  # W8A8 / W4A4 kernels come with their own issue; they take the weight as is
-        self._prepared = ops.prepare_weight_only(self.weight, dtype or self.scales.dtype, self.backend)
+        device = torch.device(device) if device is not None else self.qweight.device
+        weight = self.weight.to(device)
+        self._prepared = ops.prepare_weight_only(weight, dtype or self.scales.dtype, self.backend)
+        if self._prepared.backend != "reference":
+            for name in ("qweight", "scales", "zeros"):
+                buffer = getattr(self, name)
+                if buffer is not None and buffer.device.type != "cpu":
+                    setattr(self, name, buffer.cpu())
         return self
 
     def _prepared_for(self, x: torch.Tensor):
         prepared = self._prepared
-        if (prepared is None or prepared.dtype != x.dtype or prepared.backend != (self.backend or prepared.backend)
-                or self.qweight.device != x.device):
-            self.prepare(x.dtype)
+        if (prepared is None or prepared.dtype != x.dtype or prepared.device != x.device
+                or prepared.backend != (self.backend or prepared.backend)):
+            self.prepare(x.dtype, device=x.device)
         return self._prepared
 
     def _apply(self, fn, recurse=True):
-        # .to()/.cuda()/.half() move or convert the canonical buffers: the prepared copy is stale.
+        # .to()/.cuda() move the canonical buffers: the prepared copy is stale. .half()/.float()
+        # change the compute dtype, not the stored format: the scales keep their dtype.
         self._prepared = None
-        return super()._apply(fn, recurse)
+        scale_dtype = self.scales.dtype
+        result = super()._apply(fn, recurse)
+        if self.scales.dtype != scale_dtype:
+            self.scales = self.scales.to(scale_dtype)
+        return result
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._prepared = None

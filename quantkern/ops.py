@@ -81,6 +81,7 @@ class PreparedWeight:
     """
 
     backend: str
+    device: torch.device
     dtype: torch.dtype
     bits: int
     group_size: int
@@ -118,7 +119,7 @@ def prepare_weight_only(weight: QuantizedWeight, dtype: torch.dtype = torch.floa
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     chosen = select("weight_only_linear", weight.device, backend)
-    meta = dict(dtype=dtype, bits=weight.bits, group_size=weight.group_size,
+    meta = dict(device=weight.device, dtype=dtype, bits=weight.bits, group_size=weight.group_size,
                 in_features=weight.in_features, out_features=weight.out_features)
     if chosen == "reference":
         return PreparedWeight("reference", source=weight, **meta)

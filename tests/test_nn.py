@@ -77,3 +77,33 @@ def test_replace_linear_checks_every_layer_before_replacing():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())  # nothing half-replaced
     replace_linear(model, bits=4, group_size="auto")  # auto picks 64, which divides 128 and 320
     assert {m.group_size for m in model.modules() if isinstance(m, QuantLinear)} == {64}
+
+
+def test_half_and_float_keep_the_stored_scale_dtype():
+    layer = QuantLinear.from_linear(nn.Linear(128, 64), 4, 64)
+    layer.float()
+    assert layer.scales.dtype == torch.float16
+    x = torch.randn(2, 128)
+    assert torch.equal(layer(x), reference.weight_only_linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.gpu
+def test_gpu_layer_holds_the_weight_once_and_still_saves_the_canonical_format():
+    from quantkern import backends
+
+    if not any("weight_only_linear" in backends.status(b).kernels for b in ("cuda", "triton")):
+        pytest.skip("no GPU W4A16 kernel")
+    linear = nn.Linear(4096, 4096, bias=False)
+    layer = QuantLinear.from_linear(linear, 4, 128).cuda()
+    state_before = {k: v.clone() for k, v in layer.state_dict().items()}
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
+    y = layer(x)  # prepares: kernel layout on the GPU, canonical copy parked in host memory
+    weight_bytes = torch.cuda.memory_allocated() - before + layer.qweight.numel() + layer.scales.numel() * 2
+    assert layer.qweight.device.type == "cpu"
+    assert weight_bytes <= 0.27 * 4096 * 4096 * 2 + 4 * 4096 * 3  # (+ the output and input)
+    state_after = layer.state_dict()
+    assert all(torch.equal(state_before[k].cpu(), state_after[k].cpu()) for k in state_before)
+    expected = reference.weight_only_linear(x, layer.weight.to("cuda"))
+    assert ((y.float() - expected.float()).norm() / expected.float().norm()) < 2e-3
