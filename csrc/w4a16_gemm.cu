@@ -1,0 +1,708 @@
+// quantkern::w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias,
+//                       Tensor locks, int group_size, int split_k=0, int tile_m=0) -> Tensor y
+//
+// W4A16 linear layer on tensor cores: y[M, N] = x[M, K] @ dequant(W)^T (+ bias), x and y fp16 or
+// bf16, W int4 codes with one scale (and, asymmetric, one zero code) per group of `group_size`
+// input channels (32, 64, 128, or K = per-channel), fp32 accumulation. Semantics:
+// quantkern.reference.weight_only_linear, dequant(W)[n, k] = (code - zero) * scale.
+//
+// Arithmetic (why the scale is applied in fp32, not folded into the weight operand)
+//   The mma's weight operand is the exact small integer (code - zero), represented exactly in fp16
+//   and bf16 (|code - zero| <= 15). Per group, the products x * (code - zero) are accumulated in
+//   fp32 in a partial accumulator `pacc`, which is then folded into the main accumulator in fp32:
+//   acc += pacc * scale[n]. Folding the scale into the 16-bit weight instead (Marlin's way) rounds
+//   every dequantized weight to 8 significant bits in bf16, which alone costs ~1.5e-3 relative error
+//   (as much as rounding the output), too close to the 2e-3 bar. This way the only roundings are the
+//   fp32 accumulation and the final conversion of y to fp16/bf16, for both dtypes. The cost is a
+//   second set of accumulators and 4 FMAs per (m16, n8) tile per 64 (group 32: 32) input channels.
+//
+// Weight layout (made once at load time by quantkern/layout_cuda.py, prepare_w4a16)
+//   qweight int32 [N/16, 2K]: N is cut into strips of 16 output channels, K into tiles of 64. Strip
+//   ns, k-tile kt is a contiguous 512-byte unit at int32 offset (ns * K/64 + kt) * 128, holding
+//   uint4 words[lane 0..31] = {w[kk=0], w[1], w[2], w[3]}: word kk is what lane (g = lane/4,
+//   t = lane%4) needs for the k16 step kk. Its 8 nibbles, p = i + 4h with i = 2 jn + jk:
+//       nibble p = code[n = 16 ns + 8 jn + g][k = 64 kt + 16 kk + 8 jk + 2 t + h]
+//   so that ((word >> 4i) & 0x000F000F) puts the codes of k = .. + 2t and 2t+1 into the low and
+//   high 16-bit halves: exactly mma.m16n8k16's B fragment register (jk = 0: b0, jk = 1: b1) of
+//   n8-tile jn. One 16-byte ld.shared per lane and k-tile gives a lane all its weights for 4 k16 steps.
+//   scales [G, N] in the activation dtype (G = K / group_size), transposed so that one group's scales
+//   for a tile of columns are contiguous; zeros [G, N] in the activation dtype holding the zero
+//   codes (exact small integers), or absent (symmetric: implicit zero 8).
+//
+// int4 -> fp16/bf16 in registers (no conversion instructions)
+//   (q >> 4i) & 0x000F000F | MAGIC is, read as two halves, MAGIC + code: fp16 0x6400 = 1024
+//   (ulp 1), bf16 0x4300 = 128 (ulp 1). One lop3 (and one shift), then one sub2 of (MAGIC + zero)
+//   gives (code - zero) exactly, two values per instruction.
+//
+// Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
+//   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
+//     M <= 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
+//     M <= 64 : BM = 64,  BN = 128, 8 warps (2 x 4), warp tile 32 x 32, 4 stages, 52 KiB smem
+//     M >  64 : BM = 128, BN = 128, 8 warps (2 x 4), warp tile 64 x 32, 4 stages, 84 KiB smem
+//   (tile_m = 16 / 64 / 128 forces one.) Needs K % 64 == 0 and N % 16 == 0 (a partial last N tile
+//   is masked by whole strips); any M >= 1 (rows beyond M are zero-filled and not stored).
+//
+// Pipeline: per stage, cp.async (16-byte, .cg) of the activation tile (BM x 64, rows XOR-swizzled
+//   in 16-byte chunks so that ldmatrix is bank-conflict free), the weight tile (BN/16 units of
+//   512 B), and the tile's scale/zero rows. STAGES-1 tiles in flight, one __syncthreads per k-tile.
+//   Activations reach the mma through ldmatrix.x4; weights through ld.shared.v4 + lop3 dequant.
+//
+// Work split: grid (N tiles, M tiles, splits). When there are fewer output tiles than the GPU can
+//   hold, K is split into `splits` contiguous ranges of k-tiles (split_k > 0 forces a count). Each
+//   block writes its fp32 partial tile to a workspace (from torch's allocator), then counts itself
+//   in locks[tile] with one atomicAdd; the last block of a tile sums the partials in the fixed order
+//   0..splits-1 (so the result is bit-identical whichever block comes last), adds the bias, writes y
+//   and resets locks[tile] to 0. `locks` is an int32 scratch tensor owned by the prepared weight,
+//   all zeros before and after every call (so it must not be used by two calls running concurrently
+//   on different streams). No float atomics, no host sync, no allocation beyond y and the workspace.
+//
+// Compiled without --use_fast_math.
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace quantkern {
+namespace {
+
+constexpr int kBK = 64;          // K per tile: 4 k16 mma steps
+constexpr int kUnitBytes = 512;  // one (16-column strip, 64-deep k-tile) unit of packed weights
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; writes zeros (reads nothing) when !valid.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+__device__ __forceinline__ uint16_t ld_shared_u16(uint32_t addr) {
+  uint16_t v;
+  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
+  return v;
+}
+
+// (a & b) | c in one instruction.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Per activation dtype: the mma instruction, the magic number of the int4 conversion, packing.
+template <typename T>
+struct W4Traits;
+
+template <>
+struct W4Traits<__half> {
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
+  static constexpr uint16_t kMagicPlus8 = 0x6408;  // 1032.0: MAGIC + the implicit zero 8
+  __device__ __forceinline__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t add2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("add.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
+  __device__ __forceinline__ static float2 to_float2(uint32_t v) {
+    __half2 h = *reinterpret_cast<__half2*>(&v);
+    return __half22float2(h);
+  }
+  __device__ __forceinline__ static uint32_t from_floats(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  template <bool ZERO_C>
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (ZERO_C) {
+      asm(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%10, %10, %10, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+    } else {
+      asm(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+};
+
+template <>
+struct W4Traits<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
+  static constexpr uint16_t kMagicPlus8 = 0x4308;  // 136.0
+  // bf16x2 add/sub as fma with 1.0 / -1.0 (sm_80+; exact here: integer values below 256).
+  __device__ __forceinline__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(b), "r"(0xBF80BF80u), "r"(a));
+    return d;
+  }
+  __device__ __forceinline__ static uint32_t add2(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(b), "r"(0x3F803F80u), "r"(a));
+    return d;
+  }
+  __device__ __forceinline__ static float2 to_float2(uint32_t v) {
+    // bf16 -> fp32 is a 16-bit shift.
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+  }
+  __device__ __forceinline__ static uint32_t from_floats(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  template <bool ZERO_C>
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (ZERO_C) {
+      asm(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%10, %10, %10, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+    } else {
+      asm(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------
+
+struct Params {
+  const void* x;         // [M, K] T
+  const uint4* qweight;  // [N/16, K/64, 32] uint4 (see the header)
+  const void* scales;    // [G, N] T
+  const void* zeros;     // [G, N] T zero codes, or nullptr (symmetric)
+  const void* bias;      // [N] T or nullptr
+  void* y;               // [M, N] T
+  float* partials;       // [splits, M, N] fp32 (splits > 1 only)
+  int* locks;            // one counter per output tile (splits > 1 only), all zero between calls
+  int M, N, K;
+  int group_len;         // 32, 64, 128 or K
+  int k_tiles;           // K / 64
+  int tiles_per_split;   // k-tiles per split (the last split may get fewer)
+  int splits;
+};
+
+template <int BM, int BN, int WM, int WN, int STAGES>
+struct TileConfig {
+  static constexpr int kThreads = WM * WN * 32;
+  static constexpr int kWarpM = BM / WM;
+  static constexpr int kWarpN = BN / WN;
+  static constexpr int kMT = kWarpM / 16;  // m16 tiles per warp
+  static constexpr int kNT = kWarpN / 8;   // n8 tiles per warp
+  static constexpr int kNS = kWarpN / 16;  // 16-wide weight strips per warp
+  static constexpr int kABytes = BM * kBK * 2;
+  static constexpr int kBBytes = BN / 16 * kUnitBytes;
+  static constexpr int kSBytes = 2 * BN * 2;  // two group rows (group 32 has two groups per k-tile)
+  static constexpr int kStageBytes = kABytes + kBBytes + 2 * kSBytes;  // A, B, scales, zeros
+  static constexpr int kSmemBytes = STAGES * kStageBytes;
+  static_assert(BM % (16 * WM) == 0 && BN % (16 * WN) == 0, "warp tiles must be whole m16 x n16 tiles");
+  static_assert(STAGES >= 2, "need at least double buffering");
+};
+
+template <typename T, int BM, int BN, int WM, int WN, int STAGES, int MIN_BLOCKS>
+__global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS) w4a16_gemm_kernel(const Params p) {
+  using Cfg = TileConfig<BM, BN, WM, WN, STAGES>;
+  using Tr = W4Traits<T>;
+  constexpr int kThreads = Cfg::kThreads;
+  constexpr int kMT = Cfg::kMT, kNT = Cfg::kNT, kNS = Cfg::kNS;
+
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ int s_is_last;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / WN, wn = warp % WN;
+  const int g = lane >> 2, t = lane & 3;
+
+  const int n_tile = blockIdx.x, m_tile = blockIdx.y, split = blockIdx.z;
+  const int n0 = n_tile * BN, m0 = m_tile * BM;
+  const int kt_begin = split * p.tiles_per_split;
+  const int nk = min(p.tiles_per_split, p.k_tiles - kt_begin);  // >= 1 (the host makes no empty split)
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ scales = static_cast<const T*>(p.scales);
+  const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
+  const bool asym = zeros != nullptr;
+  const bool g32 = p.group_len == 32;
+  const int strips = p.N / 16;
+  const uint32_t smem0 = smem_addr(smem);
+
+  // ---- global -> shared, one k-tile ----------------------------------------------------------
+  auto load_stage = [&](int stage, int kt) {
+    const uint32_t a_s = smem0 + stage * Cfg::kStageBytes;
+    const uint32_t b_s = a_s + Cfg::kABytes;
+    const uint32_t s_s = b_s + Cfg::kBBytes;
+    const uint32_t z_s = s_s + Cfg::kSBytes;
+#pragma unroll
+    for (int i = tid; i < BM * 8; i += kThreads) {  // BM rows x 8 chunks of 16 B
+      const int r = i >> 3, c = i & 7;
+      const int row = m0 + r;
+      const bool ok = row < p.M;
+      const T* src = x + static_cast<int64_t>(ok ? row : 0) * p.K + kt * kBK + c * 8;
+      cp_async16(a_s + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+    }
+#pragma unroll
+    for (int i = tid; i < BN / 16 * 32; i += kThreads) {  // BN/16 units x 32 chunks of 16 B
+      const int s = i >> 5, l = i & 31;
+      const int strip = n0 / 16 + s;
+      const bool ok = strip < strips;
+      const uint4* src = p.qweight + (static_cast<int64_t>(ok ? strip : 0) * p.k_tiles + kt) * 32 + l;
+      cp_async16(b_s + i * 16, src, ok);
+    }
+    const int rows = g32 ? 2 : 1;
+    const int grp = g32 ? kt * 2 : (kt * kBK) / p.group_len;
+    for (int i = tid; i < 2 * (BN / 8); i += kThreads) {
+      const int r = i / (BN / 8), c = i % (BN / 8);
+      if (r < rows) {
+        const int col = n0 + c * 8;
+        const bool ok = col < p.N;
+        const int64_t off = static_cast<int64_t>(grp + r) * p.N + (ok ? col : 0);
+        cp_async16(s_s + r * BN * 2 + c * 16, scales + off, ok);
+        if (asym) cp_async16(z_s + r * BN * 2 + c * 16, zeros + off, ok);
+      }
+    }
+  };
+
+  float acc[kMT][kNT][4];
+  float pacc[kMT][kNT][4];
+#pragma unroll
+  for (int m = 0; m < kMT; ++m)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.0f, pacc[m][j][e] = 0.0f;
+
+  // ---- prologue: STAGES-1 tiles in flight ------------------------------------------------------
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+
+  const int warp_col = wn * Cfg::kWarpN;  // first column of this warp within the block tile
+  const int warp_row = wm * Cfg::kWarpM;
+
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile `it` is visible to all; the stage read in iteration it-1 is free again
+    {
+      const int next = it + STAGES - 1;
+      if (next < nk) load_stage(next % STAGES, kt_begin + next);
+      cp_async_commit();
+    }
+    const int stage = it % STAGES;
+    const uint32_t a_s = smem0 + stage * Cfg::kStageBytes;
+    const uint32_t b_s = a_s + Cfg::kABytes;
+    const uint32_t s_s = b_s + Cfg::kBBytes;
+    const uint32_t z_s = s_s + Cfg::kSBytes;
+
+    uint4 bq[kNS];
+#pragma unroll
+    for (int s = 0; s < kNS; ++s) bq[s] = ld_shared_v4(b_s + (warp_col / 16 + s) * kUnitBytes + lane * 16);
+
+    // (MAGIC + zero) for B columns g and 8 + g of each strip, as a pair of equal halves.
+    uint32_t zb[kNS][2];
+    auto load_zeros = [&](int row) {
+#pragma unroll
+      for (int s = 0; s < kNS; ++s)
+#pragma unroll
+        for (int jn = 0; jn < 2; ++jn) {
+          if (asym) {
+            const uint32_t z = ld_shared_u16(z_s + row * BN * 2 + (warp_col + 16 * s + 8 * jn + g) * 2);
+            zb[s][jn] = Tr::add2(Tr::kMagic, z | (z << 16));
+          } else {
+            zb[s][jn] = static_cast<uint32_t>(Tr::kMagicPlus8) * 0x10001u;
+          }
+        }
+    };
+    // acc += pacc * scale[column]: the group's partial sums, scaled in fp32.
+    auto fold = [&](int row) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const float2 sc = Tr::to_float2(ld_shared_u32(s_s + row * BN * 2 + (warp_col + 8 * j + 2 * t) * 2));
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) {
+          acc[m][j][0] = fmaf(pacc[m][j][0], sc.x, acc[m][j][0]);
+          acc[m][j][1] = fmaf(pacc[m][j][1], sc.y, acc[m][j][1]);
+          acc[m][j][2] = fmaf(pacc[m][j][2], sc.x, acc[m][j][2]);
+          acc[m][j][3] = fmaf(pacc[m][j][3], sc.y, acc[m][j][3]);
+        }
+      }
+    };
+    load_zeros(0);
+
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      if (kk == 2 && g32) {  // group 32: the second group of this k-tile starts here
+        fold(0);
+#pragma unroll
+        for (int m = 0; m < kMT; ++m)
+#pragma unroll
+          for (int j = 0; j < kNT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) pacc[m][j][e] = 0.0f;
+        load_zeros(1);
+      }
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) {
+        const int r = warp_row + m * 16 + (lane & 15);
+        const int c = kk * 2 + (lane >> 4);
+        ldmatrix_x4(a[m], a_s + r * 128 + ((c ^ (r & 7)) << 4));
+      }
+#pragma unroll
+      for (int s = 0; s < kNS; ++s) {
+        const uint32_t q = kk == 0 ? bq[s].x : kk == 1 ? bq[s].y : kk == 2 ? bq[s].z : bq[s].w;
+        uint32_t b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          b[i] = Tr::sub2(and_or(q >> (4 * i), 0x000F000Fu, Tr::kMagic), zb[s][i >> 1]);
+        }
+#pragma unroll
+        for (int m = 0; m < kMT; ++m)
+#pragma unroll
+          for (int jn = 0; jn < 2; ++jn) {
+            if (kk == 0) {
+              Tr::template mma<true>(pacc[m][2 * s + jn], a[m], b[2 * jn], b[2 * jn + 1]);
+            } else {
+              Tr::template mma<false>(pacc[m][2 * s + jn], a[m], b[2 * jn], b[2 * jn + 1]);
+            }
+          }
+      }
+    }
+    fold(g32 ? 1 : 0);
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue ------------------------------------------------------------------------------
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const int row_base = m0 + warp_row + g;
+  const int col_base = n0 + warp_col + 2 * t;
+
+  auto store = [&](int row, int col, float v0, float v1) {
+    if (bias != nullptr) {
+      const float2 b = Tr::to_float2(*reinterpret_cast<const uint32_t*>(bias + col));
+      v0 += b.x;
+      v1 += b.y;
+    }
+    *reinterpret_cast<uint32_t*>(y + static_cast<int64_t>(row) * p.N + col) = Tr::from_floats(v0, v1);
+  };
+
+  if (p.splits == 1) {
+#pragma unroll
+    for (int m = 0; m < kMT; ++m)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row_base + 16 * m + 8 * h, col = col_base + 8 * j;
+          if (row < p.M && col < p.N) store(row, col, acc[m][j][2 * h], acc[m][j][2 * h + 1]);
+        }
+    return;
+  }
+
+  // Split K: publish this block's partial tile, count in; the last block of the tile reduces.
+  const int64_t split_stride = static_cast<int64_t>(p.M) * p.N;
+  float* part = p.partials + split * split_stride;
+#pragma unroll
+  for (int m = 0; m < kMT; ++m)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row_base + 16 * m + 8 * h, col = col_base + 8 * j;
+        if (row < p.M && col < p.N) {
+          __stcg(reinterpret_cast<float2*>(part + static_cast<int64_t>(row) * p.N + col),
+                 make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]));
+        }
+      }
+  __threadfence();
+  __syncthreads();
+  int* lock = p.locks + m_tile * gridDim.x + n_tile;
+  if (tid == 0) s_is_last = atomicAdd(lock, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_is_last) return;
+  __threadfence();
+  // The last block reduces the whole tile cooperatively: float4 columns, coalesced, with kBatch
+  // independent loads in flight per thread; the additions stay in the fixed order 0..splits-1.
+  constexpr int kBatch = 8;
+  constexpr int kQuads = BN / 4;
+  const int rows = min(BM, p.M - m0);
+  for (int idx = tid; idx < rows * kQuads; idx += kThreads) {
+    const int r = idx / kQuads;
+    const int col = n0 + (idx % kQuads) * 4;
+    if (col >= p.N) continue;
+    const float* src = p.partials + static_cast<int64_t>(m0 + r) * p.N + col;
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int s0 = 0; s0 < p.splits; s0 += kBatch) {
+      float4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (s0 + u < p.splits) v[u] = __ldcg(reinterpret_cast<const float4*>(src + (s0 + u) * split_stride));
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (s0 + u < p.splits) {
+          sum.x += v[u].x;
+          sum.y += v[u].y;
+          sum.z += v[u].z;
+          sum.w += v[u].w;
+        }
+      }
+    }
+    store(m0 + r, col, sum.x, sum.y);
+    store(m0 + r, col + 2, sum.z, sum.w);
+  }
+  if (tid == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+constexpr const char* kOp = "quantkern::w4a16_gemm";
+
+struct LaunchShape {
+  int bm, bn, blocks_per_sm;
+};
+
+template <typename T, int BM, int BN, int WM, int WN, int STAGES, int MIN_BLOCKS>
+void launch_kernel(const Params& p, dim3 grid, cudaStream_t stream) {
+  using Cfg = TileConfig<BM, BN, WM, WN, STAGES>;
+  auto kernel = w4a16_gemm_kernel<T, BM, BN, WM, WN, STAGES, MIN_BLOCKS>;
+  constexpr int smem = Cfg::kSmemBytes;
+  if constexpr (smem > 48 * 1024) {
+    // Not a stream operation: fine during CUDA graph capture.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  }
+  kernel<<<grid, Cfg::kThreads, smem, stream>>>(p);
+  QK_CHECK_LAUNCH();
+}
+
+// The three tile configurations (see the header).
+template <typename T>
+void launch_config(int bm, const Params& p, dim3 grid, cudaStream_t stream) {
+  switch (bm) {
+    case 16:
+      launch_kernel<T, 16, 128, 1, 4, 4, 4>(p, grid, stream);
+      break;
+    case 64:
+      launch_kernel<T, 64, 128, 2, 4, 4, 2>(p, grid, stream);
+      break;
+    default:
+      launch_kernel<T, 128, 128, 2, 4, 4, 1>(p, grid, stream);
+      break;
+  }
+}
+
+int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+void check_float16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, kOp, ": ", name,
+              " must be float16 or bfloat16, got ", t.scalar_type());
+}
+
+at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& locks, int64_t group_size, int64_t split_k, int64_t tile_m) {
+  // ---- checks (all host-side metadata: no sync) ----------------------------------------------
+  check_cuda(x, kOp, "x");
+  check_dim(x, 2, kOp, "x");
+  check_float16(x, "x");
+  check_contiguous(x, kOp, "x");
+  check_cuda(qweight, kOp, "qweight");
+  check_dim(qweight, 2, kOp, "qweight");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt, kOp, ": qweight must be int32 (the layout of "
+              "quantkern.layout_cuda.prepare_w4a16), got ", qweight.scalar_type());
+  check_contiguous(qweight, kOp, "qweight");
+  check_cuda(scales, kOp, "scales");
+  check_dim(scales, 2, kOp, "scales");
+  check_contiguous(scales, kOp, "scales");
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type(), kOp, ": scales must have x's dtype ", x.scalar_type(),
+              " (prepare the weight for that dtype), got ", scales.scalar_type());
+  check_cuda(locks, kOp, "locks");
+  TORCH_CHECK(locks.scalar_type() == at::kInt && locks.dim() == 1 && locks.is_contiguous(), kOp,
+              ": locks must be a contiguous 1-D int32 tensor of zeros, got ", locks.scalar_type(), " ",
+              locks.sizes());
+
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t N = scales.size(1), G = scales.size(0);
+  TORCH_CHECK(K % kBK == 0 && K > 0, kOp, ": in_features (K = x.size(1)) must be a positive multiple of 64, got ", K);
+  TORCH_CHECK(N % 16 == 0 && N > 0, kOp, ": out_features (N = scales.size(1)) must be a positive multiple of 16, got ", N);
+  TORCH_CHECK(qweight.size(0) == N / 16 && qweight.size(1) == 2 * K, kOp, ": qweight must have shape [N/16, 2K] = [",
+              N / 16, ", ", 2 * K, "] for x with K = ", K, " and N = ", N, ", got ", qweight.sizes());
+  const int64_t glen = group_size == -1 ? K : group_size;
+  TORCH_CHECK(glen == 32 || glen == 64 || glen == 128 || glen == K, kOp,
+              ": group_size must be 32, 64, 128 or -1 (per-channel), got ", group_size);
+  TORCH_CHECK(K % glen == 0 && G == K / glen, kOp, ": scales must have shape [K/group_size, N] = [", K / glen,
+              ", ", N, "], got ", scales.sizes());
+  TORCH_CHECK(glen % 32 == 0, kOp, ": the group length must be a multiple of 32, got ", glen);
+  if (zeros.has_value()) {
+    const at::Tensor& z = *zeros;
+    check_cuda(z, kOp, "zeros");
+    check_contiguous(z, kOp, "zeros");
+    TORCH_CHECK(z.scalar_type() == x.scalar_type(), kOp, ": zeros must have x's dtype ", x.scalar_type(),
+                ", got ", z.scalar_type());
+    TORCH_CHECK(z.sizes() == scales.sizes(), kOp, ": zeros must have the shape of scales ", scales.sizes(),
+                ", got ", z.sizes());
+  }
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    check_cuda(b, kOp, "bias");
+    check_contiguous(b, kOp, "bias");
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), kOp, ": bias must have x's dtype ", x.scalar_type(),
+                ", got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, kOp, ": bias must have shape [", N, "], got ", b.sizes());
+  }
+  for (const at::Tensor* t : {&qweight, &scales, &locks}) {
+    TORCH_CHECK(t->device() == x.device(), kOp, ": all tensors must be on x's device ", x.device(), ", got ",
+                t->device());
+  }
+  if (zeros.has_value()) TORCH_CHECK(zeros->device() == x.device(), kOp, ": zeros must be on ", x.device());
+  if (bias.has_value()) TORCH_CHECK(bias->device() == x.device(), kOp, ": bias must be on ", x.device());
+  TORCH_CHECK(tile_m == 0 || tile_m == 16 || tile_m == 64 || tile_m == 128, kOp,
+              ": tile_m must be 0 (automatic), 16, 64 or 128, got ", tile_m);
+  TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
+  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2 && N <= std::numeric_limits<int32_t>::max() &&
+                  M <= std::numeric_limits<int32_t>::max(), kOp, ": sizes too large");
+
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+
+  // 16-byte cp.async needs 16-byte aligned rows: K % 64 == 0 makes the row stride a multiple of
+  // 128 B, so only the base pointers matter. A misaligned (sliced) x is copied; the others come
+  // from prepare_w4a16 whole.
+  at::Tensor xa = is_aligned(x.const_data_ptr(), 16) ? x : x.clone();
+  TORCH_CHECK(is_aligned(qweight.const_data_ptr(), 16) && is_aligned(scales.const_data_ptr(), 16) &&
+                  (!zeros.has_value() || is_aligned(zeros->const_data_ptr(), 16)) &&
+                  (!bias.has_value() || is_aligned(bias->const_data_ptr(), 4)),
+              kOp, ": qweight, scales and zeros must be 16-byte aligned (bias 4-byte): pass whole tensors, not views");
+
+  // ---- configuration ---------------------------------------------------------------------------
+  const int bm = tile_m != 0 ? static_cast<int>(tile_m) : (M <= 16 ? 16 : M <= 64 ? 64 : 128);
+  const int bn = 128;
+  const int blocks_per_sm = bm == 16 ? 4 : bm == 64 ? 2 : 1;
+  const int64_t m_tiles = (M + bm - 1) / bm;
+  const int64_t n_tiles = (N + bn - 1) / bn;
+  const int k_tiles = static_cast<int>(K / kBK);
+  TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * bm, " rows per call)");
+  const int64_t tiles = m_tiles * n_tiles;
+  int splits = 1;
+  if (split_k > 0) {
+    splits = static_cast<int>(std::min<int64_t>(split_k, k_tiles));
+    TORCH_CHECK(splits == 1 || tiles <= locks.numel(), kOp, ": split_k > 1 needs one lock per output tile (",
+                tiles, "), locks has ", locks.numel());
+  } else {
+    constexpr int kMinTilesPerSplit = 4;
+    // As many splits as keep every block resident at once (rounded down: one block more than the
+    // GPU holds costs a whole second wave), each split at least kMinTilesPerSplit k-tiles long.
+    const int64_t target = static_cast<int64_t>(sm_count(x.get_device())) * blocks_per_sm;
+    if (tiles < target && tiles <= locks.numel()) {
+      const int64_t want = target / tiles;
+      splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, k_tiles / kMinTilesPerSplit)));
+    }
+  }
+  const int tiles_per_split = (k_tiles + splits - 1) / splits;
+  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
+
+  at::Tensor partials;
+  if (splits > 1) partials = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+
+  Params p;
+  p.x = xa.const_data_ptr();
+  p.qweight = static_cast<const uint4*>(qweight.const_data_ptr());
+  p.scales = scales.const_data_ptr();
+  p.zeros = zeros.has_value() ? zeros->const_data_ptr() : nullptr;
+  p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.partials = splits > 1 ? partials.data_ptr<float>() : nullptr;
+  p.locks = locks.data_ptr<int>();
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.group_len = static_cast<int>(glen);
+  p.k_tiles = k_tiles;
+  p.tiles_per_split = tiles_per_split;
+  p.splits = splits;
+
+  const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  if (x.scalar_type() == at::kHalf) {
+    launch_config<__half>(bm, p, grid, stream);
+  } else {
+    launch_config<__nv_bfloat16>(bm, p, grid, stream);
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace quantkern
+
+TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
+  m.impl("w4a16_gemm", &quantkern::w4a16_gemm_cuda);
+}

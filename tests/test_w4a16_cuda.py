@@ -1,0 +1,315 @@
+"""The CUDA W4A16 GEMM (csrc/w4a16_gemm.cu) and its weight layout (quantkern/layout_cuda.py).
+
+CPU tests check the offline repack without a GPU: the shuffle is undone and must give back the
+canonical codes, and a pure-torch emulation of what each mma lane reads reproduces the reference.
+GPU tests (marked ``gpu``) compare the op with ``reference.weight_only_linear`` over the models'
+shapes, group sizes, sym/asym, fp16/bf16, with and without bias, and check determinism,
+torch.compile, CUDA graphs and the input checks.
+"""
+
+import pytest
+import torch
+
+from quantkern import backends, reference
+from quantkern.format import QuantizedWeight, pack_int4
+from quantkern.layout_cuda import (
+    pack_codes_w4a16,
+    prepare_w4a16,
+    unpack_w4a16_codes,
+    unsupported_reason,
+    w4a16_linear,
+)
+
+cuda_ext = backends.status("cuda")
+needs_extension = pytest.mark.skipif(not cuda_ext.available, reason=f"CUDA extension missing: {cuda_ext.reason}")
+
+# (K, N) pairs of the models the kernel serves (Llama-3 8B / 70B, Qwen2.5 0.5B-3B, SmolLM2-135M).
+MODEL_SHAPES = [
+    (4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024), (8192, 8192), (8192, 28672), (28672, 8192),
+    (896, 4864), (4864, 896), (896, 896), (896, 128), (2048, 11008), (11008, 2048), (3072, 8192),
+    (576, 1536), (1536, 576), (576, 576), (576, 192),
+]
+GPU_SHAPES = [(4096, 14336), (14336, 4096), (896, 4864), (4864, 896), (576, 1536), (1536, 576), (1024, 3072)]
+TOKENS = [1, 2, 7, 16, 33, 64, 128, 512, 2048]
+GROUPS = [32, 64, 128, -1]
+
+
+def random_qweight(k, n, group_size, symmetric, scale_dtype=torch.float16, device="cpu", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8, device=device)
+    glen = k if group_size == -1 else group_size
+    groups = k // glen
+    scales = (torch.rand(n, groups, generator=gen, device=device) * 0.02 + 0.001).to(scale_dtype)
+    zeros = (None if symmetric else
+             torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8, device=device))
+    return QuantizedWeight(pack_int4(codes), scales, zeros, 4, group_size, k, n)
+
+
+def fits(k, group_size):
+    return group_size == -1 or k % group_size == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: layout and refusals
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n", [(64, 16), (128, 48), (576, 192), (1536, 576), (896, 128)])
+def test_repack_round_trips(k, n):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = pack_codes_w4a16(codes)
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (n // 16, 2 * k)
+    assert torch.equal(unpack_w4a16_codes(packed, k, n), codes)
+
+
+def test_repack_places_each_code_where_the_mma_fragment_wants_it():
+    # Follow the kernel: lane (g, t), k-step kk of unit (ns, kt) reads word kk of its uint4 and takes
+    # (word >> 4i) & 0x000F000F: the low half is B[k][n] with n = 16 ns + 8 jn + g,
+    # k = 64 kt + 16 kk + 8 jk + 2t (i = 2 jn + jk); the high half is k + 1.
+    k, n = 128, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    words = pack_codes_w4a16(codes).reshape(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    for ns in range(n // 16):
+        for kt in range(k // 64):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for kk in range(4):
+                    word = int(words[ns, kt, lane, kk])
+                    for i in range(4):
+                        jn, jk = divmod(i, 2)
+                        v = (word >> (4 * i)) & 0x000F000F
+                        row = 16 * ns + 8 * jn + g
+                        col = 64 * kt + 16 * kk + 8 * jk + 2 * t
+                        assert v & 0xF == codes[row, col]
+                        assert v >> 16 == codes[row, col + 1]
+
+
+def emulate_kernel(x, prepared):
+    """What the kernel computes, in fp32 on CPU: per 32-channel piece of each group,
+    pacc = x @ (code - zero), acc += pacc * scale. Reads only the prepared (kernel) tensors."""
+    k, n = prepared["in_features"], prepared["out_features"]
+    codes = unpack_w4a16_codes(prepared["qweight"], k, n).float()  # [N, K]
+    scales = prepared["scales"].float()  # [G, N]
+    zeros = prepared["zeros"].float() if prepared["zeros"] is not None else torch.full_like(scales, 8.0)
+    glen = k // scales.shape[0]
+    acc = torch.zeros(x.shape[0], n)
+    for k0 in range(0, k, 32):
+        grp = k0 // glen
+        w = codes[:, k0:k0 + 32] - zeros[grp][:, None]
+        acc += (x[:, k0:k0 + 32].float() @ w.T) * scales[grp][None, :]
+    return acc
+
+
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prepared_tensors_reproduce_the_reference(group_size, symmetric, dtype):
+    k, n = 576, 192
+    if not fits(k, group_size):
+        group_size = 64
+    qw = random_qweight(k, n, group_size, symmetric, scale_dtype=dtype)
+    prepared = prepare_w4a16(qw, dtype)
+    assert prepared["scales"].dtype == dtype and tuple(prepared["scales"].shape) == (qw.n_groups, n)
+    assert (prepared["zeros"] is None) == symmetric
+    assert prepared["locks"].dtype == torch.int32 and not prepared["locks"].any()
+    x = torch.randn(5, k).to(dtype)
+    expected = reference.weight_only_linear(x.float(), qw)
+    got = emulate_kernel(x, prepared)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,n", MODEL_SHAPES)
+@pytest.mark.parametrize("group_size", GROUPS)
+def test_model_shapes_are_served(k, n, group_size):
+    if not fits(k, group_size):
+        assert "does not divide" in unsupported_reason(k, n, group_size)
+    else:
+        assert unsupported_reason(k, n, group_size) is None
+
+
+@pytest.mark.parametrize("k,n,group_size,match", [
+    (96, 64, 32, "multiple of 64"),
+    (576, 200, 64, "multiple of 16"),
+    (576, 64, 128, "does not divide"),
+    (576, 64, 48, "group_size must be one of"),
+    (0, 64, -1, "positive"),
+])
+def test_unsupported_shapes_are_refused_with_a_reason(k, n, group_size, match):
+    reason = unsupported_reason(k, n, group_size)
+    assert reason is not None and match in reason
+
+
+def test_prepare_refuses_what_it_cannot_serve():
+    qw = random_qweight(96, 64, 32, True)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        prepare_w4a16(qw, torch.float16)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        prepare_w4a16(random_qweight(128, 64, 32, True), torch.float32)
+    codes = torch.randint(0, 256, (64, 128), dtype=torch.uint8)
+    w8 = QuantizedWeight(codes, torch.ones(64, 4, dtype=torch.float16), None, 8, 32, 128, 64)
+    with pytest.raises(ValueError, match="4-bit"):
+        prepare_w4a16(w8, torch.float16)
+
+
+@needs_extension
+def test_op_is_registered_and_refuses_cpu_tensors():
+    from quantkern import _C
+
+    assert "w4a16_gemm" in _C.build_info()["kernels"]
+    prepared = prepare_w4a16(random_qweight(128, 64, 64, True), torch.float16)
+    with pytest.raises(NotImplementedError):
+        w4a16_linear(torch.randn(2, 128).half(), prepared)
+
+
+def test_fake_gives_the_output_shape():
+    from quantkern._fake import w4a16_gemm_fake
+
+    prepared = prepare_w4a16(random_qweight(128, 48, 64, False, scale_dtype=torch.bfloat16), torch.bfloat16)
+    x = torch.empty(3, 128, dtype=torch.bfloat16, device="meta")
+    y = w4a16_gemm_fake(x, prepared["qweight"], prepared["scales"], prepared["zeros"], None, prepared["locks"], 64)
+    assert y.shape == (3, 48) and y.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def run_case(k, n, m, group_size, symmetric, dtype, with_bias, seed=0, weight=None):
+    qw = weight or random_qweight(k, n, group_size, symmetric, scale_dtype=dtype, device="cuda", seed=seed)
+    prepared = prepare_w4a16(qw, dtype)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    bias = (torch.randn(n, device="cuda", generator=gen) * 0.1).to(dtype) if with_bias else None
+    y = w4a16_linear(x, prepared, bias)
+    y_ref = x.float() @ reference.dequantize_weight(qw).T + (bias.float() if with_bias else 0.0)
+    return y, y_ref, (x, prepared, bias)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("k,n", GPU_SHAPES)
+def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
+    if not fits(k, group_size):
+        pytest.skip(f"group {group_size} does not divide K={k}")
+    qw = random_qweight(k, n, group_size, symmetric, scale_dtype=dtype, device="cuda")
+    for i, m in enumerate(TOKENS):
+        y, y_ref, _ = run_case(k, n, m, group_size, symmetric, dtype, with_bias=i % 2 == 1, seed=i, weight=qw)
+        assert y.shape == (m, n) and y.dtype == dtype
+        assert torch.isfinite(y).all()
+        err = rel_err(y, y_ref)
+        assert err <= 2e-3, f"M={m}: relative error {err:.2e}"
+        # The scales are applied in fp32, so apart from accumulation order the only rounding is y's
+        # own: against the reference rounded to x's dtype the error is far below that rounding.
+        err_rounded = rel_err(y, y_ref.to(dtype))
+        assert err_rounded <= 2e-4, f"M={m}: relative error {err_rounded:.2e} against the rounded reference"
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("k,n", [(4096, 4096), (576, 576), (8192, 1024)])
+@pytest.mark.parametrize("tile_m", [16, 64, 128])
+@pytest.mark.parametrize("split_k", [1, 3, 8])
+def test_every_tile_and_split_agrees(k, n, tile_m, split_k):
+    for m in (1, 17, 100):
+        y, y_ref, (x, prepared, bias) = run_case(k, n, m, 64, False, torch.bfloat16, with_bias=True)
+        y = w4a16_linear(x, prepared, bias, split_k=split_k, tile_m=tile_m)
+        assert rel_err(y, y_ref) <= 2e-3
+        assert not prepared["locks"].any()  # the scratch counters are restored
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("m", [1, 16, 64, 2048])
+def test_is_deterministic(m):
+    y, _, (x, prepared, bias) = run_case(4096, 4096, m, 128, False, torch.float16, with_bias=True)
+    for _ in range(3):
+        assert torch.equal(w4a16_linear(x, prepared, bias), y)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_runs_on_the_current_stream():
+    y, _, (x, prepared, bias) = run_case(4096, 1024, 7, 64, True, torch.bfloat16, with_bias=False)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = w4a16_linear(x, prepared, bias)
+    stream.synchronize()
+    assert torch.equal(got, y)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_under_torch_compile_and_cuda_graph():
+    y, y_ref, (x, prepared, bias) = run_case(1536, 576, 16, 32, False, torch.float16, with_bias=True)
+
+    compiled = torch.compile(lambda t: w4a16_linear(t, prepared, bias), fullgraph=True)
+    assert torch.equal(compiled(x), y)
+
+    static_x = x.clone()
+    w4a16_linear(static_x, prepared, bias)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = w4a16_linear(static_x, prepared, bias)
+    new_x = torch.randn_like(x)
+    static_x.copy_(new_x)
+    graph.replay()
+    graph.replay()  # the split-K counters must be reset between replays
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, w4a16_linear(new_x, prepared, bias))
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_misaligned_input_is_served():
+    y, y_ref, (x, prepared, bias) = run_case(576, 1536, 3, 64, True, torch.float16, with_bias=False)
+    base = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
+    shifted = base[1:].view_as(x)
+    shifted.copy_(x)
+    assert torch.equal(w4a16_linear(shifted, prepared), y)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_zero_tokens():
+    prepared = prepare_w4a16(random_qweight(576, 1536, 64, True, device="cuda"), torch.float16)
+    y = w4a16_linear(torch.empty(0, 576, device="cuda", dtype=torch.float16), prepared)
+    assert y.shape == (0, 1536)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_op_checks_its_input():
+    prepared = prepare_w4a16(random_qweight(256, 64, 64, False, device="cuda"), torch.float16)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.float16)
+    op = torch.ops.quantkern.w4a16_gemm
+    args = lambda **kw: {**dict(x=x, qweight=prepared["qweight"], scales=prepared["scales"],  # noqa: E731
+                               zeros=prepared["zeros"], bias=None, locks=prepared["locks"], group_size=64), **kw}
+    cases = [
+        (args(x=x.float()), "float16 or bfloat16"),
+        (args(x=x.bfloat16()), "scales must have x's dtype"),
+        (args(x=x[:, :128]), "contiguous"),
+        (args(x=x.t().contiguous().t()), "contiguous"),
+        (args(x=x[None]), "2-D"),
+        (args(x=x[:, :192].contiguous()), "qweight must have shape"),
+        (args(x=x.cpu()), "CUDA tensor"),
+        (args(qweight=prepared["qweight"].float()), "int32"),
+        (args(group_size=32), "scales must have shape"),
+        (args(group_size=48), "group_size must be"),
+        (args(zeros=prepared["zeros"].float()), "zeros must have x's dtype"),
+        (args(bias=torch.zeros(63, device="cuda", dtype=torch.float16)), "bias must have shape"),
+        (args(bias=torch.zeros(64, device="cuda")), "bias must have x's dtype"),
+        (args(tile_m=32), "tile_m"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            op(**kwargs)
+    with pytest.raises(TypeError, match="prepared for"):
+        w4a16_linear(x.bfloat16(), prepared)
