@@ -6,7 +6,8 @@
 # writes logs and JSON to OUTDIR and prints a short summary table last. Fits in one 10-minute call.
 # Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch), QUANTKERN_SKIP_BENCH=1,
 # QUANTKERN_BENCH (benchmarks to run, default "activation_quant w4a16 e2e"), QUANTKERN_E2E_CONFIG
-# (default llama3-8b).
+# (default llama3-8b), QUANTKERN_W4A16_ARGS (e.g. --quick), QUANTKERN_SKIP_BUILD=1 and
+# QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only).
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -34,23 +35,29 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
-step build build.log env QUANTKERN_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e . \
-    || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
-grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
+if [ "${QUANTKERN_SKIP_BUILD:-0}" != 1 ]; then
+    step build build.log env QUANTKERN_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e . \
+        || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
+    grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
+fi
 step info info.txt $PY -m quantkern info
+if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ]; then
 # Every test but the two that need the built-in model's wheel (no package registry on the GPU machine).
-step tests tests.log $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" tests \
+# (QUANTKERN_TRITON_AUTOTUNE=0: one Triton config per kernel, so tests don't spend minutes autotuning.)
+step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" tests \
     --ignore=tests/test_builtin_model.py --ignore=tests/test_cli.py
 SAN="compute-sanitizer --target-processes all --error-exitcode 99"
 SAN_TESTS="tests/test_cuda_kernels.py"
 [ -f tests/test_w4a16_cuda.py ] && SAN_TESTS="$SAN_TESTS tests/test_w4a16_cuda.py"
 step memcheck memcheck.log $SAN --tool memcheck $PY -m pytest -q -x $SAN_TESTS -k "not compile and not 2048 and not 14336"
 step racecheck racecheck.log $SAN --tool racecheck $PY -m pytest -q -x $SAN_TESTS -k "576 and not compile and not 2048"
+fi
 BENCHES=${QUANTKERN_BENCH:-activation_quant w4a16 e2e}
 [ "${QUANTKERN_SKIP_BENCH:-0}" = 1 ] && BENCHES=""
 for bench in $BENCHES; do
     case $bench in
         e2e) extra="--config ${QUANTKERN_E2E_CONFIG:-llama3-8b}" ;;
+        w4a16) extra="${QUANTKERN_W4A16_ARGS:-}" ;;
         *) extra="" ;;
     esac
     step "bench_$bench" "bench_$bench.log" $PY "benchmarks/bench_$bench.py" --json "$OUTDIR/bench_$bench.json" $extra
@@ -58,8 +65,8 @@ done
 
 echo
 echo "=== summary ($(head -n1 "$OUTDIR/gpu.txt"), archs $TORCH_CUDA_ARCH_LIST)"
-grep -hE "passed|failed" "$OUTDIR/tests.log" | tail -n1
-grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/memcheck.log" "$OUTDIR/racecheck.log" | sort | uniq -c
+[ -f "$OUTDIR/tests.log" ] && grep -hE "passed|failed" "$OUTDIR/tests.log" | tail -n1
+[ -f "$OUTDIR/memcheck.log" ] && grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/memcheck.log" "$OUTDIR/racecheck.log" | sort | uniq -c
 for bench in $BENCHES; do  # each benchmark prints its table last, after a blank line
     [ -f "$OUTDIR/bench_$bench.log" ] && awk 'BEGIN{RS=""} {last=$0} END{print last}' "$OUTDIR/bench_$bench.log" && echo
 done

@@ -237,6 +237,12 @@ _AUTOTUNED = {
 _PLAIN = _heuristics(_w4a16_kernel)
 
 
+def _untuned_config(m: int, group_len: int, n_groups: int) -> dict:
+    """One modest GPU config, for QUANTKERN_TRITON_AUTOTUNE=0 (test runs: no autotune compile storm)."""
+    bk = 64 if n_groups == 1 else min(64, group_len)
+    return _cfg(16 if m <= 16 else 64, 128, bk, 1, 4, 3)
+
+
 def _interpreter_config(m: int, n: int, k: int, group_len: int, n_groups: int) -> dict:
     """One config for the CPU interpreter: big tiles (fewer programs and loop trips), no split-K."""
     bk = 128 if n_groups == 1 else min(128, group_len)
@@ -341,6 +347,8 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
         raise RuntimeError(f"the Triton W4A16 kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     if config is None and _interpreting():
         config = _interpreter_config(m, n, k, group_len, n_groups)
+    elif config is None and os.environ.get("QUANTKERN_TRITON_AUTOTUNE") == "0":
+        config = _untuned_config(m, group_len, n_groups)
     atomic = (config["SPLIT_K"] > 1) if config is not None else m <= SMALL_M
     # The CPU interpreter truncates fp32 -> bf16 casts: there the kernel stores fp32 and torch rounds.
     fp32_out = atomic or (_interpreting() and x.dtype == torch.bfloat16)
