@@ -57,7 +57,9 @@ class QuantLinear(nn.Module):
             self.backend = backend
         if self.act_bits is not None:
             return self  # W8A8 / W4A4 kernels come with their own issue; they take the weight as is
-        device = torch.device(device) if device is not None else self.qweight.device
+        if device is None:  # where the kernel runs: the canonical copy may be parked in host memory
+            device = self._prepared.device if self._prepared is not None else self.qweight.device
+        device = torch.device(device)
         weight = self.weight.to(device)
         self._prepared = ops.prepare_weight_only(weight, dtype or self.scales.dtype, self.backend)
         if self._prepared.backend != "reference":

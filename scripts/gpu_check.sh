@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The one command to send to the GPU machine:  bash scripts/gpu_check.sh OUTDIR
 #
-# Builds the extension with all cores, runs the GPU tests, runs them again under compute-sanitizer
-# (memcheck, then racecheck on the kernels that use shared memory), runs the kernel benchmarks,
-# writes logs and JSON to OUTDIR and prints a short summary table last. Fits in one 10-minute call.
+# Builds the extension with all cores, runs the GPU tests, runs small cases of every CUDA kernel
+# under compute-sanitizer (memcheck, then racecheck: scripts/sanitize_cases.py), runs the kernel benchmarks,
+# writes logs and JSON to OUTDIR and prints a short summary table last. Everything at once outgrows
+# one 10-minute device call: choose with the variables below (e.g. tests in one call, benchmarks in another).
 # Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch), QUANTKERN_SKIP_BENCH=1,
 # QUANTKERN_BENCH (benchmarks to run, default "activation_quant w4a16 e2e"), QUANTKERN_E2E_CONFIG
 # (default llama3-8b), QUANTKERN_W4A16_ARGS (e.g. --quick), QUANTKERN_SKIP_BUILD=1 and
-# QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only).
+# QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only), QUANTKERN_TESTS
+# (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1.
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -44,13 +46,13 @@ step info info.txt $PY -m quantkern info
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ]; then
 # Every test but the two that need the built-in model's wheel (no package registry on the GPU machine).
 # (QUANTKERN_TRITON_AUTOTUNE=0: one Triton config per kernel, so tests don't spend minutes autotuning.)
-step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" tests \
-    --ignore=tests/test_builtin_model.py --ignore=tests/test_cli.py
+step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
+    ${QUANTKERN_TESTS:-tests --ignore=tests/test_builtin_model.py --ignore=tests/test_cli.py}
+fi
+if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ] && [ "${QUANTKERN_SKIP_SANITIZERS:-0}" != 1 ]; then
 SAN="compute-sanitizer --target-processes all --error-exitcode 99"
-SAN_TESTS="tests/test_cuda_kernels.py"
-[ -f tests/test_w4a16_cuda.py ] && SAN_TESTS="$SAN_TESTS tests/test_w4a16_cuda.py"
-step memcheck memcheck.log $SAN --tool memcheck $PY -m pytest -q -x $SAN_TESTS -k "not compile and not 2048 and not 14336"
-step racecheck racecheck.log $SAN --tool racecheck $PY -m pytest -q -x $SAN_TESTS -k "576 and not compile and not 2048"
+step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_cases.py
+step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_cases.py
 fi
 BENCHES=${QUANTKERN_BENCH:-activation_quant w4a16 e2e}
 [ "${QUANTKERN_SKIP_BENCH:-0}" = 1 ] && BENCHES=""
