@@ -60,6 +60,9 @@ class GraphDecoder:
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:
+        # Empty the cache in place (static addresses, which a captured graph holds): transformers'
+        # static layers count written tokens on the device and write there, whatever cache_position says.
+        self.cache.reset()
         positions = torch.arange(prompt.shape[1], device="cuda")
         logits = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=positions,
                             use_cache=True).logits
@@ -79,7 +82,8 @@ class GraphDecoder:
             self.next_ids = self._step()
 
     @torch.no_grad()
-    def decode(self, steps: int, use_graph: bool) -> None:
+    def decode(self, steps: int, use_graph: bool) -> list:
+        tokens = []
         for _ in range(steps):
             if use_graph:
                 self.graph.replay()
@@ -88,11 +92,14 @@ class GraphDecoder:
                 next_ids = self._step()
             self.ids.copy_(next_ids)
             self.position.add_(1)
+            tokens.append(next_ids.clone())
+        return tokens
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool) -> dict:
     decoder = GraphDecoder(model, batch, prompt_len + new_tokens + 8)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda")
+    generator = torch.Generator("cuda").manual_seed(batch)  # the same prompt for every mode and model
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda", generator=generator)
     decoder.prefill(prompt)
     if use_graph:
         decoder.capture()
@@ -100,10 +107,11 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool
     decoder.decode(4, use_graph)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    decoder.decode(new_tokens, use_graph)
+    tokens = decoder.decode(new_tokens, use_graph)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"tokens_per_s": batch * new_tokens / elapsed, "ms_per_step": 1e3 * elapsed / new_tokens}
+    return {"tokens_per_s": batch * new_tokens / elapsed, "ms_per_step": 1e3 * elapsed / new_tokens,
+            "tokens": torch.cat(tokens, dim=1)}
 
 
 def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: list, results: list) -> None:
@@ -116,10 +124,16 @@ def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: 
             except Exception as error:  # report, don't hide: the table says which mode failed and why
                 entry[mode] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
         entry["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if all("tokens" in entry[m] for m in ("eager", "cuda_graph")):
+            # The graph must compute what eager does: same greedy tokens.
+            entry["graph_tokens_match_eager"] = torch.equal(entry["eager"].pop("tokens"), entry["cuda_graph"].pop("tokens"))
+        for mode in ("eager", "cuda_graph"):
+            entry[mode].pop("tokens", None)
         results.append(entry)
         cell = lambda m: (f"{entry[m]['tokens_per_s']:.1f}" if "tokens_per_s" in entry[m]  # noqa: E731
                           else "failed")
-        rows.append([label, batch, cell("eager"), cell("cuda_graph"), f"{entry['peak_memory_gib']:.1f}"])
+        rows.append([label, batch, cell("eager"), cell("cuda_graph"), f"{entry['peak_memory_gib']:.1f}",
+                     entry.get("graph_tokens_match_eager", "-")])
 
 
 def main() -> None:
@@ -159,7 +173,7 @@ def main() -> None:
                                         "new_tokens": args.new_tokens, "quantize_and_prepare_s": quantize_s})
     print(f"\nend to end, {args.config} (random weights), greedy decode of {args.new_tokens} tokens after "
           f"{args.prompt_len}: tokens/s (all sequences), peak GPU memory")
-    print_table(rows, ["model", "batch", "eager", "cuda_graph", "peak_GiB"])
+    print_table(rows, ["model", "batch", "eager", "cuda_graph", "peak_GiB", "graph==eager"])
 
 
 if __name__ == "__main__":
