@@ -1,4 +1,4 @@
-"""The ``quantkern`` command line: ``quantkern info [DIR]`` and ``quantkern quantize``.
+"""The ``quantkern`` command line: ``quantkern info [DIR]``, ``quantkern quantize``, ``quantkern eval DIR``.
 
 ``python -m quantkern ...`` is the same program.
 """
@@ -119,6 +119,31 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluation import DEFAULT_EVAL_TEXT, perplexity
+    from .io import directory_size, load_quantized, read_metadata
+
+    metadata = read_metadata(args.directory)
+    model, tokenizer = load_quantized(args.directory, device=args.device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.directory} has no tokenizer files: perplexity needs one")
+    text = args.eval_text or DEFAULT_EVAL_TEXT
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len)
+    elapsed = time.perf_counter() - start
+    tokens = len(tokenizer(Path(text).read_text())["input_ids"])
+    print(f"{metadata['tag']}: perplexity {ppl:.2f} on {text} ({args.seq_len}-token windows)")
+    print(f"disk size {directory_size(args.directory) / 2**20:.1f} MiB; "
+          f"{tokens / elapsed:.0f} tokens/s scored on {args.device}")
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkern", description="Low-bit LLM quantization and kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default: 512)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, disk size and speed of a quantized checkpoint")
+    e.add_argument("directory", help="a checkpoint written by `quantkern quantize`")
+    e.add_argument("--eval-text", help="text file (default: /usr/share/common-licenses/GPL-3)")
+    e.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default: 512)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    e.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -143,10 +143,86 @@ def read_metadata(directory) -> dict:
         raise FileNotFoundError(f"{directory} is not a directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a quantkern checkpoint")
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is corrupt: {error}") from None
+
+
+def read_quantization_config(directory) -> dict:
+    """config.json's ``quantization_config``, checked: ours, a format version and layout we read."""
+    config = _read_json(Path(directory) / CONFIG_FILE)
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{directory} is not a quantkern checkpoint (config.json has no "
+                         f"quantization_config with quant_method '{QUANT_METHOD}')")
+    if qconfig.get("format_version") != FORMAT_VERSION or qconfig.get("layout") != LAYOUT:
+        raise ValueError(f"{directory} has format {qconfig.get('format_version')}/{qconfig.get('layout')}; "
+                         f"this quantkern {__version__} reads {FORMAT_VERSION}/{LAYOUT}")
+    return config
+
+
+def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None):
+    """Load a checkpoint written by ``save_quantized``: ``(model, tokenizer)`` with ``QuantLinear``
+    layers. ``dtype`` is that of the unquantized tensors (default: fp32 on CPU, fp16 elsewhere)."""
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .nn import QuantLinear, cast_unquantized_parameters, linear_layers, set_submodule
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    config_dict = read_quantization_config(directory)
+    qconfig = config_dict.pop("quantization_config")
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path} is missing")
+    try:
+        tensors = load_file(str(weights_path))
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is corrupt: {error}") from None
+
+    config = AutoConfig.for_model(**config_dict)
+    with init_empty_weights(include_buffers=False):  # parameters on "meta"; rotary buffers computed
+        model = AutoModelForCausalLM.from_config(config)
+    for name, module in linear_layers(model, skip=qconfig["modules_not_converted"]):
+        prefix = f"{name}."
+        scales = tensors.get(prefix + "scales")
+        if scales is None:
+            raise ValueError(f"{weights_path} has no quantized weight for {name}")
+        set_submodule(model, name, QuantLinear(
+            module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
+            qconfig["symmetric"], qconfig["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype))
+    # save_model stores tied tensors (embed_tokens / lm_head) once: give each tied name its tensor.
+    model.tie_weights()
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [name for name in names if name in tensors]
+        for name in names if present else ():
+            tensors.setdefault(name, tensors[present[0]])
+    incompatible = model.load_state_dict(tensors, strict=False, assign=True)
+    if incompatible.unexpected_keys:
+        raise ValueError(f"{weights_path} holds tensors the model does not have: {incompatible.unexpected_keys[:5]}")
+    model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise ValueError(f"{weights_path} is missing tensors: {still_empty[:5]}")
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
+    cast_unquantized_parameters(model, dtype)
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
 
 
 def directory_size(directory) -> int:

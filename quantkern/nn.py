@@ -168,11 +168,13 @@ def cast_unquantized_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: bool = True,
                    act_bits: Optional[int] = None, skip: Iterable[str] = ("lm_head",),
-                   scale_dtype: Optional[torch.dtype] = None, progress: bool = False) -> nn.Module:
+                   scale_dtype: Optional[torch.dtype] = None, progress: bool = False,
+                   kernel_shapes: str = "cuda") -> nn.Module:
     """Swap every ``nn.Linear`` of ``model`` (except names ending in ``skip``, by default lm_head,
     the seeds' ``headfp16``) for an RTN-quantized ``QuantLinear`` with ``scale_dtype`` scales (default:
-    bf16 for bf16 layers, else fp16). Checks every layer's shape first,
-    so a bad group size fails before anything is replaced. Returns ``model``."""
+    bf16 for bf16 layers, else fp16). Checks every layer first, so that a bad group size, or a W4A16
+    shape the ``kernel_shapes`` backend's kernel cannot serve ("cuda"; "reference" checks nothing),
+    fails now, before anything is replaced, rather than at inference. Returns ``model``."""
     layers = linear_layers(model, skip)
     if not layers:
         raise ValueError("the model has no nn.Linear layers to quantize")
@@ -182,6 +184,11 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: b
             group_length(group_size, module.in_features)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
+        if act_bits is None:
+            reason = ops.weight_only_unsupported_reason(bits, group_size, module.in_features,
+                                                        module.out_features, kernel_shapes)
+            if reason:
+                raise ValueError(f"{name}: {reason} (pass kernel_shapes='reference' to quantize anyway)")
     iterator = layers
     if progress:
         from tqdm.auto import tqdm

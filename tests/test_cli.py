@@ -34,6 +34,11 @@ def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_availa
     assert main(["info", str(dst)]) == 0
     assert "RTN_w4_g64_headfp16" in capsys.readouterr().out
 
+    # The checkpoint loads back and reproduces the perplexity measured before saving.
+    assert main(["eval", str(dst)]) == 0
+    reloaded = float(re.search(r"perplexity ([0-9.]+) on", capsys.readouterr().out).group(1))
+    assert abs(reloaded - ppl) < 0.01, (reloaded, ppl)
+
     assert main(["quantize", "--dst", str(dst), "--no-eval"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
@@ -50,6 +55,24 @@ def test_info_on_missing_or_corrupt_checkpoint(tmp_path, capsys):
     (tmp_path / "quantization_metadata.json").write_text("{not json")
     assert main(["info", str(tmp_path)]) == 2
     assert "is corrupt" in capsys.readouterr().err
+
+
+def test_eval_refuses_missing_and_corrupt_checkpoints(tmp_path, capsys):
+    (tmp_path / "quantization_metadata.json").write_text('{"tag": "x"}')
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a quantkern checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_weights_file_is_a_clear_error(builtin_model_available, tmp_path, capsys):
+    dst = tmp_path / "ckpt"
+    assert main(["quantize", "--dst", str(dst), "--no-eval"]) == 0
+    weights = dst / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: 1000])  # truncated
+    assert main(["eval", str(dst)]) == 2
+    assert "model.safetensors is corrupt" in capsys.readouterr().err
 
 
 def test_bad_group_size_spelling_is_a_usage_error(capsys):

@@ -107,3 +107,12 @@ def test_gpu_layer_holds_the_weight_once_and_still_saves_the_canonical_format():
     assert all(torch.equal(state_before[k].cpu(), state_after[k].cpu()) for k in state_before)
     expected = reference.weight_only_linear(x, layer.weight.to("cuda"))
     assert ((y.float() - expected.float()).norm() / expected.float().norm()) < 2e-3
+
+
+def test_replace_linear_refuses_shapes_the_gpu_kernel_cannot_serve():
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 40))  # 96 is not a multiple of the 64-wide k-tile
+    with pytest.raises(ValueError, match="0: the CUDA W4A16 kernel needs in_features to be a multiple of 64"):
+        replace_linear(model, bits=4, group_size=32)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    replace_linear(model, bits=4, group_size=32, kernel_shapes="reference")  # on purpose: CPU reference only
+    assert all(isinstance(m, QuantLinear) for m in model)
