@@ -1,0 +1,125 @@
+"""Calibration data: token windows from a text file, a JSONL file, or the model itself.
+
+* A ``.jsonl`` file holds one JSON object per line with a ``"text"`` field; any other file is plain
+  text with one sample per line. Blank lines are skipped; a missing file, or one with no text, is
+  an error.
+* The samples are joined (a newline between them), tokenized once, and ``n_samples`` windows of
+  ``seq_len`` tokens are cut at seeded random offsets (the GPTQ/AWQ papers' recipe). A text shorter
+  than one window is an error; a text shorter than ``n_samples`` windows gives overlapping windows.
+* Without a file, the model writes its own samples (data-free calibration, as in LLM-QAT): each
+  sample starts from a random token and continues by sampling from the model itself, so the
+  default path needs no dataset.
+
+The sha256 of the exact token windows used is recorded in the checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class CalibrationInfo:
+    source: str  # file path, or "self-generated"
+    samples: int
+    seq_len: int
+    seed: int
+    sha256: str  # of the int64 token windows, row-major
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_calibration_texts(path) -> List[str]:
+    """Samples of a calibration file: JSONL ``"text"`` fields, or non-blank lines of a text file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a "text" string field')
+            texts.append(record["text"])
+    else:
+        texts = raw.splitlines()
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError(f"calibration file {path} holds no text")
+    return texts
+
+
+def windows_from_texts(tokenizer, texts: List[str], n_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``n_samples`` windows [n_samples, seq_len] (int64) cut at seeded random offsets of the joined texts."""
+    _check_counts(n_samples, seq_len)
+    ids = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][0]
+    if ids.numel() < seq_len:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=generator)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def self_generated_windows(model, n_samples: int, seq_len: int, seed: int, batch_size: int = 16,
+                           vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Data-free calibration: windows the model writes itself, each from a random first token,
+    continued by sampling from the model's distribution (temperature 1)."""
+    _check_counts(n_samples, seq_len)
+    vocab_size = vocab_size or model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    torch_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)  # generate() samples with the global generator
+    try:
+        windows = []
+        for first in range(0, n_samples, batch_size):
+            count = min(batch_size, n_samples - first)
+            start = torch.randint(0, vocab_size, (count, 1), generator=generator).to(device)
+            out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=seq_len - 1,
+                                 min_new_tokens=seq_len - 1, pad_token_id=0)
+            windows.append(out[:, :seq_len].cpu())
+    finally:
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return torch.cat(windows)
+
+
+def calibration_windows(model, tokenizer, path=None, n_samples: int = 128, seq_len: int = 512,
+                        seed: int = 0):
+    """``(windows [n_samples, seq_len], CalibrationInfo)`` from ``path``, or self-generated when None."""
+    if path is not None:
+        windows = windows_from_texts(tokenizer, read_calibration_texts(path), n_samples, seq_len, seed)
+        source = str(Path(path).expanduser().resolve())
+    else:
+        windows = self_generated_windows(model, n_samples, seq_len, seed)
+        source = "self-generated"
+    return windows, CalibrationInfo(source, n_samples, seq_len, seed, windows_sha256(windows))
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """sha256 of token windows as int64, row-major: what the metadata records."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _check_counts(n_samples: int, seq_len: int) -> None:
+    if n_samples < 1:
+        raise ValueError(f"calibration needs at least one sample, got {n_samples}")
+    if seq_len < 2:
+        raise ValueError(f"calibration windows need at least 2 tokens, got {seq_len}")
