@@ -27,6 +27,7 @@ OPS = (
     "weight_only_linear",
     "w8a8_linear",
     "w4a4_linear",
+    "w4a8_linear",
     "hadamard",
     "quantize_kv",
 )

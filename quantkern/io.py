@@ -48,8 +48,15 @@ def quant_tag(method: str, bits: int, group_size: int, act_bits: Optional[int] =
 
 
 def quantization_config(method: str, bits: int, group_size: int, symmetric: bool, act_bits=None,
-                        kv_bits=None, rotation=None, modules_not_converted=("lm_head",)) -> dict:
-    """The ``quantization_config`` entry of config.json (versioned)."""
+                        kv_bits=None, rotation=None, modules_not_converted=("lm_head",), *,
+                        act_clip_ratio: float = 1.0, kv_rotate_keys: bool = False, layers=None) -> dict:
+    """The ``quantization_config`` entry of config.json (versioned).
+
+    ``act_bits`` / ``act_clip_ratio`` are the defaults of every quantized layer; ``layers`` maps the
+    names of layers that deviate (other activation bits or clip ratio, an input rotation) to their
+    ``{"act_bits", "act_clip_ratio", "input_rotation"}``. ``save_quantized`` fills it in from the
+    model (``layer_overrides``), so callers need not. ``kv_bits`` / ``kv_rotate_keys``: the model's
+    KV cache quantization (``quantkern.kv_cache``), enabled again by ``load_quantized``."""
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -59,10 +66,48 @@ def quantization_config(method: str, bits: int, group_size: int, symmetric: bool
         "group_size": group_size,
         "symmetric": symmetric,
         "act_bits": act_bits,
+        "act_clip_ratio": float(act_clip_ratio),
         "kv_bits": kv_bits,
+        "kv_rotate_keys": bool(kv_rotate_keys),
         "rotation": rotation,
         "modules_not_converted": list(modules_not_converted),
+        "layers": dict(layers or {}),
     }
+
+
+LAYER_ATTRIBUTES = ("act_bits", "act_clip_ratio", "input_rotation")  # per-layer, beyond the weight
+
+
+def layer_overrides(model: torch.nn.Module, act_bits=None, act_clip_ratio: float = 1.0) -> dict:
+    """``{name: {"act_bits", "act_clip_ratio", "input_rotation"}}`` of the model's QuantLinear layers
+    whose attributes differ from the defaults (``act_bits``, ``act_clip_ratio``, no input rotation)."""
+    from .nn import QuantLinear
+
+    defaults = {"act_bits": act_bits, "act_clip_ratio": float(act_clip_ratio), "input_rotation": None}
+    overrides = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            attributes = {key: getattr(module, key) for key in LAYER_ATTRIBUTES}
+            if attributes != defaults:
+                overrides[name] = attributes
+    return overrides
+
+
+def _with_model_settings(model: torch.nn.Module, qconfig: dict) -> dict:
+    """``qconfig`` with the model's per-layer overrides; refuses KV settings that contradict the model's."""
+    from .kv_cache import kv_quantization_settings
+
+    overrides = layer_overrides(model, qconfig.get("act_bits"), qconfig.get("act_clip_ratio", 1.0))
+    given = qconfig.get("layers") or {}
+    if given and given != overrides:
+        raise ValueError("quantization_config['layers'] does not describe the model's QuantLinear layers; "
+                         "leave it out: save_quantized fills it in from the model")
+    kv = kv_quantization_settings(model)
+    if kv is not None and (kv["bits"] != qconfig.get("kv_bits")
+                           or kv["rotate_keys"] != qconfig.get("kv_rotate_keys", False)):
+        raise ValueError(f"the model quantizes its KV cache with {kv} but quantization_config has "
+                         f"kv_bits={qconfig.get('kv_bits')}, kv_rotate_keys={qconfig.get('kv_rotate_keys', False)}")
+    return {**qconfig, "layers": overrides}
 
 
 def sha256_of_text(text: str) -> str:
@@ -103,6 +148,7 @@ def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, t
     dst = Path(dst).resolve()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    qconfig = _with_model_settings(model, qconfig)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -176,6 +222,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .kv_cache import CONFIG_ATTR as KV_CONFIG_ATTR, enable_kv_quantization
     from .nn import QuantLinear, cast_unquantized_parameters, linear_layers, set_submodule
 
     directory = Path(directory)
@@ -183,6 +230,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
         raise FileNotFoundError(f"{directory} is not a directory")
     config_dict = read_quantization_config(directory)
     qconfig = config_dict.pop("quantization_config")
+    config_dict.pop(KV_CONFIG_ATTR, None)  # saved from model.config; re-enabled from qconfig below
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path} is missing")
@@ -199,9 +247,12 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
         scales = tensors.get(prefix + "scales")
         if scales is None:
             raise ValueError(f"{weights_path} has no quantized weight for {name}")
+        attributes = {"act_bits": qconfig["act_bits"], "act_clip_ratio": qconfig.get("act_clip_ratio", 1.0),
+                      "input_rotation": None, **qconfig.get("layers", {}).get(name, {})}
         set_submodule(model, name, QuantLinear(
             module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
-            qconfig["symmetric"], qconfig["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype))
+            qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,
+            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"]))
     # save_model stores tied tensors (embed_tokens / lm_head) once: give each tied name its tensor.
     model.tie_weights()
     names_of = {}
@@ -221,6 +272,8 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
     cast_unquantized_parameters(model, dtype)
     model = model.to(device).eval()
+    if qconfig.get("kv_bits"):
+        enable_kv_quantization(model, qconfig["kv_bits"], rotate_keys=qconfig.get("kv_rotate_keys", False))
     tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
     return model, tokenizer
 

@@ -15,26 +15,51 @@ from torch import nn
 
 from . import ops, reference
 from .format import QuantizedWeight, canonical_group_size, check_bits, group_length
+from .rotation import is_hadamard_size
 
 AUTO_GROUP_SIZES = (128, 64, 32)
+INPUT_ROTATIONS = ("hadamard",)  # online rotations of a layer's input (None: no rotation)
+
+
+def check_layer_options(in_features: int, bits: int, symmetric: bool, act_bits: Optional[int],
+                        act_clip_ratio: float, input_rotation: Optional[str]) -> float:
+    """Raise a clear error for an unsupported combination; returns the clip ratio as a float."""
+    check_bits(bits)
+    if act_bits is not None:
+        check_bits(act_bits)
+        if (bits, act_bits) not in ops.ACTIVATION_MODES:
+            raise ValueError(f"supported activation modes are W4A4, W8A8, W4A8 and weight-only; got W{bits}A{act_bits}")
+        if not symmetric:
+            raise ValueError("W4A4, W8A8 and W4A8 need symmetric weights")
+    act_clip_ratio = reference._check_clip_ratio(act_clip_ratio)
+    if act_bits is None and act_clip_ratio != 1.0:
+        raise ValueError(f"act_clip_ratio={act_clip_ratio} needs quantized activations (act_bits 4 or 8)")
+    if input_rotation not in (None,) + INPUT_ROTATIONS:
+        raise ValueError(f"input_rotation must be None or one of {INPUT_ROTATIONS}, got {input_rotation!r}")
+    if input_rotation == "hadamard" and not is_hadamard_size(in_features):
+        raise ValueError(f"input_rotation='hadamard' needs a Hadamard matrix of order in_features={in_features}; "
+                         f"supported orders are 2^k and 12/20/28/36/40 x 2^k")
+    return act_clip_ratio
 
 
 class QuantLinear(nn.Module):
-    """A Linear layer with quantized weights: W4A16/W8A16 (``act_bits=None``), W8A8 or W4A4."""
+    """A Linear layer with quantized weights: W4A16/W8A16 (``act_bits=None``), W8A8, W4A4 or W4A8.
+
+    ``act_clip_ratio`` scales each token's absmax before activation quantization (QuaRot: 0.9).
+    ``input_rotation="hadamard"`` applies the orthonormal Hadamard transform ``H`` to the input's last
+    dim online, before any activation quantization; the stored weight is then ``W @ H.T`` (so that
+    ``(W H^T)(H x) = W x``), which ``from_linear(..., rotate=True)`` produces.
+    """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  symmetric: bool = True, act_bits: Optional[int] = None, bias: bool = False,
-                 scale_dtype: torch.dtype = torch.float16, device=None):
+                 scale_dtype: torch.dtype = torch.float16, device=None, act_clip_ratio: float = 1.0,
+                 input_rotation: Optional[str] = None):
         super().__init__()
-        check_bits(bits)
-        if act_bits is not None:
-            check_bits(act_bits)
-            if act_bits != bits:
-                raise ValueError(f"supported activation modes are W4A4, W8A8 and weight-only; got W{bits}A{act_bits}")
-            if not symmetric:
-                raise ValueError("W4A4 and W8A8 need symmetric weights")
+        act_clip_ratio = check_layer_options(in_features, bits, symmetric, act_bits, act_clip_ratio, input_rotation)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits = bits, act_bits
+        self.act_clip_ratio, self.input_rotation = act_clip_ratio, input_rotation
         self.group_size = canonical_group_size(group_size)
         groups = in_features // group_length(self.group_size, in_features)
         packed = in_features // 2 if bits == 4 else in_features
@@ -97,9 +122,13 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-                       act_bits: Optional[int] = None) -> "QuantLinear":
+                       act_bits: Optional[int] = None, act_clip_ratio: float = 1.0,
+                       input_rotation: Optional[str] = None) -> "QuantLinear":
+        """Wrap an already quantized weight. With ``input_rotation``, ``qw`` must already be the
+        quantized ``W @ H.T`` (quantizers rotate before they quantize)."""
         layer = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, qw.symmetric, act_bits,
-                    bias is not None, qw.scales.dtype, device=qw.device)
+                    bias is not None, qw.scales.dtype, device=qw.device, act_clip_ratio=act_clip_ratio,
+                    input_rotation=input_rotation)
         layer.qweight.copy_(qw.qweight)
         layer.scales.copy_(qw.scales)
         if qw.zeros is not None:
@@ -110,27 +139,41 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    act_bits: Optional[int] = None, scale_dtype: Optional[torch.dtype] = None) -> "QuantLinear":
-        """Round-to-nearest quantization of ``linear`` (quantizers pass their own tensors to ``from_quantized``)."""
+                    act_bits: Optional[int] = None, scale_dtype: Optional[torch.dtype] = None,
+                    act_clip_ratio: float = 1.0, rotate: bool = False) -> "QuantLinear":
+        """Round-to-nearest quantization of ``linear`` (quantizers pass their own tensors to ``from_quantized``).
+
+        ``rotate=True``: quantize ``W @ H.T`` (H the orthonormal Hadamard matrix of order in_features,
+        rotated in fp32) and rotate the input online (``input_rotation="hadamard"``), so the layer
+        still computes ``W x``; the rotation spreads outlier channels before quantization."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
         if scale_dtype is None:
             scale_dtype = torch.bfloat16 if linear.weight.dtype == torch.bfloat16 else torch.float16
-        qw = reference.quantize_weight(linear.weight.detach(), bits, group_size, symmetric, scale_dtype)
-        return cls.from_quantized(qw, linear.bias, act_bits)
+        rotation = "hadamard" if rotate else None
+        check_layer_options(linear.in_features, bits, symmetric, act_bits, act_clip_ratio, rotation)
+        weight = linear.weight.detach()
+        if rotate:  # rows of W @ H.T are H applied to the rows of W
+            weight = reference.hadamard(weight.float())
+        qw = reference.quantize_weight(weight, bits, group_size, symmetric, scale_dtype)
+        return cls.from_quantized(qw, linear.bias, act_bits, act_clip_ratio, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation == "hadamard":
+            x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
         if self.act_bits is None:
             return ops.weight_only_linear(x, self._prepared_for(x), self.bias)
-        op = ops.w8a8_linear if self.act_bits == 8 else ops.w4a4_linear
-        return op(x, self.weight, self.bias, backend=self.backend)
+        return ops.quantized_activation_linear(x, self.weight, self.act_bits, self.bias, self.act_clip_ratio,
+                                               backend=self.backend)
 
     def extra_repr(self) -> str:
         group = "per-channel" if self.group_size == -1 else self.group_size
         mode = f"W{self.bits}A{self.act_bits or 16}"
         kind = "symmetric" if self.zeros is None else "asymmetric"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}, "
-                f"group_size={group}, {kind}, bias={self.bias is not None}, backend={self.backend or 'auto'}")
+        acts = f", act_clip_ratio={self.act_clip_ratio:g}" if self.act_bits is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}{acts}, "
+                f"input_rotation={self.input_rotation}, group_size={group}, {kind}, bias={self.bias is not None}, "
+                f"backend={self.backend or 'auto'}")
 
 
 def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:

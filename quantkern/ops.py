@@ -25,6 +25,8 @@ __all__ = [
     "weight_only_linear",
     "w8a8_linear",
     "w4a4_linear",
+    "w4a8_linear",
+    "quantized_activation_linear",
     "hadamard",
     "quantize_kv",
 ]
@@ -170,6 +172,31 @@ def w4a4_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.T
     """W4A4: per-token int4 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
     _reference_only("w4a4_linear", x.device, backend)
     return reference.w4a4_linear(x, weight, bias, clip_ratio)
+
+
+def w4a8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+    """W4A8: per-token int8 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
+    _reference_only("w4a8_linear", x.device, backend)
+    if weight.bits != 4:
+        raise ValueError(f"w4a8_linear needs 4-bit weights, got {weight.bits}-bit")
+    return reference.quantized_activation_linear(x, weight, 8, bias, clip_ratio)
+
+
+# (weight bits, activation bits) -> op: the integer-activation modes quantkern supports.
+ACTIVATION_MODES = {(8, 8): w8a8_linear, (4, 4): w4a4_linear, (4, 8): w4a8_linear}
+
+
+def quantized_activation_linear(x: torch.Tensor, weight: QuantizedWeight, act_bits: int,
+                                bias: Optional[torch.Tensor] = None, clip_ratio: float = 1.0,
+                                backend: Optional[str] = None) -> torch.Tensor:
+    """W8A8, W4A4 or W4A8 by ``(weight.bits, act_bits)``; see ``reference.quantized_activation_linear``."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    op = ACTIVATION_MODES.get((weight.bits, act_bits))
+    if op is None:
+        raise ValueError(f"supported activation modes are W8A8, W4A4 and W4A8; got W{weight.bits}A{act_bits}")
+    return op(x, weight, bias, clip_ratio, backend)
 
 
 def hadamard(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:

@@ -51,8 +51,8 @@ def test_state_dict_round_trip():
 
 
 def test_quant_linear_rejects_unsupported_modes():
-    with pytest.raises(ValueError, match="W4A8"):
-        QuantLinear(64, 64, bits=4, act_bits=8)
+    with pytest.raises(ValueError, match="W8A4"):
+        QuantLinear(64, 64, bits=8, act_bits=4)
     with pytest.raises(ValueError, match="symmetric"):
         QuantLinear(64, 64, bits=4, act_bits=4, symmetric=False)
     with pytest.raises(TypeError, match="nn.Linear"):
