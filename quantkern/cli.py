@@ -68,23 +68,57 @@ def _load_source(src, device):
     return model.eval(), tokenizer, str(src)
 
 
+def _parse_options(pairs) -> dict:
+    """``--option key=value`` pairs of a method's own knobs; values read as JSON where they parse
+    (numbers, true/false, null), otherwise as strings."""
+    import json
+
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_quantize(args) -> int:
     import torch
 
+    from .calibration import read_calibration_texts
     from .evaluation import DEFAULT_EVAL_TEXT, perplexity
     from .io import build_metadata, directory_size, quant_tag, quantization_config, save_quantized
-    from .nn import cast_unquantized_parameters, choose_group_size, linear_layers, replace_linear
+    from .models import model_structure
+    from .nn import cast_unquantized_parameters
+    from .quantizers import METHODS, QuantizeConfig, quantize_model
+    from .quantizers.base import ALL_ROLES, resolve_group_size
 
-    skip = ("lm_head",) if args.keep_lm_head_fp16 else ()
+    method = METHODS[args.method]
+    defaults = {"bits": 4, "acts_bits": None, "group_size": "auto", **method.cli_defaults}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.calib is not None and not method.needs_calibration:
+        raise ValueError(f"--calib is not used by {args.method}, which needs no calibration data")
+    options = _parse_options(args.option)
     if args.dst and Path(args.dst).exists() and not args.overwrite:  # fail before the slow work
         raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
+    if args.calib is not None:
+        read_calibration_texts(args.calib)  # a missing or empty file fails now, not after loading the model
+    unknown = set(options) - set(method.default_options)
+    if unknown:
+        raise ValueError(f"{args.method}: unknown --option {sorted(unknown)}; known: "
+                         f"{', '.join(sorted(method.default_options)) or 'none'}")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    model, tokenizer, source = _load_source(args.src, args.device)
+    model, tokenizer, source = _load_source(args.src, "cpu")
     load_s = time.perf_counter() - start
-    layers = linear_layers(model, skip)
-    group_size = choose_group_size(layers, args.group_size)
-    tag = quant_tag(args.method, args.bits, group_size, args.acts_bits, None, args.keep_lm_head_fp16)
+    structure = model_structure(model)
+    group_size = resolve_group_size([b.linears[r] for b in structure.blocks for r in ALL_ROLES], args.group_size)
+    tag = quant_tag(args.method, args.bits, group_size, args.acts_bits, args.kv_bits, args.keep_lm_head_fp16)
     dst = Path(args.dst) if args.dst else Path(f"{Path(source).name}_{tag}")
     if dst.exists() and not args.overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
@@ -92,31 +126,46 @@ def cmd_quantize(args) -> int:
         raise ValueError("--dst must differ from --src: quantkern never writes into the source model")
     fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
     storage_dtype = getattr(torch, args.dtype)
+    config = QuantizeConfig(
+        method=args.method, bits=args.bits, group_size=group_size, symmetric=not args.asymmetric,
+        act_bits=args.acts_bits, kv_bits=args.kv_bits, rotation=args.rotation,
+        keep_lm_head_fp16=args.keep_lm_head_fp16, scale_dtype=storage_dtype, calib_path=args.calib,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
+        device=args.device, options=options)
 
-    print(f"[{tag}] quantizing {len(layers)} Linear layers of {source} (group size {group_size})", file=sys.stderr)
-    start = time.perf_counter()
-    replace_linear(model, args.bits, group_size, not args.asymmetric, args.acts_bits, skip, storage_dtype,
-                   progress=True)
-    quantize_s = time.perf_counter() - start
-
+    print(f"[{tag}] quantizing {len(structure.blocks)} blocks of {source} on {args.device}", file=sys.stderr)
+    result = quantize_model(model, tokenizer, config)
+    skip = ("lm_head",) if args.keep_lm_head_fp16 else ()
     qconfig = quantization_config(args.method, args.bits, group_size, not args.asymmetric, args.acts_bits,
-                                  modules_not_converted=skip)
-    metadata = build_metadata(qconfig, source, None, {"load": round(load_s, 2), "quantize": round(quantize_s, 2)},
-                              args.keep_lm_head_fp16)
+                                  args.kv_bits, result.extra_config.get("rotation"), modules_not_converted=skip)
+    metadata = build_metadata(qconfig, source, result.calibration,
+                              {"load": round(load_s, 2), **result.timings_s}, args.keep_lm_head_fp16)
+    metadata["method_config"] = result.extra_config
     # The checkpoint stores the unquantized tensors in --dtype; the evaluation below uses exactly
     # those values (upcast back to fp32 on the CPU, where fp16 matmuls are slow), so it measures
     # what loads back.
     cast_unquantized_parameters(model, storage_dtype)
     save_quantized(model, dst, qconfig, metadata, tokenizer, overwrite=args.overwrite)
-    if args.device == "cpu":
-        cast_unquantized_parameters(model, torch.float32)
+    cast_unquantized_parameters(model, torch.float32)
     disk = directory_size(dst)
     print(f"wrote {dst} ({disk / 2**20:.1f} MiB on disk; the fp16 model's parameters: {fp16_bytes / 2**20:.1f} MiB)")
+    print(f"quantization took {result.timings_s['quantize']:.1f} s")
     if not args.no_eval:
         text = args.eval_text or DEFAULT_EVAL_TEXT
-        ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len)
+        ppl = perplexity(model.to(args.device), tokenizer, text, seq_len=args.seq_len)
         print(f"perplexity on {text} ({args.seq_len}-token windows): {ppl:.2f}")
     return 0
+
+
+def _peak_memory_text(device: str) -> str:
+    import resource
+
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory, model loading included.
+    return f"peak host memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
 
 
 def cmd_eval(args) -> int:
@@ -130,17 +179,33 @@ def cmd_eval(args) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{args.directory} has no tokenizer files: perplexity needs one")
     text = args.eval_text or DEFAULT_EVAL_TEXT
-    if torch.cuda.is_available() and args.device.startswith("cuda"):
+    on_cuda = torch.device(args.device).type == "cuda"
+    if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     ppl = perplexity(model, tokenizer, text, seq_len=args.seq_len)
     elapsed = time.perf_counter() - start
     tokens = len(tokenizer(Path(text).read_text())["input_ids"])
     print(f"{metadata['tag']}: perplexity {ppl:.2f} on {text} ({args.seq_len}-token windows)")
-    print(f"disk size {directory_size(args.directory) / 2**20:.1f} MiB; "
-          f"{tokens / elapsed:.0f} tokens/s scored on {args.device}")
-    if torch.cuda.is_available() and args.device.startswith("cuda"):
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"disk size {directory_size(args.directory) / 2**20:.1f} MiB")
+    print(f"scoring: {tokens / elapsed:.0f} tokens/s on {args.device} ({args.seq_len}-token windows, batch 1)")
+    if args.gen_tokens is None:  # the reference path on a CPU dequantizes every layer at every token
+        args.gen_tokens = 32 if on_cuda else 8
+    if args.gen_tokens > 0:
+        prompt = tokenizer("The GNU General Public License is", return_tensors="pt")["input_ids"].to(args.device)
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.eos_token_id)  # warm-up
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            if on_cuda:
+                torch.cuda.synchronize()
+        new_tokens = out.shape[1] - prompt.shape[1]
+        print(f"generation: {new_tokens / (time.perf_counter() - start):.1f} tokens/s on {args.device} "
+              f"(greedy, batch 1, eager HF generate: bound by Python overhead, not by the kernels)")
+    print(_peak_memory_text(args.device))
     return 0
 
 
@@ -152,21 +217,36 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("directory", nargs="?", help="a quantized checkpoint directory")
     info.set_defaults(func=cmd_info)
 
+    from .quantizers import METHODS
+
     q = sub.add_parser("quantize", help="quantize a Hugging Face model (default: the built-in SmolLM2-135M-Instruct)")
     q.add_argument("--src", help="source model directory (default: the built-in SmolLM2-135M-Instruct)")
     q.add_argument("--dst", help="output directory (default: <model>_<tag> in the current directory)")
-    q.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default: rtn)")
-    q.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits (default: 4)")
-    q.add_argument("--group-size", default="auto",
-                   help="32, 64, 128, -1 (per-channel) or auto: the largest of 128/64/32 dividing every layer")
+    q.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default: rtn)")
+    q.add_argument("--bits", type=int, default=None, choices=[4, 8],
+                   help="weight bits (default: 4; smoothquant: 8)")
+    q.add_argument("--group-size", default=None,
+                   help="32, 64, 128, -1 (per-channel) or auto: the largest of 128/64/32 dividing every layer "
+                        "(default: auto; smoothquant: -1)")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights with zero points")
     q.add_argument("--acts-bits", type=int, choices=[4, 8], default=None,
-                   help="quantize activations too (W4A4 or W8A8; default: weight-only)")
+                   help="quantize activations per token too (W4A4, W4A8, W8A8; default: weight-only, "
+                        "smoothquant: 8)")
+    q.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="quantize the KV cache (quarot; default: no)")
+    q.add_argument("--rotation", choices=["hadamard", "pca"], default=None,
+                   help="quarot's residual rotation (default: hadamard)")
+    q.add_argument("--calib", help="calibration text: one sample per line, or JSONL with a 'text' field "
+                                   "(default: the model writes its own samples)")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default: 128)")
+    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    q.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a method's own setting, e.g. --option damp=0.01 --option act_order=true (repeatable)")
     q.add_argument("--keep-lm-head-fp16", action=argparse.BooleanOptionalAction, default=True,
                    help="leave lm_head unquantized (default: yes)")
     q.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                    help="dtype of scales and of the tensors left unquantized (default: float16)")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and random rotations")
     q.add_argument("--device", default="cpu", help="device to quantize and evaluate on (default: cpu)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     q.add_argument("--eval-text", help="text file for perplexity (default: /usr/share/common-licenses/GPL-3)")
@@ -179,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-text", help="text file (default: /usr/share/common-licenses/GPL-3)")
     e.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default: 512)")
     e.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    e.add_argument("--gen-tokens", type=int, default=None,
+                   help="tokens to generate for the decoding speed figure (0: skip; default: 32 on a GPU, 8 on a CPU)")
     e.set_defaults(func=cmd_eval)
     return parser
 

@@ -79,3 +79,42 @@ def test_bad_group_size_spelling_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "big"])
     assert "--group-size must be an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make_calib, message", [
+    (lambda d: d / "missing.txt", "does not exist"),
+    (lambda d: (d / "empty.txt").write_text("\n  \n") and d / "empty.txt", "holds no text"),
+    (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n[1, 2]\n') and d / "bad.jsonl",
+     'bad.jsonl:2: expected an object with a "text" string field'),
+])
+def test_bad_calibration_file_fails_before_loading_the_model(tmp_path, capsys, make_calib, message):
+    dst = tmp_path / "out"
+    assert main(["quantize", "--method", "gptq", "--calib", str(make_calib(tmp_path)), "--dst", str(dst)]) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_calibration_file_for_a_method_without_calibration_is_refused(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text\n")
+    assert main(["quantize", "--method", "rtn", "--calib", str(calib), "--dst", str(tmp_path / "x")]) == 2
+    assert "rtn, which needs no calibration data" in capsys.readouterr().err
+
+
+def test_unknown_method_and_bad_options_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "magic"])
+    assert "invalid choice: 'magic'" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--option", "damp", "--dst", str(tmp_path / "x")]) == 2
+    assert "--option expects KEY=VALUE" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--option", "dampening=0.1", "--dst", str(tmp_path / "x")]) == 2
+    assert "unknown --option ['dampening']" in capsys.readouterr().err
+
+
+def test_existing_destination_is_refused_before_any_work(tmp_path, capsys):
+    dst = tmp_path / "exists"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("user data")
+    assert main(["quantize", "--dst", str(dst)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "user data"
