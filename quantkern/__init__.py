@@ -4,13 +4,33 @@ Public surface:
 - ``quantkern.ops``: one function per op (CUDA extension, Triton or plain-PyTorch reference backend).
 - ``quantkern.reference``: the plain-PyTorch ground truth every kernel is tested against.
 - ``quantkern.format``: the one packed on-disk format (see docs/FORMAT.md).
-- ``quantkern.nn``: ``QuantLinear`` and model surgery.
+- ``quantkern.nn``: ``QuantLinear`` and model surgery (``quantkern.replace_linear``).
+- ``quantkern.quantizers``: RTN, GPTQ, AWQ, SmoothQuant, QuaRot (``quantkern.quantize_model``).
+- ``quantkern.io``: checkpoints (``quantkern.save_quantized``, ``quantkern.load_quantized``); after
+  ``import quantkern``, ``transformers.AutoModelForCausalLM.from_pretrained`` reads them too.
 
 transformers is imported only by the modules that need it.
 """
 
 import torch  # noqa: F401  (loads libtorch/libc10 first: the extension quantkern._C links against them)
 
+from ._hf_registration import install as _install_hf_quantizer
 from .version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "replace_linear", "quantize_model", "QuantizeConfig", "load_quantized", "save_quantized"]
+
+# The top-level conveniences, imported on first use so that ``import quantkern`` stays light.
+_LAZY = {"replace_linear": "nn", "quantize_model": "quantizers", "QuantizeConfig": "quantizers",
+         "load_quantized": "io", "save_quantized": "io"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'quantkern' has no attribute {name!r}")
+
+# AutoModelForCausalLM.from_pretrained(dir) for quantkern checkpoints (quantkern.hf_integration),
+# registered when transformers' quantizer registry loads (never imports transformers here).
+_install_hf_quantizer()

@@ -201,17 +201,60 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is corrupt: {error}") from None
 
 
-def read_quantization_config(directory) -> dict:
-    """config.json's ``quantization_config``, checked: ours, a format version and layout we read."""
-    config = _read_json(Path(directory) / CONFIG_FILE)
-    qconfig = config.get("quantization_config")
+def check_quantization_config(qconfig, source) -> dict:
+    """``qconfig`` if it is a quantkern ``quantization_config`` of a format version and layout we read,
+    else a ValueError naming ``source`` (a checkpoint directory, or a description)."""
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{directory} is not a quantkern checkpoint (config.json has no "
+        raise ValueError(f"{source} is not a quantkern checkpoint (config.json has no "
                          f"quantization_config with quant_method '{QUANT_METHOD}')")
     if qconfig.get("format_version") != FORMAT_VERSION or qconfig.get("layout") != LAYOUT:
-        raise ValueError(f"{directory} has format {qconfig.get('format_version')}/{qconfig.get('layout')}; "
+        raise ValueError(f"{source} has format {qconfig.get('format_version')}/{qconfig.get('layout')}; "
                          f"this quantkern {__version__} reads {FORMAT_VERSION}/{LAYOUT}")
+    return qconfig
+
+
+def read_quantization_config(directory) -> dict:
+    """config.json, with its ``quantization_config`` checked (``check_quantization_config``)."""
+    config = _read_json(Path(directory) / CONFIG_FILE)
+    check_quantization_config(config.get("quantization_config"), directory)
     return config
+
+
+def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, source) -> None:
+    """Replace, in place, every ``nn.Linear`` of ``model`` (but ``modules_not_converted``) by an empty
+    ``QuantLinear`` made as the checkpoint says: bits, group size, symmetry, activation bits, clip ratio
+    and input rotation from ``qconfig`` (its defaults and per-layer ``layers``); the scales' dtype and
+    whether there is a bias from the checkpoint's tensors. ``tensors`` maps checkpoint names to tensors
+    (meta tensors will do: only names, dtypes and shapes are read). The scale dtype is not in
+    ``qconfig``: each layer adopts the dtype its checkpoint tensor has, so that loading never casts it.
+
+    Both loaders build their layers here: ``load_quantized`` and ``from_pretrained`` (through
+    ``quantkern.hf_integration``). Raises ValueError naming ``source`` where a layer's tensors are
+    missing, unexpected, or of another shape than ``qconfig`` implies."""
+    from .nn import QuantLinear, linear_layers, set_submodule
+
+    for name, module in linear_layers(model, skip=qconfig["modules_not_converted"]):
+        prefix = f"{name}."
+        scales = tensors.get(prefix + "scales")
+        if scales is None:
+            raise ValueError(f"{source} has no quantized weight for {name}")
+        attributes = {"act_bits": qconfig["act_bits"], "act_clip_ratio": qconfig.get("act_clip_ratio", 1.0),
+                      "input_rotation": None, **qconfig.get("layers", {}).get(name, {})}
+        layer = QuantLinear(
+            module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
+            qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,
+            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"])
+        if qconfig["symmetric"] and prefix + "zeros" in tensors:
+            raise ValueError(f"{source} has zero points for {name}, but its quantization_config says symmetric")
+        for key, expected in layer.state_dict().items():
+            stored = tensors.get(prefix + key)
+            if stored is None:
+                raise ValueError(f"{source} has no {prefix + key}")
+            if tuple(stored.shape) != tuple(expected.shape):
+                raise ValueError(f"{source}: {prefix + key} has shape {tuple(stored.shape)}, but quantization_config "
+                                 f"(bits {qconfig['bits']}, group_size {qconfig['group_size']}) implies "
+                                 f"{tuple(expected.shape)}")
+        set_submodule(model, name, layer)
 
 
 def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None):
@@ -223,7 +266,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .kv_cache import CONFIG_ATTR as KV_CONFIG_ATTR, enable_kv_quantization
-    from .nn import QuantLinear, cast_unquantized_parameters, linear_layers, set_submodule
+    from .nn import cast_unquantized_parameters
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -242,17 +285,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     config = AutoConfig.for_model(**config_dict)
     with init_empty_weights(include_buffers=False):  # parameters on "meta"; rotary buffers computed
         model = AutoModelForCausalLM.from_config(config)
-    for name, module in linear_layers(model, skip=qconfig["modules_not_converted"]):
-        prefix = f"{name}."
-        scales = tensors.get(prefix + "scales")
-        if scales is None:
-            raise ValueError(f"{weights_path} has no quantized weight for {name}")
-        attributes = {"act_bits": qconfig["act_bits"], "act_clip_ratio": qconfig.get("act_clip_ratio", 1.0),
-                      "input_rotation": None, **qconfig.get("layers", {}).get(name, {})}
-        set_submodule(model, name, QuantLinear(
-            module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
-            qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,
-            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"]))
+    build_quantlinear_skeletons(model, qconfig, tensors, weights_path)
     # save_model stores tied tensors (embed_tokens / lm_head) once: give each tied name its tensor.
     model.tie_weights()
     names_of = {}
