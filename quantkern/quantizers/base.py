@@ -302,6 +302,8 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
 
     if structure.lm_head is not None and not config.keep_lm_head_fp16:
         head = structure.lm_head
+        if structure.tied_lm_head:  # the quantized head no longer shares the embedding's tensor
+            model.config.tie_word_embeddings = False
         head_group = resolve_group_size([head], config.group_size) if config.group_size == "auto" else group_size
         qw = reference.quantize_weight(head.weight.detach(), config.bits, head_group, config.symmetric,
                                        config.scale_dtype)

@@ -1,0 +1,55 @@
+"""The block-by-block driver (quantkern.quantizers.base) on tiny random models."""
+
+import pytest
+import torch
+
+from quantkern.io import load_quantized, quantization_config, save_quantized
+from quantkern.nn import QuantLinear
+from quantkern.quantizers import QuantizeConfig, quantize_model
+from tests.test_models import tiny_model
+
+
+def config(**kwargs):
+    return QuantizeConfig(**{"group_size": 32, "kernel_shapes": "reference", **kwargs})
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
+def test_every_supported_family_quantizes_and_runs(kind):
+    model = tiny_model(kind)
+    tokens = torch.randint(0, 128, (1, 12))
+    windows = torch.randint(0, 128, (3, 16))
+    result = quantize_model(model, None, config(method="gptq", calib_windows=windows), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 2 * 7 and result.group_size == 32
+    assert result.calibration["source"] == "caller" and result.calibration["samples"] == 3
+    assert torch.isfinite(model(tokens).logits).all()
+
+
+def test_quantized_tied_lm_head_saves_untied_and_loads_back(tmp_path):
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_model(model, None, config(method="rtn", keep_lm_head_fp16=False), progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings is False
+    tokens = torch.randint(0, 128, (1, 10))
+    expected = model(tokens).logits
+    save_quantized(model, tmp_path / "ckpt", quantization_config("rtn", 4, 32, True, modules_not_converted=()), {})
+    loaded, _ = load_quantized(tmp_path / "ckpt")
+    assert isinstance(loaded.lm_head, QuantLinear)
+    torch.testing.assert_close(loaded(tokens).logits, expected)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        quantize_model(model, None, config(method="magic"), progress=False)
+    with pytest.raises(ValueError, match="calib_windows must be int64 token ids"):
+        quantize_model(model, None, config(method="gptq", calib_windows=torch.zeros(2, 8)), progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size must be one of"):
+        quantize_model(model, None, config(method="rtn", group_size=48), progress=False)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: group_size 128 does not divide in_features 64"):
+        quantize_model(model, None, config(method="rtn", group_size=128), progress=False)
+    with pytest.raises(ValueError, match="--rotation is for quarot"):
+        quantize_model(model, None, config(method="gptq", rotation="hadamard"), progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules()), "a failed run changed the model"
