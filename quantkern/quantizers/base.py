@@ -80,15 +80,24 @@ class BlockRunner:
 
     @torch.no_grad()
     def run(self, module: nn.Module, hooks: Optional[Dict[nn.Module, Callable]] = None,
-            keep_outputs: bool = False) -> Optional[List[torch.Tensor]]:
+            keep_outputs: bool = False, stop_after: Optional[nn.Module] = None) -> Optional[List[torch.Tensor]]:
         """Run ``module`` (the block) over every window. ``hooks`` maps submodules to
         ``callback(input, output)``, called at each of their forwards with their first positional
-        input (after any forward pre-hooks, such as an online rotation) and their output."""
+        input (after any forward pre-hooks, such as an online rotation) and their output.
+        ``stop_after``: abandon each window's forward once this submodule has run (a statistic of
+        an early layer's input needs only the start of the block)."""
+        if keep_outputs and stop_after is not None:
+            raise ValueError("keep_outputs needs the whole forward: do not pass stop_after")
         handles = [sub.register_forward_hook(_hook(callback)) for sub, callback in (hooks or {}).items()]
+        if stop_after is not None:
+            handles.append(stop_after.register_forward_hook(_raise_stop))
         outputs = [] if keep_outputs else None
         try:
             for hidden in self.inputs:
-                out = module(hidden, **self.kwargs)
+                try:
+                    out = module(hidden, **self.kwargs)
+                except _StopBlock:
+                    continue
                 if keep_outputs:
                     outputs.append(out[0] if isinstance(out, tuple) else out)
         finally:
@@ -99,6 +108,14 @@ class BlockRunner:
     @property
     def n_tokens(self) -> int:
         return sum(x.shape[0] * x.shape[1] for x in self.inputs)
+
+
+class _StopBlock(Exception):
+    pass
+
+
+def _raise_stop(module, args, output):
+    raise _StopBlock
 
 
 def _hook(callback):

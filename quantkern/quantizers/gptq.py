@@ -290,7 +290,10 @@ class GPTQQuantizer(Quantizer):
         for roles in groups:
             first = block.linears[roles[0]]
             accumulators[roles] = HessianAccumulator(first.in_features, device=first.weight.device)
-        runner.run(block.module, hooks={block.linears[roles[0]]: _adder(acc) for roles, acc in accumulators.items()})
+        # Stop each forward at the last hooked Linear: q/k/v's Hessian needs only the input norm.
+        order = [roles for roles in SEQUENTIAL_GROUPS if roles in accumulators]
+        runner.run(block.module, hooks={block.linears[roles[0]]: _adder(acc) for roles, acc in accumulators.items()},
+                   stop_after=block.linears[order[-1][0]])
         return {roles: acc.H for roles, acc in accumulators.items()}
 
     def quantize_weight(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
