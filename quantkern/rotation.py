@@ -396,3 +396,60 @@ def block_hadamard_transform(
     blocks = x.reshape(*x.shape[:-1], n // block_size, block_size)
     y = hadamard_transform(blocks, normalize=True, transpose=transpose)
     return y.reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------
+# Rotations fused into weights (QuaRot): per-head blocks and PCA
+# ---------------------------------------------------------------------------
+
+
+def block_diagonal_hadamard(block_size: int, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``kron(I_count, H_b / sqrt(b))``: the normalised Hadamard of order ``block_size`` applied to each
+    of ``count`` consecutive blocks (e.g. one attention head each). Orthogonal; ``x @ M.T`` equals
+    ``block_hadamard_transform(x, block_size)`` on a last dimension of ``block_size * count``."""
+    block_size = _as_int(block_size, "block_size")
+    count = _as_int(count, "count")
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    h = hadamard_matrix(block_size, dtype=torch.float64) / math.sqrt(block_size)
+    return torch.kron(torch.eye(count, dtype=torch.float64), h).to(dtype)
+
+
+def pca_rotation(second_moment: torch.Tensor) -> torch.Tensor:
+    """Orthogonal ``V`` [n, n] whose columns are the eigenvectors of the symmetric matrix
+    ``second_moment`` (e.g. ``X^T X`` of activations), by decreasing eigenvalue, in float64.
+
+    Rotating row vectors ``x -> x @ V`` expresses them in the principal axes: coordinate ``i`` then has
+    mean square ``lambda_i / n_rows``. Each column's sign is fixed (largest-magnitude entry positive),
+    so the result does not depend on the eigen-solver's arbitrary signs."""
+    if not isinstance(second_moment, torch.Tensor) or second_moment.dim() != 2 or \
+            second_moment.shape[0] != second_moment.shape[1]:
+        raise ValueError("second_moment must be a square 2-D tensor")
+    if not torch.isfinite(second_moment).all():
+        raise ValueError("second_moment contains NaN or Inf")
+    m = second_moment.detach().to(torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh((m + m.T) / 2)  # ascending
+    order = torch.argsort(eigenvalues, descending=True, stable=True)
+    vectors = vectors[:, order]
+    pivot = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1])])
+    signs[signs == 0] = 1.0
+    return vectors * signs[None, :]
+
+
+__all__ += ["block_diagonal_hadamard", "pca_rotation"]
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """The random +-1 vector ``s`` (float64) of ``random_hadamard_matrix(n, seed) = H diag(s) / sqrt(n)``,
+    for applying that rotation with the fast transform: ``x @ R = hadamard_transform(x, transpose=True) * s``."""
+    n = _as_int(n)
+    seed = _as_int(seed, "seed")
+    _require_factorization(n)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    # Same draw as random_hadamard_matrix.
+    return (torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64) * 2 - 1).to(torch.float64)
+
+
+__all__ += ["random_signs"]

@@ -1,0 +1,492 @@
+"""QuaRot: outlier-free 4-bit inference by rotating the model (Ashkboos et al., 2024, arXiv:2404.00456).
+
+Activations of LLMs have a few huge outlier channels, which ruin per-token 4-bit quantization.
+An orthogonal rotation ``Q`` spreads every channel over all others (a Hadamard matrix mixes them
+all with equal weight), so rotated activations have no outliers, and the rotation can be folded
+into the weights so that the float model computes exactly the same function. QuaRot does it in
+four places; all but two are free at inference (fused into weights offline):
+
+1. *Fold the norms.* RMSNorm ``g * x / rms(x)`` only commutes with a rotation of ``x`` without its
+   weight ``g``. Each norm's ``g`` is multiplied into the columns of the Linears that read its output
+   (``input_layernorm`` into q/k/v, ``post_attention_layernorm`` into gate/up, the final norm into
+   lm_head) and the norm's weight set to 1 (saved as such, so a checkpoint needs no special norm).
+   A tied lm_head is untied first (it gets its own weight; ``config.tie_word_embeddings = False``, so
+   the checkpoint loads back untied), since the embeddings and the head are transformed differently.
+2. *Rotate the residual stream* by ``Q`` [hidden, hidden]: every residual vector ``h`` becomes ``h Q``.
+   Embeddings ``E <- E Q``; Linears reading the residual (q, k, v, gate, up, lm_head) ``W <- W Q``;
+   Linears writing it (o_proj, down_proj) ``W <- Q^T W``, ``b <- Q^T b``. RMSNorm (now weightless)
+   commutes with ``Q`` since ``rms(h Q) = rms(h)``. ``Q`` (``QuantizeConfig.rotation``):
+
+   * ``"hadamard"`` (default): ``H diag(s) / sqrt(n)``, the Hadamard matrix of order hidden with
+     random column signs (``rotation.random_hadamard_matrix``, seeded by ``QuantizeConfig.seed``).
+   * ``"pca"``: ``V``, the eigenvectors (decreasing eigenvalue) of the second moment ``sum x x^T`` of
+     the *normalised* residual vectors ``x = h / ||h||`` of the calibration windows, accumulated over
+     the inputs of every block and of the final norm (that is, over everything the Linears read:
+     they see ``h / rms(h)``; normalising also keeps the late layers, whose residual norm is far
+     larger, from drowning out the early ones). The embeddings' outputs alone (``pca_source =
+     "embeddings"``) are an option. PCA by itself concentrates the variance in the first channels,
+     i.e. it *creates* outlier channels, which is bad for per-token quantization; so by default
+     (``pca_hadamard=True``) ``Q = V H_rand``: diagonalise, then spread with the random Hadamard.
+3. *Online Hadamard before down_proj*: the MLP's intermediate activations (inputs of down_proj) are
+   rotated at inference by the normalised Hadamard ``H`` of order intermediate_size
+   (``QuantLinear(input_rotation="hadamard")``) and ``W_down <- W_down H^T``, so
+   ``(x H^T)(W_down H^T)^T = x W_down^T``.
+4. *Values and o_proj*: v_proj's output is rotated per head by the head_dim Hadamard ``H_d`` (offline:
+   ``W_v <- (I_kv (x) H_d) W_v``). Attention mixes each head's value vectors linearly, so o_proj's input
+   arrives rotated per head by ``B = I_heads (x) H_d`` and ``W_o <- W_o B^T`` undoes it exactly; this
+   rotation is what helps the (value) KV cache quantization. For o_proj's own input quantization,
+   QuaRot adds an online Hadamard across heads, ``H_heads (x) I_d``, so that the total rotation of
+   o_proj's input is ``H_heads (x) H_d``, a Hadamard of order heads * head_dim. That needs a Hadamard
+   of order ``heads``, which does not exist for SmolLM2's 9 heads. What is done here instead: an
+   online *full* Hadamard ``H`` of order heads * head_dim (576 = 36 x 16 for SmolLM2) before o_proj,
+   ``W_o <- W_o B^T H^T``. It is equivalent in exactness (any orthogonal online rotation whose
+   transpose is fused into W_o leaves the model unchanged) and at least as good at spreading
+   outliers (a full Hadamard mixes all channels, the Kronecker one too; per-head blocks alone
+   would not mix across heads). The cost is one transform of size 576 instead of size 9.
+   Keys: QuaRot rotates queries and keys after RoPE by ``H_d`` (scores unchanged) before key
+   quantization; ``kv_cache.enable_kv_quantization(rotate_keys=True)`` does exactly that.
+
+During calibration the model is still float, but down_proj's and o_proj's weights already include
+``H^T``: forward pre-hooks apply ``reference.hadamard`` to their inputs (the same transform the
+``QuantLinear`` applies), so the float model is exact, and GPTQ's Hessians are those of the rotated
+inputs the quantized layers will see. The hooks disappear with the float Linears they sit on.
+
+Weights are then quantized per block: ``weights="gptq"`` (default, QuaRot's recommendation) with
+Hessians collected in true-sequential order (``models.SEQUENTIAL_GROUPS``: q/k/v, o, gate/up, down;
+each group's inputs computed with the earlier groups already quantized, float activations), or
+``weights="rtn"`` (round to nearest; no calibration needed for the Hadamard rotation). Symmetric
+weights are required when activations are quantized (integer GEMM). The lm_head stays in float
+unless ``keep_lm_head_fp16=False`` (it is a plain Linear holding the folded, rotated weights).
+Activations (``act_bits`` 4 or 8) are quantized per token with ``act_clip_ratio`` (QuaRot: 0.9);
+``kv_bits`` 4 or 8 quantizes keys (after RoPE, Hadamard-rotated) and values per token and head.
+
+Options (``QuantizeConfig.options``): ``weights`` ("gptq" | "rtn"), ``act_clip_ratio`` (0.9; used only
+with act_bits), ``online_hadamard`` (True: steps 3 and 4's online rotations; False keeps only the
+offline ones), ``rotate_keys`` (True), ``pca_source`` ("blocks" | "embeddings"), ``pca_hadamard``
+(True), ``gptq_damp`` (0.01), ``gptq_act_order`` (True), ``gptq_static_groups`` (False),
+``gptq_block_size`` (128).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..format import QuantizedWeight
+from ..models import SEQUENTIAL_GROUPS, DecoderBlock, ModelStructure
+from ..rotation import block_diagonal_hadamard, hadamard_transform, is_hadamard_size, pca_rotation, random_signs
+from .base import BlockRunner, Quantizer, _device_of, _first_block_inputs, set_fake_quantized
+
+ROTATIONS = ("hadamard", "pca")
+READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the residual stream
+WRITERS = ("o_proj", "down_proj")  # add into the residual stream
+ONLINE_ROLES = ("o_proj", "down_proj")  # get an online Hadamard of their input
+ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)  # searched per layer
+
+
+# ----------------------------------------------------------------------------------------------
+# The float-model transforms (usable on their own; each leaves the model's function unchanged)
+# ----------------------------------------------------------------------------------------------
+
+def _named_modules(structure: ModelStructure) -> Dict[int, str]:
+    return {id(module): name for name, module in structure.model.named_modules()}
+
+
+def norms_of(structure: ModelStructure) -> List[tuple]:
+    """``(qualified name, norm module)`` of every norm QuaRot folds: two per block and the final norm."""
+    names = _named_modules(structure)
+    norms = [(f"{block.name}.{role}", norm) for block in structure.blocks for role, norm in block.norms.items()]
+    norms.append((names.get(id(structure.final_norm), "final norm"), structure.final_norm))
+    return norms
+
+
+@torch.no_grad()
+def check_rms_norm(norm: nn.Module, name: str) -> None:
+    """Raise ValueError naming ``name`` unless ``norm(x) == weight * x / rms(x)`` (RMSNorm: a weight,
+    no bias, no mean subtraction, no ``1 + weight``): only that form can be folded and rotated."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise ValueError(f"{name}: QuaRot needs RMSNorm-like norms with a weight vector; {type(norm).__name__} has none")
+    if getattr(norm, "bias", None) is not None:
+        raise ValueError(f"{name}: {type(norm).__name__} has a bias; QuaRot folds RMSNorm-like norms (weight, no bias)")
+    # Large values with a non-zero mean: eps is negligible and a LayerNorm (mean subtraction) shows.
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, weight.shape[0], generator=generator) * 4 + 3).to(device=weight.device, dtype=weight.dtype)
+    expected = weight.float() * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True))
+    got = norm(x).float()
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-2, atol=1e-3 * float(weight.abs().max())):
+        raise ValueError(f"{name}: {type(norm).__name__} does not compute weight * x / rms(x); QuaRot folds "
+                         f"and rotates RMSNorm-like norms only")
+
+
+def _set_weight(linear: nn.Linear, weight64: torch.Tensor) -> None:
+    linear.weight.data = weight64.to(device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def _weight64(linear: nn.Module) -> torch.Tensor:
+    return linear.weight.detach().to(torch.float64)
+
+
+@torch.no_grad()
+def untie_lm_head(structure: ModelStructure) -> None:
+    """Give a tied lm_head its own copy of the embedding matrix, and record the model as untied."""
+    if not structure.tied_lm_head:
+        return
+    head = structure.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    config = getattr(structure.model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False  # so that tie_weights() and load_quantized keep them apart
+    if isinstance(getattr(structure.model, "all_tied_weights_keys", None), dict):
+        structure.model.all_tied_weights_keys = {}
+
+
+@torch.no_grad()
+def fold_norms(structure: ModelStructure) -> None:
+    """Multiply each norm's weight into the columns of the Linears reading it; set the norms to 1."""
+    for block in structure.blocks:
+        pairs = (("input_layernorm", ("q_proj", "k_proj", "v_proj")),
+                 ("post_attention_layernorm", ("gate_proj", "up_proj")))
+        for norm_role, roles in pairs:
+            norm = block.norms[norm_role]
+            gain = norm.weight.detach().to(torch.float64)
+            for role in roles:
+                linear = block.linears[role]
+                _set_weight(linear, _weight64(linear) * gain.to(linear.weight.device)[None, :])
+            norm.weight.data.fill_(1.0)
+    if structure.lm_head is not None:
+        untie_lm_head(structure)
+        gain = structure.final_norm.weight.detach().to(torch.float64)
+        head = structure.lm_head
+        _set_weight(head, _weight64(head) * gain.to(head.weight.device)[None, :])
+    structure.final_norm.weight.data.fill_(1.0)
+
+
+class Rotation:
+    """An orthogonal ``Q = V R`` [n, n]: ``V`` dense (or the identity when None), ``R = H diag(s) / sqrt(n)``
+    the random Hadamard (or the identity when ``signs`` is None). ``R`` is applied with the fast
+    transform, so rotating the embedding and lm_head (vocab x hidden) costs little. Float64."""
+
+    def __init__(self, n: int, dense: Optional[torch.Tensor] = None, signs: Optional[torch.Tensor] = None):
+        self.n, self.dense, self.signs = n, dense, signs
+
+    def right(self, w: torch.Tensor) -> torch.Tensor:
+        """``w @ Q`` for ``w`` [..., n] (float64)."""
+        if self.dense is not None:
+            w = w @ self.dense.to(w.device)
+        if self.signs is not None:
+            w = hadamard_transform(w, normalize=True, transpose=True) * self.signs.to(w.device)
+        return w
+
+    def left_transposed(self, w: torch.Tensor) -> torch.Tensor:
+        """``Q^T @ w`` for ``w`` [n, ...] (float64): ``(w^T Q)^T``."""
+        return self.right(w.T).T
+
+    def matrix(self) -> torch.Tensor:
+        return self.right(torch.eye(self.n, dtype=torch.float64))
+
+
+def _as_rotation(q) -> Rotation:
+    return q if isinstance(q, Rotation) else Rotation(q.shape[0], dense=q.to(torch.float64))
+
+
+def _right(linear: nn.Module, q: Rotation) -> None:
+    """``W <- W Q`` (the Linear reads rotated inputs)."""
+    _set_weight(linear, q.right(_weight64(linear)))
+
+
+def _left(linear: nn.Linear, q: Rotation) -> None:
+    """``W <- Q^T W``, ``b <- Q^T b`` (the Linear's output gets rotated: ``y -> y Q``)."""
+    _set_weight(linear, q.left_transposed(_weight64(linear)))
+    if linear.bias is not None:
+        linear.bias.data = q.right(linear.bias.detach().to(torch.float64)[None, :])[0].to(linear.bias.dtype)
+
+
+@torch.no_grad()
+def rotate_residual(structure: ModelStructure, q) -> None:
+    """Rotate the residual stream by the orthogonal ``q`` (a ``Rotation`` or a [hidden, hidden]
+    matrix). Norms must be folded and a tied lm_head untied first."""
+    if structure.tied_lm_head:
+        raise ValueError("untie the lm_head (fold_norms does) before rotating the residual stream")
+    q = _as_rotation(q)
+    embed = structure.embed_tokens
+    embed.weight.data = q.right(_weight64(embed)).to(embed.weight.dtype)
+    for block in structure.blocks:
+        for role in READERS:
+            _right(block.linears[role], q)
+        for role in WRITERS:
+            _left(block.linears[role], q)
+    if structure.lm_head is not None:
+        _right(structure.lm_head, q)
+
+
+@torch.no_grad()
+def rotate_values(structure: ModelStructure) -> None:
+    """Rotate v_proj's output per head by the head_dim Hadamard ``H_d``; fuse ``H_d^T`` into o_proj."""
+    d = structure.head_dim
+    for block in structure.blocks:
+        v, o = block.linears["v_proj"], block.linears["o_proj"]
+        _left(v, _as_rotation(block_diagonal_hadamard(d, v.out_features // d).T))  # W_v <- B_kv W_v
+        _right(o, _as_rotation(block_diagonal_hadamard(d, o.in_features // d).T))  # W_o <- W_o B^T
+
+
+class _FakeActivationQuantization:
+    """Forward pre-hook: per-token quantization and dequantization of a float Linear's input, as its
+    QuantLinear will do (``reference.quantize_per_token``), for calibrating on the quantized model."""
+
+    def __init__(self, bits: int, clip_ratio: float):
+        self.bits, self.clip_ratio = bits, clip_ratio
+
+    def __call__(self, module, args):
+        x = args[0]
+        rows = x.reshape(-1, x.shape[-1])
+        q, scale = reference.quantize_per_token(rows, self.bits, self.clip_ratio)
+        y = reference.dequantize_per_token(q, scale, self.bits, x.dtype).reshape(x.shape)
+        return (y,) + tuple(args[1:])
+
+
+def _hadamard_pre_hook(module, args):
+    return (reference.hadamard(args[0]),) + tuple(args[1:])
+
+
+@torch.no_grad()
+def fuse_online_hadamards(structure: ModelStructure, roles=ONLINE_ROLES, hooks: bool = True) -> list:
+    """``W <- W H^T`` for each role's Linear (H the normalised Hadamard of order in_features) and, with
+    ``hooks``, a forward pre-hook applying ``H`` to its input so the float model stays exact.
+    Returns the hook handles (they die with the float Linears when those are replaced)."""
+    handles = []
+    for block in structure.blocks:
+        for role in roles:
+            linear = block.linears[role]
+            # Rows of W H^T are H applied to each row of W.
+            _set_weight(linear, hadamard_transform(_weight64(linear), normalize=True))
+            if hooks:
+                handles.append(linear.register_forward_pre_hook(_hadamard_pre_hook))
+    return handles
+
+
+@torch.no_grad()
+def residual_second_moment(structure: ModelStructure, windows: torch.Tensor, device="cpu",
+                           source: str = "blocks") -> torch.Tensor:
+    """``sum x x^T`` (float64) of the normalised residual vectors ``x = h / ||h||`` over the calibration
+    windows: at every block's input and the final norm's input (``"blocks"``), or at the embeddings'
+    output only (``"embeddings"``). Runs the float model block by block on ``device``."""
+    if source not in ("blocks", "embeddings"):
+        raise ValueError(f"pca_source must be 'blocks' or 'embeddings', got {source!r}")
+    total = torch.zeros(structure.hidden_size, structure.hidden_size, dtype=torch.float64)
+
+    def add(states):
+        for h in states:
+            x = h.reshape(-1, h.shape[-1]).to(torch.float64)
+            x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            total.add_((x.T @ x).cpu())
+
+    if source == "embeddings":
+        embed = structure.embed_tokens
+        add(embed(w.to(embed.weight.device)[None]) for w in windows)
+        return total
+    runner = _first_block_inputs(structure, windows, device)
+    add(runner.inputs)
+    for block in structure.blocks:
+        home = _device_of(block.module)
+        block.module.to(device)
+        runner.inputs = runner.run(block.module, keep_outputs=True)
+        block.module.to(home)
+        add(runner.inputs)
+    return total
+
+
+def residual_rotation(structure: ModelStructure, kind: str = "hadamard", seed: int = 0,
+                      windows: Optional[torch.Tensor] = None, device="cpu", pca_source: str = "blocks",
+                      pca_hadamard: bool = True) -> Rotation:
+    """The orthogonal ``Q`` of the residual stream (``Rotation.matrix()`` is [hidden, hidden]); see
+    the module docstring. The random Hadamard factor is ``rotation.random_hadamard_matrix(hidden, seed)``."""
+    n = structure.hidden_size
+    if kind == "hadamard":
+        return Rotation(n, signs=random_signs(n, seed))
+    if kind != "pca":
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
+    if windows is None:
+        raise ValueError("rotation='pca' needs calibration windows")
+    v = pca_rotation(residual_second_moment(structure, windows, device, pca_source))
+    return Rotation(n, dense=v, signs=random_signs(n, seed) if pca_hadamard else None)
+
+
+def quarot_transform(structure: ModelStructure, rotation: str = "hadamard", seed: int = 0,
+                     windows: Optional[torch.Tensor] = None, device="cpu", online_hadamard: bool = True,
+                     pca_source: str = "blocks", pca_hadamard: bool = True) -> list:
+    """Steps 1-4 of the module docstring on a float model, in place; its outputs are unchanged (up to
+    rounding). Returns the online rotations' pre-hook handles."""
+    for name, norm in norms_of(structure):
+        check_rms_norm(norm, name)
+    # PCA statistics come from the untouched model (folding and rotating do not change the residual).
+    q = residual_rotation(structure, rotation, seed, windows, device, pca_source, pca_hadamard)
+    fold_norms(structure)
+    rotate_residual(structure, q)
+    rotate_values(structure)
+    return fuse_online_hadamards(structure) if online_hadamard else []
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------------------------
+
+class QuaRotQuantizer(Quantizer):
+    name = "quarot"
+    default_options = {
+        "weights": "gptq",
+        "act_clip_ratio": 0.9,
+        "act_clip_search": True,
+        "act_clip_tokens": 2048,
+        "calibrate_quantized_activations": True,
+        "online_hadamard": True,
+        "rotate_keys": True,
+        "pca_source": "blocks",
+        "pca_hadamard": True,
+        "gptq_damp": 0.01,
+        "gptq_act_order": True,
+        "gptq_static_groups": False,
+        "gptq_block_size": 128,
+    }
+
+    def __init__(self, config, group_size):
+        super().__init__(config, group_size)
+        self.rotation = config.rotation or "hadamard"
+        # Hadamard + RTN needs no data: skip cutting calibration windows then.
+        self.search_clips = config.act_bits is not None and bool(self.options["act_clip_search"])
+        self.needs_calibration = self.options["weights"] == "gptq" or self.rotation == "pca" or self.search_clips
+        self.hooks: list = []
+        self.clips: Dict[str, float] = {}  # Linear's qualified name -> searched activation clip ratio
+
+    def check(self, structure: ModelStructure) -> None:
+        config, options = self.config, self.options
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"quarot: rotation must be one of {ROTATIONS}, got {config.rotation!r}")
+        if config.bits not in (4, 8):
+            raise ValueError(f"quarot: weights must be 4 or 8 bits, got {config.bits}")
+        if config.act_bits not in (None, 4, 8):
+            raise ValueError(f"quarot: act_bits must be 4, 8 or None, got {config.act_bits}")
+        if config.kv_bits not in (None, 4, 8):
+            raise ValueError(f"quarot: kv_bits must be 4, 8 or None, got {config.kv_bits}")
+        if config.act_bits is not None and not config.symmetric:
+            raise ValueError("quarot: quantized activations (integer GEMM) need symmetric weights; "
+                             "drop --asymmetric or --act-bits")
+        if options["weights"] not in ("gptq", "rtn"):
+            raise ValueError(f"quarot: option weights must be 'gptq' or 'rtn', got {options['weights']!r}")
+        reference._check_clip_ratio(options["act_clip_ratio"])
+        if not isinstance(options["act_clip_tokens"], int) or options["act_clip_tokens"] < 1:
+            raise ValueError(f"quarot: option act_clip_tokens must be a positive int, got {options['act_clip_tokens']!r}")
+        if options["pca_source"] not in ("blocks", "embeddings"):
+            raise ValueError(f"quarot: option pca_source must be 'blocks' or 'embeddings', got {options['pca_source']!r}")
+        for name, norm in norms_of(structure):
+            check_rms_norm(norm, f"quarot: {name}")
+        if not is_hadamard_size(structure.hidden_size):
+            raise ValueError(f"quarot: no Hadamard matrix of order hidden_size={structure.hidden_size}")
+        if not is_hadamard_size(structure.head_dim):
+            raise ValueError(f"quarot: no Hadamard matrix of order head_dim={structure.head_dim}")
+        if options["online_hadamard"]:
+            for block in structure.blocks:
+                for role in ONLINE_ROLES:
+                    linear = block.linears[role]
+                    if not is_hadamard_size(linear.in_features):
+                        raise ValueError(f"quarot: {block.linear_names[role]}: no Hadamard matrix of order "
+                                         f"in_features={linear.in_features} for the online rotation "
+                                         f"(set option online_hadamard=False)")
+
+    def prepare_model(self, structure: ModelStructure, windows: Optional[torch.Tensor]) -> None:
+        self.hooks = quarot_transform(structure, self.rotation, self.config.seed, windows, self.config.device,
+                                      self.options["online_hadamard"], self.options["pca_source"],
+                                      self.options["pca_hadamard"])
+
+    def _gptq(self, linear: nn.Linear, hessian: torch.Tensor) -> QuantizedWeight:
+        from .gptq import gptq_quantize
+
+        return gptq_quantize(linear.weight.detach(), hessian.to(linear.weight.device), self.config.bits,
+                             self.group_size, self.config.symmetric, self.options["gptq_act_order"],
+                             self.options["gptq_static_groups"], self.options["gptq_damp"],
+                             self.options["gptq_block_size"], self.config.scale_dtype)
+
+    def quantize_block(self, block: DecoderBlock, runner: Optional[BlockRunner]) -> Dict[str, QuantizedWeight]:
+        """Group by group in true-sequential order (q/k/v, o, gate/up, down): one pass over the
+        calibration windows collects the group's input Hessian (GPTQ) and a sample of its inputs
+        (clip search); then its weights are quantized, its clip ratios chosen, and, with
+        ``calibrate_quantized_activations``, a pre-hook fake-quantizes its inputs from then on, so that
+        later groups and the next blocks are calibrated on what the quantized model computes."""
+        gptq = self.options["weights"] == "gptq"
+        simulate = self.config.act_bits is not None and self.options["calibrate_quantized_activations"]
+        quantized = {}
+        for group in SEQUENTIAL_GROUPS:
+            first = block.linears[group[0]]  # the group's Linears share one input
+            hessian, sample = None, None
+            if runner is not None and (gptq or self.search_clips):
+                hessian, sample = self._group_statistics(block, runner, first, gptq)
+            for role in group:
+                linear = block.linears[role]
+                quantized[role] = self._gptq(linear, hessian) if gptq else self.rtn(linear.weight)
+                set_fake_quantized(linear, quantized[role])
+                if self.search_clips:
+                    self.clips[block.linear_names[role]] = self._best_clip(linear, sample)
+                if simulate:
+                    linear.register_forward_pre_hook(_FakeActivationQuantization(
+                        self.config.act_bits, self._clip(block, role)))
+        return quantized
+
+    @torch.no_grad()
+    def _group_statistics(self, block: DecoderBlock, runner: BlockRunner, first: nn.Linear, gptq: bool):
+        """One pass of the block: the Hessian of ``first``'s inputs (if ``gptq``) and its first
+        ``act_clip_tokens`` input tokens (if the clip search is on)."""
+        from .gptq import HessianAccumulator
+
+        accumulator = HessianAccumulator(first.in_features) if gptq else None
+        limit = int(self.options["act_clip_tokens"])
+        sample = []
+
+        def record(x, _output):
+            if accumulator is not None:
+                accumulator.add_batch(x)
+            taken = sum(t.shape[0] for t in sample)
+            if self.search_clips and taken < limit:
+                sample.append(x.reshape(-1, x.shape[-1])[:limit - taken].float())
+
+        runner.run(block.module, hooks={first: record})
+        return (accumulator.H if accumulator is not None else None), (torch.cat(sample) if sample else None)
+
+    @torch.no_grad()
+    def _best_clip(self, linear: nn.Linear, x: torch.Tensor) -> float:
+        """The activation clip ratio of ``ACT_CLIP_GRID`` minimising ``||Q_c(X) W^T - X W^T||^2`` over
+        the sampled inputs ``X`` (after any online rotation), ``W`` the layer's quantized weights."""
+        weight = linear.weight.detach().float()
+        x = x.to(weight.device)
+        exact = x @ weight.T
+        errors = []
+        for ratio in ACT_CLIP_GRID:
+            q, scale = reference.quantize_per_token(x, self.config.act_bits, ratio)
+            xq = reference.dequantize_per_token(q, scale, self.config.act_bits)
+            errors.append(float((xq @ weight.T - exact).pow(2).sum()))
+        return ACT_CLIP_GRID[min(range(len(errors)), key=errors.__getitem__)]
+
+    def layer_options(self, block: DecoderBlock, role: str) -> dict:
+        act_bits = self.config.act_bits
+        online = self.options["online_hadamard"] and role in ONLINE_ROLES
+        return {"act_bits": act_bits,
+                "act_clip_ratio": self._clip(block, role) if act_bits else 1.0,
+                "input_rotation": "hadamard" if online else None}
+
+    def _clip(self, block: DecoderBlock, role: str) -> float:
+        return float(self.clips.get(block.linear_names[role], self.options["act_clip_ratio"]))
+
+    def finalize(self, structure: ModelStructure) -> None:
+        self.hooks = []
+        if self.config.kv_bits is not None:
+            from ..kv_cache import enable_kv_quantization
+
+            enable_kv_quantization(structure.model, self.config.kv_bits, rotate_keys=self.options["rotate_keys"])
+
+    def extra_config(self) -> Dict[str, object]:
+        return {"options": dict(self.options), "rotation": self.rotation,
+                "act_clip_ratio": float(self.options["act_clip_ratio"]) if self.config.act_bits else 1.0,
+                "act_clip_ratios": dict(self.clips),  # searched, per layer (empty without the search)
+                "kv_rotate_keys": bool(self.options["rotate_keys"]) if self.config.kv_bits else False}

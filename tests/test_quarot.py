@@ -1,0 +1,263 @@
+"""QuaRot (quantkern.quantizers.quarot): exactness of the rotations on the float model, the online
+Hadamards, quality against RTN on a truncated SmolLM2, configuration errors, checkpoint round trip."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantkern import reference
+from quantkern.models import model_structure
+from quantkern.nn import QuantLinear
+from quantkern.quantizers import QuantizeConfig, quantize_model
+from quantkern.quantizers.quarot import quarot_transform
+
+
+def tiny_llama(tie=True, seed=0):
+    """A random Llama with Hadamard-friendly sizes (hidden 64 = 4 heads x 16, intermediate 128) and
+    non-trivial norm weights, so that folding them is tested."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 2.0)
+    return model
+
+
+def ids(n=2, seq=32, vocab=256, seed=1):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def relative_error(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "pca"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fold_and_rotate_keep_the_float_logits(rotation, tie):
+    model = tiny_llama(tie)
+    tokens = ids()
+    expected = logits(model, tokens)
+    structure = model_structure(model)
+    quarot_transform(structure, rotation, seed=3, windows=ids(4, 32, seed=2))
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings is False
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(param, torch.ones_like(param)), name
+    # The rotation really changed the weights (not the identity).
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, tiny_llama(tie).model.layers[0].self_attn.q_proj.weight)
+
+
+def test_online_hadamards_are_needed_and_exact_through_quantlinear():
+    model = tiny_llama()
+    tokens = ids()
+    expected = logits(model, tokens)
+    handles = quarot_transform(model_structure(model), "hadamard", seed=0)
+    assert len(handles) == 2 * 2  # o_proj and down_proj of each block
+    assert relative_error(logits(model, tokens), expected) < 1e-4
+    # Without the online transform the fused H^T is not undone.
+    for handle in handles:
+        handle.remove()
+    assert relative_error(logits(model, tokens), expected) > 1e-2
+    # QuantLinear(input_rotation="hadamard") applies the same transform: W8 weight-only is close.
+    for layer in model.model.layers:
+        for parent, role in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            linear = getattr(parent, role)
+            qw = reference.quantize_weight(linear.weight.detach(), 8, -1, True)
+            setattr(parent, role, QuantLinear.from_quantized(qw, linear.bias, input_rotation="hadamard"))
+    assert relative_error(logits(model, tokens), expected) < 2e-2
+
+
+def test_weights_follow_the_documented_formulas():
+    # Without online rotations: W_v <- B_kv (W_v diag(g)) Q and W_o <- Q^T W_o B^T, with Q the seeded
+    # random Hadamard of the residual and B = I (x) H_d the per-head Hadamard.
+    from quantkern.rotation import block_diagonal_hadamard, random_hadamard_matrix
+
+    original = tiny_llama().model.layers[0]
+    model = tiny_llama()
+    quarot_transform(model_structure(model), "hadamard", seed=5, online_hadamard=False)
+    q = random_hadamard_matrix(64, 5)
+    gain = original.input_layernorm.weight.detach().double()
+    v = original.self_attn.v_proj.weight.detach().double() * gain[None, :]
+    o = original.self_attn.o_proj.weight.detach().double()
+    layer = model.model.layers[0].self_attn
+    assert torch.allclose(layer.v_proj.weight.double(), block_diagonal_hadamard(16, 2) @ v @ q, atol=1e-6)
+    assert torch.allclose(layer.o_proj.weight.double(), q.T @ o @ block_diagonal_hadamard(16, 4).T, atol=1e-6)
+
+
+def small_config(**kwargs):
+    base = dict(method="quarot", bits=4, group_size=-1, act_bits=4, kernel_shapes="reference",
+                options={"weights": "rtn", "act_clip_search": False})
+    base.update(kwargs)
+    return QuantizeConfig(**base)
+
+
+def test_quarot_w4a4_kv4_runs_and_sets_the_layers():
+    model = tiny_llama()
+    tokens = ids()
+    expected = logits(model, tokens)
+    result = quantize_model(model, None, small_config(kv_bits=4), progress=False)
+    from quantkern.kv_cache import kv_quantization_settings
+
+    assert kv_quantization_settings(model) == {"bits": 4, "rotate_keys": True}
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.o_proj.input_rotation == "hadamard" and mlp.down_proj.input_rotation == "hadamard"
+    assert attention.q_proj.input_rotation is None
+    assert attention.q_proj.act_bits == 4 and attention.q_proj.act_clip_ratio == 0.9
+    assert isinstance(model.lm_head, nn.Linear)  # kept in float
+    assert result.extra_config["rotation"] == "hadamard"
+    out = logits(model, tokens)
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 1.0
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for ``calibration.windows_from_texts``: one token per byte."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return {"input_ids": torch.tensor([list(text.encode("utf-8"))], dtype=torch.int64)}
+
+
+def test_quarot_gptq_weights(tmp_path):
+    model = tiny_llama()
+    tokens = ids()
+    expected = logits(model, tokens)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Permission is hereby granted, free of charge, to any person obtaining a copy.\n" * 20)
+    config = small_config(act_bits=8, options={"act_clip_search": False}, calib_path=str(calib), calib_samples=8,
+                          calib_seq_len=32)
+    result = quantize_model(model, ByteTokenizer(), config, progress=False)
+    assert result.calibration["samples"] == 8
+    error_gptq = relative_error(logits(model, tokens), expected)
+    rtn_model = tiny_llama()
+    quantize_model(rtn_model, None, small_config(act_bits=8), progress=False)
+    error_rtn = relative_error(logits(rtn_model, tokens), expected)
+    assert error_gptq < 0.5 and error_gptq < 1.5 * error_rtn, (error_gptq, error_rtn)
+
+
+def test_pca_rotation_through_the_driver(tmp_path):
+    model = tiny_llama()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Redistribution and use in source and binary forms, with or without modification.\n" * 20)
+    config = small_config(rotation="pca", calib_path=str(calib), calib_samples=4, calib_seq_len=32)
+    result = quantize_model(model, ByteTokenizer(), config, progress=False)
+    assert result.extra_config["rotation"] == "pca"
+    assert torch.isfinite(logits(model, ids())).all()
+
+
+def test_activation_clip_search_picks_per_layer_ratios(tmp_path):
+    from quantkern.quantizers.quarot import ACT_CLIP_GRID
+
+    model = tiny_llama()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Licensed under the Apache License, Version 2.0; you may not use this file except.\n" * 20)
+    config = small_config(options={"weights": "rtn"}, calib_path=str(calib), calib_samples=4, calib_seq_len=32)
+    result = quantize_model(model, ByteTokenizer(), config, progress=False)
+    clips = result.extra_config["act_clip_ratios"]
+    assert len(clips) == 2 * 7 and set(clips.values()) <= set(ACT_CLIP_GRID)
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            assert module.act_clip_ratio == clips[name]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rotation="givens"), "rotation must be one of"),
+    (dict(act_bits=4, symmetric=False), "symmetric"),
+    (dict(options={"weights": "awq"}), "weights must be 'gptq' or 'rtn'"),
+    (dict(options={"act_clip_ratio": 1.5}), "clip_ratio"),
+    (dict(options={"no_such": 1}), "unknown option"),
+    (dict(options={"act_clip_tokens": 0}), "act_clip_tokens"),
+])
+def test_configuration_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_model(tiny_llama(), None, small_config(**kwargs), progress=False)
+
+
+class LayerNormLike(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return self.weight * (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True)
+
+
+def test_non_rms_norms_are_refused_by_name():
+    model = tiny_llama()
+    model.model.layers[1].post_attention_layernorm = LayerNormLike(64)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.post_attention_layernorm.*RMSNorm"):
+        quantize_model(model, None, small_config(), progress=False)
+    model = tiny_llama()
+    model.model.norm.bias = nn.Parameter(torch.zeros(64))
+    with pytest.raises(ValueError, match=r"model\.norm.*bias"):
+        quantize_model(model, None, small_config(), progress=False)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from quantkern import io
+
+    model = tiny_llama()
+    tokens = ids()
+    result = quantize_model(model, None, small_config(kv_bits=4), progress=False)
+    qconfig = io.quantization_config("quarot", 4, result.group_size, True, act_bits=4, kv_bits=4, rotation="hadamard",
+                                     act_clip_ratio=result.extra_config["act_clip_ratio"],
+                                     kv_rotate_keys=result.extra_config["kv_rotate_keys"])
+    metadata = io.build_metadata(qconfig, "tiny", result.calibration, result.timings_s)
+    io.save_quantized(model, tmp_path / "ckpt", qconfig, metadata)
+    loaded, _ = io.load_quantized(tmp_path / "ckpt")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    assert loaded.model.layers[1].mlp.down_proj.input_rotation == "hadamard"
+    assert loaded.model.layers[1].self_attn.o_proj.input_rotation == "hadamard"
+    assert torch.equal(logits(loaded, tokens), logits(model, tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model, truncated to its first blocks: rotation makes W4A4 far better than plain RTN
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def truncated_smollm(builtin_model_available):
+    from quantkern.builtin_model import load_builtin_model
+    from quantkern.evaluation import DEFAULT_EVAL_TEXT
+
+    model, tokenizer = load_builtin_model(dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    text = open(DEFAULT_EVAL_TEXT, encoding="utf-8").read()
+    tokens = tokenizer(text, return_tensors="pt")["input_ids"][:, :128]
+    return model, tokenizer, tokens
+
+
+def kl_per_token(model, reference_logprobs, tokens):
+    out = logits(model, tokens).log_softmax(-1)
+    return float(F.kl_div(out, reference_logprobs, log_target=True, reduction="sum")) / tokens.numel()
+
+
+def test_w4a4_quarot_much_better_than_rtn_on_smollm(truncated_smollm):
+    # The truncated model's perplexity is meaningless; its output distribution is not: compare
+    # each quantized model's KL divergence from the float truncated model.
+    model, tokenizer, tokens = truncated_smollm
+    reference_logprobs = logits(model, tokens).log_softmax(-1)
+    kl = {}
+    for method in ("rtn", "quarot"):
+        quantized = copy.deepcopy(model)
+        options = {"weights": "rtn", "act_clip_search": False} if method == "quarot" else {}
+        quantize_model(quantized, tokenizer, small_config(method=method, options=options),
+                       progress=False)
+        kl[method] = kl_per_token(quantized, reference_logprobs, tokens)
+    assert kl["quarot"] < 0.5 * kl["rtn"], kl
