@@ -136,8 +136,11 @@ def cmd_quantize(args) -> int:
     print(f"[{tag}] quantizing {len(structure.blocks)} blocks of {source} on {args.device}", file=sys.stderr)
     result = quantize_model(model, tokenizer, config)
     skip = ("lm_head",) if args.keep_lm_head_fp16 else ()
+    extra = result.extra_config
     qconfig = quantization_config(args.method, args.bits, group_size, not args.asymmetric, args.acts_bits,
-                                  args.kv_bits, result.extra_config.get("rotation"), modules_not_converted=skip)
+                                  args.kv_bits, extra.get("rotation"), modules_not_converted=skip,
+                                  act_clip_ratio=extra.get("act_clip_ratio", 1.0),
+                                  kv_rotate_keys=extra.get("kv_rotate_keys", False))
     metadata = build_metadata(qconfig, source, result.calibration,
                               {"load": round(load_s, 2), **result.timings_s}, args.keep_lm_head_fp16)
     metadata["method_config"] = result.extra_config

@@ -114,6 +114,7 @@ def scale_output_channels(module: nn.Module, s: torch.Tensor) -> None:
 class SmoothQuantQuantizer(Quantizer):
     name = "smoothquant"
     needs_calibration = True
+    cli_defaults = {"bits": 8, "acts_bits": 8, "group_size": -1}  # the paper's W8A8, per-channel weights
     default_options = {"alpha": 0.5, "alpha_grid": DEFAULT_ALPHA_GRID, "smooth_o_proj": True,
                        "smooth_down_proj": True, "auto_tokens": 2048}
 
