@@ -261,3 +261,22 @@ def test_w4a4_quarot_much_better_than_rtn_on_smollm(truncated_smollm):
                        progress=False)
         kl[method] = kl_per_token(quantized, reference_logprobs, tokens)
     assert kl["quarot"] < 0.5 * kl["rtn"], kl
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_clip_search_never_loses_to_rtn_per_row(symmetric):
+    from quantkern.quantizers.quarot import WEIGHT_CLIP_NORM, mse_clip_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 256, generator=generator)
+    w[:, 7] *= 8.0  # an outlier column: clipping it pays
+    for group_size in (-1, 64):
+        clipped = reference.dequantize_weight(mse_clip_quantize(w, 4, group_size, symmetric, torch.float16))
+        plain = reference.dequantize_weight(reference.quantize_weight(w, 4, group_size, symmetric))
+        glen = 256 if group_size == -1 else group_size
+
+        def row_errors(q):
+            return (q - w).abs().pow(WEIGHT_CLIP_NORM).reshape(48, -1, glen).sum(-1)
+
+        assert torch.all(row_errors(clipped) <= row_errors(plain) * (1 + 1e-5))
+        assert row_errors(clipped).sum() < (0.9 if group_size == -1 else 1.0) * row_errors(plain).sum()

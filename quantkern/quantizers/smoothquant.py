@@ -36,10 +36,14 @@ Options:
   moved into the weights), or ``"auto"``: for each of the block's smoothing groups, the alpha of
   ``alpha_grid`` whose fake-quantized group (smoothed weights RTN-quantized, smoothed activations
   per-token int8) has the smallest summed squared output error on the calibration tokens; the chosen
-  alphas are recorded in the checkpoint's metadata (``alphas``);
+  alphas are recorded in the checkpoint's metadata (``alphas``). The search is local (one group's
+  output error), so it need not beat a fixed alpha on perplexity (SmolLM2-135M: 22.31, against 22.26
+  for 0.5 and 22.28 for 0.7) and adds a grid of RTN passes and matmuls per group;
 * ``alpha_grid`` (default 0, 0.1, ..., 1): the candidates of ``"auto"``;
 * ``smooth_o_proj``, ``smooth_down_proj`` (default True): also smooth the two inner pairs above
-  (the paper smooths the norm-fed Linears only; the ``down_proj`` input holds the largest outliers);
+  (the paper smooths the norm-fed Linears only; the ``down_proj`` input holds the largest outliers:
+  on SmolLM2-135M, 32 calibration windows of 512 tokens, GPL-3 perplexity 22.26 with them against
+  22.51 without; RTN W8A8 22.90, fp32 22.05);
 * ``auto_tokens`` (default 2048): at most this many calibration tokens (spread evenly over the
   windows) are kept per group for the ``"auto"`` search; the maxima ``a_j`` always use every token.
 
