@@ -185,9 +185,10 @@ def output_error(model, tok, **config):
 def test_awq_beats_rtn_on_a_truncated_smollm2(smollm_2_blocks, symmetric):
     model, tok = smollm_2_blocks
     rtn = output_error(model, tok, method="rtn", symmetric=symmetric)
-    awq = output_error(model, tok, method="awq", symmetric=symmetric, options=FAST)
-    # Measured about 0.55-0.6x of RTN's error (calibration is license texts, evaluation GPL-3).
-    assert awq < 0.75 * rtn, (awq, rtn)
+    awq = output_error(model, tok, method="awq", symmetric=symmetric, options={"n_grid": 5, "n_clip_tokens": 64})
+    # Measured 0.71x (symmetric) and 0.72x (asymmetric) of RTN's error with these settings, 0.62-0.63x
+    # with n_grid=10 (calibration: license texts; evaluation: GPL-3).
+    assert awq < 0.8 * rtn, (awq, rtn)
 
 
 def test_awq_end_to_end_on_a_tiny_llama_records_its_choices():

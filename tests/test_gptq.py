@@ -309,3 +309,26 @@ def test_hessian_accumulator_rejects_bad_input():
         acc.add_batch(torch.ones(4, 16, dtype=torch.int64))
     with pytest.raises(ValueError, match="in_features"):
         HessianAccumulator(0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_params_choose_each_groups_grid(symmetric):
+    """A custom ``group_params`` (QuaRot's clip search) decides the scales GPTQ quantizes to; the
+    default is the RTN rule."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    x = correlated_inputs(128, 512, seed=1)
+    h = hessian_of(x)
+    default = gptq_quantize(w, h, 4, 64, symmetric)
+    rtn_scales, _ = reference.weight_quant_params(w, 4, 64, symmetric, torch.float16)
+    # The first group's grid comes from the unchanged weights (later ones see GPTQ's feedback).
+    assert torch.equal(default.scales[:, 0], rtn_scales[:, 0])
+
+    def halved(group, bits, sym, scale_dtype):
+        from quantkern.quantizers.gptq import _group_params
+        scale, zero = _group_params(group, bits, sym, scale_dtype)
+        return (scale.float() * 0.5).to(scale_dtype), zero
+
+    clipped = gptq_quantize(w, h, 4, -1, symmetric, group_params=halved)
+    plain = gptq_quantize(w, h, 4, -1, symmetric)
+    assert torch.equal(clipped.scales, (plain.scales.float() * 0.5).to(plain.scales.dtype))

@@ -212,7 +212,15 @@ def test_checkpoint_round_trip(tmp_path):
 
     model = tiny_llama()
     tokens = ids()
-    result = quantize_model(model, None, small_config(kv_bits=4), progress=False)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.\n" * 20)
+    # The clip search gives each layer its own clip ratio: the checkpoint must keep them all.
+    config = small_config(kv_bits=4, options={"weights": "rtn"}, calib_path=str(calib), calib_samples=4,
+                          calib_seq_len=32)
+    result = quantize_model(model, ByteTokenizer(), config, progress=False)
+    assert len(set(result.extra_config["act_clip_ratios"].values())) > 1
+    # Calibration attended to quantized K/V through pre-hooks on the attention modules; none is left.
+    assert all(not layer.self_attn._forward_pre_hooks for layer in model.model.layers)
     qconfig = io.quantization_config("quarot", 4, result.group_size, True, act_bits=4, kv_bits=4, rotation="hadamard",
                                      act_clip_ratio=result.extra_config["act_clip_ratio"],
                                      kv_rotate_keys=result.extra_config["kv_rotate_keys"])
@@ -223,6 +231,9 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     assert loaded.model.layers[1].mlp.down_proj.input_rotation == "hadamard"
     assert loaded.model.layers[1].self_attn.o_proj.input_rotation == "hadamard"
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            assert loaded.get_submodule(name).act_clip_ratio == module.act_clip_ratio, name
     assert torch.equal(logits(loaded, tokens), logits(model, tokens))
 
 

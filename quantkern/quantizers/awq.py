@@ -277,7 +277,7 @@ class AWQQuantizer(Quantizer):
                     # As the Linear would compute: weights rounded to their dtype, then the error.
                     delta = (self._fake_quantize(w.float() * scales) / scales).to(w.dtype).float() - w.float()
                     loss = float(((delta @ gram) * delta).sum()) / n_elements
-                if loss < best_loss:  # strict: ties keep the smaller alpha (alpha = 0 is RTN)
+                if loss < best_loss:  # strict: ties keep the smaller alpha
                     best_loss, best_scales, best_alpha = loss, scales, alpha
         finally:
             for linear, w in zip(linears, originals):
@@ -358,7 +358,8 @@ def fold_scales(prev: nn.Module, linears: List[nn.Linear], scales: torch.Tensor)
     check = None
     bias = getattr(prev, "bias", None)
     bias = bias if isinstance(bias, torch.Tensor) else None
-    saved = [t.data for t in [prev.weight, bias] + [linear.weight for linear in linears] if t is not None]
+    touched = [t for t in [prev.weight, bias] + [linear.weight for linear in linears] if t is not None]
+    saved = [t.data for t in touched]
     if not isinstance(prev, nn.Linear):
         weight = prev.weight
         probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0))
@@ -376,8 +377,7 @@ def fold_scales(prev: nn.Module, linears: List[nn.Linear], scales: torch.Tensor)
         probe, expected = check
         error = (prev(probe).float() - expected).norm() / expected.norm().clamp(min=1e-12)
         if not error < 1e-2:
-            for t, data in zip([t for t in [prev.weight, bias] + [linear.weight for linear in linears]
-                                if t is not None], saved):
+            for t, data in zip(touched, saved):
                 t.data = data  # leave the model as it was
             raise UnsupportedModelError(
                 f"awq: {type(prev).__name__} does not scale its output by its weight (relative error "

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -167,10 +167,11 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torc
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
           symmetric: bool = True, act_order: bool = False, static_groups: bool = False, damp: float = 0.01,
-          block_size: int = 128, scale_dtype: torch.dtype = torch.float16
-          ) -> Tuple[QuantizedWeight, torch.Tensor]:
+          block_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+          group_params: Optional[Callable] = None) -> Tuple[QuantizedWeight, torch.Tensor]:
     """``gptq_quantize``, also returning the fp32 weights [N, K] that GPTQ's loop quantized to."""
     glen = _check_args(weight, hessian, bits, group_size, damp, block_size, scale_dtype)
+    group_params = group_params or _group_params
     n, k = weight.shape
     per_channel = glen == k
     if act_order and not per_channel:
@@ -195,7 +196,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size
     if static_groups or per_channel:
         # Per-channel has one group starting at column 0, so dynamic == static there.
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _group_params(w[:, g * glen:(g + 1) * glen], bits, symmetric, scale_dtype)
+            scales[:, g], zeros[:, g] = group_params(w[:, g * glen:(g + 1) * glen], bits, symmetric, scale_dtype)
         dynamic = False
     else:
         dynamic = True
@@ -224,7 +225,7 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size
             col = b0 + i
             if dynamic and col % glen == 0:
                 g = col // glen
-                scales[:, g], zeros[:, g] = _group_params(wb[:, i:i + glen], bits, symmetric, scale_dtype)
+                scales[:, g], zeros[:, g] = group_params(wb[:, i:i + glen], bits, symmetric, scale_dtype)
             g = group_of[col]
             scale, zero = scales[:, g].float(), zeros[:, g]
             x = wb[:, i]
@@ -253,7 +254,8 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   symmetric: bool = True, act_order: bool = False, static_groups: bool = False,
                   damp: float = 0.01, block_size: int = 128,
-                  scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
+                  scale_dtype: torch.dtype = torch.float16,
+                  group_params: Optional[Callable] = None) -> QuantizedWeight:
     """GPTQ-quantize ``weight`` [out_features, in_features] given the input Hessian [in, in].
 
     ``hessian`` is ``HessianAccumulator.H`` (any positive multiple of ``X^T X`` gives the same result).
@@ -261,9 +263,13 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     ``group_size != -1``, static groups are always used (see the module docstring). Raises
     ``TypeError``/``ValueError`` on invalid input and ``ValueError`` if the Hessian cannot be
     factorised even after increasing the dampening.
+
+    ``group_params(w [N, group_len], bits, symmetric, scale_dtype) -> (scale [N], zero code fp32 [N])``
+    chooses each group's grid (default: the RTN absmax / min-max rules); QuaRot passes an MSE clip
+    search here.
     """
     qw, _ = _gptq(weight, hessian, bits, group_size, symmetric, act_order, static_groups, damp,
-                  block_size, scale_dtype)
+                  block_size, scale_dtype, group_params)
     return qw
 
 

@@ -51,26 +51,47 @@ During calibration the model is still float, but down_proj's and o_proj's weight
 ``QuantLinear`` applies), so the float model is exact, and GPTQ's Hessians are those of the rotated
 inputs the quantized layers will see. The hooks disappear with the float Linears they sit on.
 
-Weights are then quantized per block: ``weights="gptq"`` (default, QuaRot's recommendation) with
-Hessians collected in true-sequential order (``models.SEQUENTIAL_GROUPS``: q/k/v, o, gate/up, down;
-each group's inputs computed with the earlier groups already quantized, float activations), or
-``weights="rtn"`` (round to nearest; no calibration needed for the Hadamard rotation). Symmetric
-weights are required when activations are quantized (integer GEMM). The lm_head stays in float
-unless ``keep_lm_head_fp16=False`` (it is a plain Linear holding the folded, rotated weights).
-Activations (``act_bits`` 4 or 8) are quantized per token with ``act_clip_ratio`` (QuaRot: 0.9);
-``kv_bits`` 4 or 8 quantizes keys (after RoPE, Hadamard-rotated) and values per token and head.
+Then, block by block and within a block group by group in true-sequential order
+(``models.SEQUENTIAL_GROUPS``: q/k/v, o, gate/up, down), one pass over the calibration windows
+collects the group's input statistics, and its weights are quantized:
 
-Options (``QuantizeConfig.options``): ``weights`` ("gptq" | "rtn"), ``act_clip_ratio`` (0.9; used only
-with act_bits), ``online_hadamard`` (True: steps 3 and 4's online rotations; False keeps only the
-offline ones), ``rotate_keys`` (True), ``pca_source`` ("blocks" | "embeddings"), ``pca_hadamard``
-(True), ``gptq_damp`` (0.01), ``gptq_act_order`` (True), ``gptq_static_groups`` (False),
-``gptq_block_size`` (128).
+* ``weights="gptq"`` (default, QuaRot's recommendation): ``gptq.gptq_quantize`` with the Hessian of the
+  group's (rotated) inputs; ``weights="rtn"``: round to nearest (no calibration needed for the
+  Hadamard rotation when nothing below needs it either).
+* ``weight_clip`` (True; QuaRot's ``--w_clip``): each row's (group's) range is shrunk to the ratio in
+  ``1 .. 0.21`` minimising ``sum |Q(w) - w|^2.4`` (``mse_clip_group_params``), for RTN and, through
+  ``gptq_quantize(group_params=...)``, for GPTQ's groups. Rotated weights are close to Gaussian,
+  so clipping their few extreme values pays at 4 bits.
+* Symmetric weights are required when activations are quantized (integer GEMM).
+
+Activations (``act_bits`` 4 or 8) are quantized per token, symmetric, with a clip ratio: with
+``act_clip_search`` (True) each Linear gets the ratio of ``ACT_CLIP_GRID`` minimising its output error
+``||Q_c(X) W_q^T - X W_q^T||^2`` over ``act_clip_tokens`` calibration tokens (on rotated, Gaussian-like
+inputs the optimum is near 0.8, lower for o_proj/down_proj); otherwise ``act_clip_ratio`` (QuaRot: 0.9)
+for every layer. With ``calibrate_quantized_activations`` (True) each group's inputs are
+fake-quantized (a forward pre-hook, after any online Hadamard) as soon as the group is done, so later
+groups and later blocks are calibrated on what the quantized model computes rather than on float
+activations. ``kv_bits`` 4 or 8 quantizes keys (after RoPE, Hadamard-rotated with ``rotate_keys``)
+and values per token and head (``kv_cache.enable_kv_quantization``). The lm_head stays in float
+unless ``keep_lm_head_fp16=False`` (it is a plain Linear holding the folded, rotated weights).
+
+Why GPTQ matters more with the rotation than without: folding the norms moves their gains into the
+weights. SmolLM2's residual has a massive activation (channel 507, up to 100x the median token norm
+on a window's first token); after rotation, weight rounding noise meets that token's whole energy,
+so plain RTN W4 per-channel is *worse* rotated than not (GPL-3, 3 windows: 86.5 vs 39.6), while GPTQ,
+which sees the direction in its Hessian, recovers (26.5 on the full text).
+
+Options (``QuantizeConfig.options``): ``weights`` ("gptq" | "rtn"), ``weight_clip`` (True),
+``act_clip_search`` (True), ``act_clip_ratio`` (0.9, without the search), ``act_clip_tokens`` (2048),
+``calibrate_quantized_activations`` (True), ``online_hadamard`` (True: steps 3 and 4's online
+rotations; False keeps only the offline ones), ``rotate_keys`` (True), ``pca_source`` ("blocks" |
+"embeddings"), ``pca_hadamard`` (True), ``gptq_damp`` (0.01), ``gptq_act_order`` (True),
+``gptq_static_groups`` (False), ``gptq_block_size`` (128). ``QuantizeConfig.seed`` seeds the random
+Hadamard's signs.
 """
 
 from __future__ import annotations
 
-import inspect
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -250,6 +271,20 @@ class _FakeActivationQuantization:
         return (y,) + tuple(args[1:])
 
 
+class _QuantizedKVDuringCalibration:
+    """Forward pre-hook of an attention module: a fresh ``kv_cache.QuantKVCache`` for each call, so
+    that the calibration windows attend to quantized keys and values as the final model will."""
+
+    def __init__(self, bits: int, rotate_keys: bool):
+        self.bits, self.rotate_keys = bits, rotate_keys
+
+    def __call__(self, module, args, kwargs):
+        from ..kv_cache import QuantKVCache
+
+        kwargs["past_key_values"] = QuantKVCache(None, self.bits, self.rotate_keys, backend="reference")
+        return args, kwargs
+
+
 def _hadamard_pre_hook(module, args):
     return (reference.hadamard(args[0]),) + tuple(args[1:])
 
@@ -419,7 +454,7 @@ class QuaRotQuantizer(Quantizer):
         self.search_clips = config.act_bits is not None and bool(self.options["act_clip_search"])
         self.needs_calibration = self.options["weights"] == "gptq" or self.rotation == "pca" or self.search_clips
         self.hooks: list = []
-        self._warned_clip = False
+        self._kv_hooks: list = []
         self.clips: Dict[str, float] = {}  # Linear's qualified name -> searched activation clip ratio
 
     def check(self, structure: ModelStructure) -> None:
@@ -465,18 +500,11 @@ class QuaRotQuantizer(Quantizer):
     def _gptq(self, linear: nn.Linear, hessian: torch.Tensor) -> QuantizedWeight:
         from .gptq import gptq_quantize
 
-        extra = {}
-        if self.options["weight_clip"]:
-            if "group_params" in inspect.signature(gptq_quantize).parameters:
-                extra["group_params"] = mse_clip_group_params
-            elif not self._warned_clip:
-                self._warned_clip = True
-                warnings.warn("quarot: this gptq_quantize takes no group_params, so GPTQ uses absmax (unclipped) "
-                              "weight scales; weight_clip applies to RTN only", RuntimeWarning, stacklevel=2)
         return gptq_quantize(linear.weight.detach(), hessian.to(linear.weight.device), self.config.bits,
                              self.group_size, self.config.symmetric, self.options["gptq_act_order"],
                              self.options["gptq_static_groups"], self.options["gptq_damp"],
-                             self.options["gptq_block_size"], self.config.scale_dtype, **extra)
+                             self.options["gptq_block_size"], self.config.scale_dtype,
+                             group_params=mse_clip_group_params if self.options["weight_clip"] else None)
 
     def _rtn(self, linear: nn.Linear) -> QuantizedWeight:
         if self.options["weight_clip"]:
@@ -492,6 +520,11 @@ class QuaRotQuantizer(Quantizer):
         later groups and the next blocks are calibrated on what the quantized model computes."""
         gptq = self.options["weights"] == "gptq"
         simulate = self.config.act_bits is not None and self.options["calibrate_quantized_activations"]
+        if self.config.kv_bits is not None and self.options["calibrate_quantized_activations"]:
+            # Attention over quantized keys/values from here on (removed in finalize).
+            self._kv_hooks.append(block.attention.register_forward_pre_hook(
+                _QuantizedKVDuringCalibration(self.config.kv_bits, bool(self.options["rotate_keys"])),
+                with_kwargs=True))
         quantized = {}
         for group in SEQUENTIAL_GROUPS:
             first = block.linears[group[0]]  # the group's Linears share one input
@@ -555,6 +588,9 @@ class QuaRotQuantizer(Quantizer):
 
     def finalize(self, structure: ModelStructure) -> None:
         self.hooks = []
+        for handle in self._kv_hooks:
+            handle.remove()
+        self._kv_hooks = []
         if self.config.kv_bits is not None:
             from ..kv_cache import enable_kv_quantization
 
