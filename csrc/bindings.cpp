@@ -40,6 +40,18 @@ TORCH_LIBRARY(quantkern, m) {
   // split_k / tile_m: 0 = automatic (overrides for tuning).
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, Tensor locks, "
         "int group_size, int split_k=0, int tile_m=0) -> Tensor");
+  // Integer GEMMs W8A8 / W4A4 / W4A8 (csrc/int_gemm.cu): a = quantize_per_token's q (int8 [M, K] or uint8
+  // [M, K/2]), a_scale fp32 [M], w / w_scale in the layout of quantkern.layout_int.prepare_int_weight,
+  // bias fp32 [N] -> y [M, N] in out_dtype (float16 / bfloat16). split_k / config: 0 = automatic.
+  m.def("int_gemm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int a_bits, int w_bits, "
+        "int group_len, ScalarType out_dtype, int split_k=0, int config=0) -> Tensor");
+  // The exact int32 accumulator a @ w^T [M, n] of the same operands (test hook).
+  m.def("int_gemm_acc(Tensor a, Tensor w, int n, int a_bits, int w_bits, int split_k=0, int config=0) -> Tensor");
+  // Online Hadamard rotation (csrc/hadamard.cu): x [..., n] fp16/bf16/fp32 -> x @ H^T / sqrt(n) in x's dtype,
+  // H = quantkern.rotation.hadamard_matrix(n); block_size > 0: the same per block of that many entries.
+  m.def("hadamard(Tensor x, int block_size=0) -> Tensor");
+  // Fused: hadamard, rounded to x's dtype, then quantize_per_token: x [M, K] -> (q, scale) as quantize_per_token.
+  m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -21,7 +21,33 @@ def w4a16_gemm_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     return x.new_empty((x.shape[0], scales.shape[1]))
 
 
+def int_gemm_fake(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias,
+                  a_bits: int, w_bits: int, group_len: int, out_dtype: torch.dtype, split_k: int = 0,
+                  config: int = 0):
+    # y [M, N] in out_dtype; N = w_scale.size(1) (w is tiled and padded, see quantkern.layout_int).
+    return a.new_empty((a.shape[0], w_scale.shape[1]), dtype=out_dtype)
+
+
+def int_gemm_acc_fake(a: torch.Tensor, w: torch.Tensor, n: int, a_bits: int, w_bits: int, split_k: int = 0,
+                      config: int = 0):
+    return a.new_empty((a.shape[0], n), dtype=torch.int32)
+
+
+def hadamard_fake(x: torch.Tensor, block_size: int = 0):
+    return torch.empty_like(x)
+
+
+def hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_size: int = 0):
+    # Same outputs as quantize_per_token: q int8 [M, K] / uint8 [M, K/2], scales fp32 [M].
+    return quantize_per_token_fake(x, bits, clip_ratio)
+
+
 def register_extension_fakes() -> None:
     """Called once, right after quantkern._C is loaded (its ops must exist first)."""
     torch.library.register_fake("quantkern::quantize_per_token")(quantize_per_token_fake)
     torch.library.register_fake("quantkern::w4a16_gemm")(w4a16_gemm_fake)
+    torch.library.register_fake("quantkern::int_gemm")(int_gemm_fake)
+    torch.library.register_fake("quantkern::int_gemm_acc")(int_gemm_acc_fake)
+    for name, fake in (("hadamard", hadamard_fake), ("hadamard_quantize", hadamard_quantize_fake)):
+        if hasattr(torch.ops.quantkern, name):  # absent from an extension built before csrc/hadamard.cu
+            torch.library.register_fake(f"quantkern::{name}")(fake)

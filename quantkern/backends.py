@@ -29,6 +29,7 @@ OPS = (
     "w4a4_linear",
     "w4a8_linear",
     "hadamard",
+    "hadamard_quantize",
     "quantize_kv",
 )
 
@@ -37,6 +38,11 @@ OPS = (
 EXTENSION_OPS = {
     "quantize_per_token": "quantize_per_token",
     "weight_only_linear": "w4a16_gemm",
+    "hadamard": "hadamard",
+    "hadamard_quantize": "hadamard_quantize",
+    "w8a8_linear": "int_gemm",
+    "w4a4_linear": "int_gemm",
+    "w4a8_linear": "int_gemm",
 }
 
 

@@ -80,13 +80,14 @@ class QuantLinear(nn.Module):
         ``state_dict`` saves) are parked in host memory, so the device holds the weight once."""
         if backend is not None:
             self.backend = backend
-        if self.act_bits is not None:
-            return self  # W8A8 / W4A4 kernels come with their own issue; they take the weight as is
         if device is None:  # where the kernel runs: the canonical copy may be parked in host memory
             device = self._prepared.device if self._prepared is not None else self.qweight.device
         device = torch.device(device)
         weight = self.weight.to(device)
-        self._prepared = ops.prepare_weight_only(weight, dtype or self.scales.dtype, self.backend)
+        if self.act_bits is None:
+            self._prepared = ops.prepare_weight_only(weight, dtype or self.scales.dtype, self.backend)
+        else:  # W8A8 / W4A4 / W4A8: the integer GEMM's layout (quantkern.layout_int)
+            self._prepared = ops.prepare_int_weight(weight, self.act_bits, dtype or self.scales.dtype, self.backend)
         if self._prepared.backend != "reference":
             for name in ("qweight", "scales", "zeros"):
                 buffer = getattr(self, name)
@@ -163,8 +164,8 @@ class QuantLinear(nn.Module):
             x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
         if self.act_bits is None:
             return ops.weight_only_linear(x, self._prepared_for(x), self.bias)
-        return ops.quantized_activation_linear(x, self.weight, self.act_bits, self.bias, self.act_clip_ratio,
-                                               backend=self.backend)
+        return ops.quantized_activation_linear(x, self._prepared_for(x), self.act_bits, self.bias,
+                                               self.act_clip_ratio)
 
     def extra_repr(self) -> str:
         group = "per-channel" if self.group_size == -1 else self.group_size

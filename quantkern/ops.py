@@ -21,6 +21,7 @@ __all__ = [
     "MissingKernelError",
     "PreparedWeight",
     "prepare_weight_only",
+    "prepare_int_weight",
     "quantize_per_token",
     "weight_only_linear",
     "w8a8_linear",
@@ -28,6 +29,7 @@ __all__ = [
     "w4a8_linear",
     "quantized_activation_linear",
     "hadamard",
+    "hadamard_quantize",
     "quantize_kv",
 ]
 
@@ -160,50 +162,174 @@ def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedW
     return y.reshape(*lead, weight.out_features)
 
 
-def w8a8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+# (weight bits, activation bits) -> public op name of the integer-activation modes.
+_INT_OPS = {(8, 8): "w8a8_linear", (4, 4): "w4a4_linear", (4, 8): "w4a8_linear"}
+
+
+def _int_gemm_fn(backend: str):
+    if backend == "cuda":
+        from .layout_int import int_gemm_cuda as fn
+    else:
+        from .triton_kernels.int_gemm import int_gemm as fn
+    return fn
+
+
+def prepare_int_weight(weight: QuantizedWeight, act_bits: int, dtype: torch.dtype = torch.float16,
+                       backend: Optional[str] = None) -> PreparedWeight:
+    """Repack a symmetric ``weight`` once for the W8A8 / W4A4 / W4A8 kernel that will run it on its device
+    (``quantkern.layout_int``); ``dtype`` is the activation (and output) dtype it will serve."""
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    op = _INT_OPS.get((weight.bits, act_bits))
+    if op is None:
+        raise ValueError(f"supported activation modes are W8A8, W4A4 and W4A8; got W{weight.bits}A{act_bits}")
+    chosen = select(op, weight.device, backend)
+    meta = dict(device=weight.device, dtype=dtype, bits=weight.bits, group_size=weight.group_size,
+                in_features=weight.in_features, out_features=weight.out_features)
+    if chosen == "reference":
+        return PreparedWeight("reference", source=weight, tensors={"act_bits": act_bits}, **meta)
+    from .layout_int import prepare_int_weight as _prepare, unsupported_reason
+
+    reason = unsupported_reason(weight.in_features, weight.out_features, weight.group_size, weight.bits, act_bits)
+    if reason:
+        raise MissingKernelError(f"{op} ({weight.in_features} -> {weight.out_features}): {reason}")
+    return PreparedWeight(chosen, tensors=_prepare(weight, act_bits, chosen), source=None, **meta)
+
+
+def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], act_bits: int,
+                bias: Optional[torch.Tensor], clip_ratio: float, backend: Optional[str]) -> torch.Tensor:
+    """Per-token activation quantization (``quantize_per_token``) + the integer GEMM with its epilogue."""
+    if isinstance(weight, QuantizedWeight):
+        weight = prepare_int_weight(weight, act_bits, x.dtype if isinstance(x, torch.Tensor) else torch.float16,
+                                    backend)
+    elif not isinstance(weight, PreparedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
+    elif backend is not None and backend != weight.backend:
+        raise ValueError(f"weight was prepared for the {weight.backend} backend, not {backend!r}")
+    elif weight.tensors.get("act_bits") != act_bits:
+        raise ValueError(f"weight was prepared for {weight.tensors.get('act_bits')}-bit activations, not {act_bits}")
+    if weight.backend == "reference":
+        return reference.quantized_activation_linear(x, weight.source, act_bits, bias, clip_ratio)
+    reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
+    clip_ratio = reference._check_clip_ratio(clip_ratio)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"the {weight.backend} integer GEMMs take float16 or bfloat16 activations, not {x.dtype}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, weight.in_features).contiguous()
+    # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
+    q, sx = quantize_per_token(x2d, act_bits, clip_ratio,
+                               backend=None if weight.backend == "cuda" else weight.backend)
+    if bias is not None:
+        bias = bias.float().contiguous()
+    y = _int_gemm_fn(weight.backend)(q, sx, weight.tensors, bias, x.dtype)
+    return y.reshape(*lead, weight.out_features)
+
+
+def w8a8_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], bias: Optional[torch.Tensor] = None,
                 clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
-    """W8A8: per-token int8 activations times symmetric int8 weights, int32 accumulation, fp epilogue."""
-    _reference_only("w8a8_linear", x.device, backend)
-    return reference.w8a8_linear(x, weight, bias, clip_ratio)
+    """W8A8: per-token int8 activations times symmetric int8 weights, int32 accumulation, fp epilogue.
+
+    Pass a ``PreparedWeight`` (``prepare_int_weight``; ``QuantLinear`` keeps one): a bare
+    ``QuantizedWeight`` is repacked on every call."""
+    if weight.bits != 8:
+        raise ValueError(f"w8a8_linear needs 8-bit weights, got {weight.bits}-bit")
+    return _int_linear(x, weight, 8, bias, clip_ratio, backend)
 
 
-def w4a4_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+def w4a4_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], bias: Optional[torch.Tensor] = None,
                 clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """W4A4: per-token int4 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
-    _reference_only("w4a4_linear", x.device, backend)
-    return reference.w4a4_linear(x, weight, bias, clip_ratio)
+    if weight.bits != 4:
+        raise ValueError(f"w4a4_linear needs 4-bit weights, got {weight.bits}-bit")
+    return _int_linear(x, weight, 4, bias, clip_ratio, backend)
 
 
-def w4a8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+def w4a8_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], bias: Optional[torch.Tensor] = None,
                 clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """W4A8: per-token int8 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
-    _reference_only("w4a8_linear", x.device, backend)
     if weight.bits != 4:
         raise ValueError(f"w4a8_linear needs 4-bit weights, got {weight.bits}-bit")
-    return reference.quantized_activation_linear(x, weight, 8, bias, clip_ratio)
+    return _int_linear(x, weight, 8, bias, clip_ratio, backend)
 
 
 # (weight bits, activation bits) -> op: the integer-activation modes quantkern supports.
 ACTIVATION_MODES = {(8, 8): w8a8_linear, (4, 4): w4a4_linear, (4, 8): w4a8_linear}
 
 
-def quantized_activation_linear(x: torch.Tensor, weight: QuantizedWeight, act_bits: int,
+def quantized_activation_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], act_bits: int,
                                 bias: Optional[torch.Tensor] = None, clip_ratio: float = 1.0,
                                 backend: Optional[str] = None) -> torch.Tensor:
     """W8A8, W4A4 or W4A8 by ``(weight.bits, act_bits)``; see ``reference.quantized_activation_linear``."""
-    if not isinstance(weight, QuantizedWeight):
-        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    if not isinstance(weight, (QuantizedWeight, PreparedWeight)):
+        raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
     op = ACTIVATION_MODES.get((weight.bits, act_bits))
     if op is None:
         raise ValueError(f"supported activation modes are W8A8, W4A4 and W4A8; got W{weight.bits}A{act_bits}")
     return op(x, weight, bias, clip_ratio, backend)
 
 
-def hadamard(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optional[int] = None) -> torch.Tensor:
     """Orthonormal Hadamard transform along the last dim (``x @ H.T / sqrt(n)``), a true Hadamard
-    matrix for 2^k and 12/20/28/36/40 x 2^k."""
-    _reference_only("hadamard", x.device, backend)
-    return reference.hadamard(x)
+    matrix for 2^k and 12/20/28/36/40 x 2^k (``reference.hadamard``); returned in x's dtype.
+
+    ``block_size``: the same transform on each consecutive block of that many entries instead
+    (``rotation.block_hadamard_transform``; the CUDA kernel takes powers of two >= 8).
+    GPU kernels: csrc/hadamard.cu (one pass, fp32 accumulation), else triton_kernels/hadamard.py.
+    """
+    from .rotation import _check_input, block_hadamard_transform
+
+    _check_input(x)
+    chosen = select("hadamard", x.device, backend)
+    if chosen == "reference":
+        return block_hadamard_transform(x, block_size) if block_size else reference.hadamard(x)
+    op = _cuda_op("hadamard") if chosen == "cuda" else _triton_op("hadamard")
+    return op(x.contiguous(), int(block_size or 0))
+
+
+def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, backend: Optional[str] = None,
+                      block_size: Optional[int] = None):
+    """Fused online rotation + per-token quantization: ``quantize_per_token(hadamard(x), bits, clip_ratio)``.
+
+    The rotated activations are rounded to x's dtype before they are quantized, exactly as
+    ``QuantLinear(input_rotation="hadamard")`` does it (``hadamard`` returns x's dtype, the quantizer
+    reads that), so the fused op is a drop-in for that pair of calls: one pass over memory on the GPU.
+    Returns ``(q, scales)`` in quantize_per_token's layout (int8 [..., K] or uint8 [..., K/2]; fp32 [...]).
+    For n = 2^k the CUDA kernel is bit-exact with the two-call reference; for m * 2^k the rotated values
+    agree to fp32 rounding, so a code can differ by 1 at a rounding boundary.
+    """
+    reference._check_float("x", x)
+    check_bits(bits)
+    clip_ratio = reference._check_clip_ratio(clip_ratio)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the features)")
+    features = x.shape[-1]
+    if bits == 4 and features % 2:
+        raise ValueError(f"int4 activations need an even number of features, got {features}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, features).contiguous()
+    chosen = select("hadamard_quantize", x.device, backend)
+    if chosen == "reference":
+        from .rotation import block_hadamard_transform
+
+        rotated = block_hadamard_transform(rows, block_size) if block_size else reference.hadamard(rows)
+        q, scales = reference.quantize_per_token(rotated, bits, clip_ratio)
+    elif chosen == "cuda" and not block_size and _fused_rotation_is_slower(features):
+        q, scales = _cuda_op("quantize_per_token")(_cuda_op("hadamard")(rows, 0), bits, clip_ratio)
+    else:
+        op = _cuda_op("hadamard_quantize") if chosen == "cuda" else _triton_op("hadamard_quantize")
+        q, scales = op(rows, bits, clip_ratio, int(block_size or 0))
+    return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
+
+
+def _fused_rotation_is_slower(features: int) -> bool:
+    """Short rows with a non-power-of-two Hadamard order (m * 2^k, 2^k <= 32: 576 = 36 x 16, 896 = 28 x 32)
+    leave the fused CUDA kernel's final round with fewer than 32 busy threads per row; there the two CUDA
+    kernels in a row are faster (H100, 576 x 2048 rows: 19.5 us against 32.4 us fused) and give the same
+    result as the reference composition."""
+    from .rotation import hadamard_factorization
+
+    factors = hadamard_factorization(features)
+    return factors is not None and factors[0] > 1 and factors[1] <= 5
 
 
 def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):

@@ -60,6 +60,13 @@ for bench in $BENCHES; do
     case $bench in
         e2e) extra="--config ${QUANTKERN_E2E_CONFIG:-llama3-8b}" ;;
         w4a16) extra="${QUANTKERN_W4A16_ARGS:---quick}" ;;
+        int_gemm) extra="${QUANTKERN_INT_GEMM_ARGS:-}" ;;  # QUANTKERN_BENCH="int_gemm"; args e.g. --quick, --all-shapes
+        hadamard)  # QUANTKERN_BENCH="hadamard": builds the optional peer from .peers/ (git-ignored; name it in carry)
+            if [ -d .peers/fast-hadamard-transform ] && ! $PY -c "import fast_hadamard_transform" 2>/dev/null; then
+                step peer_fht peer_fht.log env FAST_HADAMARD_TRANSFORM_FORCE_BUILD=TRUE $PY -m pip install \
+                    --no-build-isolation --no-deps -v ./.peers/fast-hadamard-transform
+            fi
+            extra="${QUANTKERN_HADAMARD_ARGS:---no-triton}" ;;
         *) extra="" ;;
     esac
     step "bench_$bench" "bench_$bench.log" $PY "benchmarks/bench_$bench.py" --json "$OUTDIR/bench_$bench.json" $extra

@@ -44,9 +44,52 @@ def w4a16_cases():
         print("w4a16_gemm", k, n, m, group, symmetric, dtype, split_k, tile_m, f"error {error:.1e}", flush=True)
 
 
+def int_gemm_cases():
+    # (M, K, N, weight bits, act bits, group, split_k (0: automatic), config (0: automatic))
+    cases = [(3, 576, 200, 4, 4, -1, 0, 0), (5, 896, 136, 8, 8, 32, 3, 1), (70, 576, 264, 4, 8, 64, 1, 2),
+             (130, 1024, 392, 4, 4, 128, 2, 3), (17, 160, 64, 8, 8, -1, 0, 3)]
+    from quantkern.layout_int import int_gemm_cuda
+
+    for m, k, n, bits, act_bits, group, split_k, config in cases:
+        qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, group, scale_dtype=torch.bfloat16)
+        prepared = ops.prepare_int_weight(qw, act_bits, torch.bfloat16, backend="cuda")
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        bias = torch.randn(n, device="cuda")
+        q, sx = ops.quantize_per_token(x, act_bits)
+        y = int_gemm_cuda(q, sx, prepared.tensors, bias, torch.bfloat16, split_k, config)
+        error = relative_error(y, reference.quantized_activation_linear(x, qw, act_bits, bias))
+        assert error < 1e-2, (m, k, n, bits, act_bits, group, split_k, config, error)
+        print("int_gemm", m, k, n, f"W{bits}A{act_bits}", group, split_k, config, f"error {error:.1e}", flush=True)
+
+
+def hadamard_cases():
+    # (rows, n, dtype, bits (0: rotation only), block_size): direct path (576 = 36 x 16, 4096, 96), indirect
+    # path (32768, 24576 = 12 x 2048), the small dense kernel (12), blocked mode (896 / 128), misaligned rows.
+    cases = [(3, 576, torch.float16, 4, 0), (2, 4096, torch.bfloat16, 8, 0), (5, 96, torch.float32, 4, 0),
+             (2, 12, torch.float16, 8, 0), (2, 32768, torch.float16, 0, 0), (2, 24576, torch.bfloat16, 4, 0),
+             (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0)]
+    backends.status("cuda")  # loads quantkern._C (registers torch.ops.quantkern.*)
+    for rows, n, dtype, bits, block in cases:
+        x = torch.randn(rows, n, device="cuda").to(dtype)
+        rotated = ops.hadamard(x, backend="reference", block_size=block or None)
+        if bits == 0:
+            error = relative_error(torch.ops.quantkern.hadamard(x, block), rotated)
+        else:
+            q, s = torch.ops.quantkern.hadamard_quantize(x, bits, 1.0, block)
+            q_ref, s_ref = reference.quantize_per_token(rotated, bits)
+            error = relative_error(s, s_ref) + (q != q_ref).float().mean().item()
+        assert error < 1e-2, (rows, n, dtype, bits, block, error)
+        print("hadamard", rows, n, dtype, bits, block, f"error {error:.1e}", flush=True)
+    base = torch.randn(3 * 1024 + 1, device="cuda", dtype=torch.float16)
+    torch.ops.quantkern.hadamard_quantize(base[1:].view(3, 1024), 4, 1.0, 0)  # misaligned: copied first
+
+
 if __name__ == "__main__":
     if not backends.status("cuda").available or not torch.cuda.is_available():
         sys.exit(f"needs the CUDA extension and a GPU: {backends.status('cuda').reason}")
     activation_cases()
     w4a16_cases()
+    int_gemm_cases()
+    if "hadamard" in backends.status("cuda").kernels:
+        hadamard_cases()
     torch.cuda.synchronize()

@@ -5,9 +5,17 @@
 """
 
 from .activation_quant import quantize_per_token
+from .hadamard import hadamard, hadamard_quantize
+from .int_gemm import int_gemm
 from .w4a16 import w4a16_linear
 
 KERNELS = {
     "quantize_per_token": quantize_per_token,
     "weight_only_linear": w4a16_linear,
+    "hadamard": hadamard,
+    "hadamard_quantize": hadamard_quantize,
+    # The integer-activation ops run quantize_per_token, then int_gemm (see quantkern.ops._int_linear).
+    "w8a8_linear": int_gemm,
+    "w4a4_linear": int_gemm,
+    "w4a8_linear": int_gemm,
 }

@@ -1,0 +1,147 @@
+"""Online Hadamard rotation: our CUDA kernels against peers in the same run.
+
+Ours: ``hadamard`` (rotation alone, fp16 out) and ``hadamard_quantize`` (rotation + per-token int4 in one
+pass), called as the extension's ops (torch.ops.quantkern.*), and the Triton versions.
+Peers, same inputs, same run:
+  * ``fht``: Dao-AILab ``fast_hadamard_transform.hadamard_transform`` (``_28N`` for 14336 = 28 x 512; its
+    28 x 28 matrix is its own table, the timing is what matters), when importable. The GPU machine has no
+    package registry: scripts/gpu_check.sh (QUANTKERN_BENCH=hadamard, carry ``.peers``) builds it from its
+    sources in the git-ignored ``.peers/fast-hadamard-transform`` (a copy of the GitHub repository at v1.1.0,
+    setup.py cut to sm_90: the PyPI sdist, also there, carries no csrc); without it this peer is skipped and
+    the JSON says so.
+  * ``fht+quant``: fht, then our ``quantize_per_token`` (QuaRot's path: two passes over the activations).
+  * ``two_pass``: our ``hadamard`` then our ``quantize_per_token``.
+  * ``matmul``: ``x @ (H / sqrt(n))`` with the dense fp16 matrix (cuBLAS).
+  * ``copy``: a device-to-device copy of the SAME number of bytes as the measured op moves (so launch and
+    tail effects at these sizes count against the copy too), plus the 1 GiB copy rate for reference.
+Sizes: 4096, 8192, 14336, 16384 (the targets), 576 = 36 x 16 (SmolLM2), and 4864 = 19 x 256, which has no
+Hadamard matrix: it runs in blocked mode (block 256), and the peers on the same 256-blocks.
+Figures: GB/s counting bytes read + written (x read once; y or q + scales written once) and the fraction
+of the same-bytes copy. Timing: triton.testing.do_bench medians (L2 flushed between repetitions).
+
+    python benchmarks/bench_hadamard.py --json out/bench_hadamard.json   (--no-triton: skip the Triton timings,
+    whose per-shape compilations take minutes on the GPU machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common import copy_bandwidth_gbs, median_us, print_table, write_json
+from quantkern import backends, ops, reference
+from quantkern.rotation import hadamard_matrix
+
+SIZES = [4096, 8192, 14336, 16384, 576, 4864]
+BLOCKS = {4864: 256}  # sizes with no Hadamard matrix: blocked mode
+ROWS = [2048, 8192]
+TARGET_SIZES = (4096, 8192, 14336, 16384)
+
+
+def load_fht():
+    try:
+        import fast_hadamard_transform as fht
+    except ImportError as error:
+        return None, f"not importable ({error})"
+    return fht, f"fast_hadamard_transform {getattr(fht, '__version__', '?')}"
+
+
+def fht_call(fht, x, n, block):
+    from fast_hadamard_transform import fast_hadamard_transform_interface as fi
+
+    size = block or n
+    scale = 1.0 / math.sqrt(size)
+    rows = x.view(-1, size)
+    if size % 28 == 0:
+        return lambda: fi.hadamard_transform_28N(rows, scale)
+    if size & (size - 1) == 0:
+        return lambda: fht.hadamard_transform(rows, scale)
+    return None  # 576 = 36 x 16: no 36N kernel in fast-hadamard-transform
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    parser.add_argument("--no-triton", action="store_true")
+    args = parser.parse_args()
+    if "hadamard_quantize" not in backends.status("cuda").kernels:
+        raise SystemExit(f"the CUDA extension lacks the hadamard kernels: {backends.status('cuda').reason}")
+    dtype = torch.float16
+    copy_1g = copy_bandwidth_gbs()
+    fht, fht_status = load_fht()
+    print(f"peer fast-hadamard-transform: {fht_status}")
+
+    results, table = [], []
+    for n in args.sizes:
+        block = BLOCKS.get(n, 0)
+        size = block or n
+        h = (hadamard_matrix(size, dtype=torch.float64) / math.sqrt(size)).to("cuda", dtype)
+        if block:
+            h = torch.block_diag(*[h] * (n // block))
+        for rows in args.rows:
+            x = torch.randn(rows, n, device="cuda", dtype=dtype)
+            # correctness first
+            y = torch.ops.quantkern.hadamard(x, block)
+            y_ref = reference.hadamard(x) if not block else ops.hadamard(x, backend="reference", block_size=block)
+            assert torch.equal(y, y_ref) or (y.float() - y_ref.float()).abs().max() <= 2e-3 * y_ref.float().abs().max()
+            q, s = torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, block)
+            q_ref, s_ref = reference.quantize_per_token(y_ref, 4)
+            assert (q != q_ref).float().mean().item() < 0.01 and torch.allclose(s, s_ref, rtol=2e-3)
+            bytes_rot = 2 * rows * n * 2
+            bytes_q = rows * n * 2 + rows * n // 2 + rows * 4
+            times = {
+                "hadamard": median_us(lambda: torch.ops.quantkern.hadamard(x, block)),
+                "hadamard_quantize": median_us(lambda: torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, block)),
+                "two_pass": median_us(lambda: torch.ops.quantkern.quantize_per_token(
+                    torch.ops.quantkern.hadamard(x, block), 4, 1.0)),
+                "matmul": median_us(lambda: torch.matmul(x, h)),
+            }
+            if not args.no_triton:
+                times["triton_hadamard"] = median_us(lambda: ops.hadamard(x, backend="triton", block_size=block))
+                times["triton_hadamard_quantize"] = median_us(
+                    lambda: ops.hadamard_quantize(x, 4, backend="triton", block_size=block))
+            call = fht_call(fht, x, n, block) if fht else None
+            if call:
+                call()
+                times["fht"] = median_us(call)
+                times["fht+quant"] = median_us(
+                    lambda: torch.ops.quantkern.quantize_per_token(call().view(rows, n), 4, 1.0))
+            src_rot = torch.empty(bytes_rot // 2, dtype=torch.uint8, device="cuda").random_()
+            dst_rot = torch.empty_like(src_rot)
+            src_q = torch.empty(bytes_q // 2, dtype=torch.uint8, device="cuda").random_()
+            dst_q = torch.empty_like(src_q)
+            times["copy_same_bytes_rot"] = median_us(lambda: dst_rot.copy_(src_rot))
+            times["copy_same_bytes_quant"] = median_us(lambda: dst_q.copy_(src_q))
+            nbytes = {k: (bytes_rot if k in ("hadamard", "matmul", "triton_hadamard", "fht", "copy_same_bytes_rot")
+                          else bytes_q) for k in times}
+            gbs = {k: nbytes[k] / (t * 1e3) for k, t in times.items()}
+            copy_rot, copy_q = gbs["copy_same_bytes_rot"], gbs["copy_same_bytes_quant"]
+            frac = {k: gbs[k] / (copy_rot if nbytes[k] == bytes_rot else copy_q) for k in times}
+            results.append({"n": n, "block_size": block, "rows": rows, "dtype": "float16", "bits": 4,
+                            "time_us": times, "bytes": nbytes, "gbs": gbs, "fraction_of_same_bytes_copy": frac,
+                            "fraction_of_1GiB_copy": {k: g / copy_1g for k, g in gbs.items()}})
+
+            def f(key):
+                return f"{frac[key]:.2f}" if key in frac else "-"
+
+            table.append([f"{n}{'/b' + str(block) if block else ''}", rows,
+                          f"{times['hadamard_quantize']:.1f}", f"{gbs['hadamard_quantize']:.0f}",
+                          f("hadamard_quantize"), f("two_pass"), f("fht+quant"),
+                          f("hadamard"), f("fht"), f("matmul"), f("triton_hadamard_quantize"),
+                          "yes" if n in TARGET_SIZES and frac["hadamard_quantize"] >= 0.85 else
+                          ("NO" if n in TARGET_SIZES else "")])
+            print("progress:", n, rows, {k: round(t, 1) for k, t in times.items()}, flush=True)
+    if args.json:
+        write_json(args.json, results, {"copy_bandwidth_1GiB_gbs": copy_1g, "peer_fht": fht_status})
+    print(f"\nonline Hadamard, fp16, int4 per-token; 1 GiB copy {copy_1g:.0f} GB/s (read+write); "
+          f"figures = fraction of a copy of the same bytes; fht: {fht_status}")
+    print_table(table, ["n", "rows", "fused_us", "fused_GB/s", "fused", "two_pass", "fht+quant", "had", "fht",
+                        "matmul", "triton_fused", ">=0.85"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Integer-activation linear layers (W4A4, W8A8): our CUDA and Triton kernels against peers in the same run.
+
+Every figure is a whole linear layer from bf16 activations to bf16 outputs, activation quantization included:
+  w4a4 / w8a8         ours, CUDA: quantize_per_token kernel + int_gemm (fused scale epilogue)
+  w4a4_tr / w8a8_tr   ours, Triton: the same quantizer kernel + the Triton int_gemm
+  bf16                cuBLAS ``F.linear`` in bf16 (no quantization at all)
+  int_mm              ``torch._int_mm`` (cuBLASLt int8) + our quantize_per_token kernel for its activations
+                      + the scale epilogue in torch (``(acc.float() * sx[:, None] * sw).to(bf16)``):
+                      the W8A8 a user assembles from torch's own int8 GEMM
+Timing: CUDA-graph replays (``triton.testing.do_bench_cudagraph``, median), so launch overhead is not
+measured (the ops are CUDA-graph and torch.compile friendly); each variant cycles through enough copies
+of its weight (>= 200 MB together) that the weights come from HBM, not from the 50 MB L2 (the Triton
+rows, through quantkern.ops, use one copy: at 8192x8192 their weights may sit in L2). Ratios are
+peer time / our time (> 1: ours faster). Correctness is checked against the reference before timing.
+
+    python benchmarks/bench_int_gemm.py --json out/bench_int_gemm.json [--quick] [--all-shapes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from common import print_table, write_json
+from quantkern import backends, ops, reference
+from quantkern.layout_int import int_gemm_cuda
+
+SHAPES = [(8192, 8192), (8192, 28672)]  # K x N
+MORE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+MS = [1, 16, 128, 512, 2048, 8192]
+ROTATE_BYTES = 200 << 20
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3  # us
+
+
+def cycling(items):
+    state = {"i": 0}
+
+    def nxt():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+    return nxt
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+def sweep(small_only: bool = False) -> None:
+    """GEMM alone (activations quantized beforehand), per tile config and split, for choosing the plan."""
+    rows = []
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device="cuda") / k ** 0.5
+        for bits in (4, 8):
+            qw = reference.quantize_weight(w, bits, -1, scale_dtype=torch.bfloat16)
+            p = ops.prepare_int_weight(qw, bits, torch.bfloat16, backend="cuda").tensors
+            ps = [p] + [dict(p, w=p["w"].clone()) for _ in range(copies_for(p["w"].numel()) - 1)]
+            for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (2, 1)]), (16, [(1, 1), (1, 2), (2, 1)]),
+                             (2048, [(3, 1), (4, 1), (5, 1)]), (8192, [(3, 1), (4, 1), (5, 1)])):
+                if small_only and m > 16:
+                    continue
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
+                tq = bench(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0))
+                for config, split in cands:
+                    nxt = cycling(ps)
+                    t = bench(lambda: int_gemm_cuda(q, sx, nxt(), None, torch.bfloat16, split, config))
+                    tops = 2 * m * n * k / (t * 1e-6) / 1e12
+                    gbs = p["w"].numel() / (t * 1e-6) / 1e9
+                    rows.append([f"{k}x{n}", f"W{bits}A{bits}", m, config, split, f"{t:.1f}", f"{tops:.0f}",
+                                 f"{gbs:.0f}", f"{tq:.1f}"])
+                    print(rows[-1], flush=True)
+    print()
+    print_table(rows, ["KxN", "mode", "M", "config", "split", "gemm_us", "TOPS", "weight_GB/s", "quant_us"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="M in {1, 16, 2048, 8192} only")
+    parser.add_argument("--all-shapes", action="store_true", help="also 4096x4096, 4096x14336, 14336x4096")
+    parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time the CUDA GEMM alone per (config, split_k)")
+    parser.add_argument("--sweep-small", action="store_true", help="the sweep for M <= 16 only")
+    args = parser.parse_args()
+    if "w4a4_linear" not in backends.status("cuda").kernels:
+        raise SystemExit(f"the CUDA int_gemm is missing: {backends.status('cuda').reason}")
+    if args.sweep or args.sweep_small:
+        return sweep(small_only=args.sweep_small)
+    dtype = torch.bfloat16
+    shapes = SHAPES + (MORE_SHAPES if args.all_shapes else [])
+    ms = [1, 16, 2048, 8192] if args.quick else MS
+    torch.manual_seed(0)
+    results, table = [], []
+    for k, n in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+        qw4 = reference.quantize_weight(w, 4, -1, scale_dtype=dtype)
+        qw8 = reference.quantize_weight(w, 8, -1, scale_dtype=dtype)
+        ws_bf16 = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+        p4 = ops.prepare_int_weight(qw4, 4, dtype, backend="cuda")
+        p8 = ops.prepare_int_weight(qw8, 8, dtype, backend="cuda")
+        p4s = [p4.tensors] + [dict(p4.tensors, w=p4.tensors["w"].clone()) for _ in range(copies_for(n * k // 2) - 1)]
+        p8s = [p8.tensors] + [dict(p8.tensors, w=p8.tensors["w"].clone()) for _ in range(copies_for(n * k) - 1)]
+        t4 = t8 = None
+        if not args.no_triton:
+            t4 = ops.prepare_int_weight(qw4, 4, dtype, backend="triton")
+            t8 = ops.prepare_int_weight(qw8, 8, dtype, backend="triton")
+        # torch._int_mm takes B as [K, N] (a column-major view of a row-major int8 [N, K] suits cuBLASLt).
+        w8_rows = reference.signed_weight_values(qw8)
+        w8_views = [w8_rows.t()] + [w8_rows.clone().t() for _ in range(copies_for(n * k) - 1)]
+        sw8 = p8.tensors["w_scale"][0]  # per-channel fp32 [N]
+        del w
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            # correctness first (M up to 2048 against the reference, which runs int_matmul in float64)
+            if m <= 2048 and m in (16, 2048):
+                for bits, prep, qw in ((4, p4, qw4), (8, p8, qw8)):
+                    y = ops.quantized_activation_linear(x, prep, bits)
+                    ref = reference.quantized_activation_linear(x, qw, bits)
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                    if err > 1e-3:
+                        raise SystemExit(f"W{bits}A{bits} disagrees with the reference at M={m} {k}x{n}: {err:.2e}")
+            nw4, nw8, nbf = cycling(p4s), cycling(p8s), cycling(ws_bf16)
+            nw8v = cycling(w8_views)
+
+            def ours(bits, nxt):
+                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
+                return int_gemm_cuda(q, sx, nxt(), None, dtype)
+
+            def int_mm_peer():
+                q, sx = torch.ops.quantkern.quantize_per_token(x, 8, 1.0)
+                acc = torch._int_mm(q, nw8v())
+                return (acc.float() * sx[:, None] * sw8[None, :]).to(dtype)
+
+            times = {
+                "w4a4": bench(lambda: ours(4, nw4)),
+                "w8a8": bench(lambda: ours(8, nw8)),
+                "bf16": bench(lambda: F.linear(x, nbf())),
+            }
+            try:
+                times["int_mm"] = bench(int_mm_peer)
+            except RuntimeError as error:  # torch._int_mm refuses some small M
+                times["int_mm"] = None
+                print(f"torch._int_mm at M={m}: {str(error).splitlines()[0]}")
+            if not args.no_triton:
+                times["w4a4_tr"] = bench(lambda: ops.w4a4_linear(x, t4))
+                times["w8a8_tr"] = bench(lambda: ops.w8a8_linear(x, t8))
+            tops = {name: (2 * m * n * k / (t * 1e-6) / 1e12 if t else None) for name, t in times.items()}
+            results.append({"M": m, "K": k, "N": n, "dtype": "bfloat16", "time_us": times, "tops": tops,
+                            "weight_copies": {"w4a4": len(p4s), "w8a8": len(p8s), "bf16": len(ws_bf16)}})
+
+            def ratio(peer, ours_name):
+                return f"{times[peer] / times[ours_name]:.2f}x" if times.get(peer) else "-"
+            table.append([f"{k}x{n}", m, f"{times['w4a4']:.1f}", f"{times['w8a8']:.1f}", f"{times['bf16']:.1f}",
+                          f"{times['int_mm']:.1f}" if times["int_mm"] else "-",
+                          f"{times['w4a4_tr']:.1f}" if "w4a4_tr" in times else "-",
+                          f"{times['w8a8_tr']:.1f}" if "w8a8_tr" in times else "-",
+                          f"{tops['w4a4']:.0f}", ratio("bf16", "w4a4"), ratio("int_mm", "w4a4"),
+                          ratio("bf16", "w8a8"), ratio("int_mm", "w8a8")])
+            print(table[-1], flush=True)
+    if args.json:
+        write_json(args.json, results, {"timing": "do_bench_cudagraph median, weights rotated past L2"})
+    print("\ninteger linear (activation quantization included), bf16 in/out, per-channel weights; us, CUDA graphs")
+    print_table(table, ["KxN", "M", "w4a4", "w8a8", "bf16", "int_mm+q", "w4a4_tr", "w8a8_tr", "w4a4_TOPS",
+                        "bf16/w4a4", "intmm/w4a4", "bf16/w8a8", "intmm/w8a8"])
+
+
+if __name__ == "__main__":
+    main()

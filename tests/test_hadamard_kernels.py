@@ -1,0 +1,244 @@
+"""Online rotation kernels (csrc/hadamard.cu, triton_kernels/hadamard.py) against the reference.
+
+``hadamard``: ``reference.hadamard`` (x @ H.T / sqrt(n), H = rotation.hadamard_matrix(n)).
+``hadamard_quantize``: ``reference.quantize_per_token(reference.hadamard(x), ...)`` -- the rotated row is
+rounded to x's dtype before quantization, as QuantLinear's ``ops.hadamard`` + quantizer path does.
+
+Triton tests run on the GPU when there is one, else under TRITON_INTERPRET=1 on small shapes (conftest.py).
+CUDA tests are marked ``gpu``. For n = 2^k (and blocked mode) the CUDA kernel does the reference's butterfly
+in the reference's order and is asserted bit-exact; for m * 2^k, and for Triton (two fp32 dots), the rotated
+values agree to fp32 rounding, and quantization codes may differ by 1 at rounding-boundary ties.
+"""
+
+import pytest
+import torch
+
+from quantkern import backends, ops, reference
+from quantkern.format import unpack_int4_signed
+from quantkern.rotation import block_hadamard_transform, is_hadamard_size
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+cuda_ext = backends.status("cuda")
+has_cuda_kernel = cuda_ext.available and "hadamard" in cuda_ext.kernels
+needs_cuda_kernel = pytest.mark.skipif(not has_cuda_kernel, reason=f"no CUDA hadamard kernel: {cuda_ext.reason}")
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Powers of two and m * 2^k for every base m (576 = 36 x 16, 896 = 28 x 32, 1536 = 12 x 128,
+# 14336 = 28 x 512, ...). 4864 = 19 x 256 and 11008 = 43 x 256 have no Hadamard matrix: blocked mode.
+CUDA_SIZES = [1, 2, 4, 8, 12, 16, 20, 40, 64, 96, 128, 160, 256, 576, 896, 1024, 1280, 1536, 2048, 4096, 5120,
+              8192, 14336, 16384, 18432, 20480, 24576, 28672, 32768]
+# (On the GPU every shape and dtype is a Triton compilation: a short list there; the interpreter takes more.)
+TRITON_SIZES = [576, 4096, 14336] if GPU else [1, 2, 8, 12, 20, 40, 64, 96, 576, 896, 1024, 1536]
+TRITON_DTYPES = [torch.float16, torch.bfloat16] if GPU else DTYPES
+TRITON_BITS = [4] if GPU else [4, 8]
+
+
+def codes_of(q, bits):
+    return unpack_int4_signed(q).int() if bits == 4 else q.int()
+
+
+def assert_rotation_close(y, ref, exact=False):
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    if exact:
+        assert torch.equal(y, ref)
+        return
+    # Within fp32 rounding of the reference before the final cast: at most one ulp of the output dtype.
+    tol = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}[y.dtype]
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item() + 1e-30)
+
+
+def assert_quant_close(q, s, q_ref, s_ref, bits, exact=False):
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and s.shape == s_ref.shape
+    if exact:
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q, q_ref)
+        return
+    torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)
+    diff = (codes_of(q, bits) - codes_of(q_ref, bits)).abs()
+    assert diff.numel() == 0 or diff.max().item() <= 1
+    assert diff.numel() == 0 or (diff != 0).float().mean().item() <= 0.01  # rare rounding-boundary ties
+
+
+def random_rows(rows, n, dtype, device=DEVICE):
+    x = torch.randn(rows, n, device=device) * 3
+    if rows > 1:
+        x[0, : max(1, n // 7)] *= 20  # an outlier channel block, what the rotation is for
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton (CPU interpreter in CI)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n", TRITON_SIZES)
+def test_triton_hadamard_matches_reference(n, dtype):
+    x = random_rows(3, n, dtype)
+    assert_rotation_close(ops.hadamard(x, backend="triton"), reference.hadamard(x))
+
+
+@pytest.mark.parametrize("bits", TRITON_BITS)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n", [n for n in TRITON_SIZES if n > 1])
+def test_triton_hadamard_quantize_matches_reference(n, dtype, bits):
+    x = random_rows(4, n, dtype)
+    if x.shape[0] > 2:
+        x[2] = 0  # all-zero row: scale 1
+    clip = 0.9 if n % 3 else 1.0
+    q, s = ops.hadamard_quantize(x, bits, clip, backend="triton")
+    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, clip)
+    assert_quant_close(q, s, q_ref, s_ref, bits)
+
+
+def test_triton_blocked_and_leading_dims():
+    x = random_rows(6, 4864, torch.float16).view(2, 3, 4864)  # 4864 = 19 x 256: no Hadamard of order 4864
+    y = ops.hadamard(x, backend="triton", block_size=256)
+    assert_rotation_close(y, block_hadamard_transform(x, 256))
+    q, s = ops.hadamard_quantize(x, 4, backend="triton", block_size=256)
+    q_ref, s_ref = reference.quantize_per_token(block_hadamard_transform(x, 256).view(6, 4864), 4)
+    assert q.shape == (2, 3, 2432) and s.shape == (2, 3)
+    assert_quant_close(q.view(6, 2432), s.view(6), q_ref, s_ref, 4)
+
+
+def test_unsupported_sizes_are_refused():
+    assert not is_hadamard_size(4864) and not is_hadamard_size(11008)  # 19 x 256, 43 x 256
+    x = torch.randn(2, 4864, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="Hadamard"):
+        ops.hadamard(x, backend="triton")
+    with pytest.raises(ValueError, match="Hadamard"):
+        ops.hadamard(x.cpu())  # the reference
+
+
+def test_reference_backend_of_the_fused_op_is_the_two_call_path():
+    x = random_rows(5, 576, torch.bfloat16, device="cpu")
+    q, s = ops.hadamard_quantize(x, 4, 0.95)
+    q_ref, s_ref = ops.quantize_per_token(ops.hadamard(x), 4, 0.95)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_fake_impls_give_the_output_shapes():
+    from quantkern._fake import hadamard_fake, hadamard_quantize_fake
+
+    x = torch.empty(5, 64, device="meta", dtype=torch.float16)
+    assert hadamard_fake(x).shape == (5, 64)
+    q, s = hadamard_quantize_fake(x, 4, 1.0)
+    assert q.shape == (5, 32) and q.dtype == torch.uint8 and s.shape == (5,) and s.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------------
+
+@needs_cuda_kernel
+def test_cuda_op_refuses_cpu_tensors_cleanly():
+    with pytest.raises(NotImplementedError):
+        torch.ops.quantkern.hadamard(torch.randn(2, 8), 0)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", CUDA_SIZES)
+def test_cuda_hadamard_matches_reference(n, dtype):
+    x = random_rows(5, n, dtype)
+    y = ops.hadamard(x, backend="cuda")
+    pow2 = n & (n - 1) == 0 and n != 4  # n = 4 runs the small dense kernel (another summation order)
+    assert_rotation_close(y, reference.hadamard(x), exact=pow2)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [n for n in CUDA_SIZES if n > 1])
+def test_cuda_hadamard_quantize_matches_reference(n, dtype, bits):
+    rows = 37 if n <= 4096 else 9
+    x = random_rows(rows, n, dtype)
+    x[2] = 0
+    clip = 0.9 if n % 3 else 1.0
+    q, s = torch.ops.quantkern.hadamard_quantize(x, bits, clip, 0)  # the fused kernel itself, for every n
+    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, clip)
+    pow2 = n & (n - 1) == 0 and n != 4  # n = 4 runs the small dense kernel (another summation order)
+    assert_quant_close(q, s, q_ref, s_ref, bits, exact=pow2)
+    q2, s2 = ops.hadamard_quantize(x, bits, clip, backend="cuda")  # (short m * 2^k rows: two kernels)
+    assert_quant_close(q2, s2, q_ref, s_ref, bits, exact=pow2)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("n,block", [(896, 128), (4864, 256), (11008, 256), (4096, 64), (576, 64), (14336, 128), (64, 8)])
+def test_cuda_blocked_mode(n, block):
+    x = random_rows(6, n, torch.float16)
+    assert_rotation_close(ops.hadamard(x, backend="cuda", block_size=block), block_hadamard_transform(x, block),
+                          exact=True)
+    q, s = ops.hadamard_quantize(x, 4, 0.9, backend="cuda", block_size=block)
+    q_ref, s_ref = reference.quantize_per_token(block_hadamard_transform(x, block), 4, 0.9)
+    assert_quant_close(q, s, q_ref, s_ref, 4, exact=True)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_refuses_unsupported_sizes_clearly():
+    for n in (4864, 11008, 65536, 48 * 4096):
+        with pytest.raises(RuntimeError, match="supported sizes"):
+            torch.ops.quantkern.hadamard(torch.randn(2, n, device="cuda", dtype=torch.float16), 0)
+    with pytest.raises(RuntimeError, match="block_size"):
+        torch.ops.quantkern.hadamard(torch.randn(2, 96, device="cuda"), 12)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_fused_op_equals_the_quantlinear_path():
+    # QuantLinear(input_rotation="hadamard") rotates with ops.hadamard (x's dtype), then quantizes.
+    for n, dtype in [(4096, torch.float16), (14336, torch.bfloat16), (576, torch.float16)]:
+        x = random_rows(64, n, dtype)
+        q, s = ops.hadamard_quantize(x, 4)
+        q2, s2 = ops.quantize_per_token(ops.hadamard(x), 4)
+        assert_quant_close(q, s, q2, s2, 4, exact=n & (n - 1) == 0)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_misaligned_input_and_leading_dims():
+    base = torch.randn(3 * 2 * 1024 + 1, device="cuda", dtype=torch.float16)
+    x = base[1:].view(3, 2, 1024)  # 2-byte offset: not 16-byte aligned
+    assert_rotation_close(ops.hadamard(x, backend="cuda"), reference.hadamard(x), exact=True)
+    q, s = ops.hadamard_quantize(x, 8, backend="cuda")
+    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x.reshape(6, 1024)), 8)
+    assert torch.equal(q.view(6, 1024), q_ref) and torch.equal(s.view(6), s_ref)
+    assert ops.hadamard(torch.empty(0, 4096, device="cuda", dtype=torch.float16)).shape == (0, 4096)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_under_compile_fullgraph_and_cuda_graph():
+    x = random_rows(16, 4096, torch.float16)
+    y_ref = reference.hadamard(x)
+    q_ref, s_ref = reference.quantize_per_token(y_ref, 4)
+
+    compiled = torch.compile(lambda t: (ops.hadamard(t), ops.hadamard_quantize(t, 4)), fullgraph=True)
+    y, (q, s) = compiled(x)
+    assert torch.equal(y, y_ref) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+    static_x = x.clone()
+    ops.hadamard_quantize(static_x, 4)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_q, out_s = ops.hadamard_quantize(static_x, 4)
+    fresh = random_rows(16, 4096, torch.float16)
+    static_x.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(fresh), 4)
+    assert torch.equal(out_q, q_ref) and torch.equal(out_s, s_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [4096])
+def test_triton_under_compile_fullgraph(n):
+    x = random_rows(8, n, torch.bfloat16)
+    compiled = torch.compile(lambda t: ops.hadamard_quantize(t, 4, backend="triton"), fullgraph=True)
+    q, s = compiled(x)
+    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), 4)
+    assert_quant_close(q, s, q_ref, s_ref, 4)

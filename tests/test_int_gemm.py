@@ -1,0 +1,208 @@
+"""Integer GEMMs (W8A8, W4A4, W4A8): the weight layout (CPU), the Triton kernels (GPU, or CPU under
+TRITON_INTERPRET=1, small shapes) and the CUDA kernels (GPU, marked ``gpu``) against the reference:
+the int32 accumulator bit-exact with ``reference.int_matmul``, the linear ops with
+``reference.quantized_activation_linear``."""
+
+import pytest
+import torch
+from torch import nn
+
+from quantkern import backends, ops, reference
+from quantkern.format import pack_int4_signed
+from quantkern.layout_int import (permute_w4a8, prepare_int_weight, tile_int_weight, unpack_int_weight,
+                                  untile_int_weight, unpermute_w4a8)
+from quantkern.nn import QuantLinear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODES = [(8, 8), (4, 4), (4, 8)]  # (weight bits, activation bits)
+
+
+def random_values(rows, cols, bits, device="cpu"):
+    lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+    return torch.randint(lo, hi, (rows, cols), dtype=torch.int8, device=device)
+
+
+def packed(values, bits):
+    return values if bits == 8 else pack_int4_signed(values)
+
+
+def relative_error(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout (CPU)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,act_bits", MODES)
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("group", [-1, 32, 128])
+def test_prepare_int_weight_round_trips(bits, act_bits, backend, group):
+    qw = reference.quantize_weight(torch.randn(24, 256), bits, group)
+    prepared = prepare_int_weight(qw, act_bits, backend)
+    assert torch.equal(unpack_int_weight(prepared), reference.signed_weight_values(qw))
+    assert prepared["w_scale"].dtype == torch.float32 and prepared["w_scale"].shape == (qw.n_groups, 24)
+    assert torch.equal(prepared["w_scale"], qw.scales.float().t())
+    assert prepared["group_len"] == qw.group_length
+
+
+def test_w4a8_permutation_is_the_documented_one():
+    v = torch.arange(64, dtype=torch.int8).reshape(1, 64)
+    p = permute_w4a8(v)
+    for t in range(4):
+        for j in range(4):
+            for h in range(2):
+                assert p[0, 8 * t + 2 * j + h] == 16 * h + 4 * t + j  # physical p holds logical k
+                assert p[0, 32 + 8 * t + 2 * j + h] == 32 + 16 * h + 4 * t + j
+    assert torch.equal(unpermute_w4a8(p), v)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", [(8, 32), (72, 160), (128, 256)])
+def test_cuda_tiling_round_trips_and_pads(bits, n, k):
+    w = packed(random_values(n, k, bits), bits)
+    tiled = tile_int_weight(w, bits)
+    assert tiled.shape == (-(-n // 64), -(-k // 128), 64, 128 * bits // 8)
+    assert torch.equal(untile_int_weight(tiled, n, k, bits), w)
+    assert int(tiled.abs().sum() if bits == 8 else tiled.sum()) == int(w.abs().sum() if bits == 8 else w.sum())
+    # unit (u, t) holds rows 64u.., k-tile t contiguously
+    row = 128 * bits // 8
+    assert torch.equal(tiled[0, 0, : min(n, 64), : min(row, w.shape[1])], w[:64, :row])
+
+
+def test_prepare_refuses_asymmetric_and_odd_shapes():
+    with pytest.raises(ValueError, match="symmetric"):
+        prepare_int_weight(reference.quantize_weight(torch.randn(8, 64), 4, -1, symmetric=False), 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        prepare_int_weight(reference.quantize_weight(torch.randn(8, 48), 8, -1), 8)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        prepare_int_weight(reference.quantize_weight(torch.randn(6, 64), 8, -1), 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton (GPU, or the CPU interpreter with small shapes)
+# ----------------------------------------------------------------------------------------------
+
+triton_ok = pytest.mark.skipif(not backends.status("triton").available, reason="triton missing")
+TRITON_SHAPES = [(1, 64, 8), (5, 128, 48), (17, 96, 40)] if DEVICE == "cpu" else \
+    [(1, 576, 896), (5, 896, 576), (33, 4096, 256), (130, 4864, 128), (300, 576, 4864)]
+
+
+@triton_ok
+@pytest.mark.parametrize("w_bits,a_bits", MODES)
+@pytest.mark.parametrize("m,k,n", TRITON_SHAPES)
+def test_triton_int32_accumulator_is_exact(w_bits, a_bits, m, k, n):
+    from quantkern.triton_kernels.int_gemm import int_gemm_acc
+
+    a, w = random_values(m, k, a_bits, DEVICE), random_values(n, k, w_bits, DEVICE)
+    acc = int_gemm_acc(packed(a, a_bits), packed(w, w_bits), a_bits, w_bits)
+    assert torch.equal(acc.cpu(), reference.int_matmul(a.cpu(), w.cpu()))
+
+
+@triton_ok
+@pytest.mark.parametrize("bits,act_bits", MODES)
+@pytest.mark.parametrize("group", [-1, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_linear_matches_reference(bits, act_bits, group, dtype):
+    m, k, n = (3, 128, 40) if DEVICE == "cpu" else (37, 896, 576)
+    qw = reference.quantize_weight(torch.randn(n, k, device=DEVICE), bits, group, scale_dtype=dtype)
+    x = torch.randn(2, m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="triton")
+    y = ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9)
+    expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
+    assert y.shape == expected.shape and y.dtype == dtype
+    # bf16 output: a one-ulp difference in the final cast is 4e-3 (the interpreter's fp32 -> bf16 cast
+    # does not always round like torch's); fp16 under the interpreter rounds step by step like the reference.
+    assert relative_error(y, expected) < (2e-3 if dtype == torch.float16 else 8e-3)
+    if DEVICE == "cpu" and dtype == torch.float16:
+        assert torch.equal(y, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (GPU)
+# ----------------------------------------------------------------------------------------------
+
+cuda_ext = backends.status("cuda")
+needs_cuda_kernel = pytest.mark.skipif("w4a4_linear" not in cuda_ext.kernels,
+                                       reason=f"CUDA int_gemm missing: {cuda_ext.reason}")
+
+# (M, K, N): the models' sizes (576, 896, 4864, 4096, 14336), partial tiles, K % 64 == 32.
+CUDA_SHAPES = [(1, 576, 896), (5, 896, 576), (16, 4096, 4096), (33, 4864, 896), (7, 14336, 576),
+               (130, 576, 4864), (300, 896, 1216), (1, 160, 24), (64, 4096, 14336)]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("w_bits,a_bits", MODES)
+@pytest.mark.parametrize("m,k,n", CUDA_SHAPES)
+@pytest.mark.parametrize("config,split_k", [(0, 0), (1, 1), (1, 3), (2, 1), (3, 1), (3, 2)])
+def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_k):
+    a, w = random_values(m, k, a_bits), random_values(n, k, w_bits)
+    expected = reference.int_matmul(a, w)
+    wq = permute_w4a8(w) if (w_bits, a_bits) == (4, 8) else w
+    tiled = tile_int_weight(packed(wq, w_bits), w_bits).cuda()
+    acc = torch.ops.quantkern.int_gemm_acc(packed(a, a_bits).cuda(), tiled, n, a_bits, w_bits, split_k, config)
+    assert torch.equal(acc.cpu(), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("bits,act_bits", MODES)
+@pytest.mark.parametrize("group", [-1, 32, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 896), (9, 4096, 576), (70, 896, 4864), (257, 4864, 896)])
+def test_cuda_linear_matches_reference(bits, act_bits, group, dtype, m, k, n):
+    if group > 0 and k % group:
+        k = 1024
+    qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, group, scale_dtype=dtype)
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
+    expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
+    y = ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9)
+    assert y.dtype == dtype and y.shape == expected.shape
+    assert relative_error(y, expected) < 1e-3
+    # One split (or exact int32 split-K per-channel): the epilogue rounds exactly like the reference.
+    from quantkern.layout_int import int_gemm_cuda
+
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9)
+    exact = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k=1)
+    assert torch.equal(exact, expected)
+    if group == -1:
+        assert torch.equal(y, expected)
+        for config in (3, 4, 5):  # 128x128, 128x256 and 256x128 tiles
+            assert torch.equal(int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, 1, config), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("bits,act_bits", MODES)
+def test_quantlinear_runs_the_integer_kernels_on_the_gpu(bits, act_bits):
+    torch.manual_seed(0)
+    linear = nn.Linear(896, 576, bias=True).cuda().half()
+    layer = QuantLinear.from_linear(linear, bits=bits, group_size=-1, act_bits=act_bits).cuda()
+    x = torch.randn(3, 5, 896, device="cuda", dtype=torch.float16)
+    y = layer(x)
+    assert layer._prepared.backend == "cuda" and y.shape == (3, 5, 576)
+    expected = reference.quantized_activation_linear(x, layer.weight.to("cuda"), act_bits, layer.bias)
+    assert torch.equal(y, expected)
+    # torch.compile sees the ops without graph breaks.
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.equal(compiled(x), y)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_quantlinear_with_hadamard_rotation_on_the_gpu():
+    try:
+        backends.select("hadamard", torch.device("cuda"))
+    except backends.MissingKernelError as error:
+        pytest.skip(f"no GPU Hadamard kernel yet: {error}")
+    linear = nn.Linear(2048, 512).cuda().half()
+    layer = QuantLinear.from_linear(linear, bits=4, group_size=-1, act_bits=4, rotate=True).cuda()
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.float16)
+    y = layer(x)
+    expected = reference.quantized_activation_linear(reference.hadamard(x), layer.weight.to("cuda"), 4,
+                                                     layer.bias)
+    assert relative_error(y, expected) < 1e-2

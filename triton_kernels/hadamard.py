@@ -1,0 +1,184 @@
+"""Online Hadamard rotation, alone and fused with per-token quantization, in Triton.
+
+Semantics: ``quantkern.reference.hadamard`` (``x @ H.T / sqrt(n)`` with ``H = rotation.hadamard_matrix(n)``,
+accumulated in fp32, returned in x's dtype) and, fused, ``reference.quantize_per_token`` of that result
+rounded to x's dtype (the QuantLinear path: ``ops.hadamard`` then the quantizer), same output layout as
+``quantize_per_token`` (int8 [M, K] or uint8 [M, K/2], element 2j in the low nibble; fp32 scales [M]).
+
+Tiling: one program per row. The row of n = R * C entries is loaded as an [R, C] tile (row-major: entry
+r * C + c), with C a power of two and R = n / C = m * 2^r (the split with the smallest padded tiles; n <= 16384,
+so both are at most 128 x 128); since
+``H = kron(H_m, H_{2^k}) = kron(H_R, H_C)`` (Sylvester matrices are Kronecker powers), the transform is
+``Y = H_R X H_C^T`` (two ``tl.dot`` in IEEE fp32, no tf32). H_R (the dense base-matrix step, for every m,
+not only powers of two) and H_C are +-1 matrices built once per size on the host from
+``rotation.hadamard_matrix`` and zero-padded to powers of two >= 16 (tl.dot's minimum); padded rows and
+columns of X are masked to zero. The summation order differs from the reference's butterfly, so results
+agree to fp32 rounding (codes: up to rounding-boundary ties). Pipeline: load -> two dots -> scale ->
+(store) or (round to dtype, absmax, scale, quantize, pack pairs along C, store).
+
+Fallbacks (documented, two passes): int4 when C == 1 (n = 12, 20, 28, 36, 40: no even C split), and
+blocked mode with quantization (per-block rotation, per-row scale): the Triton Hadamard, then the Triton
+``quantize_per_token``. Blocked mode without quantization is a reshape to rows of one block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from quantkern._fake import hadamard_fake, hadamard_quantize_fake
+from quantkern.rotation import hadamard_factorization, hadamard_matrix, is_hadamard_size
+
+from .activation_quant import quantize_per_token as _quantize_per_token
+
+MAX_N = 16384  # two 128 x 128 fp32 tiles at most; larger rows: the CUDA kernel
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    is_tie = (r - v) == 0.5
+    is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(is_tie & is_odd, r - 1.0, r)
+
+
+@triton.jit
+def _code(v, scale, QMAX: tl.constexpr):
+    q = _round_half_even(tl.math.div_rn(v, scale))
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int32)
+
+
+@triton.jit
+def _rounded(y, dtype: tl.constexpr, IS_BF16: tl.constexpr):
+    """fp32 y rounded to nearest-even in ``dtype``, as fp32. bf16 is rounded with integer arithmetic
+    (finite values): the CPU interpreter's float -> bf16 cast truncates, the GPU's rounds."""
+    if IS_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return y.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, hr_ptr, hc_ptr, out_ptr, scale_ptr, norm, clip_ratio,
+                     R: tl.constexpr, C: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr,
+                     QUANT: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    n: tl.constexpr = R * C
+    r = tl.arange(0, RP)
+    c = tl.arange(0, CP)
+    mask = (r[:, None] < R) & (c[None, :] < C)
+    offs = r[:, None] * C + c[None, :]
+    x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    hr = tl.load(hr_ptr + r[:, None] * RP + tl.arange(0, RP)[None, :])
+    hc = tl.load(hc_ptr + c[:, None] * CP + c[None, :])
+    # Y = H_R X H_C^T; H_C (Sylvester) is symmetric.
+    y = tl.dot(hr, xf, input_precision="ieee")
+    y = tl.dot(y, hc, input_precision="ieee")
+    y = y * norm
+    if not QUANT:
+        tl.store(out_ptr + row * n + offs, _rounded(y, x.dtype, IS_BF16).to(x.dtype), mask=mask)
+    else:
+        QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+        yr = _rounded(y, x.dtype, IS_BF16)
+        yr = tl.where(mask, yr, 0.0)
+        absmax = tl.max(tl.max(tl.abs(yr), axis=1), axis=0)
+        scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        tl.store(scale_ptr + row, scale)
+        codes = _code(yr, scale, QMAX)
+        if BITS == 8:
+            tl.store(out_ptr + row * n + offs, codes.to(tl.int8), mask=mask)
+        else:
+            lo, hi = tl.split(tl.reshape(codes, (RP, CP // 2, 2)))
+            byte = (lo & 0xF) | ((hi & 0xF) << 4)
+            c2 = tl.arange(0, CP // 2)
+            mask2 = (r[:, None] < R) & (c2[None, :] < C // 2)
+            tl.store(out_ptr + row * (n // 2) + r[:, None] * (C // 2) + c2[None, :], byte.to(tl.uint8), mask=mask2)
+
+
+def _split(n: int):
+    """(R, C, RP, CP): n = R * C with C a power of two, R = m * 2^r, chosen so that the padded (power of two,
+    >= 16) tile sizes RP and CP are as small as possible (the two +-1 matrices live in registers)."""
+    m, k = hadamard_factorization(n)
+    best = None
+    for r in range(k + 1):
+        rows, cols = m << r, 1 << (k - r)
+        rp, cp = max(16, triton.next_power_of_2(rows)), max(16, cols)
+        key = (max(rp, cp), rp * rp + cp * cp)
+        if best is None or key < best[0]:
+            best = (key, (rows, cols, rp, cp))
+    return best[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _matrices(n: int, device: str):
+    r, c, rp, cp = _split(n)
+    hr = torch.zeros(rp, rp, dtype=torch.float32)
+    hr[:r, :r] = hadamard_matrix(r, dtype=torch.float32)
+    hc = torch.zeros(cp, cp, dtype=torch.float32)
+    hc[:c, :c] = hadamard_matrix(c, dtype=torch.float32)
+    return hr.to(device), hc.to(device)
+
+
+def _check_size(n: int) -> None:
+    if not is_hadamard_size(n) or n > MAX_N:
+        raise ValueError(f"the Triton Hadamard kernel supports n = 2^k or m * 2^k (m in 12, 20, 28, 36, 40) "
+                         f"up to {MAX_N}, got n = {n}")
+
+
+def _launch(x: torch.Tensor, out: torch.Tensor, scales, quant: bool, bits: int, clip_ratio: float) -> None:
+    rows, n = x.shape
+    r, c, rp, cp = _split(n)
+    hr, hc = _matrices(n, str(x.device))
+    _hadamard_kernel[(rows,)](
+        x, hr, hc, out, scales if scales is not None else out, float(1.0 / math.sqrt(n)), float(clip_ratio),
+        R=r, C=c, RP=rp, CP=cp, QUANT=quant, BITS=bits, IS_BF16=x.dtype == torch.bfloat16, num_warps=8 if n >= 4096 else 4)
+
+
+@torch.library.custom_op("quantkern_triton::hadamard", mutates_args=())
+def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
+    n = x.shape[-1]
+    size = block_size or n
+    _check_size(size)
+    rows = x.reshape(-1, size)
+    out = torch.empty_like(rows)
+    if rows.shape[0]:
+        _launch(rows, out, None, False, 8, 1.0)
+    return out.view(x.shape)
+
+
+_hadamard_op.register_fake(hadamard_fake)
+
+
+@torch.library.custom_op("quantkern_triton::hadamard_quantize", mutates_args=())
+def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
+                          block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, n = x.shape
+    if block_size or (bits == 4 and _split(n)[1] == 1):
+        # Two-pass fallbacks (see the module docstring).
+        return _quantize_per_token(_hadamard_op(x, block_size), bits, clip_ratio)
+    _check_size(n)
+    q, scales = hadamard_quantize_fake(x, bits, clip_ratio, block_size)
+    if rows:
+        _launch(x, q, scales, True, bits, clip_ratio)
+    return q, scales
+
+
+_hadamard_quantize_op.register_fake(hadamard_quantize_fake)
+
+
+def hadamard(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
+    """Triton backend of ``quantkern.ops.hadamard`` for a contiguous ``x`` [..., n]."""
+    return _hadamard_op(x, block_size)
+
+
+def hadamard_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, block_size: int = 0):
+    """Triton backend of ``quantkern.ops.hadamard_quantize`` for a 2-D contiguous ``x``."""
+    return _hadamard_quantize_op(x, bits, clip_ratio, block_size)
