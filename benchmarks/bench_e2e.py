@@ -1,11 +1,13 @@
 """End to end: greedy decoding of a random-weight model built from a real config, bf16 against
-W4A16 (RTN, group 128) on our kernels, in one run: tokens/s at batch 1 and 16, peak memory.
+W4A16 (RTN, group 128; or W4A4 / W8A8 with ``--act-bits``) on our kernels, in one run: tokens/s at
+batch 1 and 16, peak memory.
 
 Eager HF forward is bound by Python overhead (about 70 ms a token at 8B), so each decode step is
 captured once in a CUDA graph over a static KV cache and replayed: that is where kernel speed shows.
 If capture fails, the reason is reported and the eager figure stands alone.
 
     python benchmarks/bench_e2e.py --config llama3-8b --batches 1 16 --json out/bench_e2e.json
+    python benchmarks/bench_e2e.py --act-bits 4 --group-size -1     # W4A4 per-channel, per-token int4 acts
 """
 
 from __future__ import annotations
@@ -142,7 +144,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=128, help="-1: per-channel")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits")
+    parser.add_argument("--act-bits", type=int, choices=[4, 8],
+                        help="quantize activations per token too (W4A4, W4A8, W8A8); default: 16-bit activations")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -155,21 +160,22 @@ def main() -> None:
     run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results)
 
     start = time.perf_counter()
-    replace_linear(model, bits=4, group_size=args.group_size, scale_dtype=dtype)
+    replace_linear(model, bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, scale_dtype=dtype)
     torch.cuda.empty_cache()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(dtype)
     quantize_s = time.perf_counter() - start
     backend = next(m for m in model.modules() if isinstance(m, QuantLinear))._prepared.backend
-    run_all(model, f"W4A16 g{args.group_size} ({backend})", args.batches, args.prompt_len, args.new_tokens,
+    mode = f"W{args.bits}A{args.act_bits or 16} " + ("per-channel" if args.group_size == -1 else f"g{args.group_size}")
+    run_all(model, f"{mode} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results)
     for entry in results:
         for mode in ("eager", "cuda_graph"):
             if "error" in entry[mode]:
                 print(f"{entry['model']} batch {entry['batch']} {mode}: {entry[mode]['error']}")
     if args.json:
-        write_json(args.json, results, {"config": args.config, "prompt_len": args.prompt_len,
+        write_json(args.json, results, {"config": args.config, "mode": mode, "prompt_len": args.prompt_len,
                                         "new_tokens": args.new_tokens, "quantize_and_prepare_s": quantize_s})
     print(f"\nend to end, {args.config} (random weights), greedy decode of {args.new_tokens} tokens after "
           f"{args.prompt_len}: tokens/s (all sequences), peak GPU memory")
