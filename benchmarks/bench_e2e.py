@@ -167,15 +167,15 @@ def main() -> None:
             module.prepare(dtype)
     quantize_s = time.perf_counter() - start
     backend = next(m for m in model.modules() if isinstance(m, QuantLinear))._prepared.backend
-    mode = f"W{args.bits}A{args.act_bits or 16} " + ("per-channel" if args.group_size == -1 else f"g{args.group_size}")
-    run_all(model, f"{mode} ({backend})", args.batches, args.prompt_len, args.new_tokens,
+    quantized = f"W{args.bits}A{args.act_bits or 16} " + ("per-channel" if args.group_size == -1 else f"g{args.group_size}")
+    run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results)
     for entry in results:
         for mode in ("eager", "cuda_graph"):
             if "error" in entry[mode]:
                 print(f"{entry['model']} batch {entry['batch']} {mode}: {entry[mode]['error']}")
     if args.json:
-        write_json(args.json, results, {"config": args.config, "mode": mode, "prompt_len": args.prompt_len,
+        write_json(args.json, results, {"config": args.config, "quantized": quantized, "prompt_len": args.prompt_len,
                                         "new_tokens": args.new_tokens, "quantize_and_prepare_s": quantize_s})
     print(f"\nend to end, {args.config} (random weights), greedy decode of {args.new_tokens} tokens after "
           f"{args.prompt_len}: tokens/s (all sequences), peak GPU memory")
