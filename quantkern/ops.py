@@ -44,12 +44,9 @@ def _triton_op(name: str):
     return KERNELS[name]
 
 
-def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, backend: Optional[str] = None):
-    """Symmetric per-token quantization of ``x`` [..., K] (fp16/bf16/fp32) to int8 or packed int4.
-
-    Returns ``(q, scales)``: q int8 [..., K] (bits=8) or uint8 [..., K/2] (bits=4, signed nibbles,
-    element 2j in the low nibble); scales fp32 [...]. Non-contiguous inputs are copied first.
-    """
+def _activation_rows(x: torch.Tensor, bits: int, clip_ratio: float):
+    """Checks shared by the activation quantizers; returns x as contiguous rows [M, K], the leading
+    shape, and the checked clip ratio."""
     reference._check_float("x", x)
     check_bits(bits)
     clip_ratio = reference._check_clip_ratio(clip_ratio)
@@ -58,8 +55,16 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, 
     features = x.shape[-1]
     if bits == 4 and features % 2:
         raise ValueError(f"int4 activations need an even number of features, got {features}")
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, features).contiguous()
+    return x.reshape(-1, features).contiguous(), x.shape[:-1], clip_ratio
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, backend: Optional[str] = None):
+    """Symmetric per-token quantization of ``x`` [..., K] (fp16/bf16/fp32) to int8 or packed int4.
+
+    Returns ``(q, scales)``: q int8 [..., K] (bits=8) or uint8 [..., K/2] (bits=4, signed nibbles,
+    element 2j in the low nibble); scales fp32 [...]. Non-contiguous inputs are copied first.
+    """
+    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
     chosen = select("quantize_per_token", x.device, backend)
     if chosen == "cuda":
         q, scales = _cuda_op("quantize_per_token")(rows, bits, clip_ratio)
@@ -297,23 +302,14 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     For n = 2^k the CUDA kernel is bit-exact with the two-call reference; for m * 2^k the rotated values
     agree to fp32 rounding, so a code can differ by 1 at a rounding boundary.
     """
-    reference._check_float("x", x)
-    check_bits(bits)
-    clip_ratio = reference._check_clip_ratio(clip_ratio)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the features)")
-    features = x.shape[-1]
-    if bits == 4 and features % 2:
-        raise ValueError(f"int4 activations need an even number of features, got {features}")
-    lead = x.shape[:-1]
-    rows = x.reshape(-1, features).contiguous()
+    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
     chosen = select("hadamard_quantize", x.device, backend)
     if chosen == "reference":
         from .rotation import block_hadamard_transform
 
         rotated = block_hadamard_transform(rows, block_size) if block_size else reference.hadamard(rows)
         q, scales = reference.quantize_per_token(rotated, bits, clip_ratio)
-    elif chosen == "cuda" and not block_size and _fused_rotation_is_slower(features):
+    elif chosen == "cuda" and not block_size and _fused_rotation_is_slower(rows.shape[-1]):
         q, scales = _cuda_op("quantize_per_token")(_cuda_op("hadamard")(rows, 0), bits, clip_ratio)
     else:
         op = _cuda_op("hadamard_quantize") if chosen == "cuda" else _triton_op("hadamard_quantize")

@@ -33,23 +33,10 @@ import triton.language as tl
 from quantkern._fake import hadamard_fake, hadamard_quantize_fake
 from quantkern.rotation import hadamard_factorization, hadamard_matrix, is_hadamard_size
 
+from .activation_quant import _quantize as _code  # per-token rounding, shared with quantize_per_token
 from .activation_quant import quantize_per_token as _quantize_per_token
 
 MAX_N = 16384  # two 128 x 128 fp32 tiles at most; larger rows: the CUDA kernel
-
-
-@triton.jit
-def _round_half_even(v):
-    r = tl.floor(v + 0.5)
-    is_tie = (r - v) == 0.5
-    is_odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(is_tie & is_odd, r - 1.0, r)
-
-
-@triton.jit
-def _code(v, scale, QMAX: tl.constexpr):
-    q = _round_half_even(tl.math.div_rn(v, scale))
-    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int32)
 
 
 @triton.jit
