@@ -42,3 +42,18 @@ def builtin_model_available():
         if os.environ.get("QUANTKERN_REQUIRE_BUILTIN_MODEL") == "1":
             raise
         pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def truncated_builtin_model(builtin_model_available):
+    """``load(n_blocks) -> (model, tokenizer)``: the built-in SmolLM2 in fp32 cut to its first
+    ``n_blocks`` decoder blocks (cheap real-weight models for method tests)."""
+    from quantkern.builtin_model import load_builtin_model
+
+    def load(n_blocks: int):
+        model, tokenizer = load_builtin_model(dtype=torch.float32)
+        model.model.layers = model.model.layers[:n_blocks]
+        model.config.num_hidden_layers = n_blocks
+        return model, tokenizer
+
+    return load

@@ -34,13 +34,8 @@ def tiny_llama(kv_heads: int, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def smollm_2_blocks(builtin_model_available):
-    from quantkern.builtin_model import load_builtin_model
-
-    model, tok = load_builtin_model(dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    return model, tok
+def smollm_2_blocks(truncated_builtin_model):
+    return truncated_builtin_model(2)
 
 
 def random_scales(n: int, seed: int) -> torch.Tensor:

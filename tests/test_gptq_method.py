@@ -18,15 +18,12 @@ LICENSES = Path("/usr/share/common-licenses")
 
 
 @pytest.fixture(scope="module")
-def smollm_3_blocks(builtin_model_available, tmp_path_factory):
-    from quantkern.builtin_model import load_builtin_model
+def smollm_3_blocks(truncated_builtin_model, tmp_path_factory):
     from quantkern.evaluation import DEFAULT_EVAL_TEXT
 
     if not (LICENSES / "Apache-2.0").is_file():
         pytest.skip(f"{LICENSES} has no license texts to calibrate on")
-    model, tokenizer = load_builtin_model(dtype=torch.float32)
-    model.model.layers = model.model.layers[:3]
-    model.config.num_hidden_layers = 3
+    model, tokenizer = truncated_builtin_model(3)
     calib = tmp_path_factory.mktemp("calib") / "calib.txt"
     calib.write_text((LICENSES / "Apache-2.0").read_text() + (LICENSES / "MPL-2.0").read_text())
     tokens = tokenizer(Path(DEFAULT_EVAL_TEXT).read_text(), return_tensors="pt")["input_ids"][:, :256]

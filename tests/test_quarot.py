@@ -242,13 +242,10 @@ def test_checkpoint_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def truncated_smollm(builtin_model_available):
-    from quantkern.builtin_model import load_builtin_model
+def truncated_smollm(truncated_builtin_model):
     from quantkern.evaluation import DEFAULT_EVAL_TEXT
 
-    model, tokenizer = load_builtin_model(dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
+    model, tokenizer = truncated_builtin_model(2)
     text = open(DEFAULT_EVAL_TEXT, encoding="utf-8").read()
     tokens = tokenizer(text, return_tensors="pt")["input_ids"][:, :128]
     return model, tokenizer, tokens

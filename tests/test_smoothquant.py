@@ -50,13 +50,8 @@ class _CharTokenizer:
 
 
 @pytest.fixture(scope="module")
-def smollm_4_blocks(builtin_model_available):
-    from quantkern.builtin_model import load_builtin_model
-
-    model, tok = load_builtin_model(dtype=torch.float32)
-    model.model.layers = model.model.layers[:4]
-    model.config.num_hidden_layers = 4
-    return model, tok
+def smollm_4_blocks(truncated_builtin_model):
+    return truncated_builtin_model(4)
 
 
 def smooth_every_block(model, windows, alpha=0.5):
