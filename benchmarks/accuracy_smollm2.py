@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-LICENSES = Path("/usr/share/common-licenses")
-CALIBRATION_SOURCES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "MPL-1.1", "MPL-2.0")
 
 # name -> (config label, anchor or RTN figure from ANCHORS.md, target, quantize flags)
 ROWS = {
@@ -41,14 +39,6 @@ ROWS = {
     "quarot-w4a4kv4": ("W4A4 KV4 per-channel, QuaRot + GPTQ", 9558.0, 36.0,
                        ["--method", "quarot", "--group-size", "-1", "--acts-bits", "4", "--kv-bits", "4"]),
 }
-
-
-def write_calibration_text(path: Path) -> Path:
-    missing = [name for name in CALIBRATION_SOURCES if not (LICENSES / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"calibration sources missing from {LICENSES}: {missing}")
-    path.write_text("".join((LICENSES / name).read_text() for name in CALIBRATION_SOURCES))
-    return path
 
 
 def fp32_perplexity() -> float:
@@ -87,7 +77,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 row")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    calib = write_calibration_text(args.out / "license-calibration.txt")
+    from quantkern.calibration import LICENSE_CALIBRATION_SOURCES, write_license_calibration_text
+
+    calib = write_license_calibration_text(args.out / "license-calibration.txt")
 
     import torch
 
@@ -100,7 +92,7 @@ def main(argv=None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         rows.append(run_row(name, args.out, calib, args.samples))
         (args.out / "accuracy.json").write_text(json.dumps({
-            "rows": rows, "calibration": {"file": str(calib), "sources": CALIBRATION_SOURCES, "samples": args.samples},
+            "rows": rows, "calibration": {"file": str(calib), "sources": LICENSE_CALIBRATION_SOURCES, "samples": args.samples},
             "quantkern": quantkern.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine()}, indent=2))
 

@@ -24,6 +24,24 @@ from typing import List, Optional
 import torch
 
 
+# Calibration text that Debian/Ubuntu machines carry and that is disjoint from the default evaluation
+# text (quantkern.evaluation.DEFAULT_EVAL_TEXT, GPL-3): the non-GPL license texts.
+LICENSE_DIR = Path("/usr/share/common-licenses")
+LICENSE_CALIBRATION_SOURCES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "MPL-1.1",
+                               "MPL-2.0")
+
+
+def write_license_calibration_text(path) -> Path:
+    """Write the concatenated non-GPL license texts of this machine to ``path``; FileNotFoundError
+    naming the missing ones where the machine lacks them."""
+    missing = [name for name in LICENSE_CALIBRATION_SOURCES if not (LICENSE_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"calibration sources missing from {LICENSE_DIR}: {missing}")
+    path = Path(path)
+    path.write_text("".join((LICENSE_DIR / name).read_text() for name in LICENSE_CALIBRATION_SOURCES))
+    return path
+
+
 @dataclass
 class CalibrationInfo:
     source: str  # file path, or "self-generated"

@@ -57,3 +57,20 @@ def truncated_builtin_model(builtin_model_available):
         return model, tokenizer
 
     return load
+
+
+@pytest.fixture(scope="session")
+def calibration_file(tmp_path_factory):
+    """Path of a calibration text file for method tests: the machine's non-GPL license texts (as
+    benchmarks/accuracy_smollm2.py uses), or, where they are missing, this repository's own docs."""
+    from pathlib import Path
+
+    from quantkern.calibration import write_license_calibration_text
+
+    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
+    try:
+        write_license_calibration_text(path)
+    except FileNotFoundError:
+        root = Path(__file__).resolve().parents[1]
+        path.write_text("".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))]))
+    return str(path)

@@ -12,7 +12,6 @@ from quantkern.quantizers import METHODS, QuantizeConfig, quantize_model
 from quantkern.quantizers.base import _first_block_inputs
 from quantkern.quantizers.smoothquant import SmoothQuantQuantizer, fake_quantize_tokens, smoothing_factors
 
-CALIB = "/work/calib/licenses-no-gpl.txt"
 GPL3 = "/usr/share/common-licenses/GPL-3"
 W8A8 = dict(method="smoothquant", bits=8, group_size=-1, act_bits=8)
 
@@ -121,24 +120,24 @@ def test_fake_quantize_tokens_matches_the_reference_per_token_quantizer():
     assert torch.allclose(fake_quantize_tokens(x), reference.dequantize_per_token(q, scale, 8), atol=0, rtol=1e-6)
 
 
-def output_error(model, tok, **config):
+def output_error(model, tok, calib, **config):
     """Relative MSE of the truncated model's last hidden state after quantization, on GPL-3, with every
     QuantLinear running through the reference W8A8 path (per-token int8 activations)."""
     ids = tok(open(GPL3).read(), return_tensors="pt")["input_ids"][0][:512].reshape(2, 256)
     with torch.no_grad():
         ref = model.model(ids).last_hidden_state
     quantized = copy.deepcopy(model)
-    result = quantize_model(quantized, tok, QuantizeConfig(calib_path=CALIB, calib_samples=4, calib_seq_len=256,
+    result = quantize_model(quantized, tok, QuantizeConfig(calib_path=calib, calib_samples=4, calib_seq_len=256,
                                                            **config), progress=False)
     with torch.no_grad():
         out = quantized.model(ids).last_hidden_state
     return float((out - ref).pow(2).mean() / ref.pow(2).mean()), quantized, result
 
 
-def test_smoothquant_w8a8_beats_rtn_w8a8_on_a_truncated_smollm2(smollm_4_blocks):
+def test_smoothquant_w8a8_beats_rtn_w8a8_on_a_truncated_smollm2(smollm_4_blocks, calibration_file):
     model, tok = smollm_4_blocks
-    rtn, _, _ = output_error(model, tok, **{**W8A8, "method": "rtn"})
-    smooth, quantized, result = output_error(model, tok, **W8A8)
+    rtn, _, _ = output_error(model, tok, calibration_file, **{**W8A8, "method": "rtn"})
+    smooth, quantized, result = output_error(model, tok, calibration_file, **W8A8)
     # Measured: SmoothQuant about 0.5x of RTN's error (the down_proj inputs of blocks 1-2 hold
     # outlier channels of 40-70 against a median of 1).
     assert smooth < 0.75 * rtn, (smooth, rtn)
@@ -154,10 +153,10 @@ def test_smoothquant_w8a8_beats_rtn_w8a8_on_a_truncated_smollm2(smollm_4_blocks)
     assert torch.equal(layer(x), reference.quantized_activation_linear(x, layer.weight, 8))
 
 
-def test_alpha_auto_end_to_end_on_a_tiny_model():
+def test_alpha_auto_end_to_end_on_a_tiny_model(calibration_file):
     model = tiny_model("llama", seed=4)
     result = quantize_model(model, _CharTokenizer(), QuantizeConfig(
-        **W8A8, calib_path=CALIB, calib_samples=2, calib_seq_len=32, options={"alpha": "auto",
+        **W8A8, calib_path=calibration_file, calib_samples=2, calib_seq_len=32, options={"alpha": "auto",
                                                                               "alpha_grid": [0.0, 0.5, 1.0]}),
         progress=False)
     alphas = result.extra_config["alphas"]
@@ -168,10 +167,10 @@ def test_alpha_auto_end_to_end_on_a_tiny_model():
     assert all(isinstance(b.mlp.up_proj, QuantLinear) and b.mlp.up_proj.act_bits == 8 for b in model.model.layers)
 
 
-def test_w4a8_with_groups_is_accepted():
+def test_w4a8_with_groups_is_accepted(calibration_file):
     model = tiny_model("llama", seed=5)
     quantize_model(model, _CharTokenizer(), QuantizeConfig(method="smoothquant", bits=4, group_size=32, act_bits=8,
-                                                           calib_path=CALIB, calib_samples=2, calib_seq_len=32),
+                                                           calib_path=calibration_file, calib_samples=2, calib_seq_len=32),
                    progress=False)
     layer = model.model.layers[0].self_attn.q_proj
     assert (layer.bits, layer.act_bits, layer.group_size) == (4, 8, 32)
@@ -193,8 +192,8 @@ def test_smoothquant_is_registered():
     (dict(options={"alpha_grid": []}), "alpha_grid"),
     (dict(options={"beta": 1}), "unknown option"),
 ])
-def test_bad_configurations_raise(config, match):
+def test_bad_configurations_raise(config, match, calibration_file):
     model = tiny_model("llama")
-    full = {**W8A8, "calib_path": CALIB, "kernel_shapes": "reference", **config}
+    full = {**W8A8, "calib_path": calibration_file, "kernel_shapes": "reference", **config}
     with pytest.raises(ValueError, match=match):
         quantize_model(model, _CharTokenizer(), QuantizeConfig(**full), progress=False)
