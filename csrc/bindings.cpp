@@ -37,7 +37,7 @@ TORCH_LIBRARY(quantkern, m) {
   // W4A16 linear (csrc/w4a16_gemm.cu): x [M, K] fp16/bf16, qweight int32 [N/16, 2K] (the layout of
   // quantkern.layout_cuda.prepare_w4a16), scales / zeros [K/group, N] in x's dtype, bias [N],
   // locks int32 scratch (all zeros before and after) -> y [M, N] in x's dtype.
-  // split_k / tile_m: 0 = automatic (overrides for tuning).
+  // split_k / tile_m: 0 = automatic (overrides for tuning; tile_m = 1: the small-M kernel).
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, Tensor locks, "
         "int group_size, int split_k=0, int tile_m=0) -> Tensor");
   // Integer GEMMs W8A8 / W4A4 / W4A8 (csrc/int_gemm.cu): a = quantize_per_token's q (int8 [M, K] or uint8

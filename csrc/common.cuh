@@ -65,6 +65,16 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// float -> T, round to nearest even (torch builds with the implicit half conversions switched off).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 // One 16-byte vector of activations: 8 x fp16/bf16 or 4 x fp32. Loaded with a single 128-bit
 // instruction (ld.global.nc.v4.u32) when the address is 16-byte aligned.
 template <typename T>

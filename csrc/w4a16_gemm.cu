@@ -16,15 +16,18 @@
 //   fp32 accumulation and the final conversion of y to fp16/bf16, for both dtypes. The cost is a
 //   second set of accumulators and 4 FMAs per (m16, n8) tile per 64 (group 32: 32) input channels.
 //
-// Weight layout (made once at load time by quantkern/layout_cuda.py, prepare_w4a16)
+// Weight layout (made once at load time by quantkern/layout_cuda.py, prepare_w4a16; shared with the
+// small-M kernel of csrc/w4a16_small_m.cu)
 //   qweight int32 [N/16, 2K]: N is cut into strips of 16 output channels, K into tiles of 64. Strip
 //   ns, k-tile kt is a contiguous 512-byte unit at int32 offset (ns * K/64 + kt) * 128, holding
 //   uint4 words[lane 0..31] = {w[kk=0], w[1], w[2], w[3]}: word kk is what lane (g = lane/4,
-//   t = lane%4) needs for the k16 step kk. Its 8 nibbles, p = i + 4h with i = 2 jn + jk:
+//   t = lane%4) needs for the k16 step kk. Its 8 nibbles, p = 4h + 2jk + jn:
 //       nibble p = code[n = 16 ns + 8 jn + g][k = 64 kt + 16 kk + 8 jk + 2 t + h]
-//   so that ((word >> 4i) & 0x000F000F) puts the codes of k = .. + 2t and 2t+1 into the low and
-//   high 16-bit halves: exactly mma.m16n8k16's B fragment register (jk = 0: b0, jk = 1: b1) of
-//   n8-tile jn. One 16-byte ld.shared per lane and k-tile gives a lane all its weights for 4 k16 steps.
+//   so that ((word >> 4(2jk + jn)) & 0x000F000F) puts the codes of k = .. + 2t and 2t+1 into the low
+//   and high 16-bit halves: exactly mma.m16n8k16's B fragment register (jk = 0: b0, jk = 1: b1) of
+//   n8-tile jn. (The order of p serves the small-M kernel, which uses the same word as an A fragment
+//   and reads nibbles 1, 5 and 3, 7, the channels 8..15, without a shift.) One 16-byte ld.shared per
+//   lane and k-tile gives a lane all its weights for 4 k16 steps.
 //   scales [G, N] in the activation dtype (G = K / group_size), transposed so that one group's scales
 //   for a tile of columns are contiguous; zeros [G, N] in the activation dtype holding the zero
 //   codes (exact small integers), or absent (symmetric: implicit zero 8).
@@ -34,12 +37,15 @@
 //   (ulp 1), bf16 0x4300 = 128 (ulp 1). One lop3 (and one shift), then one sub2 of (MAGIC + zero)
 //   gives (code - zero) exactly, two values per instruction.
 //
+// Dispatch: M <= 16 goes to the small-M kernel (csrc/w4a16_small_m.cu: weights streamed into
+//   registers, ~1.5x faster at M = 1), larger M to this file's kernel. tile_m = 1 forces the
+//   small-M kernel (in tiles of 16 tokens), 16 / 64 / 128 one of the tiles below.
 // Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
 //   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
-//     M <= 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
-//     M <= 64 : BM = 64,  BN = 128, 8 warps (2 x 4), warp tile 32 x 32, 4 stages, 52 KiB smem
-//     M >  64 : BM = 128, BN = 128, 8 warps (2 x 4), warp tile 64 x 32, 4 stages, 84 KiB smem
-//   (tile_m = 16 / 64 / 128 forces one.) Needs K % 64 == 0 and N % 16 == 0 (a partial last N tile
+//     tile_m 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
+//     M <= 64   : BM = 64,  BN = 128, 8 warps (2 x 4), warp tile 32 x 32, 4 stages, 52 KiB smem
+//     M >  64   : BM = 128, BN = 128, 8 warps (2 x 4), warp tile 64 x 32, 4 stages, 84 KiB smem
+//   Needs K % 64 == 0 and N % 16 == 0 (a partial last N tile
 //   is masked by whole strips); any M >= 1 (rows beyond M are zero-filled and not stored).
 //
 // Pipeline: per stage, cp.async (16-byte, .cg) of the activation tile (BM x 64, rows XOR-swizzled
@@ -68,152 +74,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "common.cuh"
+#include "w4a16_common.cuh"
 
 namespace quantkern {
 namespace {
 
-constexpr int kBK = 64;          // K per tile: 4 k16 mma steps
-constexpr int kUnitBytes = 512;  // one (16-column strip, 64-deep k-tile) unit of packed weights
-
-// ---------------------------------------------------------------------------------------------
-// PTX wrappers
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; writes zeros (reads nothing) when !valid.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
-  uint32_t v;
-  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr));
-  return v;
-}
-
-__device__ __forceinline__ uint16_t ld_shared_u16(uint32_t addr) {
-  uint16_t v;
-  asm volatile("ld.shared.u16 %0, [%1];\n" : "=h"(v) : "r"(addr));
-  return v;
-}
-
-// (a & b) | c in one instruction.
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-// Per activation dtype: the mma instruction, the magic number of the int4 conversion, packing.
-template <typename T>
-struct W4Traits;
-
-template <>
-struct W4Traits<__half> {
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0 in both halves
-  static constexpr uint16_t kMagicPlus8 = 0x6408;  // 1032.0: MAGIC + the implicit zero 8
-  __device__ __forceinline__ static uint32_t sub2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("sub.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  __device__ __forceinline__ static uint32_t add2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("add.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-  }
-  __device__ __forceinline__ static float2 to_float2(uint32_t v) {
-    __half2 h = *reinterpret_cast<__half2*>(&v);
-    return __half22float2(h);
-  }
-  __device__ __forceinline__ static uint32_t from_floats(float a, float b) {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  template <bool ZERO_C>
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (ZERO_C) {
-      asm(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%10, %10, %10, %10};\n"
-          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
-    } else {
-      asm(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-  }
-};
-
-template <>
-struct W4Traits<__nv_bfloat16> {
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0 in both halves
-  static constexpr uint16_t kMagicPlus8 = 0x4308;  // 136.0
-  // bf16x2 add/sub as fma with 1.0 / -1.0 (sm_80+; exact here: integer values below 256).
-  __device__ __forceinline__ static uint32_t sub2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(b), "r"(0xBF80BF80u), "r"(a));
-    return d;
-  }
-  __device__ __forceinline__ static uint32_t add2(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(d) : "r"(b), "r"(0x3F803F80u), "r"(a));
-    return d;
-  }
-  __device__ __forceinline__ static float2 to_float2(uint32_t v) {
-    // bf16 -> fp32 is a 16-bit shift.
-    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
-  }
-  __device__ __forceinline__ static uint32_t from_floats(float a, float b) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-  template <bool ZERO_C>
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    if constexpr (ZERO_C) {
-      asm(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%10, %10, %10, %10};\n"
-          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
-    } else {
-      asm(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-          "{%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-  }
-};
+using namespace w4a16;
 
 // ---------------------------------------------------------------------------------------------
 // Kernel
@@ -409,8 +275,9 @@ __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS) w4a16_gemm_kernel(co
         const uint32_t q = kk == 0 ? bq[s].x : kk == 1 ? bq[s].y : kk == 2 ? bq[s].z : bq[s].w;
         uint32_t b[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          b[i] = Tr::sub2(and_or(q >> (4 * i), 0x000F000Fu, Tr::kMagic), zb[s][i >> 1]);
+        for (int i = 0; i < 4; ++i) {  // b[2 jn + jk] holds nibbles 2 jk + jn and 4 + 2 jk + jn
+          const int shift = 4 * (2 * (i & 1) + (i >> 1));
+          b[i] = Tr::sub2(and_or(q >> shift, 0x000F000Fu, Tr::kMagic), zb[s][i >> 1]);
         }
 #pragma unroll
         for (int m = 0; m < kMT; ++m)
@@ -624,8 +491,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (zeros.has_value()) TORCH_CHECK(zeros->device() == x.device(), kOp, ": zeros must be on ", x.device());
   if (bias.has_value()) TORCH_CHECK(bias->device() == x.device(), kOp, ": bias must be on ", x.device());
-  TORCH_CHECK(tile_m == 0 || tile_m == 16 || tile_m == 64 || tile_m == 128, kOp,
-              ": tile_m must be 0 (automatic), 16, 64 or 128, got ", tile_m);
+  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 16 || tile_m == 64 || tile_m == 128, kOp,
+              ": tile_m must be 0 (automatic), 1 (the small-M kernel), 16, 64 or 128, got ", tile_m);
   TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
   TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2 && N <= std::numeric_limits<int32_t>::max() &&
                   M <= std::numeric_limits<int32_t>::max(), kOp, ": sizes too large");
@@ -643,13 +510,53 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
                   (!bias.has_value() || is_aligned(bias->const_data_ptr(), 4)),
               kOp, ": qweight, scales and zeros must be 16-byte aligned (bias 4-byte): pass whole tensors, not views");
 
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int k_tiles = static_cast<int>(K / kBK);
+
+  // ---- few tokens: the small-M kernel (csrc/w4a16_small_m.cu) ----------------------------------
+  if (tile_m == 1 || (tile_m == 0 && M <= kSmallMTokens)) {
+    const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
+    TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
+    const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
+    const int64_t chunks = (k_tiles + 1) / 2;
+    const SmallMConfig config = small_m_config(M, N, K, sm_count(x.get_device()), locks.numel());
+    int splits = config.splits;
+    if (split_k > 0) {
+      splits = static_cast<int>(std::min<int64_t>(split_k, chunks));
+      TORCH_CHECK(splits == 1 || tiles <= locks.numel(), kOp, ": split_k > 1 needs one lock per output tile (",
+                  tiles, "), locks has ", locks.numel());
+    }
+    const int chunks_per_split = static_cast<int>((chunks + splits - 1) / splits);
+    splits = static_cast<int>((chunks + chunks_per_split - 1) / chunks_per_split);  // no empty split
+    at::Tensor partials;
+    if (splits > 1) partials = at::empty({splits, M, N}, x.options().dtype(at::kFloat));
+    SmallMParams sp;
+    sp.x = xa.const_data_ptr();
+    sp.qweight = static_cast<const uint4*>(qweight.const_data_ptr());
+    sp.scales = scales.const_data_ptr();
+    sp.zeros = zeros.has_value() ? zeros->const_data_ptr() : nullptr;
+    sp.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+    sp.y = y.data_ptr();
+    sp.partials = splits > 1 ? partials.data_ptr<float>() : nullptr;
+    sp.locks = locks.data_ptr<int>();
+    sp.M = static_cast<int>(M);
+    sp.N = static_cast<int>(N);
+    sp.K = static_cast<int>(K);
+    sp.group_len = static_cast<int>(glen);
+    sp.k_tiles = k_tiles;
+    sp.chunks_per_split = chunks_per_split;
+    sp.splits = splits;
+    sp.warps = config.warps;
+    launch_small_m(x.scalar_type() == at::kBFloat16, sp, stream);
+    return y;
+  }
+
   // ---- configuration ---------------------------------------------------------------------------
   const int bm = tile_m != 0 ? static_cast<int>(tile_m) : (M <= 16 ? 16 : M <= 64 ? 64 : 128);
   const int bn = 128;
   const int blocks_per_sm = bm == 16 ? 4 : bm == 64 ? 2 : 1;
   const int64_t m_tiles = (M + bm - 1) / bm;
   const int64_t n_tiles = (N + bn - 1) / bn;
-  const int k_tiles = static_cast<int>(K / kBK);
   TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * bm, " rows per call)");
   const int64_t tiles = m_tiles * n_tiles;
   int splits = 1;
@@ -691,7 +598,6 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   p.splits = splits;
 
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   if (x.scalar_type() == at::kHalf) {
     launch_config<__half>(bm, p, grid, stream);
   } else {

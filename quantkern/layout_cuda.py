@@ -6,12 +6,14 @@ the kernel reads, once, at load time, in plain torch (CPU or GPU tensors alike):
 * ``qweight`` int32 ``[N/16, 2K]``. Output channels are cut into strips of 16, input channels into
   tiles of 64. Strip ``ns``, k-tile ``kt`` is one 512-byte unit (int32 offset ``(ns*K/64 + kt)*128``)
   of 32 lanes x 4 words; word ``kk`` of lane ``(g = lane // 4, t = lane % 4)`` holds 8 nibbles,
-  nibble ``p = i + 4h`` with ``i = 2*jn + jk`` being::
+  nibble ``p = 4h + 2*jk + jn`` being::
 
       code[n = 16*ns + 8*jn + g, k = 64*kt + 16*kk + 8*jk + 2*t + h]
 
   which is exactly the B fragment of ``mma.m16n8k16`` (register ``jk`` of n8-tile ``jn``) once the
-  kernel takes ``(word >> 4i) & 0x000F000F`` (low half: h = 0, high half: h = 1).
+  large-M kernel takes ``(word >> 4(2*jk + jn)) & 0x000F000F`` (low half: h = 0, high half: h = 1),
+  and the A fragment (16 channels x 16 k) of the small-M kernel, which multiplies with the weights
+  as the left operand (register ``2*jk + jn``).
 * ``scales`` ``[G, N]`` in the activation dtype (transposed canonical scales, ``G = K / group``).
 * ``zeros`` ``[G, N]`` in the activation dtype (the zero codes, exact small integers), or ``None``
   for symmetric weights (implicit zero 8).
@@ -73,8 +75,8 @@ def pack_codes_w4a16(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"codes must have N % {N_STRIP} == 0 and K % {K_TILE} == 0, got shape {(n, k)}")
     # n = 16 ns + 8 jn + g ; k = 64 kt + 16 kk + 8 jk + 2 t + h
     c = codes.reshape(n // 16, 2, 8, k // 64, 4, 2, 4, 2)    # (ns, jn, g, kt, kk, jk, t, h)
-    c = c.permute(0, 3, 2, 6, 4, 7, 1, 5)                     # (ns, kt, g, t, kk, h, jn, jk)
-    nib = c.reshape(-1, 8).to(torch.int64)                    # nibble p = 4h + 2jn + jk
+    c = c.permute(0, 3, 2, 6, 4, 7, 5, 1)                     # (ns, kt, g, t, kk, h, jk, jn)
+    nib = c.reshape(-1, 8).to(torch.int64)                    # nibble p = 4h + 2jk + jn
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
     words = (nib << shifts).sum(dim=1)                        # 0 .. 2^32 - 1
     words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
@@ -88,9 +90,9 @@ def unpack_w4a16_codes(qweight: torch.Tensor, in_features: int, out_features: in
         raise ValueError(f"qweight must be int32 of shape {(n // 16, 2 * k)}, got {qweight.dtype} {tuple(qweight.shape)}")
     words = qweight.reshape(-1, 1).to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qweight.device)
-    nib = ((words >> shifts) & 0xF).to(torch.uint8)            # (ns, kt, g, t, kk, h, jn, jk) flattened
+    nib = ((words >> shifts) & 0xF).to(torch.uint8)            # (ns, kt, g, t, kk, h, jk, jn) flattened
     c = nib.reshape(n // 16, k // 64, 8, 4, 4, 2, 2, 2)
-    c = c.permute(0, 6, 2, 1, 4, 7, 3, 5)                     # back to (ns, jn, g, kt, kk, jk, t, h)
+    c = c.permute(0, 7, 2, 1, 4, 6, 3, 5)                     # back to (ns, jn, g, kt, kk, jk, t, h)
     return c.reshape(n, k).contiguous()
 
 

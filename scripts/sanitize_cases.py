@@ -31,7 +31,10 @@ def w4a16_cases():
     # (K, N, M, group, symmetric, dtype, split_k (0: automatic), tile_m (0: automatic))
     cases = [(576, 1536, 1, 64, True, torch.float16, 0, 0), (1536, 576, 33, 32, False, torch.bfloat16, 0, 0),
              (576, 576, 7, -1, False, torch.float16, 3, 16), (576, 576, 130, 64, True, torch.bfloat16, 2, 128),
-             (896, 1216, 65, 128, False, torch.float16, 0, 64)]
+             (896, 1216, 65, 128, False, torch.float16, 0, 64),
+             # the small-M kernel: odd strips and k-tiles, forced splits, 16-warp blocks, two token tiles
+             (192, 80, 5, 64, False, torch.bfloat16, 2, 1), (4096, 1024, 12, 32, True, torch.float16, 0, 0),
+             (576, 4864, 3, -1, True, torch.bfloat16, 0, 1)]
     for k, n, m, group, symmetric, dtype, split_k, tile_m in cases:
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         qw = reference.quantize_weight(w, 4, group, symmetric, scale_dtype=dtype)

@@ -64,7 +64,7 @@ def test_repack_round_trips(k, n):
 def test_repack_places_each_code_where_the_mma_fragment_wants_it():
     # Follow the kernel: lane (g, t), k-step kk of unit (ns, kt) reads word kk of its uint4 and takes
     # (word >> 4i) & 0x000F000F: the low half is B[k][n] with n = 16 ns + 8 jn + g,
-    # k = 64 kt + 16 kk + 8 jk + 2t (i = 2 jn + jk); the high half is k + 1.
+    # k = 64 kt + 16 kk + 8 jk + 2t (i = 2 jk + jn); the high half is k + 1.
     k, n = 128, 32
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     words = pack_codes_w4a16(codes).reshape(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
@@ -75,7 +75,7 @@ def test_repack_places_each_code_where_the_mma_fragment_wants_it():
                 for kk in range(4):
                     word = int(words[ns, kt, lane, kk])
                     for i in range(4):
-                        jn, jk = divmod(i, 2)
+                        jk, jn = divmod(i, 2)
                         v = (word >> (4 * i)) & 0x000F000F
                         row = 16 * ns + 8 * jn + g
                         col = 64 * kt + 16 * kk + 8 * jk + 2 * t
@@ -205,21 +205,27 @@ def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
         err = rel_err(y, y_ref)
         assert err <= 2e-3, f"M={m}: relative error {err:.2e}"
         # The scales are applied in fp32, so apart from accumulation order the only rounding is y's
-        # own: against the reference rounded to x's dtype the error is far below that rounding.
+        # own: against the reference rounded to x's dtype the error is far below that rounding. The
+        # small-M kernel (M <= 16) removes the conversion offset after the mma (MAGIC * sum(x), see
+        # csrc/w4a16_small_m.cu), which Hopper's mma accumulation rounds: measured up to 1.9e-4 there
+        # against 8e-5 for the large-M kernel.
         err_rounded = rel_err(y, y_ref.to(dtype))
-        assert err_rounded <= 2e-4, f"M={m}: relative error {err_rounded:.2e} against the rounded reference"
+        bound = 4e-4 if m <= 16 else 2e-4
+        assert err_rounded <= bound, f"M={m}: relative error {err_rounded:.2e} against the rounded reference"
 
 
 @pytest.mark.gpu
 @needs_extension
-@pytest.mark.parametrize("k,n", [(4096, 4096), (576, 576), (8192, 1024)])
-@pytest.mark.parametrize("tile_m", [16, 64, 128])
+# (192, 80): an odd number of 16-channel strips and of 64-deep k-tiles (the small-M kernel's edges).
+@pytest.mark.parametrize("k,n", [(4096, 4096), (576, 576), (8192, 1024), (192, 80)])
+@pytest.mark.parametrize("tile_m", [1, 16, 64, 128])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_every_tile_and_split_agrees(k, n, tile_m, split_k):
     for m in (1, 17, 100):
         y, y_ref, (x, prepared, bias) = run_case(k, n, m, 64, False, torch.bfloat16, with_bias=True)
         y = w4a16_linear(x, prepared, bias, split_k=split_k, tile_m=tile_m)
-        assert rel_err(y, y_ref) <= 2e-3
+        # (Against the reference rounded to bf16: at K = 192 bf16's own rounding of y is ~2e-3.)
+        assert rel_err(y, y_ref.to(y.dtype)) <= 2e-3
         assert not prepared["locks"].any()  # the scratch counters are restored
 
 

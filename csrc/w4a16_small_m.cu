@@ -1,0 +1,412 @@
+// The W4A16 kernel for few tokens (decode): y[M, N] = x[M, K] @ dequant(W)^T (+ bias), M <= 16 per
+// token tile. Same semantics, arguments and weight layout as csrc/w4a16_gemm.cu (whose host function
+// checks the inputs and calls launch_small_m); this file holds only the kernel and its launcher.
+//
+// Why a second kernel: at M <= 16 the op is bound by streaming the weights, and on the H100 (13 bytes
+// of HBM per SM-cycle) the large-M kernel's instruction stream per weight byte (shared-memory round
+// trip, per-pair zero subtraction, a barrier per k-tile) held it to ~1.4 TB/s (ncu: 2.85 bytes of
+// weights per warp instruction, issue-bound). This kernel spends about a third of the instructions:
+//
+// Swapped operands: the weights are the mma's A operand (16 channels x 16 k), the tokens its B
+//   operand (16 k x 8 tokens): mma.m16n8k16 gives D[channel][token]. One packed word (8 codes) is
+//   exactly one lane's A fragment, so a k16 step costs one mma per 8 tokens (two for 16), not two.
+// Conversion without subtraction: the A registers hold MAGIC + code (fp16: MAGIC = 1024, and the
+//   codes of channels 8..15 as MAGIC + 16 code, taken in place without a shift; bf16: 128 for all),
+//   1 shift + 4 lop3 per 8 codes in fp16 (3 + 4 in bf16). The offset is removed per group in fp32:
+//     sum_k x (code - zero) = (D - MAGIC Sx) / f - zero Sx,  Sx = sum_k x  (f = 1 or 16),
+//   with Sx from one extra mma per k16 step against an all-ones A (shared by the warp's strips).
+//   Cost in accuracy: D carries MAGIC Sx through the mma's accumulation, whose rounding then weighs
+//   ~MAGIC / |code - zero| times more: measured up to 1.9e-4 relative error against the reference
+//   rounded to the output dtype (large-M kernel: 8e-5), 2.2e-4 (fp16) against the fp32 reference.
+// Weights straight to registers: each lane's 16 bytes of a (strip, k-tile) unit are one coalesced
+//   ld.global.v4 (no shared memory, no barrier in the main loop). A pipeline stage is a chunk of 2
+//   k-tiles (128 deep); two stages in registers, the next chunk's loads issued before the current
+//   one's math, nothing reading a loaded register before its use. The chunk's scale and zero rows
+//   travel in the stage; so do its activation fragments when the registers allow (one token tile,
+//   symmetric, group >= 64), else they are loaded at use (L1/L2 hits: every block reads the same x).
+//
+// Work split: a block is 8 or 16 warps (16 when 8-warp blocks would leave SMs with fewer than two)
+//   on the same 32 output channels (2 strips) and the same token tile of 16; its K range is cut into
+//   chunks, dealt round-robin to its warps. Warps fold their group sums into fp32 accumulators
+//   (scale applied in fp32, as in the large-M kernel), then the block sums its warps in shared memory
+//   in warp order. Only when the blocks do not cover the SMs is K also split across blocks (grid.y):
+//   each writes an fp32 partial tile to a workspace and counts itself in locks[tile]; the last one
+//   sums the partials in split order (bit-identical whichever block is last), adds the bias, writes y
+//   and resets the counter. Grid: (channel blocks, splits, token tiles).
+//   Measured (H100, M = 1, `python scripts/probe_w4a16.py`): 2.3 TB/s of weights at 8192 x 28672.
+//
+// Compiled without --use_fast_math.
+
+#include <algorithm>
+#include <cmath>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "w4a16_common.cuh"
+
+namespace quantkern {
+namespace w4a16 {
+namespace {
+
+constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp (= per block)
+// Warps per block (template parameter WARPS: 8, or 16 when the grid has fewer blocks than the GPU
+// holds), each on its own chunks of K; 16 warps per SM either way (128 registers per thread).
+constexpr int kWarpsPerSM = 16;
+constexpr int kChunkTiles = 2;                 // k-tiles per chunk (K = 128): one pipeline stage
+
+// Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
+enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
+
+// Weights are read once: stream them past L1. No predicate: the caller clamps the address.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// 32-bit load, or 0 when !ok; a predicated load, so that nothing waits for the data before its use.
+__device__ __forceinline__ uint32_t load_u32_or_zero(const void* p, bool ok) {
+  uint32_t v;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n mov.b32 %0, 0;\n @q ld.global.nc.b32 %0, [%1];\n}\n"
+      : "=r"(v)
+      : "l"(p), "r"(static_cast<int>(ok)));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t load_u32(const void* p) { return __ldg(static_cast<const unsigned int*>(p)); }
+__device__ __forceinline__ uint32_t load_u16(const void* p) { return __ldg(static_cast<const unsigned short*>(p)); }
+
+__device__ __forceinline__ float half_bits_to_float(uint32_t v, __half*) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v))); }
+__device__ __forceinline__ float half_bits_to_float(uint32_t v, __nv_bfloat16*) { return __uint_as_float(v << 16); }
+
+// One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
+// (and zero) of channels g and g + 8 for each of the chunk's kRows groups; when X_STAGED, the chunk's
+// activation fragments too (one token tile).
+template <int GK, bool ASYM, bool X_STAGED>
+struct Stage {
+  static constexpr int kRows = GK == kGroup32 ? 4 : GK == kGroup64 ? 2 : 1;
+  uint4 w[kChunkTiles][kStrips];
+  uint32_t scale[kRows][kStrips][2];
+  uint32_t zero[ASYM ? kRows : 1][kStrips][2];
+  uint32_t x[X_STAGED ? kChunkTiles : 1][4][2];
+};
+
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
+  constexpr int kWarps = WARPS, kThreads = WARPS * 32;
+  using Tr = W4Traits<T>;
+  // Activations ride in the stage when the registers allow (one token tile, few scale rows).
+  constexpr bool X_STAGED = TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
+  using StageT = Stage<GK, ASYM, X_STAGED>;
+  constexpr int kRows = StageT::kRows;
+  __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
+  __shared__ int s_is_last;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int block_n = blockIdx.x, split = blockIdx.y, token_tile = blockIdx.z;
+  const int strip0 = block_n * kStrips;
+  const int strips = p.N / 16;
+  const int tok0 = token_tile * kSmallMTokens;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+
+  // This warp's chunks: c = c_begin + warp + i * kWarps for i < my_chunks.
+  const int n_chunks = (p.k_tiles + kChunkTiles - 1) / kChunkTiles;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
+  const int my_chunks = max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
+  const int c_first = c_begin + warp;
+
+  // Running pointers of the next chunk to load (advanced by kWarps chunks per load). A strip past
+  // N reads strip 0 (its sums are never stored); a token past M reads row 0 (likewise).
+  const uint4* wload[kStrips];
+  const T* sload[kStrips];
+  const T* zload[kStrips];
+#pragma unroll
+  for (int s = 0; s < kStrips; ++s) {
+    const int strip = strip0 + s < strips ? strip0 + s : 0;
+    wload[s] = p.qweight + (static_cast<int64_t>(strip) * p.k_tiles + c_first * kChunkTiles) * 32 + lane;
+    // Scale row of the chunk's first group: group 32: 4c, group 64: 2c, 128: c, per-channel: 0.
+    const int64_t row = p.group_len >= p.K ? 0 : static_cast<int64_t>(c_first) * kRows;
+    sload[s] = static_cast<const T*>(p.scales) + row * p.N + strip * 16 + g;
+    zload[s] = ASYM ? static_cast<const T*>(p.zeros) + row * p.N + strip * 16 + g : nullptr;
+  }
+  const int64_t row_step = p.group_len >= p.K ? 0 : static_cast<int64_t>(kWarps) * kRows * p.N;
+  const T* xload[TOKEN_TILES];
+#pragma unroll
+  for (int j = 0; j < TOKEN_TILES; ++j) {
+    const int tok = tok0 + 8 * j + g;
+    xload[j] = x + static_cast<int64_t>(tok < p.M ? tok : 0) * p.K + c_first * (kChunkTiles * kBK) + 2 * t;
+  }
+  int c_load = c_first;  // the chunk the running pointers are at
+
+  auto load_stage = [&](StageT& st) {
+    const bool tile1_ok = c_load * kChunkTiles + 1 < p.k_tiles;  // (odd K/64: the last chunk has one tile)
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      st.w[0][s] = load_stream(wload[s]);
+      st.w[1][s] = load_stream(wload[s] + (tile1_ok ? 32 : 0));  // a missing tile re-reads the first
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        // Rows of a missing tile (group 32/64) re-read the chunk's first: their sums are zero.
+        const int rr = (GK == kGroup32 && r >= 2 && !tile1_ok) ? r - 2 : (GK == kGroup64 && r == 1 && !tile1_ok) ? 0 : r;
+        st.scale[r][s][0] = load_u16(sload[s] + rr * p.N);
+        st.scale[r][s][1] = load_u16(sload[s] + rr * p.N + 8);
+        if constexpr (ASYM) {
+          st.zero[r][s][0] = load_u16(zload[s] + rr * p.N);
+          st.zero[r][s][1] = load_u16(zload[s] + rr * p.N + 8);
+        }
+      }
+      wload[s] += kWarps * kChunkTiles * 32;
+      sload[s] += row_step;
+      if constexpr (ASYM) zload[s] += row_step;
+    }
+    if constexpr (X_STAGED) {
+#pragma unroll
+      for (int u = 0; u < kChunkTiles; ++u)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            st.x[u][kk][h] = u == 0 ? load_u32(xload[0] + 16 * kk + 8 * h)
+                                    : load_u32_or_zero(xload[0] + kBK + 16 * kk + 8 * h, tile1_ok);
+    }
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILES; ++j) xload[j] += kWarps * kChunkTiles * kBK;
+    c_load += kWarps;
+  };
+
+  float acc[kStrips][TOKEN_TILES][4];   // scaled sums: [channel g, g+8] x [token 2t, 2t+1]
+  float dsum[kStrips][TOKEN_TILES][4];  // this group's raw mma sums (MAGIC offset included)
+  float xsum[TOKEN_TILES][4];           // this group's sum of x per token (d0: token 2t, d1: 2t + 1)
+#pragma unroll
+  for (int s = 0; s < kStrips; ++s)
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILES; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[s][j][e] = 0.0f;
+
+  // acc += scale/f (D - (MAGIC + f zero) Sx), per channel (f = 1 for channel g, 1 or 16 for g + 8).
+  auto fold = [&](const StageT& st, int r) {
+#pragma unroll
+    for (int s = 0; s < kStrips; ++s) {
+      const float s_lo = half_bits_to_float(st.scale[r][s][0], static_cast<T*>(nullptr));
+      const float s_hi = half_bits_to_float(st.scale[r][s][1], static_cast<T*>(nullptr));
+      float z_lo = 8.0f, z_hi = 8.0f;
+      if constexpr (ASYM) {
+        z_lo = half_bits_to_float(st.zero[r][s][0], static_cast<T*>(nullptr));
+        z_hi = half_bits_to_float(st.zero[r][s][1], static_cast<T*>(nullptr));
+      }
+      const float off_lo = s_lo * (Tr::kMagicLo + z_lo);
+      const float f_hi = s_hi * Tr::kScaleHi, off_hi = s_hi * (Tr::kMagicHi + z_hi);
+#pragma unroll
+      for (int j = 0; j < TOKEN_TILES; ++j) {
+        acc[s][j][0] = fmaf(s_lo, dsum[s][j][0], fmaf(-off_lo, xsum[j][0], acc[s][j][0]));
+        acc[s][j][1] = fmaf(s_lo, dsum[s][j][1], fmaf(-off_lo, xsum[j][1], acc[s][j][1]));
+        acc[s][j][2] = fmaf(f_hi, dsum[s][j][2], fmaf(-off_hi, xsum[j][0], acc[s][j][2]));
+        acc[s][j][3] = fmaf(f_hi, dsum[s][j][3], fmaf(-off_hi, xsum[j][1], acc[s][j][3]));
+      }
+    }
+  };
+
+  const uint32_t ones[4] = {Tr::kOnes, Tr::kOnes, Tr::kOnes, Tr::kOnes};
+  // x pointer of the chunk being computed (X_STAGED: unused).
+  const T* xcomp[TOKEN_TILES];
+#pragma unroll
+  for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] = xload[j];
+  int c_comp = c_first;
+
+  auto compute = [&](const StageT& st) {
+    const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
+#pragma unroll
+    for (int u = 0; u < kChunkTiles; ++u) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t b[TOKEN_TILES][2];
+#pragma unroll
+        for (int j = 0; j < TOKEN_TILES; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (X_STAGED) {
+              b[j][h] = st.x[u][kk][h];
+            } else {
+              b[j][h] = u == 0 ? load_u32(xcomp[j] + 16 * kk + 8 * h)
+                               : load_u32_or_zero(xcomp[j] + kBK + 16 * kk + 8 * h, tile1_ok);
+            }
+          }
+        // The first k16 step of a group starts its sums from zero.
+        const bool fresh = GK == kGroup32 ? (kk % 2 == 0) : GK == kGroup64 ? kk == 0 : (u == 0 && kk == 0);
+#pragma unroll
+        for (int j = 0; j < TOKEN_TILES; ++j) {
+          if (fresh) {
+            Tr::template mma<true>(xsum[j], ones, b[j][0], b[j][1]);
+          } else {
+            Tr::template mma<false>(xsum[j], ones, b[j][0], b[j][1]);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < kStrips; ++s) {
+          const uint4& w = st.w[u][s];
+          const uint32_t q = kk == 0 ? w.x : kk == 1 ? w.y : kk == 2 ? w.z : w.w;
+          uint32_t a[4];
+          Tr::dequant_a(q, a);
+#pragma unroll
+          for (int j = 0; j < TOKEN_TILES; ++j) {
+            if (fresh) {
+              Tr::template mma<true>(dsum[s][j], a, b[j][0], b[j][1]);
+            } else {
+              Tr::template mma<false>(dsum[s][j], a, b[j][0], b[j][1]);
+            }
+          }
+        }
+        // The last k16 step of a group folds it.
+        if constexpr (GK == kGroup32) {
+          if (kk % 2 == 1) fold(st, 2 * u + kk / 2);
+        } else if constexpr (GK == kGroup64) {
+          if (kk == 3) fold(st, u);
+        } else {
+          if (u == 1 && kk == 3) fold(st, 0);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] += kWarps * kChunkTiles * kBK;
+    c_comp += kWarps;
+  };
+
+  // ---- main loop: two register stages, written out so that their indices are constants ----------
+  StageT stage0, stage1;
+  if (my_chunks > 0) load_stage(stage0);
+  if (my_chunks > 1) load_stage(stage1);
+  for (int i = 0; i < my_chunks; i += 2) {
+    compute(stage0);
+    if (i + 2 < my_chunks) load_stage(stage0);
+    if (i + 1 < my_chunks) {
+      compute(stage1);
+      if (i + 3 < my_chunks) load_stage(stage1);
+    }
+  }
+
+  // ---- the block's sum over its warps, in warp order --------------------------------------------
+#pragma unroll
+  for (int s = 0; s < kStrips; ++s)
+#pragma unroll
+    for (int j = 0; j < TOKEN_TILES; ++j)
+      partial_sums[warp][s][j][lane] = make_float4(acc[s][j][0], acc[s][j][1], acc[s][j][2], acc[s][j][3]);
+  __syncthreads();
+
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.y);
+  constexpr int kElems = kStrips * TOKEN_TILES * 32 * 4;
+  const float* sums = reinterpret_cast<const float*>(partial_sums);
+  const int64_t split_stride = static_cast<int64_t>(p.M) * p.N;
+  // Element e of the (strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
+  auto element = [&](int idx, int& tok, int& ch) {
+    const int e = idx & 3, l = (idx >> 2) & 31, j = (idx >> 7) % TOKEN_TILES, s = (idx >> 7) / TOKEN_TILES;
+    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);
+    tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
+  };
+  auto store = [&](int tok, int ch, float v) {
+    if (bias != nullptr) v += to_float(bias[ch]);
+    y[static_cast<int64_t>(tok) * p.N + ch] = from_float<T>(v);
+  };
+  for (int idx = threadIdx.x; idx < kElems; idx += kThreads) {
+    int tok, ch;
+    element(idx, tok, ch);
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += sums[w * kElems + idx];
+    if (tok >= p.M || ch >= p.N) continue;
+    if (p.splits == 1) {
+      store(tok, ch, v);
+    } else {
+      __stcg(p.partials + split * split_stride + static_cast<int64_t>(tok) * p.N + ch, v);
+    }
+  }
+  if (p.splits == 1) return;
+
+  // ---- split K: the last block of this tile sums the splits' partials in split order -------------
+  __threadfence();
+  __syncthreads();
+  int* lock = p.locks + token_tile * gridDim.x + block_n;
+  if (threadIdx.x == 0) s_is_last = atomicAdd(lock, 1) == p.splits - 1;
+  __syncthreads();
+  if (!s_is_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < kElems; idx += kThreads) {
+    int tok, ch;
+    element(idx, tok, ch);
+    if (tok >= p.M || ch >= p.N) continue;
+    const float* src = p.partials + static_cast<int64_t>(tok) * p.N + ch;
+    float v = 0.0f;
+    for (int sp = 0; sp < p.splits; ++sp) v += __ldcg(src + sp * split_stride);
+    store(tok, ch, v);
+  }
+  if (threadIdx.x == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
+}
+
+template <typename T, int TOKEN_TILES, int GK, int WARPS>
+void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
+  if (p.zeros != nullptr) {
+    w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+  } else {
+    w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+  }
+}
+
+template <typename T, int TOKEN_TILES, int GK>
+void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
+  if (p.warps == 16) {
+    launch_warps<T, TOKEN_TILES, GK, 16>(p, grid, stream);
+  } else {
+    launch_warps<T, TOKEN_TILES, GK, 8>(p, grid, stream);
+  }
+}
+
+template <typename T, int TOKEN_TILES>
+void launch_typed(const SmallMParams& p, cudaStream_t stream) {
+  const int strips = p.N / 16;
+  const dim3 grid((strips + kStrips - 1) / kStrips, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
+  if (p.group_len == 32) {
+    launch_kind<T, TOKEN_TILES, kGroup32>(p, grid, stream);
+  } else if (p.group_len == 64) {
+    launch_kind<T, TOKEN_TILES, kGroup64>(p, grid, stream);
+  } else {
+    launch_kind<T, TOKEN_TILES, kGroupWide>(p, grid, stream);
+  }
+  QK_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks) {
+  const int64_t blocks = (N / 16 + kStrips - 1) / kStrips * ((M + kSmallMTokens - 1) / kSmallMTokens);
+  const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
+  SmallMConfig config;
+  // 16-warp blocks when 8-warp ones would leave SMs with one block or none.
+  config.warps = blocks < 2 * sm_count ? 16 : 8;
+  // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
+  // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
+  // up to one block per SM, and keep at least one chunk per warp.
+  config.splits = 1;
+  if (blocks < sm_count && blocks <= max_locks) {
+    config.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sm_count / blocks, chunks / config.warps)));
+  }
+  return config;
+}
+
+void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
+  const bool one_tile = p.M <= 8;  // (with M > 16 there are several token tiles of 16)
+  if (bf16) {
+    one_tile ? launch_typed<__nv_bfloat16, 1>(p, stream) : launch_typed<__nv_bfloat16, 2>(p, stream);
+  } else {
+    one_tile ? launch_typed<__half, 1>(p, stream) : launch_typed<__half, 2>(p, stream);
+  }
+}
+
+}  // namespace w4a16
+}  // namespace quantkern

@@ -1,0 +1,68 @@
+"""Probe the CUDA W4A16 kernel's small-M speed: split-K / tile sweep against cuBLAS fp16 (do_bench medians).
+
+    python scripts/probe_w4a16.py                 # the sweep table
+    python scripts/probe_w4a16.py --case K N M TILE_M  # run one configuration 20 times (for ncu)
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, "benchmarks")
+from quantkern import ops, reference  # noqa: E402
+from quantkern.layout_cuda import w4a16_linear  # noqa: E402
+
+
+def setup(k, n, group=128, symmetric=True):
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    qw = reference.quantize_weight(w, 4, group, symmetric=symmetric, scale_dtype=torch.float16)
+    return w.half(), qw, ops.prepare_weight_only(qw, torch.float16, backend="cuda")
+
+
+def us(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", type=int, nargs=4)
+    ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--variants", default="0:0,16:0,1:0,1:1,1:2,1:4", help="tile_m:split_k pairs")
+    args = ap.parse_args()
+    if args.case:
+        k, n, m, tm = args.case
+        _, _, prep = setup(k, n)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        for _ in range(20):
+            w4a16_linear(x, prep.tensors, tile_m=tm)
+        torch.cuda.synchronize()
+        return
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        w16, qw, prep = setup(k, n)
+        deq = reference.dequantize_weight(qw)
+        wbytes = n * k / 2 + (k // 128) * n * 2
+        for m in map(int, args.batches.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ deq.T
+            t_cublas = us(lambda: F.linear(x, w16))
+            cells = []
+            for v in args.variants.split(","):
+                tm, s = map(int, v.split(":"))
+                y = w4a16_linear(x, prep.tensors, split_k=s, tile_m=tm)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                t = us(lambda: w4a16_linear(x, prep.tensors, split_k=s, tile_m=tm))
+                cells.append(f"{v}:{t:.1f}us {t_cublas / t:.2f}x {wbytes / t / 1e3:.0f}GB/s" + ("" if err < 2e-3 else f" ERR {err:.1e}"))
+            rows.append(f"{k}x{n} M={m} cublas {t_cublas:.1f}us | " + " | ".join(cells))
+            print(rows[-1], flush=True)
+    print()
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
