@@ -25,12 +25,19 @@
 //   travel in the stage; so do its activation fragments when the registers allow (one token tile,
 //   symmetric, group >= 64), else they are loaded at use (L1/L2 hits: every block reads the same x).
 //
-// Work split: a block is 8 or 16 warps (16 when 8-warp blocks would leave SMs with fewer than two)
-//   on the same 32 output channels (2 strips) and the same token tile of 16; its K range is cut into
-//   chunks, dealt round-robin to its warps. Warps fold their group sums into fp32 accumulators
-//   (scale applied in fp32, as in the large-M kernel), then the block sums its warps in shared memory
-//   in warp order. Only when the blocks do not cover the SMs is K also split across blocks (grid.y):
-//   each writes an fp32 partial tile to a workspace and counts itself in locks[tile]; the last one
+// Work split, two variants:
+//   warps split K (M <= 8, and 16-token tiles with few channel blocks): a block is 8 or 16 warps (16
+//   when 8-warp blocks would leave SMs with fewer than two) on the same 32 output channels (2 strips)
+//   and the same token tile of 16; its K range is cut into chunks, dealt round-robin to its warps,
+//   which fold their group sums into fp32 accumulators (scale applied in fp32, as in the large-M
+//   kernel); the block then sums its warps in shared memory in warp order.
+//   warps share x (SHARED_X: 9 <= M, when 128-channel blocks cover the SMs): 4 warps, each on its
+//   own 2 strips, all walking the same chunks; the chunk's 16 x 128 activations are staged once per
+//   block in shared memory (3-slot cp.async ring, one barrier per chunk) and read with ldmatrix.x4,
+//   so x crosses L2 once per 128 channels instead of once per 32 (ncu, M = 16, 8192 x 28672: 68% of
+//   the other variant's stalls were activation loads; 70 us against 97 us).
+//   Only when the blocks do not cover the SMs is K also split across blocks (grid.y): each
+//   writes an fp32 partial tile to a workspace and counts itself in locks[tile]; the last one
 //   sums the partials in split order (bit-identical whichever block is last), adds the bias, writes y
 //   and resets the counter. Grid: (channel blocks, splits, token tiles).
 //   Measured (H100, M = 1, `python scripts/probe_w4a16.py`): 2.3 TB/s of weights at 8192 x 28672.
@@ -53,6 +60,7 @@ constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp (= 
 // Warps per block (template parameter WARPS: 8, or 16 when the grid has fewer blocks than the GPU
 // holds), each on its own chunks of K; 16 warps per SM either way (128 registers per thread).
 constexpr int kWarpsPerSM = 16;
+constexpr int kSharedXWarps = 4;  // warps per block of the SHARED_X variant: 128 channels
 constexpr int kChunkTiles = 2;                 // k-tiles per chunk (K = 128): one pipeline stage
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
@@ -95,31 +103,40 @@ struct Stage {
   uint32_t x[X_STAGED ? kChunkTiles : 1][4][2];
 };
 
-template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS>
+// SHARED_X = false: the block's warps share 2 strips and split K. SHARED_X = true (two token tiles):
+// each warp has its own 2 strips, all walk the same chunks, and the chunk's activations are staged
+// once per block in shared memory (a 3-slot cp.async ring, one barrier per chunk) and read with
+// ldmatrix: x is then read from L2 once per 32 * WARPS channels instead of once per 32.
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool SHARED_X>
 __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
   constexpr int kWarps = WARPS, kThreads = WARPS * 32;
+  static_assert(!SHARED_X || TOKEN_TILES == 2, "shared activations are for 16-token tiles");
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
-  constexpr bool X_STAGED = TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
+  constexpr bool X_STAGED = !SHARED_X && TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
+  constexpr int kXSlots = 3, kXRowBytes = kChunkTiles * kBK * 2;  // 16 token rows of 256 B per slot
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
+  __shared__ __align__(128) uint8_t x_smem[SHARED_X ? kXSlots : 1][SHARED_X ? kSmallMTokens * kXRowBytes : 16];
   __shared__ int s_is_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int block_n = blockIdx.x, split = blockIdx.y, token_tile = blockIdx.z;
-  const int strip0 = block_n * kStrips;
+  const int strip0 = block_n * kStrips * (SHARED_X ? kWarps : 1);  // the block's first strip
+  const int warp_strip0 = SHARED_X ? strip0 + kStrips * warp : strip0;
   const int strips = p.N / 16;
   const int tok0 = token_tile * kSmallMTokens;
   const T* __restrict__ x = static_cast<const T*>(p.x);
 
-  // This warp's chunks: c = c_begin + warp + i * kWarps for i < my_chunks.
+  // This warp's chunks: c = c_first + i * chunk_step for i < my_chunks.
   const int n_chunks = (p.k_tiles + kChunkTiles - 1) / kChunkTiles;
   const int c_begin = split * p.chunks_per_split;
   const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
-  const int my_chunks = max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
-  const int c_first = c_begin + warp;
+  constexpr int chunk_step = SHARED_X ? 1 : kWarps;
+  const int my_chunks = SHARED_X ? max(0, c_end - c_begin) : max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
+  const int c_first = SHARED_X ? c_begin : c_begin + warp;
 
   // Running pointers of the next chunk to load (advanced by kWarps chunks per load). A strip past
   // N reads strip 0 (its sums are never stored); a token past M reads row 0 (likewise).
@@ -128,14 +145,14 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const T* zload[kStrips];
 #pragma unroll
   for (int s = 0; s < kStrips; ++s) {
-    const int strip = strip0 + s < strips ? strip0 + s : 0;
+    const int strip = warp_strip0 + s < strips ? warp_strip0 + s : 0;
     wload[s] = p.qweight + (static_cast<int64_t>(strip) * p.k_tiles + c_first * kChunkTiles) * 32 + lane;
     // Scale row of the chunk's first group: group 32: 4c, group 64: 2c, 128: c, per-channel: 0.
     const int64_t row = p.group_len >= p.K ? 0 : static_cast<int64_t>(c_first) * kRows;
     sload[s] = static_cast<const T*>(p.scales) + row * p.N + strip * 16 + g;
     zload[s] = ASYM ? static_cast<const T*>(p.zeros) + row * p.N + strip * 16 + g : nullptr;
   }
-  const int64_t row_step = p.group_len >= p.K ? 0 : static_cast<int64_t>(kWarps) * kRows * p.N;
+  const int64_t row_step = p.group_len >= p.K ? 0 : static_cast<int64_t>(chunk_step) * kRows * p.N;
   const T* xload[TOKEN_TILES];
 #pragma unroll
   for (int j = 0; j < TOKEN_TILES; ++j) {
@@ -161,7 +178,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
           st.zero[r][s][1] = load_u16(zload[s] + rr * p.N + 8);
         }
       }
-      wload[s] += kWarps * kChunkTiles * 32;
+      wload[s] += chunk_step * kChunkTiles * 32;
       sload[s] += row_step;
       if constexpr (ASYM) zload[s] += row_step;
     }
@@ -176,8 +193,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
                                     : load_u32_or_zero(xload[0] + kBK + 16 * kk + 8 * h, tile1_ok);
     }
 #pragma unroll
-    for (int j = 0; j < TOKEN_TILES; ++j) xload[j] += kWarps * kChunkTiles * kBK;
-    c_load += kWarps;
+    for (int j = 0; j < TOKEN_TILES; ++j) xload[j] += chunk_step * kChunkTiles * kBK;
+    c_load += chunk_step;
   };
 
   float acc[kStrips][TOKEN_TILES][4];   // scaled sums: [channel g, g+8] x [token 2t, 2t+1]
@@ -220,13 +237,38 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] = xload[j];
   int c_comp = c_first;
 
-  auto compute = [&](const StageT& st) {
+  // SHARED_X: chunk c's activations into slot `slot`: 16 rows x 16 pieces of 16 B, the pieces of a
+  // row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different bank groups; rows
+  // past M, a missing second tile and chunks past the range read nothing and are zero.
+  auto load_x_chunk = [&](int c, int slot) {
+    const uint32_t base = smem_addr(&x_smem[slot][0]);
+    for (int i = threadIdx.x; i < kSmallMTokens * 16; i += kThreads) {
+      const int row = i >> 4, piece = i & 15;
+      const int tok = tok0 + row;
+      const bool ok = tok < p.M && c < c_end && c * kChunkTiles + piece / 8 < p.k_tiles;
+      const T* src = x + (ok ? static_cast<int64_t>(tok) * p.K + c * (kChunkTiles * kBK) + piece * 8 : 0);
+      cp_async16(base + row * kXRowBytes + ((piece ^ (row & 7)) << 4), src, ok);
+    }
+  };
+  const int ldm_row = (lane & 7) + 8 * (lane >> 4);  // ldmatrix.x4: matrix lane/8 = (token tile, k half)
+  const int ldm_half = (lane >> 3) & 1;
+
+  auto compute = [&](const StageT& st, int slot) {
     const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
 #pragma unroll
     for (int u = 0; u < kChunkTiles; ++u) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t b[TOKEN_TILES][2];
+        if constexpr (SHARED_X) {
+          uint32_t r[4];  // (token tile 0: b0, b1), (token tile 1: b0, b1)
+          const int piece = u * 8 + kk * 2 + ldm_half;
+          ldmatrix_x4(r, smem_addr(&x_smem[slot][0]) + ldm_row * kXRowBytes + ((piece ^ (ldm_row & 7)) << 4));
+          b[0][0] = r[0];
+          b[0][1] = r[1];
+          b[TOKEN_TILES - 1][0] = r[2];
+          b[TOKEN_TILES - 1][1] = r[3];
+        } else {
 #pragma unroll
         for (int j = 0; j < TOKEN_TILES; ++j)
 #pragma unroll
@@ -238,6 +280,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
                                : load_u32_or_zero(xcomp[j] + kBK + 16 * kk + 8 * h, tile1_ok);
             }
           }
+        }
         // The first k16 step of a group starts its sums from zero.
         const bool fresh = GK == kGroup32 ? (kk % 2 == 0) : GK == kGroup64 ? kk == 0 : (u == 0 && kk == 0);
 #pragma unroll
@@ -274,22 +317,37 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       }
     }
 #pragma unroll
-    for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] += kWarps * kChunkTiles * kBK;
-    c_comp += kWarps;
+    for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] += chunk_step * kChunkTiles * kBK;
+    c_comp += chunk_step;
   };
 
   // ---- main loop: two register stages, written out so that their indices are constants ----------
   StageT stage0, stage1;
+  if constexpr (SHARED_X) {
+    load_x_chunk(c_first, 0);
+    cp_async_commit();
+    load_x_chunk(c_first + 1, 1);
+    cp_async_commit();
+  }
+  // One chunk: (SHARED_X: wait for its activations; the barrier also frees the slot read one chunk
+  // ago, which then receives chunk i + 2), the math, then the weights of the chunk two ahead.
+  auto step = [&](StageT& st, int i) {
+    if constexpr (SHARED_X) {
+      cp_async_wait<1>();
+      __syncthreads();
+      load_x_chunk(c_first + i + 2, (i + 2) % kXSlots);
+      cp_async_commit();
+    }
+    compute(st, i % kXSlots);
+    if (i + 2 < my_chunks) load_stage(st);
+  };
   if (my_chunks > 0) load_stage(stage0);
   if (my_chunks > 1) load_stage(stage1);
   for (int i = 0; i < my_chunks; i += 2) {
-    compute(stage0);
-    if (i + 2 < my_chunks) load_stage(stage0);
-    if (i + 1 < my_chunks) {
-      compute(stage1);
-      if (i + 3 < my_chunks) load_stage(stage1);
-    }
+    step(stage0, i);
+    if (i + 1 < my_chunks) step(stage1, i + 1);
   }
+  if constexpr (SHARED_X) cp_async_wait<0>();
 
   // ---- the block's sum over its warps, in warp order --------------------------------------------
 #pragma unroll
@@ -301,13 +359,15 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   const T* __restrict__ bias = static_cast<const T*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.y);
-  constexpr int kElems = kStrips * TOKEN_TILES * 32 * 4;
+  // SHARED_X: each warp's sums are final for its own channels; else the block sums its warps.
+  constexpr int kSummed = SHARED_X ? 1 : kWarps;
+  constexpr int kElems = (SHARED_X ? kWarps : 1) * kStrips * TOKEN_TILES * 32 * 4;
   const float* sums = reinterpret_cast<const float*>(partial_sums);
   const int64_t split_stride = static_cast<int64_t>(p.M) * p.N;
-  // Element e of the (strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
+  // Element e of the ([warp,] strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
   auto element = [&](int idx, int& tok, int& ch) {
     const int e = idx & 3, l = (idx >> 2) & 31, j = (idx >> 7) % TOKEN_TILES, s = (idx >> 7) / TOKEN_TILES;
-    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);
+    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);  // (s runs on over the warps' strips when SHARED_X)
     tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
   };
   auto store = [&](int tok, int ch, float v) {
@@ -319,7 +379,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     element(idx, tok, ch);
     float v = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += sums[w * kElems + idx];
+    for (int w = 0; w < kSummed; ++w) v += sums[w * kElems + idx];
     if (tok >= p.M || ch >= p.N) continue;
     if (p.splits == 1) {
       store(tok, ch, v);
@@ -349,28 +409,33 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   if (threadIdx.x == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
 }
 
-template <typename T, int TOKEN_TILES, int GK, int WARPS>
+template <typename T, int TOKEN_TILES, int GK, int WARPS, bool SHARED_X>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   if (p.zeros != nullptr) {
-    w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+    w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, SHARED_X><<<grid, WARPS * 32, 0, stream>>>(p);
   } else {
-    w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+    w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, SHARED_X><<<grid, WARPS * 32, 0, stream>>>(p);
   }
 }
 
 template <typename T, int TOKEN_TILES, int GK>
 void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
+  if constexpr (TOKEN_TILES == 2) {
+    if (p.shared_x) {
+      launch_warps<T, TOKEN_TILES, GK, kSharedXWarps, true>(p, grid, stream);
+      return;
+    }
+  }
   if (p.warps == 16) {
-    launch_warps<T, TOKEN_TILES, GK, 16>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 16, false>(p, grid, stream);
   } else {
-    launch_warps<T, TOKEN_TILES, GK, 8>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 8, false>(p, grid, stream);
   }
 }
 
 template <typename T, int TOKEN_TILES>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
-  const int strips = p.N / 16;
-  const dim3 grid((strips + kStrips - 1) / kStrips, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
+  const dim3 grid((p.N + p.block_channels - 1) / p.block_channels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
   if (p.group_len == 32) {
     launch_kind<T, TOKEN_TILES, kGroup32>(p, grid, stream);
   } else if (p.group_len == 64) {
@@ -383,10 +448,28 @@ void launch_typed(const SmallMParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks) {
-  const int64_t blocks = (N / 16 + kStrips - 1) / kStrips * ((M + kSmallMTokens - 1) / kSmallMTokens);
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks, int variant) {
+  const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
+  // Shared activations for 16-token tiles (M > 8: the other variant re-reads x per 32 channels),
+  // where their 128-channel blocks cover the SMs without splitting K (H100, M = 16: 8192 x 28672
+  // 70 us against 97 us; at 4096 x 4096, 32 blocks split 8 ways, 22 us against 15 us).
+  const int64_t shared_x_blocks = (N + kSharedXWarps * kSmallMChannels - 1) / (kSharedXWarps * kSmallMChannels) * token_tiles;
+  config.shared_x = variant == 2 || (variant == 0 && M > 8 && shared_x_blocks >= sm_count);
+  if (config.shared_x) {
+    config.warps = kSharedXWarps;
+    config.block_channels = kSharedXWarps * kSmallMChannels;
+    const int64_t blocks = (N + config.block_channels - 1) / config.block_channels * token_tiles;
+    // Up to two blocks per SM (8 warps), each split at least two chunks long.
+    config.splits = 1;
+    if (blocks < 2 * sm_count && blocks <= max_locks) {
+      config.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(2 * sm_count / blocks, chunks / 2)));
+    }
+    return config;
+  }
+  config.block_channels = kSmallMChannels;
+  const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
   // 16-warp blocks when 8-warp ones would leave SMs with one block or none.
   config.warps = blocks < 2 * sm_count ? 16 : 8;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
@@ -400,7 +483,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
-  const bool one_tile = p.M <= 8;  // (with M > 16 there are several token tiles of 16)
+  const bool one_tile = p.M <= 8 && !p.shared_x;  // (with M > 16 there are several token tiles of 16)
   if (bf16) {
     one_tile ? launch_typed<__nv_bfloat16, 1>(p, stream) : launch_typed<__nv_bfloat16, 2>(p, stream);
   } else {

@@ -218,7 +218,7 @@ def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
 @needs_extension
 # (192, 80): an odd number of 16-channel strips and of 64-deep k-tiles (the small-M kernel's edges).
 @pytest.mark.parametrize("k,n", [(4096, 4096), (576, 576), (8192, 1024), (192, 80)])
-@pytest.mark.parametrize("tile_m", [1, 16, 64, 128])
+@pytest.mark.parametrize("tile_m", [1, 2, 16, 64, 128])
 @pytest.mark.parametrize("split_k", [1, 3, 8])
 def test_every_tile_and_split_agrees(k, n, tile_m, split_k):
     for m in (1, 17, 100):
