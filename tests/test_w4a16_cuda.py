@@ -83,6 +83,57 @@ def test_repack_places_each_code_where_the_mma_fragment_wants_it():
                         assert v >> 16 == codes[row, col + 1]
 
 
+def test_repack_gives_the_small_m_kernel_its_a_fragments():
+    # The small-M kernel (csrc/w4a16_small_m.cu) reads the same word as the mma's A fragment
+    # (16 channels x 16 k): a0 = (channel g, k 2t, 2t+1), a1 = (g + 8, same k), a2 = (g, k + 8),
+    # a3 = (g + 8, k + 8). fp16 takes them as q & 0x000F000F, q & 0x00F000F0 (16 x the code, no
+    # shift), and the same of q >> 8; bf16 as (q >> 4i) & 0x000F000F, i = 0..3.
+    k, n = 128, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    words = pack_codes_w4a16(codes).reshape(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
+    for ns in range(n // 16):
+        for kt in range(k // 64):
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for kk in range(4):
+                    q = int(words[ns, kt, lane, kk])
+                    fp16 = [q & 0x000F000F, (q & 0x00F000F0) >> 4, (q >> 8) & 0x000F000F, ((q >> 8) & 0x00F000F0) >> 4]
+                    bf16 = [(q >> (4 * i)) & 0x000F000F for i in range(4)]
+                    assert fp16 == bf16
+                    for i, v in enumerate(fp16):
+                        row = 16 * ns + g + 8 * (i & 1)
+                        col = 64 * kt + 16 * kk + 8 * (i >> 1) + 2 * t
+                        assert v & 0xF == codes[row, col] and v >> 16 == codes[row, col + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_small_m_offset_removal_reproduces_the_reference(dtype, symmetric):
+    # The small-M kernel multiplies x by MAGIC + f * code (fp16: MAGIC 1024, f = 1 for channels 0..7
+    # of a strip and 16 for 8..15; bf16: 128, f = 1) and removes the offset per group in fp32:
+    # acc += s / f * D - s * (MAGIC / f + zero) * sum(x). The same algebra in fp32 on the CPU.
+    k, n, m, group = 256, 32, 3, 64
+    qw = random_qweight(k, n, group, symmetric, scale_dtype=dtype)
+    prepared = prepare_w4a16(qw, dtype)
+    codes = unpack_w4a16_codes(prepared["qweight"], k, n).float()
+    scales = prepared["scales"].float()
+    zeros = prepared["zeros"].float() if prepared["zeros"] is not None else torch.full_like(scales, 8.0)
+    magic = 1024.0 if dtype == torch.float16 else 128.0
+    f = torch.ones(n)
+    if dtype == torch.float16:
+        f[(torch.arange(n) % 16) >= 8] = 16.0
+    x = torch.randn(m, k).to(dtype).float()
+    acc = torch.zeros(m, n)
+    for grp in range(k // group):
+        cols = slice(grp * group, (grp + 1) * group)
+        d = x[:, cols] @ (magic + f[:, None] * codes[:, cols]).T
+        sx = x[:, cols].sum(dim=1, keepdim=True)
+        acc += scales[grp] / f * d - scales[grp] * (magic / f + zeros[grp]) * sx
+    expected = reference.weight_only_linear(x, qw)
+    # fp32 cancellation of the offset costs ~1e-5 here (fp16's MAGIC 1024); a wrong factor is O(1).
+    assert rel_err(acc, expected) <= 1e-4
+
+
 def emulate_kernel(x, prepared):
     """What the kernel computes, in fp32 on CPU: per 32-channel piece of each group,
     pacc = x @ (code - zero), acc += pacc * scale. Reads only the prepared (kernel) tensors."""
