@@ -118,7 +118,8 @@ class QuantKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if self.rotate_keys:
             # ops.hadamard raises MissingKernelError on CUDA with no kernel (as ops.quantize_kv does),
-            # so the inverse below, plain PyTorch, only runs where the forward transform may.
+            # so the inverse below, plain PyTorch, only runs where the forward transform may. (On a
+            # GPU both have kernels: csrc/hadamard.cu and triton_kernels/kv_quant.py.)
             key_states = ops.hadamard(key_states, backend=self.backend)
         self._append("key", key_states)
         self._append("value", value_states)

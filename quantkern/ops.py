@@ -75,12 +75,6 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, 
     return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
 
 
-def _reference_only(op: str, device: torch.device, backend: Optional[str]) -> None:
-    # Ops whose fast kernels are not written yet: the reference runs on CPU or when asked for;
-    # select() raises MissingKernelError on a CUDA tensor otherwise.
-    select(op, device, backend)
-
-
 @dataclass(frozen=True)
 class PreparedWeight:
     """A quantized weight repacked once, at load time, into one backend's kernel layout.
@@ -329,6 +323,21 @@ def _fused_rotation_is_slower(features: int) -> bool:
 
 
 def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
-    """Asymmetric per (token, head) KV quantization over head_dim; see ``reference.quantize_kv``."""
-    _reference_only("quantize_kv", x.device, backend)
-    return reference.quantize_kv(x, bits)
+    """Asymmetric per (token, head) KV quantization over head_dim; see ``reference.quantize_kv``.
+
+    Returns ``(codes, scale, offset)``: codes uint8 [..., D] (8 bits) or [..., D/2] (4 bits, element
+    2j in the low nibble), scale and offset [...] in x's dtype. GPU kernel: triton_kernels/kv_quant.py.
+    """
+    reference._check_float("x", x)
+    check_bits(bits)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (head_dim)")
+    if bits == 4 and x.shape[-1] % 2:
+        raise ValueError(f"int4 KV needs an even head_dim, got {x.shape[-1]}")
+    chosen = select("quantize_kv", x.device, backend)
+    if chosen != "triton":
+        return reference.quantize_kv(x, bits)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    codes, scale, offset = _triton_op("quantize_kv")(rows, bits)
+    lead = x.shape[:-1]
+    return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), offset.reshape(lead)

@@ -26,6 +26,31 @@ def test_quantize_per_token_is_bit_exact(bits, dtype, tokens, features):
     assert torch.equal(q, q_ref)
 
 
+# (rows = tokens x heads, head_dim): SmolLM2 / Llama heads of 64 and 128, Qwen's 128, odd-sized ones.
+KV_SHAPES = [(1, 64), (3, 128), (37, 64), (5, 96), (2, 256), (16, 2), (0, 64)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,head_dim", KV_SHAPES)
+def test_quantize_kv_is_bit_exact(bits, dtype, rows, head_dim):
+    x = (torch.randn(rows, head_dim, device=DEVICE) * 3 + 0.5).to(dtype)
+    if rows > 2:
+        x[2] = 1.25  # a constant row takes the scale-1 path
+    codes, scale, offset = ops.quantize_kv(x, bits, backend="triton")
+    ref = reference.quantize_kv(x, bits)
+    for got, want in zip((codes, scale, offset), ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_quantize_kv_keeps_the_leading_shape():
+    x = torch.randn(2, 3, 5, 64, device=DEVICE, dtype=torch.float16)  # [batch, heads, tokens, head_dim]
+    codes, scale, offset = ops.quantize_kv(x, 4, backend="triton")
+    assert codes.shape == (2, 3, 5, 32) and scale.shape == offset.shape == (2, 3, 5)
+    assert all(torch.equal(a, b) for a, b in zip((codes, scale, offset), reference.quantize_kv(x, 4)))
+
+
 def test_quantize_per_token_ties_round_to_even():
     # x / scale lands exactly on .5 for these values: 127 * (k + 0.5) / 127 with scale 1.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0]], device=DEVICE)

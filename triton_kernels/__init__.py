@@ -7,6 +7,7 @@
 from .activation_quant import quantize_per_token
 from .hadamard import hadamard, hadamard_quantize
 from .int_gemm import int_gemm
+from .kv_quant import quantize_kv
 from .w4a16 import w4a16_linear
 
 KERNELS = {
@@ -18,4 +19,5 @@ KERNELS = {
     "w8a8_linear": int_gemm,
     "w4a4_linear": int_gemm,
     "w4a8_linear": int_gemm,
+    "quantize_kv": quantize_kv,
 }

@@ -1,0 +1,100 @@
+"""Asymmetric KV-cache quantization, one group per (token, head), int8 or int4 packed two per byte, in Triton.
+
+Semantics: ``quantkern.reference.quantize_kv``, bit-exact: fp32 max - min, IEEE division by the level
+count, scale and offset rounded to x's dtype (a zero scale becomes 1), codes = round half to even of
+(x - offset) / scale (IEEE division), clamped to [0, 2**bits - 1]. Tiling: one program per ROWS rows
+(a row is one token's one head: head_dim values, held whole in registers as a [ROWS, BLOCK_D] tile,
+BLOCK_D the next power of two); int4 loads the even and odd elements as two half-width tiles so that
+the packed byte is formed in registers. Layout: x [R, D] contiguous; codes uint8 [R, D] (int8) or
+[R, D/2] with element 2j in the low nibble (int4); scale and offset [R] in x's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation_quant import _round_half_even
+
+ROWS = 16  # rows per program: head_dim is small (64-256), so one row alone would leave lanes idle
+
+
+@triton.jit
+def _round_to_dtype(v, x_ptr, IS_BF16: tl.constexpr):
+    # fp32 -> x's dtype, round to nearest even, back to fp32. bf16 by integer rounding of the bit
+    # pattern (finite values), because Triton's CPU interpreter truncates on a bf16 cast.
+    if IS_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return v.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _row_codes(v, offset, scale, LEVELS: tl.constexpr):
+    q = _round_half_even(tl.math.div_rn(v - offset[:, None], scale[:, None]))
+    return tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0).to(tl.int32)
+
+
+@triton.jit
+def _quantize_kv_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, R, D, BITS: tl.constexpr,
+                        IS_BF16: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    LEVELS: tl.constexpr = 2 ** BITS - 1
+    rows = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
+    row_ok = rows < R
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * D
+    cols = tl.arange(0, BLOCK)  # int8: elements; int4: element pairs
+    if BITS == 8:
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        v = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        lo = tl.min(tl.where(mask, v, float("inf")), axis=1)
+        hi = tl.max(tl.where(mask, v, float("-inf")), axis=1)
+    else:
+        mask = row_ok[:, None] & (cols < D // 2)[None, :]
+        even = tl.load(x_rows + 2 * cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        odd = tl.load(x_rows + 2 * cols[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
+        lo = tl.minimum(tl.min(tl.where(mask, even, float("inf")), axis=1),
+                        tl.min(tl.where(mask, odd, float("inf")), axis=1))
+        hi = tl.maximum(tl.max(tl.where(mask, even, float("-inf")), axis=1),
+                        tl.max(tl.where(mask, odd, float("-inf")), axis=1))
+    lo = tl.where(row_ok, lo, 0.0)  # rows past R: finite values, never stored
+    hi = tl.where(row_ok, hi, 0.0)
+    dtype = x_ptr.dtype.element_ty
+    scale = _round_to_dtype(tl.math.div_rn(hi - lo, LEVELS * 1.0), x_ptr, IS_BF16)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    offset = lo  # an element of x: already in x's dtype
+    tl.store(scale_ptr + rows, scale.to(dtype), mask=row_ok)
+    tl.store(offset_ptr + rows, offset.to(dtype), mask=row_ok)
+    if BITS == 8:
+        codes = _row_codes(v, offset, scale, LEVELS)
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], codes.to(tl.uint8), mask=mask)
+    else:
+        byte = _row_codes(even, offset, scale, LEVELS) | (_row_codes(odd, offset, scale, LEVELS) << 4)
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * (D // 2) + cols[None, :], byte.to(tl.uint8), mask=mask)
+
+
+def _quantize_kv_fake(x: torch.Tensor, bits: int):
+    rows, d = x.shape
+    codes = x.new_empty((rows, d // 2 if bits == 4 else d), dtype=torch.uint8)
+    return codes, x.new_empty((rows,)), x.new_empty((rows,))
+
+
+@torch.library.custom_op("quantkern_triton::quantize_kv", mutates_args=())
+def _quantize_kv_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    codes, scale, offset = _quantize_kv_fake(x, bits)
+    rows, d = x.shape
+    if rows == 0:
+        return codes, scale, offset
+    block = triton.next_power_of_2(max(d // 2 if bits == 4 else d, 1))
+    _quantize_kv_kernel[(triton.cdiv(rows, ROWS),)](x, codes, scale, offset, rows, d, BITS=bits,
+                                                   IS_BF16=x.dtype == torch.bfloat16,
+                                                   ROWS_PER_PROGRAM=ROWS, BLOCK=block)
+    return codes, scale, offset
+
+
+_quantize_kv_op.register_fake(_quantize_kv_fake)
+
+
+def quantize_kv(x: torch.Tensor, bits: int):
+    """Triton backend of ``quantkern.ops.quantize_kv`` for a 2-D contiguous ``x`` [rows, head_dim]."""
+    return _quantize_kv_op(x, bits)
