@@ -220,18 +220,8 @@ void launch_bits(int64_t bits, const at::Tensor& x, at::Tensor& q, at::Tensor& s
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits, double clip_ratio) {
   constexpr const char* op = "quantkern::quantize_per_token";
-  check_cuda(x, op, "x");
-  check_dim(x, 2, op, "x");
-  check_float_dtype(x, op, "x");
-  check_contiguous(x, op, "x");
-  check_bits(bits, op);
-  // Written so that NaN fails too.
-  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio must be in (0, 1], got ", clip_ratio);
+  check_per_token_quant_input(x, bits, clip_ratio, op);  // (grid: one block per row, or per 8 rows)
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(bits == 8 || K % 2 == 0, op,
-              ": bits=4 packs two values per byte, so x.size(1) (K) must be even, got K = ", K);
-  // Grid: one block per row, or per 8 rows; gridDim.x is at most 2^31 - 1.
-  TORCH_CHECK(M <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", M, "), at most 2^31 - 1");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor q = at::empty({M, bits == 4 ? K / 2 : K}, x.options().dtype(bits == 4 ? at::kByte : at::kChar));

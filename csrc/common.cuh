@@ -50,6 +50,21 @@ inline void check_bits(int64_t bits, const char* op) {
   TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
 }
 
+// The input of a per-token activation quantizer (quantize_per_token, hadamard_quantize): x [rows, K]
+// contiguous float16/bfloat16/float32 on CUDA, bits 4 or 8 (4 packs two values per byte: K even),
+// clip_ratio in (0, 1] (written so that NaN fails too), rows within a grid dimension.
+inline void check_per_token_quant_input(const at::Tensor& x, int64_t bits, double clip_ratio, const char* op) {
+  check_cuda(x, op, "x");
+  check_dim(x, 2, op, "x");
+  check_float_dtype(x, op, "x");
+  check_contiguous(x, op, "x");
+  check_bits(bits, op);
+  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio must be in (0, 1], got ", clip_ratio);
+  TORCH_CHECK(bits == 8 || x.size(1) % 2 == 0, op,
+              ": bits=4 packs two values per byte, so x.size(1) (K) must be even, got K = ", x.size(1));
+  TORCH_CHECK(x.size(0) <= INT32_MAX, op, ": too many rows (", x.size(0), "), at most 2^31 - 1");
+}
+
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }

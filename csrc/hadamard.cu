@@ -241,16 +241,9 @@ at::Tensor hadamard_cuda(const at::Tensor& x_in, int64_t block_size) {
 std::tuple<at::Tensor, at::Tensor> hadamard_quantize_cuda(const at::Tensor& x_in, int64_t bits, double clip_ratio,
                                                           int64_t block_size) {
   constexpr const char* op = "quantkern::hadamard_quantize";
-  check_cuda(x_in, op, "x");
-  check_dim(x_in, 2, op, "x");
-  check_float_dtype(x_in, op, "x");
-  check_contiguous(x_in, op, "x");
-  check_bits(bits, op);
-  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio must be in (0, 1], got ", clip_ratio);
+  check_per_token_quant_input(x_in, bits, clip_ratio, op);
   const int64_t rows = x_in.size(0), n = x_in.size(1);
-  TORCH_CHECK(bits == 8 || n % 2 == 0, op, ": bits=4 packs two values per byte, so K must be even, got K = ", n);
   Plan plan = make_plan(n, block_size, op);
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), op, ": too many rows (", rows, "), at most 2^31 - 1");
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::Tensor q = at::empty({rows, bits == 4 ? n / 2 : n}, x_in.options().dtype(bits == 4 ? at::kByte : at::kChar));
   at::Tensor scale = at::empty({rows}, x_in.options().dtype(at::kFloat));

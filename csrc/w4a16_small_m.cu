@@ -56,12 +56,13 @@ namespace quantkern {
 namespace w4a16 {
 namespace {
 
-constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp (= per block)
-// Warps per block (template parameter WARPS: 8, or 16 when the grid has fewer blocks than the GPU
-// holds), each on its own chunks of K; 16 warps per SM either way (128 registers per thread).
+constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp
+// Warps per block (template parameter WARPS): 8 or 16 when the warps split K (16 when the grid has
+// fewer blocks than the GPU holds), kSharedXWarps when they share x; 16 warps per SM in every case
+// (the launch bound: 128 registers per thread).
 constexpr int kWarpsPerSM = 16;
 constexpr int kSharedXWarps = 4;  // warps per block of the SHARED_X variant: 128 channels
-constexpr int kChunkTiles = 2;                 // k-tiles per chunk (K = 128): one pipeline stage
+constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline stage
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
 enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
@@ -88,8 +89,13 @@ __device__ __forceinline__ uint32_t load_u32_or_zero(const void* p, bool ok) {
 __device__ __forceinline__ uint32_t load_u32(const void* p) { return __ldg(static_cast<const unsigned int*>(p)); }
 __device__ __forceinline__ uint32_t load_u16(const void* p) { return __ldg(static_cast<const unsigned short*>(p)); }
 
-__device__ __forceinline__ float half_bits_to_float(uint32_t v, __half*) { return __half2float(__ushort_as_half(static_cast<unsigned short>(v))); }
-__device__ __forceinline__ float half_bits_to_float(uint32_t v, __nv_bfloat16*) { return __uint_as_float(v << 16); }
+// A raw 16-bit value of type T (held in the low half of a register) as fp32.
+template <typename T>
+__device__ __forceinline__ float bits_to_float(uint32_t v);
+template <>
+__device__ __forceinline__ float bits_to_float<__half>(uint32_t v) { return to_float(__ushort_as_half(static_cast<unsigned short>(v))); }
+template <>
+__device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint32_t v) { return to_float(__ushort_as_bfloat16(static_cast<unsigned short>(v))); }
 
 // One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
 // (and zero) of channels g and g + 8 for each of the chunk's kRows groups; when X_STAGED, the chunk's
@@ -138,7 +144,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const int my_chunks = SHARED_X ? max(0, c_end - c_begin) : max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
   const int c_first = SHARED_X ? c_begin : c_begin + warp;
 
-  // Running pointers of the next chunk to load (advanced by kWarps chunks per load). A strip past
+  // Running pointers of the next chunk to load (advanced by chunk_step chunks per load). A strip past
   // N reads strip 0 (its sums are never stored); a token past M reads row 0 (likewise).
   const uint4* wload[kStrips];
   const T* sload[kStrips];
@@ -211,12 +217,12 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   auto fold = [&](const StageT& st, int r) {
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
-      const float s_lo = half_bits_to_float(st.scale[r][s][0], static_cast<T*>(nullptr));
-      const float s_hi = half_bits_to_float(st.scale[r][s][1], static_cast<T*>(nullptr));
+      const float s_lo = bits_to_float<T>(st.scale[r][s][0]);
+      const float s_hi = bits_to_float<T>(st.scale[r][s][1]);
       float z_lo = 8.0f, z_hi = 8.0f;
       if constexpr (ASYM) {
-        z_lo = half_bits_to_float(st.zero[r][s][0], static_cast<T*>(nullptr));
-        z_hi = half_bits_to_float(st.zero[r][s][1], static_cast<T*>(nullptr));
+        z_lo = bits_to_float<T>(st.zero[r][s][0]);
+        z_hi = bits_to_float<T>(st.zero[r][s][1]);
       }
       const float off_lo = s_lo * (Tr::kMagicLo + z_lo);
       const float f_hi = s_hi * Tr::kScaleHi, off_hi = s_hi * (Tr::kMagicHi + z_hi);
@@ -270,16 +276,16 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
           b[TOKEN_TILES - 1][1] = r[3];
         } else {
 #pragma unroll
-        for (int j = 0; j < TOKEN_TILES; ++j)
+          for (int j = 0; j < TOKEN_TILES; ++j)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if constexpr (X_STAGED) {
-              b[j][h] = st.x[u][kk][h];
-            } else {
-              b[j][h] = u == 0 ? load_u32(xcomp[j] + 16 * kk + 8 * h)
-                               : load_u32_or_zero(xcomp[j] + kBK + 16 * kk + 8 * h, tile1_ok);
+            for (int h = 0; h < 2; ++h) {
+              if constexpr (X_STAGED) {
+                b[j][h] = st.x[u][kk][h];
+              } else {
+                b[j][h] = u == 0 ? load_u32(xcomp[j] + 16 * kk + 8 * h)
+                                 : load_u32_or_zero(xcomp[j] + kBK + 16 * kk + 8 * h, tile1_ok);
+              }
             }
-          }
         }
         // The first k16 step of a group starts its sums from zero.
         const bool fresh = GK == kGroup32 ? (kk % 2 == 0) : GK == kGroup64 ? kk == 0 : (u == 0 && kk == 0);
