@@ -328,12 +328,7 @@ def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
     Returns ``(codes, scale, offset)``: codes uint8 [..., D] (8 bits) or [..., D/2] (4 bits, element
     2j in the low nibble), scale and offset [...] in x's dtype. GPU kernel: triton_kernels/kv_quant.py.
     """
-    reference._check_float("x", x)
-    check_bits(bits)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (head_dim)")
-    if bits == 4 and x.shape[-1] % 2:
-        raise ValueError(f"int4 KV needs an even head_dim, got {x.shape[-1]}")
+    reference._check_kv_input(x, bits)
     chosen = select("quantize_kv", x.device, backend)
     if chosen != "triton":
         return reference.quantize_kv(x, bits)

@@ -238,6 +238,16 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 # KV cache: asymmetric per (token, head) quantization over head_dim
 # ----------------------------------------------------------------------------------------------
 
+def _check_kv_input(x: torch.Tensor, bits: int) -> None:
+    """The checks of a KV quantizer's input (this one and quantkern.ops.quantize_kv's kernels)."""
+    _check_float("x", x)
+    check_bits(bits)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (head_dim)")
+    if bits == 4 and x.shape[-1] % 2:
+        raise ValueError(f"int4 KV needs an even head_dim, got {x.shape[-1]}")
+
+
 def quantize_kv(x: torch.Tensor, bits: int):
     """Asymmetric quantization of ``x`` [..., head_dim] over its last dim (one group per token and head).
 
@@ -246,10 +256,7 @@ def quantize_kv(x: torch.Tensor, bits: int):
     codes are packed two per byte (``format.pack_int4``). Returns ``(codes, scale, offset)`` with
     scale/offset of shape [...]. Dequantization: ``code * scale + offset``.
     """
-    _check_float("x", x)
-    check_bits(bits)
-    if bits == 4 and x.shape[-1] % 2:
-        raise ValueError(f"int4 KV needs an even head_dim, got {x.shape[-1]}")
+    _check_kv_input(x, bits)
     levels = (1 << bits) - 1
     xf = x.float()
     lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)

@@ -61,10 +61,12 @@ def test_repack_round_trips(k, n):
     assert torch.equal(unpack_w4a16_codes(packed, k, n), codes)
 
 
-def test_repack_places_each_code_where_the_mma_fragment_wants_it():
-    # Follow the kernel: lane (g, t), k-step kk of unit (ns, kt) reads word kk of its uint4 and takes
-    # (word >> 4i) & 0x000F000F: the low half is B[k][n] with n = 16 ns + 8 jn + g,
-    # k = 64 kt + 16 kk + 8 jk + 2t (i = 2 jk + jn); the high half is k + 1.
+def test_repack_places_each_code_where_the_mma_fragments_want_it():
+    # Follow the kernels: lane (g, t), k-step kk of unit (ns, kt) reads word kk of its uint4. Register
+    # i = 2 jk + jn is (word >> 4i) & 0x000F000F: channel 16 ns + 8 jn + g, k = 64 kt + 16 kk + 8 jk + 2t
+    # in the low half, k + 1 in the high half. The large-M kernel uses it as B fragment register jk
+    # of n8-tile jn; the small-M kernel (csrc/w4a16_small_m.cu) as A fragment register i (16 channels
+    # x 16 k), and in fp16 takes registers 1 and 3 in place (q & 0x00F000F0: 16 x the codes).
     k, n = 128, 32
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     words = pack_codes_w4a16(codes).reshape(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
@@ -74,36 +76,15 @@ def test_repack_places_each_code_where_the_mma_fragment_wants_it():
                 g, t = divmod(lane, 4)
                 for kk in range(4):
                     word = int(words[ns, kt, lane, kk])
-                    for i in range(4):
+                    registers = [(word >> (4 * i)) & 0x000F000F for i in range(4)]
+                    in_place = [word & 0x00F000F0, (word >> 8) & 0x00F000F0]
+                    assert [v << 4 for v in registers[1::2]] == in_place
+                    for i, v in enumerate(registers):
                         jk, jn = divmod(i, 2)
-                        v = (word >> (4 * i)) & 0x000F000F
                         row = 16 * ns + 8 * jn + g
                         col = 64 * kt + 16 * kk + 8 * jk + 2 * t
                         assert v & 0xF == codes[row, col]
                         assert v >> 16 == codes[row, col + 1]
-
-
-def test_repack_gives_the_small_m_kernel_its_a_fragments():
-    # The small-M kernel (csrc/w4a16_small_m.cu) reads the same word as the mma's A fragment
-    # (16 channels x 16 k): a0 = (channel g, k 2t, 2t+1), a1 = (g + 8, same k), a2 = (g, k + 8),
-    # a3 = (g + 8, k + 8). fp16 takes them as q & 0x000F000F, q & 0x00F000F0 (16 x the code, no
-    # shift), and the same of q >> 8; bf16 as (q >> 4i) & 0x000F000F, i = 0..3.
-    k, n = 128, 32
-    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
-    words = pack_codes_w4a16(codes).reshape(n // 16, k // 64, 32, 4).to(torch.int64) & 0xFFFFFFFF
-    for ns in range(n // 16):
-        for kt in range(k // 64):
-            for lane in range(32):
-                g, t = divmod(lane, 4)
-                for kk in range(4):
-                    q = int(words[ns, kt, lane, kk])
-                    fp16 = [q & 0x000F000F, (q & 0x00F000F0) >> 4, (q >> 8) & 0x000F000F, ((q >> 8) & 0x00F000F0) >> 4]
-                    bf16 = [(q >> (4 * i)) & 0x000F000F for i in range(4)]
-                    assert fp16 == bf16
-                    for i, v in enumerate(fp16):
-                        row = 16 * ns + g + 8 * (i & 1)
-                        col = 64 * kt + 16 * kk + 8 * (i >> 1) + 2 * t
-                        assert v & 0xF == codes[row, col] and v >> 16 == codes[row, col + 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
