@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 EXT_NAME = "quantkern._C"
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0a"
-EXT_SOURCES = ["csrc/bindings.cpp", "csrc/activation_quant.cu", "csrc/w4a16_gemm.cu", "csrc/w4a16_small_m.cu", "csrc/int_gemm.cu", "csrc/hadamard.cu",
+EXT_SOURCES = ["csrc/bindings.cpp", "csrc/activation_quant.cu", "csrc/w4a16_gemm.cu", "csrc/w4a16_small_m.cu", "csrc/w4a16_wgmma.cu", "csrc/int_gemm.cu", "csrc/hadamard.cu",
                "csrc/hadamard_paley1.cu", "csrc/hadamard_paley2.cu"]  # paths relative to setup.py
 
 
@@ -106,7 +106,7 @@ def cuda_extension_config():
     # whose c10 headers use operator<=>; C++17 for older torch, e.g. 2.11 on the GPU machines).
     cxx_flags = ["-O3", f'-DQUANTKERN_CUDA_ARCHS="{archs_define}"']
     # No --use_fast_math: the kernels need IEEE division / rounding for bit-exact results.
-    nvcc_flags = ["-O3", "-lineinfo"]
+    nvcc_flags = ["-O3", "-lineinfo", f'-DQUANTKERN_CUDA_ARCHS="{archs_define}"']
     if env_flag("QUANTKERN_PTXAS_VERBOSE"):
         nvcc_flags += ["-Xptxas", "-v"]  # register / spill report per kernel and arch
 

@@ -211,5 +211,27 @@ struct SmallMConfig {
 SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks, int variant);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
+// The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
+// channels x `tokens` (64 or 128) tokens; sm_90a only (see wgmma_available in csrc/w4a16_gemm.cu).
+// `partials`: an fp32 workspace of wgmma_workspace_floats(p, tokens) floats when splits > 1.
+struct WgmmaParams {
+  const void* x;         // [M, K] T
+  const uint4* qweight;  // [N/16, K/64, 32] uint4
+  const void* scales;    // [G, N] T
+  const void* zeros;     // [G, N] T zero codes, or nullptr (symmetric: 8)
+  const void* bias;      // [N] T or nullptr
+  void* y;               // [M, N] T
+  float* partials;       // split-K workspace (splits > 1 only)
+  int* locks;            // one counter per (channel block, token tile); all zero between calls
+  int M, N, K;
+  int group_len;         // 32, 64, 128 or K
+  int k_tiles;           // K / 64
+  int tiles_per_split;   // k-tiles per split (the last split may get fewer)
+  int splits;
+};
+constexpr int kWgmmaChannels = 128;  // output channels per block of the wgmma kernel
+int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens);
+void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream);
+
 }  // namespace w4a16
 }  // namespace quantkern

@@ -67,6 +67,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -75,6 +76,15 @@
 #include <torch/library.h>
 
 #include "w4a16_common.cuh"
+
+// The CUDA arch list the extension is built for (setup.py: -DQUANTKERN_CUDA_ARCHS="..."; CMake: a
+// generated header), read by wgmma_available.
+#if defined(QUANTKERN_BUILD_CONFIG_H)
+#include "quantkern_build_config.h"
+#endif
+#ifndef QUANTKERN_CUDA_ARCHS
+#define QUANTKERN_CUDA_ARCHS "unknown"
+#endif
 
 namespace quantkern {
 namespace {
@@ -428,6 +438,38 @@ int sm_count(int device) {
   return cached[device];
 }
 
+// K splits for `tiles` output tiles of blocks_per_sm resident blocks per SM: split_k > 0 forces a
+// count; automatic: as many as keep every block resident at once (rounded down: one block more
+// than the GPU holds costs a whole second wave), each split at least kMinTilesPerSplit k-tiles long.
+int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k, int64_t max_locks, int device) {
+  if (split_k > 0) {
+    const int splits = static_cast<int>(std::min<int64_t>(split_k, k_tiles));
+    TORCH_CHECK(splits == 1 || tiles <= max_locks, kOp, ": split_k > 1 needs one lock per output tile (", tiles,
+                "), locks has ", max_locks);
+    return splits;
+  }
+  constexpr int kMinTilesPerSplit = 4;
+  const int64_t target = static_cast<int64_t>(sm_count(device)) * blocks_per_sm;
+  if (tiles >= target || tiles > max_locks) return 1;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target / tiles, k_tiles / kMinTilesPerSplit)));
+}
+
+// Whether the wgmma kernel can run on `device`: an sm_90 GPU (sm_90a code runs on compute
+// capability 9.0 only), and sm_90a in the arch list the extension was built for (elsewhere the
+// kernel's body is compiled empty).
+bool wgmma_available(int device) {
+  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    const bool built = std::string(QUANTKERN_CUDA_ARCHS).find("9.0a") != std::string::npos;
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    cached[device] = built && major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[device] == 1;
+}
+
 void check_float16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, kOp, ": ", name,
               " must be float16 or bfloat16, got ", t.scalar_type());
@@ -491,8 +533,10 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (zeros.has_value()) TORCH_CHECK(zeros->device() == x.device(), kOp, ": zeros must be on ", x.device());
   if (bias.has_value()) TORCH_CHECK(bias->device() == x.device(), kOp, ": bias must be on ", x.device());
-  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 2 || tile_m == 16 || tile_m == 64 || tile_m == 128, kOp,
-              ": tile_m must be 0 (automatic), 1 or 2 (the small-M kernel's two variants), 16, 64 or 128, got ",
+  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 2 || tile_m == 3 || tile_m == 4 || tile_m == 5 ||
+                  tile_m == 16 || tile_m == 64 || tile_m == 128,
+              kOp, ": tile_m must be 0 (automatic), 1 or 2 (the small-M kernel's two variants), 3, 4 or 5 (the "
+              "wgmma kernel with 64, 128 or 256 tokens per tile), 16, 64 or 128 (the mma.sync kernel's tiles), got ",
               tile_m);
   TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
   TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2 && N <= std::numeric_limits<int32_t>::max() &&
@@ -555,6 +599,43 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     return y;
   }
 
+  // ---- Hopper: the wgmma kernel (csrc/w4a16_wgmma.cu) ------------------------------------------
+  const bool hopper = wgmma_available(x.get_device());
+  const bool force_wgmma = tile_m == 3 || tile_m == 4 || tile_m == 5;
+  TORCH_CHECK(hopper || !force_wgmma, kOp, ": tile_m 3, 4 and 5 (the wgmma kernel) need an sm_90 GPU and an "
+              "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
+  TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
+  if (force_wgmma || (tile_m == 0 && hopper)) {
+    // Tokens per tile: forced, or the smallest tile that holds M up to 128, then 256 (fp16; bf16's
+    // second accumulator set does not fit beside 256-token accumulators).
+    const int tokens = tile_m == 3 ? 64 : tile_m == 4 ? 128 : tile_m == 5 ? 256
+                       : M <= 64 ? 64 : (M <= 128 || x.scalar_type() != at::kHalf) ? 128 : 256;
+    const int64_t m_tiles = (M + tokens - 1) / tokens;
+    const int64_t tiles = m_tiles * ((N + kWgmmaChannels - 1) / kWgmmaChannels);
+    TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * tokens, " rows per call)");
+    const int splits = choose_splits(tiles, k_tiles, 1, split_k, locks.numel(), x.get_device());
+    WgmmaParams wp;
+    wp.x = xa.const_data_ptr();
+    wp.qweight = static_cast<const uint4*>(qweight.const_data_ptr());
+    wp.scales = scales.const_data_ptr();
+    wp.zeros = zeros.has_value() ? zeros->const_data_ptr() : nullptr;
+    wp.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+    wp.y = y.data_ptr();
+    wp.locks = locks.data_ptr<int>();
+    wp.M = static_cast<int>(M);
+    wp.N = static_cast<int>(N);
+    wp.K = static_cast<int>(K);
+    wp.group_len = static_cast<int>(glen);
+    wp.k_tiles = k_tiles;
+    wp.tiles_per_split = (k_tiles + splits - 1) / splits;
+    wp.splits = (k_tiles + wp.tiles_per_split - 1) / wp.tiles_per_split;  // no empty split
+    at::Tensor partials;
+    if (wp.splits > 1) partials = at::empty({wgmma_workspace_floats(wp, tokens)}, x.options().dtype(at::kFloat));
+    wp.partials = wp.splits > 1 ? partials.data_ptr<float>() : nullptr;
+    launch_wgmma(x.scalar_type() == at::kBFloat16, tokens, wp, stream);
+    return y;
+  }
+
   // ---- configuration ---------------------------------------------------------------------------
   const int bm = tile_m != 0 ? static_cast<int>(tile_m) : (M <= 16 ? 16 : M <= 64 ? 64 : 128);
   const int bn = 128;
@@ -563,21 +644,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t n_tiles = (N + bn - 1) / bn;
   TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * bm, " rows per call)");
   const int64_t tiles = m_tiles * n_tiles;
-  int splits = 1;
-  if (split_k > 0) {
-    splits = static_cast<int>(std::min<int64_t>(split_k, k_tiles));
-    TORCH_CHECK(splits == 1 || tiles <= locks.numel(), kOp, ": split_k > 1 needs one lock per output tile (",
-                tiles, "), locks has ", locks.numel());
-  } else {
-    constexpr int kMinTilesPerSplit = 4;
-    // As many splits as keep every block resident at once (rounded down: one block more than the
-    // GPU holds costs a whole second wave), each split at least kMinTilesPerSplit k-tiles long.
-    const int64_t target = static_cast<int64_t>(sm_count(x.get_device())) * blocks_per_sm;
-    if (tiles < target && tiles <= locks.numel()) {
-      const int64_t want = target / tiles;
-      splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, k_tiles / kMinTilesPerSplit)));
-    }
-  }
+  int splits = choose_splits(tiles, k_tiles, blocks_per_sm, split_k, locks.numel(), x.get_device());
   const int tiles_per_split = (k_tiles + splits - 1) / splits;
   splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
 

@@ -128,7 +128,11 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
                  split_k: int = 0, tile_m: int = 0) -> torch.Tensor:
     """``x2d [M, K] @ dequant(W).T (+ bias)`` on the CUDA kernel; ``prepared`` from ``prepare_w4a16``.
 
-    ``split_k`` / ``tile_m`` override the kernel's automatic choice (0), for tuning.
+    ``split_k`` / ``tile_m`` override the kernel's automatic choice (0), for tuning. ``tile_m``: 1 or 2
+    the small-M kernel's variants (``csrc/w4a16_small_m.cu``), 3, 4 or 5 the Hopper wgmma kernel with 64,
+    128 or 256 (fp16) tokens per tile (``csrc/w4a16_wgmma.cu``; only where ``wgmma_kernel_available()``), 16, 64 or 128
+    the mma.sync kernel's token tiles (``csrc/w4a16_gemm.cu``). Automatic: the small-M kernel up to 16
+    tokens, then the wgmma kernel on an sm_90 GPU, the mma.sync kernel elsewhere.
     """
     if x2d.dtype != prepared["dtype"]:
         raise TypeError(f"x has dtype {x2d.dtype} but the weight was prepared for {prepared['dtype']}")
@@ -136,3 +140,15 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
         raise ValueError(f"x must be 2-D [tokens, {prepared['in_features']}], got shape {tuple(x2d.shape)}")
     return torch.ops.quantkern.w4a16_gemm(x2d, prepared["qweight"], prepared["scales"], prepared["zeros"], bias,
                                           prepared["locks"], prepared["group_size"], split_k, tile_m)
+
+
+def wgmma_kernel_available(device=None) -> bool:
+    """Whether the op runs its Hopper (wgmma) kernel on ``device``: an sm_90 GPU and an extension whose
+    arch list has 9.0a (the same test as the op's own dispatch, ``wgmma_available`` in csrc/w4a16_gemm.cu)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from . import _C
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0) and "9.0a" in _C.build_info()["archs"]

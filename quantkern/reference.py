@@ -260,7 +260,9 @@ def quantize_kv(x: torch.Tensor, bits: int):
     levels = (1 << bits) - 1
     xf = x.float()
     lo, hi = xf.amin(dim=-1), xf.amax(dim=-1)
-    scale = ((hi - lo) / levels).to(x.dtype).float()
+    # An fp32 tensor divisor: on CUDA, ``tensor / python_number`` is a multiplication by the
+    # reciprocal (see quantize_per_token), which differs in the last bit for fp32 x.
+    scale = ((hi - lo) / torch.tensor(float(levels), dtype=torch.float32, device=x.device)).to(x.dtype).float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     offset = lo.to(x.dtype).float()
     codes = torch.clamp(torch.round((xf - offset[..., None]) / scale[..., None]), 0, levels).to(torch.uint8)

@@ -41,6 +41,8 @@ if [ "${QUANTKERN_SKIP_BUILD:-0}" != 1 ]; then
     step build build.log env QUANTKERN_PTXAS_VERBOSE=1 $PY -m pip install --no-build-isolation --no-deps -v -e . \
         || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
     grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
+    # ptxas serializing wgmmas (csrc/w4a16_wgmma.cu's header says what causes it) is a performance bug.
+    grep -E "C751[345]" "$OUTDIR/ptxas.txt" && echo "WARNING: ptxas serialized wgmma instructions (above)"
 fi
 step info info.txt $PY -m quantkern info
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ]; then

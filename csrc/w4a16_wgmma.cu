@@ -1,0 +1,537 @@
+// The W4A16 kernel for many tokens on Hopper (sm_90a): y[M, N] = x[M, K] @ dequant(W)^T (+ bias) with
+// wgmma. Same semantics, arguments and weight layout as csrc/w4a16_gemm.cu, whose host function
+// checks the inputs and calls launch_wgmma on an sm_90 GPU when the extension carries sm_90a code
+// (wgmma_available); this file holds only the kernel and its launcher.
+//
+// Why: the mma.sync kernel of csrc/w4a16_gemm.cu tops out near 190 TFLOP/s on the H100 (0.27x of
+// cuBLAS at M = 2048): Hopper's full tensor-core rate is reached only through wgmma.
+//
+// Swapped operands, weights from registers: wgmma takes its A operand (64 rows x 16 k per
+//   warpgroup) from registers in the layout of mma.m16n8k16's A fragment, warp w of the warpgroup
+//   holding rows 16w..16w+15. One packed word of the weight layout (see csrc/w4a16_gemm.cu) is
+//   exactly a lane's A fragment for one 16-channel strip and one k16 step, so the weights are the A
+//   operand (rows = output channels), dequantized in registers, and the activations are the B
+//   operand (k x tokens) read by the tensor cores from shared memory: D[channel][token].
+// Dequantization: (q >> 4i) & 0x000F000F | MAGIC, minus (MAGIC + zero), gives (code - zero) exactly
+//   (4 lop3 + 3 shifts + 4 sub per 8 codes). fp16: multiplied by the group's scale in fp16 (the
+//   weight rounded to 11 significant bits, as Marlin does), and the wgmmas accumulate straight into
+//   the fp32 accumulators. bf16: rounding the scaled weight to 8 bits would cost ~1.5e-3 relative
+//   error, so the operand stays (code - zero) and each group's wgmmas go to a partial accumulator,
+//   folded into the main one in fp32 (acc += pacc * scale) once the group's wgmmas have completed,
+//   as in the mma.sync kernel; that costs a second accumulator set and a drain of the warpgroup's
+//   wgmma pipeline per k-tile (see Pipeline).
+//
+// Tiling: a block is 2 warpgroups (256 threads) on 128 output channels (8 strips of 16: warp w of
+//   the block owns strip 8 * blockIdx.x + w) and TOKENS (64, 128, or 256 in fp16) tokens; K in tiles
+//   of 64 (kBK). Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k16 (A: registers, B: shared
+//   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
+//   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
+// Shared-memory stage (kStages of them, filled with 16-byte cp.async): the activation tile
+//   TOKENS x 64 in the canonical K-major 128-byte-swizzle layout (token row r at r * 128 bytes, its
+//   16-byte chunk c at chunk position c ^ (r % 8); 1024-byte aligned; descriptor stride 1024 bytes
+//   per 8 rows, +32 bytes per k16 step), the 8 weight units of the k-tile (512 bytes each), and the
+//   k-tile's one or two rows of scales (and zeros) for the block's 128 channels.
+// Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
+//   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done, so its stage and
+//   its set of A registers are free in every warpgroup once the barrier passes), cp.async of a new
+//   k-tile into that stage, ld.shared of the weight words, conversion into A registers (two sets,
+//   alternating by k-tile parity), 4 wgmmas, one commit: the conversion and the barrier overlap the
+//   previous k-tile's wgmmas. bf16 drains (wait_group 0) every k-tile instead, so that a group's
+//   fold may read pacc. cp.async writes through the generic proxy and wgmma reads through the async
+//   proxy, hence fence.proxy.async before the barrier. ptxas serializes wgmmas (warnings C7513-
+//   C7515, checked in the build log) when a register they read is defined between their fence and
+//   their wait, or when a branch separates them from it: hence the pinned operands, the immediate
+//   scale-d, and the k-tile pairs without a branch inside (an odd last k-tile runs after the loop).
+// Measured (H100, fp16, group 128, `python scripts/probe_w4a16.py`): 0.67-0.75x of cuBLAS fp16 at
+//   M = 2048 (the mma.sync kernel: 0.27x); ncu at M = 2048: half the issue slots idle with ~1 eligible
+//   warp of 4 per scheduler, tensor pipes ~45% busy: latency-bound (a producer warp with TMA loads and
+//   mbarriers, instead of every thread's cp.async and a block barrier per k-tile, is the next step).
+// Work split: grid (channel blocks, token tiles, splits). Where the tiles do not cover the SMs, K is
+//   split into contiguous ranges as in the mma.sync kernel: each block writes its fp32 accumulators
+//   to a workspace in fragment order (each thread its own 16-byte columns, coalesced), counts
+//   itself in locks[tile]; the last block sums the splits in split order (bit-identical whichever
+//   block is last), then runs the common epilogue and resets the counter.
+// Epilogue: bias added in fp32, converted, staged through shared memory as a [token][channel] tile
+//   (rows padded by 16 bytes: conflict-free) and written to y with coalesced 16-byte stores.
+//
+// Compiled without --use_fast_math. Without sm_90a (other archs of a fat build) the kernel body is
+// empty and the host never launches it.
+
+#include <type_traits>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "w4a16_common.cuh"
+
+namespace quantkern {
+namespace w4a16 {
+namespace {
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QK_HAS_WGMMA 1
+#else
+#define QK_HAS_WGMMA 0
+#endif
+
+constexpr int kWgThreads = 256;      // 2 warpgroups
+constexpr int kWgChannels = kWgmmaChannels;
+constexpr int kWgStrips = kWgChannels / 16;  // 16-channel strips per block: one per warp
+constexpr int kWgOutPitch = kWgChannels * 2 + 16;  // bytes per token row of the staged output tile
+
+template <int TOKENS>
+struct WgmmaConfig {
+  // Two blocks per SM fit at 64 and 128 tokens (<= 113 KiB each), one at 256.
+  static constexpr int kStages = TOKENS == 256 ? 5 : TOKENS == 128 ? 5 : 6;
+  static constexpr int kXBytes = TOKENS * kBK * 2;                 // activation tile, swizzled
+  static constexpr int kWBytes = kWgStrips * kUnitBytes;           // 8 weight units
+  static constexpr int kSBytes = 2 * kWgChannels * 2;              // two rows of scales
+  static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kSBytes;  // + two rows of zeros
+  static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment slack
+  static_assert(kStageBytes % 1024 == 0, "stages must keep the activation tiles 1024-byte aligned");
+  static_assert(TOKENS * kWgOutPitch <= kStages * kStageBytes, "the output tile reuses the stages");
+  // Two blocks (4 warpgroups) per SM where the registers allow (<= 128 per thread), so that one
+  // warpgroup's conversion and drain overlap another's wgmmas; bf16 at 128 tokens carries a second
+  // accumulator set and fits one.
+  template <typename T>
+  static constexpr int blocks_per_sm() {
+    return TOKENS == 256 || (TOKENS == 128 && !std::is_same_v<T, __half>) ? 1 : 2;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// wgmma wrappers (PTX ISA 8.0, sm_90a)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keep the compiler from moving accesses of wgmma operand registers across a wgmma fence, issue or
+// wait (volatile asm statements stay in program order).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+__device__ __forceinline__ void pin_operands(uint32_t (&r)[4]) {
+  asm volatile("" : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])::"memory");
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes
+// apart (stride byte offset), leading byte offset unused with this swizzle (1).
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// D[64 x TOKENS] (+)= A[64 x 16] (registers) * B[16 x TOKENS] (shared memory, descriptor);
+// SCALE_D = 0: D = A * B. (Generated operand lists.)
+#define QK_WGMMA_RS_M64N64K16(TYPE) \
+  asm volatile( \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE "\n" \
+      " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+      " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}," \
+      " {%32,%33,%34,%35}, %36, %37, 1, 1, 0;\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(SCALE_D))
+
+#define QK_WGMMA_RS_M64N128K16(TYPE) \
+  asm volatile( \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE "\n" \
+      " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+      " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+      " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+      " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}," \
+      " {%64,%65,%66,%67}, %68, %69, 1, 1, 0;\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(SCALE_D))
+
+#define QK_WGMMA_RS_M64N256K16(TYPE) \
+  asm volatile( \
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE "\n" \
+      " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+      " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+      " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+      " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63," \
+      " %64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79," \
+      " %80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95," \
+      " %96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111," \
+      " %112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}," \
+      " {%128,%129,%130,%131}, %132, %133, 1, 1, 0;\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(SCALE_D))
+
+template <typename T, int TOKENS, int SCALE_D>
+__device__ __forceinline__ void wgmma_rs(float (&d)[TOKENS / 2], const uint32_t (&a)[4], uint64_t desc) {
+#if QK_HAS_WGMMA
+  constexpr bool kHalf = std::is_same_v<T, __half>;
+  if constexpr (TOKENS == 256) {
+    static_assert(kHalf, "256-token tiles are for fp16 (bf16 needs a second accumulator set)");
+    QK_WGMMA_RS_M64N256K16("f16");
+  } else if constexpr (TOKENS == 128) {
+    if constexpr (kHalf) {
+      QK_WGMMA_RS_M64N128K16("f16");
+    } else {
+      QK_WGMMA_RS_M64N128K16("bf16");
+    }
+  } else {
+    static_assert(TOKENS == 64, "token tiles of 64, 128 or 256");
+    if constexpr (kHalf) {
+      QK_WGMMA_RS_M64N64K16("f16");
+    } else {
+      QK_WGMMA_RS_M64N64K16("bf16");
+    }
+  }
+#endif
+}
+
+__device__ __forceinline__ uint32_t mul2_f16(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int TOKENS, bool ASYM>
+__global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template blocks_per_sm<T>())
+    w4a16_wgmma_kernel(const WgmmaParams p) {
+#if QK_HAS_WGMMA
+  using Cfg = WgmmaConfig<TOKENS>;
+  using Tr = W4Traits<T>;
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kAcc = TOKENS / 2;  // accumulator registers per thread: 64 channels x TOKENS / 128
+  // fp16: the scale goes into the operand; bf16: per-group partial sums scaled in fp32 (see header).
+  constexpr bool kFoldScale = std::is_same_v<T, __half>;
+  constexpr int kPartial = kFoldScale ? 1 : kAcc;
+
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ int s_is_last;
+  const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ch0 = 16 * warp + g;  // this thread's channels (A rows g and g + 8) within the block: ch0, ch0 + 8
+  const int block_n = blockIdx.x, token_tile = blockIdx.y, split = blockIdx.z;
+  const int n0 = block_n * kWgChannels, m0 = token_tile * TOKENS;
+  const int kt_begin = split * p.tiles_per_split;
+  const int nk = min(p.tiles_per_split, p.k_tiles - kt_begin);  // >= 1 (the host makes no empty split)
+  const int strips = p.N / 16;
+  const bool g32 = p.group_len == 32;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ scales = static_cast<const T*>(p.scales);
+  const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
+
+  // ---- global -> shared, one k-tile ----------------------------------------------------------
+  auto load_stage = [&](int stage, int kt) {
+    const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
+    const uint32_t ws = xs + Cfg::kXBytes;
+    const uint32_t ss = ws + Cfg::kWBytes;
+    const uint32_t zs = ss + Cfg::kSBytes;
+#pragma unroll
+    for (int i = tid; i < TOKENS * 8; i += kWgThreads) {  // TOKENS rows x 8 chunks of 16 B
+      const int r = i >> 3, c = i & 7;
+      const int row = m0 + r;
+      const bool ok = row < p.M;
+      const T* src = x + static_cast<int64_t>(ok ? row : 0) * p.K + kt * kBK + c * 8;
+      cp_async16(xs + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+    }
+    {  // 8 units x 32 chunks: one chunk per thread
+      const int s = tid >> 5, l = tid & 31;
+      const int strip = block_n * kWgStrips + s;
+      const bool ok = strip < strips;
+      cp_async16(ws + tid * 16, p.qweight + (static_cast<int64_t>(ok ? strip : 0) * p.k_tiles + kt) * 32 + l, ok);
+    }
+    const int rows = g32 ? 2 : 1;
+    const int grp = g32 ? kt * 2 : (kt * kBK) / p.group_len;
+    if (tid < rows * 16) {  // a row of 128 channels is 16 chunks
+      const int r = tid >> 4, c = tid & 15;
+      const int col = n0 + c * 8;
+      const bool ok = col < p.N;
+      const int64_t off = static_cast<int64_t>(grp + r) * p.N + (ok ? col : 0);
+      cp_async16(ss + r * kWgChannels * 2 + c * 16, scales + off, ok);
+      if constexpr (ASYM) cp_async16(zs + r * kWgChannels * 2 + c * 16, zeros + off, ok);
+    }
+  };
+
+  float acc[kAcc];
+  float pacc[kPartial];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kPartial; ++i) pacc[i] = 0.0f;
+  float fold_scale[2] = {0.0f, 0.0f};  // bf16: the open group's scales of channels ch0 and ch0 + 8
+  bool group_open = false;             // bf16: pacc holds a group's sums not yet folded
+
+  // bf16: acc += pacc * scale (pacc complete: every wgmma has been waited for).
+  auto fold = [&]() {
+#pragma unroll
+    for (int j = 0; j < kPartial / 4; ++j) {
+      acc[4 * j + 0] = fmaf(pacc[4 * j + 0], fold_scale[0], acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(pacc[4 * j + 1], fold_scale[0], acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(pacc[4 * j + 2], fold_scale[1], acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(pacc[4 * j + 3], fold_scale[1], acc[4 * j + 3]);
+    }
+  };
+
+  // ---- main loop: one k-tile per iteration -----------------------------------------------------
+  // BUF: which of the two A register sets (the other may still be read by wgmmas in flight).
+  uint32_t a_sets[2][4][4];
+  auto tile_step = [&](auto buf_tag, int it) {
+    uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
+    if constexpr (kFoldScale) {
+      wgmma_wait<1>();  // k-tile it - 2 is done in this warpgroup (it - 1 may still run)
+    } else {
+      // bf16: drained every k-tile, so that a fold may read pacc (a conditional drain before the fold
+      // made ptxas serialize the wgmmas, C7514).
+      wgmma_wait<0>();
+      fence_registers(pacc);
+    }
+    cp_async_wait<kStages - 3>();   // k-tile it has landed (this thread's copies)
+    fence_proxy_async();            // ... visible to the tensor cores' (async-proxy) reads
+    __syncthreads();                // ... everyone's; and the stage of k-tile it - 2 is free everywhere
+    {
+      const int next = it + kStages - 2;
+      if (next < nk) load_stage(next % kStages, kt_begin + next);
+      cp_async_commit();
+    }
+    const int kt = kt_begin + it;
+    const uint32_t xs = smem0 + (it % kStages) * Cfg::kStageBytes;
+    const uint32_t ws = xs + Cfg::kXBytes;
+    const uint32_t ss = ws + Cfg::kWBytes;
+    [[maybe_unused]] const uint32_t zs = ss + Cfg::kSBytes;
+
+    // (MAGIC + zero) of channels ch0 (jn = 0) and ch0 + 8 (jn = 1), as pairs of equal halves.
+    auto zero_pair = [&](int row, int jn) -> uint32_t {
+      if constexpr (ASYM) {
+        const uint32_t z = ld_shared_u16(zs + row * kWgChannels * 2 + (ch0 + 8 * jn) * 2);
+        return Tr::add2(Tr::kMagic, z | (z << 16));
+      } else {
+        return static_cast<uint32_t>(Tr::kMagicPlus8) * 0x10001u;
+      }
+    };
+    const uint4 wq = ld_shared_v4(ws + warp * kUnitBytes + lane * 16);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int row = g32 ? (kk >> 1) : 0;
+      const uint32_t q = kk == 0 ? wq.x : kk == 1 ? wq.y : kk == 2 ? wq.z : wq.w;
+      const uint32_t z0 = zero_pair(row, 0), z1 = zero_pair(row, 1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // register i: channel ch0 + 8 (i & 1), k + 8 (i >> 1)
+        a[kk][i] = Tr::sub2(and_or(q >> (4 * i), 0x000F000Fu, Tr::kMagic), (i & 1) ? z1 : z0);
+      }
+      if constexpr (kFoldScale) {
+        const uint32_t s0 = ld_shared_u16(ss + row * kWgChannels * 2 + ch0 * 2);
+        const uint32_t s1 = ld_shared_u16(ss + row * kWgChannels * 2 + (ch0 + 8) * 2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[kk][i] = mul2_f16(a[kk][i], (i & 1) ? s1 * 0x10001u : s0 * 0x10001u);
+      }
+    }
+    uint64_t desc[4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) desc[kk] = smem_descriptor(xs + kk * 32);
+    // Everything the wgmmas read is defined before the fence and pinned there: a register defined
+    // between a wgmma fence and its wait makes ptxas serialize the wgmmas (warning C7513).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pin_operands(a[kk]);
+      asm volatile("" : "+l"(desc[kk])::"memory");
+    }
+
+    if constexpr (kFoldScale) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, TOKENS, 1>(acc, a[kk], desc[kk]);
+      wgmma_commit();
+    } else {
+      // Groups start at k16 steps 0 (and 2 with group 32) of a k-tile: there the previous group is
+      // folded (its wgmmas were all waited for at the end of the previous k-tile, or just before
+      // step 2) and pacc restarts (scale-d 0); a split may also start inside a group.
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int kk0 = 2 * half;
+        const bool starts = (kt * kBK + kk0 * 16) % p.group_len == 0 || (it == 0 && half == 0);
+        if (half == 1 && !starts) {
+          wgmma_rs<T, TOKENS, 1>(pacc, a[2], desc[2]);
+          wgmma_rs<T, TOKENS, 1>(pacc, a[3], desc[3]);
+          continue;
+        }
+        if (starts) {
+          if (half == 1) {  // group 32: the first half's group must complete before its fold
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(pacc);
+          }
+          if (group_open) fold();
+          fold_scale[0] = Tr::to_float2(ld_shared_u16(ss + (g32 ? half : 0) * kWgChannels * 2 + ch0 * 2)).x;
+          fold_scale[1] = Tr::to_float2(ld_shared_u16(ss + (g32 ? half : 0) * kWgChannels * 2 + (ch0 + 8) * 2)).x;
+          group_open = true;
+          wgmma_fence();
+          wgmma_rs<T, TOKENS, 0>(pacc, a[kk0], desc[kk0]);
+        } else {
+          wgmma_fence();
+          wgmma_rs<T, TOKENS, 1>(pacc, a[kk0], desc[kk0]);
+        }
+        wgmma_rs<T, TOKENS, 1>(pacc, a[kk0 + 1], desc[kk0 + 1]);
+      }
+      wgmma_commit();
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < nk) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+  // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
+  // (a conditional second step made ptxas serialize the wgmmas).
+  int it = 0;
+  for (; it + 1 < nk; it += 2) {
+    tile_step(std::integral_constant<int, 0>{}, it);
+    tile_step(std::integral_constant<int, 1>{}, it + 1);
+  }
+  if (it < nk) tile_step(std::integral_constant<int, 0>{}, it);
+  wgmma_wait<0>();
+  fence_registers(acc);
+  fence_registers(pacc);
+  if constexpr (!kFoldScale) fold();  // the last group
+  cp_async_wait<0>();
+
+  // ---- split K: publish the partial tile in fragment order; the last block sums in split order ----
+  const int tile = token_tile * gridDim.x + block_n;
+  if (p.splits > 1) {
+    float4* part = reinterpret_cast<float4*>(p.partials) + static_cast<int64_t>(tile) * p.splits * (kAcc / 4) * kWgThreads;
+#pragma unroll
+    for (int i = 0; i < kAcc / 4; ++i) {
+      __stcg(part + (static_cast<int64_t>(split) * (kAcc / 4) + i) * kWgThreads + tid,
+             make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) s_is_last = atomicAdd(p.locks + tile, 1) == p.splits - 1;
+    __syncthreads();
+    if (!s_is_last) return;
+    __threadfence();
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
+    for (int sp = 0; sp < p.splits; ++sp) {
+#pragma unroll
+      for (int i = 0; i < kAcc / 4; ++i) {
+        const float4 v = __ldcg(part + (static_cast<int64_t>(sp) * (kAcc / 4) + i) * kWgThreads + tid);
+        acc[4 * i] += v.x;
+        acc[4 * i + 1] += v.y;
+        acc[4 * i + 2] += v.z;
+        acc[4 * i + 3] += v.w;
+      }
+    }
+    if (tid == 0) p.locks[tile] = 0;  // ready for the next call (kernels on one stream run in order)
+  }
+
+  // ---- epilogue: bias, convert, stage as [token][channel], coalesced 16-byte stores ------------
+  __syncthreads();  // every warpgroup is done with the stages
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  float b0 = 0.0f, b1 = 0.0f;
+  if (bias != nullptr) {
+    const int c0 = min(n0 + ch0, p.N - 1), c1 = min(n0 + ch0 + 8, p.N - 1);
+    b0 = to_float(bias[c0]);
+    b1 = to_float(bias[c1]);
+  }
+#pragma unroll
+  for (int j = 0; j < kAcc / 4; ++j) {
+    const int tok = 8 * j + 2 * t;
+    const uint32_t base = smem0 + tok * kWgOutPitch;
+    const uint32_t lo = Tr::from_floats(acc[4 * j + 0] + b0, acc[4 * j + 2] + b1);  // token tok: channels g, g + 8
+    const uint32_t hi = Tr::from_floats(acc[4 * j + 1] + b0, acc[4 * j + 3] + b1);  // token tok + 1
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + ch0 * 2), "h"(static_cast<uint16_t>(lo & 0xFFFF)));
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(lo >> 16)));
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kWgOutPitch + ch0 * 2), "h"(static_cast<uint16_t>(hi & 0xFFFF)));
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kWgOutPitch + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(hi >> 16)));
+  }
+  __syncthreads();
+  T* __restrict__ y = static_cast<T*>(p.y);
+  constexpr int kChunks = kWgChannels / 8;  // 16-byte chunks per token row
+#pragma unroll
+  for (int i = tid; i < TOKENS * kChunks; i += kWgThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const int row = m0 + r, col = n0 + c * 8;
+    if (row < p.M && col < p.N) {
+      const uint4 v = ld_shared_v4(smem0 + r * kWgOutPitch + c * 16);
+      *reinterpret_cast<uint4*>(y + static_cast<int64_t>(row) * p.N + col) = v;
+    }
+  }
+#endif  // QK_HAS_WGMMA
+}
+
+template <typename T, int TOKENS>
+void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
+  constexpr int smem = WgmmaConfig<TOKENS>::kSmemBytes;
+  const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
+  auto launch = [&](auto kernel) {
+    // Not a stream operation: fine during CUDA graph capture.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, kWgThreads, smem, stream>>>(p);
+  };
+  if (p.zeros != nullptr) {
+    launch(w4a16_wgmma_kernel<T, TOKENS, true>);
+  } else {
+    launch(w4a16_wgmma_kernel<T, TOKENS, false>);
+  }
+  QK_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens) {
+  const int64_t tiles = static_cast<int64_t>((p.N + kWgChannels - 1) / kWgChannels) * ((p.M + tokens - 1) / tokens);
+  return p.splits > 1 ? tiles * p.splits * kWgChannels * tokens : 0;
+}
+
+void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream) {
+  TORCH_CHECK(tokens == 64 || tokens == 128 || (tokens == 256 && !bf16),
+              "quantkern::w4a16_gemm: the wgmma kernel has tiles of 64 or 128 tokens, and 256 in fp16; got ", tokens);
+  if (bf16) {
+    tokens == 64 ? launch_typed<__nv_bfloat16, 64>(p, stream) : launch_typed<__nv_bfloat16, 128>(p, stream);
+  } else if (tokens == 64) {
+    launch_typed<__half, 64>(p, stream);
+  } else if (tokens == 128) {
+    launch_typed<__half, 128>(p, stream);
+  } else {
+    launch_typed<__half, 256>(p, stream);
+  }
+}
+
+}  // namespace w4a16
+}  // namespace quantkern
