@@ -231,6 +231,7 @@ struct WgmmaParams {
 };
 constexpr int kWgmmaChannels = 128;  // output channels per block of the wgmma kernel
 int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens);
+int wgmma_blocks_per_sm(bool bf16, int tokens);  // resident blocks per SM (its launch bound)
 void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream);
 
 }  // namespace w4a16

@@ -519,6 +519,14 @@ int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens) {
   return p.splits > 1 ? tiles * p.splits * kWgChannels * tokens : 0;
 }
 
+int wgmma_blocks_per_sm(bool bf16, int tokens) {
+  if (bf16) {
+    return tokens == 64 ? WgmmaConfig<64>::blocks_per_sm<__nv_bfloat16>() : WgmmaConfig<128>::blocks_per_sm<__nv_bfloat16>();
+  }
+  return tokens == 64 ? WgmmaConfig<64>::blocks_per_sm<__half>()
+         : tokens == 128 ? WgmmaConfig<128>::blocks_per_sm<__half>() : WgmmaConfig<256>::blocks_per_sm<__half>();
+}
+
 void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream) {
   TORCH_CHECK(tokens == 64 || tokens == 128 || (tokens == 256 && !bf16),
               "quantkern::w4a16_gemm: the wgmma kernel has tiles of 64 or 128 tokens, and 256 in fp16; got ", tokens);

@@ -37,7 +37,7 @@ def w4a16_cases():
              (576, 4864, 3, -1, True, torch.bfloat16, 0, 1), (192, 400, 13, 64, False, torch.float16, 2, 2),
              (1536, 576, 16, 128, True, torch.bfloat16, 0, 0)]
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
-        cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 128, False, torch.float16, 2, 3),
+        cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
                   (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5)]
     for k, n, m, group, symmetric, dtype, split_k, tile_m in cases:
         w = torch.randn(n, k, device="cuda") / k ** 0.5
