@@ -35,7 +35,9 @@ def torch_int4_peer(w: torch.Tensor, group: int):
     codes = torch.clamp(torch.round((groups - wmin[..., None]) / scale[..., None]), 0, 15).to(torch.int32)
     codes = codes.reshape(n, k)
     packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-    weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    # tinygemm's inner k-tiles (2, 4 or 8) must divide K in steps of 16 (K = 576 takes 4).
+    inner_k_tiles = next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+    weight = torch.ops.aten._convert_weight_to_int4pack(packed, inner_k_tiles)
     # tinygemm dequantizes (code - 8) * scale + zero, with zero = min + 8 * scale.
     zeros = wmin + 8 * scale
     scales_and_zeros = torch.stack([scale.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
