@@ -60,6 +60,22 @@ __device__ __forceinline__ uint16_t ld_shared_u16(uint32_t addr) {
   return v;
 }
 
+// cp.async of one activation tile, shared by the mma.sync and wgmma kernels: ROWS token rows from
+// row0 (rows >= M zero-filled, nothing read) x 64 k from k0 into shared memory at dst, row r at r * 128
+// bytes, its 16-byte chunk c at chunk position c ^ (r % 8): the XOR swizzle that keeps ldmatrix
+// conflict-free, and wgmma's canonical 128-byte swizzle (dst 1024-byte aligned there).
+template <typename T, int ROWS, int THREADS>
+__device__ __forceinline__ void load_x_tile(uint32_t dst, const T* __restrict__ x, int row0, int M, int K, int k0,
+                                            int tid) {
+#pragma unroll
+  for (int i = tid; i < ROWS * 8; i += THREADS) {  // ROWS rows x 8 chunks of 16 B
+    const int r = i >> 3, c = i & 7;
+    const int row = row0 + r;
+    const bool ok = row < M;
+    cp_async16(dst + r * 128 + ((c ^ (r & 7)) << 4), x + static_cast<int64_t>(ok ? row : 0) * K + k0 + c * 8, ok);
+  }
+}
+
 // (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;

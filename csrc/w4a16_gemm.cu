@@ -163,14 +163,7 @@ __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS) w4a16_gemm_kernel(co
     const uint32_t b_s = a_s + Cfg::kABytes;
     const uint32_t s_s = b_s + Cfg::kBBytes;
     const uint32_t z_s = s_s + Cfg::kSBytes;
-#pragma unroll
-    for (int i = tid; i < BM * 8; i += kThreads) {  // BM rows x 8 chunks of 16 B
-      const int r = i >> 3, c = i & 7;
-      const int row = m0 + r;
-      const bool ok = row < p.M;
-      const T* src = x + static_cast<int64_t>(ok ? row : 0) * p.K + kt * kBK + c * 8;
-      cp_async16(a_s + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
-    }
+    load_x_tile<T, BM, kThreads>(a_s, x, m0, p.M, p.K, kt * kBK, tid);
 #pragma unroll
     for (int i = tid; i < BN / 16 * 32; i += kThreads) {  // BN/16 units x 32 chunks of 16 B
       const int s = i >> 5, l = i & 31;

@@ -262,14 +262,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     const uint32_t zs = ss + Cfg::kSBytes;
-#pragma unroll
-    for (int i = tid; i < TOKENS * 8; i += kWgThreads) {  // TOKENS rows x 8 chunks of 16 B
-      const int r = i >> 3, c = i & 7;
-      const int row = m0 + r;
-      const bool ok = row < p.M;
-      const T* src = x + static_cast<int64_t>(ok ? row : 0) * p.K + kt * kBK + c * 8;
-      cp_async16(xs + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
-    }
+    load_x_tile<T, TOKENS, kWgThreads>(xs, x, m0, p.M, p.K, kt * kBK, tid);
     {  // 8 units x 32 chunks: one chunk per thread
       const int s = tid >> 5, l = tid & 31;
       const int strip = block_n * kWgStrips + s;
