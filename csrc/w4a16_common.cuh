@@ -60,10 +60,10 @@ __device__ __forceinline__ uint16_t ld_shared_u16(uint32_t addr) {
   return v;
 }
 
-// cp.async of one activation tile, shared by the mma.sync and wgmma kernels: ROWS token rows from
-// row0 (rows >= M zero-filled, nothing read) x 64 k from k0 into shared memory at dst, row r at r * 128
-// bytes, its 16-byte chunk c at chunk position c ^ (r % 8): the XOR swizzle that keeps ldmatrix
-// conflict-free, and wgmma's canonical 128-byte swizzle (dst 1024-byte aligned there).
+// cp.async of one activation tile (the mma.sync kernel's loader): ROWS token rows from row0 (rows >= M
+// zero-filled, nothing read) x 64 k from k0 into shared memory at dst, row r at r * 128 bytes, its
+// 16-byte chunk c at chunk position c ^ (r % 8): the XOR swizzle that keeps ldmatrix conflict-free (and
+// the layout TMA's 128-byte swizzle gives the wgmma kernel).
 template <typename T, int ROWS, int THREADS>
 __device__ __forceinline__ void load_x_tile(uint32_t dst, const T* __restrict__ x, int row0, int M, int K, int k0,
                                             int tid) {

@@ -26,26 +26,30 @@
 //   of 64 (kBK). Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k16 (A: registers, B: shared
 //   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
 //   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
-// Shared-memory stage (kStages of them, filled with 16-byte cp.async): the activation tile
-//   TOKENS x 64 in the canonical K-major 128-byte-swizzle layout (token row r at r * 128 bytes, its
-//   16-byte chunk c at chunk position c ^ (r % 8); 1024-byte aligned; descriptor stride 1024 bytes
-//   per 8 rows, +32 bytes per k16 step), the 8 weight units of the k-tile (512 bytes each), and the
-//   k-tile's one or two rows of scales (and zeros) for the block's 128 channels.
+// Shared-memory stage (kStages of them), filled by the copy engine (TMA) on one mbarrier per stage,
+//   all issued by thread 0: the activation tile TOKENS x 64 as one TMA box of x's tensor map with the
+//   128-byte swizzle (token row r at r * 128 bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
+//   1024-byte aligned; rows past M arrive as zeros; wgmma descriptor stride 1024 bytes per 8 rows,
+//   +32 bytes per k16 step), then bulk copies of the block's valid weight units (512 bytes each) and
+//   of the k-tile's one or two rows of scales (and zeros). The barrier expects exactly those bytes.
 // Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
 //   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done, so its stage and
-//   its set of A registers are free in every warpgroup once the barrier passes), cp.async of a new
-//   k-tile into that stage, ld.shared of the weight words, conversion into A registers (two sets,
-//   alternating by k-tile parity), 4 wgmmas, one commit: the conversion and the barrier overlap the
-//   previous k-tile's wgmmas. bf16 drains (wait_group 0) every k-tile instead, so that a group's
-//   fold may read pacc. cp.async writes through the generic proxy and wgmma reads through the async
-//   proxy, hence fence.proxy.async before the barrier. ptxas serializes wgmmas (warnings C7513-
-//   C7515, checked in the build log) when a register they read is defined between their fence and
-//   their wait, or when a branch separates them from it: hence the pinned operands, the immediate
-//   scale-d, and the k-tile pairs without a branch inside (an odd last k-tile runs after the loop).
-// Measured (H100, fp16, group 128, `python scripts/probe_w4a16.py`): 0.67-0.75x of cuBLAS fp16 at
-//   M = 2048 (the mma.sync kernel: 0.27x); ncu at M = 2048: half the issue slots idle with ~1 eligible
-//   warp of 4 per scheduler, tensor pipes ~45% busy: latency-bound (a producer warp with TMA loads and
-//   mbarriers, instead of every thread's cp.async and a block barrier per k-tile, is the next step).
+//   its set of A registers are free in every warpgroup once the barrier passes), thread 0 issues the
+//   copies of a new k-tile into that stage, everyone waits on the k-tile's mbarrier, ld.shared of
+//   the weight words, conversion into A registers (two sets, alternating by k-tile parity), 4
+//   wgmmas, one commit: the conversion and the barrier overlap the previous k-tile's wgmmas. bf16
+//   drains (wait_group 0) every k-tile instead, so that a group's fold may read pacc. (The first
+//   version filled the stages with every thread's 16-byte cp.async, which also needed
+//   fence.proxy.async before wgmma read them: ~0.1x slower at M = 2048.) ptxas serializes wgmmas
+//   (warnings C7513-C7515, printed by scripts/gpu_check.sh) when a register they read is defined
+//   between their fence and their wait, or when a branch separates them from it: hence the pinned
+//   operands, the immediate scale-d, and the k-tile pairs without a branch inside (an odd last
+//   k-tile runs after the loop).
+// Measured (H100, fp16, group 128, `benchmarks/bench_w4a16.py`): 0.76-0.82x of cuBLAS fp16 at
+//   M = 2048 on the Llama shapes (the mma.sync kernel: 0.27x). ncu (cp.async version, M = 2048): half
+//   the issue slots idle, ~1 eligible warp of 4 per scheduler: latency-bound. Next steps: a producer
+//   warp(group) with empty/full mbarriers instead of the block barrier per k-tile, and a persistent
+//   grid that hides each tile's prologue and epilogue.
 // Work split: grid (channel blocks, token tiles, splits). Where the tiles do not cover the SMs, K is
 //   split into contiguous ranges as in the mma.sync kernel: each block writes its fp32 accumulators
 //   to a workspace in fragment order (each thread its own 16-byte columns, coalesced), counts
@@ -58,6 +62,9 @@
 // empty and the host never launches it.
 
 #include <type_traits>
+
+#include <cuda.h>  // CUtensorMap (the type only: the driver's encoder is fetched at run time)
+#include <cudaTypedefs.h>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -109,8 +116,39 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+// mbarrier and the copy engine (TMA): one barrier per stage counts the stage's bytes in.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t phase) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(phase)
+        : "memory");
+  } while (!done);
+}
+// A 2-D box of the tensor map (coordinates: inner = k, outer = token row; rows past M read as zeros).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int inner, int outer, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar)
+      : "memory");
+}
+// A contiguous run of `bytes` (a multiple of 16, 16-byte aligned at both ends).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
 }
 // Keep the compiler from moving accesses of wgmma operand registers across a wgmma fence, issue or
 // wait (volatile asm statements stay in program order).
@@ -228,7 +266,7 @@ __device__ __forceinline__ uint32_t mul2_f16(uint32_t a, uint32_t b) {
 
 template <typename T, int TOKENS, bool ASYM>
 __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template blocks_per_sm<T>())
-    w4a16_wgmma_kernel(const WgmmaParams p) {
+    w4a16_wgmma_kernel(const WgmmaParams p, const __grid_constant__ CUtensorMap x_map) {
 #if QK_HAS_WGMMA
   using Cfg = WgmmaConfig<TOKENS>;
   using Tr = W4Traits<T>;
@@ -240,6 +278,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_is_last;
+  __shared__ __align__(8) uint64_t stage_full[kStages];  // mbarriers: the stage's bytes have landed
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -252,32 +291,32 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   const int strips = p.N / 16;
   const bool g32 = p.group_len == 32;
 
-  const T* __restrict__ x = static_cast<const T*>(p.x);
   const T* __restrict__ scales = static_cast<const T*>(p.scales);
   const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
 
-  // ---- global -> shared, one k-tile ----------------------------------------------------------
+  // ---- global -> shared, one k-tile, issued by thread 0 on the copy engine ----------------------
+  // x: one TMA box (TOKENS rows x 64 k, 128-byte swizzle; rows past M arrive as zeros); the 8 weight
+  // units (512 bytes each) and the scale (zero) rows: bulk copies of the block's valid strips only.
+  const int valid_strips = min(kWgStrips, strips - block_n * kWgStrips);
   auto load_stage = [&](int stage, int kt) {
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     const uint32_t zs = ss + Cfg::kSBytes;
-    load_x_tile<T, TOKENS, kWgThreads>(xs, x, m0, p.M, p.K, kt * kBK, tid);
-    {  // 8 units x 32 chunks: one chunk per thread
-      const int s = tid >> 5, l = tid & 31;
-      const int strip = block_n * kWgStrips + s;
-      const bool ok = strip < strips;
-      cp_async16(ws + tid * 16, p.qweight + (static_cast<int64_t>(ok ? strip : 0) * p.k_tiles + kt) * 32 + l, ok);
-    }
+    const uint32_t bar = smem_addr(&stage_full[stage]);
     const int rows = g32 ? 2 : 1;
     const int grp = g32 ? kt * 2 : (kt * kBK) / p.group_len;
-    if (tid < rows * 16) {  // a row of 128 channels is 16 chunks
-      const int r = tid >> 4, c = tid & 15;
-      const int col = n0 + c * 8;
-      const bool ok = col < p.N;
-      const int64_t off = static_cast<int64_t>(grp + r) * p.N + (ok ? col : 0);
-      cp_async16(ss + r * kWgChannels * 2 + c * 16, scales + off, ok);
-      if constexpr (ASYM) cp_async16(zs + r * kWgChannels * 2 + c * 16, zeros + off, ok);
+    const uint32_t row_bytes = valid_strips * 16 * 2;
+    mbarrier_expect_bytes(bar, Cfg::kXBytes + valid_strips * kUnitBytes + rows * row_bytes * (ASYM ? 2 : 1));
+    tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
+    for (int s = 0; s < valid_strips; ++s) {
+      bulk_load(ws + s * kUnitBytes, p.qweight + (static_cast<int64_t>(block_n * kWgStrips + s) * p.k_tiles + kt) * 32,
+                kUnitBytes, bar);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t off = static_cast<int64_t>(grp + r) * p.N + n0;
+      bulk_load(ss + r * kWgChannels * 2, scales + off, row_bytes, bar);
+      if constexpr (ASYM) bulk_load(zs + r * kWgChannels * 2, zeros + off, row_bytes, bar);
     }
   };
 
@@ -314,15 +353,10 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_wait<0>();
       fence_registers(pacc);
     }
-    cp_async_wait<kStages - 3>();   // k-tile it has landed (this thread's copies)
-    fence_proxy_async();            // ... visible to the tensor cores' (async-proxy) reads
-    __syncthreads();                // ... everyone's; and the stage of k-tile it - 2 is free everywhere
-    {
-      const int next = it + kStages - 2;
-      if (next < nk) load_stage(next % kStages, kt_begin + next);
-      cp_async_commit();
-    }
-    const int kt = kt_begin + it;
+    __syncthreads();  // the stage of k-tile it - 2 is free in every warpgroup
+    if (tid == 0 && it + kStages - 2 < nk) load_stage((it + kStages - 2) % kStages, kt_begin + it + kStages - 2);
+    mbarrier_wait(smem_addr(&stage_full[it % kStages]), (it / kStages) & 1);  // k-tile it has landed
+    [[maybe_unused]] const int kt = kt_begin + it;
     const uint32_t xs = smem0 + (it % kStages) * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
@@ -404,11 +438,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_commit();
     }
   };
-#pragma unroll
-  for (int s = 0; s < kStages - 2; ++s) {
-    if (s < nk) load_stage(s, kt_begin + s);
-    cp_async_commit();
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbarrier_init(smem_addr(&stage_full[s]), 1);
+    mbarrier_init_fence();
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) load_stage(s, kt_begin + s);
   }
+  __syncthreads();  // the barriers are initialized before anyone waits on them
   // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
   // (a conditional second step made ptxas serialize the wgmmas).
   int it = 0;
@@ -421,7 +456,6 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   fence_registers(acc);
   fence_registers(pacc);
   if constexpr (!kFoldScale) fold();  // the last group
-  cp_async_wait<0>();
 
   // ---- split K: publish the partial tile in fragment order; the last block sums in split order ----
   const int tile = token_tile * gridDim.x + block_n;
@@ -488,14 +522,41 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 #endif  // QK_HAS_WGMMA
 }
 
+// The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host
+// only; encoded per call, since x changes: a few microseconds, and a kernel parameter under CUDA
+// graph capture). The driver's encoder is fetched through the runtime, so nothing links libcuda.
+CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "quantkern::w4a16_gemm: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};  // bytes between rows
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(tokens)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result =
+      encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(x),
+             dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, "quantkern::w4a16_gemm: cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(result),
+              ") for x of shape [", M, ", ", K, "]");
+  return map;
+}
+
 template <typename T, int TOKENS>
 void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   constexpr int smem = WgmmaConfig<TOKENS>::kSmemBytes;
   const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
+  const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, !std::is_same_v<T, __half>, TOKENS);
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kWgThreads, smem, stream>>>(p);
+    kernel<<<grid, kWgThreads, smem, stream>>>(p, x_map);
   };
   if (p.zeros != nullptr) {
     launch(w4a16_wgmma_kernel<T, TOKENS, true>);
