@@ -46,7 +46,8 @@
 //   operands, the immediate scale-d, and the k-tile pairs without a branch inside (an odd last
 //   k-tile runs after the loop).
 // Measured (H100, fp16, group 128, `benchmarks/bench_w4a16.py`): 0.76-0.82x of cuBLAS fp16 at
-//   M = 2048 on the Llama shapes (the mma.sync kernel: 0.27x). ncu (cp.async version, M = 2048): half
+//   M = 2048 on the Llama shapes (the mma.sync kernel: 0.27x). bf16 (128-token tiles, one block per
+//   SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128. ncu (cp.async version, M = 2048): half
 //   the issue slots idle, ~1 eligible warp of 4 per scheduler: latency-bound. Next steps: a producer
 //   warp(group) with empty/full mbarriers instead of the block barrier per k-tile, and a persistent
 //   grid that hides each tile's prologue and epilogue.
@@ -405,36 +406,32 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       for (int kk = 0; kk < 4; ++kk) wgmma_rs<T, TOKENS, 1>(acc, a[kk], desc[kk]);
       wgmma_commit();
     } else {
-      // Groups start at k16 steps 0 (and 2 with group 32) of a k-tile: there the previous group is
-      // folded (its wgmmas were all waited for at the end of the previous k-tile, or just before
-      // step 2) and pacc restarts (scale-d 0); a split may also start inside a group.
+      // Groups start at k16 steps 0 (and 2 with group 32) of a k-tile; a split may also start inside
+      // one. There the previous group is folded (its wgmmas have all been waited for: at the top of
+      // this k-tile, or just before step 2) and pacc is zeroed, both right after a wait and before
+      // the fence; the wgmma itself is the same on every path (a branch choosing between wgmma
+      // variants made ptxas insert warpgroup arrives and serialize them, C7519/C7520).
+      auto start_group = [&](int row) {
+        if (group_open) fold();
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int kk0 = 2 * half;
-        const bool starts = (kt * kBK + kk0 * 16) % p.group_len == 0 || (it == 0 && half == 0);
-        if (half == 1 && !starts) {
-          wgmma_rs<T, TOKENS, 1>(pacc, a[2], desc[2]);
-          wgmma_rs<T, TOKENS, 1>(pacc, a[3], desc[3]);
-          continue;
-        }
-        if (starts) {
-          if (half == 1) {  // group 32: the first half's group must complete before its fold
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_registers(pacc);
-          }
-          if (group_open) fold();
-          fold_scale[0] = Tr::to_float2(ld_shared_u16(ss + (g32 ? half : 0) * kWgChannels * 2 + ch0 * 2)).x;
-          fold_scale[1] = Tr::to_float2(ld_shared_u16(ss + (g32 ? half : 0) * kWgChannels * 2 + (ch0 + 8) * 2)).x;
-          group_open = true;
-          wgmma_fence();
-          wgmma_rs<T, TOKENS, 0>(pacc, a[kk0], desc[kk0]);
-        } else {
-          wgmma_fence();
-          wgmma_rs<T, TOKENS, 1>(pacc, a[kk0], desc[kk0]);
-        }
-        wgmma_rs<T, TOKENS, 1>(pacc, a[kk0 + 1], desc[kk0 + 1]);
+        for (int i = 0; i < kPartial; ++i) pacc[i] = 0.0f;
+        fold_scale[0] = Tr::to_float2(ld_shared_u16(ss + row * kWgChannels * 2 + ch0 * 2)).x;
+        fold_scale[1] = Tr::to_float2(ld_shared_u16(ss + row * kWgChannels * 2 + (ch0 + 8) * 2)).x;
+        group_open = true;
+      };
+      if ((kt * kBK) % p.group_len == 0 || it == 0) start_group(0);
+      wgmma_fence();
+      wgmma_rs<T, TOKENS, 1>(pacc, a[0], desc[0]);
+      wgmma_rs<T, TOKENS, 1>(pacc, a[1], desc[1]);
+      if (g32) {  // group 32: the second half of the k-tile is a new group
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(pacc);
+        start_group(1);
+        wgmma_fence();
       }
+      wgmma_rs<T, TOKENS, 1>(pacc, a[2], desc[2]);
+      wgmma_rs<T, TOKENS, 1>(pacc, a[3], desc[3]);
       wgmma_commit();
     }
   };

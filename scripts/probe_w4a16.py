@@ -1,4 +1,4 @@
-"""Probe the CUDA W4A16 kernel's small-M speed: split-K / tile sweep against cuBLAS fp16 (do_bench medians).
+"""Probe the CUDA W4A16 kernel's speed: split-K / tile sweep against cuBLAS in the same dtype (do_bench medians).
 
     python scripts/probe_w4a16.py                 # the sweep table
     python scripts/probe_w4a16.py --case K N M TILE_M  # run one configuration 20 times (for ncu)
@@ -15,11 +15,11 @@ from quantkern import ops, reference  # noqa: E402
 from quantkern.layout_cuda import w4a16_linear  # noqa: E402
 
 
-def setup(k, n, group=128, symmetric=True):
+def setup(k, n, dtype=torch.float16, group=128, symmetric=True):
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") / k ** 0.5
-    qw = reference.quantize_weight(w, 4, group, symmetric=symmetric, scale_dtype=torch.float16)
-    return w.half(), qw, ops.prepare_weight_only(qw, torch.float16, backend="cuda")
+    qw = reference.quantize_weight(w, 4, group, symmetric=symmetric, scale_dtype=dtype)
+    return w.to(dtype), qw, ops.prepare_weight_only(qw, dtype, backend="cuda")
 
 
 def us(fn):
@@ -32,11 +32,14 @@ def main():
     ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096,8192x28672")
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--variants", default="0:0,16:0,1:0,1:1,1:2,1:4", help="tile_m:split_k pairs")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                    help="activations (and cuBLAS, the peer) in this dtype")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.case:
         k, n, m, tm = args.case
-        _, _, prep = setup(k, n)
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        _, _, prep = setup(k, n, dtype)
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
         for _ in range(20):
             w4a16_linear(x, prep.tensors, tile_m=tm)
         torch.cuda.synchronize()
@@ -44,11 +47,11 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        w16, qw, prep = setup(k, n)
+        w16, qw, prep = setup(k, n, dtype)
         deq = reference.dequantize_weight(qw)
         wbytes = n * k / 2 + (k // 128) * n * 2
         for m in map(int, args.batches.split(",")):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.float() @ deq.T
             t_cublas = us(lambda: F.linear(x, w16))
             cells = []
