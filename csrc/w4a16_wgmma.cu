@@ -41,7 +41,7 @@
 //   drains (wait_group 0) every k-tile instead, so that a group's fold may read pacc. (The first
 //   version filled the stages with every thread's 16-byte cp.async, which also needed
 //   fence.proxy.async before wgmma read them: ~0.1x slower at M = 2048.) ptxas serializes wgmmas
-//   (warnings C7513-C7515, printed by scripts/gpu_check.sh) when a register they read is defined
+//   (warnings C7513-C7515 and C7520, printed by scripts/gpu_check.sh) when a register they read is defined
 //   between their fence and their wait, or when a branch separates them from it: hence the pinned
 //   operands, the immediate scale-d, and the k-tile pairs without a branch inside (an odd last
 //   k-tile runs after the loop).

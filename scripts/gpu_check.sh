@@ -42,7 +42,7 @@ if [ "${QUANTKERN_SKIP_BUILD:-0}" != 1 ]; then
         || { echo "build failed: see $OUTDIR/build.log"; exit 1; }
     grep -E "ptxas info|spill" "$OUTDIR/build.log" | sort -u > "$OUTDIR/ptxas.txt"
     # ptxas serializing wgmmas (csrc/w4a16_wgmma.cu's header says what causes it) is a performance bug.
-    grep -E "C751[345]" "$OUTDIR/ptxas.txt" && echo "WARNING: ptxas serialized wgmma instructions (above)"
+    grep -E "C751[345]|C7520" "$OUTDIR/ptxas.txt" && echo "WARNING: ptxas serialized wgmma instructions (above)"
 fi
 step info info.txt $PY -m quantkern info
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ]; then
