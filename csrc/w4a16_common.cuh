@@ -228,7 +228,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
-// channels x `tokens` (64 or 128) tokens; sm_90a only (see wgmma_available in csrc/w4a16_gemm.cu).
+// channels x `tokens` (64 or 128) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).
 // `partials`: an fp32 workspace of wgmma_workspace_floats(p, tokens) floats when splits > 1.
 struct WgmmaParams {
   const void* x;         // [M, K] T

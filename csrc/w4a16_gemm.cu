@@ -75,16 +75,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "hopper.cuh"
 #include "w4a16_common.cuh"
-
-// The CUDA arch list the extension is built for (setup.py: -DQUANTKERN_CUDA_ARCHS="..."; CMake: a
-// generated header), read by wgmma_available.
-#if defined(QUANTKERN_BUILD_CONFIG_H)
-#include "quantkern_build_config.h"
-#endif
-#ifndef QUANTKERN_CUDA_ARCHS
-#define QUANTKERN_CUDA_ARCHS "unknown"
-#endif
 
 namespace quantkern {
 namespace {
@@ -447,22 +439,6 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target / tiles, k_tiles / kMinTilesPerSplit)));
 }
 
-// Whether the wgmma kernel can run on `device`: an sm_90 GPU (sm_90a code runs on compute
-// capability 9.0 only), and sm_90a in the arch list the extension was built for (elsewhere the
-// kernel's body is compiled empty).
-bool wgmma_available(int device) {
-  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    const bool built = std::string(QUANTKERN_CUDA_ARCHS).find("9.0a") != std::string::npos;
-    int major = 0, minor = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    cached[device] = built && major == 9 && minor == 0 ? 1 : 2;
-  }
-  return cached[device] == 1;
-}
-
 void check_float16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, kOp, ": ", name,
               " must be float16 or bfloat16, got ", t.scalar_type());
@@ -593,12 +569,12 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
 
   // ---- Hopper: the wgmma kernel (csrc/w4a16_wgmma.cu) ------------------------------------------
-  const bool hopper = wgmma_available(x.get_device());
+  const bool on_hopper = hopper::wgmma_available(x.get_device());
   const bool force_wgmma = tile_m == 3 || tile_m == 4 || tile_m == 5;
-  TORCH_CHECK(hopper || !force_wgmma, kOp, ": tile_m 3, 4 and 5 (the wgmma kernel) need an sm_90 GPU and an "
+  TORCH_CHECK(on_hopper || !force_wgmma, kOp, ": tile_m 3, 4 and 5 (the wgmma kernel) need an sm_90 GPU and an "
               "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
   TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
-  if (force_wgmma || (tile_m == 0 && hopper)) {
+  if (force_wgmma || (tile_m == 0 && on_hopper)) {
     // Tokens per tile: forced, or the smallest tile that holds M up to 128, then 256 (fp16; bf16's
     // second accumulator set does not fit beside 256-token accumulators).
     const int tokens = tile_m == 3 ? 64 : tile_m == 4 ? 128 : tile_m == 5 ? 256

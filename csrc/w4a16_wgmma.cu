@@ -64,23 +64,17 @@
 
 #include <type_traits>
 
-#include <cuda.h>  // CUtensorMap (the type only: the driver's encoder is fetched at run time)
-#include <cudaTypedefs.h>
-
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "hopper.cuh"
 #include "w4a16_common.cuh"
 
 namespace quantkern {
 namespace w4a16 {
 namespace {
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define QK_HAS_WGMMA 1
-#else
-#define QK_HAS_WGMMA 0
-#endif
+using namespace hopper;
 
 constexpr int kWgThreads = 256;      // 2 warpgroups
 constexpr int kWgChannels = kWgmmaChannels;
@@ -108,66 +102,8 @@ struct WgmmaConfig {
 };
 
 // ---------------------------------------------------------------------------------------------
-// wgmma wrappers (PTX ISA 8.0, sm_90a)
+// wgmma with the weights from registers
 // ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// mbarrier and the copy engine (TMA): one barrier per stage counts the stage's bytes in.
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbarrier_init_fence() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t phase) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(phase)
-        : "memory");
-  } while (!done);
-}
-// A 2-D box of the tensor map (coordinates: inner = k, outer = token row; rows past M read as zeros).
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int inner, int outer, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar)
-      : "memory");
-}
-// A contiguous run of `bytes` (a multiple of 16, 16-byte aligned at both ends).
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-// Keep the compiler from moving accesses of wgmma operand registers across a wgmma fence, issue or
-// wait (volatile asm statements stay in program order).
-template <int N>
-__device__ __forceinline__ void fence_registers(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-__device__ __forceinline__ void pin_operands(uint32_t (&r)[4]) {
-  asm volatile("" : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])::"memory");
-}
-
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes
-// apart (stride byte offset), leading byte offset unused with this swizzle (1).
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
-         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
-}
 
 // D[64 x TOKENS] (+)= A[64 x 16] (registers) * B[16 x TOKENS] (shared memory, descriptor);
 // SCALE_D = 0: D = A * B. (Generated operand lists.)
@@ -519,30 +455,11 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 #endif  // QK_HAS_WGMMA
 }
 
-// The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host
-// only; encoded per call, since x changes: a few microseconds, and a kernel parameter under CUDA
-// graph capture). The driver's encoder is fetched through the runtime, so nothing links libcuda.
+// The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host;
+// encoded per call, since x changes).
 CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
-    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-                "quantkern::w4a16_gemm: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};  // bytes between rows
-  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(tokens)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result =
-      encode(&map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(x),
-             dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(result == CUDA_SUCCESS, "quantkern::w4a16_gemm: cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(result),
-              ") for x of shape [", M, ", ", K, "]");
-  return map;
+  return encode_tensor_map_2d("quantkern::w4a16_gemm", bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                              2, x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <typename T, int TOKENS>

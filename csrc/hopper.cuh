@@ -1,0 +1,152 @@
+// Hopper (sm_90a) building blocks shared by the wgmma kernels (csrc/w4a16_wgmma.cu, csrc/int_wgmma.cu):
+// wgmma fences and waits, mbarriers, the copy engine (TMA boxes and bulk copies), the shared-memory
+// matrix descriptor of 128-byte-swizzled K-major tiles, the host's tensor-map encoder, and the check
+// that the running GPU can take this build's sm_90a code.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <cuda.h>  // CUtensorMap (the type only: the driver's encoder is fetched at run time)
+#include <cudaTypedefs.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+// The CUDA arch list the extension is built for (setup.py: -DQUANTKERN_CUDA_ARCHS="..."; CMake: a
+// generated header), read by wgmma_available.
+#if defined(QUANTKERN_BUILD_CONFIG_H)
+#include "quantkern_build_config.h"
+#endif
+#ifndef QUANTKERN_CUDA_ARCHS
+#define QUANTKERN_CUDA_ARCHS "unknown"
+#endif
+
+// wgmma, setmaxnreg and friends exist only in the arch-specific sm_90a target; other archs of a fat
+// build compile the kernels' bodies away (the host never launches them there).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define QK_HAS_WGMMA 1
+#else
+#define QK_HAS_WGMMA 0
+#endif
+
+namespace quantkern {
+namespace hopper {
+
+// Whether `device` runs this build's wgmma kernels: an sm_90 GPU and "9.0a" among the built archs.
+inline bool wgmma_available(int device) {
+  static int cached[64] = {0};  // 0: unknown, 1: yes, 2: no
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    const bool built = std::string(QUANTKERN_CUDA_ARCHS).find("9.0a") != std::string::npos;
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    cached[device] = built && major == 9 && minor == 0 ? 1 : 2;
+  }
+  return cached[device] == 1;
+}
+
+// A 2-D tensor map (inner dimension contiguous) for TMA boxes of box_inner x box_outer elements.
+// Encoded per call where the tensor changes (a few microseconds; a kernel parameter under CUDA graph
+// capture). The driver's encoder is fetched through the runtime, so nothing links libcuda.
+inline CUtensorMap encode_tensor_map_2d(const char* op, CUtensorMapDataType dtype, int element_bytes, const void* base,
+                                        int64_t inner, int64_t outer, int64_t row_bytes, int box_inner, int box_outer,
+                                        CUtensorMapSwizzle swizzle) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    TORCH_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+                "quantkern: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  (void)element_bytes;
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_inner), static_cast<cuuint32_t>(box_outer)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult result = encode(&map, dtype, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(result == CUDA_SUCCESS, op, ": cuTensorMapEncodeTiled failed (CUresult ", static_cast<int>(result),
+              ") for a tensor of ", outer, " rows x ", inner, " elements");
+  return map;
+}
+
+// ---------------------------------------------------------------------------------------------
+// wgmma (PTX ISA 8.0)
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keep the compiler from moving accesses of wgmma operand registers across a wgmma fence, issue or
+// wait (volatile asm statements stay in program order).
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_registers(int (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+__device__ __forceinline__ void pin_operands(uint32_t (&r)[4]) {
+  asm volatile("" : "+r"(r[0]), "+r"(r[1]), "+r"(r[2]), "+r"(r[3])::"memory");
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row core-matrix groups 1024 bytes
+// apart (stride byte offset), leading byte offset unused with this swizzle (1).
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mbarriers and the copy engine (TMA): one barrier per stage counts the stage's bytes in
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t phase) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(phase)
+        : "memory");
+  } while (!done);
+}
+// A 2-D box of the tensor map at (inner, outer) element coordinates; out-of-range elements arrive as
+// zeros and count towards the barrier's bytes like the others.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int inner, int outer, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar)
+      : "memory");
+}
+// A contiguous run of `bytes` (a multiple of 16, 16-byte aligned at both ends).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+}  // namespace hopper
+}  // namespace quantkern
