@@ -1,4 +1,4 @@
-// quantkern::quantize_per_token(Tensor x, int bits, float clip_ratio) -> (Tensor q, Tensor scale)
+// quantkern::quantize_per_token(Tensor x, int bits, float clip_ratio, bool packed=True) -> (Tensor q, Tensor scale)
 //
 // Symmetric per-row (per-token) quantization of activations, bit-exact with
 // quantkern.reference.quantize_per_token:
@@ -12,7 +12,9 @@
 //   x     [M, K] fp16 / bf16 / fp32, contiguous (row stride K elements).
 //   q     bits=8: int8  [M, K]   one byte per element.
 //         bits=4: uint8 [M, K/2] two signed two's-complement nibbles per byte, element 2j in the
-//                 low nibble of byte j, element 2j+1 in the high nibble (K must be even).
+//                 low nibble of byte j, element 2j+1 in the high nibble (K must be even);
+//                 with packed=False: int8 [M, K], one code in [-7, 7] per byte (what the int8 tensor
+//                 cores of sm_90 take: csrc/int_wgmma.cu runs W4A4 there as W4A8 on these codes).
 //   scale fp32 [M].
 //
 // Tiling
@@ -59,11 +61,14 @@ constexpr int kThreads = 256;             // threads per block, both variants
 constexpr int kUnroll = 4;                // 16-byte vectors in flight per thread in the main loops
 constexpr int64_t kWarpPerRowMaxK = 1024;  // K up to this: one warp per row
 
-template <int BITS>
+// BITS: the code range (qmax = 2^(BITS-1) - 1); SBITS: the bits each code is stored in (BITS, or 8
+// for unpacked int4).
+template <int BITS, int SBITS = BITS>
 struct QuantTraits {
   static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
-  static constexpr int kQmax = (1 << (BITS - 1)) - 1;  // 7 or 127
-  static constexpr uint32_t kMask = (1u << BITS) - 1;  // 0xF or 0xFF
+  static_assert(SBITS == BITS || SBITS == 8, "codes are stored in BITS or 8 bits");
+  static constexpr int kQmax = (1 << (BITS - 1)) - 1;   // 7 or 127
+  static constexpr uint32_t kMask = (1u << SBITS) - 1;  // 0xF or 0xFF
 };
 
 // Quantize one value with the row's scale: IEEE division, round half to even, clamp.
@@ -95,20 +100,21 @@ __device__ __forceinline__ float vec_absmax(const Vec16<T>& v, float m) {
   return m;
 }
 
-template <typename T, int BITS>
+template <typename T, int BITS, int SBITS>
 __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i) {
   constexpr int kElems = Vec16<T>::kElems;
-  constexpr int kBytes = kElems * BITS / 8;
+  constexpr int kBytes = kElems * SBITS / 8;
   uint64_t packed = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
-    const uint32_t code = static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & QuantTraits<BITS>::kMask;
-    packed |= static_cast<uint64_t>(code) << (BITS * e);
+    const uint32_t code =
+        static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & QuantTraits<BITS, SBITS>::kMask;
+    packed |= static_cast<uint64_t>(code) << (SBITS * e);
   }
   store_packed<kBytes>(qrow + i * kBytes, packed);
 }
 
-template <typename T, int BITS, bool VEC, int GROUP>
+template <typename T, int BITS, int SBITS, bool VEC, int GROUP>
 __global__ void __launch_bounds__(kThreads)
 quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
                           int64_t M, int64_t K, float clip) {
@@ -124,7 +130,7 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   }
 
   const T* __restrict__ xrow = x + row * K;
-  uint8_t* __restrict__ qrow = q + row * (K * BITS / 8);
+  uint8_t* __restrict__ qrow = q + row * (K * SBITS / 8);
 
   // ---- pass 1: absmax ----------------------------------------------------------------------
   float amax = 0.0f;
@@ -162,13 +168,13 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) v[u] = load_vec16(xrow + (i + u * GROUP) * kElems);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) quantize_store_vec<T, BITS>(v[u], scale, qrow, i + u * GROUP);
+      for (int u = 0; u < kUnroll; ++u) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i + u * GROUP);
     }
-    for (; i < nvec; i += GROUP) quantize_store_vec<T, BITS>(load_vec16(xrow + i * kElems), scale, qrow, i);
-  } else if constexpr (BITS == 8) {
+    for (; i < nvec; i += GROUP) quantize_store_vec<T, BITS, SBITS>(load_vec16(xrow + i * kElems), scale, qrow, i);
+  } else if constexpr (SBITS == 8) {
 #pragma unroll 4
     for (int64_t i = t; i < K; i += GROUP) {
-      qrow[i] = static_cast<uint8_t>(quantize_one<8>(to_float(xrow[i]), scale) & 0xFF);
+      qrow[i] = static_cast<uint8_t>(quantize_one<BITS>(to_float(xrow[i]), scale) & 0xFF);
     }
   } else {
     const int64_t npairs = K / 2;
@@ -181,21 +187,21 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   }
 }
 
-template <typename T, int BITS, bool VEC>
+template <typename T, int BITS, int SBITS, bool VEC>
 void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, cudaStream_t stream) {
   if (K <= kWarpPerRowMaxK) {
     constexpr int kRowsPerBlock = kThreads / kWarpSize;
     const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
-    quantize_per_token_kernel<T, BITS, VEC, kWarpSize>
+    quantize_per_token_kernel<T, BITS, SBITS, VEC, kWarpSize>
         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
   } else {
-    quantize_per_token_kernel<T, BITS, VEC, kThreads>
+    quantize_per_token_kernel<T, BITS, SBITS, VEC, kThreads>
         <<<static_cast<unsigned>(M), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
   }
   QK_CHECK_LAUNCH();
 }
 
-template <typename T, int BITS>
+template <typename T, int BITS, int SBITS>
 void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, cudaStream_t stream) {
   const int64_t M = x.size(0), K = x.size(1);
   const T* xp = static_cast<const T*>(x.const_data_ptr());
@@ -203,28 +209,31 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, c
   float* sp = scale.data_ptr<float>();
   const bool vec = is_aligned(xp, 16) && (K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   if (vec) {
-    launch_group<T, BITS, true>(xp, qp, sp, M, K, clip, stream);
+    launch_group<T, BITS, SBITS, true>(xp, qp, sp, M, K, clip, stream);
   } else {
-    launch_group<T, BITS, false>(xp, qp, sp, M, K, clip, stream);
+    launch_group<T, BITS, SBITS, false>(xp, qp, sp, M, K, clip, stream);
   }
 }
 
 template <typename T>
-void launch_bits(int64_t bits, const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, cudaStream_t stream) {
+void launch_bits(int64_t bits, bool packed, const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip,
+                 cudaStream_t stream) {
   if (bits == 4) {
-    launch<T, 4>(x, q, scale, clip, stream);
+    packed ? launch<T, 4, 4>(x, q, scale, clip, stream) : launch<T, 4, 8>(x, q, scale, clip, stream);
   } else {
-    launch<T, 8>(x, q, scale, clip, stream);
+    launch<T, 8, 8>(x, q, scale, clip, stream);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits, double clip_ratio) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, int64_t bits, double clip_ratio,
+                                                           bool packed) {
   constexpr const char* op = "quantkern::quantize_per_token";
   check_per_token_quant_input(x, bits, clip_ratio, op);  // (grid: one block per row, or per 8 rows)
   const int64_t M = x.size(0), K = x.size(1);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor q = at::empty({M, bits == 4 ? K / 2 : K}, x.options().dtype(bits == 4 ? at::kByte : at::kChar));
+  const bool pack = bits == 4 && packed;
+  at::Tensor q = at::empty({M, pack ? K / 2 : K}, x.options().dtype(pack ? at::kByte : at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   if (M == 0) return {q, scale};
 
@@ -232,13 +241,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x, 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   switch (x.scalar_type()) {
     case at::kHalf:
-      launch_bits<__half>(bits, x, q, scale, clip, stream);
+      launch_bits<__half>(bits, packed, x, q, scale, clip, stream);
       break;
     case at::kBFloat16:
-      launch_bits<__nv_bfloat16>(bits, x, q, scale, clip, stream);
+      launch_bits<__nv_bfloat16>(bits, packed, x, q, scale, clip, stream);
       break;
     case at::kFloat:
-      launch_bits<float>(bits, x, q, scale, clip, stream);
+      launch_bits<float>(bits, packed, x, q, scale, clip, stream);
       break;
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", x.scalar_type());

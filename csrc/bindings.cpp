@@ -33,7 +33,7 @@ TORCH_LIBRARY(quantkern, m) {
   // torch requires C++-defined ops to name that module (and imports it on demand).
   m.set_python_module("quantkern._fake");
   // x [M, K] fp16/bf16/fp32 -> (q int8 [M, K] (bits=8) or uint8 [M, K/2] (bits=4), scale fp32 [M])
-  m.def("quantize_per_token(Tensor x, int bits, float clip_ratio) -> (Tensor, Tensor)");
+  m.def("quantize_per_token(Tensor x, int bits, float clip_ratio, bool packed=True) -> (Tensor, Tensor)");
   // W4A16 linear (csrc/w4a16_gemm.cu): x [M, K] fp16/bf16, qweight int32 [N/16, 2K] (the layout of
   // quantkern.layout_cuda.prepare_w4a16), scales / zeros [K/group, N] in x's dtype, bias [N],
   // locks int32 scratch (all zeros before and after) -> y [M, N] in x's dtype.

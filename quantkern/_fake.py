@@ -6,9 +6,9 @@ Each function gives the output shapes and dtypes of one op; the Triton custom op
 import torch
 
 
-def quantize_per_token_fake(x: torch.Tensor, bits: int, clip_ratio: float):
+def quantize_per_token_fake(x: torch.Tensor, bits: int, clip_ratio: float, packed: bool = True):
     tokens, features = x.shape
-    if bits == 4:
+    if bits == 4 and packed:
         q = x.new_empty((tokens, features // 2), dtype=torch.uint8)
     else:
         q = x.new_empty((tokens, features), dtype=torch.int8)

@@ -58,20 +58,24 @@ def _activation_rows(x: torch.Tensor, bits: int, clip_ratio: float):
     return x.reshape(-1, features).contiguous(), x.shape[:-1], clip_ratio
 
 
-def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, backend: Optional[str] = None):
+def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, backend: Optional[str] = None,
+                       packed: bool = True):
     """Symmetric per-token quantization of ``x`` [..., K] (fp16/bf16/fp32) to int8 or packed int4.
 
     Returns ``(q, scales)``: q int8 [..., K] (bits=8) or uint8 [..., K/2] (bits=4, signed nibbles,
     element 2j in the low nibble); scales fp32 [...]. Non-contiguous inputs are copied first.
+    ``packed=False`` with bits=4: the same int4 codes as int8 [..., K], one per byte (how the sm_90
+    integer GEMM takes W4A4 activations: Hopper's tensor cores have no int4 mode).
     """
     rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
     chosen = select("quantize_per_token", x.device, backend)
     if chosen == "cuda":
-        q, scales = _cuda_op("quantize_per_token")(rows, bits, clip_ratio)
-    elif chosen == "triton":
-        q, scales = _triton_op("quantize_per_token")(rows, bits, clip_ratio)
+        q, scales = _cuda_op("quantize_per_token")(rows, bits, clip_ratio, packed)
     else:
-        q, scales = reference.quantize_per_token(rows, bits, clip_ratio)
+        quantize = _triton_op("quantize_per_token") if chosen == "triton" else reference.quantize_per_token
+        q, scales = quantize(rows, bits, clip_ratio)
+        if bits == 4 and not packed:
+            q = reference.unpack_int4_signed(q)
     return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
 
 
@@ -217,7 +221,8 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
     x2d = x.reshape(-1, weight.in_features).contiguous()
     # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
     q, sx = quantize_per_token(x2d, act_bits, clip_ratio,
-                               backend=None if weight.backend == "cuda" else weight.backend)
+                               backend=None if weight.backend == "cuda" else weight.backend,
+                               packed=weight.tensors.get("packed_activations", True))
     if bias is not None:
         bias = bias.float().contiguous()
     y = _int_gemm_fn(weight.backend)(q, sx, weight.tensors, bias, x.dtype)

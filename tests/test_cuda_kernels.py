@@ -42,6 +42,10 @@ def test_quantize_per_token_is_bit_exact(bits, dtype, tokens, features):
     q_ref, s_ref = reference.quantize_per_token(x, bits, clip)
     assert torch.equal(scales, s_ref)
     assert torch.equal(q, q_ref)
+    if bits == 4:  # the same codes one per byte (the sm_90 W4A4 path)
+        q8, scales8 = ops.quantize_per_token(x, bits, clip, backend="cuda", packed=False)
+        assert q8.dtype == torch.int8 and torch.equal(q8, reference.unpack_int4_signed(q_ref))
+        assert torch.equal(scales8, s_ref)
 
 
 @pytest.mark.gpu
@@ -52,6 +56,8 @@ def test_quantize_per_token_misaligned_input_takes_the_scalar_path():
     q, s = ops.quantize_per_token(x, 4, backend="cuda")
     q_ref, s_ref = reference.quantize_per_token(x.contiguous(), 4)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q8, _ = ops.quantize_per_token(x, 4, backend="cuda", packed=False)
+    assert torch.equal(q8, reference.unpack_int4_signed(q_ref))
     raw = torch.ops.quantkern.quantize_per_token(base[1:1 + 3 * 576].view(3, 576), 8, 1.0)
     assert torch.equal(raw[0], reference.quantize_per_token(base[1:1 + 3 * 576].view(3, 576), 8)[0])
 

@@ -65,6 +65,15 @@ def test_quantize_per_token_keeps_leading_dims_and_copies_non_contiguous_input()
     assert torch.equal(q.reshape(6, 32), q_ref) and torch.equal(scales.reshape(6), s_ref)
 
 
+def test_quantize_per_token_unpacked_int4_codes():
+    x = torch.randn(5, 96)
+    q, scales = ops.quantize_per_token(x, bits=4)
+    q8, scales8 = ops.quantize_per_token(x, bits=4, packed=False)
+    assert q8.dtype == torch.int8 and q8.shape == (5, 96) and int(q8.abs().max()) <= 7
+    assert torch.equal(q8, reference.unpack_int4_signed(q)) and torch.equal(scales8, scales)
+    assert torch.equal(ops.quantize_per_token(x, bits=8, packed=False)[0], ops.quantize_per_token(x, bits=8)[0])
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ops.quantize_per_token(torch.randn(4, 7), bits=4), ValueError, "even"),
     (lambda: ops.quantize_per_token(torch.randn(4, 8), bits=2), ValueError, "bits"),
