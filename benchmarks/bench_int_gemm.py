@@ -65,13 +65,19 @@ def sweep(small_only: bool = False) -> None:
             qw = reference.quantize_weight(w, bits, -1, scale_dtype=torch.bfloat16)
             p = ops.prepare_int_weight(qw, bits, torch.bfloat16, backend="cuda").tensors
             ps = [p] + [dict(p, w=p["w"].clone()) for _ in range(copies_for(p["w"].numel()) - 1)]
+            # configs 6 and 7: the sm_90 wgmma kernel (128 / 256 tokens), split 0: its automatic split
+            hopper = torch.cuda.get_device_capability() == (9, 0)
             for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (2, 1)]), (16, [(1, 1), (1, 2), (2, 1)]),
-                             (2048, [(3, 1), (4, 1), (5, 1)]), (8192, [(3, 1), (4, 1), (5, 1)])):
+                             (64, [(2, 0), (3, 0)] + ([(6, 1)] if hopper else [])),
+                             (128, [(2, 0), (3, 0)] + ([(6, 1), (6, 2), (6, 4)] if hopper else [])),
+                             (512, [(3, 0), (4, 0)] + ([(6, 1), (7, 1), (7, 2)] if hopper else [])),
+                             (2048, [(3, 1), (4, 1), (5, 1)] + ([(6, 0), (7, 0)] if hopper else [])),
+                             (8192, [(3, 1), (4, 1), (5, 1)] + ([(7, 0)] if hopper else []))):
                 if small_only and m > 16:
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
-                tq = bench(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0))
+                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"])
+                tq = bench(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"]))
                 for config, split in cands:
                     nxt = cycling(ps)
                     t = bench(lambda: int_gemm_cuda(q, sx, nxt(), None, torch.bfloat16, split, config))
@@ -134,8 +140,9 @@ def main() -> None:
             nw8v = cycling(w8_views)
 
             def ours(bits, nxt):
-                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
-                return int_gemm_cuda(q, sx, nxt(), None, dtype)
+                prepared = nxt()
+                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, prepared["packed_activations"])
+                return int_gemm_cuda(q, sx, prepared, None, dtype)
 
             def int_mm_peer():
                 q, sx = torch.ops.quantkern.quantize_per_token(x, 8, 1.0)

@@ -58,9 +58,11 @@
 // blocks per SM; 2 (M <= 128): 64x128, 4 warps (2x2), 4 stages; 3: 128x128, 8 warps (2x4, 64x32 per
 // warp), 4 stages (grouped weights, or split-K); 4 (M >= 512, per-channel): 128x256, 8 warps of 64x64,
 // 4 stages (up to 192 KB of shared memory for W8A8); 5: 256x128, 8 warps (4x2) of 64x64.
+// 6, 7 (and automatic from M = 65 on an sm_90 GPU, int8 activations, per-channel weights): the wgmma
+// kernel of csrc/int_wgmma.cu with 128x128 / 128x256 (channels x tokens) tiles.
 // Measured on the H100 (GEMM alone, benchmarks/bench_int_gemm.py --sweep): 8192^3: config 3 460 TOPS,
 // 4 and 5 ~580 TOPS (one 256-thread block per SM at ~248 registers; the mma.sync int8 peak measured here
-// is 1212 TOPS, torch._int_mm reaches ~920 with wgmma: the large-M gap is the missing wgmma path).
+// is 1212 TOPS, torch._int_mm reaches ~920 with wgmma); the wgmma kernel 1180-1460 TOPS at M >= 2048.
 // M = 1, K = 8192, W4A4: 1.9 TB/s of weights (N = 8192, split 4) and 2.4 TB/s (N = 28672, no split).
 //
 // Compiled without --use_fast_math (the epilogue uses explicit __fmul_rn / __fadd_rn).
@@ -77,6 +79,8 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "hopper.cuh"
+#include "int_wgmma.cuh"
 
 namespace quantkern {
 namespace {
@@ -510,8 +514,9 @@ int num_sms(int device) {
   return sms;
 }
 
-// Config ids (the `config` argument; 0 = automatic by M).
-enum ConfigId : int { kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3, kWide = 4, kTall = 5 };
+// Config ids (the `config` argument; 0 = automatic by M). 6 and 7: the wgmma kernel of
+// csrc/int_wgmma.cu with 128- or 256-token tiles (sm_90a; int8 activations, per-channel weights).
+enum ConfigId : int { kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3, kWide = 4, kTall = 5, kWgmma128 = 6, kWgmma256 = 7 };
 
 template <int ABITS, int WBITS, int BM, int BN, int WM, int WN, int STAGES, int EPI, bool GROUPED, typename OutT>
 void launch_kernel(const Params& prm, int split, cudaStream_t stream) {
@@ -568,7 +573,7 @@ Plan make_plan(int64_t M, int64_t N, int64_t K, bool per_channel, int64_t split_
   if (plan.config == kAuto) {
     plan.config = M <= 32 ? kSmall : (M <= 128 ? kMedium : (per_channel && M >= 512 ? kWide : kLarge));
   }
-  TORCH_CHECK(plan.config >= kSmall && plan.config <= kTall, "int_gemm: config must be 0..5, got ", config);
+  TORCH_CHECK(plan.config >= kSmall && plan.config <= kTall, "int_gemm: config must be 0..7, got ", config);
   if ((plan.config == kWide || plan.config == kTall) && !per_channel) plan.config = kLarge;
   const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
   int split = 1;
@@ -591,6 +596,50 @@ Plan make_plan(int64_t M, int64_t N, int64_t K, bool per_channel, int64_t split_
   plan.k_tiles_per_split = (k_tiles + split - 1) / split;
   plan.split = (k_tiles + plan.k_tiles_per_split - 1) / plan.k_tiles_per_split;  // no empty splits
   return plan;
+}
+
+// The wgmma kernel (csrc/int_wgmma.cu) serves int8 activations (W8A8, W4A8, and W4A4 on sm_90 with its
+// codes stored one per byte) and per-channel weights on an sm_90 GPU, from kWgmmaMinTokens tokens up
+// (below, the mma.sync tiles with split K are as fast: the weights dominate).
+constexpr int64_t kWgmmaMinTokens = 65;
+
+bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
+  const bool available = hopper::wgmma_available(device);
+  if (config == kWgmma128 || config == kWgmma256) {
+    TORCH_CHECK(available, op, ": configs 6 and 7 (the wgmma kernel) need an sm_90 GPU and an extension built "
+                "for 9.0a");
+    TORCH_CHECK(a_bits == 8 && !grouped, op, ": configs 6 and 7 (the wgmma kernel) take int8 activations and "
+                "per-channel weights");
+    return true;
+  }
+  return config == kAuto && available && a_bits == 8 && !grouped && M >= kWgmmaMinTokens;
+}
+
+struct WgmmaPlan {
+  int tokens;
+  int splits;
+  int tiles_per_split;
+};
+
+// Token tile and K split of a wgmma call. No split unless asked for: on the H100 at M = 128 the split
+// path (a zeroed int32 workspace, atomics, a separate epilogue) was slower than one split at 8192 x 28672
+// (85 us against 53 for W4A4, split 2) and no faster at 8192 x 8192 (27.6 against 28.7 us), where 64 tiles
+// already stream the weights at ~1.2 TB/s (benchmarks/bench_int_gemm.py --sweep).
+WgmmaPlan make_wgmma_plan(int64_t M, int64_t K, int64_t config, int64_t split_k) {
+  WgmmaPlan plan;
+  plan.tokens = config == kWgmma128 || (config == kAuto && M <= 128) ? 128 : 256;
+  const int64_t k_tiles = (K + kTileK - 1) / kTileK;
+  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(split_k, k_tiles));
+  plan.tiles_per_split = static_cast<int>((k_tiles + split - 1) / split);
+  plan.splits = static_cast<int>((k_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);  // no empty splits
+  return plan;
+}
+
+int_wgmma::Params wgmma_params(const at::Tensor& a, const at::Tensor& w, const float* a_scale, const float* w_scale,
+                               const float* bias, void* out, int64_t M, int64_t N, int64_t K, const WgmmaPlan& plan) {
+  return int_wgmma::Params{a.const_data_ptr(), w.const_data_ptr(), a_scale, w_scale, bias, out,
+                           static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(w.size(0)),
+                           static_cast<int>(w.size(1)), plan.tiles_per_split};
 }
 
 // Checks a and the tiled w against each other; returns K. N: the true out_features (<= w's padded rows).
@@ -650,6 +699,24 @@ void dispatch_bits(int64_t a_bits, int64_t w_bits, int epi, bool grouped, at::Sc
   }
 }
 
+// y = the split-K workspace ws [M, N] (int32 sums, or fp32 grouped partials) through the epilogue.
+void launch_split_epilogue(const at::Tensor& ws, bool grouped, at::ScalarType out_dtype, const float* sx,
+                           const float* sw, const float* bias, at::Tensor& out, cudaStream_t stream) {
+  const int64_t M = out.size(0);
+  const int N = static_cast<int>(out.size(1));
+  const int64_t pairs = M * N / 2;
+  const int blocks = static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 8 * num_sms(out.get_device())));
+  auto run = [&](auto kernel, auto* y) { kernel<<<blocks, 256, 0, stream>>>(ws.const_data_ptr(), sx, sw, bias, y, M, N); };
+  if (out_dtype == at::kHalf) {
+    auto* y = static_cast<__half*>(out.data_ptr());
+    grouped ? run(split_epilogue_kernel<true, __half>, y) : run(split_epilogue_kernel<false, __half>, y);
+  } else {
+    auto* y = static_cast<__nv_bfloat16*>(out.data_ptr());
+    grouped ? run(split_epilogue_kernel<true, __nv_bfloat16>, y) : run(split_epilogue_kernel<false, __nv_bfloat16>, y);
+  }
+  QK_CHECK_LAUNCH();
+}
+
 at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t a_bits, int64_t w_bits,
                              int64_t split_k, int64_t config) {
   constexpr const char* op = "quantkern::int_gemm_acc";
@@ -658,13 +725,19 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
   const c10::cuda::CUDAGuard device_guard(a.device());
   at::Tensor out = at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+  if (use_wgmma(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
+    const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
+    int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
+                      wgmma_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, wplan), wplan.splits, stream);
+    return out;
+  }
   const Plan plan = make_plan(M, N, K, false, split_k, config, a.get_device());
   Params prm{static_cast<const uint8_t*>(a.const_data_ptr()), nullptr,
              static_cast<const uint8_t*>(w.const_data_ptr()), nullptr, nullptr, out.data_ptr(),
              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
              static_cast<int>(w.size(0) * kUnitRows), static_cast<int>(w.size(1)), static_cast<int>(K),
              plan.k_tiles_per_split};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   dispatch_bits(a_bits, w_bits, kAtomicInt, false, at::kFloat, plan.config, prm, plan.split, stream);
   return out;
 }
@@ -707,8 +780,23 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const c10::cuda::CUDAGuard device_guard(a.device());
   at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
-  const Plan plan = make_plan(M, N, K, !grouped, split_k, config, a.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+  const float* sw = w_scale.data_ptr<float>();
+  const float* sx = a_scale.data_ptr<float>();
+  if (use_wgmma(op, config, M, a_bits, grouped, a.get_device())) {
+    const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
+    if (wplan.splits == 1) {
+      int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, false, out_dtype,
+                        wgmma_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, wplan), 1, stream);
+      return out;
+    }
+    at::Tensor ws = at::zeros({M, N}, a.options().dtype(at::kInt));
+    int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
+                      wgmma_params(a, w, nullptr, nullptr, nullptr, ws.data_ptr(), M, N, K, wplan), wplan.splits, stream);
+    launch_split_epilogue(ws, false, out_dtype, sx, sw, bias_ptr, out, stream);
+    return out;
+  }
+  const Plan plan = make_plan(M, N, K, !grouped, split_k, config, a.get_device());
   Params prm{static_cast<const uint8_t*>(a.const_data_ptr()), a_scale.data_ptr<float>(),
              static_cast<const uint8_t*>(w.const_data_ptr()), w_scale.data_ptr<float>(), bias_ptr, out.data_ptr(),
              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
@@ -722,18 +810,7 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   prm.out = ws.data_ptr();
   dispatch_bits(a_bits, w_bits, grouped ? kAtomicFloat : kAtomicInt, grouped, out_dtype, plan.config, prm,
                 plan.split, stream);
-  const int64_t pairs = M * N / 2;
-  const int blocks = static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 8 * num_sms(a.get_device())));
-  const float* sw = w_scale.data_ptr<float>();
-  const float* sx = a_scale.data_ptr<float>();
-  if (out_dtype == at::kHalf) {
-    if (grouped) split_epilogue_kernel<true, __half><<<blocks, 256, 0, stream>>>(ws.data_ptr(), sx, sw, bias_ptr, static_cast<__half*>(out.data_ptr()), M, N);
-    else split_epilogue_kernel<false, __half><<<blocks, 256, 0, stream>>>(ws.data_ptr(), sx, sw, bias_ptr, static_cast<__half*>(out.data_ptr()), M, N);
-  } else {
-    if (grouped) split_epilogue_kernel<true, __nv_bfloat16><<<blocks, 256, 0, stream>>>(ws.data_ptr(), sx, sw, bias_ptr, static_cast<__nv_bfloat16*>(out.data_ptr()), M, N);
-    else split_epilogue_kernel<false, __nv_bfloat16><<<blocks, 256, 0, stream>>>(ws.data_ptr(), sx, sw, bias_ptr, static_cast<__nv_bfloat16*>(out.data_ptr()), M, N);
-  }
-  QK_CHECK_LAUNCH();
+  launch_split_epilogue(ws, grouped, out_dtype, sx, sw, bias_ptr, out, stream);
   return out;
 }
 

@@ -8,7 +8,8 @@ tensors the kernels read, once, at load time, in plain torch (CPU or GPU tensors
   - W8A8: int8 ``[N, K]``, ``code - 128`` (= ``code ^ 0x80`` reinterpreted).
   - W4A4: uint8 ``[N, K/2]`` signed two's-complement nibbles, element 2j in the low nibble of byte j
     (the same order as ``quantize_per_token``'s int4 activations): ``code ^ 8`` per nibble.
-  - W4A8 (CUDA): as W4A4 but K permuted inside every 32-chunk: physical nibble ``p = 8t + 2j + h``
+  - W4A8 (CUDA; also W4A4 on sm_90, see ``has_int4_tensor_cores``): as W4A4 but K permuted inside every
+    32-chunk: physical nibble ``p = 8t + 2j + h``
     (t, j < 4; h < 2) holds logical ``k = 16h + 4t + j``. The kernel widens a word of 8 nibbles to int8
     lanes (low nibbles, then high nibbles), which then sit exactly where the int8 activation fragment
     of ``mma.m16n8k32`` has them. The Triton W4A8 path uses the natural order.
@@ -110,10 +111,12 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
     from .reference import signed_weight_values
 
     values = signed_weight_values(qw)  # int8 [N, K], logical order
+    # The int8 activation codes the CUDA GEMM reads: W8A8, W4A8, and W4A4 on GPUs without int4 tensor cores.
+    gemm_act_bits = 8 if act_bits == 8 or (backend == "cuda" and not has_int4_tensor_cores(values.device)) else 4
     if qw.bits == 8:
         w = values.contiguous()
     else:
-        if act_bits == 8 and backend == "cuda":
+        if gemm_act_bits == 8 and backend == "cuda":
             values = permute_w4a8(values)
         w = _pack_signed_nibbles(values).contiguous()
     if backend == "cuda":
@@ -124,7 +127,9 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
         "group_len": qw.group_length,
         "bits": qw.bits,
         "act_bits": act_bits,
-        "layout": ("cuda-tiled-w4a8" if (qw.bits == 4 and act_bits == 8) else "cuda-tiled")
+        "gemm_act_bits": gemm_act_bits,
+        "packed_activations": gemm_act_bits == act_bits,  # False: int4 codes one per byte (ops.quantize_per_token)
+        "layout": ("cuda-tiled-w4a8" if (qw.bits == 4 and gemm_act_bits == 8) else "cuda-tiled")
         if backend == "cuda" else "natural",
         "in_features": qw.in_features,
         "out_features": qw.out_features,
@@ -144,8 +149,17 @@ def unpack_int_weight(prepared: dict) -> torch.Tensor:
     return values
 
 
+def has_int4_tensor_cores(device: torch.device) -> bool:
+    """Whether a CUDA device multiplies int4 natively (sm_80 to sm_89). Hopper (sm_90) has int8 tensor
+    cores only: there W4A4 runs as W4A8 on the int4 codes stored one per byte (the same int32 sums)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8
+
+
 def int_gemm_cuda(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor],
                   out_dtype: torch.dtype, split_k: int = 0, config: int = 0) -> torch.Tensor:
-    """``torch.ops.quantkern.int_gemm`` on quantized activations ``(q, sx)`` and a prepared weight."""
-    return torch.ops.quantkern.int_gemm(q, sx, prepared["w"], prepared["w_scale"], bias, prepared["act_bits"],
+    """``torch.ops.quantkern.int_gemm`` on quantized activations ``(q, sx)`` and a prepared weight;
+    q as ``ops.quantize_per_token(x, prepared["act_bits"], packed=prepared["packed_activations"])`` makes it.
+    ``config``: 0 automatic; 1-5 the mma.sync tiles; 6, 7 the sm_90 wgmma kernel (128 / 256 tokens)."""
+    return torch.ops.quantkern.int_gemm(q, sx, prepared["w"], prepared["w_scale"], bias, prepared["gemm_act_bits"],
                                         prepared["bits"], prepared["group_len"], out_dtype, split_k, config)

@@ -55,6 +55,8 @@ def int_gemm_cases():
     # (M, K, N, weight bits, act bits, group, split_k (0: automatic), config (0: automatic))
     cases = [(3, 576, 200, 4, 4, -1, 0, 0), (5, 896, 136, 8, 8, 32, 3, 1), (70, 576, 264, 4, 8, 64, 1, 2),
              (130, 1024, 392, 4, 4, 128, 2, 3), (17, 160, 64, 8, 8, -1, 0, 3)]
+    if torch.cuda.get_device_capability() == (9, 0):  # the wgmma kernel: both tiles, split K, partial tiles
+        cases += [(130, 576, 200, 4, 4, -1, 0, 6), (300, 896, 264, 8, 8, -1, 2, 7), (257, 160, 72, 4, 8, -1, 1, 7)]
     from quantkern.layout_int import int_gemm_cuda
 
     for m, k, n, bits, act_bits, group, split_k, config in cases:
@@ -62,7 +64,7 @@ def int_gemm_cases():
         prepared = ops.prepare_int_weight(qw, act_bits, torch.bfloat16, backend="cuda")
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         bias = torch.randn(n, device="cuda")
-        q, sx = ops.quantize_per_token(x, act_bits)
+        q, sx = ops.quantize_per_token(x, act_bits, packed=prepared.tensors["packed_activations"])
         y = int_gemm_cuda(q, sx, prepared.tensors, bias, torch.bfloat16, split_k, config)
         error = relative_error(y, reference.quantized_activation_linear(x, qw, act_bits, bias))
         assert error < 1e-2, (m, k, n, bits, act_bits, group, split_k, config, error)

@@ -146,6 +146,67 @@ def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_
     assert torch.equal(acc.cpu(), expected)
 
 
+# The sm_90 wgmma kernel (configs 6 and 7: 128- and 256-token tiles): int8 activations (W8A8, W4A8, and
+# W4A4 as int4 codes one per byte), per-channel weights. Partial channel blocks (N = 24, 72, 200: a single or
+# odd weight unit), partial token tiles, K not a multiple of the 128-deep k-tile (160, 4864), split K.
+on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_wgmma = pytest.mark.skipif(not on_hopper, reason="the wgmma kernel needs an sm_90 GPU")
+WGMMA_SHAPES = [(65, 160, 24), (130, 576, 896), (257, 896, 4864), (300, 4864, 200), (1000, 4096, 72),
+                (2048, 14336, 576), (129, 4096, 14336)]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", WGMMA_SHAPES)
+@pytest.mark.parametrize("config,split_k", [(6, 1), (7, 1), (6, 0), (7, 3)])
+def test_wgmma_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
+    a, w = random_values(m, k, 8), random_values(n, k, w_bits)
+    wq = permute_w4a8(w) if w_bits == 4 else w
+    tiled = tile_int_weight(packed(wq, w_bits), w_bits).cuda()
+    acc = torch.ops.quantkern.int_gemm_acc(a.cuda(), tiled, n, 8, w_bits, split_k, config)
+    assert torch.equal(acc.cpu(), reference.int_matmul(a, w))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+@pytest.mark.parametrize("bits,act_bits", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(65, 576, 200), (300, 896, 4864), (2048, 4096, 576)])
+def test_wgmma_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
+    qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, -1, scale_dtype=dtype)
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
+    assert prepared.tensors["gemm_act_bits"] == 8  # sm_90: W4A4 runs on int8 tensor cores
+    assert prepared.tensors["packed_activations"] == (act_bits == 8)
+    expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
+    assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
+    from quantkern.layout_int import int_gemm_cuda
+
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
+    for config, split_k in ((6, 1), (7, 1), (6, 4), (7, 0)):
+        y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, config)
+        assert torch.equal(y, expected), (config, split_k)
+    y = int_gemm_cuda(q, sx, prepared.tensors, None, dtype, 1, 7)
+    assert torch.equal(y, reference.quantized_activation_linear(x, qw, act_bits, None, 0.9))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+def test_wgmma_configs_refuse_what_they_cannot_run():
+    qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, 128)
+    prepared = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda").tensors
+    q, sx = ops.quantize_per_token(torch.randn(100, 256, device="cuda", dtype=torch.float16), 4, packed=False)
+    from quantkern.layout_int import int_gemm_cuda
+
+    with pytest.raises(RuntimeError, match="per-channel"):
+        int_gemm_cuda(q, sx, prepared, None, torch.float16, 1, 6)
+
+
 @pytest.mark.gpu
 @needs_cuda_kernel
 @pytest.mark.parametrize("bits,act_bits", MODES)
@@ -166,7 +227,7 @@ def test_cuda_linear_matches_reference(bits, act_bits, group, dtype, m, k, n):
     # One split (or exact int32 split-K per-channel): the epilogue rounds exactly like the reference.
     from quantkern.layout_int import int_gemm_cuda
 
-    q, sx = ops.quantize_per_token(x, act_bits, 0.9)
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
     exact = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k=1)
     assert torch.equal(exact, expected)
     if group == -1:
