@@ -67,7 +67,7 @@ def sweep(small_only: bool = False) -> None:
             ps = [p] + [dict(p, w=p["w"].clone()) for _ in range(copies_for(p["w"].numel()) - 1)]
             # configs 6 and 7: the sm_90 wgmma kernel (128 / 256 tokens), split 0: its automatic split
             hopper = torch.cuda.get_device_capability() == (9, 0)
-            for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (2, 1)]), (16, [(1, 1), (1, 2), (2, 1)]),
+            for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1)]), (16, [(1, 1), (1, 2), (1, 4), (2, 1)]),
                              (64, [(2, 0), (3, 0)] + ([(6, 1)] if hopper else [])),
                              (128, [(2, 0), (3, 0)] + ([(6, 1), (6, 2), (6, 4)] if hopper else [])),
                              (512, [(3, 0), (4, 0)] + ([(6, 1), (7, 1), (7, 2)] if hopper else [])),
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="M in {1, 16, 2048, 8192} only")
     parser.add_argument("--all-shapes", action="store_true", help="also 4096x4096, 4096x14336, 14336x4096")
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--ms", help="comma-separated M values (default: all of " + ",".join(map(str, MS)) + ")")
     parser.add_argument("--sweep", action="store_true", help="time the CUDA GEMM alone per (config, split_k)")
     parser.add_argument("--sweep-small", action="store_true", help="the sweep for M <= 16 only")
     args = parser.parse_args()
@@ -105,7 +106,7 @@ def main() -> None:
         return sweep(small_only=args.sweep_small)
     dtype = torch.bfloat16
     shapes = SHAPES + (MORE_SHAPES if args.all_shapes else [])
-    ms = [1, 16, 2048, 8192] if args.quick else MS
+    ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 16, 2048, 8192] if args.quick else MS)
     torch.manual_seed(0)
     results, table = [], []
     for k, n in shapes:
