@@ -61,20 +61,18 @@ constexpr int kThreads = 256;             // threads per block, both variants
 constexpr int kUnroll = 4;                // 16-byte vectors in flight per thread in the main loops
 constexpr int64_t kWarpPerRowMaxK = 1024;  // K up to this: one warp per row
 
-// BITS: the code range (qmax = 2^(BITS-1) - 1); SBITS: the bits each code is stored in (BITS, or 8
-// for unpacked int4).
-template <int BITS, int SBITS = BITS>
-struct QuantTraits {
-  static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
-  static_assert(SBITS == BITS || SBITS == 8, "codes are stored in BITS or 8 bits");
-  static constexpr int kQmax = (1 << (BITS - 1)) - 1;   // 7 or 127
-  static constexpr uint32_t kMask = (1u << SBITS) - 1;  // 0xF or 0xFF
-};
+// The code range of BITS-bit codes (qmax = 2^(BITS-1) - 1: 7 or 127) and the mask of a code stored in
+// SBITS bits (BITS, or 8 for unpacked int4).
+template <int BITS>
+constexpr int kQmaxOf = (1 << (BITS - 1)) - 1;
+template <int SBITS>
+constexpr uint32_t kMaskOf = (1u << SBITS) - 1;
 
 // Quantize one value with the row's scale: IEEE division, round half to even, clamp.
 template <int BITS>
 __device__ __forceinline__ int quantize_one(float v, float scale) {
-  constexpr int qmax = QuantTraits<BITS>::kQmax;
+  static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
+  constexpr int qmax = kQmaxOf<BITS>;
   const int r = __float2int_rn(__fdiv_rn(v, scale));  // saturates on +-inf, NaN -> 0
   return min(max(r, -qmax), qmax);
 }
@@ -108,7 +106,7 @@ __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scal
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
     const uint32_t code =
-        static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & QuantTraits<BITS, SBITS>::kMask;
+        static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & kMaskOf<SBITS>;
     packed |= static_cast<uint64_t>(code) << (SBITS * e);
   }
   store_packed<kBytes>(qrow + i * kBytes, packed);
@@ -154,7 +152,7 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
 
   // ---- scale ------------------------------------------------------------------------------
   // (absmax * clip) / qmax, each step rounded to nearest fp32 (no FMA contraction, no reciprocal).
-  float scale = __fdiv_rn(__fmul_rn(amax, clip), static_cast<float>(QuantTraits<BITS>::kQmax));
+  float scale = __fdiv_rn(__fmul_rn(amax, clip), static_cast<float>(kQmaxOf<BITS>));
   if (scale == 0.0f) scale = 1.0f;  // all-zero row (NaN stays NaN, like torch.where(scale == 0, ...))
   if (t == 0) scales[row] = scale;
 

@@ -151,9 +151,11 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[TOKENS / 2], const uint32_t (&
 #endif
 }
 
+#if QK_HAS_WGMMA
 // Widen 8 signed nibbles (one word) to two words of 4 int8 lanes, each 16 x its nibble.
 __device__ __forceinline__ uint32_t widen_lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t widen_hi(uint32_t w) { return w & 0xF0F0F0F0u; }
+#endif
 
 template <typename OutT>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
