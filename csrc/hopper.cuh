@@ -50,8 +50,8 @@ inline bool wgmma_available(int device) {
 // A 2-D tensor map (inner dimension contiguous) for TMA boxes of box_inner x box_outer elements.
 // Encoded per call where the tensor changes (a few microseconds; a kernel parameter under CUDA graph
 // capture). The driver's encoder is fetched through the runtime, so nothing links libcuda.
-inline CUtensorMap encode_tensor_map_2d(const char* op, CUtensorMapDataType dtype, int element_bytes, const void* base,
-                                        int64_t inner, int64_t outer, int64_t row_bytes, int box_inner, int box_outer,
+inline CUtensorMap encode_tensor_map_2d(const char* op, CUtensorMapDataType dtype, const void* base, int64_t inner,
+                                        int64_t outer, int64_t row_bytes, int box_inner, int box_outer,
                                         CUtensorMapSwizzle swizzle) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
@@ -61,7 +61,6 @@ inline CUtensorMap encode_tensor_map_2d(const char* op, CUtensorMapDataType dtyp
                 "quantkern: the CUDA driver has no cuTensorMapEncodeTiled (needs CUDA 12)");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
-  (void)element_bytes;
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(inner), static_cast<cuuint64_t>(outer)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};
@@ -146,6 +145,46 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wgmma kernels' output tile: D[channel][token] fragments staged in shared memory as a
+// [token][channel] tile of 16-bit values (rows padded by 16 bytes: conflict-free), then written to
+// y [M, N] with coalesced 16-byte stores. The tile reuses the pipeline stages (the caller syncs first).
+// ---------------------------------------------------------------------------------------------
+
+template <int CHANNELS>
+constexpr int kStagedRowBytes = CHANNELS * 2 + 16;
+
+// A thread's packed pairs for channels ch and ch + 8 (low half: ch): `lo` of token tok, `hi` of tok + 1.
+template <int CHANNELS>
+__device__ __forceinline__ void stage_output_pairs(uint32_t tile, int tok, int ch, uint32_t lo, uint32_t hi) {
+  constexpr int kPitch = kStagedRowBytes<CHANNELS>;
+  const uint32_t base = tile + tok * kPitch;
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + ch * 2), "h"(static_cast<uint16_t>(lo & 0xFFFF)));
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + (ch + 8) * 2), "h"(static_cast<uint16_t>(lo >> 16)));
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kPitch + ch * 2), "h"(static_cast<uint16_t>(hi & 0xFFFF)));
+  asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kPitch + (ch + 8) * 2), "h"(static_cast<uint16_t>(hi >> 16)));
+}
+
+// The staged TOKENS x CHANNELS tile -> y[m0.., n0..] (16-bit elements, row stride N; rows past M and
+// columns past N are skipped: N is a multiple of 8).
+template <int CHANNELS, int TOKENS, int THREADS>
+__device__ __forceinline__ void store_staged_tile(uint32_t tile, void* y, int M, int N, int m0, int n0) {
+  constexpr int kChunks = CHANNELS / 8;  // 16-byte chunks per token row
+  uint16_t* __restrict__ out = static_cast<uint16_t*>(y);
+#pragma unroll
+  for (int i = threadIdx.x; i < TOKENS * kChunks; i += THREADS) {
+    const int r = i / kChunks, c = i % kChunks;
+    const int row = m0 + r, col = n0 + c * 8;
+    if (row < M && col < N) {
+      uint4 v;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(tile + r * kStagedRowBytes<CHANNELS> + c * 16));
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N + col) = v;
+    }
+  }
 }
 
 }  // namespace hopper

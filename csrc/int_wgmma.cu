@@ -57,21 +57,19 @@
 #include "common.cuh"
 #include "hopper.cuh"
 #include "int_wgmma.cuh"
-#include "w4a16_common.cuh"  // smem_addr, ldmatrix_x4, ld_shared_v4
+#include "w4a16_common.cuh"  // smem_addr, ldmatrix_x4
 
 namespace quantkern {
 namespace int_wgmma {
 namespace {
 
 using namespace hopper;
-using w4a16::ld_shared_v4;
 using w4a16::ldmatrix_x4;
 using w4a16::smem_addr;
 
 constexpr int kThreads = 256;                   // 2 warpgroups
 constexpr int kUnitRows = 64;                   // rows of one weight unit (csrc/int_gemm.cu's tiled layout)
 constexpr int kTileK = 128;                     // k per k-tile: one unit's width
-constexpr int kOutPitch = kChannels * 2 + 16;   // bytes per token row of the staged output tile
 
 template <int WBITS, int TOKENS>
 struct Config {
@@ -84,7 +82,7 @@ struct Config {
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment slack
   static_assert(kStages >= 3, "at least one k-tile in flight ahead");
   static_assert(kStageBytes % 1024 == 0, "stages must keep the swizzled tiles 1024-byte aligned");
-  static_assert(TOKENS * kOutPitch <= kStages * kStageBytes, "the output tile reuses the stages");
+  static_assert(TOKENS * kStagedRowBytes<kChannels> <= kStages * kStageBytes, "the output tile reuses the stages");
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -311,24 +309,10 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
       const float sx1 = __ldg(p.a_scale + min(m0 + tok + 1, p.M - 1));
       const uint32_t lo = pack2<OutT>(finish(acc[4 * j + 0], sw0, sx0, b0), finish(acc[4 * j + 2], sw1, sx0, b1));
       const uint32_t hi = pack2<OutT>(finish(acc[4 * j + 1], sw0, sx1, b0), finish(acc[4 * j + 3], sw1, sx1, b1));
-      const uint32_t base = smem0 + tok * kOutPitch;
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + ch0 * 2), "h"(static_cast<uint16_t>(lo & 0xFFFF)));
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(lo >> 16)));
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kOutPitch + ch0 * 2), "h"(static_cast<uint16_t>(hi & 0xFFFF)));
-      asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kOutPitch + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(hi >> 16)));
+      stage_output_pairs<kChannels>(smem0, tok, ch0, lo, hi);
     }
     __syncthreads();
-    OutT* __restrict__ y = static_cast<OutT*>(p.out);
-    constexpr int kChunks = kChannels / 8;  // 16-byte chunks per token row
-#pragma unroll 4
-    for (int i = tid; i < TOKENS * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int row = m0 + r, col = n0 + c * 8;
-      if (row < p.M && col < p.N) {
-        const uint4 v = ld_shared_v4(smem0 + r * kOutPitch + c * 16);
-        *reinterpret_cast<uint4*>(y + static_cast<int64_t>(row) * p.N + col) = v;
-      }
-    }
+    store_staged_tile<kChannels, TOKENS, kThreads>(smem0, p.out, p.M, p.N, m0, n0);
   }
 #endif  // QK_HAS_WGMMA
 }
@@ -338,10 +322,10 @@ void launch_typed(bool atomic, at::ScalarType out_dtype, const Params& p, int sp
   constexpr const char* op = "quantkern::int_gemm";
   using Cfg = Config<WBITS, TOKENS>;
   constexpr int row_bytes = kTileK * WBITS / 8;
-  const CUtensorMap a_map = encode_tensor_map_2d(op, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.a, p.K, p.M, p.K, kTileK,
+  const CUtensorMap a_map = encode_tensor_map_2d(op, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.a, p.K, p.M, p.K, kTileK,
                                                  TOKENS, CU_TENSOR_MAP_SWIZZLE_128B);
   const CUtensorMap w_map = encode_tensor_map_2d(
-      op, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.w, row_bytes, static_cast<int64_t>(p.w_units) * p.k_tiles * kUnitRows,
+      op, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.w, row_bytes, static_cast<int64_t>(p.w_units) * p.k_tiles * kUnitRows,
       row_bytes, row_bytes, kUnitRows, WBITS == 4 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B);
   const dim3 grid((p.N + kChannels - 1) / kChannels, (p.M + TOKENS - 1) / TOKENS, splits);
   auto run = [&](auto kernel) {

@@ -79,7 +79,6 @@ using namespace hopper;
 constexpr int kWgThreads = 256;      // 2 warpgroups
 constexpr int kWgChannels = kWgmmaChannels;
 constexpr int kWgStrips = kWgChannels / 16;  // 16-channel strips per block: one per warp
-constexpr int kWgOutPitch = kWgChannels * 2 + 16;  // bytes per token row of the staged output tile
 
 template <int TOKENS>
 struct WgmmaConfig {
@@ -91,7 +90,7 @@ struct WgmmaConfig {
   static constexpr int kStageBytes = kXBytes + kWBytes + 2 * kSBytes;  // + two rows of zeros
   static constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment slack
   static_assert(kStageBytes % 1024 == 0, "stages must keep the activation tiles 1024-byte aligned");
-  static_assert(TOKENS * kWgOutPitch <= kStages * kStageBytes, "the output tile reuses the stages");
+  static_assert(TOKENS * kStagedRowBytes<kWgChannels> <= kStages * kStageBytes, "the output tile reuses the stages");
   // Two blocks (4 warpgroups) per SM where the registers allow (<= 128 per thread), so that one
   // warpgroup's conversion and drain overlap another's wgmmas; bf16 at 128 tokens carries a second
   // accumulator set and fits one.
@@ -191,11 +190,13 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[TOKENS / 2], const uint32_t 
 #endif
 }
 
+#if QK_HAS_WGMMA
 __device__ __forceinline__ uint32_t mul2_f16(uint32_t a, uint32_t b) {
   uint32_t d;
   asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
   return d;
 }
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Kernel
@@ -432,26 +433,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 #pragma unroll
   for (int j = 0; j < kAcc / 4; ++j) {
     const int tok = 8 * j + 2 * t;
-    const uint32_t base = smem0 + tok * kWgOutPitch;
     const uint32_t lo = Tr::from_floats(acc[4 * j + 0] + b0, acc[4 * j + 2] + b1);  // token tok: channels g, g + 8
     const uint32_t hi = Tr::from_floats(acc[4 * j + 1] + b0, acc[4 * j + 3] + b1);  // token tok + 1
-    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + ch0 * 2), "h"(static_cast<uint16_t>(lo & 0xFFFF)));
-    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(lo >> 16)));
-    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kWgOutPitch + ch0 * 2), "h"(static_cast<uint16_t>(hi & 0xFFFF)));
-    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(base + kWgOutPitch + (ch0 + 8) * 2), "h"(static_cast<uint16_t>(hi >> 16)));
+    stage_output_pairs<kWgChannels>(smem0, tok, ch0, lo, hi);
   }
   __syncthreads();
-  T* __restrict__ y = static_cast<T*>(p.y);
-  constexpr int kChunks = kWgChannels / 8;  // 16-byte chunks per token row
-#pragma unroll
-  for (int i = tid; i < TOKENS * kChunks; i += kWgThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    const int row = m0 + r, col = n0 + c * 8;
-    if (row < p.M && col < p.N) {
-      const uint4 v = ld_shared_v4(smem0 + r * kWgOutPitch + c * 16);
-      *reinterpret_cast<uint4*>(y + static_cast<int64_t>(row) * p.N + col) = v;
-    }
-  }
+  store_staged_tile<kWgChannels, TOKENS, kWgThreads>(smem0, p.y, p.M, p.N, m0, n0);
 #endif  // QK_HAS_WGMMA
 }
 
@@ -459,7 +446,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 // encoded per call, since x changes).
 CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
   return encode_tensor_map_2d("quantkern::w4a16_gemm", bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                              2, x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens, CU_TENSOR_MAP_SWIZZLE_128B);
+                              x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <typename T, int TOKENS>
