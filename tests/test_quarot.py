@@ -181,6 +181,7 @@ def test_activation_clip_search_picks_per_layer_ratios(tmp_path):
     (dict(options={"act_clip_ratio": 1.5}), "clip_ratio"),
     (dict(options={"no_such": 1}), "unknown option"),
     (dict(options={"act_clip_tokens": 0}), "act_clip_tokens"),
+    (dict(options={"gptq_target_ridge": -1.0}), "gptq_target_ridge"),
 ])
 def test_configuration_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -288,3 +289,18 @@ def test_weight_clip_search_never_loses_to_rtn_per_row(symmetric):
 
         assert torch.all(row_errors(clipped) <= row_errors(plain) * (1 + 1e-5))
         assert row_errors(clipped).sum() < (0.9 if group_size == -1 else 1.0) * row_errors(plain).sum()
+
+
+def test_gptq_for_quantized_inputs_beats_plain_gptq_at_w4a4(truncated_smollm, calibration_file):
+    # Option gptq_quantized_inputs: GPTQ against what the W4A4 layer computes, Q(X) W_q^T, rather
+    # than X W_q^T. Same calibration, same clip ratios (no search), so only the objective differs.
+    model, tokenizer, tokens = truncated_smollm
+    reference_logprobs = logits(model, tokens).log_softmax(-1)
+    kl = {}
+    for quantized_inputs in (False, True):
+        quantized = copy.deepcopy(model)
+        options = {"weights": "gptq", "act_clip_search": False, "gptq_quantized_inputs": quantized_inputs}
+        quantize_model(quantized, tokenizer, small_config(options=options, calib_path=calibration_file,
+                                                          calib_samples=16, calib_seq_len=512), progress=False)
+        kl[quantized_inputs] = kl_per_token(quantized, reference_logprobs, tokens)
+    assert kl[True] < kl[False], kl
