@@ -262,18 +262,23 @@ def rotate_values(structure: ModelStructure) -> None:
         _right(o, _as_rotation(block_diagonal_hadamard(d, o.in_features // d).T))  # W_o <- W_o B^T
 
 
+def fake_quantize_tokens(rows: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """``rows`` [M, K] quantized per token as a QuantLinear quantizes its input
+    (``reference.quantize_per_token``) and dequantized back to ``rows``' dtype."""
+    q, scale = reference.quantize_per_token(rows, bits, clip_ratio)
+    return reference.dequantize_per_token(q, scale, bits, rows.dtype)
+
+
 class _FakeActivationQuantization:
-    """Forward pre-hook: per-token quantization and dequantization of a float Linear's input, as its
-    QuantLinear will do (``reference.quantize_per_token``), for calibrating on the quantized model."""
+    """Forward pre-hook: a float Linear's input through ``fake_quantize_tokens``, for calibrating on
+    the quantized model."""
 
     def __init__(self, bits: int, clip_ratio: float):
         self.bits, self.clip_ratio = bits, clip_ratio
 
     def __call__(self, module, args):
         x = args[0]
-        rows = x.reshape(-1, x.shape[-1])
-        q, scale = reference.quantize_per_token(rows, self.bits, self.clip_ratio)
-        y = reference.dequantize_per_token(q, scale, self.bits, x.dtype).reshape(x.shape)
+        y = fake_quantize_tokens(x.reshape(-1, x.shape[-1]), self.bits, self.clip_ratio).reshape(x.shape)
         return (y,) + tuple(args[1:])
 
 
@@ -428,6 +433,20 @@ def mse_clip_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bo
     scale, zero = mse_clip_group_params(groups, bits, symmetric, scale_dtype)
     zeros = None if symmetric else zero.reshape(n, k // glen).to(torch.uint8)
     return reference.quantize_weight_with_params(w.detach(), scale.reshape(n, k // glen), zeros, bits, group_size)
+
+
+@torch.no_grad()
+def quantized_input_target(weight: torch.Tensor, h: torch.Tensor, c: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The weights ``W*`` [N, K] (fp32) that GPTQ quantizes, with Hessian ``h``, for a layer whose input is
+    quantized at inference: ``(W C + r W)(H + r I)^-1``, ``H = h = Q(X)^T Q(X)``, ``C = c = X^T Q(X)``,
+    ``r = ridge * mean(diag(H))``; see ``QuaRotQuantizer._quantize_group_for_quantized_inputs``. The ridge
+    pulls ``W*`` towards ``W`` where the calibration inputs have little energy (without it the fit would
+    shrink the weights to zero there)."""
+    h, c = h.double(), c.to(h.device).double()
+    w = weight.detach().to(device=h.device, dtype=torch.float64)
+    r = ridge * float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    return torch.linalg.solve(h + r * eye, (c.T + r * eye) @ w.T).T.float()  # H symmetric
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,32 +604,26 @@ class QuaRotQuantizer(Quantizer):
             for role in group:
                 self.clips[block.linear_names[role]] = self._best_clip(block.linears[role], sample)
         clips = {role: self._clip(block, role) for role in group}
-        k = first.in_features
-        # clip ratio -> (H, C), float64 sums of per-window float32 products
-        stats = {clip: (torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64))
+        k, device = first.in_features, first.weight.device
+        # clip ratio -> (H, C), float64 sums of per-window float32 products, on the layer's device
+        stats = {clip: (torch.zeros(k, k, dtype=torch.float64, device=device),
+                        torch.zeros(k, k, dtype=torch.float64, device=device))
                  for clip in set(clips.values())}
 
         def record(x, _output):
-            rows = x.reshape(-1, k).float()
+            rows = x.reshape(-1, k).float().to(device)
             for clip, (h, c) in stats.items():
-                q, scale = reference.quantize_per_token(rows, bits, clip)
-                xq = reference.dequantize_per_token(q, scale, bits)
-                h.add_((xq.T @ xq).cpu().double())
-                c.add_((rows.T @ xq).cpu().double())
+                xq = fake_quantize_tokens(rows, bits, clip)
+                h.add_((xq.T @ xq).double())
+                c.add_((rows.T @ xq).double())
 
         runner.run(block.module, hooks={first: record}, stop_after=first)
         quantized = {}
         for role in group:
             linear = block.linears[role]
             h, c = stats[clips[role]]
-            ridge = float(self.options["gptq_target_ridge"]) * float(h.diagonal().mean())
-            w = linear.weight.detach().to(device="cpu", dtype=torch.float64)
-            # (W C + ridge W) (H + ridge I)^-1, H symmetric: a ridge towards W, which keeps W where the
-            # calibration inputs have little energy instead of shrinking it to zero there
-            damped = h.clone()
-            damped.diagonal().add_(ridge)
-            target = torch.linalg.solve(damped, (c.T + ridge * torch.eye(k, dtype=torch.float64)) @ w.T).T
-            quantized[role] = self._gptq(linear, h.float(), target.float())
+            target = quantized_input_target(linear.weight, h, c, float(self.options["gptq_target_ridge"]))
+            quantized[role] = self._gptq(linear, h.float(), target)
             set_fake_quantized(linear, quantized[role])
         return quantized
 
@@ -637,14 +650,14 @@ class QuaRotQuantizer(Quantizer):
     @torch.no_grad()
     def _best_clip(self, linear: nn.Linear, x: torch.Tensor) -> float:
         """The activation clip ratio of ``ACT_CLIP_GRID`` minimising ``||Q_c(X) W^T - X W^T||^2`` over
-        the sampled inputs ``X`` (after any online rotation), ``W`` the layer's quantized weights."""
+        the sampled inputs ``X`` (after any online rotation), ``W`` the layer's current weights: the
+        quantized ones (plain GPTQ, RTN), or the float ones before GPTQ for quantized inputs."""
         weight = linear.weight.detach().float()
         x = x.to(weight.device)
         exact = x @ weight.T
         errors = []
         for ratio in ACT_CLIP_GRID:
-            q, scale = reference.quantize_per_token(x, self.config.act_bits, ratio)
-            xq = reference.dequantize_per_token(q, scale, self.config.act_bits)
+            xq = fake_quantize_tokens(x, self.config.act_bits, ratio)
             errors.append(float((xq @ weight.T - exact).pow(2).sum()))
         return ACT_CLIP_GRID[min(range(len(errors)), key=errors.__getitem__)]
 
