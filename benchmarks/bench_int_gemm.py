@@ -56,24 +56,28 @@ def copies_for(nbytes: int) -> int:
     return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
-def sweep(small_only: bool = False) -> None:
+def sweep(shapes, small_only: bool = False) -> None:
     """GEMM alone (activations quantized beforehand), per tile config and split, for choosing the plan."""
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         for bits in (4, 8):
             qw = reference.quantize_weight(w, bits, -1, scale_dtype=torch.bfloat16)
             p = ops.prepare_int_weight(qw, bits, torch.bfloat16, backend="cuda").tensors
             ps = [p] + [dict(p, w=p["w"].clone()) for _ in range(copies_for(p["w"].numel()) - 1)]
-            # configs 6 and 7: the sm_90 wgmma kernel (128 / 256 tokens), split 0: its automatic split
+            # configs 6 and 7: the sm_90 wgmma kernel (128 / 256 tokens); 8: the sm_90 few-token kernel
+            # (split = blocks of a cluster); split 0: the automatic split
             hopper = torch.cuda.get_device_capability() == (9, 0)
-            for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1)]), (16, [(1, 1), (1, 2), (1, 4), (2, 1)]),
+            few = [(8, 0), (8, 1), (8, 2), (8, 4), (8, 8)] if hopper else []
+            for m, cands in ((1, [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1)] + few),
+                             (16, [(1, 1), (1, 2), (1, 4), (2, 1)] + few),
+                             (32, [(1, 0), (2, 0)] + few),
                              (64, [(2, 0), (3, 0)] + ([(6, 1)] if hopper else [])),
                              (128, [(2, 0), (3, 0)] + ([(6, 1), (6, 2), (6, 4)] if hopper else [])),
                              (512, [(3, 0), (4, 0)] + ([(6, 1), (7, 1), (7, 2)] if hopper else [])),
                              (2048, [(3, 1), (4, 1), (5, 1)] + ([(6, 0), (7, 0)] if hopper else [])),
                              (8192, [(3, 1), (4, 1), (5, 1)] + ([(7, 0)] if hopper else []))):
-                if small_only and m > 16:
+                if small_only and m > 32:
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"])
@@ -98,14 +102,14 @@ def main() -> None:
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--ms", help="comma-separated M values (default: all of " + ",".join(map(str, MS)) + ")")
     parser.add_argument("--sweep", action="store_true", help="time the CUDA GEMM alone per (config, split_k)")
-    parser.add_argument("--sweep-small", action="store_true", help="the sweep for M <= 16 only")
+    parser.add_argument("--sweep-small", action="store_true", help="the sweep for M <= 32 only")
     args = parser.parse_args()
     if "w4a4_linear" not in backends.status("cuda").kernels:
         raise SystemExit(f"the CUDA int_gemm is missing: {backends.status('cuda').reason}")
-    if args.sweep or args.sweep_small:
-        return sweep(small_only=args.sweep_small)
-    dtype = torch.bfloat16
     shapes = SHAPES + (MORE_SHAPES if args.all_shapes else [])
+    if args.sweep or args.sweep_small:
+        return sweep(shapes, small_only=args.sweep_small)
+    dtype = torch.bfloat16
     ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 16, 2048, 8192] if args.quick else MS)
     torch.manual_seed(0)
     results, table = [], []

@@ -120,6 +120,11 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   constexpr int kRowsPerBlock = kThreads / GROUP;
   __shared__ float smem[kThreads / kWarpSize];
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // A GEMM launched as this kernel's programmatic dependent (csrc/int_small_m.cu) may start streaming
+  // its weights now; it waits for this grid to complete before it reads q and the scales.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
   const int t = threadIdx.x % GROUP;  // thread index within the row group
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP;
   if constexpr (kRowsPerBlock > 1) {

@@ -80,6 +80,7 @@
 
 #include "common.cuh"
 #include "hopper.cuh"
+#include "int_small_m.cuh"
 #include "int_wgmma.cuh"
 
 namespace quantkern {
@@ -516,7 +517,10 @@ int num_sms(int device) {
 
 // Config ids (the `config` argument; 0 = automatic by M). 6 and 7: the wgmma kernel of
 // csrc/int_wgmma.cu with 128- or 256-token tiles (sm_90a; int8 activations, per-channel weights).
-enum ConfigId : int { kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3, kWide = 4, kTall = 5, kWgmma128 = 6, kWgmma256 = 7 };
+// 8: the few-token kernel of csrc/int_small_m.cu (sm_90; int8 activations, per-channel weights).
+enum ConfigId : int {
+  kAuto = 0, kSmall = 1, kMedium = 2, kLarge = 3, kWide = 4, kTall = 5, kWgmma128 = 6, kWgmma256 = 7, kSmallM = 8
+};
 
 template <int ABITS, int WBITS, int BM, int BN, int WM, int WN, int STAGES, int EPI, bool GROUPED, typename OutT>
 void launch_kernel(const Params& prm, int split, cudaStream_t stream) {
@@ -573,7 +577,7 @@ Plan make_plan(int64_t M, int64_t N, int64_t K, bool per_channel, int64_t split_
   if (plan.config == kAuto) {
     plan.config = M <= 32 ? kSmall : (M <= 128 ? kMedium : (per_channel && M >= 512 ? kWide : kLarge));
   }
-  TORCH_CHECK(plan.config >= kSmall && plan.config <= kTall, "int_gemm: config must be 0..7, got ", config);
+  TORCH_CHECK(plan.config >= kSmall && plan.config <= kTall, "int_gemm: config must be 0..8, got ", config);
   if ((plan.config == kWide || plan.config == kTall) && !per_channel) plan.config = kLarge;
   const int k_tiles = static_cast<int>((K + kTileK - 1) / kTileK);
   int split = 1;
@@ -614,6 +618,49 @@ bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool g
     return true;
   }
   return config == kAuto && available && a_bits == 8 && !grouped && M >= kWgmmaMinTokens;
+}
+
+// The few-token kernel (csrc/int_small_m.cu): int8 activations and per-channel weights on an sm_90 GPU,
+// automatic up to kSmallMMaxTokens tokens (it streams the weights at ~X TB/s where the mma.sync tiles
+// reached 1.9; see its header).
+constexpr int64_t kSmallMMaxTokens = 16;
+
+bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
+  const bool available = hopper::wgmma_available(device);  // an sm_90 GPU and an sm_90 build
+  if (config == kSmallM) {
+    TORCH_CHECK(available, op, ": config 8 (the few-token kernel) needs an sm_90 GPU and an extension built for 9.0a");
+    TORCH_CHECK(a_bits == 8 && !grouped, op, ": config 8 (the few-token kernel) takes int8 activations and "
+                "per-channel weights");
+    return true;
+  }
+  return config == kAuto && available && a_bits == 8 && !grouped && M <= kSmallMMaxTokens;
+}
+
+// Blocks of a cluster (K splits) for the few-token kernel: split_k > 0 asks for that many (at most 8);
+// automatic: the fewest that give two blocks per SM, keeping at least 4 k-tiles a block.
+int small_m_splits(int64_t M, int64_t N, int64_t K, int64_t split_k, int device) {
+  const int64_t k_tiles = (K + kTileK - 1) / kTileK;
+  int64_t splits = split_k;
+  if (splits <= 0) {
+    const int64_t blocks = (N + int_small_m::kChannels - 1) / int_small_m::kChannels *
+                           ((M + int_small_m::kTokens - 1) / int_small_m::kTokens);
+    splits = 1;
+    while (blocks * splits < 2 * num_sms(device) && splits < int_small_m::kMaxSplits && k_tiles / (2 * splits) >= 4) {
+      splits *= 2;
+    }
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, int_small_m::kMaxSplits, k_tiles}));
+  const int64_t per_split = (k_tiles + splits - 1) / splits;
+  return static_cast<int>((k_tiles + per_split - 1) / per_split);  // no empty splits
+}
+
+int_small_m::Params small_m_params(const at::Tensor& a, const at::Tensor& w, const float* a_scale,
+                                   const float* w_scale, const float* bias, void* out, int64_t M, int64_t N,
+                                   int64_t K, int splits) {
+  const int k_tiles = static_cast<int>(w.size(1));
+  return int_small_m::Params{a.const_data_ptr(), w.const_data_ptr(), a_scale, w_scale, bias, out,
+                             static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
+                             static_cast<int>(w.size(0)), k_tiles, (k_tiles + splits - 1) / splits};
 }
 
 struct WgmmaPlan {
@@ -727,6 +774,13 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
   at::Tensor out = at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
+  if (use_small_m(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
+    const int splits = small_m_splits(M, N, K, split_k, a.get_device());
+    int_small_m::launch(static_cast<int>(w_bits), true, at::kInt,
+                        small_m_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, splits), splits,
+                        stream);
+    return out;
+  }
   if (use_wgmma(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
     const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
     int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
@@ -784,6 +838,12 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   const float* sw = w_scale.data_ptr<float>();
   const float* sx = a_scale.data_ptr<float>();
+  if (use_small_m(op, config, M, a_bits, grouped, a.get_device())) {
+    const int splits = small_m_splits(M, N, K, split_k, a.get_device());
+    int_small_m::launch(static_cast<int>(w_bits), false, out_dtype,
+                        small_m_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, splits), splits, stream);
+    return out;
+  }
   if (use_wgmma(op, config, M, a_bits, grouped, a.get_device())) {
     const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
     if (wplan.splits == 1) {

@@ -55,8 +55,10 @@ def int_gemm_cases():
     # (M, K, N, weight bits, act bits, group, split_k (0: automatic), config (0: automatic))
     cases = [(3, 576, 200, 4, 4, -1, 0, 0), (5, 896, 136, 8, 8, 32, 3, 1), (70, 576, 264, 4, 8, 64, 1, 2),
              (130, 1024, 392, 4, 4, 128, 2, 3), (17, 160, 64, 8, 8, -1, 0, 3)]
-    if torch.cuda.get_device_capability() == (9, 0):  # the wgmma kernel: both tiles, split K, partial tiles
+    if torch.cuda.get_device_capability() == (9, 0):  # the wgmma kernel: both tiles, split K, partial tiles;
         cases += [(130, 576, 200, 4, 4, -1, 0, 6), (300, 896, 264, 8, 8, -1, 2, 7), (257, 160, 72, 4, 8, -1, 1, 7)]
+        # the few-token kernel: one / two token tiles, grid.z, clusters of 1-3 blocks, partial blocks
+        cases += [(1, 160, 24, 4, 4, -1, 1, 8), (16, 896, 200, 8, 8, -1, 3, 8), (20, 576, 72, 4, 8, -1, 2, 8)]
     from quantkern.layout_int import int_gemm_cuda
 
     for m, k, n, bits, act_bits, group, split_k, config in cases:

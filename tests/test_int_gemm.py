@@ -207,6 +207,91 @@ def test_wgmma_configs_refuse_what_they_cannot_run():
         int_gemm_cuda(q, sx, prepared, None, torch.float16, 1, 6)
 
 
+# The sm_90 few-token kernel (config 8, automatic up to M = 16): int8 activations, per-channel weights,
+# 16 tokens a block (grid.z walks more: M = 40), K split over the blocks of a cluster (1 to 8). Partial
+# channel blocks (N = 24, 72, 200: one or an odd number of weight units), K not a multiple of the 128-deep
+# k-tile (160, 4864), the models' sizes.
+SMALL_M_SHAPES = [(1, 160, 24), (5, 576, 896), (8, 896, 72), (9, 4864, 200), (16, 4096, 4096), (16, 14336, 576),
+                  (40, 576, 1216), (3, 8192, 8192)]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+@pytest.mark.parametrize("w_bits", [4, 8])
+@pytest.mark.parametrize("m,k,n", SMALL_M_SHAPES)
+@pytest.mark.parametrize("split_k", [0, 1, 3, 8])
+def test_small_m_int32_accumulator_is_exact(w_bits, m, k, n, split_k):
+    a, w = random_values(m, k, 8), random_values(n, k, w_bits)
+    wq = permute_w4a8(w) if w_bits == 4 else w
+    tiled = tile_int_weight(packed(wq, w_bits), w_bits).cuda()
+    acc = torch.ops.quantkern.int_gemm_acc(a.cuda(), tiled, n, 8, w_bits, split_k, 8)
+    assert torch.equal(acc.cpu(), reference.int_matmul(a, w))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+@pytest.mark.parametrize("bits,act_bits", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 200), (7, 4864, 896), (16, 4096, 576)])
+def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
+    qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, -1, scale_dtype=dtype)
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
+    expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
+    assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
+    from quantkern.layout_int import int_gemm_cuda
+
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
+    for split_k in (1, 2, 8):
+        y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, 8)
+        assert torch.equal(y, expected), split_k
+    y = int_gemm_cuda(q, sx, prepared.tensors, None, dtype, 0, 8)
+    assert torch.equal(y, reference.quantized_activation_linear(x, qw, act_bits, None, 0.9))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+def test_small_m_kernel_under_cuda_graph():
+    # Captured right after the quantization kernel it depends on (programmatic dependent launch).
+    qw = reference.quantize_weight(torch.randn(4096, 4096, device="cuda"), 4, -1, scale_dtype=torch.bfloat16)
+    prepared = ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda")
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    run = lambda: ops.quantized_activation_linear(x, prepared, 4, None)  # noqa: E731
+    expected = reference.quantized_activation_linear(x, qw, 4, None)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        expected = reference.quantized_activation_linear(x, qw, 4, None)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, expected)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
+def test_small_m_config_refuses_what_it_cannot_run():
+    from quantkern.layout_int import int_gemm_cuda
+
+    qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, 128)
+    grouped = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda").tensors
+    q, sx = ops.quantize_per_token(torch.randn(4, 256, device="cuda", dtype=torch.float16), 4, packed=False)
+    with pytest.raises(RuntimeError, match="per-channel"):
+        int_gemm_cuda(q, sx, grouped, None, torch.float16, 1, 8)
+    a = pack_int4_signed(random_values(4, 256, 4)).cuda()
+    tiled = tile_int_weight(pack_int4_signed(random_values(64, 256, 4)), 4).cuda()
+    with pytest.raises(RuntimeError, match="int8 activations"):
+        torch.ops.quantkern.int_gemm_acc(a, tiled, 64, 4, 4, 1, 8)
+
+
 @pytest.mark.gpu
 @needs_cuda_kernel
 @pytest.mark.parametrize("bits,act_bits", MODES)

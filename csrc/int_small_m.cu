@@ -1,0 +1,353 @@
+// The integer GEMM for few tokens (decode) on Hopper: W8A8 and W4A8 with int8 mma.sync, and W4A4 on
+// sm_90 as W4A8 on the int4 codes stored one per byte (Hopper has no int4 tensor cores). Semantics,
+// weight layouts and operand checks are those of csrc/int_gemm.cu, whose host function calls launch()
+// for M <= 16, int8 activations and per-channel weights on an sm_90 GPU; this file holds the kernel.
+//
+// Why: at M <= 16 the op streams the weights and little else. The mma.sync tiles of csrc/int_gemm.cu
+// move them through a cp.async ring in shared memory with a barrier per k-tile, and split K with int32
+// atomics into a zeroed workspace plus a separate epilogue kernel (three launches): 1.9 TB/s of weights
+// at 8192 x 8192 on the H100. Here:
+//
+// Operands swapped: the weights are the mma's A operand (16 channels x 32 k), the tokens its B operand
+//   (32 k x 8 tokens); mma.m16n8k32.s8 gives D[channel][token] in int32.
+// Weights straight to registers: a lane's A fragments of one k-tile (128 k) of a 16-channel strip are
+//   16-byte loads (ld.global.nc, L1 bypassed) of rows g and g + 8 of the tiled weight unit, coalesced:
+//   int4 (64-byte rows): chunk t (k 32t..32t+31, the W4A8 layout's permuted nibbles) of each row; word s
+//   of the chunk is the k32 step s (lo = (w << 4) & 0xF0F0F0F0 -> a0/a1, hi = w & 0xF0F0F0F0 -> a2/a3:
+//   int8 lanes at 16 x the nibble, exact; the sum is shifted back at the end).
+//   int8 (128-byte rows): chunks t and 4 + t; step s takes words 2(s % 2), 2(s % 2) + 1 of chunk s / 2.
+//   Which k lands in which mma slot differs from the natural fragment order; a dot product does not
+//   care as long as the activations follow: lane t's B fragment for step s is read from the same k,
+//   so each lane loads the matching 2 x 16 bytes of each of its token rows (L1-cached: the block's four
+//   warps read the same activations).
+// Pipeline: STAGES k-tiles of weights and activations in registers, the next k-tile's loads issued as
+//   soon as a stage is consumed; no shared memory and no barrier in the main loop. The first stages'
+//   weight loads are issued before griddepcontrol.wait, so under programmatic dependent launch (the
+//   quantization kernel before it triggers early) they overlap the previous kernel.
+// Tiling: a block is 4 warps on 128 channels (warp w: strips 2w, 2w + 1 of the block, i.e. rows
+//   32w..32w+31 of the block's two weight units) and 16 tokens (one or two n8 token tiles: M <= 8 uses
+//   one); grid (ceil(N / 128), splits, ceil(M / 16)).
+// Split K in a cluster: the `splits` blocks of a cluster (along grid.y, at most 8) take contiguous
+//   k-tile ranges; each writes its int32 partial tile to its own shared memory, the cluster syncs, and
+//   block r reduces its share of the tile's 4-channel vectors over the cluster's blocks (distributed
+//   shared memory, exact int32 sums), applies the epilogue and writes y with 8-byte stores. One launch,
+//   no workspace, no counters.
+// Epilogue: y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32 like the
+//   reference (bit-identical), then cast.
+//
+// Compiled without --use_fast_math. Below sm_90 (no clusters) the kernel body is empty and the host
+// never launches it.
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include <cooperative_groups.h>
+
+#include <c10/cuda/CUDAException.h>
+
+#include "common.cuh"
+#include "int_small_m.cuh"
+
+namespace quantkern {
+namespace int_small_m {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStripsPerWarp = 2;  // 16-channel strips
+constexpr int kUnitRows = 64;      // rows of one weight unit (csrc/int_gemm.cu's tiled layout)
+constexpr int kTileK = 128;        // k per k-tile: one unit's width
+constexpr int kPartStride = kChannels + 4;  // int32 row stride of the partial tile: lanes hit distinct banks
+
+static_assert(kChannels == kWarps * kStripsPerWarp * 16, "a block's warps cover its channels");
+
+template <int WBITS>
+struct Layout {
+  static constexpr int kRowBytes = kTileK * WBITS / 8;         // 64 (int4) or 128 (int8)
+  static constexpr int kUnitBytes = kUnitRows * kRowBytes;     // 4 or 8 KB
+  static constexpr int kChunks = WBITS == 4 ? 1 : 2;           // 16-byte loads per row per k-tile
+  static constexpr int kStages = WBITS == 4 ? 4 : 3;           // k-tiles in registers
+  // Byte offsets (within a k-tile row) of lane t's two 16-byte activation pieces.
+  __device__ static int x_offset(int t, int piece) { return WBITS == 4 ? 32 * t + 16 * piece : 16 * t + 64 * piece; }
+  // Byte offset (within a 128-byte-or-less weight row) of lane t's chunk c.
+  __device__ static int w_offset(int t, int c) { return 16 * t + 64 * c; }
+};
+
+// One pipeline stage of a warp: its weight fragments (2 strips x rows g / g + 8 x chunks) and
+// activation pieces (token tiles x 2) for one k-tile.
+template <int WBITS, int TOKEN_TILES>
+struct Stage {
+  uint4 w[kStripsPerWarp][2][Layout<WBITS>::kChunks];
+  uint4 x[TOKEN_TILES][2];
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// Widen 8 signed nibbles (one word) to two words of 4 int8 lanes, each 16 x its nibble.
+__device__ __forceinline__ uint32_t widen_lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t widen_hi(uint32_t w) { return w & 0xF0F0F0F0u; }
+
+// Weights are read once: stream them past L1.
+__device__ __forceinline__ uint4 load_weight(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Activations: 16 bytes, or zeros when !ok (a predicated load: nothing waits for it before its use).
+__device__ __forceinline__ uint4 load_act(const uint8_t* p, bool ok) {
+  uint4 v;
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(ok)));
+  return v;
+}
+
+// D = A * B + D, m16n8k32, int8 x int8 -> int32.
+__device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <typename OutT>
+__device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
+  if constexpr (std::is_same_v<OutT, __half>) {
+    const __half2 lo = __halves2half2(__float2half_rn(v[0]), __float2half_rn(v[1]));
+    const __half2 hi = __halves2half2(__float2half_rn(v[2]), __float2half_rn(v[3]));
+    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  } else {
+    const __nv_bfloat162 lo = __halves2bfloat162(__float2bfloat16_rn(v[0]), __float2bfloat16_rn(v[1]));
+    const __nv_bfloat162 hi = __halves2bfloat162(__float2bfloat16_rn(v[2]), __float2bfloat16_rn(v[3]));
+    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  }
+}
+
+// OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8).
+template <int WBITS, int TOKEN_TILES, typename OutT>
+__global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using L = Layout<WBITS>;
+  using StageT = Stage<WBITS, TOKEN_TILES>;
+  constexpr int kStages = L::kStages;
+  constexpr int kRows = 8 * TOKEN_TILES;      // token rows of the block's tile
+  constexpr int kShift = WBITS == 4 ? 4 : 0;  // widened nibbles are 16 x their value
+  __shared__ __align__(16) int part[kRows][kPartStride];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int splits = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int n0 = blockIdx.x * kChannels;
+  const int m0 = blockIdx.z * kTokens;
+  const int kt_begin = blockIdx.y * p.tiles_per_split;
+  const int kt_end = min(kt_begin + p.tiles_per_split, p.k_tiles);
+
+  // This warp's two strips: rows 32 * warp .. + 31 of the block, in unit 2 * blockIdx.x + warp / 2.
+  const int unit = 2 * blockIdx.x + warp / 2;
+  const bool warp_active = unit < p.w_units;  // the last block may have a single unit
+  const uint8_t* w_lane = static_cast<const uint8_t*>(p.w) +
+                          (static_cast<int64_t>(unit) * p.k_tiles) * L::kUnitBytes +
+                          (32 * (warp % 2) + g) * L::kRowBytes;
+  const uint8_t* x_row[TOKEN_TILES];
+  bool x_ok[TOKEN_TILES];
+#pragma unroll
+  for (int tt = 0; tt < TOKEN_TILES; ++tt) {
+    const int m = m0 + 8 * tt + g;
+    x_ok[tt] = m < p.M;
+    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * p.K;
+  }
+
+  auto load_weights = [&](StageT& st, int kt) {
+    if (kt < kt_end && warp_active) {
+      const uint8_t* base = w_lane + static_cast<int64_t>(kt) * L::kUnitBytes;
+#pragma unroll
+      for (int s = 0; s < kStripsPerWarp; ++s)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int c = 0; c < L::kChunks; ++c)
+            st.w[s][r][c] = load_weight(base + (16 * s + 8 * r) * L::kRowBytes + L::w_offset(t, c));
+    }
+  };
+  auto load_acts = [&](StageT& st, int kt) {
+    if (kt < kt_end) {
+#pragma unroll
+      for (int tt = 0; tt < TOKEN_TILES; ++tt)
+#pragma unroll
+        for (int piece = 0; piece < 2; ++piece) {
+          const int k = kt * kTileK + L::x_offset(t, piece);
+          st.x[tt][piece] = load_act(x_row[tt] + k, x_ok[tt] && k < p.K);
+        }
+    }
+  };
+
+  int acc[kStripsPerWarp][TOKEN_TILES][4];
+#pragma unroll
+  for (int s = 0; s < kStripsPerWarp; ++s)
+#pragma unroll
+    for (int tt = 0; tt < TOKEN_TILES; ++tt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[s][tt][e] = 0;
+
+  auto compute = [&](const StageT& st) {
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      uint32_t b[TOKEN_TILES][2];
+#pragma unroll
+      for (int tt = 0; tt < TOKEN_TILES; ++tt) {
+        if constexpr (WBITS == 4) {
+          b[tt][0] = word(st.x[tt][0], step);
+          b[tt][1] = word(st.x[tt][1], step);
+        } else {
+          b[tt][0] = word(st.x[tt][step / 2], 2 * (step % 2));
+          b[tt][1] = word(st.x[tt][step / 2], 2 * (step % 2) + 1);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < kStripsPerWarp; ++s) {
+        uint32_t a[4];
+        if constexpr (WBITS == 4) {
+          const uint32_t w0 = word(st.w[s][0][0], step), w1 = word(st.w[s][1][0], step);
+          a[0] = widen_lo(w0);
+          a[1] = widen_lo(w1);
+          a[2] = widen_hi(w0);
+          a[3] = widen_hi(w1);
+        } else {
+          a[0] = word(st.w[s][0][step / 2], 2 * (step % 2));
+          a[1] = word(st.w[s][1][step / 2], 2 * (step % 2));
+          a[2] = word(st.w[s][0][step / 2], 2 * (step % 2) + 1);
+          a[3] = word(st.w[s][1][step / 2], 2 * (step % 2) + 1);
+        }
+#pragma unroll
+        for (int tt = 0; tt < TOKEN_TILES; ++tt) mma_s8(acc[s][tt], a, b[tt][0], b[tt][1]);
+      }
+    }
+  };
+
+  // ---- pipeline: weights first (independent of the previous kernel), then wait, then activations ----
+  StageT stages[kStages];
+  if (!warp_active) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) stages[i] = StageT{};
+  }
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) load_weights(stages[i], kt_begin + i);
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // no-op unless launched as a dependent
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) load_acts(stages[i], kt_begin + i);
+
+  for (int kt = kt_begin; kt < kt_end; kt += kStages) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      if (kt + i < kt_end) {
+        compute(stages[i]);
+        load_weights(stages[i], kt + i + kStages);
+        load_acts(stages[i], kt + i + kStages);
+      }
+    }
+  }
+
+  // ---- partial tile -> shared memory, [token][channel] --------------------------------------------
+#pragma unroll
+  for (int s = 0; s < kStripsPerWarp; ++s)
+#pragma unroll
+    for (int tt = 0; tt < TOKEN_TILES; ++tt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[8 * tt + 2 * t + (e & 1)][32 * warp + 16 * s + g + 8 * (e >> 1)] = acc[s][tt][e];
+  cluster.sync();  // every block's partial tile is written (and visible across the cluster)
+
+  // ---- this block's share of the tile: sum the cluster's partials, epilogue, store ----------------
+  constexpr int kVectors = kRows * kChannels / 4;  // 4-channel vectors of the tile
+  const int per_rank = (kVectors + splits - 1) / splits;
+  const int v_end = min(kVectors, (rank + 1) * per_rank);
+  for (int v = rank * per_rank + static_cast<int>(threadIdx.x); v < v_end; v += kThreads) {
+    const int row = v / (kChannels / 4), col = 4 * (v % (kChannels / 4));
+    const int m = m0 + row, n = n0 + col;
+    if (m >= p.M || n >= p.N) continue;  // N % 8 == 0: a vector is wholly inside or outside
+    int4 sum = make_int4(0, 0, 0, 0);
+    for (int r = 0; r < splits; ++r) {
+      const int4 x = *reinterpret_cast<const int4*>(cluster.map_shared_rank(&part[row][col], r));
+      sum.x += x.x;
+      sum.y += x.y;
+      sum.z += x.z;
+      sum.w += x.w;
+    }
+    const int sums[4] = {sum.x >> kShift, sum.y >> kShift, sum.z >> kShift, sum.w >> kShift};
+    if constexpr (std::is_same_v<OutT, int>) {
+      *reinterpret_cast<int4*>(static_cast<int*>(p.out) + static_cast<int64_t>(m) * p.N + n) =
+          make_int4(sums[0], sums[1], sums[2], sums[3]);
+    } else {
+      const float sx = p.a_scale[m];
+      float y[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        y[e] = __fmul_rn(__fmul_rn(static_cast<float>(sums[e]), p.w_scale[n + e]), sx);
+        if (p.bias != nullptr) y[e] = __fadd_rn(y[e], p.bias[n + e]);
+      }
+      store4<OutT>(static_cast<OutT*>(p.out) + static_cast<int64_t>(m) * p.N + n, y);
+    }
+  }
+  cluster.sync();  // no block leaves while another still reads its shared memory
+#endif
+}
+
+template <int WBITS, int TOKEN_TILES, typename OutT>
+void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((p.N + kChannels - 1) / kChannels, splits, (p.M + kTokens - 1) / kTokens);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2];
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = 1;
+  attributes[0].val.clusterDim.y = splits;
+  attributes[0].val.clusterDim.z = 1;
+  // Programmatic dependent launch: the blocks may start while the previous kernel (the activation
+  // quantization) finishes; they wait for it (griddepcontrol.wait) before reading its output.
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, TOKEN_TILES, OutT>, p));
+}
+
+template <int WBITS, int TOKEN_TILES>
+void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+  if (raw) {
+    launch_kernel<WBITS, TOKEN_TILES, int>(p, splits, stream);
+  } else if (out_dtype == at::kHalf) {
+    launch_kernel<WBITS, TOKEN_TILES, __half>(p, splits, stream);
+  } else {
+    launch_kernel<WBITS, TOKEN_TILES, __nv_bfloat16>(p, splits, stream);
+  }
+}
+
+}  // namespace
+
+void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+  TORCH_CHECK(splits >= 1 && splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits, ", got ", splits);
+  const bool one_tile = p.M <= 8;  // one n8 token tile per block
+  if (w_bits == 4) {
+    one_tile ? launch_out<4, 1>(raw, out_dtype, p, splits, stream) : launch_out<4, 2>(raw, out_dtype, p, splits, stream);
+  } else {
+    one_tile ? launch_out<8, 1>(raw, out_dtype, p, splits, stream) : launch_out<8, 2>(raw, out_dtype, p, splits, stream);
+  }
+}
+
+}  // namespace int_small_m
+}  // namespace quantkern

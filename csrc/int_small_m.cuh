@@ -1,0 +1,37 @@
+// The integer GEMM for few tokens on Hopper (csrc/int_small_m.cu): W8A8 and W4A8 (which also serves
+// W4A4 on sm_90, the int4 activation codes stored one per byte), per-channel weights, int8 mma.sync
+// fed straight from global memory, K split across the blocks of a thread-block cluster. Declared here
+// for the host code of csrc/int_gemm.cu, which checks the operands and calls it on an sm_90 GPU.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/ScalarType.h>
+#include <cuda_runtime.h>
+
+namespace quantkern {
+namespace int_small_m {
+
+constexpr int kChannels = 128;  // output channels per block (two 64-row weight units)
+constexpr int kTokens = 16;     // tokens per block (grid.z walks larger M)
+constexpr int kMaxSplits = 8;   // blocks of one cluster (the portable cluster size)
+
+struct Params {
+  const void* a;         // int8 [M, K] activation codes
+  const void* w;         // tiled weight [N_pad / 64, k_tiles, 64, 128 * w_bits / 8] (csrc/int_gemm.cu)
+  const float* a_scale;  // [M]
+  const float* w_scale;  // [N] (per-channel)
+  const float* bias;     // [N] or nullptr
+  void* out;             // [M, N] fp16 / bf16, or int32 (raw: the test hook)
+  int M, N, K;
+  int w_units;          // N_pad / 64
+  int k_tiles;          // K_pad / 128
+  int tiles_per_split;  // k-tiles per block of a cluster
+};
+
+// y = a_scale[m] * (acc * w_scale[n]) + bias[n] in out_dtype, or (raw) the exact int32 sums.
+// splits = the cluster size along grid.y (1..kMaxSplits).
+void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream);
+
+}  // namespace int_small_m
+}  // namespace quantkern
