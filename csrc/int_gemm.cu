@@ -654,15 +654,6 @@ int small_m_splits(int64_t M, int64_t N, int64_t K, int64_t split_k, int device)
   return static_cast<int>((k_tiles + per_split - 1) / per_split);  // no empty splits
 }
 
-int_small_m::Params small_m_params(const at::Tensor& a, const at::Tensor& w, const float* a_scale,
-                                   const float* w_scale, const float* bias, void* out, int64_t M, int64_t N,
-                                   int64_t K, int splits) {
-  const int k_tiles = static_cast<int>(w.size(1));
-  return int_small_m::Params{a.const_data_ptr(), w.const_data_ptr(), a_scale, w_scale, bias, out,
-                             static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
-                             static_cast<int>(w.size(0)), k_tiles, (k_tiles + splits - 1) / splits};
-}
-
 struct WgmmaPlan {
   int tokens;
   int splits;
@@ -683,11 +674,17 @@ WgmmaPlan make_wgmma_plan(int64_t M, int64_t K, int64_t config, int64_t split_k)
   return plan;
 }
 
-int_wgmma::Params wgmma_params(const at::Tensor& a, const at::Tensor& w, const float* a_scale, const float* w_scale,
-                               const float* bias, void* out, int64_t M, int64_t N, int64_t K, const WgmmaPlan& plan) {
+// The parameter block of both Hopper kernels (csrc/int_wgmma.cu, csrc/int_small_m.cu).
+int_wgmma::Params hopper_params(const at::Tensor& a, const at::Tensor& w, const float* a_scale, const float* w_scale,
+                                const float* bias, void* out, int64_t M, int64_t N, int64_t K, int tiles_per_split) {
   return int_wgmma::Params{a.const_data_ptr(), w.const_data_ptr(), a_scale, w_scale, bias, out,
                            static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), static_cast<int>(w.size(0)),
-                           static_cast<int>(w.size(1)), plan.tiles_per_split};
+                           static_cast<int>(w.size(1)), tiles_per_split};
+}
+
+// k-tiles per block when `splits` blocks share K.
+int tiles_per_split(const at::Tensor& w, int splits) {
+  return static_cast<int>((w.size(1) + splits - 1) / splits);
 }
 
 // Checks a and the tiled w against each other; returns K. N: the true out_features (<= w's padded rows).
@@ -777,14 +774,17 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
   if (use_small_m(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
     const int splits = small_m_splits(M, N, K, split_k, a.get_device());
     int_small_m::launch(static_cast<int>(w_bits), true, at::kInt,
-                        small_m_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, splits), splits,
+                        hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K,
+                                      tiles_per_split(w, splits)),
+                        splits,
                         stream);
     return out;
   }
   if (use_wgmma(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
     const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
     int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
-                      wgmma_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, wplan), wplan.splits, stream);
+                      hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, wplan.tiles_per_split),
+                      wplan.splits, stream);
     return out;
   }
   const Plan plan = make_plan(M, N, K, false, split_k, config, a.get_device());
@@ -841,19 +841,22 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   if (use_small_m(op, config, M, a_bits, grouped, a.get_device())) {
     const int splits = small_m_splits(M, N, K, split_k, a.get_device());
     int_small_m::launch(static_cast<int>(w_bits), false, out_dtype,
-                        small_m_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, splits), splits, stream);
+                        hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, tiles_per_split(w, splits)),
+                        splits, stream);
     return out;
   }
   if (use_wgmma(op, config, M, a_bits, grouped, a.get_device())) {
     const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
     if (wplan.splits == 1) {
       int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, false, out_dtype,
-                        wgmma_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, wplan), 1, stream);
+                        hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, wplan.tiles_per_split), 1,
+                        stream);
       return out;
     }
     at::Tensor ws = at::zeros({M, N}, a.options().dtype(at::kInt));
     int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
-                      wgmma_params(a, w, nullptr, nullptr, nullptr, ws.data_ptr(), M, N, K, wplan), wplan.splits, stream);
+                      hopper_params(a, w, nullptr, nullptr, nullptr, ws.data_ptr(), M, N, K, wplan.tiles_per_split),
+                      wplan.splits, stream);
     launch_split_epilogue(ws, false, out_dtype, sx, sw, bias_ptr, out, stream);
     return out;
   }

@@ -60,7 +60,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kStripsPerWarp = 2;  // 16-channel strips
 constexpr int kUnitRows = 64;      // rows of one weight unit (csrc/int_gemm.cu's tiled layout)
 constexpr int kTileK = 128;        // k per k-tile: one unit's width
-constexpr int kPartStride = kChannels + 4;  // int32 row stride of the partial tile: lanes hit distinct banks
 
 static_assert(kChannels == kWarps * kStripsPerWarp * 16, "a block's warps cover its channels");
 
@@ -84,6 +83,14 @@ struct Stage {
   uint4 x[TOKEN_TILES][2];
 };
 
+// The device helpers exist only where the kernel has a body (sm_90 and up).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define QK_SMALL_M_BODY 1
+#else
+#define QK_SMALL_M_BODY 0
+#endif
+
+#if QK_SMALL_M_BODY
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
@@ -122,28 +129,32 @@ __device__ __forceinline__ void mma_s8(int (&d)[4], const uint32_t (&a)[4], uint
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four outputs (8 bytes, 8-byte aligned), each rounded to nearest even.
 template <typename OutT>
 __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
-  if constexpr (std::is_same_v<OutT, __half>) {
-    const __half2 lo = __halves2half2(__float2half_rn(v[0]), __float2half_rn(v[1]));
-    const __half2 hi = __halves2half2(__float2half_rn(v[2]), __float2half_rn(v[3]));
-    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-  } else {
-    const __nv_bfloat162 lo = __halves2bfloat162(__float2bfloat16_rn(v[0]), __float2bfloat16_rn(v[1]));
-    const __nv_bfloat162 hi = __halves2bfloat162(__float2bfloat16_rn(v[2]), __float2bfloat16_rn(v[3]));
-    *reinterpret_cast<uint2*>(p) = make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
+  OutT h[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    if constexpr (std::is_same_v<OutT, __half>) {
+      h[e] = __float2half_rn(v[e]);
+    } else {
+      h[e] = __float2bfloat16_rn(v[e]);
+    }
   }
+  *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(h);
 }
+#endif  // QK_SMALL_M_BODY
 
 // OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8).
 template <int WBITS, int TOKEN_TILES, typename OutT>
 __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if QK_SMALL_M_BODY
   using L = Layout<WBITS>;
   using StageT = Stage<WBITS, TOKEN_TILES>;
   constexpr int kStages = L::kStages;
   constexpr int kRows = 8 * TOKEN_TILES;      // token rows of the block's tile
   constexpr int kShift = WBITS == 4 ? 4 : 0;  // widened nibbles are 16 x their value
+  constexpr int kPartStride = kChannels + 4;  // int32 row stride of the partial tile: lanes hit distinct banks
   __shared__ __align__(16) int part[kRows][kPartStride];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -342,10 +353,14 @@ void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits,
 void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
   TORCH_CHECK(splits >= 1 && splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits, ", got ", splits);
   const bool one_tile = p.M <= 8;  // one n8 token tile per block
-  if (w_bits == 4) {
-    one_tile ? launch_out<4, 1>(raw, out_dtype, p, splits, stream) : launch_out<4, 2>(raw, out_dtype, p, splits, stream);
+  if (w_bits == 4 && one_tile) {
+    launch_out<4, 1>(raw, out_dtype, p, splits, stream);
+  } else if (w_bits == 4) {
+    launch_out<4, 2>(raw, out_dtype, p, splits, stream);
+  } else if (one_tile) {
+    launch_out<8, 1>(raw, out_dtype, p, splits, stream);
   } else {
-    one_tile ? launch_out<8, 1>(raw, out_dtype, p, splits, stream) : launch_out<8, 2>(raw, out_dtype, p, splits, stream);
+    launch_out<8, 2>(raw, out_dtype, p, splits, stream);
   }
 }
 

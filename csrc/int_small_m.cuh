@@ -9,6 +9,8 @@
 #include <ATen/core/ScalarType.h>
 #include <cuda_runtime.h>
 
+#include "int_wgmma.cuh"
+
 namespace quantkern {
 namespace int_small_m {
 
@@ -16,18 +18,9 @@ constexpr int kChannels = 128;  // output channels per block (two 64-row weight 
 constexpr int kTokens = 16;     // tokens per block (grid.z walks larger M)
 constexpr int kMaxSplits = 8;   // blocks of one cluster (the portable cluster size)
 
-struct Params {
-  const void* a;         // int8 [M, K] activation codes
-  const void* w;         // tiled weight [N_pad / 64, k_tiles, 64, 128 * w_bits / 8] (csrc/int_gemm.cu)
-  const float* a_scale;  // [M]
-  const float* w_scale;  // [N] (per-channel)
-  const float* bias;     // [N] or nullptr
-  void* out;             // [M, N] fp16 / bf16, or int32 (raw: the test hook)
-  int M, N, K;
-  int w_units;          // N_pad / 64
-  int k_tiles;          // K_pad / 128
-  int tiles_per_split;  // k-tiles per block of a cluster
-};
+// The operands: the wgmma kernel's parameter block (csrc/int_wgmma.cuh); tiles_per_split is the
+// k-tiles of one block of a cluster.
+using Params = int_wgmma::Params;
 
 // y = a_scale[m] * (acc * w_scale[n]) + bias[n] in out_dtype, or (raw) the exact int32 sums.
 // splits = the cluster size along grid.y (1..kMaxSplits).
