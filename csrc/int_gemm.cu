@@ -621,8 +621,8 @@ bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool g
 }
 
 // The few-token kernel (csrc/int_small_m.cu): int8 activations and per-channel weights on an sm_90 GPU,
-// automatic up to kSmallMMaxTokens tokens (it streams the weights at ~X TB/s where the mma.sync tiles
-// reached 1.9; see its header).
+// automatic up to kSmallMMaxTokens tokens. On the H100 it streams int4 weights at 2.0 TB/s at 8192 x 8192
+// and 2.7 TB/s at 8192 x 28672 (M = 1), where the best mma.sync tile and split reached 1.9 and 2.3.
 constexpr int64_t kSmallMMaxTokens = 16;
 
 bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
@@ -637,15 +637,23 @@ bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool
 }
 
 // Blocks of a cluster (K splits) for the few-token kernel: split_k > 0 asks for that many (at most 8);
-// automatic: the fewest that give two blocks per SM, keeping at least 4 k-tiles a block.
-int small_m_splits(int64_t M, int64_t N, int64_t K, int64_t split_k, int device) {
+// automatic: the fewest (a power of two, at least 4 k-tiles a block) that put enough blocks on each SM
+// to stream the weights at full speed. How many is enough differs by variant (int4 or int8 weights,
+// one or two n8 token tiles: 126 to 242 registers a thread, 32 or 48 KB of loads in flight a block).
+// The numbers of blocks per SM below, in eighths, are fitted to the
+// H100 sweep (benchmarks/bench_int_gemm.py --sweep-small --all-shapes) on N in {4096, 8192, 14336,
+// 28672}: they pick the fastest split at M = 1 and 16 there, or one within 5%.
+int small_m_splits(int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int device) {
   const int64_t k_tiles = (K + kTileK - 1) / kTileK;
   int64_t splits = split_k;
   if (splits <= 0) {
+    const bool one_token_tile = M <= 8;
+    const int64_t eighths_per_sm = w_bits == 4 ? (one_token_tile ? 14 : 10) : (one_token_tile ? 12 : 7);
     const int64_t blocks = (N + int_small_m::kChannels - 1) / int_small_m::kChannels *
                            ((M + int_small_m::kTokens - 1) / int_small_m::kTokens);
     splits = 1;
-    while (blocks * splits < 2 * num_sms(device) && splits < int_small_m::kMaxSplits && k_tiles / (2 * splits) >= 4) {
+    while (8 * blocks * splits < eighths_per_sm * num_sms(device) && splits < int_small_m::kMaxSplits &&
+           k_tiles / (2 * splits) >= 4) {
       splits *= 2;
     }
   }
@@ -772,7 +780,7 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   if (use_small_m(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
-    const int splits = small_m_splits(M, N, K, split_k, a.get_device());
+    const int splits = small_m_splits(M, N, K, w_bits, split_k, a.get_device());
     int_small_m::launch(static_cast<int>(w_bits), true, at::kInt,
                         hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K,
                                       tiles_per_split(w, splits)),
@@ -839,7 +847,7 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const float* sw = w_scale.data_ptr<float>();
   const float* sx = a_scale.data_ptr<float>();
   if (use_small_m(op, config, M, a_bits, grouped, a.get_device())) {
-    const int splits = small_m_splits(M, N, K, split_k, a.get_device());
+    const int splits = small_m_splits(M, N, K, w_bits, split_k, a.get_device());
     int_small_m::launch(static_cast<int>(w_bits), false, out_dtype,
                         hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, tiles_per_split(w, splits)),
                         splits, stream);

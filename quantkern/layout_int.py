@@ -160,6 +160,7 @@ def int_gemm_cuda(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optio
                   out_dtype: torch.dtype, split_k: int = 0, config: int = 0) -> torch.Tensor:
     """``torch.ops.quantkern.int_gemm`` on quantized activations ``(q, sx)`` and a prepared weight;
     q as ``ops.quantize_per_token(x, prepared["act_bits"], packed=prepared["packed_activations"])`` makes it.
-    ``config``: 0 automatic; 1-5 the mma.sync tiles; 6, 7 the sm_90 wgmma kernel (128 / 256 tokens)."""
+    ``config``: 0 automatic; 1-5 the mma.sync tiles; 6, 7 the sm_90 wgmma kernel (128 / 256 tokens); 8 the
+    sm_90 few-token kernel (csrc/int_small_m.cu)."""
     return torch.ops.quantkern.int_gemm(q, sx, prepared["w"], prepared["w_scale"], bias, prepared["gemm_act_bits"],
                                         prepared["bits"], prepared["group_len"], out_dtype, split_k, config)

@@ -9,7 +9,8 @@
 # QUANTKERN_BENCH (benchmarks to run, default "activation_quant w4a16 e2e"), QUANTKERN_E2E_CONFIG
 # (default llama3-8b), QUANTKERN_W4A16_ARGS (default --quick; " " for every shape), QUANTKERN_SKIP_BUILD=1 and
 # QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only), QUANTKERN_TESTS
-# (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1.
+# (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1,
+# QUANTKERN_SANITIZE_CASES (case groups of scripts/sanitize_cases.py, default all; e.g. "int_gemm").
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -53,8 +54,8 @@ step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --juni
 fi
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ] && [ "${QUANTKERN_SKIP_SANITIZERS:-0}" != 1 ]; then
 SAN="compute-sanitizer --target-processes all --error-exitcode 99"
-step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_cases.py
-step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_cases.py
+step memcheck memcheck.log $SAN --tool memcheck $PY scripts/sanitize_cases.py ${QUANTKERN_SANITIZE_CASES:-}
+step racecheck racecheck.log $SAN --tool racecheck $PY scripts/sanitize_cases.py ${QUANTKERN_SANITIZE_CASES:-}
 fi
 BENCHES=${QUANTKERN_BENCH:-activation_quant w4a16 e2e}
 [ "${QUANTKERN_SKIP_BENCH:-0}" = 1 ] && BENCHES=""

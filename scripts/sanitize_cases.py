@@ -2,7 +2,9 @@
 N tiles, every W4A16 tile config, split-K on and off, sym/asym, group 32 and per-channel, both
 dtypes, odd and misaligned activation rows. Each case is also checked against the reference.
 
-    compute-sanitizer --tool racecheck python scripts/sanitize_cases.py
+    compute-sanitizer --tool racecheck python scripts/sanitize_cases.py [GROUP ...]
+
+GROUP: activation, w4a16, int_gemm, hadamard (default: all that the build has).
 """
 
 import sys
@@ -98,9 +100,13 @@ def hadamard_cases():
 if __name__ == "__main__":
     if not backends.status("cuda").available or not torch.cuda.is_available():
         sys.exit(f"needs the CUDA extension and a GPU: {backends.status('cuda').reason}")
-    activation_cases()
-    w4a16_cases()
-    int_gemm_cases()
+    groups = {"activation": activation_cases, "w4a16": w4a16_cases, "int_gemm": int_gemm_cases}
     if "hadamard" in backends.status("cuda").kernels:
-        hadamard_cases()
+        groups["hadamard"] = hadamard_cases
+    chosen = sys.argv[1:] or list(groups)  # e.g. `sanitize_cases.py int_gemm`: that group only
+    unknown = [name for name in chosen if name not in groups]
+    if unknown:
+        sys.exit(f"unknown case groups {unknown}; choose from {list(groups)}")
+    for name in chosen:
+        groups[name]()
     torch.cuda.synchronize()
