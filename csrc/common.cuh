@@ -107,6 +107,15 @@ __device__ __forceinline__ Vec16<T> load_vec16(const T* __restrict__ p) {
   return out;
 }
 
+// 16 bytes read once (weights streamed by the few-token kernels): past L1, no allocation there.
+__device__ __forceinline__ uint4 load_stream_v4(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
 // max() that propagates NaN (like torch.amax): NaN wins over any number.
 __device__ __forceinline__ float max_propagate_nan(float a, float b) {
   return (a > b || a != a) ? a : b;

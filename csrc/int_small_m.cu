@@ -99,15 +99,6 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 __device__ __forceinline__ uint32_t widen_lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t widen_hi(uint32_t w) { return w & 0xF0F0F0F0u; }
 
-// Weights are read once: stream them past L1.
-__device__ __forceinline__ uint4 load_weight(const uint8_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // Activations: 16 bytes, or zeros when !ok (a predicated load: nothing waits for it before its use).
 __device__ __forceinline__ uint4 load_act(const uint8_t* p, bool ok) {
   uint4 v;
@@ -191,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
         for (int r = 0; r < 2; ++r)
 #pragma unroll
           for (int c = 0; c < L::kChunks; ++c)
-            st.w[s][r][c] = load_weight(base + (16 * s + 8 * r) * L::kRowBytes + L::w_offset(t, c));
+            st.w[s][r][c] = load_stream_v4(base + (16 * s + 8 * r) * L::kRowBytes + L::w_offset(t, c));
     }
   };
   auto load_acts = [&](StageT& st, int kt) {
@@ -206,13 +197,7 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
     }
   };
 
-  int acc[kStripsPerWarp][TOKEN_TILES][4];
-#pragma unroll
-  for (int s = 0; s < kStripsPerWarp; ++s)
-#pragma unroll
-    for (int tt = 0; tt < TOKEN_TILES; ++tt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[s][tt][e] = 0;
+  int acc[kStripsPerWarp][TOKEN_TILES][4] = {};
 
   auto compute = [&](const StageT& st) {
 #pragma unroll

@@ -67,15 +67,6 @@ constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline s
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
 enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
 
-// Weights are read once: stream them past L1. No predicate: the caller clamps the address.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // 32-bit load, or 0 when !ok; a predicated load, so that nothing waits for the data before its use.
 __device__ __forceinline__ uint32_t load_u32_or_zero(const void* p, bool ok) {
   uint32_t v;
@@ -171,8 +162,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     const bool tile1_ok = c_load * kChunkTiles + 1 < p.k_tiles;  // (odd K/64: the last chunk has one tile)
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
-      st.w[0][s] = load_stream(wload[s]);
-      st.w[1][s] = load_stream(wload[s] + (tile1_ok ? 32 : 0));  // a missing tile re-reads the first
+      st.w[0][s] = load_stream_v4(wload[s]);  // no predicate: the address is clamped
+      st.w[1][s] = load_stream_v4(wload[s] + (tile1_ok ? 32 : 0));  // a missing tile re-reads the first
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         // Rows of a missing tile (group 32/64) re-read the chunk's first: their sums are zero.

@@ -155,13 +155,23 @@ WGMMA_SHAPES = [(65, 160, 24), (130, 576, 896), (257, 896, 4864), (300, 4864, 20
                 (2048, 14336, 576), (129, 4096, 14336)]
 
 
+# The sm_90 few-token kernel (config 8, automatic up to M = 16): int8 activations, per-channel weights,
+# 16 tokens a block (grid.z walks more: M = 40), K split over the blocks of a cluster (1 to 8). Partial
+# channel blocks (N = 24, 72, 200: one or an odd number of weight units), K not a multiple of the 128-deep
+# k-tile (160, 4864), the models' sizes.
+SMALL_M_SHAPES = [(1, 160, 24), (5, 576, 896), (8, 896, 72), (9, 4864, 200), (16, 4096, 4096), (16, 14336, 576),
+                  (40, 576, 1216), (3, 8192, 8192)]
+HOPPER_ACC_CASES = ([shape + cfg for shape in WGMMA_SHAPES for cfg in [(6, 1), (7, 1), (6, 0), (7, 3)]] +
+                    [shape + (8, split) for shape in SMALL_M_SHAPES for split in (0, 1, 3, 8)])
+
+
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
 @pytest.mark.parametrize("w_bits", [4, 8])
-@pytest.mark.parametrize("m,k,n", WGMMA_SHAPES)
-@pytest.mark.parametrize("config,split_k", [(6, 1), (7, 1), (6, 0), (7, 3)])
-def test_wgmma_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
+@pytest.mark.parametrize("m,k,n,config,split_k", HOPPER_ACC_CASES)
+def test_hopper_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
+    """The wgmma kernel (configs 6, 7) and the few-token kernel (8), forced, against int_matmul."""
     a, w = random_values(m, k, 8), random_values(n, k, w_bits)
     wq = permute_w4a8(w) if w_bits == 4 else w
     tiled = tile_int_weight(packed(wq, w_bits), w_bits).cuda()
@@ -176,57 +186,31 @@ def test_wgmma_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(65, 576, 200), (300, 896, 4864), (2048, 4096, 576)])
 def test_wgmma_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
+    prepared = assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n,
+                                                      [(6, 1), (7, 1), (6, 4), (7, 0)])
+    assert prepared["gemm_act_bits"] == 8  # sm_90: W4A4 runs on int8 tensor cores
+    assert prepared["packed_activations"] == (act_bits == 8)
+
+
+def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, configs):
+    """The automatic choice and each forced (config, split_k), with and without bias, against the
+    reference bit for bit; returns the prepared tensors."""
     qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, -1, scale_dtype=dtype)
     x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
     prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
-    assert prepared.tensors["gemm_act_bits"] == 8  # sm_90: W4A4 runs on int8 tensor cores
-    assert prepared.tensors["packed_activations"] == (act_bits == 8)
     expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
     assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
     from quantkern.layout_int import int_gemm_cuda
 
     q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
-    for config, split_k in ((6, 1), (7, 1), (6, 4), (7, 0)):
+    for config, split_k in configs:
         y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, config)
         assert torch.equal(y, expected), (config, split_k)
-    y = int_gemm_cuda(q, sx, prepared.tensors, None, dtype, 1, 7)
+    config, split_k = configs[-1]
+    y = int_gemm_cuda(q, sx, prepared.tensors, None, dtype, split_k, config)
     assert torch.equal(y, reference.quantized_activation_linear(x, qw, act_bits, None, 0.9))
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@needs_wgmma
-def test_wgmma_configs_refuse_what_they_cannot_run():
-    qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, 128)
-    prepared = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda").tensors
-    q, sx = ops.quantize_per_token(torch.randn(100, 256, device="cuda", dtype=torch.float16), 4, packed=False)
-    from quantkern.layout_int import int_gemm_cuda
-
-    with pytest.raises(RuntimeError, match="per-channel"):
-        int_gemm_cuda(q, sx, prepared, None, torch.float16, 1, 6)
-
-
-# The sm_90 few-token kernel (config 8, automatic up to M = 16): int8 activations, per-channel weights,
-# 16 tokens a block (grid.z walks more: M = 40), K split over the blocks of a cluster (1 to 8). Partial
-# channel blocks (N = 24, 72, 200: one or an odd number of weight units), K not a multiple of the 128-deep
-# k-tile (160, 4864), the models' sizes.
-SMALL_M_SHAPES = [(1, 160, 24), (5, 576, 896), (8, 896, 72), (9, 4864, 200), (16, 4096, 4096), (16, 14336, 576),
-                  (40, 576, 1216), (3, 8192, 8192)]
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@needs_wgmma
-@pytest.mark.parametrize("w_bits", [4, 8])
-@pytest.mark.parametrize("m,k,n", SMALL_M_SHAPES)
-@pytest.mark.parametrize("split_k", [0, 1, 3, 8])
-def test_small_m_int32_accumulator_is_exact(w_bits, m, k, n, split_k):
-    a, w = random_values(m, k, 8), random_values(n, k, w_bits)
-    wq = permute_w4a8(w) if w_bits == 4 else w
-    tiled = tile_int_weight(packed(wq, w_bits), w_bits).cuda()
-    acc = torch.ops.quantkern.int_gemm_acc(a.cuda(), tiled, n, 8, w_bits, split_k, 8)
-    assert torch.equal(acc.cpu(), reference.int_matmul(a, w))
+    return prepared.tensors
 
 
 @pytest.mark.gpu
@@ -236,20 +220,7 @@ def test_small_m_int32_accumulator_is_exact(w_bits, m, k, n, split_k):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 200), (7, 4864, 896), (16, 4096, 576)])
 def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
-    qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, -1, scale_dtype=dtype)
-    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
-    bias = torch.randn(n, device="cuda").to(dtype)
-    prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
-    expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
-    assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
-    from quantkern.layout_int import int_gemm_cuda
-
-    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
-    for split_k in (1, 2, 8):
-        y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, 8)
-        assert torch.equal(y, expected), split_k
-    y = int_gemm_cuda(q, sx, prepared.tensors, None, dtype, 0, 8)
-    assert torch.equal(y, reference.quantized_activation_linear(x, qw, act_bits, None, 0.9))
+    assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, [(8, 1), (8, 2), (8, 8)])
 
 
 @pytest.mark.gpu
@@ -278,18 +249,20 @@ def test_small_m_kernel_under_cuda_graph():
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
-def test_small_m_config_refuses_what_it_cannot_run():
+@pytest.mark.parametrize("config,m", [(6, 100), (7, 300), (8, 4)])
+def test_hopper_configs_refuse_what_they_cannot_run(config, m):
+    """The wgmma (6, 7) and few-token (8) kernels take int8 activations and per-channel weights only."""
     from quantkern.layout_int import int_gemm_cuda
 
     qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, 128)
     grouped = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda").tensors
-    q, sx = ops.quantize_per_token(torch.randn(4, 256, device="cuda", dtype=torch.float16), 4, packed=False)
+    q, sx = ops.quantize_per_token(torch.randn(m, 256, device="cuda", dtype=torch.float16), 4, packed=False)
     with pytest.raises(RuntimeError, match="per-channel"):
-        int_gemm_cuda(q, sx, grouped, None, torch.float16, 1, 8)
-    a = pack_int4_signed(random_values(4, 256, 4)).cuda()
+        int_gemm_cuda(q, sx, grouped, None, torch.float16, 1, config)
+    a = pack_int4_signed(random_values(m, 256, 4)).cuda()
     tiled = tile_int_weight(pack_int4_signed(random_values(64, 256, 4)), 4).cuda()
     with pytest.raises(RuntimeError, match="int8 activations"):
-        torch.ops.quantkern.int_gemm_acc(a, tiled, 64, 4, 4, 1, 8)
+        torch.ops.quantkern.int_gemm_acc(a, tiled, 64, 4, 4, 1, config)
 
 
 @pytest.mark.gpu
