@@ -59,11 +59,13 @@
 // warp), 4 stages (grouped weights, or split-K); 4 (M >= 512, per-channel): 128x256, 8 warps of 64x64,
 // 4 stages (up to 192 KB of shared memory for W8A8); 5: 256x128, 8 warps (4x2) of 64x64.
 // 6, 7 (and automatic from M = 65 on an sm_90 GPU, int8 activations, per-channel weights): the wgmma
-// kernel of csrc/int_wgmma.cu with 128x128 / 128x256 (channels x tokens) tiles.
+// kernel of csrc/int_wgmma.cu with 128x128 / 128x256 (channels x tokens) tiles. 8 (and automatic up to
+// M = 16 there): the few-token kernel of csrc/int_small_m.cu (weights straight to registers, K split
+// across a thread-block cluster).
 // Measured on the H100 (GEMM alone, benchmarks/bench_int_gemm.py --sweep): 8192^3: config 3 460 TOPS,
 // 4 and 5 ~580 TOPS (one 256-thread block per SM at ~248 registers; the mma.sync int8 peak measured here
 // is 1212 TOPS, torch._int_mm reaches ~920 with wgmma); the wgmma kernel 1180-1460 TOPS at M >= 2048.
-// M = 1, K = 8192, W4A4: 1.9 TB/s of weights (N = 8192, split 4) and 2.4 TB/s (N = 28672, no split).
+// M = 1, K = 8192, W4A4, config 1: 1.9 TB/s of weights (N = 8192, split 4) and 2.4 TB/s (N = 28672, no split).
 //
 // Compiled without --use_fast_math (the epilogue uses explicit __fmul_rn / __fadd_rn).
 
