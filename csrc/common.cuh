@@ -116,6 +116,15 @@ __device__ __forceinline__ uint4 load_stream_v4(const void* p) {
   return v;
 }
 
+// 16 bytes from shared memory at a shared-window address (as smem_addr or cvta.to.shared gives it).
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+
 // max() that propagates NaN (like torch.amax): NaN wins over any number.
 __device__ __forceinline__ float max_propagate_nan(float a, float b) {
   return (a > b || a != a) ? a : b;

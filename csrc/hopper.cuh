@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 
+#include "common.cuh"
+
 // The CUDA arch list the extension is built for (setup.py: -DQUANTKERN_CUDA_ARCHS="..."; CMake: a
 // generated header), read by wgmma_available.
 #if defined(QUANTKERN_BUILD_CONFIG_H)
@@ -178,11 +180,8 @@ __device__ __forceinline__ void store_staged_tile(uint32_t tile, void* y, int M,
     const int r = i / kChunks, c = i % kChunks;
     const int row = m0 + r, col = n0 + c * 8;
     if (row < M && col < N) {
-      uint4 v;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                   : "r"(tile + r * kStagedRowBytes<CHANNELS> + c * 16));
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N + col) = v;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row) * N + col) =
+          ld_shared_v4(tile + r * kStagedRowBytes<CHANNELS> + c * 16);
     }
   }
 }
