@@ -32,6 +32,7 @@ import torch
 
 from common import copy_bandwidth_gbs, median_us, print_table, write_json
 from quantkern import backends, ops, reference
+from quantkern.format import unpack_int4_signed
 from quantkern.rotation import hadamard_matrix
 
 SIZES = [4096, 8192, 14336, 16384, 576, 4864]
@@ -90,7 +91,10 @@ def main() -> None:
             assert torch.equal(y, y_ref) or (y.float() - y_ref.float()).abs().max() <= 2e-3 * y_ref.float().abs().max()
             q, s = torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, block)
             q_ref, s_ref = reference.quantize_per_token(y_ref, 4)
-            assert (q != q_ref).float().mean().item() < 0.01 and torch.allclose(s, s_ref, rtol=2e-3)
+            # (the tensor-core path rounds intermediates to fp16: a few codes differ by 1; the tests bound them)
+            code_diff = (unpack_int4_signed(q).int() - unpack_int4_signed(q_ref).int()).abs()
+            assert code_diff.max() <= 1 and (code_diff != 0).float().mean() < 0.03
+            assert torch.allclose(s, s_ref, rtol=2e-3)
             bytes_rot = 2 * rows * n * 2
             bytes_q = rows * n * 2 + rows * n // 2 + rows * 4
             times = {

@@ -54,6 +54,10 @@ TORCH_LIBRARY(quantkern, m) {
   m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor, Tensor)");
 }
 
+namespace quantkern {
+std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
+}  // namespace quantkern
+
 namespace {
 
 std::string cuda_version_string() {
@@ -88,9 +92,11 @@ PYBIND11_MODULE(_C, m) {
         info["archs"] = std::string(QUANTKERN_CUDA_ARCHS);
         info["torch_version"] = std::string(TORCH_VERSION);
         info["kernels"] = cuda_kernels();
+        info["hadamard_quantize_tensor_core_sizes"] = quantkern::hadamard_quantize_tensor_core_sizes();
         return info;
       },
       "How this extension was built: {'cuda_version': CUDA runtime version at build time, "
       "'archs': the TORCH_CUDA_ARCH_LIST it was compiled for, 'torch_version': torch at build time, "
-      "'kernels': names of the quantkern ops with a CUDA kernel}.");
+      "'kernels': names of the quantkern ops with a CUDA kernel, 'hadamard_quantize_tensor_core_sizes': the row "
+      "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+)}.");
 }

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -759,4 +760,14 @@ void launch_dtype(const Plan& plan, int64_t rows, cudaStream_t stream, at::Scala
 }
 
 }  // namespace hadamard_impl
+}  // namespace quantkern
+
+namespace quantkern {
+
+// csrc/hadamard_mma.cu: the tensor-core fused Hadamard + quantization for fp16/bf16 rows of the sizes below.
+// Returns false (and does nothing) where it does not serve x; x is contiguous, 16-byte aligned, [rows, n].
+bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double clip_ratio, int64_t block_size,
+                                    at::Tensor& q, at::Tensor& scale);
+std::vector<int64_t> hadamard_quantize_tensor_core_sizes();
+
 }  // namespace quantkern

@@ -81,6 +81,15 @@ def _load_cuda_extension() -> BackendStatus:
         frozenset(op for op, ext_op in EXTENSION_OPS.items() if ext_op in info["kernels"]))
 
 
+def cuda_build_info() -> dict:
+    """How the CUDA extension was built (``quantkern._C.build_info()``); {} where it is absent."""
+    if not status("cuda").available:
+        return {}
+    from . import _C
+
+    return _C.build_info()
+
+
 def _load_triton() -> BackendStatus:
     try:
         import triton

@@ -12,6 +12,7 @@ import sys
 import torch
 
 from quantkern import backends, ops, reference
+from quantkern.format import unpack_int4_signed
 from quantkern.layout_cuda import prepare_w4a16, w4a16_linear, wgmma_kernel_available
 
 
@@ -76,11 +77,14 @@ def int_gemm_cases():
 
 
 def hadamard_cases():
-    # (rows, n, dtype, bits (0: rotation only), block_size): direct path (576 = 36 x 16, 4096, 96), indirect
-    # path (32768, 24576 = 12 x 2048), the small dense kernel (12), blocked mode (896 / 128), misaligned rows.
-    cases = [(3, 576, torch.float16, 4, 0), (2, 4096, torch.bfloat16, 8, 0), (5, 96, torch.float32, 4, 0),
+    # (rows, n, dtype, bits (0: rotation only), block_size): direct path (576 = 36 x 16, 4096 fp32, 96), indirect
+    # path (32768, 24576 = 12 x 2048), the small dense kernel (12), blocked mode (896 / 128), misaligned rows;
+    # the tensor-core kernels of csrc/hadamard_mma.cu (fp16/bf16: 1024, 4096, 16384 with the shared-memory
+    # exchange, 14336 with the shared tile).
+    cases = [(3, 576, torch.float16, 4, 0), (2, 4096, torch.float32, 8, 0), (5, 96, torch.float32, 4, 0),
              (2, 12, torch.float16, 8, 0), (2, 32768, torch.float16, 0, 0), (2, 24576, torch.bfloat16, 4, 0),
-             (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0)]
+             (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0), (3, 14336, torch.bfloat16, 8, 0),
+             (2, 4096, torch.bfloat16, 8, 0), (3, 16384, torch.float16, 4, 0), (2, 1024, torch.bfloat16, 4, 0)]
     backends.status("cuda")  # loads quantkern._C (registers torch.ops.quantkern.*)
     for rows, n, dtype, bits, block in cases:
         x = torch.randn(rows, n, device="cuda").to(dtype)
@@ -90,7 +94,9 @@ def hadamard_cases():
         else:
             q, s = torch.ops.quantkern.hadamard_quantize(x, bits, 1.0, block)
             q_ref, s_ref = reference.quantize_per_token(rotated, bits)
-            error = relative_error(s, s_ref) + (q != q_ref).float().mean().item()
+            codes = [unpack_int4_signed(c).int() if bits == 4 else c.int() for c in (q, q_ref)]
+            # (the tensor-core path's codes may differ by 1 from the reference's: tests/test_hadamard_kernels.py)
+            error = relative_error(s, s_ref) + ((codes[0] - codes[1]).abs() > 1).float().mean().item()
         assert error < 1e-2, (rows, n, dtype, bits, block, error)
         print("hadamard", rows, n, dtype, bits, block, f"error {error:.1e}", flush=True)
     base = torch.randn(3 * 1024 + 1, device="cuda", dtype=torch.float16)

@@ -5,9 +5,11 @@
 rounded to x's dtype before quantization, as QuantLinear's ``ops.hadamard`` + quantizer path does.
 
 Triton tests run on the GPU when there is one, else under TRITON_INTERPRET=1 on small shapes (conftest.py).
-CUDA tests are marked ``gpu``. For n = 2^k (and blocked mode) the CUDA kernel does the reference's butterfly
-in the reference's order and is asserted bit-exact; for m * 2^k, and for Triton (two fp32 dots), the rotated
-values agree to fp32 rounding, and quantization codes may differ by 1 at rounding-boundary ties.
+CUDA tests are marked ``gpu``. For n = 2^k (and blocked mode) the fp32-butterfly CUDA kernel does the
+reference's butterfly in the reference's order and is asserted bit-exact; for m * 2^k, and for Triton (two fp32
+dots), the rotated values agree to fp32 rounding, and quantization codes may differ by 1 at rounding-boundary
+ties. The tensor-core ``hadamard_quantize`` (fp16/bf16 rows of the sizes in build_info, csrc/hadamard_mma.cu)
+rounds intermediate sums to x's dtype: its codes are checked against the exactly (fp64) rotated row.
 """
 
 import pytest
@@ -15,13 +17,16 @@ import torch
 
 from quantkern import backends, ops, reference
 from quantkern.format import unpack_int4_signed
-from quantkern.rotation import block_hadamard_transform, is_hadamard_size
+from quantkern.rotation import block_hadamard_transform, hadamard_transform, is_hadamard_size
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 cuda_ext = backends.status("cuda")
 has_cuda_kernel = cuda_ext.available and "hadamard" in cuda_ext.kernels
 needs_cuda_kernel = pytest.mark.skipif(not has_cuda_kernel, reason=f"no CUDA hadamard kernel: {cuda_ext.reason}")
+# Row lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (on sm_80+): the extension says which.
+TENSOR_CORE_SIZES = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ())) if has_cuda_kernel else set()
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # Powers of two and m * 2^k for every base m (576 = 36 x 16, 896 = 28 x 32, 1536 = 12 x 128,
@@ -58,6 +63,26 @@ def assert_quant_close(q, s, q_ref, s_ref, bits, exact=False):
     diff = (codes_of(q, bits) - codes_of(q_ref, bits)).abs()
     assert diff.numel() == 0 or diff.max().item() <= 1
     assert diff.numel() == 0 or (diff != 0).float().mean().item() <= 0.01  # rare rounding-boundary ties
+
+
+def on_tensor_cores(n, dtype):
+    return n in TENSOR_CORE_SIZES and dtype in UNIT_ROUNDOFF and torch.cuda.get_device_capability()[0] >= 8
+
+
+def assert_codes_round_the_exact_rotation(q, s, x, bits, clip, s_ref, q_ref):
+    """The tensor-core path: scales within rounding of the two-kernel path's; each code is the rounding of the
+    exactly (fp64) rotated value over the kernel's own scale, clamped, up to the error of the intermediate
+    roundings to x's dtype (one for 2^k, two for 14336), whose size in code units is about qmax * u * |y| / amax
+    (a bound of 6 qmax u); and on average the codes are as close to the exact values as the two-kernel path's."""
+    torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)
+    qmax = 7 if bits == 4 else 127
+    exact = hadamard_transform(x.double().cpu()).float() if x.shape[0] else x.float().cpu()
+    target = (exact.double() / s.double().cpu()[:, None]).clamp(-qmax, qmax)
+    slack = 6 * qmax * UNIT_ROUNDOFF[x.dtype] * (2 if x.shape[1] % 7 == 0 else 1)
+    error = (codes_of(q, bits).cpu().double() - target).abs()
+    assert error.max().item() <= 0.5 + slack
+    ref_error = (codes_of(q_ref, bits).cpu().double() - target).abs()
+    assert error.mean().item() <= ref_error.mean().item() + slack / 6
 
 
 def random_rows(rows, n, dtype, device=DEVICE):
@@ -159,9 +184,13 @@ def test_cuda_hadamard_quantize_matches_reference(n, dtype, bits):
     clip = 0.9 if n % 3 else 1.0
     q, s = torch.ops.quantkern.hadamard_quantize(x, bits, clip, 0)  # the fused kernel itself, for every n
     q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, clip)
+    q2, s2 = ops.hadamard_quantize(x, bits, clip, backend="cuda")  # (short m * 2^k rows: two kernels)
+    if on_tensor_cores(n, dtype):
+        assert_codes_round_the_exact_rotation(q, s, x, bits, clip, s_ref, q_ref)
+        assert torch.equal(q2, q) and torch.equal(s2, s)
+        return
     pow2 = n & (n - 1) == 0 and n != 4  # n = 4 runs the small dense kernel (another summation order)
     assert_quant_close(q, s, q_ref, s_ref, bits, exact=pow2)
-    q2, s2 = ops.hadamard_quantize(x, bits, clip, backend="cuda")  # (short m * 2^k rows: two kernels)
     assert_quant_close(q2, s2, q_ref, s_ref, bits, exact=pow2)
 
 
@@ -189,13 +218,40 @@ def test_cuda_refuses_unsupported_sizes_clearly():
 
 @pytest.mark.gpu
 @needs_cuda_kernel
-def test_cuda_fused_op_equals_the_quantlinear_path():
+def test_cuda_fused_op_agrees_with_the_quantlinear_path():
     # QuantLinear(input_rotation="hadamard") rotates with ops.hadamard (x's dtype), then quantizes.
-    for n, dtype in [(4096, torch.float16), (14336, torch.bfloat16), (576, torch.float16)]:
+    for n, dtype in [(4096, torch.float16), (14336, torch.bfloat16), (576, torch.float16), (4096, torch.float32)]:
         x = random_rows(64, n, dtype)
         q, s = ops.hadamard_quantize(x, 4)
         q2, s2 = ops.quantize_per_token(ops.hadamard(x), 4)
-        assert_quant_close(q, s, q2, s2, 4, exact=n & (n - 1) == 0)
+        if on_tensor_cores(n, dtype):
+            assert_codes_round_the_exact_rotation(q, s, x, 4, 1.0, s2, q2)
+        else:
+            assert_quant_close(q, s, q2, s2, 4, exact=n & (n - 1) == 0)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [4096, 14336])
+def test_cuda_tensor_core_path_edge_rows(n, dtype):
+    """Zero rows, a row with one huge entry (fp16: no overflow in the rounded intermediates), tiny values,
+    clipping, many rows (grid), and deterministic results across runs."""
+    if not on_tensor_cores(n, dtype):
+        pytest.skip("no tensor-core path for this size / dtype / device")
+    x = random_rows(300, n, dtype)
+    x[1] = 0
+    x[3] = 0
+    x[3, 5] = 60000.0 if dtype == torch.float16 else 1e30
+    x[4] *= 1e-3
+    for bits, clip in [(4, 1.0), (4, 0.8), (8, 0.9)]:
+        q, s = torch.ops.quantkern.hadamard_quantize(x, bits, clip, 0)
+        q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, clip)
+        assert s[1].item() == 1.0 and not codes_of(q[1:2], bits).any()
+        assert torch.isfinite(s).all()
+        assert_codes_round_the_exact_rotation(q, s, x, bits, clip, s_ref, q_ref)
+        again = torch.ops.quantkern.hadamard_quantize(x, bits, clip, 0)
+        assert torch.equal(again[0], q) and torch.equal(again[1], s)
 
 
 @pytest.mark.gpu
@@ -206,7 +262,7 @@ def test_cuda_misaligned_input_and_leading_dims():
     assert_rotation_close(ops.hadamard(x, backend="cuda"), reference.hadamard(x), exact=True)
     q, s = ops.hadamard_quantize(x, 8, backend="cuda")
     q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x.reshape(6, 1024)), 8)
-    assert torch.equal(q.view(6, 1024), q_ref) and torch.equal(s.view(6), s_ref)
+    assert_codes_round_the_exact_rotation(q.view(6, 1024), s.view(6), x.reshape(6, 1024), 8, 1.0, s_ref, q_ref)
     assert ops.hadamard(torch.empty(0, 4096, device="cuda", dtype=torch.float16)).shape == (0, 4096)
 
 
@@ -217,9 +273,12 @@ def test_cuda_under_compile_fullgraph_and_cuda_graph():
     y_ref = reference.hadamard(x)
     q_ref, s_ref = reference.quantize_per_token(y_ref, 4)
 
+    q_eager, s_eager = ops.hadamard_quantize(x, 4)
+
     compiled = torch.compile(lambda t: (ops.hadamard(t), ops.hadamard_quantize(t, 4)), fullgraph=True)
     y, (q, s) = compiled(x)
-    assert torch.equal(y, y_ref) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert torch.equal(y, y_ref) and torch.equal(q, q_eager) and torch.equal(s, s_eager)
+    assert_codes_round_the_exact_rotation(q, s, x, 4, 1.0, s_ref, q_ref)
 
     static_x = x.clone()
     ops.hadamard_quantize(static_x, 4)  # warm-up outside the capture
@@ -230,8 +289,8 @@ def test_cuda_under_compile_fullgraph_and_cuda_graph():
     static_x.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize()
-    q_ref, s_ref = reference.quantize_per_token(reference.hadamard(fresh), 4)
-    assert torch.equal(out_q, q_ref) and torch.equal(out_s, s_ref)
+    q_eager, s_eager = ops.hadamard_quantize(fresh, 4)
+    assert torch.equal(out_q, q_eager) and torch.equal(out_s, s_eager)
 
 
 @pytest.mark.gpu

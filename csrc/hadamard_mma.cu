@@ -1,0 +1,545 @@
+// Fused online Hadamard + per-token quantization on tensor cores (fp16 / bf16 activations, sm_80+):
+// the fast path of quantkern::hadamard_quantize (csrc/hadamard.cu calls hadamard_quantize_tensor_cores first)
+// for n = 256 * 2^c (1024 ... 16384) and n = 14336 = 28 x 512, the sizes of Llama / Qwen / Mistral layers.
+//
+// Why: the fp32-butterfly kernel (csrc/hadamard_kernels.cuh) spends ~30 instructions per element (k adds,
+// shared-memory rounds, the dtype round trip, an exact-tie check) and is issue-bound at 0.28-0.48 of the
+// copy bandwidth. Here a 16-point Walsh-Hadamard factor is one mma.m16n8k16 per 128 elements.
+//
+// Math. H_n = kron(H_m, H_{2^k}) (quantkern.rotation.hadamard_matrix), and H_{2^k} is the product of
+// 2-point butterflies over the index bits in any grouping. Index i of a row = c * 256 + e, chunk c, e < 256:
+//   stage A:  bits {0, 3, 4, 1} of e   one mma per 8 columns: D = (H16 / 16) . X         (T operands, fp32 sums)
+//   stage B:  bits {5, 6, 7, 2} of e   D rounded to T, then E = (H16 / 16) . D^T        (fp32 out)
+//   outer:    the chunk index c         2^k: fp32 butterflies in registers (+ one exchange through shared
+//                                        memory when a row spans several warps); 14336: H28 (padded to 32)
+//                                        as the A operand of mma.m16n8k16 over the 28 blocks, then the
+//                                        bit-8 butterfly in fp32.
+// The 1/16 factors keep every rounded intermediate within max|x| (no fp16 overflow); the result is
+// y = v * 256 / sqrt(n), folded into the quantization multiplier (no per-element multiply).
+//
+// Fragment layout (the reason no shuffles or transposes are needed). Lane L = 4 g + t loads the 16 bytes
+// e = 8 L .. 8 L + 7 of each chunk; its four 32-bit words ARE mma B fragments: words 0, 1 = n-tile 0
+// (k = 2t + h and 2t + 8 + h: e bits 0, 3, 4, 1; n = g: e bits 5-7), words 2, 3 = n-tile 1 (n bit 3 = e
+// bit 2). The accumulator of D = H . X holds D[m = g (+8)][n = 2t + h (+8)], and an accumulator pair
+// (c0, c1) converted to a T pair is exactly the B fragment of D^T (k = 2t + h, n = g): stage B reads stage A's
+// accumulators in place. Stage B's accumulator E[m2 = g + 8 s][n2 = 2t + h + 8 j] is, by the same bit
+// bookkeeping, element e = h + 2 j + 4 s + 8 L: every lane ends with ITS OWN 8 loaded elements, transformed
+// over all 8 bits. So the codes of a chunk are one 4-byte (int4) / 8-byte (int8) store per lane, coalesced.
+//
+// Tiling and pipeline. One CTA per row. 2^k rows: F = n / 256 chunks, J = min(F, 8) chunks per warp
+// (J * 8 fp32 values per lane), W = F / J warps (16384: 8 warps). Each lane issues its J 16-byte loads first
+// (read once: L1 no-allocate), then per chunk 4 mma + 4 packs; butterflies over the J chunks in registers;
+// for W > 1 every lane writes its values to shared memory ([chunk][half][lane][4] fp32, conflict-free),
+// one barrier, and reads back the chunks whose warp bits it still has to butterfly. 14336: 8 warps x 7
+// chunks, stage A / B, values rounded to T into a [32 blocks][512 + 8] shared tile (pitch 1040 B: the
+// ldmatrix rows hit distinct banks; blocks 28-31 zero), one barrier, then each warp takes 8 column tiles
+// (4 for b = 0 and the matching 4 for b = 1), ldmatrix.x4.trans gives the B fragments over the blocks, 4 mma
+// per tile apply H28, and the b butterfly pairs tile j with j + 32.
+// Quantization: per-thread |max| (NaN propagates), warp shuffles, one shared exchange between warps;
+// scale = T(amax(v) * 256 / sqrt(n)) * clip / qmax (amax of the values rounded to T, as the two-kernel path
+// sees them; 1 where 0), then code = rni(max(v * (256 / sqrt(n) / scale), -qmax)) and cvt.pack.sat
+// saturates at +qmax and packs 2 codes per instruction.
+//
+// Accuracy. Not bit-identical with reference.quantize_per_token(reference.hadamard(x)) (the fp32-butterfly
+// kernel is): the stage A sums (and for 14336 the stage B sums) are rounded to x's dtype once, the
+// tensor cores accumulate in their own order, and the rotated values are quantized as fp32 rather than
+// after rounding to x's dtype. A code can differ from the two-kernel path's by 1 where the rotated value
+// lies within a few units in the last place of x's dtype from a rounding boundary; the tests bound each
+// code against the exactly (fp64) rotated value.
+//
+// Compiled for every arch of the build; the kernels need mma.m16n8k16 with bf16 (sm_80+), so the host
+// side takes this path only on such devices, and older archs compile empty bodies.
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "hadamard_kernels.cuh"  // base_sign: the base matrices, as rotation.py builds them
+
+namespace quantkern {
+namespace hadamard_mma {
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define QK_HADAMARD_MMA_BODY 1
+#else
+#define QK_HADAMARD_MMA_BODY 0
+#endif
+
+constexpr int kChunk = 256;         // elements per mma chunk (stage A x stage B)
+constexpr int kPaleyOrder = 28;     // 14336 = 28 x 512
+constexpr int kPaleyBlock = 512;
+constexpr int kPaleyPitch = kPaleyBlock + 8;  // T elements per shared-tile row (1040 bytes)
+constexpr int kPaleyWarps = 8;
+
+// Bit patterns of +1 and 1/16 in T (negative: | 0x8000).
+template <typename T>
+constexpr uint16_t kOneBits = std::is_same_v<T, __half> ? 0x3C00 : 0x3F80;
+template <typename T>
+constexpr uint16_t kSixteenthBits = std::is_same_v<T, __half> ? 0x2C00 : 0x3D80;
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core and conversion primitives
+// ---------------------------------------------------------------------------------------------
+
+// d = a . b (+ c): mma.m16n8k16, T operands, fp32 accumulators.
+template <typename T, bool ACCUMULATE>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if QK_HADAMARD_MMA_BODY
+  const float c0 = ACCUMULATE ? d[0] : 0.0f, c1 = ACCUMULATE ? d[1] : 0.0f;
+  const float c2 = ACCUMULATE ? d[2] : 0.0f, c3 = ACCUMULATE ? d[3] : 0.0f;
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
+  }
+#endif
+}
+
+// Two fp32 -> one T pair (lo in the low half), round to nearest even: one cvt.rn.{f16x2,bf16x2}.f32.
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+#if QK_HADAMARD_MMA_BODY
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+#else
+  return 0;
+#endif
+}
+
+// max(a, |b|), NaN propagating (max.NaN, sm_80+): torch.amax's NaN semantics in one instruction.
+__device__ __forceinline__ float max_abs_nan(float a, float b) {
+  float d;
+#if QK_HADAMARD_MMA_BODY
+  asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(fabsf(b)));
+#else
+  d = fmaxf(a, fabsf(b));
+#endif
+  return d;
+}
+
+// Quantization code, before saturation at +qmax (done by the pack): round half to even of
+// max(v * inv, -qmax). NaN gives 0.
+__device__ __forceinline__ int code_of(float v, float inv, float qmax) {
+  return __float2int_rn(fmaxf(__fmul_rn(v, inv), -qmax));
+}
+
+// (high << 2 * BITS) | sat(a) << BITS | sat(b): cvt.pack.sat.s{4,8}.s32.b32, sat = clamp to the signed range.
+template <int BITS>
+__device__ __forceinline__ uint32_t pack_codes(int a, int b, uint32_t high) {
+  uint32_t d = 0;
+#if QK_HADAMARD_MMA_BODY
+  if constexpr (BITS == 4) {
+    asm("cvt.pack.sat.s4.s32.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(high));
+  } else {
+    asm("cvt.pack.sat.s8.s32.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(high));
+  }
+#endif
+  return d;
+}
+
+// The A fragment of H16 / 16 (symmetric, Sylvester order: (-1)^popcount(r & c)) for this lane: word 0 is
+// (row g, cols 2t, 2t + 1); word 1 (row g + 8) and word 2 (cols + 8) equal it, word 3 is its negation.
+template <typename T>
+__device__ __forceinline__ void hadamard16_fragment(uint32_t (&a)[4]) {
+  const int lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
+  const uint32_t lo_neg = __popc(g & (2 * t)) & 1, hi_neg = lo_neg ^ (g & 1);
+  const uint32_t w = (kSixteenthBits<T> | (lo_neg << 15)) | ((kSixteenthBits<T> | (hi_neg << 15)) << 16);
+  a[0] = w;
+  a[1] = w;
+  a[2] = w;
+  a[3] = w ^ 0x80008000u;
+}
+
+// Stages A and B of one 256-element chunk: `raw` is the lane's 16 loaded bytes (elements 8 L .. 8 L + 7),
+// v gets those 8 elements of (H256 / 256) x in fp32 (the header says why the layout closes on itself).
+template <typename T>
+__device__ __forceinline__ void transform_chunk(const uint4& raw, const uint32_t (&h16)[4], float (&v)[8]) {
+  float d0[4], d1[4];
+  mma16816<T, false>(d0, h16, raw.x, raw.y);  // n-tile 0: e bit 2 = 0
+  mma16816<T, false>(d1, h16, raw.z, raw.w);  // n-tile 1: e bit 2 = 1
+  float e0[4], e1[4];
+  mma16816<T, false>(e0, h16, pack_pair<T>(d0[0], d0[1]), pack_pair<T>(d1[0], d1[1]));
+  mma16816<T, false>(e1, h16, pack_pair<T>(d0[2], d0[3]), pack_pair<T>(d1[2], d1[3]));
+  // e = h + 2 j + 4 s + 8 L: accumulator e_j, register 2 s + h.
+  v[0] = e0[0]; v[1] = e0[1]; v[2] = e1[0]; v[3] = e1[1];
+  v[4] = e0[2]; v[5] = e0[3]; v[6] = e1[2]; v[7] = e1[3];
+}
+
+// Butterflies (a, b) -> (a + b, a - b) over index bits [LO, HI) of v's first dimension, every position.
+template <int LO, int HI, int N>
+__device__ __forceinline__ void butterflies(float (&v)[N][8]) {
+#pragma unroll
+  for (int bit = LO; bit < HI; ++bit) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      if ((i >> bit) & 1) continue;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float a = v[i][e], b = v[i | (1 << bit)][e];
+        v[i][e] = a + b;
+        v[i | (1 << bit)][e] = a - b;
+      }
+    }
+  }
+}
+
+// Row absmax over the CTA (every thread gets it). `red` holds one float per warp; the barrier before the
+// write keeps a previous use of `red` safe.
+template <int WARPS>
+__device__ __forceinline__ float cta_absmax(float local, float* red) {
+  local = warp_reduce_max(local);
+  if constexpr (WARPS == 1) {
+    return local;
+  } else {
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    if (lane == 0) red[warp] = local;
+    __syncthreads();
+    float m = lane < WARPS ? red[lane] : 0.0f;
+    return warp_reduce_max(m);
+  }
+}
+
+struct QuantParams {
+  const void* x;
+  uint8_t* q;       // int8 [rows, n] or uint8 [rows, n / 2]
+  float* scales;    // [rows]
+  float clip;
+  float out_scale;  // fp32(256 / sqrt(n)): y = v * out_scale
+};
+
+// scale (as quantize_per_token computes it from the rounded row) and the code multiplier out_scale / scale.
+template <typename T, int BITS>
+__device__ __forceinline__ float row_scale_and_multiplier(float amax_v, const QuantParams& p, int64_t row,
+                                                          float& inv) {
+  constexpr float kQmax = BITS == 4 ? 7.0f : 127.0f;
+  const float amax_y = to_float(from_float<T>(__fmul_rn(amax_v, p.out_scale)));
+  float scale = __fdiv_rn(__fmul_rn(amax_y, p.clip), kQmax);
+  if (scale == 0.0f) scale = 1.0f;
+  if (threadIdx.x == 0) p.scales[row] = scale;
+  inv = __fdiv_rn(p.out_scale, scale);
+  return kQmax;
+}
+
+// The 8 codes of one lane's chunk (elements 8 L .. 8 L + 7), packed: int4 -> 4 bytes, int8 -> 8 bytes.
+template <int BITS>
+__device__ __forceinline__ void store_codes8(const float (&v)[8], float inv, float qmax, uint8_t* dst) {
+  int c[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) c[e] = code_of(v[e], inv, qmax);
+  if constexpr (BITS == 4) {
+    uint32_t w = pack_codes<4>(c[7], c[6], 0u);
+    w = pack_codes<4>(c[5], c[4], w);
+    w = pack_codes<4>(c[3], c[2], w);
+    w = pack_codes<4>(c[1], c[0], w);
+    *reinterpret_cast<uint32_t*>(dst) = w;
+  } else {
+    const uint32_t hi = pack_codes<8>(c[5], c[4], pack_codes<8>(c[7], c[6], 0u));
+    const uint32_t lo = pack_codes<8>(c[1], c[0], pack_codes<8>(c[3], c[2], 0u));
+    *reinterpret_cast<uint2*>(dst) = make_uint2(lo, hi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// n = 256 * 2^LOG_CHUNKS
+// ---------------------------------------------------------------------------------------------
+
+template <int LOG_CHUNKS>
+struct Pow2Shape {
+  static constexpr int kChunks = 1 << LOG_CHUNKS;
+  static constexpr int kLogPerWarp = LOG_CHUNKS < 3 ? LOG_CHUNKS : 3;
+  static constexpr int kPerWarp = 1 << kLogPerWarp;        // J: chunks per warp
+  static constexpr int kLogWarps = LOG_CHUNKS - kLogPerWarp;
+  static constexpr int kWarps = 1 << kLogWarps;            // W
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kN = kChunks * kChunk;
+  static constexpr size_t kExchangeBytes = kWarps > 1 ? sizeof(float) * kN : 0;
+  static_assert(kWarps <= kPerWarp, "phase 2 holds one chunk per warp bit combination");
+};
+
+template <typename T, int LOG_CHUNKS, int BITS>
+__global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
+    hadamard_quantize_pow2_kernel(const QuantParams p) {
+#if QK_HADAMARD_MMA_BODY
+  using S = Pow2Shape<LOG_CHUNKS>;
+  constexpr int J = S::kPerWarp, W = S::kWarps;
+  extern __shared__ float4 exchange_vec[];
+  float* exchange = reinterpret_cast<float*>(exchange_vec);
+  __shared__ float red[W];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t row = blockIdx.x;
+  const T* xr = static_cast<const T*>(p.x) + row * S::kN;
+
+  // Phase 1: chunks warp * J + i (i < J), every load in flight first.
+  uint4 raw[J];
+#pragma unroll
+  for (int i = 0; i < J; ++i) raw[i] = load_stream_v4(xr + (warp * J + i) * kChunk + lane * 8);
+  uint32_t h16[4];
+  hadamard16_fragment<T>(h16);
+  float v[J][8];
+#pragma unroll
+  for (int i = 0; i < J; ++i) transform_chunk<T>(raw[i], h16, v[i]);
+  butterflies<0, S::kLogPerWarp>(v);  // chunk bits 0 .. log J - 1
+
+  int chunk_of[J];  // the chunk whose values v[i] holds
+#pragma unroll
+  for (int i = 0; i < J; ++i) chunk_of[i] = warp * J + i;
+  if constexpr (W > 1) {
+    // Phase 2: v[i], i = hi * (J / W) + l, holds chunk hi * J + warp * (J / W) + l: the warp bits of the
+    // chunk index are now register bits, butterflied below.
+    constexpr int kPer = J / W;
+    auto slot = [&](int chunk, int half) { return exchange + (chunk * 2 + half) * (kWarpSize * 4) + lane * 4; };
+#pragma unroll
+    for (int i = 0; i < J; ++i) {
+      *reinterpret_cast<float4*>(slot(chunk_of[i], 0)) = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+      *reinterpret_cast<float4*>(slot(chunk_of[i], 1)) = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < J; ++i) {
+      chunk_of[i] = (i / kPer) * J + warp * kPer + i % kPer;
+      const float4 a = *reinterpret_cast<const float4*>(slot(chunk_of[i], 0));
+      const float4 b = *reinterpret_cast<const float4*>(slot(chunk_of[i], 1));
+      v[i][0] = a.x; v[i][1] = a.y; v[i][2] = a.z; v[i][3] = a.w;
+      v[i][4] = b.x; v[i][5] = b.y; v[i][6] = b.z; v[i][7] = b.w;
+    }
+    butterflies<S::kLogPerWarp - S::kLogWarps, S::kLogPerWarp>(v);
+  }
+
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < J; ++i) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = max_abs_nan(amax, v[i][e]);
+  }
+  amax = cta_absmax<W>(amax, red);
+  float inv;
+  const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
+  uint8_t* qr = p.q + row * (S::kN * BITS / 8);
+#pragma unroll
+  for (int i = 0; i < J; ++i) store_codes8<BITS>(v[i], inv, qmax, qr + (chunk_of[i] * kChunk + lane * 8) * BITS / 8);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// n = 14336 = 28 x 512
+// ---------------------------------------------------------------------------------------------
+
+// A fragments of H28 zero-padded to 32 x 32, per lane: [m-tile r][k-step s][word] as 16 words, each a T pair
+// (low half: the even column). Generated at compile time from base_sign (no pasted table).
+struct alignas(16) PaleyFragments {
+  uint32_t words[kWarpSize][16];
+};
+
+__host__ __device__ constexpr uint32_t paley_entry_bits(uint16_t one, int m, int k) {
+  if (m >= kPaleyOrder || k >= kPaleyOrder) return 0;
+  return hadamard_impl::base_sign(kPaleyOrder, m, k) > 0 ? one : static_cast<uint16_t>(one | 0x8000);
+}
+
+__host__ __device__ constexpr PaleyFragments make_paley_fragments(uint16_t one) {
+  PaleyFragments f{};
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const int g = lane / 4, t = lane % 4;
+    for (int r = 0; r < 2; ++r) {
+      for (int s = 0; s < 2; ++s) {
+        for (int w = 0; w < 4; ++w) {
+          const int m = 16 * r + g + 8 * (w & 1), k = 16 * s + 2 * t + 8 * (w >> 1);
+          f.words[lane][(r * 2 + s) * 4 + w] = paley_entry_bits(one, m, k) | (paley_entry_bits(one, m, k + 1) << 16);
+        }
+      }
+    }
+  }
+  return f;
+}
+
+__device__ const PaleyFragments kPaleyHalf = make_paley_fragments(kOneBits<__half>);
+__device__ const PaleyFragments kPaleyBf16 = make_paley_fragments(kOneBits<__nv_bfloat16>);
+
+// ldmatrix.x4.trans: lane l gives row l's 16-byte address; register i gets matrix i transposed
+// (rows 2t, 2t + 1 of column g), i.e. the B fragment with k over the rows.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if QK_HADAMARD_MMA_BODY
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+template <typename T, int BITS>
+__global__ void __launch_bounds__(kPaleyWarps * kWarpSize) hadamard_quantize_paley28_kernel(const QuantParams p) {
+#if QK_HADAMARD_MMA_BODY
+  constexpr int kN = kPaleyOrder * kPaleyBlock;
+  constexpr int kChunksPerWarp = kN / kChunk / kPaleyWarps;  // 7
+  constexpr int kTilesPerWarp = 8;                            // column tiles of 8: 4 with b = 0, 4 with b = 1
+  __shared__ alignas(16) T tile[32 * kPaleyPitch];
+  __shared__ float red[kPaleyWarps];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row = blockIdx.x;
+  const T* xr = static_cast<const T*>(p.x) + row * kN;
+
+  uint4 raw[kChunksPerWarp];
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i) {
+    raw[i] = load_stream_v4(xr + (warp * kChunksPerWarp + i) * kChunk + lane * 8);
+  }
+  // Blocks 28-31 of the tile: zero (H28's padded columns multiply them).
+  *reinterpret_cast<uint4*>(tile + (kPaleyOrder + threadIdx.x / 64) * kPaleyPitch + (threadIdx.x % 64) * 8) =
+      make_uint4(0, 0, 0, 0);
+  uint32_t h16[4];
+  hadamard16_fragment<T>(h16);
+#pragma unroll
+  for (int i = 0; i < kChunksPerWarp; ++i) {
+    float v[8];
+    transform_chunk<T>(raw[i], h16, v);
+    const int chunk = warp * kChunksPerWarp + i, block = chunk / 2, half = chunk % 2;
+    *reinterpret_cast<uint4*>(tile + block * kPaleyPitch + half * kChunk + lane * 8) =
+        make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]),
+                   pack_pair<T>(v[6], v[7]));
+  }
+  const PaleyFragments& table = std::is_same_v<T, __half> ? kPaleyHalf : kPaleyBf16;
+  uint32_t h28[2][2][4];
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const uint4 q = *reinterpret_cast<const uint4*>(&table.words[lane][w * 4]);
+    h28[w / 2][w % 2][0] = q.x; h28[w / 2][w % 2][1] = q.y; h28[w / 2][w % 2][2] = q.z; h28[w / 2][w % 2][3] = q.w;
+  }
+  __syncthreads();
+
+  // acc[j][r][...]: column tile col(j) = 4 warp + j (b = 0) or + 32 (j >= 4, b = 1); rows 16 r + g (+ 8).
+  float acc[kTilesPerWarp][2][4];
+  const uint32_t tile_base = static_cast<uint32_t>(__cvta_generic_to_shared(tile)) + lane * kPaleyPitch * sizeof(T);
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int col_tile = 4 * warp + (j % 4) + (j / 4) * 32;
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, tile_base + col_tile * 8 * sizeof(T));
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mma16816<T, false>(acc[j][r], h28[r][0], b[0], b[1]);
+      mma16816<T, true>(acc[j][r], h28[r][1], b[2], b[3]);
+    }
+  }
+  // Bit 8 (b): tile j (b = 0) with tile j + 4 (b = 1).
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float a = acc[j][r][e], c = acc[j + 4][r][e];
+        acc[j][r][e] = a + c;
+        acc[j + 4][r][e] = a - c;
+        amax = max_abs_nan(max_abs_nan(amax, acc[j][r][e]), acc[j + 4][r][e]);  // padded rows are 0
+      }
+    }
+  }
+  amax = cta_absmax<kPaleyWarps>(amax, red);
+  float inv;
+  const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
+  uint8_t* qr = p.q + row * (kN * BITS / 8);
+#pragma unroll
+  for (int j = 0; j < kTilesPerWarp; ++j) {
+    const int col = (4 * warp + (j % 4) + (j / 4) * 32) * 8 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const int block = 16 * r + g + 8 * s;
+        if (block >= kPaleyOrder) continue;
+        const int c0 = code_of(acc[j][r][2 * s], inv, qmax), c1 = code_of(acc[j][r][2 * s + 1], inv, qmax);
+        const int i = block * kPaleyBlock + col;  // the pair's first element
+        if constexpr (BITS == 4) {
+          qr[i / 2] = static_cast<uint8_t>(pack_codes<4>(c1, c0, 0u));
+        } else {
+          *reinterpret_cast<uint16_t*>(qr + i) = static_cast<uint16_t>(pack_codes<8>(c1, c0, 0u));
+        }
+      }
+    }
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int LOG_CHUNKS, int BITS>
+void launch_pow2(const QuantParams& p, int64_t rows, cudaStream_t stream) {
+  using S = Pow2Shape<LOG_CHUNKS>;
+  auto kernel = hadamard_quantize_pow2_kernel<T, LOG_CHUNKS, BITS>;
+  if constexpr (S::kExchangeBytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(S::kExchangeBytes)));
+  }
+  kernel<<<static_cast<unsigned>(rows), S::kThreads, S::kExchangeBytes, stream>>>(p);
+  QK_CHECK_LAUNCH();
+}
+
+template <typename T, int BITS>
+bool launch_size(int64_t n, const QuantParams& p, int64_t rows, cudaStream_t stream) {
+  switch (n) {
+    case 1024: launch_pow2<T, 2, BITS>(p, rows, stream); return true;
+    case 2048: launch_pow2<T, 3, BITS>(p, rows, stream); return true;
+    case 4096: launch_pow2<T, 4, BITS>(p, rows, stream); return true;
+    case 8192: launch_pow2<T, 5, BITS>(p, rows, stream); return true;
+    case 16384: launch_pow2<T, 6, BITS>(p, rows, stream); return true;
+    case kPaleyOrder * kPaleyBlock:
+      hadamard_quantize_paley28_kernel<T, BITS><<<static_cast<unsigned>(rows), kPaleyWarps * kWarpSize, 0, stream>>>(p);
+      QK_CHECK_LAUNCH();
+      return true;
+    default: return false;
+  }
+}
+
+}  // namespace hadamard_mma
+
+// The row lengths this path serves (also reported by quantkern._C.build_info()).
+std::vector<int64_t> hadamard_quantize_tensor_core_sizes() { return {1024, 2048, 4096, 8192, 14336, 16384}; }
+
+// Runs the tensor-core kernel when it serves x (fp16/bf16, a size above, whole-row transform, sm_80+) and
+// returns true; false leaves the call to the fp32-butterfly kernel. x: contiguous, 16-byte aligned, 2-D.
+bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double clip_ratio, int64_t block_size,
+                                    at::Tensor& q, at::Tensor& scale) {
+  using namespace hadamard_mma;
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t n = x.size(1), rows = x.size(0);
+  if (block_size != 0 || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
+  bool served = false;
+  for (int64_t size : hadamard_quantize_tensor_core_sizes()) served |= size == n;
+  if (!served || rows == 0) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
+  if (major < 8) return false;
+  QuantParams p{};
+  p.x = x.const_data_ptr();
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.scales = scale.data_ptr<float>();
+  p.clip = static_cast<float>(clip_ratio);
+  p.out_scale = static_cast<float>(kChunk / std::sqrt(static_cast<double>(n)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  if (dtype == at::kHalf) {
+    return bits == 4 ? launch_size<__half, 4>(n, p, rows, stream) : launch_size<__half, 8>(n, p, rows, stream);
+  }
+  return bits == 4 ? launch_size<__nv_bfloat16, 4>(n, p, rows, stream)
+                   : launch_size<__nv_bfloat16, 8>(n, p, rows, stream);
+}
+
+}  // namespace quantkern

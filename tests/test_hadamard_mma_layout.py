@@ -1,0 +1,175 @@
+"""CPU emulation of csrc/hadamard_mma.cu's fragment bookkeeping, checked against reference.hadamard.
+
+The tensor-core kernel relies on mma.m16n8k16's register layouts closing on themselves (the loaded 16-byte
+words are B fragments; an accumulator pair is a B fragment of the transpose; every lane ends with its own
+8 loaded elements). This test rebuilds each lane's fragments exactly as the kernel does, multiplies the
+matrices the fragments describe (PTX ISA layouts), rounds where the kernel rounds, and compares the rotated
+rows with the fp64 transform. It runs everywhere (no GPU): a layout slip fails here before any GPU time.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from quantkern.rotation import hadamard_matrix, hadamard_transform
+
+LANES = np.arange(32)
+G, T = LANES // 4, LANES % 4  # groupID, thread in group
+
+
+def round_to(values, dtype):
+    return torch.from_numpy(np.asarray(values, dtype=np.float32)).to(dtype).float().numpy()
+
+
+# --- mma.m16n8k16 fragments (PTX ISA "Matrix Fragments for mma.m16n8k16"), per lane -------------------------
+
+def a_matrix(frag):
+    """frag [32, 8] (a0..a7 of each lane) -> A [16, 16]."""
+    a = np.zeros((16, 16))
+    for i in range(8):
+        row = G + 8 * ((i // 2) % 2)
+        col = 2 * T + (i % 2) + 8 * (i // 4)
+        a[row, col] = frag[:, i]
+    return a
+
+
+def b_matrix(frag):
+    """frag [32, 4] (b0..b3 of each lane) -> B [16, 8]."""
+    b = np.zeros((16, 8))
+    for i in range(4):
+        b[2 * T + (i % 2) + 8 * (i // 2), G] = frag[:, i]
+    return b
+
+
+def c_fragment(d):
+    """D [16, 8] -> frag [32, 4] (c0..c3 of each lane)."""
+    return np.stack([d[G + 8 * (i // 2), 2 * T + (i % 2)] for i in range(4)], axis=1)
+
+
+def mma(a_frag, b_frag, c_frag=None):
+    d = a_matrix(a_frag) @ b_matrix(b_frag)
+    out = c_fragment(d)
+    return out if c_frag is None else out + c_frag
+
+
+# --- the kernel's steps ------------------------------------------------------------------------------------
+
+def hadamard16_fragment():
+    """hadamard16_fragment: H16 / 16, words 0-3 as a0..a7."""
+    lo = np.array([bin(g & (2 * t)).count("1") & 1 for g, t in zip(G, T)])
+    hi = lo ^ (G & 1)
+    w0 = np.stack([(-1.0) ** lo, (-1.0) ** hi], axis=1) / 16
+    return np.concatenate([w0, w0, w0, -w0], axis=1)
+
+
+def transform_chunk(chunk, dtype):
+    """transform_chunk on one 256-element chunk (T values) -> v [32 lanes, 8] fp32."""
+    h16 = hadamard16_fragment()
+    raw = chunk.reshape(32, 8)  # lane L's 16 bytes: elements 8 L .. 8 L + 7, words (0,1) (2,3) (4,5) (6,7)
+    d0 = mma(h16, raw[:, 0:4])
+    d1 = mma(h16, raw[:, 4:8])
+    b0 = round_to(np.stack([d0[:, 0], d0[:, 1], d1[:, 0], d1[:, 1]], axis=1), dtype)
+    b1 = round_to(np.stack([d0[:, 2], d0[:, 3], d1[:, 2], d1[:, 3]], axis=1), dtype)
+    e0, e1 = mma(h16, b0), mma(h16, b1)
+    return np.stack([e0[:, 0], e0[:, 1], e1[:, 0], e1[:, 1], e0[:, 2], e0[:, 3], e1[:, 2], e1[:, 3]], axis=1)
+
+
+def butterflies(v, lo, hi):
+    for bit in range(lo, hi):
+        for i in range(len(v)):
+            if not (i >> bit) & 1:
+                a, b = v[i].copy(), v[i | (1 << bit)].copy()
+                v[i], v[i | (1 << bit)] = a + b, a - b
+
+
+def pow2_kernel(x, dtype):
+    """hadamard_quantize_pow2_kernel's rotation of one row x [n] -> v [n] (before the out_scale)."""
+    n = x.size
+    log_chunks = int(np.log2(n // 256))
+    log_j = min(log_chunks, 3)
+    J, W = 1 << log_j, 1 << (log_chunks - log_j)
+    out = np.zeros(n)
+    values = {}  # chunk -> [32, 8], the exchange buffer
+    for warp in range(W):
+        v = [transform_chunk(x[(warp * J + i) * 256:(warp * J + i + 1) * 256], dtype) for i in range(J)]
+        butterflies(v, 0, log_j)
+        for i in range(J):
+            values[warp * J + i] = v[i]
+    per = J // W
+    for warp in range(W):
+        chunks = [(i // per) * J + warp * per + i % per for i in range(J)]
+        v = [values[c].copy() for c in chunks]
+        if W > 1:
+            butterflies(v, log_j - (log_chunks - log_j), log_j)
+        for c, vi in zip(chunks, v):
+            out[c * 256:(c + 1) * 256] = vi.reshape(-1)  # lane L, element e -> 8 L + e
+    return out
+
+
+def paley_fragments():
+    """make_paley_fragments: H28 padded to 32 x 32, [lane][m-tile r][k-step s] -> a0..a7."""
+    h28 = np.zeros((32, 32))
+    h28[:28, :28] = hadamard_matrix(28, dtype=torch.float64).numpy()
+    frags = np.zeros((2, 2, 32, 8))
+    for r in range(2):
+        for s in range(2):
+            frags[r, s] = np.stack([h28[16 * r + G + 8 * ((i // 2) % 2), 16 * s + 2 * T + (i % 2) + 8 * (i // 4)]
+                                    for i in range(8)], axis=1)
+    return frags
+
+
+def ldmatrix_x4_trans(tile, col):
+    """ldmatrix.x4.trans with lane l addressing row l, columns col .. col + 7: register i of each lane holds
+    matrix i transposed, i.e. (row 8 i + 2 t + h, column col + g) as b-values h = 0, 1."""
+    regs = []
+    for i in range(4):
+        regs.append(np.stack([tile[8 * i + 2 * T + h, col + G] for h in range(2)], axis=1))
+    return regs  # 4 x [32, 2]
+
+
+def paley28_kernel(x, dtype):
+    """hadamard_quantize_paley28_kernel's rotation of one row x [14336] -> v [14336] (before the out_scale)."""
+    tile = np.zeros((32, 512))
+    for chunk in range(56):
+        v = round_to(transform_chunk(x[chunk * 256:(chunk + 1) * 256], dtype), dtype)
+        tile[chunk // 2, (chunk % 2) * 256:(chunk % 2 + 1) * 256] = v.reshape(-1)
+    h28 = paley_fragments()
+    out = np.zeros(14336)
+    for warp in range(8):
+        acc = {}
+        for j in range(8):
+            col_tile = 4 * warp + j % 4 + (j // 4) * 32
+            b = ldmatrix_x4_trans(tile, col_tile * 8)
+            for r in range(2):
+                acc[j, r] = mma(h28[r, 0], np.concatenate([b[0], b[1]], axis=1))
+                acc[j, r] = mma(h28[r, 1], np.concatenate([b[2], b[3]], axis=1), acc[j, r])
+        for j in range(4):
+            for r in range(2):
+                acc[j, r], acc[j + 4, r] = acc[j, r] + acc[j + 4, r], acc[j, r] - acc[j + 4, r]
+        for j in range(8):
+            col_tile = 4 * warp + j % 4 + (j // 4) * 32
+            for r in range(2):
+                for e in range(4):
+                    block = 16 * r + G + 8 * (e // 2)
+                    col = col_tile * 8 + 2 * T + e % 2
+                    keep = block < 28
+                    out[block[keep] * 512 + col[keep]] = acc[j, r][keep, e]
+                    assert np.all(acc[j, r][~keep, e] == 0)  # H28's padded rows
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1024, 2048, 4096, 8192, 16384, 14336])
+def test_fragment_bookkeeping_gives_the_hadamard_transform(n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=gen) * 3).to(dtype)
+    x[: n // 7] *= 20
+    xf = x.float().numpy().astype(np.float64)
+    exact = hadamard_transform(torch.from_numpy(xf)).numpy()  # fp64
+    v = paley28_kernel(xf, dtype) if n == 14336 else pow2_kernel(xf, dtype)
+    y = v * 256 / np.sqrt(n)  # out_scale
+    # Rounded once (twice for 14336) to x's dtype on the way: errors of that size, nothing structural.
+    unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype] * (2 if n == 14336 else 1)
+    rms = np.sqrt(np.mean(exact ** 2))
+    assert np.abs(y - exact).max() <= 4 * unit * np.abs(xf).max() * 16
+    assert np.sqrt(np.mean((y - exact) ** 2)) <= unit * rms
