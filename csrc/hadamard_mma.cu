@@ -92,13 +92,13 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
   const float c0 = ACCUMULATE ? d[0] : 0.0f, c1 = ACCUMULATE ? d[1] : 0.0f;
   const float c2 = ACCUMULATE ? d[2] : 0.0f, c3 = ACCUMULATE ? d[3] : 0.0f;
   if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
+    asm(  // registers only: no volatile, so the scheduler may interleave chunks
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%10, %11, %12, %13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
   } else {
-    asm volatile(
+    asm(  // registers only: no volatile, so the scheduler may interleave chunks
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%10, %11, %12, %13};\n"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
