@@ -26,15 +26,20 @@
 // bookkeeping, element e = h + 2 j + 4 s + 8 L: every lane ends with ITS OWN 8 loaded elements, transformed
 // over all 8 bits. So the codes of a chunk are one 4-byte (int4) / 8-byte (int8) store per lane, coalesced.
 //
-// Tiling and pipeline. One CTA per row. 2^k rows: F = n / 256 chunks, J = min(F, 8) chunks per warp
-// (J * 8 fp32 values per lane), W = F / J warps (16384: 8 warps). Each lane issues its J 16-byte loads first
-// (read once: L1 no-allocate), then per chunk 4 mma + 4 packs; butterflies over the J chunks in registers;
-// for W > 1 every lane writes its values to shared memory ([chunk][half][lane][4] fp32, conflict-free),
-// one barrier, and reads back the chunks whose warp bits it still has to butterfly. 14336: 8 warps x 7
-// chunks, stage A / B, values rounded to T into a [32 blocks][512 + 8] shared tile (pitch 1040 B: the
-// ldmatrix rows hit distinct banks; blocks 28-31 zero), one barrier, then each warp takes 8 column tiles
-// (4 for b = 0 and the matching 4 for b = 1), ldmatrix.x4.trans gives the B fragments over the blocks, 4 mma
-// per tile apply H28, and the b butterfly pairs tile j with j + 32.
+// Tiling and pipeline. Persistent CTAs (as many as fit at once; each takes rows blockIdx.x, + gridDim.x, ...),
+// one row at a time, the next row's 16-byte loads (read once: L1 no-allocate) issued into registers as soon
+// as the current row's are consumed, so they are in flight during the rest of the row.
+// 2^k rows: F = n / 256 chunks, J = min(F, 8) chunks per warp (J * 8 fp32 values per lane), W = F / J warps
+// (16384: 8 warps). Per chunk 4 mma + 4 packs; butterflies over the J chunks in registers; for W > 1 every
+// lane writes its values to shared memory ([chunk][half][lane][4] fp32, conflict-free), one barrier, and
+// reads back the chunks whose warp bits it still has to butterfly; codes stored straight from registers.
+// 14336: 8 warps x 7 chunks, stage A / B, values rounded to T into a [32 blocks][512 + 8] shared tile (pitch
+// 1040 B: the ldmatrix rows hit distinct banks; blocks 28-31 zero), one barrier, then each warp takes 8
+// column tiles (4 for b = 0 and the matching 4 for b = 1), ldmatrix.x4.trans gives the B fragments over the
+// blocks, 4 mma per tile apply H28, and the b butterfly pairs tile j with j + 4. Its codes (a byte per pair
+// and block row) are staged in shared memory and written with coalesced 16-byte stores. (The next row's
+// loads are issued after the mma phase there: 64 accumulators + 28 load registers + the rest fill the 128
+// registers that 2 CTAs per SM allow; H28's fragments are re-read from L1 for every row for the same reason.)
 // Quantization: per-thread |max| (NaN propagates), warp shuffles, one shared exchange between warps;
 // scale = T(amax(v) * 256 / sqrt(n)) * clip / qmax (amax of the values rounded to T, as the two-kernel path
 // sees them; 1 where 0), then code = rni(max(v * (256 / sqrt(n) / scale), -qmax)) and cvt.pack.sat
@@ -50,6 +55,7 @@
 // Compiled for every arch of the build; the kernels need mma.m16n8k16 with bf16 (sm_80+), so the host
 // side takes this path only on such devices, and older archs compile empty bodies.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -218,6 +224,7 @@ __device__ __forceinline__ float cta_absmax(float local, float* red) {
 
 struct QuantParams {
   const void* x;
+  int64_t rows;
   uint8_t* q;       // int8 [rows, n] or uint8 [rows, n / 2]
   float* scales;    // [rows]
   float clip;
@@ -273,6 +280,14 @@ struct Pow2Shape {
   static_assert(kWarps <= kPerWarp, "phase 2 holds one chunk per warp bit combination");
 };
 
+// The J 16-byte loads of this lane's chunks of `row` (chunks warp * J + i).
+template <typename T, int J>
+__device__ __forceinline__ void load_chunks(uint4 (&raw)[J], const T* x, int64_t row, int n, int first_chunk) {
+  const T* xr = x + row * n + first_chunk * kChunk + (threadIdx.x % kWarpSize) * 8;
+#pragma unroll
+  for (int i = 0; i < J; ++i) raw[i] = load_stream_v4(xr + i * kChunk);
+}
+
 template <typename T, int LOG_CHUNKS, int BITS>
 __global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
     hadamard_quantize_pow2_kernel(const QuantParams p) {
@@ -283,57 +298,62 @@ __global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
   float* exchange = reinterpret_cast<float*>(exchange_vec);
   __shared__ float red[W];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int64_t row = blockIdx.x;
-  const T* xr = static_cast<const T*>(p.x) + row * S::kN;
-
-  // Phase 1: chunks warp * J + i (i < J), every load in flight first.
-  uint4 raw[J];
-#pragma unroll
-  for (int i = 0; i < J; ++i) raw[i] = load_stream_v4(xr + (warp * J + i) * kChunk + lane * 8);
+  const T* x = static_cast<const T*>(p.x);
   uint32_t h16[4];
   hadamard16_fragment<T>(h16);
-  float v[J][8];
-#pragma unroll
-  for (int i = 0; i < J; ++i) transform_chunk<T>(raw[i], h16, v[i]);
-  butterflies<0, S::kLogPerWarp>(v);  // chunk bits 0 .. log J - 1
 
-  int chunk_of[J];  // the chunk whose values v[i] holds
+  // Rows blockIdx.x, + gridDim.x, ...: the next row's loads are issued as soon as this row's are consumed.
+  uint4 raw[J];
+  load_chunks<T, J>(raw, x, blockIdx.x, S::kN, warp * J);
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    // Phase 1: chunks warp * J + i (i < J).
+    float v[J][8];
 #pragma unroll
-  for (int i = 0; i < J; ++i) chunk_of[i] = warp * J + i;
-  if constexpr (W > 1) {
-    // Phase 2: v[i], i = hi * (J / W) + l, holds chunk hi * J + warp * (J / W) + l: the warp bits of the
-    // chunk index are now register bits, butterflied below.
-    constexpr int kPer = J / W;
-    auto slot = [&](int chunk, int half) { return exchange + (chunk * 2 + half) * (kWarpSize * 4) + lane * 4; };
+    for (int i = 0; i < J; ++i) transform_chunk<T>(raw[i], h16, v[i]);
+    if (row + gridDim.x < p.rows) load_chunks<T, J>(raw, x, row + gridDim.x, S::kN, warp * J);
+    butterflies<0, S::kLogPerWarp>(v);  // chunk bits 0 .. log J - 1
+
+    int chunk_of[J];  // the chunk whose values v[i] holds
+#pragma unroll
+    for (int i = 0; i < J; ++i) chunk_of[i] = warp * J + i;
+    if constexpr (W > 1) {
+      // Phase 2: v[i], i = hi * (J / W) + l, holds chunk hi * J + warp * (J / W) + l: the warp bits of the
+      // chunk index are now register bits, butterflied below. (The previous row's reads of `exchange` ended
+      // before its absmax barrier.)
+      constexpr int kPer = J / W;
+      auto slot = [&](int chunk, int half) { return exchange + (chunk * 2 + half) * (kWarpSize * 4) + lane * 4; };
+#pragma unroll
+      for (int i = 0; i < J; ++i) {
+        *reinterpret_cast<float4*>(slot(chunk_of[i], 0)) = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
+        *reinterpret_cast<float4*>(slot(chunk_of[i], 1)) = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < J; ++i) {
+        chunk_of[i] = (i / kPer) * J + warp * kPer + i % kPer;
+        const float4 a = *reinterpret_cast<const float4*>(slot(chunk_of[i], 0));
+        const float4 b = *reinterpret_cast<const float4*>(slot(chunk_of[i], 1));
+        v[i][0] = a.x; v[i][1] = a.y; v[i][2] = a.z; v[i][3] = a.w;
+        v[i][4] = b.x; v[i][5] = b.y; v[i][6] = b.z; v[i][7] = b.w;
+      }
+      butterflies<S::kLogPerWarp - S::kLogWarps, S::kLogPerWarp>(v);
+    }
+
+    float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < J; ++i) {
-      *reinterpret_cast<float4*>(slot(chunk_of[i], 0)) = make_float4(v[i][0], v[i][1], v[i][2], v[i][3]);
-      *reinterpret_cast<float4*>(slot(chunk_of[i], 1)) = make_float4(v[i][4], v[i][5], v[i][6], v[i][7]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) amax = max_abs_nan(amax, v[i][e]);
     }
-    __syncthreads();
+    amax = cta_absmax<W>(amax, red);
+    float inv;
+    const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
+    uint8_t* qr = p.q + row * (S::kN * BITS / 8);
 #pragma unroll
     for (int i = 0; i < J; ++i) {
-      chunk_of[i] = (i / kPer) * J + warp * kPer + i % kPer;
-      const float4 a = *reinterpret_cast<const float4*>(slot(chunk_of[i], 0));
-      const float4 b = *reinterpret_cast<const float4*>(slot(chunk_of[i], 1));
-      v[i][0] = a.x; v[i][1] = a.y; v[i][2] = a.z; v[i][3] = a.w;
-      v[i][4] = b.x; v[i][5] = b.y; v[i][6] = b.z; v[i][7] = b.w;
+      store_codes8<BITS>(v[i], inv, qmax, qr + (chunk_of[i] * kChunk + lane * 8) * BITS / 8);
     }
-    butterflies<S::kLogPerWarp - S::kLogWarps, S::kLogPerWarp>(v);
   }
-
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < J; ++i) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) amax = max_abs_nan(amax, v[i][e]);
-  }
-  amax = cta_absmax<W>(amax, red);
-  float inv;
-  const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
-  uint8_t* qr = p.q + row * (S::kN * BITS / 8);
-#pragma unroll
-  for (int i = 0; i < J; ++i) store_codes8<BITS>(v[i], inv, qmax, qr + (chunk_of[i] * kChunk + lane * 8) * BITS / 8);
 #endif
 }
 
@@ -381,97 +401,119 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 #endif
 }
 
+// Codes staged in shared memory per block row (then written with coalesced 16-byte stores): a 16-byte pad
+// per row puts the 8 block rows of one warp store in distinct banks.
+template <int BITS>
+constexpr int kStagedPitch = kPaleyBlock * BITS / 8 + 16;
+
 template <typename T, int BITS>
-__global__ void __launch_bounds__(kPaleyWarps * kWarpSize) hadamard_quantize_paley28_kernel(const QuantParams p) {
+__global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_paley28_kernel(const QuantParams p) {
 #if QK_HADAMARD_MMA_BODY
   constexpr int kN = kPaleyOrder * kPaleyBlock;
   constexpr int kChunksPerWarp = kN / kChunk / kPaleyWarps;  // 7
   constexpr int kTilesPerWarp = 8;                            // column tiles of 8: 4 with b = 0, 4 with b = 1
+  constexpr int kRowBytes = kPaleyBlock * BITS / 8;           // codes of one block
   __shared__ alignas(16) T tile[32 * kPaleyPitch];
+  __shared__ alignas(16) uint8_t staged[kPaleyOrder * kStagedPitch<BITS>];
   __shared__ float red[kPaleyWarps];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
-  const int64_t row = blockIdx.x;
-  const T* xr = static_cast<const T*>(p.x) + row * kN;
+  const T* x = static_cast<const T*>(p.x);
 
-  uint4 raw[kChunksPerWarp];
-#pragma unroll
-  for (int i = 0; i < kChunksPerWarp; ++i) {
-    raw[i] = load_stream_v4(xr + (warp * kChunksPerWarp + i) * kChunk + lane * 8);
-  }
-  // Blocks 28-31 of the tile: zero (H28's padded columns multiply them).
+  // Once per CTA: blocks 28-31 of the tile are zero (H28's padded columns multiply them; rows never write
+  // them), the H16 fragment.
   *reinterpret_cast<uint4*>(tile + (kPaleyOrder + threadIdx.x / 64) * kPaleyPitch + (threadIdx.x % 64) * 8) =
       make_uint4(0, 0, 0, 0);
   uint32_t h16[4];
   hadamard16_fragment<T>(h16);
-#pragma unroll
-  for (int i = 0; i < kChunksPerWarp; ++i) {
-    float v[8];
-    transform_chunk<T>(raw[i], h16, v);
-    const int chunk = warp * kChunksPerWarp + i, block = chunk / 2, half = chunk % 2;
-    *reinterpret_cast<uint4*>(tile + block * kPaleyPitch + half * kChunk + lane * 8) =
-        make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]),
-                   pack_pair<T>(v[6], v[7]));
-  }
   const PaleyFragments& table = std::is_same_v<T, __half> ? kPaleyHalf : kPaleyBf16;
-  uint32_t h28[2][2][4];
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    const uint4 q = *reinterpret_cast<const uint4*>(&table.words[lane][w * 4]);
-    h28[w / 2][w % 2][0] = q.x; h28[w / 2][w % 2][1] = q.y; h28[w / 2][w % 2][2] = q.z; h28[w / 2][w % 2][3] = q.w;
-  }
-  __syncthreads();
-
-  // acc[j][r][...]: column tile col(j) = 4 warp + j (b = 0) or + 32 (j >= 4, b = 1); rows 16 r + g (+ 8).
-  float acc[kTilesPerWarp][2][4];
   const uint32_t tile_base = static_cast<uint32_t>(__cvta_generic_to_shared(tile)) + lane * kPaleyPitch * sizeof(T);
+
+  // Rows blockIdx.x, + gridDim.x, ...: the next row's loads are issued as soon as this row's are consumed.
+  uint4 raw[kChunksPerWarp];
+  load_chunks<T, kChunksPerWarp>(raw, x, blockIdx.x, kN, warp * kChunksPerWarp);
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    // Phase 1: stages A and B of chunks 7 warp + i, rounded to T into the tile (the previous row's ldmatrix
+    // reads ended before its absmax barrier).
 #pragma unroll
-  for (int j = 0; j < kTilesPerWarp; ++j) {
-    const int col_tile = 4 * warp + (j % 4) + (j / 4) * 32;
-    uint32_t b[4];
-    ldmatrix_x4_trans(b, tile_base + col_tile * 8 * sizeof(T));
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mma16816<T, false>(acc[j][r], h28[r][0], b[0], b[1]);
-      mma16816<T, true>(acc[j][r], h28[r][1], b[2], b[3]);
+    for (int i = 0; i < kChunksPerWarp; ++i) {
+      float v[8];
+      transform_chunk<T>(raw[i], h16, v);
+      const int chunk = warp * kChunksPerWarp + i, block = chunk / 2, half = chunk % 2;
+      *reinterpret_cast<uint4*>(tile + block * kPaleyPitch + half * kChunk + lane * 8) =
+          make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]),
+                     pack_pair<T>(v[6], v[7]));
     }
-  }
-  // Bit 8 (b): tile j (b = 0) with tile j + 4 (b = 1).
-  float amax = 0.0f;
+    // H28's fragments, read again for every row (2 KB, L1 hits): registers kept for the loads in flight.
+    uint32_t h28[2][2][4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+    for (int w = 0; w < 4; ++w) {
+      const uint4 q = *reinterpret_cast<const uint4*>(&table.words[lane][w * 4]);
+      h28[w / 2][w % 2][0] = q.x; h28[w / 2][w % 2][1] = q.y; h28[w / 2][w % 2][2] = q.z; h28[w / 2][w % 2][3] = q.w;
+    }
+    __syncthreads();
+
+    // Phase 2: acc[j][r]: column tile 4 warp + j (b = 0) or + 32 (j >= 4, b = 1); rows 16 r + g (+ 8).
+    float acc[kTilesPerWarp][2][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int j = 0; j < kTilesPerWarp; ++j) {
+      const int col_tile = 4 * warp + (j % 4) + (j / 4) * 32;
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, tile_base + col_tile * 8 * sizeof(T));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float a = acc[j][r][e], c = acc[j + 4][r][e];
-        acc[j][r][e] = a + c;
-        acc[j + 4][r][e] = a - c;
-        amax = max_abs_nan(max_abs_nan(amax, acc[j][r][e]), acc[j + 4][r][e]);  // padded rows are 0
+      for (int r = 0; r < 2; ++r) {
+        mma16816<T, false>(acc[j][r], h28[r][0], b[0], b[1]);
+        mma16816<T, true>(acc[j][r], h28[r][1], b[2], b[3]);
       }
     }
-  }
-  amax = cta_absmax<kPaleyWarps>(amax, red);
-  float inv;
-  const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
-  uint8_t* qr = p.q + row * (kN * BITS / 8);
+    // The next row's loads, in flight from here (after the mma phase: the registers allow no earlier point).
+    if (row + gridDim.x < p.rows) load_chunks<T, kChunksPerWarp>(raw, x, row + gridDim.x, kN, warp * kChunksPerWarp);
+    // Bit 8 (b): tile j (b = 0) with tile j + 4 (b = 1).
+    float amax = 0.0f;
 #pragma unroll
-  for (int j = 0; j < kTilesPerWarp; ++j) {
-    const int col = (4 * warp + (j % 4) + (j / 4) * 32) * 8 + 2 * t;
+    for (int j = 0; j < 4; ++j) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < 2; ++r) {
 #pragma unroll
-      for (int s = 0; s < 2; ++s) {
-        const int block = 16 * r + g + 8 * s;
-        if (block >= kPaleyOrder) continue;
-        const int c0 = code_of(acc[j][r][2 * s], inv, qmax), c1 = code_of(acc[j][r][2 * s + 1], inv, qmax);
-        const int i = block * kPaleyBlock + col;  // the pair's first element
-        if constexpr (BITS == 4) {
-          qr[i / 2] = static_cast<uint8_t>(pack_codes<4>(c1, c0, 0u));
-        } else {
-          *reinterpret_cast<uint16_t*>(qr + i) = static_cast<uint16_t>(pack_codes<8>(c1, c0, 0u));
+        for (int e = 0; e < 4; ++e) {
+          const float a = acc[j][r][e], c = acc[j + 4][r][e];
+          acc[j][r][e] = a + c;
+          acc[j + 4][r][e] = a - c;
+          amax = max_abs_nan(max_abs_nan(amax, acc[j][r][e]), acc[j + 4][r][e]);  // padded rows are 0
         }
       }
+    }
+    amax = cta_absmax<kPaleyWarps>(amax, red);
+    float inv;
+    const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
+    // Codes of a pair of columns into the staging rows (the previous row's copy-out ended before this row's
+    // tile barrier), then one barrier and coalesced 16-byte stores.
+#pragma unroll
+    for (int j = 0; j < kTilesPerWarp; ++j) {
+      const int col = (4 * warp + (j % 4) + (j / 4) * 32) * 8 + 2 * t;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const int block = 16 * r + g + 8 * s;
+          if (block >= kPaleyOrder) continue;
+          const int c0 = code_of(acc[j][r][2 * s], inv, qmax), c1 = code_of(acc[j][r][2 * s + 1], inv, qmax);
+          uint8_t* dst = staged + block * kStagedPitch<BITS> + col * BITS / 8;
+          if constexpr (BITS == 4) {
+            *dst = static_cast<uint8_t>(pack_codes<4>(c1, c0, 0u));
+          } else {
+            *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(pack_codes<8>(c1, c0, 0u));
+          }
+        }
+      }
+    }
+    __syncthreads();
+    uint8_t* qr = p.q + row * (kN * BITS / 8);
+    constexpr int kVectorsPerBlock = kRowBytes / 16;
+    for (int v = threadIdx.x; v < kPaleyOrder * kVectorsPerBlock; v += kPaleyWarps * kWarpSize) {
+      const int block = v / kVectorsPerBlock, offset = (v % kVectorsPerBlock) * 16;
+      *reinterpret_cast<uint4*>(qr + block * kRowBytes + offset) =
+          *reinterpret_cast<const uint4*>(staged + block * kStagedPitch<BITS> + offset);
     }
   }
 #endif
@@ -481,29 +523,38 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize) hadamard_quantize_pal
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int LOG_CHUNKS, int BITS>
-void launch_pow2(const QuantParams& p, int64_t rows, cudaStream_t stream) {
-  using S = Pow2Shape<LOG_CHUNKS>;
-  auto kernel = hadamard_quantize_pow2_kernel<T, LOG_CHUNKS, BITS>;
-  if constexpr (S::kExchangeBytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(S::kExchangeBytes)));
+// Persistent launch: as many CTAs as fit on the device at once (each loops over rows), at most one per row.
+template <typename Kernel>
+void launch_persistent(Kernel kernel, int threads, size_t smem, const QuantParams& p, int device,
+                       cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(rows), S::kThreads, S::kExchangeBytes, stream>>>(p);
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const int64_t grid = std::min<int64_t>(p.rows, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+  kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p);
   QK_CHECK_LAUNCH();
 }
 
+template <typename T, int LOG_CHUNKS, int BITS>
+void launch_pow2(const QuantParams& p, int device, cudaStream_t stream) {
+  using S = Pow2Shape<LOG_CHUNKS>;
+  launch_persistent(hadamard_quantize_pow2_kernel<T, LOG_CHUNKS, BITS>, S::kThreads, S::kExchangeBytes, p, device,
+                    stream);
+}
+
 template <typename T, int BITS>
-bool launch_size(int64_t n, const QuantParams& p, int64_t rows, cudaStream_t stream) {
+bool launch_size(int64_t n, const QuantParams& p, int device, cudaStream_t stream) {
   switch (n) {
-    case 1024: launch_pow2<T, 2, BITS>(p, rows, stream); return true;
-    case 2048: launch_pow2<T, 3, BITS>(p, rows, stream); return true;
-    case 4096: launch_pow2<T, 4, BITS>(p, rows, stream); return true;
-    case 8192: launch_pow2<T, 5, BITS>(p, rows, stream); return true;
-    case 16384: launch_pow2<T, 6, BITS>(p, rows, stream); return true;
+    case 1024: launch_pow2<T, 2, BITS>(p, device, stream); return true;
+    case 2048: launch_pow2<T, 3, BITS>(p, device, stream); return true;
+    case 4096: launch_pow2<T, 4, BITS>(p, device, stream); return true;
+    case 8192: launch_pow2<T, 5, BITS>(p, device, stream); return true;
+    case 16384: launch_pow2<T, 6, BITS>(p, device, stream); return true;
     case kPaleyOrder * kPaleyBlock:
-      hadamard_quantize_paley28_kernel<T, BITS><<<static_cast<unsigned>(rows), kPaleyWarps * kWarpSize, 0, stream>>>(p);
-      QK_CHECK_LAUNCH();
+      launch_persistent(hadamard_quantize_paley28_kernel<T, BITS>, kPaleyWarps * kWarpSize, 0, p, device, stream);
       return true;
     default: return false;
   }
@@ -530,16 +581,18 @@ bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double cl
   if (major < 8) return false;
   QuantParams p{};
   p.x = x.const_data_ptr();
+  p.rows = rows;
   p.q = static_cast<uint8_t*>(q.data_ptr());
   p.scales = scale.data_ptr<float>();
   p.clip = static_cast<float>(clip_ratio);
   p.out_scale = static_cast<float>(kChunk / std::sqrt(static_cast<double>(n)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  const int device = x.get_device();
   if (dtype == at::kHalf) {
-    return bits == 4 ? launch_size<__half, 4>(n, p, rows, stream) : launch_size<__half, 8>(n, p, rows, stream);
+    return bits == 4 ? launch_size<__half, 4>(n, p, device, stream) : launch_size<__half, 8>(n, p, device, stream);
   }
-  return bits == 4 ? launch_size<__nv_bfloat16, 4>(n, p, rows, stream)
-                   : launch_size<__nv_bfloat16, 8>(n, p, rows, stream);
+  return bits == 4 ? launch_size<__nv_bfloat16, 4>(n, p, device, stream)
+                   : launch_size<__nv_bfloat16, 8>(n, p, device, stream);
 }
 
 }  // namespace quantkern
