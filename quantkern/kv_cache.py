@@ -16,7 +16,7 @@ Two pieces:
   special caller code:
 
   - a forward pre-hook on the decoder (``model.base_model``) puts a fresh ``QuantKVCache`` where
-    ``past_key_values`` is None, so a plain ``model(input_ids)`` (with or without ``use_cache``;
+    the cache argument is None, so a plain ``model(input_ids)`` (with or without ``use_cache``;
     perplexity evaluation) attends to quantized K/V too (with ``use_cache=False`` a forward hook
     keeps that one-off cache out of the output, as transformers returns none then);
   - ``generate`` gets a ``QuantKVCache`` instead of its default ``DynamicCache`` (the model's
@@ -43,6 +43,12 @@ v_proj / o_proj weights, which is a weight transformation, not a cache one).
 Full-attention and sliding-window layers are supported (a sliding layer keeps every token; the
 model's mask hides those outside the window); other layer types (linear attention, chunked) raise.
 The cache is not ``torch.compile``-able (it grows by concatenation, like ``DynamicCache``).
+
+The cache argument's name depends on the transformers version: ``past_key_values`` up to 5.23,
+``cache`` from 5.24 on (forwards' parameter, model outputs' field, ``generate``'s model_kwargs key;
+the old keyword is still accepted, deprecated). Everything here works with both, deciding per
+forward from its signature (``cache_argument_name``) or from what a call or an output holds
+(``output_cache``), never from a version number.
 """
 
 from __future__ import annotations
@@ -59,11 +65,16 @@ from . import ops, reference
 from .format import check_bits
 from .rotation import hadamard_transform, is_hadamard_size
 
-__all__ = ["CONFIG_ATTR", "QuantKVCache", "QuantKVLayer", "disable_kv_quantization", "enable_kv_quantization",
-           "kv_quantization_settings"]
+__all__ = ["CACHE_ARGUMENT_NAMES", "CONFIG_ATTR", "QuantKVCache", "QuantKVLayer", "cache_argument_name",
+           "disable_kv_quantization", "enable_kv_quantization", "kv_quantization_settings", "output_cache"]
 
 CONFIG_ATTR = "quantkern_kv_cache"  # model.config attribute: {"bits": 4, "rotate_keys": False}
 _STATE_ATTR = "_quantkern_kv_state"  # per-model: settings and the hook handle
+
+# The names under which transformers passes (and returns) the KV cache, newest first: ``cache``
+# (5.24 on), ``past_key_values`` (before; still accepted by 5.24's forwards as a deprecated keyword),
+# ``past_key_value`` (attention modules of transformers 4.x).
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values", "past_key_value")
 
 
 class QuantKVLayer(CacheLayerMixin):
@@ -231,34 +242,64 @@ def kv_quantization_settings(model) -> Optional[dict]:
     return None if state is None else dict(state["settings"])
 
 
+def cache_argument_name(forward) -> str:
+    """The name under which ``forward`` (a module's bound ``forward``) takes the KV cache, read from
+    its signature: ``cache`` (transformers >= 5.24), ``past_key_values`` (older) or
+    ``past_key_value`` (attention modules of transformers 4.x). Raises ``TypeError`` if it takes
+    none of them."""
+    parameters = inspect.signature(forward).parameters
+    for name in CACHE_ARGUMENT_NAMES:
+        if name in parameters:
+            return name
+    raise TypeError(f"{getattr(forward, '__qualname__', forward)} takes no cache argument "
+                    f"({' / '.join(CACHE_ARGUMENT_NAMES)}); quantkern's KV quantization cannot hook it")
+
+
+def _output_cache_field(output) -> Optional[str]:
+    # A ModelOutput's keys are its fields that are not None; a tuple output (return_dict=False) has none.
+    keys = output.keys() if hasattr(output, "keys") else ()
+    return next((name for name in CACHE_ARGUMENT_NAMES if name in keys), None)
+
+
+def output_cache(output):
+    """The cache that a model output or a ``generate`` output holds (its ``cache`` field with
+    transformers >= 5.24, ``past_key_values`` before), or None."""
+    name = _output_cache_field(output)
+    return None if name is None else output[name]
+
+
 def _cache_argument(module, args, kwargs):
-    """Where ``past_key_values`` is in a forward call: ``(position in args or None, value)``."""
-    if "past_key_values" in kwargs:
-        return None, kwargs["past_key_values"]
-    position = list(inspect.signature(module.forward).parameters).index("past_key_values")
+    """Where the cache is in a forward call of ``module``: ``(where, value)``, ``where`` being the
+    keyword it was passed under (the one ``forward`` takes, or a deprecated one it still accepts),
+    or else its position in ``args``, or else the keyword ``forward`` takes (value None)."""
+    name = cache_argument_name(module.forward)
+    for key in (name,) + tuple(other for other in CACHE_ARGUMENT_NAMES if other != name):
+        if key in kwargs:
+            return key, kwargs[key]
+    position = list(inspect.signature(module.forward).parameters).index(name)
     if position < len(args):
         return position, args[position]
-    return None, None
+    return name, None
 
 
 def _use_quantized_cache(new_cache, module, args, kwargs):
-    position, cache = _cache_argument(module, args, kwargs)
+    where, cache = _cache_argument(module, args, kwargs)
     if isinstance(cache, QuantKVCache):
         return None
     if cache is not None:
         raise TypeError(
-            f"KV quantization is enabled on this model (quantkern.kv_cache), but past_key_values is a "
-            f"{type(cache).__name__}, which would hold unquantized keys and values. Pass past_key_values=None "
-            f"(forward and generate then use a QuantKVCache) or a quantkern.kv_cache.QuantKVCache; "
-            f"disable_kv_quantization(model) to use other caches.")
+            f"KV quantization is enabled on this model (quantkern.kv_cache), but the cache argument "
+            f"(past_key_values / cache) is a {type(cache).__name__}, which would hold unquantized keys and "
+            f"values. Pass no cache (forward and generate then use a QuantKVCache) or a "
+            f"quantkern.kv_cache.QuantKVCache; disable_kv_quantization(model) to use other caches.")
     cache = new_cache()
     use_cache = kwargs.get("use_cache")
     # With use_cache off, the cache only serves this forward: mark it for _drop_temporary_cache.
     cache._temporary = not (use_cache if use_cache is not None else getattr(module.config, "use_cache", True))
-    if position is None:
-        kwargs["past_key_values"] = cache
+    if isinstance(where, str):
+        kwargs[where] = cache
         return args, kwargs
-    args = args[:position] + (cache,) + args[position + 1:]
+    args = args[:where] + (cache,) + args[where + 1:]
     return args, kwargs
 
 
@@ -266,18 +307,21 @@ def _drop_temporary_cache(module, args, kwargs, output):
     # A forward with use_cache off returns no cache (transformers' behaviour): generate(use_cache=False)
     # would otherwise feed it back into the next step, which passes the whole sequence again.
     _, cache = _cache_argument(module, args, kwargs)
-    if getattr(cache, "_temporary", False) and getattr(output, "past_key_values", None) is cache:
-        return type(output)(**{key: value for key, value in output.items() if key != "past_key_values"})
+    field = _output_cache_field(output)
+    if getattr(cache, "_temporary", False) and field is not None and output[field] is cache:
+        return type(output)(**{key: value for key, value in output.items() if key != field})
     return output
 
 
 def _prepare_quantized_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-    # Let transformers make its usual choice, then swap its default DynamicCache for ours. A cache
-    # the caller passed in is theirs: the decoder's hook accepts it only if it is a QuantKVCache.
+    # Let transformers make its usual choice, then swap its default DynamicCache for ours, under
+    # whichever key it used (``cache`` or ``past_key_values``). A cache the caller passed in is
+    # theirs: the decoder's hook accepts it only if it is a QuantKVCache.
     result = type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    cache = model_kwargs.get("past_key_values")
-    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-        model_kwargs["past_key_values"] = getattr(self, _STATE_ATTR)["new_cache"]()
+    for name in CACHE_ARGUMENT_NAMES:
+        cache = model_kwargs.get(name)
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs[name] = getattr(self, _STATE_ATTR)["new_cache"]()
     return result
 
 
@@ -296,6 +340,7 @@ def enable_kv_quantization(model, bits: int = 4, rotate_keys: bool = False, back
     if rotate_keys and not is_hadamard_size(head_dim):
         raise ValueError(f"rotate_keys needs a Hadamard matrix of order head_dim={head_dim} "
                          f"(2^k or 12/20/28/36/40 x 2^k)")
+    cache_argument_name(model.base_model.forward)  # a decoder the hook can give a cache to, or TypeError
     disable_kv_quantization(model)
     settings = {"bits": bits, "rotate_keys": bool(rotate_keys)}
     new_cache = functools.partial(QuantKVCache, model.config, bits, rotate_keys, backend)

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from quantkern import io  # importing quantkern registers the quantizer with transformers
 from quantkern.hf_integration import QuantkernConfig, QuantkernHfQuantizer
-from quantkern.kv_cache import CONFIG_ATTR, enable_kv_quantization, kv_quantization_settings
+from quantkern.kv_cache import CONFIG_ATTR, enable_kv_quantization, kv_quantization_settings, output_cache
 from quantkern.nn import QuantLinear, replace_linear, set_submodule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,7 +135,7 @@ def test_kv_quantized_checkpoint_enables_kv_quantization(tmp_path, rotate_keys):
     assert torch.equal(logits(hf_model), expected) and torch.equal(logits(ours), expected)
     # generate uses the quantized cache too (its default DynamicCache is swapped for it).
     out = hf_model.generate(INPUT_IDS[:1], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
-    assert type(out.past_key_values).__name__ == "QuantKVCache"
+    assert type(output_cache(out)).__name__ == "QuantKVCache"
 
 
 def test_no_kv_quantization_without_kv_bits(tmp_path):

@@ -11,9 +11,11 @@ from quantkern.kv_cache import (
     CONFIG_ATTR,
     QuantKVCache,
     QuantKVLayer,
+    cache_argument_name,
     disable_kv_quantization,
     enable_kv_quantization,
     kv_quantization_settings,
+    output_cache,
 )
 from quantkern.rotation import hadamard_transform
 
@@ -175,8 +177,8 @@ def test_forward_without_cache_equals_reference_quantized_attention(family, head
             quantized = model(ids, use_cache=use_cache).logits
             assert torch.equal(quantized, reference_model(ids, use_cache=False).logits)
         assert not torch.allclose(quantized, fp)
-        assert isinstance(model(ids).past_key_values, QuantKVCache)
-        assert model(ids, use_cache=False).past_key_values is None  # as without KV quantization
+        assert isinstance(output_cache(model(ids)), QuantKVCache)
+        assert output_cache(model(ids, use_cache=False)) is None  # as without KV quantization
 
 
 @pytest.mark.parametrize("family,head_dim,sliding_window", [("llama", None, None), ("mistral", 128, 5)])
@@ -187,9 +189,10 @@ def test_generate_agrees_with_a_full_forward(family, head_dim, sliding_window, b
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                              output_logits=True, pad_token_id=0)
-        assert isinstance(out.past_key_values, QuantKVCache)
-        assert out.past_key_values.get_seq_length() == ids.shape[1] + 5
-        assert out.past_key_values.layers[0].key_codes.dtype == torch.uint8
+        cache = output_cache(out)
+        assert isinstance(cache, QuantKVCache)
+        assert cache.get_seq_length() == ids.shape[1] + 5
+        assert cache.layers[0].key_codes.dtype == torch.uint8
         # Cache path (prefill + 5 decode steps) == no-cache path (one forward over all tokens), up to
         # float rounding: K/V computed for 1 token or for 14 differ in the last bits, which now and
         # then moves a code by one step (measured: ~3e-6 typically, 1.4e-3 at worst, while KV
@@ -249,13 +252,15 @@ def test_enable_is_idempotent_disable_restores_and_other_caches_are_refused():
         assert getattr(model.config, CONFIG_ATTR) == {"bits": 4, "rotate_keys": False}
         enable_kv_quantization(model, 8)  # new settings replace the old ones
         assert not torch.equal(model(ids).logits, q4)
+        # The cache keyword of this transformers: cache (>= 5.24) or past_key_values.
+        name = cache_argument_name(model.forward)
         with pytest.raises(TypeError, match="DynamicCache"):
-            model(ids, past_key_values=DynamicCache())
+            model(ids, **{name: DynamicCache()})
         with pytest.raises(TypeError, match="DynamicCache"):
-            model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=2, pad_token_id=0)
+            model.generate(ids, **{name: DynamicCache()}, max_new_tokens=2, pad_token_id=0)
         # An explicit QuantKVCache is used as given.
         cache = QuantKVCache(model.config, bits=8)
-        assert model(ids, past_key_values=cache).past_key_values is cache and cache.get_seq_length() == 10
+        assert output_cache(model(ids, **{name: cache})) is cache and cache.get_seq_length() == 10
         disable_kv_quantization(model)
         assert kv_quantization_settings(model) is None and not hasattr(model.config, CONFIG_ATTR)
         assert torch.equal(model(ids).logits, fp)
@@ -280,7 +285,7 @@ def test_save_load_restores_kv_quantization(tmp_path):
     assert kv_quantization_settings(loaded) == {"bits": 4, "rotate_keys": True}
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-        assert isinstance(loaded(ids).past_key_values, QuantKVCache)
+        assert isinstance(output_cache(loaded(ids)), QuantKVCache)
 
     # A checkpoint without kv_bits loads without KV quantization.
     disable_kv_quantization(model)

@@ -216,6 +216,7 @@ def _check_layers(structure: ModelStructure, config: QuantizeConfig, group_size:
 @torch.no_grad()
 def _first_block_inputs(structure: ModelStructure, windows: torch.Tensor, device) -> BlockRunner:
     """Run the model up to its first block on every window; keep the block's inputs and kwargs."""
+    from ..kv_cache import CACHE_ARGUMENT_NAMES  # imports transformers: not at module level
 
     class _Stop(Exception):
         pass
@@ -246,8 +247,8 @@ def _first_block_inputs(structure: ModelStructure, windows: torch.Tensor, device
             if home is not None:
                 module.to(home)
     captured_kwargs["use_cache"] = False
-    captured_kwargs.pop("past_key_values", None)
-    captured_kwargs.pop("past_key_value", None)
+    for name in CACHE_ARGUMENT_NAMES:  # cache / past_key_values, whichever this transformers passes
+        captured_kwargs.pop(name, None)
     return BlockRunner(captured_inputs, captured_kwargs)
 
 

@@ -290,9 +290,14 @@ class _QuantizedKVDuringCalibration:
         self.bits, self.rotate_keys = bits, rotate_keys
 
     def __call__(self, module, args, kwargs):
-        from ..kv_cache import QuantKVCache
+        from ..kv_cache import CACHE_ARGUMENT_NAMES, QuantKVCache, cache_argument_name
 
-        kwargs["past_key_values"] = QuantKVCache(None, self.bits, self.rotate_keys, backend="reference")
+        # Under the name this forward takes (cache or past_key_values), in place of whatever the caller
+        # passed under any of the names: a None under the new name would win over a deprecated one.
+        for name in CACHE_ARGUMENT_NAMES:
+            kwargs.pop(name, None)
+        kwargs[cache_argument_name(module.forward)] = QuantKVCache(None, self.bits, self.rotate_keys,
+                                                                   backend="reference")
         return args, kwargs
 
 
