@@ -50,7 +50,9 @@ TORCH_LIBRARY(quantkern, m) {
   // Online Hadamard rotation (csrc/hadamard.cu): x [..., n] fp16/bf16/fp32 -> x @ H^T / sqrt(n) in x's dtype,
   // H = quantkern.rotation.hadamard_matrix(n); block_size > 0: the same per block of that many entries.
   m.def("hadamard(Tensor x, int block_size=0) -> Tensor");
-  // Fused: hadamard, rounded to x's dtype, then quantize_per_token: x [M, K] -> (q, scale) as quantize_per_token.
+  // Fused: hadamard, rounded to x's dtype, then quantize_per_token: x [M, K] -> (q, scale) as quantize_per_token
+  // (fp16/bf16 rows of the sizes in build_info()["hadamard_quantize_tensor_core_sizes"]: on tensor cores, with
+  // intermediate sums rounded to x's dtype; csrc/hadamard_mma.cu).
   m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor, Tensor)");
 }
 

@@ -1,5 +1,6 @@
 // quantkern::hadamard(Tensor x, int block_size=0) -> Tensor
 // quantkern::hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor q, Tensor scale)
+//   (fp16/bf16 rows of the sizes csrc/hadamard_mma.cu serves go to its tensor-core kernel first)
 //
 // Online rotation kernels: the orthonormal Hadamard transform along the last dim,
 //
@@ -57,13 +58,11 @@
 //
 // Measured (H100 80GB HBM3, fp16, benchmarks/bench_hadamard.py; fraction of a device copy of the same bytes):
 //   rotation alone 0.87-0.96 at n = 4096 / 8192 / 16384 and 0.78-0.80 at 14336 (fast-hadamard-transform in
-//   the same run: 0.68-0.74 and 0.36); rotation + int4 quantization fused: 0.46-0.48 at 4096, 0.33-0.36 at
-//   8192 / 16384, 0.28-0.31 at 14336 -- about the two-kernel path (0.30-0.38), and short of the 0.85 goal.
-//   The fused kernel is issue-bound, not memory-bound: per element it executes the k butterfly adds, the
-//   shared-memory exchanges, and ~15 more instructions for the dtype round trip, absmax, quantization (reciprocal
-//   multiply + exact-tie check) and packing, where the copy budget at 2.5 bytes/element is ~25-30. Next steps:
-//   tensor cores (mma.sync fp16/bf16 -> fp32, exact for x and +-1 operands) for the first butterfly bits and for
-//   the 28 x 28 step; 4-pair int4 packing with 4-byte stores; several rows per CTA for n < 1024.
+//   the same run: 0.68-0.74 and 0.36); this kernel's rotation + int4 quantization fused: 0.28-0.48, issue-bound
+//   (the k butterfly adds, the shared-memory exchanges, ~15 more instructions for the dtype round trip, absmax,
+//   quantization and packing). So hadamard_quantize of fp16/bf16 rows of 1024-16384 and 14336 entries runs the
+//   tensor-core kernel of csrc/hadamard_mma.cu instead (docs/PERF.md); this one serves fp32, the other sizes
+//   and blocked mode.
 //
 // Files: the device code and launch templates are in csrc/hadamard_kernels.cuh; this unit holds the host
 // side and the m = 1 kernels, csrc/hadamard_paley1.cu / hadamard_paley2.cu the m = 12, 20, 40 / 28, 36 ones
