@@ -74,6 +74,7 @@ def main() -> None:
     dtype = torch.float16
     copy_1g = copy_bandwidth_gbs()
     fht, fht_status = load_fht()
+    tensor_core_sizes = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))
     print(f"peer fast-hadamard-transform: {fht_status}")
 
     results, table = [], []
@@ -91,9 +92,12 @@ def main() -> None:
             assert torch.equal(y, y_ref) or (y.float() - y_ref.float()).abs().max() <= 2e-3 * y_ref.float().abs().max()
             q, s = torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, block)
             q_ref, s_ref = reference.quantize_per_token(y_ref, 4)
-            # (the tensor-core path rounds intermediates to fp16: a few codes differ by 1; the tests bound them)
-            code_diff = (unpack_int4_signed(q).int() - unpack_int4_signed(q_ref).int()).abs()
-            assert code_diff.max() <= 1 and (code_diff != 0).float().mean() < 0.03
+            if n in tensor_core_sizes and not block:
+                # (the tensor-core path rounds intermediates to fp16: a few codes differ by 1; the tests bound them)
+                code_diff = (unpack_int4_signed(q).int() - unpack_int4_signed(q_ref).int()).abs()
+                assert code_diff.max() <= 1 and (code_diff != 0).float().mean() < 0.03
+            else:
+                assert (q != q_ref).float().mean().item() < 0.01
             assert torch.allclose(s, s_ref, rtol=2e-3)
             bytes_rot = 2 * rows * n * 2
             bytes_q = rows * n * 2 + rows * n // 2 + rows * 4

@@ -67,6 +67,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "hadamard_kernels.cuh"  // base_sign: the base matrices, as rotation.py builds them
+#include "w4a16_common.cuh"      // W4Traits: mma.m16n8k16 and the fp32 -> T pair conversion
 
 namespace quantkern {
 namespace hadamard_mma {
@@ -93,43 +94,10 @@ constexpr uint16_t kSixteenthBits = std::is_same_v<T, __half> ? 0x2C00 : 0x3D80;
 // Tensor-core and conversion primitives
 // ---------------------------------------------------------------------------------------------
 
-// d = a . b (+ c): mma.m16n8k16, T operands, fp32 accumulators.
-template <typename T, bool ACCUMULATE>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if QK_HADAMARD_MMA_BODY
-  const float c0 = ACCUMULATE ? d[0] : 0.0f, c1 = ACCUMULATE ? d[1] : 0.0f;
-  const float c2 = ACCUMULATE ? d[2] : 0.0f, c3 = ACCUMULATE ? d[3] : 0.0f;
-  if constexpr (std::is_same_v<T, __half>) {
-    asm(  // registers only: no volatile, so the scheduler may interleave chunks
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
-  } else {
-    asm(  // registers only: no volatile, so the scheduler may interleave chunks
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c0), "f"(c1), "f"(c2), "f"(c3));
-  }
-#endif
-}
-
-// Two fp32 -> one T pair (lo in the low half), round to nearest even: one cvt.rn.{f16x2,bf16x2}.f32.
+// The mma.m16n8k16 (T operands, fp32 accumulators) and the fp32 -> T pair conversion are w4a16::W4Traits<T>'s
+// (csrc/w4a16_common.cuh): mma<true> starts from zero accumulators, mma<false> adds to them.
 template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-#if QK_HADAMARD_MMA_BODY
-  if constexpr (std::is_same_v<T, __half>) {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-#else
-  return 0;
-#endif
-}
+using Mma = w4a16::W4Traits<T>;
 
 // max(a, |b|), NaN propagating (max.NaN, sm_80+): torch.amax's NaN semantics in one instruction.
 __device__ __forceinline__ float max_abs_nan(float a, float b) {
@@ -180,11 +148,11 @@ __device__ __forceinline__ void hadamard16_fragment(uint32_t (&a)[4]) {
 template <typename T>
 __device__ __forceinline__ void transform_chunk(const uint4& raw, const uint32_t (&h16)[4], float (&v)[8]) {
   float d0[4], d1[4];
-  mma16816<T, false>(d0, h16, raw.x, raw.y);  // n-tile 0: e bit 2 = 0
-  mma16816<T, false>(d1, h16, raw.z, raw.w);  // n-tile 1: e bit 2 = 1
+  Mma<T>::template mma<true>(d0, h16, raw.x, raw.y);  // n-tile 0: e bit 2 = 0
+  Mma<T>::template mma<true>(d1, h16, raw.z, raw.w);  // n-tile 1: e bit 2 = 1
   float e0[4], e1[4];
-  mma16816<T, false>(e0, h16, pack_pair<T>(d0[0], d0[1]), pack_pair<T>(d1[0], d1[1]));
-  mma16816<T, false>(e1, h16, pack_pair<T>(d0[2], d0[3]), pack_pair<T>(d1[2], d1[3]));
+  Mma<T>::template mma<true>(e0, h16, Mma<T>::from_floats(d0[0], d0[1]), Mma<T>::from_floats(d1[0], d1[1]));
+  Mma<T>::template mma<true>(e1, h16, Mma<T>::from_floats(d0[2], d0[3]), Mma<T>::from_floats(d1[2], d1[3]));
   // e = h + 2 j + 4 s + 8 L: accumulator e_j, register 2 s + h.
   v[0] = e0[0]; v[1] = e0[1]; v[2] = e1[0]; v[3] = e1[1];
   v[4] = e0[2]; v[5] = e0[3]; v[6] = e1[2]; v[7] = e1[3];
@@ -443,8 +411,8 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
       transform_chunk<T>(raw[i], h16, v);
       const int chunk = warp * kChunksPerWarp + i, block = chunk / 2, half = chunk % 2;
       *reinterpret_cast<uint4*>(tile + block * kPaleyPitch + half * kChunk + lane * 8) =
-          make_uint4(pack_pair<T>(v[0], v[1]), pack_pair<T>(v[2], v[3]), pack_pair<T>(v[4], v[5]),
-                     pack_pair<T>(v[6], v[7]));
+          make_uint4(Mma<T>::from_floats(v[0], v[1]), Mma<T>::from_floats(v[2], v[3]),
+                     Mma<T>::from_floats(v[4], v[5]), Mma<T>::from_floats(v[6], v[7]));
     }
     // H28's fragments, read again for every row (2 KB, L1 hits): registers kept for the loads in flight.
     uint32_t h28[2][2][4];
@@ -464,8 +432,8 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
       ldmatrix_x4_trans(b, tile_base + col_tile * 8 * sizeof(T));
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        mma16816<T, false>(acc[j][r], h28[r][0], b[0], b[1]);
-        mma16816<T, true>(acc[j][r], h28[r][1], b[2], b[3]);
+        Mma<T>::template mma<true>(acc[j][r], h28[r][0], b[0], b[1]);
+        Mma<T>::template mma<false>(acc[j][r], h28[r][1], b[2], b[3]);
       }
     }
     // The next row's loads, in flight from here (after the mma phase: the registers allow no earlier point).

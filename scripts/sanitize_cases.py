@@ -86,6 +86,7 @@ def hadamard_cases():
              (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0), (3, 14336, torch.bfloat16, 8, 0),
              (2, 4096, torch.bfloat16, 8, 0), (3, 16384, torch.float16, 4, 0), (2, 1024, torch.bfloat16, 4, 0)]
     backends.status("cuda")  # loads quantkern._C (registers torch.ops.quantkern.*)
+    tensor_core_sizes = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))
     for rows, n, dtype, bits, block in cases:
         x = torch.randn(rows, n, device="cuda").to(dtype)
         rotated = ops.hadamard(x, backend="reference", block_size=block or None)
@@ -94,9 +95,14 @@ def hadamard_cases():
         else:
             q, s = torch.ops.quantkern.hadamard_quantize(x, bits, 1.0, block)
             q_ref, s_ref = reference.quantize_per_token(rotated, bits)
-            codes = [unpack_int4_signed(c).int() if bits == 4 else c.int() for c in (q, q_ref)]
-            # (the tensor-core path's codes may differ by 1 from the reference's: tests/test_hadamard_kernels.py)
-            error = relative_error(s, s_ref) + ((codes[0] - codes[1]).abs() > 1).float().mean().item()
+            if n in tensor_core_sizes and dtype != torch.float32 and not block:
+                # The tensor-core path's codes may differ by 1 from the reference's (tests/test_hadamard_kernels.py
+                # bounds them against the exact rotation): count only larger differences.
+                codes = [unpack_int4_signed(c).int() if bits == 4 else c.int() for c in (q, q_ref)]
+                wrong = ((codes[0] - codes[1]).abs() > 1).float().mean().item()
+            else:
+                wrong = (q != q_ref).float().mean().item()
+            error = relative_error(s, s_ref) + wrong
         assert error < 1e-2, (rows, n, dtype, bits, block, error)
         print("hadamard", rows, n, dtype, bits, block, f"error {error:.1e}", flush=True)
     base = torch.randn(3 * 1024 + 1, device="cuda", dtype=torch.float16)

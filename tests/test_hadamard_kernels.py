@@ -25,7 +25,7 @@ cuda_ext = backends.status("cuda")
 has_cuda_kernel = cuda_ext.available and "hadamard" in cuda_ext.kernels
 needs_cuda_kernel = pytest.mark.skipif(not has_cuda_kernel, reason=f"no CUDA hadamard kernel: {cuda_ext.reason}")
 # Row lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (on sm_80+): the extension says which.
-TENSOR_CORE_SIZES = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ())) if has_cuda_kernel else set()
+TENSOR_CORE_SIZES = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))
 UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -78,7 +78,9 @@ def assert_codes_round_the_exact_rotation(q, s, x, bits, clip, s_ref, q_ref):
     qmax = 7 if bits == 4 else 127
     exact = hadamard_transform(x.double().cpu()).float() if x.shape[0] else x.float().cpu()
     target = (exact.double() / s.double().cpu()[:, None]).clamp(-qmax, qmax)
-    slack = 6 * qmax * UNIT_ROUNDOFF[x.dtype] * (2 if x.shape[1] % 7 == 0 else 1)
+    n = x.shape[1]
+    roundings = 1 if n & (n - 1) == 0 else 2  # 14336 = 28 x 512: the H28 step's operands are rounded too
+    slack = 6 * qmax * UNIT_ROUNDOFF[x.dtype] * roundings
     error = (codes_of(q, bits).cpu().double() - target).abs()
     assert error.max().item() <= 0.5 + slack
     ref_error = (codes_of(q_ref, bits).cpu().double() - target).abs()
