@@ -74,6 +74,34 @@ def transform_chunk(chunk, dtype):
     return np.stack([e0[:, 0], e0[:, 1], e1[:, 0], e1[:, 1], e0[:, 2], e0[:, 3], e1[:, 2], e1[:, 3]], axis=1)
 
 
+def chunk_stage_fragment():
+    """chunk_stage_fragment: per n-tile nb, the B fragment [32, 4] (b0, b1 as 4 values) of M[k][n] =
+    [t == t'] (-1)^(hh hh') (-1)^(kb nb), k = 2 t + hh + 8 kb, n = 2 t' + hh'."""
+    frags = []
+    for nb in range(2):
+        one = (T == G // 2).astype(float)
+        cols = []
+        for kb in range(2):
+            for hh in range(2):
+                sign = (-1.0) ** ((kb & nb) + hh * (G & 1))
+                cols.append(one * sign)
+        frags.append(np.stack(cols, axis=1))
+    return frags
+
+
+def chunk_stage(v, dtype):
+    """chunk_stage: chunk bits 0 and 1 of v (list of J [32, 8] arrays) on tensor cores, in place."""
+    m = chunk_stage_fragment()
+    for q in range(len(v) // 4):
+        v0, v1, v2, v3 = (v[4 * q + i] for i in range(4))
+        for e in range(0, 8, 2):
+            a = round_to(np.stack([v0[:, e], v1[:, e], v0[:, e + 1], v1[:, e + 1],
+                                   v2[:, e], v3[:, e], v2[:, e + 1], v3[:, e + 1]], axis=1), dtype)
+            d0, d1 = mma(a, m[0]), mma(a, m[1])
+            v0[:, e], v1[:, e], v0[:, e + 1], v1[:, e + 1] = d0[:, 0], d0[:, 1], d0[:, 2], d0[:, 3]
+            v2[:, e], v3[:, e], v2[:, e + 1], v3[:, e + 1] = d1[:, 0], d1[:, 1], d1[:, 2], d1[:, 3]
+
+
 def butterflies(v, lo, hi):
     for bit in range(lo, hi):
         for i in range(len(v)):
@@ -82,8 +110,9 @@ def butterflies(v, lo, hi):
                 v[i], v[i | (1 << bit)] = a + b, a - b
 
 
-def pow2_kernel(x, dtype):
-    """hadamard_quantize_pow2_kernel's rotation of one row x [n] -> v [n] (before the out_scale)."""
+def pow2_kernel(x, dtype, chunk_mma):
+    """hadamard_quantize_pow2_kernel's rotation of one row x [n] -> v [n] (before the out_scale), chunk bits 0, 1
+    on tensor cores (chunk_mma: the kernel does so for fp16 rows) or in fp32."""
     n = x.size
     log_chunks = int(np.log2(n // 256))
     log_j = min(log_chunks, 3)
@@ -92,7 +121,11 @@ def pow2_kernel(x, dtype):
     values = {}  # chunk -> [32, 8], the exchange buffer
     for warp in range(W):
         v = [transform_chunk(x[(warp * J + i) * 256:(warp * J + i + 1) * 256], dtype) for i in range(J)]
-        butterflies(v, 0, log_j)
+        if chunk_mma:
+            chunk_stage(v, dtype)
+            butterflies(v, 2, log_j)
+        else:
+            butterflies(v, 0, log_j)
         for i in range(J):
             values[warp * J + i] = v[i]
     per = J // W
@@ -158,18 +191,70 @@ def paley28_kernel(x, dtype):
     return out
 
 
+# chunk_mma: chunk bits 0, 1 on tensor cores (what the kernel does for fp16 rows) or in fp32 (bf16 rows); both
+# bookkeepings are checked for both dtypes. 14336 is the paley28 kernel.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n", [1024, 2048, 4096, 8192, 16384, 14336])
-def test_fragment_bookkeeping_gives_the_hadamard_transform(n, dtype):
+@pytest.mark.parametrize("n, chunk_mma", [(n, c) for n in (1024, 2048, 4096, 8192, 16384) for c in (True, False)]
+                         + [(14336, None)])
+def test_fragment_bookkeeping_gives_the_hadamard_transform(n, chunk_mma, dtype):
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=gen) * 3).to(dtype)
     x[: n // 7] *= 20
     xf = x.float().numpy().astype(np.float64)
     exact = hadamard_transform(torch.from_numpy(xf)).numpy()  # fp64
-    v = paley28_kernel(xf, dtype) if n == 14336 else pow2_kernel(xf, dtype)
+    v = paley28_kernel(xf, dtype) if n == 14336 else pow2_kernel(xf, dtype, chunk_mma)
     y = v * 256 / np.sqrt(n)  # out_scale
-    # Rounded once (twice for 14336) to x's dtype on the way: errors of that size, nothing structural.
-    unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype] * (2 if n == 14336 else 1)
+    # Rounded to x's dtype on the way (stage A's sums; also stage B's for 14336 and for the chunk stage):
+    # errors of that size, nothing structural.
+    roundings = 2 if n == 14336 or chunk_mma else 1
+    unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype] * roundings
     rms = np.sqrt(np.mean(exact ** 2))
     assert np.abs(y - exact).max() <= 4 * unit * np.abs(xf).max() * 16
     assert np.sqrt(np.mean((y - exact) ** 2)) <= unit * rms
+
+
+# --- the unclamped codes: FFMA with the round-to-integer constant, then byte permutes --------------------------
+
+def byte_perm(x, y, selector):
+    """__byte_perm(x, y, s) (prmt.b32 default mode): result byte i = byte (s >> 4 i) & 7 of {y, x}."""
+    pool = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(pool[(selector >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def code_bits(v, inv):
+    """fp32(v * inv + 1.5 * 2^23) as bits (the product is exact in fp64, the sum is rounded once to fp32)."""
+    return int(np.array(np.float64(v) * np.float64(inv) + 12582912.0, dtype=np.float32).view(np.uint32))
+
+
+def gather_low_bytes(a, b, c, d):
+    return byte_perm(byte_perm(a, b, 0x0040), byte_perm(c, d, 0x0040), 0x5410)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unclamped_codes_pack_like_the_clamped_path(bits):
+    """store_codes8_unclamped's words equal the packing of rni(v * inv) (element e at nibble / byte e) for every
+    value a row that passes codes_need_no_clamp can hold, including the exact ties."""
+    qmax = 7 if bits == 4 else 127
+    gen = np.random.default_rng(bits)
+    inv = np.float32(0.37)
+    for trial in range(200):
+        targets = gen.uniform(-qmax - 0.49, qmax + 0.49, 8)
+        if trial < 20:  # ties: half-integers, which round to even
+            targets = np.round(targets) + 0.5 * gen.choice([-1, 1], 8)
+            targets = np.clip(targets, -qmax - 0.5 + 1e-3, qmax + 0.5 - 1e-3)
+        v = (targets / np.float64(inv)).astype(np.float32)
+        r = [code_bits(v[e], inv) for e in range(8)]
+        codes = [int(np.rint(np.float64(v[e]) * np.float64(inv))) for e in range(8)]
+        assert all(-qmax <= c <= qmax for c in codes)
+        if bits == 4:
+            even, odd = gather_low_bytes(r[0], r[2], r[4], r[6]), gather_low_bytes(r[1], r[3], r[5], r[7])
+            word = (even & 0x0F0F0F0F) | ((odd << 4) & 0xF0F0F0F0)
+            expected = sum((c & 0xF) << (4 * e) for e, c in enumerate(codes))
+            assert word == expected
+            pair = (r[0] & 0x0F) | ((r[1] << 4) & 0xF0)  # nibble_pair (the 14336 kernel)
+            assert pair == (codes[0] & 0xF) | ((codes[1] & 0xF) << 4)
+        else:
+            lo, hi = gather_low_bytes(*r[:4]), gather_low_bytes(*r[4:])
+            expected = sum((c & 0xFF) << (8 * e) for e, c in enumerate(codes))
+            assert lo | (hi << 32) == expected
+            assert byte_perm(r[0], r[1], 0x0040) & 0xFFFF == (codes[0] & 0xFF) | ((codes[1] & 0xFF) << 8)
