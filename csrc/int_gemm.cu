@@ -670,15 +670,28 @@ struct WgmmaPlan {
   int tiles_per_split;
 };
 
-// Token tile and K split of a wgmma call. No split unless asked for: on the H100 at M = 128 the split
-// path (a zeroed int32 workspace, atomics, a separate epilogue) was slower than one split at 8192 x 28672
-// (85 us against 53 for W4A4, split 2) and no faster at 8192 x 8192 (27.6 against 28.7 us), where 64 tiles
-// already stream the weights at ~1.2 TB/s (benchmarks/bench_int_gemm.py --sweep).
-WgmmaPlan make_wgmma_plan(int64_t M, int64_t K, int64_t config, int64_t split_k) {
+// Token tile and K split of a wgmma call. split_k > 0 asks for that many splits; 0 (automatic) splits K only
+// for 128-token tiles (M <= 128) whose blocks fill less than half the SMs, doubling the split while the blocks
+// still fit on the SMs and each split keeps at least 4 k-tiles. The split path (a zeroed int32 workspace,
+// atomics, a separate epilogue) costs a few microseconds, so it pays only where most SMs would idle. H200,
+// W8A8 at M = 128, GEMM alone, config 6 with each split forced (a one-off probe like bench_int_gemm.py --sweep,
+// CUDA-graph medians, weights from HBM): 14336 x 4096 (32 blocks) 56.3 us
+// unsplit, 38.4 split 2, 28.5 split 4, 29.2 split 8; 8192 x 8192 (64 blocks) 37.2, 33.0, 33.1, 39.9;
+// 4096 x 4096 (32 blocks) 18.6, 16.8, 15.0, 18.1. On the H100, 8192 x 28672 (224 blocks) at M = 128 was
+// slower split (85 us against 53 for W4A4, split 2): it is not split here.
+WgmmaPlan make_wgmma_plan(int64_t M, int64_t N, int64_t K, int64_t config, int64_t split_k, int device) {
   WgmmaPlan plan;
   plan.tokens = config == kWgmma128 || (config == kAuto && M <= 128) ? 128 : 256;
   const int64_t k_tiles = (K + kTileK - 1) / kTileK;
-  const int64_t split = std::max<int64_t>(1, std::min<int64_t>(split_k, k_tiles));
+  int64_t split = split_k;
+  if (split <= 0) {
+    split = 1;
+    const int64_t blocks = (N + int_wgmma::kChannels - 1) / int_wgmma::kChannels * ((M + plan.tokens - 1) / plan.tokens);
+    if (plan.tokens == 128 && 2 * blocks <= num_sms(device)) {
+      while (2 * blocks * split <= num_sms(device) && k_tiles / (2 * split) >= 4) split *= 2;
+    }
+  }
+  split = std::max<int64_t>(1, std::min<int64_t>(split, k_tiles));
   plan.tiles_per_split = static_cast<int>((k_tiles + split - 1) / split);
   plan.splits = static_cast<int>((k_tiles + plan.tiles_per_split - 1) / plan.tiles_per_split);  // no empty splits
   return plan;
@@ -791,7 +804,7 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
     return out;
   }
   if (use_wgmma(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
-    const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
+    const WgmmaPlan wplan = make_wgmma_plan(M, N, K, config, split_k, a.get_device());
     int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, true, at::kInt,
                       hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K, wplan.tiles_per_split),
                       wplan.splits, stream);
@@ -856,7 +869,7 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
     return out;
   }
   if (use_wgmma(op, config, M, a_bits, grouped, a.get_device())) {
-    const WgmmaPlan wplan = make_wgmma_plan(M, K, config, split_k);
+    const WgmmaPlan wplan = make_wgmma_plan(M, N, K, config, split_k, a.get_device());
     if (wplan.splits == 1) {
       int_wgmma::launch(static_cast<int>(w_bits), wplan.tokens, false, out_dtype,
                         hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, wplan.tiles_per_split), 1,

@@ -37,8 +37,8 @@
 //   wgmmas otherwise: warnings C7513-C7515, C7520; see csrc/w4a16_wgmma.cu).
 // Epilogue (fused): y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32
 //   like the reference (bit-identical), converted, staged through shared memory as a [token][channel]
-//   tile (rows padded by 16 bytes) and written with coalesced 16-byte stores. Split K (only when the
-//   caller asks: it measured slower than one split at M = 128, see make_wgmma_plan): every split adds
+//   tile (rows padded by 16 bytes) and written with coalesced 16-byte stores. Split K (asked for, or
+//   automatic where the 128-token blocks fill less than half the SMs: see make_wgmma_plan): every split adds
 //   its exact int32 sums into a zeroed [M, N] workspace (red.global.add), and the host runs
 //   csrc/int_gemm.cu's split epilogue; the test hook int_gemm_acc reads that workspace as is.
 // Measured (H100, bf16 out, per-channel, `benchmarks/bench_int_gemm.py --sweep`, GEMM alone):

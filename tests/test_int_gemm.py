@@ -184,7 +184,8 @@ def test_hopper_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
 @needs_wgmma
 @pytest.mark.parametrize("bits,act_bits", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,k,n", [(65, 576, 200), (300, 896, 4864), (2048, 4096, 576)])
+# (100, 4096, 1024): 8 blocks of 128 tokens x 128 channels, which the automatic plan splits 8 ways over K.
+@pytest.mark.parametrize("m,k,n", [(65, 576, 200), (300, 896, 4864), (2048, 4096, 576), (100, 4096, 1024)])
 def test_wgmma_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
     prepared = assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n,
                                                       [(6, 1), (7, 1), (6, 4), (7, 0)])
