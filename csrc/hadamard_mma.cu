@@ -486,17 +486,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 template <int BITS>
 constexpr int kStagedPitch = kPaleyBlock * BITS / 8 + 16;
 
-// Dynamic shared memory of the paley28 kernel: the transform tile, the staged codes, and a ring of two input
-// rows (98 KB for int4, 105 KB for int8: two CTAs per SM).
-template <typename T, int BITS>
-struct Paley28Smem {
-  static constexpr size_t kTileOffset = 0;
-  static constexpr size_t kStagedOffset = kTileOffset + sizeof(T) * 32 * kPaleyPitch;
-  static constexpr size_t kInputOffset = kStagedOffset + kPaleyOrder * kStagedPitch<BITS>;
-  static constexpr size_t kBytes = kInputOffset + 2 * sizeof(T) * kPaleyOrder * kPaleyBlock;
-  static_assert(kStagedOffset % 16 == 0 && kInputOffset % 16 == 0, "16-byte aligned regions");
-};
-
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_paley28_kernel(const QuantParams p) {
 #if QK_HADAMARD_MMA_BODY
@@ -504,11 +493,8 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
   constexpr int kChunksPerWarp = kN / kChunk / kPaleyWarps;  // 7
   constexpr int kTilesPerWarp = 8;                            // column tiles of 8: 4 with b = 0, 4 with b = 1
   constexpr int kRowBytes = kPaleyBlock * BITS / 8;           // codes of one block
-  using L = Paley28Smem<T, BITS>;
-  extern __shared__ float4 paley_smem[];
-  T* tile = reinterpret_cast<T*>(reinterpret_cast<uint8_t*>(paley_smem) + L::kTileOffset);
-  uint8_t* staged = reinterpret_cast<uint8_t*>(paley_smem) + L::kStagedOffset;
-  T* inputs = reinterpret_cast<T*>(reinterpret_cast<uint8_t*>(paley_smem) + L::kInputOffset);  // [2][kN]
+  __shared__ alignas(16) T tile[32 * kPaleyPitch];
+  __shared__ alignas(16) uint8_t staged[kPaleyOrder * kStagedPitch<BITS>];
   __shared__ float red[kPaleyWarps];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
@@ -523,38 +509,22 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
   const PaleyFragments& table = std::is_same_v<T, __half> ? kPaleyHalf : kPaleyBf16;
   const uint32_t tile_base = static_cast<uint32_t>(__cvta_generic_to_shared(tile)) + lane * kPaleyPitch * sizeof(T);
 
-  // Rows blockIdx.x, + gridDim.x, ...: two rows in flight in the input ring (cp.async, one commit group per row,
-  // empty past the last row). Each thread copies exactly the 16-byte pieces it reads itself in phase 1, so
-  // cp.async.wait_group alone orders its reads; a slot is refilled right after this thread's reads of it.
-  const int first_chunk = warp * kChunksPerWarp;
-  auto issue_row = [&](int64_t r, int slot) {
-    if (r < p.rows) {
-      const T* src = x + r * kN + first_chunk * kChunk + lane * 8;
-      const uint32_t dst = w4a16::smem_addr(inputs + slot * kN + first_chunk * kChunk + lane * 8);
-#pragma unroll
-      for (int i = 0; i < kChunksPerWarp; ++i) w4a16::cp_async16(dst + i * kChunk * sizeof(T), src + i * kChunk, true);
-    }
-    w4a16::cp_async_commit();
-  };
-  issue_row(blockIdx.x, 0);
-  issue_row(blockIdx.x + gridDim.x, 1);
-  int slot = 0;
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, slot ^= 1) {
-    w4a16::cp_async_wait<1>();  // this row's group (the newer one, the next row, may still be in flight)
+  // Rows blockIdx.x, + gridDim.x, ...: the next row's loads are issued as soon as this row's are consumed.
+  uint4 raw[kChunksPerWarp];
+  load_chunks<T, kChunksPerWarp>(raw, x, blockIdx.x, kN, warp * kChunksPerWarp);
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     // Phase 1: stages A and B of chunks 7 warp + i, rounded to T into the tile (the previous row's ldmatrix
     // reads ended before its absmax barrier).
-    const T* in = inputs + slot * kN + first_chunk * kChunk + lane * 8;
 #pragma unroll
     for (int i = 0; i < kChunksPerWarp; ++i) {
       float v[8];
-      transform_chunk<T>(*reinterpret_cast<const uint4*>(in + i * kChunk), h16, v);
+      transform_chunk<T>(raw[i], h16, v);
       const int chunk = warp * kChunksPerWarp + i, block = chunk / 2, half = chunk % 2;
       *reinterpret_cast<uint4*>(tile + block * kPaleyPitch + half * kChunk + lane * 8) =
           make_uint4(Mma<T>::from_floats(v[0], v[1]), Mma<T>::from_floats(v[2], v[3]),
                      Mma<T>::from_floats(v[4], v[5]), Mma<T>::from_floats(v[6], v[7]));
     }
-    issue_row(row + 2 * static_cast<int64_t>(gridDim.x), slot);  // this thread's reads of the slot are done
-    // H28's fragments, read again for every row (2 KB, L1 hits): registers kept for the accumulators.
+    // H28's fragments, read again for every row (2 KB, L1 hits): registers kept for the loads in flight.
     uint32_t h28[2][2][4];
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
@@ -576,6 +546,8 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
         Mma<T>::template mma<false>(acc[j][r], h28[r][1], b[2], b[3]);
       }
     }
+    // The next row's loads, in flight from here (after the mma phase: the registers allow no earlier point).
+    if (row + gridDim.x < p.rows) load_chunks<T, kChunksPerWarp>(raw, x, row + gridDim.x, kN, warp * kChunksPerWarp);
     // Bit 8 (b): tile j (b = 0) with tile j + 4 (b = 1).
     float amax = 0.0f;
 #pragma unroll
@@ -670,8 +642,7 @@ bool launch_size(int64_t n, const QuantParams& p, int device, cudaStream_t strea
     case 8192: launch_pow2<T, 5, BITS>(p, device, stream); return true;
     case 16384: launch_pow2<T, 6, BITS>(p, device, stream); return true;
     case kPaleyOrder * kPaleyBlock:
-      launch_persistent(hadamard_quantize_paley28_kernel<T, BITS>, kPaleyWarps * kWarpSize, Paley28Smem<T, BITS>::kBytes,
-                        p, device, stream);
+      launch_persistent(hadamard_quantize_paley28_kernel<T, BITS>, kPaleyWarps * kWarpSize, 0, p, device, stream);
       return true;
     default: return false;
   }
