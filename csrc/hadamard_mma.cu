@@ -10,7 +10,9 @@
 // 2-point butterflies over the index bits in any grouping. Index i of a row = c * 256 + e, chunk c, e < 256:
 //   stage A:  bits {0, 3, 4, 1} of e   one mma per 8 columns: D = (H16 / 16) . X         (T operands, fp32 sums)
 //   stage B:  bits {5, 6, 7, 2} of e   D rounded to T, then E = (H16 / 16) . D^T        (fp32 out)
-//   outer:    the chunk index c         2^k: fp32 butterflies in registers (+ one exchange through shared
+//   outer:    the chunk index c         2^k: fp16 rows: chunk bits 0-1 by a third mma (chunk_stage: the
+//                                        values rounded to T as the A operand, M = butterflies (x) I); then
+//                                        fp32 butterflies in registers (+ one exchange through shared
 //                                        memory when a row spans several warps); 14336: H28 (padded to 32)
 //                                        as the A operand of mma.m16n8k16 over the 28 blocks, then the
 //                                        bit-8 butterfly in fp32.
@@ -30,7 +32,8 @@
 // one row at a time, the next row's 16-byte loads (read once: L1 no-allocate) issued into registers as soon
 // as the current row's are consumed, so they are in flight during the rest of the row.
 // 2^k rows: F = n / 256 chunks, J = min(F, 8) chunks per warp (J * 8 fp32 values per lane), W = F / J warps
-// (16384: 8 warps). Per chunk 4 mma + 4 packs; butterflies over the J chunks in registers; for W > 1 every
+// (16384: 8 warps). Per chunk 4 mma + 4 packs (fp16 rows: + 2 mma and 4 packs per 8 values of the chunk stage);
+// butterflies over the J chunks in registers; for W > 1 every
 // lane writes its values to shared memory ([chunk][half][lane][4] fp32, conflict-free), one barrier, and
 // reads back the chunks whose warp bits it still has to butterfly; codes stored straight from registers.
 // 14336: 8 warps x 7 chunks, stage A / B, values rounded to T into a [32 blocks][512 + 8] shared tile (pitch
@@ -43,16 +46,20 @@
 // Quantization: per-thread |max| (NaN propagates), warp shuffles, one shared exchange between warps;
 // scale = T(amax(v) * 256 / sqrt(n)) * clip / qmax (amax of the values rounded to T, as the two-kernel path
 // sees them; 1 where 0), then code = rni(max(v * (256 / sqrt(n) / scale), -qmax)) and cvt.pack.sat
-// saturates at +qmax and packs 2 codes per instruction.
+// saturates at +qmax and packs 2 codes per instruction. Rows that need no clamp (amax * multiplier < qmax + 0.5:
+// clip >= 1 and a normal scale; NaN / inf rows never) take one FFMA with 1.5 * 2^23 per code and byte permutes
+// instead (code_bits): 2 instructions per element against 3.5.
 //
 // Accuracy. Not bit-identical with reference.quantize_per_token(reference.hadamard(x)) (the fp32-butterfly
-// kernel is): the stage A sums (and for 14336 the stage B sums) are rounded to x's dtype once, the
-// tensor cores accumulate in their own order, and the rotated values are quantized as fp32 rather than
-// after rounding to x's dtype. A code can differ from the two-kernel path's where the rotated value lies
+// kernel is): the stage A sums (and for 14336 the stage B sums, for fp16 2^k rows the chunk stage's operands)
+// are rounded to x's dtype, the tensor cores accumulate in their own order, and the rotated values are
+// quantized as fp32 rather than after rounding to x's dtype. A code can differ from the two-kernel path's where the rotated value lies
 // within a few units in the last place of x's dtype of a rounding boundary: by 1 for int4 codes; int8 codes
 // of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits), so there by a few. The tests
 // bound each code against the exactly (fp64) rotated value: within 0.5 + 6 qmax u (u = 2^-11 fp16, 2^-8 bf16;
-// twice that for 14336), and on average as close as the two-kernel path's codes.
+// twice that where two roundings happen: 14336, fp16 2^k rows), and on average as close as the two-kernel
+// path's codes. Measured on the H200 (300 rows per case): int4 codes within 1 of the two-kernel path's, int8
+// within 1 (fp16) and 2 (bf16).
 //
 // Compiled for every arch of the build; the kernels need mma.m16n8k16 with bf16 (sm_80+), so the host
 // side takes this path only on such devices, and older archs compile empty bodies.
