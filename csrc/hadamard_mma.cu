@@ -118,7 +118,7 @@ __device__ __forceinline__ float max_abs_nan(float a, float b) {
 }
 
 // Quantization code, before saturation at +qmax (done by the pack): round half to even of
-// max(v * inv, -qmax). NaN gives 0.
+// max(v * inv, -qmax). NaN gives -qmax (fmaxf returns the other operand).
 __device__ __forceinline__ int code_of(float v, float inv, float qmax) {
   return __float2int_rn(fmaxf(__fmul_rn(v, inv), -qmax));
 }
