@@ -248,12 +248,12 @@ std::tuple<at::Tensor, at::Tensor> hadamard_quantize_cuda(const at::Tensor& x_in
   at::Tensor scale = at::empty({rows}, x_in.options().dtype(at::kFloat));
   if (rows == 0) return {q, scale};
   const at::Tensor x = prepared_input(x_in);
+  if (hadamard_quantize_tensor_cores(x, bits, clip_ratio, block_size, q, scale)) return {q, scale};
   plan.p.x = x.const_data_ptr();
   plan.p.out = q.data_ptr();
   plan.p.scales = scale.data_ptr<float>();
   plan.p.bits = static_cast<int>(bits);
   plan.p.clip = static_cast<float>(clip_ratio);
-  if (hadamard_quantize_tensor_cores(x, bits, clip_ratio, block_size, q, scale)) return {q, scale};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   dispatch<true>(x, plan, rows, stream, op);
   return {q, scale};

@@ -53,9 +53,9 @@
 // Accuracy. Not bit-identical with reference.quantize_per_token(reference.hadamard(x)) (the fp32-butterfly
 // kernel is): the stage A sums (and for 14336 the stage B sums, for fp16 2^k rows the chunk stage's operands)
 // are rounded to x's dtype, the tensor cores accumulate in their own order, and the rotated values are
-// quantized as fp32 rather than after rounding to x's dtype. A code can differ from the two-kernel path's where the rotated value lies
-// within a few units in the last place of x's dtype of a rounding boundary: by 1 for int4 codes; int8 codes
-// of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits), so there by a few. The tests
+// quantized as fp32 rather than after rounding to x's dtype. A code can differ from the two-kernel path's
+// where the rotated value lies within a few units in the last place of x's dtype of a rounding boundary: by 1
+// for int4 codes; int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits), so there by a few. The tests
 // bound each code against the exactly (fp64) rotated value: within 0.5 + 6 qmax u (u = 2^-11 fp16, 2^-8 bf16;
 // twice that where two roundings happen: 14336, fp16 2^k rows), and on average as close as the two-kernel
 // path's codes. Measured on the H200 (300 rows per case): int4 codes within 1 of the two-kernel path's, int8
@@ -67,6 +67,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -374,8 +375,8 @@ __global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
   const T* x = static_cast<const T*>(p.x);
   uint32_t h16[4];
   hadamard16_fragment<T>(h16);
-  uint32_t chunk_b[2][2];
-  chunk_stage_fragment<T>(chunk_b);
+  uint32_t chunk_b[2][2] = {};
+  if constexpr (kChunkStageOnTensorCores<T>) chunk_stage_fragment<T>(chunk_b);
 
   // Rows blockIdx.x, + gridDim.x, ...: the next row's loads are issued as soon as this row's are consumed.
   uint4 raw[J];
@@ -657,8 +658,12 @@ bool launch_size(int64_t n, const QuantParams& p, int device, cudaStream_t strea
 
 }  // namespace hadamard_mma
 
-// The row lengths this path serves (also reported by quantkern._C.build_info()).
-std::vector<int64_t> hadamard_quantize_tensor_core_sizes() { return {1024, 2048, 4096, 8192, 14336, 16384}; }
+// The row lengths this path serves (launch_size has a case for each; quantkern._C.build_info() reports them).
+constexpr int64_t kTensorCoreSizes[] = {1024, 2048, 4096, 8192, 14336, 16384};
+
+std::vector<int64_t> hadamard_quantize_tensor_core_sizes() {
+  return std::vector<int64_t>(std::begin(kTensorCoreSizes), std::end(kTensorCoreSizes));
+}
 
 // Runs the tensor-core kernel when it serves x (fp16/bf16, a size above, whole-row transform, sm_80+) and
 // returns true; false leaves the call to the fp32-butterfly kernel. x: contiguous, 16-byte aligned, 2-D.
@@ -668,9 +673,10 @@ bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double cl
   const at::ScalarType dtype = x.scalar_type();
   const int64_t n = x.size(1), rows = x.size(0);
   if (block_size != 0 || (dtype != at::kHalf && dtype != at::kBFloat16)) return false;
-  bool served = false;
-  for (int64_t size : hadamard_quantize_tensor_core_sizes()) served |= size == n;
-  if (!served || rows == 0) return false;
+  if (std::find(std::begin(kTensorCoreSizes), std::end(kTensorCoreSizes), n) == std::end(kTensorCoreSizes) ||
+      rows == 0) {
+    return false;
+  }
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
   if (major < 8) return false;

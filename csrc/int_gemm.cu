@@ -686,10 +686,9 @@ WgmmaPlan make_wgmma_plan(int64_t M, int64_t N, int64_t K, int64_t config, int64
   int64_t split = split_k;
   if (split <= 0) {
     split = 1;
-    const int64_t blocks = (N + int_wgmma::kChannels - 1) / int_wgmma::kChannels * ((M + plan.tokens - 1) / plan.tokens);
-    if (plan.tokens == 128 && 2 * blocks <= num_sms(device)) {
-      while (2 * blocks * split <= num_sms(device) && k_tiles / (2 * split) >= 4) split *= 2;
-    }
+    const int64_t blocks =
+        (N + int_wgmma::kChannels - 1) / int_wgmma::kChannels * ((M + plan.tokens - 1) / plan.tokens);
+    while (plan.tokens == 128 && 2 * blocks * split <= num_sms(device) && k_tiles / (2 * split) >= 4) split *= 2;
   }
   split = std::max<int64_t>(1, std::min<int64_t>(split, k_tiles));
   plan.tiles_per_split = static_cast<int>((k_tiles + split - 1) / split);

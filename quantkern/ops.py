@@ -301,8 +301,9 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     CUDA: fp16/bf16 rows of 1024, 2048, 4096, 8192, 16384 and 14336 entries run on tensor cores
     (csrc/hadamard_mma.cu, sm_80+), which round intermediate sums to x's dtype: a code can differ from the
     two-call path's where the rotated value lies within a few units in the last place of x's dtype of a
-    rounding boundary (by 1 for int4; by a few for int8 codes of bf16 rows). Elsewhere the fp32-butterfly kernel is bit-exact with the two-call reference for n = 2^k, and
-    for m * 2^k agrees to fp32 rounding (a code can differ by 1 at a rounding boundary).
+    rounding boundary (by 1 for int4; by a few for int8 codes of bf16 rows). Elsewhere the fp32-butterfly
+    kernel is bit-exact with the two-call reference for n = 2^k, and for m * 2^k agrees to fp32 rounding
+    (a code can differ by 1 at a rounding boundary).
     """
     rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
     chosen = select("hadamard_quantize", x.device, backend)

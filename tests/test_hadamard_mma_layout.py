@@ -236,13 +236,15 @@ def test_unclamped_codes_pack_like_the_clamped_path(bits):
     value a row that passes codes_need_no_clamp can hold, including the exact ties."""
     qmax = 7 if bits == 4 else 127
     gen = np.random.default_rng(bits)
-    inv = np.float32(0.37)
     for trial in range(200):
         targets = gen.uniform(-qmax - 0.49, qmax + 0.49, 8)
-        if trial < 20:  # ties: half-integers, which round to even
-            targets = np.round(targets) + 0.5 * gen.choice([-1, 1], 8)
-            targets = np.clip(targets, -qmax - 0.5 + 1e-3, qmax + 0.5 - 1e-3)
+        inv = np.float32(0.37)
+        if trial < 20:  # exact ties (a power-of-two multiplier keeps v * inv a half-integer): round to even
+            targets = np.clip(np.round(targets) + 0.5 * gen.choice([-1, 1], 8), -qmax + 0.5, qmax - 0.5)
+            inv = np.float32(0.25)
         v = (targets / np.float64(inv)).astype(np.float32)
+        if trial < 20:
+            assert np.all(np.float64(v) * np.float64(inv) % 1 == 0.5)
         r = [code_bits(v[e], inv) for e in range(8)]
         codes = [int(np.rint(np.float64(v[e]) * np.float64(inv))) for e in range(8)]
         assert all(-qmax <= c <= qmax for c in codes)
