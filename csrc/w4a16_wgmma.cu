@@ -27,15 +27,15 @@
 //   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
 //   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
 // Shared-memory stage (kStages of them), filled by the copy engine (TMA) on one mbarrier per stage,
-//   all issued by thread 0: the activation tile TOKENS x 64 as one TMA box of x's tensor map with the
+//   the copies shared out among the warps (lane 0 of each; see issue_copies): the activation tile TOKENS x 64 as one TMA box of x's tensor map with the
 //   128-byte swizzle (token row r at r * 128 bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
 //   1024-byte aligned; rows past M arrive as zeros; wgmma descriptor stride 1024 bytes per 8 rows,
 //   +32 bytes per k16 step), then bulk copies of the block's valid weight units (512 bytes each) and
 //   of the k-tile's one or two rows of scales (and zeros). The barrier expects exactly those bytes.
 // Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
 //   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done, so its stage and
-//   its set of A registers are free in every warpgroup once the barrier passes), thread 0 issues the
-//   copies of a new k-tile into that stage, everyone waits on the k-tile's mbarrier, ld.shared of
+//   its set of A registers are free in every warpgroup once the barrier passes; thread 0 arms that
+//   stage's mbarrier just before it), the warps issue the copies of a new k-tile into it, everyone waits on the k-tile's mbarrier, ld.shared of
 //   the weight words, conversion into A registers (two sets, alternating by k-tile parity), 4
 //   wgmmas, one commit: the conversion and the barrier overlap the previous k-tile's wgmmas. bf16
 //   drains (wait_group 0) every k-tile instead, so that a group's fold may read pacc. (The first
@@ -232,29 +232,41 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   const T* __restrict__ scales = static_cast<const T*>(p.scales);
   const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
 
-  // ---- global -> shared, one k-tile, issued by thread 0 on the copy engine ----------------------
+  // ---- global -> shared, one k-tile, on the copy engine -----------------------------------------
   // x: one TMA box (TOKENS rows x 64 k, 128-byte swizzle; rows past M arrive as zeros); the 8 weight
   // units (512 bytes each) and the scale (zero) rows: bulk copies of the block's valid strips only.
+  // Thread 0 arms the stage's barrier (arrive.expect_tx: the stage's bytes, the same for every
+  // k-tile) before the block barrier that frees the stage; after it, lane 0 of each warp issues its
+  // share of the copies: warp w its strip's weight unit, warp 0 also the x box, the last warp the
+  // scale (zero) rows. One thread issuing all ~10 copies had made the k-tile wait for ~220 serial
+  // instructions of one warp (each copy is a loop over elected lanes with uniform-register operands):
+  // ncu, M = 64: 1,690 cycles per k-tile, the block barrier the top stall.
   const int valid_strips = min(kWgStrips, strips - block_n * kWgStrips);
-  auto load_stage = [&](int stage, int kt) {
+  const int scale_rows = g32 ? 2 : 1;
+  const uint32_t scale_row_bytes = valid_strips * 16 * 2;
+  const uint32_t stage_bytes = Cfg::kXBytes + valid_strips * kUnitBytes + scale_rows * scale_row_bytes * (ASYM ? 2 : 1);
+  // k-tile -> its (first) group: group 64 one per k-tile, 128 one per two, per-channel (group_len = K)
+  // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (below). No division per k-tile.
+  const int group_shift = p.group_len == p.K ? 31 : p.group_len == 128 ? 1 : 0;
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(smem_addr(&stage_full[stage]), stage_bytes); };
+  auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     const uint32_t zs = ss + Cfg::kSBytes;
     const uint32_t bar = smem_addr(&stage_full[stage]);
-    const int rows = g32 ? 2 : 1;
-    const int grp = g32 ? kt * 2 : (kt * kBK) / p.group_len;
-    const uint32_t row_bytes = valid_strips * 16 * 2;
-    mbarrier_expect_bytes(bar, Cfg::kXBytes + valid_strips * kUnitBytes + rows * row_bytes * (ASYM ? 2 : 1));
-    tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
-    for (int s = 0; s < valid_strips; ++s) {
-      bulk_load(ws + s * kUnitBytes, p.qweight + (static_cast<int64_t>(block_n * kWgStrips + s) * p.k_tiles + kt) * 32,
+    if (warp < valid_strips) {
+      bulk_load(ws + warp * kUnitBytes, p.qweight + (static_cast<int64_t>(block_n * kWgStrips + warp) * p.k_tiles + kt) * 32,
                 kUnitBytes, bar);
     }
-    for (int r = 0; r < rows; ++r) {
-      const int64_t off = static_cast<int64_t>(grp + r) * p.N + n0;
-      bulk_load(ss + r * kWgChannels * 2, scales + off, row_bytes, bar);
-      if constexpr (ASYM) bulk_load(zs + r * kWgChannels * 2, zeros + off, row_bytes, bar);
+    if (warp == 0) tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
+    if (warp == kWgStrips - 1) {
+      const int grp = g32 ? kt * 2 : kt >> group_shift;
+      for (int r = 0; r < scale_rows; ++r) {
+        const int64_t off = static_cast<int64_t>(grp + r) * p.N + n0;
+        bulk_load(ss + r * kWgChannels * 2, scales + off, scale_row_bytes, bar);
+        if constexpr (ASYM) bulk_load(zs + r * kWgChannels * 2, zeros + off, scale_row_bytes, bar);
+      }
     }
   };
 
@@ -291,8 +303,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_wait<0>();
       fence_registers(pacc);
     }
-    __syncthreads();  // the stage of k-tile it - 2 is free in every warpgroup
-    if (tid == 0 && it + kStages - 2 < nk) load_stage((it + kStages - 2) % kStages, kt_begin + it + kStages - 2);
+    const bool refill = it + kStages - 2 < nk;
+    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
+    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
+    if (tid == 0 && refill) arm_stage((it + kStages - 2) % kStages);
+    __syncthreads();
+    if (lane == 0 && refill) issue_copies((it + kStages - 2) % kStages, kt_begin + it + kStages - 2);
     mbarrier_wait(smem_addr(&stage_full[it % kStages]), (it / kStages) & 1);  // k-tile it has landed
     [[maybe_unused]] const int kt = kt_begin + it;
     const uint32_t xs = smem0 + (it % kStages) * Cfg::kStageBytes;
@@ -356,7 +372,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
         fold_scale[1] = Tr::to_float2(ld_shared_u16(ss + row * kWgChannels * 2 + (ch0 + 8) * 2)).x;
         group_open = true;
       };
-      if ((kt * kBK) % p.group_len == 0 || it == 0) start_group(0);
+      if ((kt & ((1u << group_shift) - 1)) == 0 || it == 0) start_group(0);
       wgmma_fence();
       wgmma_rs<T, TOKENS, 1>(pacc, a[0], desc[0]);
       wgmma_rs<T, TOKENS, 1>(pacc, a[1], desc[1]);
@@ -375,9 +391,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbarrier_init(smem_addr(&stage_full[s]), 1);
     mbarrier_init_fence();
-    for (int s = 0; s < kStages - 2 && s < nk; ++s) load_stage(s, kt_begin + s);
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
   }
-  __syncthreads();  // the barriers are initialized before anyone waits on them
+  __syncthreads();  // the barriers are initialized and armed before any copy or wait
+  if (lane == 0) {
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
+  }
   // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
   // (a conditional second step made ptxas serialize the wgmmas).
   int it = 0;
