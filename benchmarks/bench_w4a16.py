@@ -5,7 +5,7 @@ Peers: cuBLAS through ``F.linear`` (fp16 and bf16 weights) and torch's built-in 
 Each figure is the median of ``triton.testing.do_bench``; speed-ups are over cuBLAS fp16. Before
 timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
 
-    python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick]
+    python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import median_us, print_table, write_json
+from common import median_us, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
 
 # K x N of the real models' linear layers (Llama-3-8B/70B, Qwen2.5/3, SmolLM2).
@@ -54,13 +54,22 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--quick", action="store_true", help="the four Llama shapes only")
     parser.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    parser.add_argument("--shapes", nargs="+", metavar="KxN", help="these K x N shapes (default: all, or --quick's)")
+    parser.add_argument("--backends", nargs="+", choices=["cuda", "triton"], default=["cuda", "triton"],
+                        help="our backends to time (where available)")
     args = parser.parse_args()
-    ours = [b for b in ("cuda", "triton") if "weight_only_linear" in backends.status(b).kernels]
+    ours = [b for b in args.backends if "weight_only_linear" in backends.status(b).kernels]
     if not ours:
         raise SystemExit("no W4A16 kernel is available: " + "; ".join(backends.status(b).reason for b in ("cuda", "triton")))
 
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]
+    else:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+
+    warm_up_gpu()
     results, table = [], []
-    for k, n in (QUICK_SHAPES if args.quick else SHAPES):
+    for k, n in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         w16, wbf = w.half(), w.bfloat16()

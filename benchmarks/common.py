@@ -19,6 +19,20 @@ def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
 
 
+def warm_up_gpu(seconds: float = 1.0) -> None:
+    """Keep the GPU busy for a while before timing anything (an idle GPU may still be at low clocks).
+    Without it the first shape's rows came out erratic on the H200: cuBLAS 4096 x 4096 took 38-39 us
+    at M = 1 and 19-36 us from M = 4 to 32, where the H100 had given 21-24 us throughout."""
+    import time
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written (the roofline to compare with)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
