@@ -21,20 +21,22 @@
 //   2 * blockIdx.x + w, 64 rows; warp w of the block owns channels 16w..16w+15) and TOKENS (128 or
 //   256) tokens; K in k-tiles of 128 (one weight unit's width, one 128-byte row of activations).
 //   Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k32.s32.s8.s8.
-// Shared-memory stage (kStages of them), filled by the copy engine on one mbarrier per stage, issued by
-//   thread 0: the activation tile TOKENS x 128 bytes as one TMA box with the 128-byte swizzle (16-byte
-//   chunk c of token row r at c ^ (r % 8); rows past M and k past K arrive as zeros; the wgmma
+// Shared-memory stage (kStages of them), filled by the copy engine on one mbarrier per stage, the
+//   copies issued by lane 0 of warp 0 (activations) and of warps 0 and 4 (the weight units; see
+//   issue_copies): the activation tile TOKENS x 128 bytes as one TMA box with the 128-byte swizzle
+//   (16-byte chunk c of token row r at c ^ (r % 8); rows past M and k past K arrive as zeros; the wgmma
 //   descriptor: 1024 bytes per 8 rows, +32 bytes per k32 step), then the block's one or two weight
 //   units as TMA boxes of 64 rows, with the 64-byte (int4: 64-byte rows, chunk c of row r at
 //   c ^ ((r / 2) % 4)) or 128-byte swizzle (int8: 128-byte rows), so that ldmatrix is conflict-free.
 // Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
 //   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done in this warpgroup, so
-//   its stage and its set of A registers are free once the barrier passes), thread 0 issues the
-//   copies of a new k-tile into that stage, everyone waits on the k-tile's mbarrier, ldmatrix (and
-//   widening) into one of two A register sets (alternating by k-tile parity), 4 wgmmas, one commit:
-//   the fragment loads overlap the previous k-tile's wgmmas. The A operands are defined before the
-//   wgmma fence and pinned there, and k-tiles run in pairs without a branch inside (ptxas serializes
-//   wgmmas otherwise: warnings C7513-C7515, C7520; see csrc/w4a16_wgmma.cu).
+//   its stage and its set of A registers are free once the barrier passes; thread 0 arms that
+//   stage's mbarrier just before it), the warps issue the copies of a new k-tile into it, everyone
+//   waits on the k-tile's mbarrier, ldmatrix (and widening) into one of two A register sets
+//   (alternating by k-tile parity), 4 wgmmas, one commit: the fragment loads overlap the previous
+//   k-tile's wgmmas. The A operands are defined before the wgmma fence and pinned there, and k-tiles
+//   run in pairs without a branch inside (ptxas serializes wgmmas otherwise: warnings C7513-C7515,
+//   C7520; see csrc/w4a16_wgmma.cu).
 // Epilogue (fused): y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32
 //   like the reference (bit-identical), converted, staged through shared memory as a [token][channel]
 //   tile (rows padded by 16 bytes) and written with coalesced 16-byte stores. Split K (asked for, or
@@ -194,14 +196,19 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   const int nk = min(p.tiles_per_split, p.k_tiles - kt_begin);  // >= 1 (the host makes no empty split)
   const int units = min(2, p.w_units - 2 * block_n);             // the block's valid weight units
 
-  // ---- global -> shared, one k-tile, issued by thread 0 on the copy engine ---------------------
-  auto load_stage = [&](int stage, int kt) {
+  // ---- global -> shared, one k-tile, on the copy engine -----------------------------------------
+  // Thread 0 arms the stage's barrier before the block barrier that frees the stage; after it, lane 0
+  // of warp 0 issues the activation box and lane 0 of the first warp of warpgroup u its weight unit u,
+  // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
+  // of them put their serial instructions on every k-tile's path).
+  const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes); };
+  auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
-    const uint32_t bar = smem_addr(&stage_full[stage]);
-    mbarrier_expect_bytes(bar, Cfg::kXBytes + units * Cfg::kUnitBytes);
-    tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
-    for (int u = 0; u < units; ++u) {
-      tma_load_2d(xs + Cfg::kXBytes + u * Cfg::kUnitBytes, &w_map, 0, ((2 * block_n + u) * p.k_tiles + kt) * kUnitRows,
+    const uint32_t bar = bar0 + 8 * stage;
+    if (warp == 0) tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
+    if ((warp & 3) == 0 && wg < units) {
+      tma_load_2d(xs + Cfg::kXBytes + wg * Cfg::kUnitBytes, &w_map, 0, ((2 * block_n + wg) * p.k_tiles + kt) * kUnitRows,
                   bar);
     }
   };
@@ -216,13 +223,26 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
 
   // ---- main loop: one k-tile per iteration ------------------------------------------------------
   uint32_t a_sets[2][4][4];  // two A register sets (the other may still be read by wgmmas in flight)
+  // Running stage indices (no division per k-tile): k-tile it is in stage `compute_stage` with barrier
+  // parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
+  int compute_stage = 0, refill_stage = kStages - 2;
+  uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
     uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
     wgmma_wait<1>();  // k-tile it - 2 is done in this warpgroup (it - 1 may still run)
-    __syncthreads();  // the stage of k-tile it - 2 is free in every warpgroup
-    if (tid == 0 && it + kStages - 2 < nk) load_stage((it + kStages - 2) % kStages, kt_begin + it + kStages - 2);
-    mbarrier_wait(smem_addr(&stage_full[it % kStages]), (it / kStages) & 1);  // k-tile it has landed
-    const uint32_t xs = smem0 + (it % kStages) * Cfg::kStageBytes;
+    const bool refill = it + kStages - 2 < nk;
+    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
+    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
+    if (tid == 0 && refill) arm_stage(refill_stage);
+    __syncthreads();
+    if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
+    refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
+    mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
+    const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
+    if (++compute_stage == kStages) {
+      compute_stage = 0;
+      parity ^= 1;
+    }
     const uint32_t ws = xs + Cfg::kXBytes + wg * Cfg::kUnitBytes;
     if constexpr (WBITS == 4) {
       // 64-byte rows, 64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3). One chunk = one k32 step.
@@ -264,9 +284,12 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) mbarrier_init(smem_addr(&stage_full[s]), 1);
     mbarrier_init_fence();
-    for (int s = 0; s < kStages - 2 && s < nk; ++s) load_stage(s, kt_begin + s);
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
   }
-  __syncthreads();  // the barriers are initialized before anyone waits on them
+  __syncthreads();  // the barriers are initialized and armed before any copy or wait
+  if (lane == 0) {
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
+  }
   int it = 0;
   for (; it + 1 < nk; it += 2) {  // pairs of k-tiles (the two A register sets), then an odd last one
     tile_step(std::integral_constant<int, 0>{}, it);
