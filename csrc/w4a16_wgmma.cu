@@ -45,12 +45,14 @@
 //   between their fence and their wait, or when a branch separates them from it: hence the pinned
 //   operands, the immediate scale-d, and the k-tile pairs without a branch inside (an odd last
 //   k-tile runs after the loop).
-// Measured (H100, fp16, group 128, `benchmarks/bench_w4a16.py`): 0.76-0.82x of cuBLAS fp16 at
-//   M = 2048 on the Llama shapes (the mma.sync kernel: 0.27x). bf16 (128-token tiles, one block per
-//   SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128. ncu (cp.async version, M = 2048): half
-//   the issue slots idle, ~1 eligible warp of 4 per scheduler: latency-bound. Next steps: a producer
-//   warp(group) with empty/full mbarriers instead of the block barrier per k-tile, and a persistent
-//   grid that hides each tile's prologue and epilogue.
+// Measured (fp16, group 128, `benchmarks/bench_w4a16.py`, docs/PERF.md): H200, this version, 0.95-1.02x
+//   of cuBLAS fp16 at M = 2048 and 1.13-1.53x at M = 64 on the Llama shapes (H100, when thread 0 issued
+//   every copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100; 128-token tiles, one
+//   block per SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128.
+//   ncu (H200, M = 64, 8192 x 28672, before the running indices): ~200 instructions per warp per
+//   k-tile, a scheduler issuing in 57% of cycles, tensor pipe 36% busy: at few tokens the weight
+//   conversion and the per-k-tile copy issue and barrier bound it. Next steps: fewer instructions per k-tile there (two k-tiles per
+//   stage and barrier), a producer warp with empty/full mbarriers, a persistent grid.
 // Work split: grid (channel blocks, token tiles, splits). Where the tiles do not cover the SMs, K is
 //   split into contiguous ranges as in the mma.sync kernel: each block writes its fp32 accumulators
 //   to a workspace in fragment order (each thread its own 16-byte columns, coalesced), counts
