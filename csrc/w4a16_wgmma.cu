@@ -27,32 +27,34 @@
 //   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
 //   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
 // Shared-memory stage (kStages of them), filled by the copy engine (TMA) on one mbarrier per stage,
-//   the copies shared out among the warps (lane 0 of each; see issue_copies): the activation tile TOKENS x 64 as one TMA box of x's tensor map with the
-//   128-byte swizzle (token row r at r * 128 bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
+//   the copies shared out among the warps (lane 0 of each; see issue_copies): the activation tile
+//   TOKENS x 64 as one TMA box of x's tensor map with the 128-byte swizzle (token row r at r * 128
+//   bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
 //   1024-byte aligned; rows past M arrive as zeros; wgmma descriptor stride 1024 bytes per 8 rows,
 //   +32 bytes per k16 step), then bulk copies of the block's valid weight units (512 bytes each) and
 //   of the k-tile's one or two rows of scales (and zeros). The barrier expects exactly those bytes.
 // Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
 //   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done, so its stage and
 //   its set of A registers are free in every warpgroup once the barrier passes; thread 0 arms that
-//   stage's mbarrier just before it), the warps issue the copies of a new k-tile into it, everyone waits on the k-tile's mbarrier, ld.shared of
-//   the weight words, conversion into A registers (two sets, alternating by k-tile parity), 4
-//   wgmmas, one commit: the conversion and the barrier overlap the previous k-tile's wgmmas. bf16
-//   drains (wait_group 0) every k-tile instead, so that a group's fold may read pacc. (The first
-//   version filled the stages with every thread's 16-byte cp.async, which also needed
-//   fence.proxy.async before wgmma read them: ~0.1x slower at M = 2048.) ptxas serializes wgmmas
-//   (warnings C7513-C7515 and C7520, printed by scripts/gpu_check.sh) when a register they read is defined
-//   between their fence and their wait, or when a branch separates them from it: hence the pinned
-//   operands, the immediate scale-d, and the k-tile pairs without a branch inside (an odd last
-//   k-tile runs after the loop).
+//   stage's mbarrier just before it), the warps issue the copies of a new k-tile into it, everyone
+//   waits on the k-tile's mbarrier, ld.shared of the weight words, conversion into A registers (two
+//   sets, alternating by k-tile parity), 4 wgmmas, one commit: the conversion and the barrier
+//   overlap the previous k-tile's wgmmas. bf16 drains (wait_group 0) every k-tile instead, so that
+//   a group's fold may read pacc. (The first version filled the stages with every thread's 16-byte
+//   cp.async, which also needed fence.proxy.async before wgmma read them: ~0.1x slower at M =
+//   2048.) ptxas serializes wgmmas (warnings C7513-C7515 and C7520, printed by
+//   scripts/gpu_check.sh) when a register they read is defined between their fence and their wait,
+//   or when a branch separates them from it: hence the pinned operands, the immediate scale-d, and
+//   the k-tile pairs without a branch inside (an odd last k-tile runs after the loop).
 // Measured (fp16, group 128, `benchmarks/bench_w4a16.py`, docs/PERF.md): H200, this version, 0.95-1.02x
 //   of cuBLAS fp16 at M = 2048 and 1.13-1.53x at M = 64 on the Llama shapes (H100, when thread 0 issued
 //   every copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100; 128-token tiles, one
 //   block per SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128.
 //   ncu (H200, M = 64, 8192 x 28672, before the running indices): ~200 instructions per warp per
 //   k-tile, a scheduler issuing in 57% of cycles, tensor pipe 36% busy: at few tokens the weight
-//   conversion and the per-k-tile copy issue and barrier bound it. Next steps: fewer instructions per k-tile there (two k-tiles per
-//   stage and barrier), a producer warp with empty/full mbarriers, a persistent grid.
+//   conversion and the per-k-tile copy issue and barrier bound it. Next steps: fewer instructions
+//   per k-tile there (two k-tiles per stage and barrier), a producer warp with empty/full mbarriers,
+//   a persistent grid.
 // Work split: grid (channel blocks, token tiles, splits). Where the tiles do not cover the SMs, K is
 //   split into contiguous ranges as in the mma.sync kernel: each block writes its fp32 accumulators
 //   to a workspace in fragment order (each thread its own 16-byte columns, coalesced), counts
@@ -253,7 +255,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
   auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, stage_bytes); };
   // This warp's next weight unit to copy: the copies go in k-tile order, so a running pointer.
-  const uint4* next_unit = p.qweight + (static_cast<int64_t>(block_n * kWgStrips + min(warp, valid_strips - 1)) * p.k_tiles + kt_begin) * 32;
+  const int unit_strip = block_n * kWgStrips + min(warp, valid_strips - 1);
+  const uint4* next_unit = p.qweight + (static_cast<int64_t>(unit_strip) * p.k_tiles + kt_begin) * 32;
   auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage); kt ascending
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
