@@ -150,6 +150,25 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 }
 
 // ---------------------------------------------------------------------------------------------
+// The wgmma kernels' stage ring (STAGES shared-memory stages, stage s filled on the mbarrier at
+// bar0 + 8 s) keeps running indices instead of dividing per k-tile: the stage after `stage`, and,
+// for the stage being computed, the barrier parity that flips at each wrap.
+// ---------------------------------------------------------------------------------------------
+
+template <int STAGES>
+__device__ __forceinline__ void advance_stage(int& stage) {
+  stage = stage == STAGES - 1 ? 0 : stage + 1;
+}
+
+template <int STAGES>
+__device__ __forceinline__ void advance_stage(int& stage, uint32_t& parity) {
+  if (++stage == STAGES) {
+    stage = 0;
+    parity ^= 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The wgmma kernels' output tile: D[channel][token] fragments staged in shared memory as a
 // [token][channel] tile of 16-bit values (rows padded by 16 bytes: conflict-free), then written to
 // y [M, N] with coalesced 16-byte stores. The tile reuses the pipeline stages (the caller syncs first).

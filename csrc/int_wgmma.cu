@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
 
   // ---- main loop: one k-tile per iteration ------------------------------------------------------
   uint32_t a_sets[2][4][4];  // two A register sets (the other may still be read by wgmmas in flight)
-  // Running stage indices (no division per k-tile): k-tile it is in stage `compute_stage` with barrier
-  // parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
+  // Running stage indices (advance_stage in hopper.cuh): k-tile it is in stage `compute_stage` with
+  // barrier parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
   int compute_stage = 0, refill_stage = kStages - 2;
   uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
@@ -236,13 +236,10 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
     if (tid == 0 && refill) arm_stage(refill_stage);
     __syncthreads();
     if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-    refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
+    advance_stage<kStages>(refill_stage);
     mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
     const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    if (++compute_stage == kStages) {
-      compute_stage = 0;
-      parity ^= 1;
-    }
+    advance_stage<kStages>(compute_stage, parity);
     const uint32_t ws = xs + Cfg::kXBytes + wg * Cfg::kUnitBytes;
     if constexpr (WBITS == 4) {
       // 64-byte rows, 64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3). One chunk = one k32 step.

@@ -299,8 +299,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // ---- main loop: one k-tile per iteration -----------------------------------------------------
   // BUF: which of the two A register sets (the other may still be read by wgmmas in flight).
   uint32_t a_sets[2][4][4];
-  // Running stage indices (no division per k-tile): k-tile it is in stage `compute_stage` with barrier
-  // parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
+  // Running stage indices (advance_stage in hopper.cuh): k-tile it is in stage `compute_stage` with
+  // barrier parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
   int compute_stage = 0, refill_stage = kStages - 2;
   uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
@@ -319,14 +319,11 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     if (tid == 0 && refill) arm_stage(refill_stage);
     __syncthreads();
     if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-    refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
+    advance_stage<kStages>(refill_stage);
     mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
     [[maybe_unused]] const int kt = kt_begin + it;
     const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    if (++compute_stage == kStages) {
-      compute_stage = 0;
-      parity ^= 1;
-    }
+    advance_stage<kStages>(compute_stage, parity);
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     [[maybe_unused]] const uint32_t zs = ss + Cfg::kSBytes;
