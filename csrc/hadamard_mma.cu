@@ -52,14 +52,14 @@
 //
 // Accuracy. Not bit-identical with reference.quantize_per_token(reference.hadamard(x)) (the fp32-butterfly
 // kernel is): the stage A sums (and for 14336 the stage B sums, for fp16 2^k rows the chunk stage's operands)
-// are rounded to x's dtype, the tensor cores accumulate in their own order, and the rotated values are
-// quantized as fp32 rather than after rounding to x's dtype. A code can differ from the two-kernel path's
-// where the rotated value lies within a few units in the last place of x's dtype of a rounding boundary: by 1
-// for int4 codes; int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits), so there by a few. The tests
-// bound each code against the exactly (fp64) rotated value: within 0.5 + 6 qmax u (u = 2^-11 fp16, 2^-8 bf16;
-// twice that where two roundings happen: 14336, fp16 2^k rows), and on average as close as the two-kernel
-// path's codes. Measured on the H200 (300 rows per case): int4 codes within 1 of the two-kernel path's, int8
-// within 1 (fp16) and 2 (bf16).
+// are rounded to x's dtype, the tensor cores accumulate in their own order, and the rotated values are quantized
+// as fp32 rather than after rounding to x's dtype. A code can differ from the two-kernel path's where the
+// rotated value lies within a few units in the last place of x's dtype of a rounding boundary: by 1 for int4
+// codes; int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits), so there by
+// a few. The tests bound each code against the exactly (fp64) rotated value: within 0.5 + 6 qmax u (u = 2^-11
+// fp16, 2^-8 bf16; twice that where two roundings happen: 14336, fp16 2^k rows), and on average as close as the
+// two-kernel path's codes. Measured on the H200 (300 rows per case): int4 codes within 1 of the two-kernel
+// path's, int8 within 1 (fp16) and 2 (bf16).
 //
 // Compiled for every arch of the build; the kernels need mma.m16n8k16 with bf16 (sm_80+), so the host
 // side takes this path only on such devices, and older archs compile empty bodies.

@@ -202,7 +202,9 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
   // of them put their serial instructions on every k-tile's path).
   const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes); };
+  auto arm_stage = [&](int stage) {
+    mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes);
+  };
   auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t bar = bar0 + 8 * stage;

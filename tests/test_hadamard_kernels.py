@@ -72,8 +72,9 @@ def on_tensor_cores(n, dtype):
 def assert_codes_round_the_exact_rotation(q, s, x, bits, clip, s_ref, q_ref):
     """The tensor-core path: scales within rounding of the two-kernel path's; each code is the rounding of the
     exactly (fp64) rotated value over the kernel's own scale, clamped, up to the error of the intermediate
-    roundings to x's dtype (one or two, csrc/hadamard_mma.cu says where), whose size in code units is about qmax * u * |y| / amax
-    (a bound of 6 qmax u); and on average the codes are as close to the exact values as the two-kernel path's."""
+    roundings to x's dtype (one or two, csrc/hadamard_mma.cu says where), whose size in code units is about
+    qmax * u * |y| / amax (a bound of 6 qmax u); and on average the codes are as close to the exact values as
+    the two-kernel path's."""
     torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)
     qmax = 7 if bits == 4 else 127
     exact = hadamard_transform(x.double().cpu()).float() if x.shape[0] else x.float().cpu()
