@@ -23,7 +23,11 @@
 //   k-tiles (128 deep); two stages in registers, the next chunk's loads issued before the current
 //   one's math, nothing reading a loaded register before its use. The chunk's scale and zero rows
 //   travel in the stage; so do its activation fragments when the registers allow (one token tile,
-//   symmetric, group >= 64), else they are loaded at use (L1/L2 hits: every block reads the same x).
+//   symmetric, group >= 64). Two token tiles stage them in shared memory (a ring per warp when the
+//   warps split K, X_PRIVATE; one per block with SHARED_X), issued two chunks ahead with cp.async and
+//   read with ldmatrix; what remains (one token tile, asymmetric or group 32) loads them at use (L1/L2
+//   hits: every block reads the same x). X_PRIVATE replaced loads at use: ncu (H200, 4096 x 14336,
+//   M = 16) had shown 10.5 cycles of long-scoreboard stall per instruction and 22% of DRAM bandwidth.
 //
 // Work split, two variants:
 //   warps split K (M <= 8, and 16-token tiles with few channel blocks): a block is 8 or 16 warps (16
@@ -111,11 +115,17 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
   constexpr bool X_STAGED = !SHARED_X && TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
+  // Two token tiles, warps splitting K: each warp stages its own chunks' activations in a private
+  // 2-slot cp.async ring (dynamic shared memory: kPrivateXBytes per warp), issued two chunks ahead
+  // with the weights and read with ldmatrix, instead of loading them from L2 right before their mma.
+  constexpr bool X_PRIVATE = !SHARED_X && TOKEN_TILES == 2;
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
   constexpr int kXSlots = 3, kXRowBytes = kChunkTiles * kBK * 2;  // 16 token rows of 256 B per slot
+  constexpr int kXSlotBytes = kSmallMTokens * kXRowBytes;
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  __shared__ __align__(128) uint8_t x_smem[SHARED_X ? kXSlots : 1][SHARED_X ? kSmallMTokens * kXRowBytes : 16];
+  __shared__ __align__(128) uint8_t x_smem[SHARED_X ? kXSlots : 1][SHARED_X ? kXSlotBytes : 16];
+  extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][2 slots][kXSlotBytes]
   __shared__ int s_is_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -247,8 +257,37 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       cp_async16(base + row * kXRowBytes + ((piece ^ (row & 7)) << 4), src, ok);
     }
   };
+  // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`, the same layout. Lane l
+  // always copies piece l % 16 of rows l / 16 + 2 j (j < 8): a few per-lane constants, so that the
+  // loader adds few registers to a kernel that is at its limit.
+  // (256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see compute.)
+  const uint32_t x_private_base = ((smem_addr(x_private) + 255u) & ~255u) + warp * 2 * kXSlotBytes;
+  const int x_piece = lane & 15, x_row0 = lane >> 4;
+  const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
+  const int x_rows_ok = p.M - tok0 - x_row0;  // rows x_row0 + 2 j with 2 j < x_rows_ok exist
+  auto load_x_chunk_private = [&](int c, int slot) {
+    const uint32_t base = x_private_base + slot * kXSlotBytes + x_row0 * kXRowBytes;
+    const bool chunk_ok = c < c_end && c * kChunkTiles + x_piece / 8 < p.k_tiles;
+    const T* src = x_lane + (chunk_ok ? c * (kChunkTiles * kBK) : 0);
+#pragma unroll
+    for (int j = 0; j < kSmallMTokens / 2; ++j) {
+      const int row = x_row0 + 2 * j;
+      const bool ok = chunk_ok && 2 * j < x_rows_ok;
+      cp_async16(base + 2 * j * kXRowBytes + ((x_piece ^ (row & 7)) << 4), ok ? src + 2 * j * static_cast<int64_t>(p.K) : x_lane, ok);
+    }
+  };
+  // The shared-memory slot that holds the activations being computed.
+  auto x_slot_addr = [&](int slot) -> uint32_t {
+    if constexpr (X_PRIVATE) {
+      return x_private_base + slot * kXSlotBytes;
+    } else {
+      return smem_addr(&x_smem[slot][0]);
+    }
+  };
   const int ldm_row = (lane & 7) + 8 * (lane >> 4);  // ldmatrix.x4: matrix lane/8 = (token tile, k half)
   const int ldm_half = (lane >> 3) & 1;
+  // X_PRIVATE: this lane's ldmatrix address of piece 0 + ldm_half in slot 0 (the XOR base, see compute).
+  const uint32_t x_lane_ldm0 = x_slot_addr(0) + ldm_row * kXRowBytes + ((ldm_half ^ (ldm_row & 7)) << 4);
 
   auto compute = [&](const StageT& st, int slot) {
     const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
@@ -257,10 +296,20 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t b[TOKEN_TILES][2];
-        if constexpr (SHARED_X) {
+        if constexpr (X_PRIVATE) {
+          // Piece u * 8 + kk * 2 + ldm_half of row ldm_row sits at piece ^ (row & 7); with the slot
+          // 256-byte aligned that address is the lane's piece-0 address XOR (u * 8 + kk * 2) << 4: one
+          // LOP3 per ldmatrix, and no table of 16 precomputed offsets (which had spilled).
+          uint32_t r[4];
+          ldmatrix_x4(r, (x_lane_ldm0 + slot * kXSlotBytes) ^ static_cast<uint32_t>((u * 8 + kk * 2) << 4));
+          b[0][0] = r[0];
+          b[0][1] = r[1];
+          b[TOKEN_TILES - 1][0] = r[2];
+          b[TOKEN_TILES - 1][1] = r[3];
+        } else if constexpr (SHARED_X) {
           uint32_t r[4];  // (token tile 0: b0, b1), (token tile 1: b0, b1)
           const int piece = u * 8 + kk * 2 + ldm_half;
-          ldmatrix_x4(r, smem_addr(&x_smem[slot][0]) + ldm_row * kXRowBytes + ((piece ^ (ldm_row & 7)) << 4));
+          ldmatrix_x4(r, x_slot_addr(slot) + ldm_row * kXRowBytes + ((piece ^ (ldm_row & 7)) << 4));
           b[0][0] = r[0];
           b[0][1] = r[1];
           b[TOKEN_TILES - 1][0] = r[2];
@@ -325,17 +374,33 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     cp_async_commit();
     load_x_chunk(c_first + 1, 1);
     cp_async_commit();
+  } else if constexpr (X_PRIVATE) {
+    load_x_chunk_private(c_first, 0);
+    cp_async_commit();
+    load_x_chunk_private(c_first + chunk_step, 1);
+    cp_async_commit();
   }
   // One chunk: (SHARED_X: wait for its activations; the barrier also frees the slot read one chunk
   // ago, which then receives chunk i + 2), the math, then the weights of the chunk two ahead.
+  // X_PRIVATE: wait for the warp's own chunk i (one cp.async group per chunk, always committed, empty
+  // past the range), compute from slot i % 2, then refill that slot with chunk i + 2 once every lane
+  // is done reading it.
   auto step = [&](StageT& st, int i) {
     if constexpr (SHARED_X) {
       cp_async_wait<1>();
       __syncthreads();
       load_x_chunk(c_first + i + 2, (i + 2) % kXSlots);
       cp_async_commit();
+    } else if constexpr (X_PRIVATE) {
+      cp_async_wait<1>();
+      __syncwarp();
     }
-    compute(st, i % kXSlots);
+    compute(st, X_PRIVATE ? i % 2 : i % kXSlots);
+    if constexpr (X_PRIVATE) {
+      __syncwarp();
+      load_x_chunk_private(c_first + (i + 2) * chunk_step, i % 2);
+      cp_async_commit();
+    }
     if (i + 2 < my_chunks) load_stage(st);
   };
   if (my_chunks > 0) load_stage(stage0);
@@ -344,7 +409,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     step(stage0, i);
     if (i + 1 < my_chunks) step(stage1, i + 1);
   }
-  if constexpr (SHARED_X) cp_async_wait<0>();
+  if constexpr (SHARED_X || X_PRIVATE) cp_async_wait<0>();
 
   // ---- the block's sum over its warps, in warp order --------------------------------------------
 #pragma unroll
@@ -408,10 +473,17 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
 template <typename T, int TOKEN_TILES, int GK, int WARPS, bool SHARED_X>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
+  // The private activation rings (two token tiles, warps splitting K): 2 slots of 16 x 256 bytes a warp.
+  constexpr int smem = !SHARED_X && TOKEN_TILES == 2 ? WARPS * 2 * kSmallMTokens * kChunkTiles * kBK * 2 + 256 : 0;
+  auto launch = [&](auto kernel) {
+    // Not a stream operation: fine during CUDA graph capture.
+    if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    kernel<<<grid, WARPS * 32, smem, stream>>>(p);
+  };
   if (p.zeros != nullptr) {
-    w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, SHARED_X><<<grid, WARPS * 32, 0, stream>>>(p);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, SHARED_X>);
   } else {
-    w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, SHARED_X><<<grid, WARPS * 32, 0, stream>>>(p);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, SHARED_X>);
   }
 }
 
