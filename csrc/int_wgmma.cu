@@ -22,7 +22,7 @@
 //   256) tokens; K in k-tiles of 128 (one weight unit's width, one 128-byte row of activations).
 //   Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k32.s32.s8.s8.
 // Shared-memory stage (kStages of them), filled by the copy engine on one mbarrier per stage, the
-//   copies issued by lane 0 of warp 0 (activations) and of warps 0 and 4 (the weight units; see
+//   copies issued by one lane of warp 0 (activations) and of warps 0 and 4 (the weight units; see
 //   issue_copies): the activation tile TOKENS x 128 bytes as one TMA box with the 128-byte swizzle
 //   (16-byte chunk c of token row r at c ^ (r % 8); rows past M and k past K arrive as zeros; the wgmma
 //   descriptor: 1024 bytes per 8 rows, +32 bytes per k32 step), then the block's one or two weight
@@ -187,7 +187,10 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   __shared__ __align__(8) uint64_t stage_full[kStages];  // mbarriers: the stage's bytes have landed
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // The warp index, broadcast so that the compiler knows it is warp-uniform (uniform registers for the
+  // copies' operands).
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wg = warp >> 2;
   const int g = lane >> 2, t = lane & 3;
   const int ch0 = 16 * warp + g;  // this thread's channels (A rows g and g + 8) within the block
   const int block_n = blockIdx.x, m0 = blockIdx.y * TOKENS, split = blockIdx.z;
@@ -197,13 +200,13 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   const int units = min(2, p.w_units - 2 * block_n);             // the block's valid weight units
 
   // ---- global -> shared, one k-tile, on the copy engine -----------------------------------------
-  // Thread 0 arms the stage's barrier before the block barrier that frees the stage; after it, lane 0
-  // of warp 0 issues the activation box and lane 0 of the first warp of warpgroup u its weight unit u,
+  // Thread 0 arms the stage's barrier before the block barrier that frees the stage; after it, one lane
+  // of warp 0 issues the activation box and one of the first warp of warpgroup u its weight unit u,
   // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
   // of them put their serial instructions on every k-tile's path).
   const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
   auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes); };
-  auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage)
+  auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t bar = bar0 + 8 * stage;
     if (warp == 0) tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
     // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
     if (tid == 0 && refill) arm_stage(refill_stage);
     __syncthreads();
-    if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
+    if (refill && elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
     refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
     mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
     const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
     for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
   }
   __syncthreads();  // the barriers are initialized and armed before any copy or wait
-  if (lane == 0) {
+  if (elect_one_lane()) {
     for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
   }
   int it = 0;
