@@ -204,11 +204,11 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   // of warp 0 issues the activation box and one of the first warp of warpgroup u its weight unit u,
   // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
   // of them put their serial instructions on every k-tile's path).
-  const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes); };
+  StageRing<kStages> ring(smem_addr(&stage_full[0]));
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), Cfg::kXBytes + units * Cfg::kUnitBytes); };
   auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
-    const uint32_t bar = bar0 + 8 * stage;
+    const uint32_t bar = ring.barrier(stage);
     if (warp == 0) tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
     if ((warp & 3) == 0 && wg < units) {
       tma_load_2d(xs + Cfg::kXBytes + wg * Cfg::kUnitBytes, &w_map, 0, ((2 * block_n + wg) * p.k_tiles + kt) * kUnitRows,
@@ -226,26 +226,14 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
 
   // ---- main loop: one k-tile per iteration ------------------------------------------------------
   uint32_t a_sets[2][4][4];  // two A register sets (the other may still be read by wgmmas in flight)
-  // Running stage indices (no division per k-tile): k-tile it is in stage `compute_stage` with barrier
-  // parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
-  int compute_stage = 0, refill_stage = kStages - 2;
-  uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
     uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
     wgmma_wait<1>();  // k-tile it - 2 is done in this warpgroup (it - 1 may still run)
-    const bool refill = it + kStages - 2 < nk;
-    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
-    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
-    if (tid == 0 && refill) arm_stage(refill_stage);
-    __syncthreads();
-    if (refill && elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-    refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
-    mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
-    const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    if (++compute_stage == kStages) {
-      compute_stage = 0;
-      parity ^= 1;
-    }
+    // The stage of k-tile it - 2 is refilled with k-tile it + kStages - 2; k-tile it has landed after.
+    const int stage = ring.next(it + kStages - 2 < nk, tid == 0, arm_stage, [&](int refill_stage) {
+      if (elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
+    });
+    const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes + wg * Cfg::kUnitBytes;
     if constexpr (WBITS == 4) {
       // 64-byte rows, 64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3). One chunk = one k32 step.

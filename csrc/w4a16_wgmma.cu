@@ -257,8 +257,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // k-tile -> its (first) group: group 64 one per k-tile, 128 one per two, per-channel (group_len = K)
   // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (below). No division per k-tile.
   const int group_shift = p.group_len == p.K ? 31 : p.group_len == 128 ? 1 : 0;
-  const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, stage_bytes); };
+  StageRing<kStages> ring(smem_addr(&stage_full[0]));
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), stage_bytes); };
   // This warp's next weight unit to copy: the copies go in k-tile order, so a running pointer, advanced
   // by every lane of the warp (uniform) after each issue.
   const int unit_strip = block_n * kWgStrips + min(warp, valid_strips - 1);
@@ -268,7 +268,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     const uint32_t zs = ss + Cfg::kSBytes;
-    const uint32_t bar = bar0 + 8 * stage;
+    const uint32_t bar = ring.barrier(stage);
     if (warp < valid_strips) bulk_load(ws + warp * kUnitBytes, next_unit, kUnitBytes, bar);
     if (warp == 0) tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
     if (warp == kWgStrips - 1) {
@@ -304,10 +304,6 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // ---- main loop: one k-tile per iteration -----------------------------------------------------
   // BUF: which of the two A register sets (the other may still be read by wgmmas in flight).
   uint32_t a_sets[2][4][4];
-  // Running stage indices (no division per k-tile): k-tile it is in stage `compute_stage` with barrier
-  // parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
-  int compute_stage = 0, refill_stage = kStages - 2;
-  uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
     uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
     if constexpr (kFoldScale) {
@@ -318,23 +314,13 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_wait<0>();
       fence_registers(pacc);
     }
-    const bool refill = it + kStages - 2 < nk;
-    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
-    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
-    if (tid == 0 && refill) arm_stage(refill_stage);
-    __syncthreads();
-    if (refill) {
+    // The stage of k-tile it - 2 is refilled with k-tile it + kStages - 2; k-tile it has landed after.
+    const int stage = ring.next(it + kStages - 2 < nk, tid == 0, arm_stage, [&](int refill_stage) {
       if (elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
       next_unit += 32;
-    }
-    refill_stage = refill_stage == kStages - 1 ? 0 : refill_stage + 1;
-    mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
+    });
     [[maybe_unused]] const int kt = kt_begin + it;
-    const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    if (++compute_stage == kStages) {
-      compute_stage = 0;
-      parity ^= 1;
-    }
+    const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     [[maybe_unused]] const uint32_t zs = ss + Cfg::kSBytes;
