@@ -120,6 +120,16 @@ __device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbarrier_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
+// One lane of the (converged) warp: true in exactly one of them (elect.sync). Guarding a copy with it
+// rather than with lane == 0 leaves the copy's operands in uniform registers: no per-lane loop.
+__device__ __forceinline__ bool elect_one_lane() {
+  uint32_t elected;
+  asm volatile(
+      "{\n .reg .pred p;\n elect.sync _|p, 0xffffffff;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(elected));
+  return elected != 0;
+}
+
 __device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
@@ -150,23 +160,41 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 }
 
 // ---------------------------------------------------------------------------------------------
-// The wgmma kernels' stage ring (STAGES shared-memory stages, stage s filled on the mbarrier at
-// bar0 + 8 s) keeps running indices instead of dividing per k-tile: the stage after `stage`, and,
-// for the stage being computed, the barrier parity that flips at each wrap.
+// The wgmma kernels' stage ring: STAGES shared-memory stages, stage s filled by the copy engine on
+// the mbarrier at bar0 + 8 s, STAGES - 2 k-tiles in flight ahead of the one computed. Running
+// indices, no division per k-tile: k-tile it is in stage `compute_stage` (barrier parity `parity`),
+// and the stage refilled at k-tile it, the one of k-tile it - 2, is `refill_stage`.
 // ---------------------------------------------------------------------------------------------
 
 template <int STAGES>
-__device__ __forceinline__ void advance_stage(int& stage) {
-  stage = stage == STAGES - 1 ? 0 : stage + 1;
-}
+struct StageRing {
+  uint32_t bar0;
+  int compute_stage = 0, refill_stage = STAGES - 2;
+  uint32_t parity = 0;
 
-template <int STAGES>
-__device__ __forceinline__ void advance_stage(int& stage, uint32_t& parity) {
-  if (++stage == STAGES) {
-    stage = 0;
-    parity ^= 1;
+  __device__ explicit StageRing(uint32_t first_barrier) : bar0(first_barrier) {}
+  __device__ uint32_t barrier(int stage) const { return bar0 + 8 * stage; }
+
+  // One k-tile's turn, called by every thread once the caller's wgmma wait has retired k-tile it - 2:
+  // thread 0 arms the freed stage (arm(stage): its barrier's previous phase completed, since every
+  // thread waited on it), the block barrier makes its data free in every warpgroup, then every thread
+  // calls issue(stage), which has its chosen lanes issue their share of the copies into it; then the
+  // wait for k-tile it. `refill`: whether a k-tile is left to load. Returns the stage of k-tile it.
+  template <typename Arm, typename Issue>
+  __device__ __forceinline__ int next(bool refill, bool thread0, Arm&& arm, Issue&& issue) {
+    if (thread0 && refill) arm(refill_stage);
+    __syncthreads();
+    if (refill) issue(refill_stage);
+    refill_stage = refill_stage == STAGES - 1 ? 0 : refill_stage + 1;
+    mbarrier_wait(barrier(compute_stage), parity);
+    const int stage = compute_stage;
+    if (++compute_stage == STAGES) {
+      compute_stage = 0;
+      parity ^= 1;
+    }
+    return stage;
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
 // The wgmma kernels' output tile: D[channel][token] fragments staged in shared memory as a

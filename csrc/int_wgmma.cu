@@ -22,7 +22,7 @@
 //   256) tokens; K in k-tiles of 128 (one weight unit's width, one 128-byte row of activations).
 //   Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k32.s32.s8.s8.
 // Shared-memory stage (kStages of them), filled by the copy engine on one mbarrier per stage, the
-//   copies issued by lane 0 of warp 0 (activations) and of warps 0 and 4 (the weight units; see
+//   copies issued by one lane of warp 0 (activations) and of warps 0 and 4 (the weight units; see
 //   issue_copies): the activation tile TOKENS x 128 bytes as one TMA box with the 128-byte swizzle
 //   (16-byte chunk c of token row r at c ^ (r % 8); rows past M and k past K arrive as zeros; the wgmma
 //   descriptor: 1024 bytes per 8 rows, +32 bytes per k32 step), then the block's one or two weight
@@ -187,7 +187,10 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   __shared__ __align__(8) uint64_t stage_full[kStages];  // mbarriers: the stage's bytes have landed
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // The warp index, broadcast so that the compiler knows it is warp-uniform (uniform registers for the
+  // copies' operands).
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wg = warp >> 2;
   const int g = lane >> 2, t = lane & 3;
   const int ch0 = 16 * warp + g;  // this thread's channels (A rows g and g + 8) within the block
   const int block_n = blockIdx.x, m0 = blockIdx.y * TOKENS, split = blockIdx.z;
@@ -197,17 +200,15 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   const int units = min(2, p.w_units - 2 * block_n);             // the block's valid weight units
 
   // ---- global -> shared, one k-tile, on the copy engine -----------------------------------------
-  // Thread 0 arms the stage's barrier before the block barrier that frees the stage; after it, lane 0
-  // of warp 0 issues the activation box and lane 0 of the first warp of warpgroup u its weight unit u,
+  // Thread 0 arms the stage's barrier before the block barrier that frees the stage; after it, one lane
+  // of warp 0 issues the activation box and one of the first warp of warpgroup u its weight unit u,
   // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
   // of them put their serial instructions on every k-tile's path).
-  const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
-  auto arm_stage = [&](int stage) {
-    mbarrier_expect_bytes(bar0 + 8 * stage, Cfg::kXBytes + units * Cfg::kUnitBytes);
-  };
-  auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage)
+  StageRing<kStages> ring(smem_addr(&stage_full[0]));
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), Cfg::kXBytes + units * Cfg::kUnitBytes); };
+  auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
-    const uint32_t bar = bar0 + 8 * stage;
+    const uint32_t bar = ring.barrier(stage);
     if (warp == 0) tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
     if ((warp & 3) == 0 && wg < units) {
       tma_load_2d(xs + Cfg::kXBytes + wg * Cfg::kUnitBytes, &w_map, 0, ((2 * block_n + wg) * p.k_tiles + kt) * kUnitRows,
@@ -225,23 +226,14 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
 
   // ---- main loop: one k-tile per iteration ------------------------------------------------------
   uint32_t a_sets[2][4][4];  // two A register sets (the other may still be read by wgmmas in flight)
-  // Running stage indices (advance_stage in hopper.cuh): k-tile it is in stage `compute_stage` with
-  // barrier parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
-  int compute_stage = 0, refill_stage = kStages - 2;
-  uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
     uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
     wgmma_wait<1>();  // k-tile it - 2 is done in this warpgroup (it - 1 may still run)
-    const bool refill = it + kStages - 2 < nk;
-    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
-    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
-    if (tid == 0 && refill) arm_stage(refill_stage);
-    __syncthreads();
-    if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-    advance_stage<kStages>(refill_stage);
-    mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
-    const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    advance_stage<kStages>(compute_stage, parity);
+    // The stage of k-tile it - 2 is refilled with k-tile it + kStages - 2; k-tile it has landed after.
+    const int stage = ring.next(it + kStages - 2 < nk, tid == 0, arm_stage, [&](int refill_stage) {
+      if (elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
+    });
+    const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes + wg * Cfg::kUnitBytes;
     if constexpr (WBITS == 4) {
       // 64-byte rows, 64-byte swizzle: chunk c of row r at c ^ ((r >> 1) & 3). One chunk = one k32 step.
@@ -286,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
     for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
   }
   __syncthreads();  // the barriers are initialized and armed before any copy or wait
-  if (lane == 0) {
+  if (elect_one_lane()) {
     for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
   }
   int it = 0;

@@ -27,7 +27,7 @@
 //   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
 //   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
 // Shared-memory stage (kStages of them), filled by the copy engine (TMA) on one mbarrier per stage,
-//   the copies shared out among the warps (lane 0 of each; see issue_copies): the activation tile
+//   the copies shared out among the warps (one elected lane of each; see issue_copies): the activation tile
 //   TOKENS x 64 as one TMA box of x's tensor map with the 128-byte swizzle (token row r at r * 128
 //   bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
 //   1024-byte aligned; rows past M arrive as zeros; wgmma descriptor stride 1024 bytes per 8 rows,
@@ -223,7 +223,10 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   __shared__ __align__(8) uint64_t stage_full[kStages];  // mbarriers: the stage's bytes have landed
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // The warp index, broadcast so that the compiler knows it is warp-uniform (uniform registers for the
+  // copies' addresses).
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int g = lane >> 2, t = lane & 3;
   const int ch0 = 16 * warp + g;  // this thread's channels (A rows g and g + 8) within the block: ch0, ch0 + 8
   const int block_n = blockIdx.x, token_tile = blockIdx.y, split = blockIdx.z;
@@ -240,11 +243,13 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // x: one TMA box (TOKENS rows x 64 k, 128-byte swizzle; rows past M arrive as zeros); the 8 weight
   // units (512 bytes each) and the scale (zero) rows: bulk copies of the block's valid strips only.
   // Thread 0 arms the stage's barrier (arrive.expect_tx: the stage's bytes, the same for every
-  // k-tile) before the block barrier that frees the stage; after it, lane 0 of each warp issues its
+  // k-tile) before the block barrier that frees the stage; after it, one lane of each warp issues its
   // share of the copies: warp w its strip's weight unit, warp 0 also the x box, the last warp the
   // scale (zero) rows. One thread issuing all ~10 copies had made the k-tile wait for ~220 serial
   // instructions of one warp (each copy is a loop over elected lanes with uniform-register operands):
-  // ncu, M = 64: 1,690 cycles per k-tile, the block barrier the top stall.
+  // ncu, M = 64: 1,690 cycles per k-tile, the block barrier the top stall. The lane is chosen with
+  // elect.sync and the warp index broadcast, so that the compiler sees warp-uniform operands and
+  // issues each copy once, without that loop (244 -> 204 SASS instructions per k-tile iteration).
   const int valid_strips = min(kWgStrips, strips - block_n * kWgStrips);
   const int scale_rows = g32 ? 2 : 1;
   const uint32_t scale_row_bytes = valid_strips * 16 * 2;
@@ -252,19 +257,19 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // k-tile -> its (first) group: group 64 one per k-tile, 128 one per two, per-channel (group_len = K)
   // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (below). No division per k-tile.
   const int group_shift = p.group_len == p.K ? 31 : p.group_len == 128 ? 1 : 0;
-  const uint32_t bar0 = smem_addr(&stage_full[0]);  // stage s's barrier: bar0 + 8 s
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(bar0 + 8 * stage, stage_bytes); };
-  // This warp's next weight unit to copy: the copies go in k-tile order, so a running pointer.
+  StageRing<kStages> ring(smem_addr(&stage_full[0]));
+  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), stage_bytes); };
+  // This warp's next weight unit to copy: the copies go in k-tile order, so a running pointer, advanced
+  // by every lane of the warp (uniform) after each issue.
   const int unit_strip = block_n * kWgStrips + min(warp, valid_strips - 1);
   const uint4* next_unit = p.qweight + (static_cast<int64_t>(unit_strip) * p.k_tiles + kt_begin) * 32;
-  auto issue_copies = [&](int stage, int kt) {  // lane 0 of each warp, after arm_stage(stage); kt ascending
+  auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     const uint32_t zs = ss + Cfg::kSBytes;
-    const uint32_t bar = bar0 + 8 * stage;
+    const uint32_t bar = ring.barrier(stage);
     if (warp < valid_strips) bulk_load(ws + warp * kUnitBytes, next_unit, kUnitBytes, bar);
-    next_unit += 32;
     if (warp == 0) tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
     if (warp == kWgStrips - 1) {
       const int grp = g32 ? kt * 2 : kt >> group_shift;
@@ -299,10 +304,6 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // ---- main loop: one k-tile per iteration -----------------------------------------------------
   // BUF: which of the two A register sets (the other may still be read by wgmmas in flight).
   uint32_t a_sets[2][4][4];
-  // Running stage indices (advance_stage in hopper.cuh): k-tile it is in stage `compute_stage` with
-  // barrier parity `parity`; the stage refilled at k-tile it (the one of k-tile it - 2) is `refill_stage`.
-  int compute_stage = 0, refill_stage = kStages - 2;
-  uint32_t parity = 0;
   auto tile_step = [&](auto buf_tag, int it) {
     uint32_t (&a)[4][4] = a_sets[decltype(buf_tag)::value];
     if constexpr (kFoldScale) {
@@ -313,17 +314,13 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_wait<0>();
       fence_registers(pacc);
     }
-    const bool refill = it + kStages - 2 < nk;
-    // The stage of k-tile it - 2: its barrier's phase completed (thread 0 waited on it), so it can be
-    // armed for k-tile it + kStages - 2 now; its data is free once every warpgroup is past the barrier.
-    if (tid == 0 && refill) arm_stage(refill_stage);
-    __syncthreads();
-    if (lane == 0 && refill) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-    advance_stage<kStages>(refill_stage);
-    mbarrier_wait(bar0 + 8 * compute_stage, parity);  // k-tile it has landed
+    // The stage of k-tile it - 2 is refilled with k-tile it + kStages - 2; k-tile it has landed after.
+    const int stage = ring.next(it + kStages - 2 < nk, tid == 0, arm_stage, [&](int refill_stage) {
+      if (elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
+      next_unit += 32;
+    });
     [[maybe_unused]] const int kt = kt_begin + it;
-    const uint32_t xs = smem0 + compute_stage * Cfg::kStageBytes;
-    advance_stage<kStages>(compute_stage, parity);
+    const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
     [[maybe_unused]] const uint32_t zs = ss + Cfg::kSBytes;
@@ -406,8 +403,9 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
   }
   __syncthreads();  // the barriers are initialized and armed before any copy or wait
-  if (lane == 0) {
-    for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
+  for (int s = 0; s < kStages - 2 && s < nk; ++s) {
+    if (elect_one_lane()) issue_copies(s, kt_begin + s);
+    next_unit += 32;
   }
   // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
   // (a conditional second step made ptxas serialize the wgmmas).
