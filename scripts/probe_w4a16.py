@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, "benchmarks")
+from common import warm_up_gpu  # noqa: E402
 from quantkern import ops, reference  # noqa: E402
 from quantkern.layout_cuda import w4a16_linear  # noqa: E402
 
@@ -34,22 +35,26 @@ def main():
     ap.add_argument("--variants", default="0:0,16:0,1:0,1:1,1:2,1:4", help="tile_m:split_k pairs")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
                     help="activations (and cuBLAS, the peer) in this dtype")
+    ap.add_argument("--group", type=int, default=128, help="weight group size (-1: per channel)")
+    ap.add_argument("--asym", action="store_true", help="asymmetric weights (zero points)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.case:
         k, n, m, tm = args.case
-        _, _, prep = setup(k, n, dtype)
+        _, _, prep = setup(k, n, dtype, args.group, not args.asym)
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         for _ in range(20):
             w4a16_linear(x, prep.tensors, tile_m=tm)
         torch.cuda.synchronize()
         return
+    warm_up_gpu()  # (as in the benchmarks: the first shape's rows are erratic on an idle GPU)
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
-        w16, qw, prep = setup(k, n, dtype)
+        w16, qw, prep = setup(k, n, dtype, args.group, not args.asym)
         deq = reference.dequantize_weight(qw)
-        wbytes = n * k / 2 + (k // 128) * n * 2
+        groups = k // args.group if args.group > 0 else 1
+        wbytes = n * k / 2 + groups * n * 2 * (2 if args.asym else 1)  # codes, scales (and zeros)
         for m in map(int, args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.float() @ deq.T
