@@ -200,23 +200,18 @@ struct SmallMParams {
   int k_tiles;           // K / 64
   int chunks_per_split;  // 128-deep chunks of K per split (the last split may get fewer)
   int splits;
-  int warps;             // per block
-  bool shared_x;         // the variant whose warps split N and share x in shared memory
-  int block_channels;    // output channels per block
+  int warps;             // per block (each block: kSmallMChannels output channels)
 };
 
-// Channels and tokens per warp tile of the small-M kernel, and its launch configuration for a
-// problem: the variant (`variant` 0: automatic, 1: warps split K, 2: warps share x), warps and
-// channels per block, K splits (1 when `max_locks` cannot count the tiles).
+// Channels and tokens per block of the small-M kernel, and its launch configuration for a problem:
+// warps per block and K splits (1 when `max_locks` cannot count the tiles).
 constexpr int kSmallMChannels = 32;
 constexpr int kSmallMTokens = 16;
 struct SmallMConfig {
   int splits;
   int warps;
-  bool shared_x;
-  int block_channels;
 };
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks, int variant);
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128

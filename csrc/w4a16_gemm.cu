@@ -38,8 +38,8 @@
 //   gives (code - zero) exactly, two values per instruction.
 //
 // Dispatch: M <= 16 goes to the small-M kernel (csrc/w4a16_small_m.cu: weights streamed into
-//   registers, ~1.5x faster at M = 1), larger M to this file's kernel. tile_m = 1 or 2 forces one of
-//   the small-M kernel's variants (in tiles of 16 tokens), 16 / 64 / 128 one of the tiles below.
+//   registers, ~1.5x faster at M = 1), larger M to this file's kernel. tile_m = 1 forces the small-M
+//   kernel (in tiles of 16 tokens), 16 / 64 / 128 one of the tiles below.
 // Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
 //   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
 //     tile_m 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
@@ -502,9 +502,9 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (zeros.has_value()) TORCH_CHECK(zeros->device() == x.device(), kOp, ": zeros must be on ", x.device());
   if (bias.has_value()) TORCH_CHECK(bias->device() == x.device(), kOp, ": bias must be on ", x.device());
-  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 2 || tile_m == 3 || tile_m == 4 || tile_m == 5 ||
+  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 3 || tile_m == 4 || tile_m == 5 ||
                   tile_m == 16 || tile_m == 64 || tile_m == 128,
-              kOp, ": tile_m must be 0 (automatic), 1 or 2 (the small-M kernel's two variants), 3, 4 or 5 (the "
+              kOp, ": tile_m must be 0 (automatic), 1 (the small-M kernel), 3, 4 or 5 (the "
               "wgmma kernel with 64, 128 or 256 tokens per tile), 16, 64 or 128 (the mma.sync kernel's tiles), got ",
               tile_m);
   TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
@@ -528,13 +528,12 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const int k_tiles = static_cast<int>(K / kBK);
 
   // ---- few tokens: the small-M kernel (csrc/w4a16_small_m.cu) ----------------------------------
-  if (tile_m == 1 || tile_m == 2 || (tile_m == 0 && M <= kSmallMTokens)) {
+  if (tile_m == 1 || (tile_m == 0 && M <= kSmallMTokens)) {
     const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
-    const SmallMConfig config =
-        small_m_config(M, N, K, sm_count(x.get_device()), locks.numel(), tile_m == 0 ? 0 : static_cast<int>(tile_m));
-    const int64_t tiles = (N + config.block_channels - 1) / config.block_channels * token_tiles;
+    const SmallMConfig config = small_m_config(M, N, K, sm_count(x.get_device()), locks.numel());
+    const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {
       splits = static_cast<int>(std::min<int64_t>(split_k, chunks));
@@ -562,8 +561,6 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     sp.chunks_per_split = chunks_per_split;
     sp.splits = splits;
     sp.warps = config.warps;
-    sp.shared_x = config.shared_x;
-    sp.block_channels = config.block_channels;
     launch_small_m(x.scalar_type() == at::kBFloat16, sp, stream);
     return y;
   }

@@ -23,23 +23,19 @@
 //   k-tiles (128 deep); two stages in registers, the next chunk's loads issued before the current
 //   one's math, nothing reading a loaded register before its use. The chunk's scale and zero rows
 //   travel in the stage; so do its activation fragments when the registers allow (one token tile,
-//   symmetric, group >= 64). Two token tiles stage them in shared memory (a ring per warp when the
-//   warps split K, X_PRIVATE; one per block with SHARED_X), issued two chunks ahead with cp.async and
-//   read with ldmatrix; what remains (one token tile, asymmetric or group 32) loads them at use (L1/L2
-//   hits: every block reads the same x). X_PRIVATE replaced loads at use: ncu (H200, 4096 x 14336,
-//   M = 16) had shown 10.5 cycles of long-scoreboard stall per instruction and 22% of DRAM bandwidth.
+//   symmetric, group >= 64). Two token tiles (9 <= M <= 16) stage them in a private shared-memory
+//   ring per warp (X_PRIVATE: 2 slots), issued two chunks ahead with cp.async and read with
+//   ldmatrix; what remains (one token tile, asymmetric or group 32) loads them at use (L1/L2 hits:
+//   every block reads the same x). X_PRIVATE replaced loads at use: ncu (H200, 4096 x 14336, M = 16)
+//   had shown 10.5 cycles of long-scoreboard stall per instruction and 22% of DRAM bandwidth.
 //
-// Work split, two variants:
-//   warps split K (M <= 8, and 16-token tiles with few channel blocks): a block is 8 or 16 warps (16
-//   when 8-warp blocks would leave SMs with fewer than two) on the same 32 output channels (2 strips)
-//   and the same token tile of 16; its K range is cut into chunks, dealt round-robin to its warps,
-//   which fold their group sums into fp32 accumulators (scale applied in fp32, as in the large-M
-//   kernel); the block then sums its warps in shared memory in warp order.
-//   warps share x (SHARED_X: 9 <= M, when 128-channel blocks cover the SMs): 4 warps, each on its
-//   own 2 strips, all walking the same chunks; the chunk's 16 x 128 activations are staged once per
-//   block in shared memory (3-slot cp.async ring, one barrier per chunk) and read with ldmatrix.x4,
-//   so x crosses L2 once per 128 channels instead of once per 32 (ncu, M = 16, 8192 x 28672: 68% of
-//   the other variant's stalls were activation loads; 70 us against 97 us).
+// Work split: a block is 8 or 16 warps (16 when 8-warp blocks would leave SMs with fewer than two)
+//   on the same 32 output channels (2 strips) and the same token tile of 16; its K range is cut into
+//   chunks, dealt round-robin to its warps, which fold their group sums into fp32 accumulators (scale
+//   applied in fp32, as in the large-M kernel); the block then sums its warps in shared memory in warp
+//   order. (A second variant, 4 warps on 128 channels sharing each chunk's activations through one
+//   shared-memory ring per block, was removed once X_PRIVATE beat it at M = 9 and 16 on every shape,
+//   dtype and group kind measured on the H200: 8192 x 28672 fp16 g128 58 us against 67 us.)
 //   Only when the blocks do not cover the SMs is K also split across blocks (grid.y): each
 //   writes an fp32 partial tile to a workspace and counts itself in locks[tile]; the last one
 //   sums the partials in split order (bit-identical whichever block is last), adds the bias, writes y
@@ -61,11 +57,9 @@ namespace w4a16 {
 namespace {
 
 constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp
-// Warps per block (template parameter WARPS): 8 or 16 when the warps split K (16 when the grid has
-// fewer blocks than the GPU holds), kSharedXWarps when they share x; 16 warps per SM in every case
-// (the launch bound: 128 registers per thread).
+// Warps per block (template parameter WARPS): 8 or 16 (16 when the grid has fewer blocks than the GPU
+// holds); 16 warps per SM in every case (the launch bound: 128 registers per thread).
 constexpr int kWarpsPerSM = 16;
-constexpr int kSharedXWarps = 4;  // warps per block of the SHARED_X variant: 128 channels
 constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline stage
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
@@ -104,35 +98,29 @@ struct Stage {
   uint32_t x[X_STAGED ? kChunkTiles : 1][4][2];
 };
 
-// SHARED_X = false: the block's warps share 2 strips and split K. SHARED_X = true (two token tiles):
-// each warp has its own 2 strips, all walk the same chunks, and the chunk's activations are staged
-// once per block in shared memory (a 3-slot cp.async ring, one barrier per chunk) and read with
-// ldmatrix: x is then read from L2 once per 32 * WARPS channels instead of once per 32.
-template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool SHARED_X>
+// The block's warps share 2 strips and split K.
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
   constexpr int kWarps = WARPS, kThreads = WARPS * 32;
-  static_assert(!SHARED_X || TOKEN_TILES == 2, "shared activations are for 16-token tiles");
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
-  constexpr bool X_STAGED = !SHARED_X && TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
-  // Two token tiles, warps splitting K: each warp stages its own chunks' activations in a private
-  // 2-slot cp.async ring (dynamic shared memory: kPrivateXBytes per warp), issued two chunks ahead
-  // with the weights and read with ldmatrix, instead of loading them from L2 right before their mma.
-  constexpr bool X_PRIVATE = !SHARED_X && TOKEN_TILES == 2;
+  constexpr bool X_STAGED = TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
+  // Two token tiles: each warp stages its own chunks' activations in a private 2-slot cp.async ring
+  // (dynamic shared memory: kXSlotBytes per slot), issued two chunks ahead with the weights and read
+  // with ldmatrix, instead of loading them from L2 right before their mma.
+  constexpr bool X_PRIVATE = TOKEN_TILES == 2;
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
-  constexpr int kXSlots = 3, kXRowBytes = kChunkTiles * kBK * 2;  // 16 token rows of 256 B per slot
+  constexpr int kXRowBytes = kChunkTiles * kBK * 2;  // 16 token rows of 256 B per slot
   constexpr int kXSlotBytes = kSmallMTokens * kXRowBytes;
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  __shared__ __align__(128) uint8_t x_smem[SHARED_X ? kXSlots : 1][SHARED_X ? kXSlotBytes : 16];
   extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][2 slots][kXSlotBytes]
   __shared__ int s_is_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int block_n = blockIdx.x, split = blockIdx.y, token_tile = blockIdx.z;
-  const int strip0 = block_n * kStrips * (SHARED_X ? kWarps : 1);  // the block's first strip
-  const int warp_strip0 = SHARED_X ? strip0 + kStrips * warp : strip0;
+  const int strip0 = block_n * kStrips;  // the block's first strip
   const int strips = p.N / 16;
   const int tok0 = token_tile * kSmallMTokens;
   const T* __restrict__ x = static_cast<const T*>(p.x);
@@ -141,9 +129,9 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const int n_chunks = (p.k_tiles + kChunkTiles - 1) / kChunkTiles;
   const int c_begin = split * p.chunks_per_split;
   const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
-  constexpr int chunk_step = SHARED_X ? 1 : kWarps;
-  const int my_chunks = SHARED_X ? max(0, c_end - c_begin) : max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
-  const int c_first = SHARED_X ? c_begin : c_begin + warp;
+  constexpr int chunk_step = kWarps;
+  const int my_chunks = max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
+  const int c_first = c_begin + warp;
 
   // Running pointers of the next chunk to load (advanced by chunk_step chunks per load). A strip past
   // N reads strip 0 (its sums are never stored); a token past M reads row 0 (likewise).
@@ -152,7 +140,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const T* zload[kStrips];
 #pragma unroll
   for (int s = 0; s < kStrips; ++s) {
-    const int strip = warp_strip0 + s < strips ? warp_strip0 + s : 0;
+    const int strip = strip0 + s < strips ? strip0 + s : 0;
     wload[s] = p.qweight + (static_cast<int64_t>(strip) * p.k_tiles + c_first * kChunkTiles) * 32 + lane;
     // Scale row of the chunk's first group: group 32: 4c, group 64: 2c, 128: c, per-channel: 0.
     const int64_t row = p.group_len >= p.K ? 0 : static_cast<int64_t>(c_first) * kRows;
@@ -244,22 +232,11 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   for (int j = 0; j < TOKEN_TILES; ++j) xcomp[j] = xload[j];
   int c_comp = c_first;
 
-  // SHARED_X: chunk c's activations into slot `slot`: 16 rows x 16 pieces of 16 B, the pieces of a
-  // row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different bank groups; rows
-  // past M, a missing second tile and chunks past the range read nothing and are zero.
-  auto load_x_chunk = [&](int c, int slot) {
-    const uint32_t base = smem_addr(&x_smem[slot][0]);
-    for (int i = threadIdx.x; i < kSmallMTokens * 16; i += kThreads) {
-      const int row = i >> 4, piece = i & 15;
-      const int tok = tok0 + row;
-      const bool ok = tok < p.M && c < c_end && c * kChunkTiles + piece / 8 < p.k_tiles;
-      const T* src = x + (ok ? static_cast<int64_t>(tok) * p.K + c * (kChunkTiles * kBK) + piece * 8 : 0);
-      cp_async16(base + row * kXRowBytes + ((piece ^ (row & 7)) << 4), src, ok);
-    }
-  };
-  // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`, the same layout. Lane l
-  // always copies piece l % 16 of rows l / 16 + 2 j (j < 8): a few per-lane constants, so that the
-  // loader adds few registers to a kernel that is at its limit.
+  // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`: 16 rows x 16 pieces of
+  // 16 B, the pieces of a row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different
+  // bank groups; rows past M, a missing second tile and chunks past the range read nothing and are
+  // zero. Lane l always copies piece l % 16 of rows l / 16 + 2 j (j < 8): a few per-lane constants,
+  // so that the loader adds few registers to a kernel that is at its limit.
   // (256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see compute.)
   const uint32_t x_private_base = ((smem_addr(x_private) + 255u) & ~255u) + warp * 2 * kXSlotBytes;
   const int x_piece = lane & 15, x_row0 = lane >> 4;
@@ -276,18 +253,10 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       cp_async16(base + 2 * j * kXRowBytes + ((x_piece ^ (row & 7)) << 4), ok ? src + 2 * j * static_cast<int64_t>(p.K) : x_lane, ok);
     }
   };
-  // The shared-memory slot that holds the activations being computed.
-  auto x_slot_addr = [&](int slot) -> uint32_t {
-    if constexpr (X_PRIVATE) {
-      return x_private_base + slot * kXSlotBytes;
-    } else {
-      return smem_addr(&x_smem[slot][0]);
-    }
-  };
   const int ldm_row = (lane & 7) + 8 * (lane >> 4);  // ldmatrix.x4: matrix lane/8 = (token tile, k half)
   const int ldm_half = (lane >> 3) & 1;
   // X_PRIVATE: this lane's ldmatrix address of piece 0 + ldm_half in slot 0 (the XOR base, see compute).
-  const uint32_t x_lane_ldm0 = x_slot_addr(0) + ldm_row * kXRowBytes + ((ldm_half ^ (ldm_row & 7)) << 4);
+  const uint32_t x_lane_ldm0 = x_private_base + ldm_row * kXRowBytes + ((ldm_half ^ (ldm_row & 7)) << 4);
 
   auto compute = [&](const StageT& st, int slot) {
     const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
@@ -302,14 +271,6 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
           // LOP3 per ldmatrix, and no table of 16 precomputed offsets (which had spilled).
           uint32_t r[4];
           ldmatrix_x4(r, (x_lane_ldm0 + slot * kXSlotBytes) ^ static_cast<uint32_t>((u * 8 + kk * 2) << 4));
-          b[0][0] = r[0];
-          b[0][1] = r[1];
-          b[TOKEN_TILES - 1][0] = r[2];
-          b[TOKEN_TILES - 1][1] = r[3];
-        } else if constexpr (SHARED_X) {
-          uint32_t r[4];  // (token tile 0: b0, b1), (token tile 1: b0, b1)
-          const int piece = u * 8 + kk * 2 + ldm_half;
-          ldmatrix_x4(r, x_slot_addr(slot) + ldm_row * kXRowBytes + ((piece ^ (ldm_row & 7)) << 4));
           b[0][0] = r[0];
           b[0][1] = r[1];
           b[TOKEN_TILES - 1][0] = r[2];
@@ -369,33 +330,21 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   // ---- main loop: two register stages, written out so that their indices are constants ----------
   StageT stage0, stage1;
-  if constexpr (SHARED_X) {
-    load_x_chunk(c_first, 0);
-    cp_async_commit();
-    load_x_chunk(c_first + 1, 1);
-    cp_async_commit();
-  } else if constexpr (X_PRIVATE) {
+  if constexpr (X_PRIVATE) {
     load_x_chunk_private(c_first, 0);
     cp_async_commit();
     load_x_chunk_private(c_first + chunk_step, 1);
     cp_async_commit();
   }
-  // One chunk: (SHARED_X: wait for its activations; the barrier also frees the slot read one chunk
-  // ago, which then receives chunk i + 2), the math, then the weights of the chunk two ahead.
-  // X_PRIVATE: wait for the warp's own chunk i (one cp.async group per chunk, always committed, empty
-  // past the range), compute from slot i % 2, then refill that slot with chunk i + 2 once every lane
-  // is done reading it.
+  // One chunk: the math, then the weights of the chunk two ahead. X_PRIVATE: first wait for the
+  // warp's own chunk i (one cp.async group per chunk, always committed, empty past the range),
+  // compute from slot i % 2, then refill that slot with chunk i + 2 once every lane is done reading it.
   auto step = [&](StageT& st, int i) {
-    if constexpr (SHARED_X) {
-      cp_async_wait<1>();
-      __syncthreads();
-      load_x_chunk(c_first + i + 2, (i + 2) % kXSlots);
-      cp_async_commit();
-    } else if constexpr (X_PRIVATE) {
+    if constexpr (X_PRIVATE) {
       cp_async_wait<1>();
       __syncwarp();
     }
-    compute(st, X_PRIVATE ? i % 2 : i % kXSlots);
+    compute(st, i % 2);
     if constexpr (X_PRIVATE) {
       __syncwarp();
       load_x_chunk_private(c_first + (i + 2) * chunk_step, i % 2);
@@ -409,7 +358,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     step(stage0, i);
     if (i + 1 < my_chunks) step(stage1, i + 1);
   }
-  if constexpr (SHARED_X || X_PRIVATE) cp_async_wait<0>();
+  if constexpr (X_PRIVATE) cp_async_wait<0>();
 
   // ---- the block's sum over its warps, in warp order --------------------------------------------
 #pragma unroll
@@ -421,15 +370,13 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   const T* __restrict__ bias = static_cast<const T*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.y);
-  // SHARED_X: each warp's sums are final for its own channels; else the block sums its warps.
-  constexpr int kSummed = SHARED_X ? 1 : kWarps;
-  constexpr int kElems = (SHARED_X ? kWarps : 1) * kStrips * TOKEN_TILES * 32 * 4;
+  constexpr int kElems = kStrips * TOKEN_TILES * 32 * 4;  // one warp's sums; the block adds its warps
   const float* sums = reinterpret_cast<const float*>(partial_sums);
   const int64_t split_stride = static_cast<int64_t>(p.M) * p.N;
-  // Element e of the ([warp,] strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
+  // Element e of the (strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
   auto element = [&](int idx, int& tok, int& ch) {
     const int e = idx & 3, l = (idx >> 2) & 31, j = (idx >> 7) % TOKEN_TILES, s = (idx >> 7) / TOKEN_TILES;
-    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);  // (s runs on over the warps' strips when SHARED_X)
+    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);
     tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
   };
   auto store = [&](int tok, int ch, float v) {
@@ -441,7 +388,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     element(idx, tok, ch);
     float v = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kSummed; ++w) v += sums[w * kElems + idx];
+    for (int w = 0; w < kWarps; ++w) v += sums[w * kElems + idx];
     if (tok >= p.M || ch >= p.N) continue;
     if (p.splits == 1) {
       store(tok, ch, v);
@@ -471,40 +418,34 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   if (threadIdx.x == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
 }
 
-template <typename T, int TOKEN_TILES, int GK, int WARPS, bool SHARED_X>
+template <typename T, int TOKEN_TILES, int GK, int WARPS>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  // The private activation rings (two token tiles, warps splitting K): 2 slots of 16 x 256 bytes a warp.
-  constexpr int smem = !SHARED_X && TOKEN_TILES == 2 ? WARPS * 2 * kSmallMTokens * kChunkTiles * kBK * 2 + 256 : 0;
+  // The private activation rings (two token tiles): 2 slots of 16 x 256 bytes a warp.
+  constexpr int smem = TOKEN_TILES == 2 ? WARPS * 2 * kSmallMTokens * kChunkTiles * kBK * 2 + 256 : 0;
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, WARPS * 32, smem, stream>>>(p);
   };
   if (p.zeros != nullptr) {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, SHARED_X>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS>);
   } else {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, SHARED_X>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS>);
   }
 }
 
 template <typename T, int TOKEN_TILES, int GK>
 void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  if constexpr (TOKEN_TILES == 2) {
-    if (p.shared_x) {
-      launch_warps<T, TOKEN_TILES, GK, kSharedXWarps, true>(p, grid, stream);
-      return;
-    }
-  }
   if (p.warps == 16) {
-    launch_warps<T, TOKEN_TILES, GK, 16, false>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 16>(p, grid, stream);
   } else {
-    launch_warps<T, TOKEN_TILES, GK, 8, false>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 8>(p, grid, stream);
   }
 }
 
 template <typename T, int TOKEN_TILES>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
-  const dim3 grid((p.N + p.block_channels - 1) / p.block_channels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
+  const dim3 grid((p.N + kSmallMChannels - 1) / kSmallMChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
   if (p.group_len == 32) {
     launch_kind<T, TOKEN_TILES, kGroup32>(p, grid, stream);
   } else if (p.group_len == 64) {
@@ -517,27 +458,10 @@ void launch_typed(const SmallMParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks, int variant) {
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks) {
   const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
-  // Shared activations for 16-token tiles (M > 8: the other variant re-reads x per 32 channels),
-  // where their 128-channel blocks cover the SMs without splitting K (H100, M = 16: 8192 x 28672
-  // 70 us against 97 us; at 4096 x 4096, 32 blocks split 8 ways, 22 us against 15 us).
-  const int64_t shared_x_blocks = (N + kSharedXWarps * kSmallMChannels - 1) / (kSharedXWarps * kSmallMChannels) * token_tiles;
-  config.shared_x = variant == 2 || (variant == 0 && M > 8 && shared_x_blocks >= sm_count);
-  if (config.shared_x) {
-    config.warps = kSharedXWarps;
-    config.block_channels = kSharedXWarps * kSmallMChannels;
-    const int64_t blocks = (N + config.block_channels - 1) / config.block_channels * token_tiles;
-    // Up to two blocks per SM (8 warps), each split at least two chunks long.
-    config.splits = 1;
-    if (blocks < 2 * sm_count && blocks <= max_locks) {
-      config.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(2 * sm_count / blocks, chunks / 2)));
-    }
-    return config;
-  }
-  config.block_channels = kSmallMChannels;
   const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
   // 16-warp blocks when 8-warp ones would leave SMs with one block or none.
   config.warps = blocks < 2 * sm_count ? 16 : 8;
@@ -552,7 +476,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
-  const bool one_tile = p.M <= 8 && !p.shared_x;  // (with M > 16 there are several token tiles of 16)
+  const bool one_tile = p.M <= 8;  // (with M > 16 there are several token tiles of 16)
   if (bf16) {
     one_tile ? launch_typed<__nv_bfloat16, 1>(p, stream) : launch_typed<__nv_bfloat16, 2>(p, stream);
   } else {
