@@ -61,6 +61,12 @@ constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp
 // holds); 16 warps per SM in every case (the launch bound: 128 registers per thread).
 constexpr int kWarpsPerSM = 16;
 constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline stage
+// Two token tiles: each warp's private activation ring (dynamic shared memory), kXSlots slots of one
+// chunk each (16 token rows of 256 B), kXAlign-byte aligned (the kernel's ldmatrix addressing needs it).
+constexpr int kXRowBytes = kChunkTiles * kBK * 2;
+constexpr int kXSlotBytes = kSmallMTokens * kXRowBytes;
+constexpr int kXSlots = 2;
+constexpr int kXAlign = 256;
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
 enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
@@ -105,16 +111,14 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
   constexpr bool X_STAGED = TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
-  // Two token tiles: each warp stages its own chunks' activations in a private 2-slot cp.async ring
-  // (dynamic shared memory: kXSlotBytes per slot), issued two chunks ahead with the weights and read
-  // with ldmatrix, instead of loading them from L2 right before their mma.
+  // Two token tiles: each warp stages its own chunks' activations in a private cp.async ring (kXSlots
+  // slots), issued kXSlots chunks ahead with the weights and read with ldmatrix, instead of loading
+  // them from L2 right before their mma.
   constexpr bool X_PRIVATE = TOKEN_TILES == 2;
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
-  constexpr int kXRowBytes = kChunkTiles * kBK * 2;  // 16 token rows of 256 B per slot
-  constexpr int kXSlotBytes = kSmallMTokens * kXRowBytes;
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][2 slots][kXSlotBytes]
+  extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][kXSlots][kXSlotBytes]
   __shared__ int s_is_last;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -237,8 +241,9 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // bank groups; rows past M, a missing second tile and chunks past the range read nothing and are
   // zero. Lane l always copies piece l % 16 of rows l / 16 + 2 j (j < 8): a few per-lane constants,
   // so that the loader adds few registers to a kernel that is at its limit.
-  // (256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see compute.)
-  const uint32_t x_private_base = ((smem_addr(x_private) + 255u) & ~255u) + warp * 2 * kXSlotBytes;
+  // (kXAlign = 256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see
+  // compute.)
+  const uint32_t x_private_base = ((smem_addr(x_private) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1)) + warp * kXSlots * kXSlotBytes;
   const int x_piece = lane & 15, x_row0 = lane >> 4;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
   const int x_rows_ok = p.M - tok0 - x_row0;  // rows x_row0 + 2 j with 2 j < x_rows_ok exist
@@ -331,6 +336,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // ---- main loop: two register stages, written out so that their indices are constants ----------
   StageT stage0, stage1;
   if constexpr (X_PRIVATE) {
+    static_assert(kXSlots == 2, "the ring's prologue fills slots 0 and 1");
     load_x_chunk_private(c_first, 0);
     cp_async_commit();
     load_x_chunk_private(c_first + chunk_step, 1);
@@ -338,16 +344,17 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   }
   // One chunk: the math, then the weights of the chunk two ahead. X_PRIVATE: first wait for the
   // warp's own chunk i (one cp.async group per chunk, always committed, empty past the range),
-  // compute from slot i % 2, then refill that slot with chunk i + 2 once every lane is done reading it.
+  // compute from slot i % kXSlots, then refill that slot with chunk i + kXSlots once every lane is
+  // done reading it.
   auto step = [&](StageT& st, int i) {
     if constexpr (X_PRIVATE) {
-      cp_async_wait<1>();
+      cp_async_wait<kXSlots - 1>();
       __syncwarp();
     }
-    compute(st, i % 2);
+    compute(st, i % kXSlots);
     if constexpr (X_PRIVATE) {
       __syncwarp();
-      load_x_chunk_private(c_first + (i + 2) * chunk_step, i % 2);
+      load_x_chunk_private(c_first + (i + kXSlots) * chunk_step, i % kXSlots);
       cp_async_commit();
     }
     if (i + 2 < my_chunks) load_stage(st);
@@ -420,8 +427,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
 template <typename T, int TOKEN_TILES, int GK, int WARPS>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  // The private activation rings (two token tiles): 2 slots of 16 x 256 bytes a warp.
-  constexpr int smem = TOKEN_TILES == 2 ? WARPS * 2 * kSmallMTokens * kChunkTiles * kBK * 2 + 256 : 0;
+  // The private activation rings (two token tiles), and room to align them.
+  constexpr int smem = TOKEN_TILES == 2 ? WARPS * kXSlots * kXSlotBytes + kXAlign : 0;
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
