@@ -204,14 +204,15 @@ struct SmallMParams {
 };
 
 // Channels and tokens per block of the small-M kernel, and its launch configuration for a problem:
-// warps per block and K splits (1 when `max_locks` cannot count the tiles).
+// warps per block and K splits (1 when `max_locks` cannot count the tiles); smem_per_block: the device's
+// opt-in maximum of shared memory per block.
 constexpr int kSmallMChannels = 32;
 constexpr int kSmallMTokens = 16;
 struct SmallMConfig {
   int splits;
   int warps;
 };
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks);
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block, int64_t max_locks);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128

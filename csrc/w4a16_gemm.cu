@@ -423,6 +423,14 @@ int sm_count(int device) {
   return cached[device];
 }
 
+// The device's opt-in maximum of shared memory per block (cached per device).
+int smem_per_block(int device) {
+  static int cached[64] = {0};
+  const int d = device < 0 || device >= 64 ? 0 : device;
+  if (cached[d] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[d], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return cached[d];
+}
+
 // K splits for `tiles` output tiles of blocks_per_sm resident blocks per SM: split_k > 0 forces a
 // count; automatic: as many as keep every block resident at once (rounded down: one block more
 // than the GPU holds costs a whole second wave), each split at least kMinTilesPerSplit k-tiles long.
@@ -532,7 +540,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
-    const SmallMConfig config = small_m_config(M, N, K, sm_count(x.get_device()), locks.numel());
+    const SmallMConfig config =
+        small_m_config(M, N, K, sm_count(x.get_device()), smem_per_block(x.get_device()), locks.numel());
     const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {

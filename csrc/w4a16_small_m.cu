@@ -425,10 +425,14 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   if (threadIdx.x == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
 }
 
+// Shared memory of a block of `warps` warps with `n8_tiles` 8-token tiles: the warps' sums (static) and,
+// with two tiles, the private activation rings plus room to align them (dynamic).
+constexpr int dynamic_smem_bytes(int n8_tiles, int warps) { return n8_tiles == 2 ? warps * kXSlots * kXSlotBytes + kXAlign : 0; }
+constexpr int static_smem_bytes(int n8_tiles, int warps) { return warps * kStrips * n8_tiles * 32 * 16 + 128; }
+
 template <typename T, int TOKEN_TILES, int GK, int WARPS>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  // The private activation rings (two token tiles), and room to align them.
-  constexpr int smem = TOKEN_TILES == 2 ? WARPS * kXSlots * kXSlotBytes + kXAlign : 0;
+  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS);
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -465,13 +469,16 @@ void launch_typed(const SmallMParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int64_t max_locks) {
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block, int64_t max_locks) {
   const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
   const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
-  // 16-warp blocks when 8-warp ones would leave SMs with one block or none.
-  config.warps = blocks < 2 * sm_count ? 16 : 8;
+  // 16-warp blocks when 8-warp ones would leave SMs with one block or none, and when 16 warps' shared
+  // memory fits a block (two token tiles: 160 KB, more than sm_89's 99 KB).
+  const int n8_tiles = M <= 8 ? 1 : 2;
+  const bool fits16 = static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16) <= smem_per_block;
+  config.warps = blocks < 2 * sm_count && fits16 ? 16 : 8;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
   // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
   // up to one block per SM, and keep at least one chunk per warp.
