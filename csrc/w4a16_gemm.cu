@@ -412,24 +412,17 @@ void launch_config(int bm, const Params& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
-int sm_count(int device) {
+// A device attribute, queried once per (attribute, device): the host path runs on every call.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    cached[device] = n;
-  }
+  if (cached[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], kAttribute, device));
   return cached[device];
 }
-
-// The device's opt-in maximum of shared memory per block (cached per device).
-int smem_per_block(int device) {
-  static int cached[64] = {0};
-  const int d = device < 0 || device >= 64 ? 0 : device;
-  if (cached[d] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[d], cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return cached[d];
-}
+int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+// The device's opt-in maximum of shared memory per block.
+int smem_per_block(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 // K splits for `tiles` output tiles of blocks_per_sm resident blocks per SM: split_k > 0 forces a
 // count; automatic: as many as keep every block resident at once (rounded down: one block more

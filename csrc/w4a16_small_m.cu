@@ -92,6 +92,17 @@ __device__ __forceinline__ float bits_to_float<__half>(uint32_t v) { return to_f
 template <>
 __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint32_t v) { return to_float(__ushort_as_bfloat16(static_cast<unsigned short>(v))); }
 
+// 8-token tiles per token tile of 16 for M tokens (TOKEN_TILES): one up to M = 8, else two (with M > 16
+// there are several token tiles of 16).
+constexpr int n8_tiles_for(int64_t M) { return M <= 8 ? 1 : 2; }
+// Shared memory of a block of `warps` warps with `n8_tiles` 8-token tiles: the warps' sums (static; the
+// kernel checks its declarations against this) and, with two tiles, the private activation rings plus
+// room to align them (dynamic).
+constexpr int static_smem_bytes(int n8_tiles, int warps) {
+  return warps * kStrips * n8_tiles * 32 * static_cast<int>(sizeof(float4)) + 128;
+}
+constexpr int dynamic_smem_bytes(int n8_tiles, int warps) { return n8_tiles == 2 ? warps * kXSlots * kXSlotBytes + kXAlign : 0; }
+
 // One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
 // (and zero) of channels g and g + 8 for each of the chunk's kRows groups; when X_STAGED, the chunk's
 // activation fragments too (one token tile).
@@ -120,6 +131,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
   extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][kXSlots][kXSlotBytes]
   __shared__ int s_is_last;
+  static_assert(sizeof(partial_sums) + sizeof(s_is_last) <= static_smem_bytes(TOKEN_TILES, kWarps),
+                "static_smem_bytes (the launcher's shared-memory budget) is out of date");
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -425,10 +438,6 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   if (threadIdx.x == 0) *lock = 0;  // ready for the next call (kernels on one stream run in order)
 }
 
-// Shared memory of a block of `warps` warps with `n8_tiles` 8-token tiles: the warps' sums (static) and,
-// with two tiles, the private activation rings plus room to align them (dynamic).
-constexpr int dynamic_smem_bytes(int n8_tiles, int warps) { return n8_tiles == 2 ? warps * kXSlots * kXSlotBytes + kXAlign : 0; }
-constexpr int static_smem_bytes(int n8_tiles, int warps) { return warps * kStrips * n8_tiles * 32 * 16 + 128; }
 
 template <typename T, int TOKEN_TILES, int GK, int WARPS>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
@@ -476,7 +485,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
   const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
   // 16-warp blocks when 8-warp ones would leave SMs with one block or none, and when 16 warps' shared
   // memory fits a block (two token tiles: 160 KB, more than sm_89's 99 KB).
-  const int n8_tiles = M <= 8 ? 1 : 2;
+  const int n8_tiles = n8_tiles_for(M);
   const bool fits16 = static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16) <= smem_per_block;
   config.warps = blocks < 2 * sm_count && fits16 ? 16 : 8;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
@@ -490,7 +499,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
-  const bool one_tile = p.M <= 8;  // (with M > 16 there are several token tiles of 16)
+  const bool one_tile = n8_tiles_for(p.M) == 1;
   if (bf16) {
     one_tile ? launch_typed<__nv_bfloat16, 1>(p, stream) : launch_typed<__nv_bfloat16, 2>(p, stream);
   } else {
