@@ -127,6 +127,22 @@ def test_forced_configs(dtype, g, cfg):
     assert y.dtype == dtype and rel_err(y, reference.weight_only_linear(x, qw, bias)) <= TOL
 
 
+@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256), dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5)],
+                         ids=["splitk4", "splitk5"])
+def test_split_k_is_deterministic_and_leaves_locks_zero(cfg):
+    # The last split of a tile sums the partials in split order: the same result on every run, and the
+    # prepared weight's locks are zero again afterwards (the next call relies on it).
+    k, n, m = 576, 1536, 17
+    qw = random_weight(k, n, 64, True, torch.float16, seed=4)
+    p = prepare_w4a16(qw, torch.float16)
+    x = torch.randn(m, k).half().to(DEVICE)
+    bias = torch.randn(n).half().to(DEVICE)
+    ys = [_launch(x, p["qweight"], p["scales"], None, bias, 64, k, p["locks"], config=cfg) for _ in range(3)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    assert not p["locks"].any()
+    assert rel_err(ys[0], reference.weight_only_linear(x, qw, bias)) <= TOL
+
+
 def test_mixed_scale_dtype_and_strided_rows():
     # bf16 checkpoint scales serving fp16 activations (scales kept exact), x a column slice (row stride > K).
     qw = random_weight(576, 1536, 32, True, torch.bfloat16, seed=5)
@@ -184,7 +200,7 @@ def test_opcheck():
     p = prepare_w4a16(qw, torch.bfloat16)
     x = torch.randn(3, 64).to(torch.bfloat16).to(DEVICE)
     bias = torch.randn(32).to(torch.bfloat16).to(DEVICE)
-    torch.library.opcheck(_w4a16_gemm_op, (x, p["qweight"], p["scales"], p["zeros"], bias, p["group_len"], 64),
+    torch.library.opcheck(_w4a16_gemm_op.op, (x, p["qweight"], p["scales"], p["zeros"], bias, p["group_len"], 64),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -224,3 +240,27 @@ def test_autotune_pruning_keeps_valid_configs(bucket, k, group_len, m):
     for c in kept:
         bk = c.kwargs["BLOCK_K"]
         assert group_len == k or group_len % bk == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 48])
+def test_autotuned_config_is_reused(monkeypatch, m):
+    # The first call per key autotunes; later calls launch the autotuner's choice directly. Both must
+    # give the same result, bit for bit, and the cached choice must be the autotuner's.
+    from quantkern.triton_kernels import w4a16 as tw
+
+    monkeypatch.delenv("QUANTKERN_TRITON_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tw, "_TUNED_CONFIGS", {})
+    k, n = 256, 384
+    qw = random_weight(k, n, 128, True, torch.float16, seed=5)
+    p = prepare_w4a16(qw, torch.float16)
+    x = torch.randn(m, k).half().to(DEVICE)
+    first = w4a16_linear(x, p)
+    assert len(tw._TUNED_CONFIGS) == 1
+    (tuned,) = tw._TUNED_CONFIGS.values()
+    autotuner = tw._AUTOTUNED["small" if m <= tw.SMALL_M else "large"]
+    assert {key: tuned[key] for key in autotuner.best_config.kwargs} == autotuner.best_config.kwargs
+    second = w4a16_linear(x, p)
+    assert torch.equal(first, second)
+    for y in (first, second):
+        assert rel_err(y, reference.weight_only_linear(x, qw)) <= TOL

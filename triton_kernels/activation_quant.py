@@ -14,6 +14,8 @@ import triton.language as tl
 
 from quantkern._fake import quantize_per_token_fake
 
+from ._host import cdiv, next_power_of_2, triton_op
+
 MAX_BLOCK = 2048
 
 
@@ -66,21 +68,19 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x_row, stride_
             tl.store(q_row + offs, byte.to(tl.uint8), mask=mask)
 
 
-@torch.library.custom_op("quantkern_triton::quantize_per_token", mutates_args=())
+@triton_op("quantkern_triton::quantize_per_token", quantize_per_token_fake)
 def _quantize_per_token_op(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, scales = quantize_per_token_fake(x, bits, clip_ratio)
     tokens, features = x.shape
     if tokens == 0:
         return q, scales
     work = features // 2 if bits == 4 else features
-    block = min(triton.next_power_of_2(max(work, 1)), MAX_BLOCK)
+    block = min(next_power_of_2(max(work, 1)), MAX_BLOCK)
     _quantize_per_token_kernel[(tokens,)](
         x, q, scales, features, x.stride(0), q.stride(0), float(clip_ratio),
         BITS=bits, BLOCK=block, num_warps=8 if block >= 1024 else 4)
     return q, scales
 
-
-_quantize_per_token_op.register_fake(quantize_per_token_fake)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):

@@ -35,6 +35,7 @@ from quantkern.rotation import hadamard_factorization, hadamard_matrix, is_hadam
 
 from .activation_quant import _quantize as _code  # per-token rounding, shared with quantize_per_token
 from .activation_quant import quantize_per_token as _quantize_per_token
+from ._host import cdiv, next_power_of_2, triton_op
 
 MAX_N = 16384  # two 128 x 128 fp32 tiles at most; larger rows: the CUDA kernel
 
@@ -97,7 +98,7 @@ def _split(n: int):
     best = None
     for r in range(k + 1):
         rows, cols = m << r, 1 << (k - r)
-        rp, cp = max(16, triton.next_power_of_2(rows)), max(16, cols)
+        rp, cp = max(16, next_power_of_2(rows)), max(16, cols)
         key = (max(rp, cp), rp * rp + cp * cp)
         if best is None or key < best[0]:
             best = (key, (rows, cols, rp, cp))
@@ -129,7 +130,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, scales, quant: bool, bits: int, 
         R=r, C=c, RP=rp, CP=cp, QUANT=quant, BITS=bits, IS_BF16=x.dtype == torch.bfloat16, num_warps=8 if n >= 4096 else 4)
 
 
-@torch.library.custom_op("quantkern_triton::hadamard", mutates_args=())
+@triton_op("quantkern_triton::hadamard", hadamard_fake)
 def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
     n = x.shape[-1]
     size = block_size or n
@@ -141,10 +142,8 @@ def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
     return out.view(x.shape)
 
 
-_hadamard_op.register_fake(hadamard_fake)
 
-
-@torch.library.custom_op("quantkern_triton::hadamard_quantize", mutates_args=())
+@triton_op("quantkern_triton::hadamard_quantize", hadamard_quantize_fake)
 def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
                           block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     rows, n = x.shape
@@ -157,8 +156,6 @@ def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
         _launch(x, q, scales, True, bits, clip_ratio)
     return q, scales
 
-
-_hadamard_quantize_op.register_fake(hadamard_quantize_fake)
 
 
 def hadamard(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv, next_power_of_2, triton_op
+
 
 @triton.jit
 def _load_int8_tile(ptr, rows, k0, n_rows, K, stride, BITS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -118,7 +120,7 @@ def _launch(a, sx, w, w_scale, bias, a_bits: int, w_bits: int, glen: int, out: t
     if m == 0 or n == 0:
         return out
     cfg = _config(m, glen)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
     _int_gemm_kernel[grid](
         a, sx, w, w_scale, bias if bias is not None else w_scale, out,
         m, n, k, glen, a.stride(0), w.stride(0), out.stride(0),
@@ -131,15 +133,13 @@ def _int_gemm_fake(a, a_scale, w, w_scale, bias, a_bits: int, w_bits: int, group
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("quantkern_triton::int_gemm", mutates_args=())
+@triton_op("quantkern_triton::int_gemm", _int_gemm_fake)
 def _int_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                  bias: Optional[torch.Tensor], a_bits: int, w_bits: int, group_len: int,
                  out_dtype: torch.dtype) -> torch.Tensor:
     out = _int_gemm_fake(a, a_scale, w, w_scale, bias, a_bits, w_bits, group_len, out_dtype)
     return _launch(a, a_scale, w, w_scale, bias, a_bits, w_bits, group_len, out, False)
 
-
-_int_gemm_op.register_fake(_int_gemm_fake)
 
 
 def int_gemm(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor],

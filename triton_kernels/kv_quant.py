@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .activation_quant import _round_half_even
+from ._host import cdiv, next_power_of_2, triton_op
 
 ROWS = 16  # rows per program: head_dim is small (64-256), so one row alone would leave lanes idle
 
@@ -79,20 +80,18 @@ def _quantize_kv_fake(x: torch.Tensor, bits: int):
     return codes, x.new_empty((rows,)), x.new_empty((rows,))
 
 
-@torch.library.custom_op("quantkern_triton::quantize_kv", mutates_args=())
+@triton_op("quantkern_triton::quantize_kv", _quantize_kv_fake)
 def _quantize_kv_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     codes, scale, offset = _quantize_kv_fake(x, bits)
     rows, d = x.shape
     if rows == 0:
         return codes, scale, offset
-    block = triton.next_power_of_2(max(d // 2 if bits == 4 else d, 1))
-    _quantize_kv_kernel[(triton.cdiv(rows, ROWS),)](x, codes, scale, offset, rows, d, BITS=bits,
+    block = next_power_of_2(max(d // 2 if bits == 4 else d, 1))
+    _quantize_kv_kernel[(cdiv(rows, ROWS),)](x, codes, scale, offset, rows, d, BITS=bits,
                                                    IS_BF16=x.dtype == torch.bfloat16,
                                                    ROWS_PER_PROGRAM=ROWS, BLOCK=block)
     return codes, scale, offset
 
-
-_quantize_kv_op.register_fake(_quantize_kv_fake)
 
 
 def quantize_kv(x: torch.Tensor, bits: int):

@@ -10,6 +10,7 @@ Layout (``prepare_w4a16``, once at load time, plain torch; canonical format in d
            a weight mask. Transposed so that a K tile's words are contiguous along N (coalesced loads).
   scales   [G, N] in the checkpoint's scale dtype (fp16/bf16, kept exact: never re-rounded).
   zeros    uint8 [G, N] zero codes, or absent (symmetric: implicit zero 8).
+  locks    int32 [lock_count(N)] zeros: split-K counters, one per output tile of M <= SMALL_M.
 
 Tiling: one program per (BLOCK_M x BLOCK_N) output tile and K split (grid (tiles, SPLIT_K)), output
 tiles swizzled in groups of GROUP_M rows for L2 reuse of the weight stream. Each K step loads an
@@ -28,8 +29,11 @@ is applied (SCALE_MODE, chosen per call):
                dequantized weight to bf16 would cost ~1e-3 relative error, too close to the 2e-3
                budget; integers -15..15 are exact in bf16, so this path is exact up to fp32 sums.
 Epilogue: bias (fp32) added, cast to x's dtype, masked store. Split-K (small M: decode/GEMV shapes
-have too few output tiles to fill an H100's 132 SMs) accumulates fp32 partials with atomic adds into
-a zeroed fp32 buffer (bias added by split 0), cast to x's dtype afterwards.
+have too few output tiles to fill an H100's 132 SMs): each split stores an fp32 partial tile to a
+workspace [SPLIT_K, M, N] and counts itself in its tile's lock (``locks``: int32 zeros owned by the
+prepared weight, zero again after every call); the last split sums the partials in split order
+(deterministic), adds the bias and stores y. No zeroed buffer, no atomics on y, no cast afterwards:
+those were two more kernel launches, and 15-19 us of host time a call on the H200 machine's CPU.
 
 Pipeline: ``num_stages`` software-pipelines the K loop's global loads (cp.async / TMA on Hopper);
 unpack and dequant run on the CUDA cores between ``tl.dot`` issues. Configs are data (``CONFIGS``),
@@ -39,6 +43,7 @@ is chosen by a rule instead (benchmarking in the interpreter is meaningless and 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -48,8 +53,10 @@ import triton.language as tl
 
 from quantkern.format import QuantizedWeight, implicit_zero
 
+from ._host import cdiv, next_power_of_2, triton_op
+
 K_ALIGN = 128  # qweight's K is padded to a multiple of this (the largest BLOCK_K)
-SMALL_M = 32   # M <= SMALL_M: split-K configs (fp32 atomic accumulation); larger M: direct store
+SMALL_M = 32   # M <= SMALL_M: split-K configs (partials, last split reduces); larger M: direct store
 
 ONE_GROUP, IN_TILE, AFTER_DOT = 0, 1, 2
 
@@ -91,7 +98,7 @@ CONFIGS = {
 
 
 def _m_bucket(m: int) -> int:
-    return 16 if m <= 16 else min(triton.next_power_of_2(m), 4096)
+    return 16 if m <= 16 else min(next_power_of_2(m), 4096)
 
 
 def _interpreting() -> bool:
@@ -103,10 +110,10 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-                  M, N, K, stride_xm, stride_ym, GROUP_LEN, M_BUCKET,
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, partial_ptr, lock_ptr,
+                  M, N, K, stride_xm, stride_ym, stride_partial, GROUP_LEN, M_BUCKET,
                   HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_MODE: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr,
+                  DOT_IN_FP32: tl.constexpr, EVEN_K: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     # M_BUCKET is only an autotune key.
@@ -189,18 +196,43 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
 
     if SCALE_MODE == 0:
         acc = acc * scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + rn).to(tl.float32)[None, :]
-        if ATOMIC:
-            acc += tl.where(pid_k == 0, bias, 0.0)
-        else:
-            acc += bias
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask)
-    else:
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Split K: each split stores its fp32 partial tile, then counts itself in the tile's lock; the
+        # last to arrive sums the partials in split order (the same sum whichever split is last: results
+        # are bit-identical across runs), adds the bias, stores y and resets the lock for the next call.
+        # The barrier orders every thread's partial stores before the (one-thread, acq_rel) count.
+        tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(partial_ptr + pid_k * stride_partial + tile, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptr + split * stride_partial + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + pid, 0)
+
+
+MAX_SPLIT_K = max(c["SPLIT_K"] for c in CONFIGS["small"])
+
+
+def _lock_count_for(m: int, n: int, cfg: dict) -> int:
+    """Split-K locks a launch of ``cfg`` needs: one per output tile."""
+    return cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
+
+
+@functools.lru_cache(maxsize=None)
+def lock_count(n: int) -> int:
+    """Locks a prepared weight holds: enough for any "small" config at any M <= SMALL_M."""
+    return max(_lock_count_for(SMALL_M, n, c) for c in CONFIGS["small"])
 
 
 def _config_fits(cfg: dict, group_len: int, n_groups: int, m: int) -> bool:
@@ -215,7 +247,7 @@ def _prune(configs, named_args, **kwargs):
     n_groups = k // group_len
     kept = [c for c in configs if _config_fits(c.all_kwargs(), group_len, n_groups, m)]
     # Split-K beyond the number of K tiles only adds empty programs.
-    kept = [c for c in kept if c.kwargs["SPLIT_K"] <= max(1, triton.cdiv(k, c.kwargs["BLOCK_K"]))] or kept
+    kept = [c for c in kept if c.kwargs["SPLIT_K"] <= max(1, cdiv(k, c.kwargs["BLOCK_K"]))] or kept
     if not kept:  # BLOCK_K = 32 configs always fit; keep the smallest BLOCK_M of them
         kept = sorted((c for c in configs if c.kwargs["BLOCK_K"] == 32), key=lambda c: c.kwargs["BLOCK_M"])[:1]
     return kept
@@ -229,12 +261,13 @@ def _as_triton_configs(dicts):
 _heuristics = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _KEY = ["M_BUCKET", "N", "K", "GROUP_LEN"]
 _AUTOTUNED = {
-    "small": triton.autotune(_as_triton_configs(CONFIGS["small"]), key=_KEY, prune_configs_by={"early_config_prune": _prune},
-                             reset_to_zero=["y_ptr"])(_heuristics(_w4a16_kernel)),
+    "small": triton.autotune(_as_triton_configs(CONFIGS["small"]), key=_KEY,
+                             prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
     "large": triton.autotune(_as_triton_configs(CONFIGS["large"]), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
 }
 _PLAIN = _heuristics(_w4a16_kernel)
+_TUNED_CONFIGS: dict = {}  # _launch's key -> the autotuner's choice, with EVEN_K
 
 
 def _untuned_config(m: int, group_len: int, n_groups: int) -> dict:
@@ -246,8 +279,8 @@ def _untuned_config(m: int, group_len: int, n_groups: int) -> dict:
 def _interpreter_config(m: int, n: int, k: int, group_len: int, n_groups: int) -> dict:
     """One config for the CPU interpreter: big tiles (fewer programs and loop trips), no split-K."""
     bk = 128 if n_groups == 1 else min(128, group_len)
-    bm = min(64, max(16, triton.next_power_of_2(m)))
-    bn = min(256, max(32, triton.next_power_of_2(n)))
+    bm = min(64, max(16, next_power_of_2(m)))
+    bn = min(256, max(32, next_power_of_2(n)))
     return _cfg(bm, bn, bk, 1, 4, 1)
 
 
@@ -282,7 +315,7 @@ def prepare_w4a16(qw: QuantizedWeight, dtype: torch.dtype = torch.float16) -> di
         raise TypeError(f"the Triton W4A16 kernel takes float16 or bfloat16 activations, got {dtype}")
     qw.validate()
     n, k = qw.out_features, qw.in_features
-    k_pad = triton.cdiv(k, K_ALIGN) * K_ALIGN
+    k_pad = cdiv(k, K_ALIGN) * K_ALIGN
     codes = qw.codes().to(torch.int64)                               # [N, K] 0..15 (a new tensor)
     codes = torch.nn.functional.pad(codes, (0, k_pad - k), value=implicit_zero(4))
     shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
@@ -292,6 +325,7 @@ def prepare_w4a16(qw: QuantizedWeight, dtype: torch.dtype = torch.float16) -> di
         "qweight": words.t().contiguous(),                           # [K_pad/8, N] int32
         "scales": qw.scales.t().contiguous(),                        # [G, N] fp16/bf16, exact
         "zeros": None if qw.zeros is None else qw.zeros.t().contiguous(),  # [G, N] uint8
+        "locks": torch.zeros(lock_count(n), dtype=torch.int32, device=qw.scales.device),  # split-K scratch
         "group_len": qw.group_length,
         "in_features": k,
         "out_features": n,
@@ -300,7 +334,7 @@ def prepare_w4a16(qw: QuantizedWeight, dtype: torch.dtype = torch.float16) -> di
     return prepared
 
 
-def _check_inputs(x, qweight, scales, zeros, bias, group_len: int, in_features: int) -> None:
+def _check_inputs(x, qweight, scales, zeros, bias, group_len: int, in_features: int, locks=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float16, torch.bfloat16):
@@ -322,14 +356,18 @@ def _check_inputs(x, qweight, scales, zeros, bias, group_len: int, in_features: 
         raise ValueError(f"zeros must be uint8 [{groups}, {n}], got {zeros.dtype} {tuple(zeros.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point):
         raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    devices = {t.device for t in (x, qweight, scales, zeros, bias) if t is not None}
+    if locks is not None and (locks.dtype != torch.int32 or locks.dim() != 1):
+        raise ValueError(f"locks must be a 1-D int32 tensor of zeros (from prepare_w4a16), got {locks.dtype} "
+                         f"{tuple(locks.shape)}")
+    devices = {t.device for t in (x, qweight, scales, zeros, bias, locks) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, the prepared weight and bias must be on one device, got {sorted(map(str, devices))}")
 
 
 def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
-            config: Optional[dict] = None) -> torch.Tensor:
-    """Run the kernel; ``config`` (a ``CONFIGS``-style dict) forces one config (tests, tuning)."""
+            locks: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """Run the kernel; ``config`` (a ``CONFIGS``-style dict) forces one config (tests, tuning).
+    ``locks``: the prepared weight's split-K counters (None: fresh zeros, one more launch)."""
     m, k = x.shape
     n = qweight.shape[1]
     if m == 0:
@@ -343,50 +381,71 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
         mode = IN_TILE
     else:
         mode = AFTER_DOT
-    if x.device.type != "cuda" and not _interpreting():
+    interpreting = _interpreting()
+    if x.device.type != "cuda" and not interpreting:
         raise RuntimeError(f"the Triton W4A16 kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    if config is None and _interpreting():
+    if config is None and interpreting:
         config = _interpreter_config(m, n, k, group_len, n_groups)
     elif config is None and os.environ.get("QUANTKERN_TRITON_AUTOTUNE") == "0":
         config = _untuned_config(m, group_len, n_groups)
-    atomic = (config["SPLIT_K"] > 1) if config is not None else m <= SMALL_M
+    split = (config["SPLIT_K"] > 1) if config is not None else m <= SMALL_M
     # The CPU interpreter truncates fp32 -> bf16 casts: there the kernel stores fp32 and torch rounds.
-    fp32_out = atomic or (_interpreting() and x.dtype == torch.bfloat16)
-    if atomic:
-        y = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    fp32_out = interpreting and x.dtype == torch.bfloat16
+    y = torch.empty((m, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
+    if split:
+        # Room for any config's splits (the autotuner's choice is not known before its first call).
+        splits = config["SPLIT_K"] if config is not None else MAX_SPLIT_K
+        partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        needed = _lock_count_for(m, n, config) if config is not None else lock_count(n)
+        if locks is None or needed > locks.numel():  # (direct calls, forced configs: fresh zeros)
+            locks = torch.zeros(needed, dtype=torch.int32, device=x.device)
     else:
-        y = torch.empty((m, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
+        partials = locks = y  # never touched with SPLIT_K == 1
     zeros_arg = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     bias_arg = bias if bias is not None else scales     # never read when HAS_BIAS is False
-    args = (x, qweight, scales, zeros_arg, bias_arg, y, m, n, k, x.stride(0), y.stride(0), group_len, _m_bucket(m))
-    flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=mode, ATOMIC=atomic,
-                 DOT_IN_FP32=_interpreting() and x.dtype == torch.bfloat16)
+    bucket = _m_bucket(m)
+    args = (x, qweight, scales, zeros_arg, bias_arg, y, partials, locks, m, n, k, x.stride(0), y.stride(0), m * n,
+            group_len, bucket)
+    flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=mode,
+                 DOT_IN_FP32=interpreting and x.dtype == torch.bfloat16)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     if config is not None:
         if not _config_fits(config, group_len, n_groups, 1 << 30):
             raise ValueError(f"config BLOCK_K={config['BLOCK_K']} does not divide the group length {group_len}")
         _PLAIN[grid](*args, **flags, **config)
     else:
-        _AUTOTUNED["small" if atomic else "large"][grid](*args, **flags)
+        # The autotuner picks a config once per key; later calls launch the kernel with it directly,
+        # which skips the autotuner's and the heuristics' per-call Python (16-21 us a call on the H200
+        # machine's CPU). The key holds everything the autotuner's own key does.
+        key = (bucket, n, k, group_len, x.dtype, qweight.dtype, scales.dtype,
+               zeros is not None and zeros.dtype, bias is not None and bias.dtype, y.dtype)
+        tuned = _TUNED_CONFIGS.get(key)
+        if tuned is None:
+            autotuner = _AUTOTUNED["small" if split else "large"]
+            autotuner[grid](*args, **flags)
+            best = autotuner.best_config.all_kwargs()
+            _TUNED_CONFIGS[key] = {**best, "EVEN_K": k % best["BLOCK_K"] == 0}
+        else:
+            _w4a16_kernel[grid(tuned)](*args, **flags, **tuned)
     return y.to(x.dtype) if fp32_out else y
 
 
-def _w4a16_gemm_fake(x, qweight, scales, zeros, bias, group_len: int, in_features: int) -> torch.Tensor:
-    _check_inputs(x, qweight, scales, zeros, bias, group_len, in_features)
+def _w4a16_gemm_fake(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
+                     locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _check_inputs(x, qweight, scales, zeros, bias, group_len, in_features, locks)
     return x.new_empty((x.shape[0], qweight.shape[1]))
 
 
-@torch.library.custom_op("quantkern_triton::w4a16_gemm", mutates_args=())
+@triton_op("quantkern_triton::w4a16_gemm", _w4a16_gemm_fake)
 def _w4a16_gemm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], group_len: int, in_features: int) -> torch.Tensor:
-    _check_inputs(x, qweight, scales, zeros, bias, group_len, in_features)
-    return _launch(x, qweight, scales, zeros, bias, group_len, in_features)
-
-
-_w4a16_gemm_op.register_fake(_w4a16_gemm_fake)
+                   bias: Optional[torch.Tensor], group_len: int, in_features: int,
+                   locks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # locks is scratch, zero again when the kernel ends (as the CUDA op's): not declared as mutated.
+    _check_inputs(x, qweight, scales, zeros, bias, group_len, in_features, locks)
+    return _launch(x, qweight, scales, zeros, bias, group_len, in_features, locks)
 
 
 def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -396,4 +455,4 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
     if isinstance(x2d, torch.Tensor) and x2d.dtype != prepared["dtype"]:
         raise TypeError(f"x is {x2d.dtype} but the weight was prepared for {prepared['dtype']} activations")
     return _w4a16_gemm_op(x2d, prepared["qweight"], prepared["scales"], prepared["zeros"], bias,
-                          prepared["group_len"], prepared["in_features"])
+                          prepared["group_len"], prepared["in_features"], prepared["locks"])
