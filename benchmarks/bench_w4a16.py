@@ -2,10 +2,14 @@
 
 Peers: cuBLAS through ``F.linear`` (fp16 and bf16 weights) and torch's built-in int4 kernel
 (``torch.ops.aten._weight_int4pack_mm``, tinygemm, bf16 only). Group size 128, symmetric weights.
-Each figure is the median of ``triton.testing.do_bench``; speed-ups are over cuBLAS fp16. Before
-timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
+Each figure is the median of ``triton.testing.do_bench`` (L2 flushed before each call; a call whose
+host time exceeds the flush is timed with that host time), or with ``--cuda-graph`` the median of CUDA-graph
+replays (``do_bench_cudagraph``: no host time), every weight then rotated over copies that together
+exceed the L2 cache so that each call streams its weights from memory. Speed-ups are over cuBLAS fp16.
+Before timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
 
     python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
+                                     [--cuda-graph]
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672
 QUICK_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 BATCHES = [1, 4, 16, 32, 64, 128, 512, 2048]
 GROUP = 128  # 64 where it does not divide K (SmolLM2's 576)
+ROTATE_BYTES = 200 << 20  # --cuda-graph: each weight's copies together at least this (H200's L2: 50 MB)
+MAX_COPIES = 8
 
 
 def torch_int4_peer(w: torch.Tensor, group: int):
@@ -45,6 +51,33 @@ def torch_int4_peer(w: torch.Tensor, group: int):
     return (lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, group, scales_and_zeros)), dequant
 
 
+def copies_for(nbytes: int) -> int:
+    """How many copies of a weight of ``nbytes`` to rotate over so that together they exceed the L2."""
+    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(nbytes, 1))))
+
+
+def rotating(make, count: int):
+    """``count`` results of ``make(i)``, and a function returning the next one on each call (under CUDA-graph
+    capture each captured call then reads another copy)."""
+    items = [make(i) for i in range(count)]
+    state = {"i": 0}
+
+    def next_item():
+        item = items[state["i"] % count]
+        state["i"] += 1
+        return item
+    return items, next_item
+
+
+def graph_us(fn) -> float:
+    """Median microseconds of ``fn()`` over CUDA-graph replays."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+
+
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -57,6 +90,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", metavar="KxN", help="these K x N shapes (default: all, or --quick's)")
     parser.add_argument("--backends", nargs="+", choices=["cuda", "triton"], default=["cuda", "triton"],
                         help="our backends to time (where available)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time CUDA-graph replays, weights rotated past the L2 (kernel time, no host time)")
     args = parser.parse_args()
     ours = [b for b in args.backends if "weight_only_linear" in backends.status(b).kernels]
     if not ours:
@@ -78,6 +113,15 @@ def main() -> None:
         prepared = {b: ops.prepare_weight_only(qw, torch.float16, backend=b) for b in ours}
         dequant = reference.dequantize_weight(qw)
         int4_peer, int4_dequant = torch_int4_peer(w, group)
+        if args.cuda_graph:
+            # Copies of every weight (fp16 copies: 2 bytes per element; int4: about half a byte).
+            fp_copies, int_copies = copies_for(2 * n * k), copies_for(n * k // 2)
+            _, next_w16 = rotating(lambda i: w16 if i == 0 else w16.clone(), fp_copies)
+            _, next_wbf = rotating(lambda i: wbf if i == 0 else wbf.clone(), fp_copies)
+            _, next_int4 = rotating(lambda i: int4_peer if i == 0 else torch_int4_peer(w, group)[0], int_copies)
+            next_prepared = {b: rotating(lambda i, b=b: prepared[b] if i == 0 else
+                                         ops.prepare_weight_only(qw, torch.float16, backend=b), int_copies)[1]
+                             for b in ours}
         for m in args.batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xb = x.bfloat16()
@@ -90,13 +134,22 @@ def main() -> None:
             errors["torch_int4"] = relative_error(int4_peer(xb), xb.float() @ int4_dequant.T)
             if errors["torch_int4"] > 1e-2:
                 print(f"warning: torch int4 peer relative error {errors['torch_int4']:.2e} at M={m}, {k}x{n}")
-            times = {
-                "cublas_fp16": median_us(lambda: F.linear(x, w16)),
-                "cublas_bf16": median_us(lambda: F.linear(xb, wbf)),
-                "torch_int4": median_us(lambda: int4_peer(xb)),
-            }
-            for b in ours:
-                times[b] = median_us(lambda: ops.weight_only_linear(x, prepared[b]))
+            if args.cuda_graph:
+                times = {
+                    "cublas_fp16": graph_us(lambda: F.linear(x, next_w16())),
+                    "cublas_bf16": graph_us(lambda: F.linear(xb, next_wbf())),
+                    "torch_int4": graph_us(lambda: next_int4()(xb)),
+                }
+                for b in ours:
+                    times[b] = graph_us(lambda: ops.weight_only_linear(x, next_prepared[b]()))
+            else:
+                times = {
+                    "cublas_fp16": median_us(lambda: F.linear(x, w16)),
+                    "cublas_bf16": median_us(lambda: F.linear(xb, wbf)),
+                    "torch_int4": median_us(lambda: int4_peer(xb)),
+                }
+                for b in ours:
+                    times[b] = median_us(lambda: ops.weight_only_linear(x, prepared[b]))
             speedup = {name: times["cublas_fp16"] / t for name, t in times.items()}
             results.append({"m": m, "k": k, "n": n, "group_size": group, "time_us": times,
                             "speedup_vs_cublas_fp16": speedup, "relative_error": errors})
@@ -104,8 +157,11 @@ def main() -> None:
                          + [f"{times[b]:.1f} ({speedup[b]:.2f}x)" for b in ours]
                          + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x"])
     if args.json:
-        write_json(args.json, results, {"group_size": GROUP})
-    print("\nW4A16 linear, fp16 activations, group 128 (g64: group 64): microseconds (speed-up over cuBLAS fp16)")
+        timing = ("do_bench_cudagraph median, weights rotated past L2" if args.cuda_graph
+                  else "do_bench median, L2 flushed before each call")
+        write_json(args.json, results, {"group_size": GROUP, "timing": timing})
+    print("\nW4A16 linear, fp16 activations, group 128 (g64: group 64): microseconds (speed-up over cuBLAS fp16)"
+          + (", CUDA-graph replays" if args.cuda_graph else ""))
     print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16"])
 
 
