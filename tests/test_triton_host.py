@@ -112,3 +112,16 @@ def test_integer_helpers_match_triton():
         assert next_power_of_2(a) == triton.next_power_of_2(a)
         for b in (1, 8, 16, 32, 64, 128, 256):
             assert cdiv(a, b) == triton.cdiv(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_jit_trace_records_the_op():
+    x, args = _w4a16_args()
+    rest = args[1:]
+
+    def f(x):
+        return _w4a16_gemm_op(x, *rest)
+
+    traced = torch.jit.trace(f, (x,), check_trace=False)
+    assert "quantkern_triton::w4a16_gemm" in str(traced.graph)
+    assert torch.equal(traced(x), f(x))
