@@ -7,7 +7,8 @@ that layer is host time and nothing else: on the H200 machine's CPU (torch 2.11)
 the op took 22-104 us more than the same function called directly (three runs of
 ``python scripts/probe_triton_w4a16.py --host``, 4096 x 4096, M = 1), where the kernel takes ~14 us of GPU
 time. So the callable returned here runs the function itself when nothing traces it (no compilation,
-no jit tracing, no dispatch mode, plain non-meta tensors) and goes through the registered op otherwise. Both run the same code on the same tensors.
+no jit tracing, no dispatch mode, plain non-meta tensors) and goes through the registered op otherwise.
+Both run the same code on the same tensors.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions meant for kernels: called on the host
 they cost ~3 us each on the development CPU (Triton 3.8), against ~0.1 us for plain integer arithmetic.
