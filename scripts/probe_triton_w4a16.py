@@ -63,7 +63,7 @@ def host_layers():
         ("its tracing check (_host._traced)", lambda: _traced(op_args)),
         ("_launch", lambda: tw._launch(*op_args)),
         ("autotuner, grid function", lambda: autotuner[lambda meta: grid](*args, **flags)),
-        ("kernel, tuned config, grid tuple", lambda: tw._w4a16_kernel[grid](*args, **flags, **tuned)),
+        ("kernel, tuned config, grid tuple", lambda: tw._w4a16_kernel[grid](*args, **flags, **tuned, EVEN_K=True)),
         ("torch.zeros fp32 + .to(fp16) (old split-K)", lambda: torch.zeros((1, n), dtype=torch.float32, device="cuda").half()),
         ("torch.empty", lambda: torch.empty((1, n), dtype=torch.float32, device="cuda")),
     ]

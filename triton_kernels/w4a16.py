@@ -266,8 +266,7 @@ _AUTOTUNED = {
     "large": triton.autotune(_as_triton_configs(CONFIGS["large"]), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
 }
-_PLAIN = _heuristics(_w4a16_kernel)
-_TUNED_CONFIGS: dict = {}  # _launch's key -> the autotuner's choice, with EVEN_K
+_TUNED_CONFIGS: dict = {}  # _launch's key -> the autotuner's choice (Config.all_kwargs())
 
 
 def _untuned_config(m: int, group_len: int, n_groups: int) -> dict:
@@ -384,26 +383,38 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
     interpreting = _interpreting()
     if x.device.type != "cuda" and not interpreting:
         raise RuntimeError(f"the Triton W4A16 kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
-    if config is None and interpreting:
-        config = _interpreter_config(m, n, k, group_len, n_groups)
-    elif config is None and os.environ.get("QUANTKERN_TRITON_AUTOTUNE") == "0":
-        config = _untuned_config(m, group_len, n_groups)
-    split = (config["SPLIT_K"] > 1) if config is not None else m <= SMALL_M
     # The CPU interpreter truncates fp32 -> bf16 casts: there the kernel stores fp32 and torch rounds.
     fp32_out = interpreting and x.dtype == torch.bfloat16
     y = torch.empty((m, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
-    if split:
-        # Room for any config's splits (the autotuner's choice is not known before its first call).
-        splits = config["SPLIT_K"] if config is not None else MAX_SPLIT_K
+    bucket = _m_bucket(m)
+    key = None
+    # The config: forced, else chosen by rule (interpreter, QUANTKERN_TRITON_AUTOTUNE=0), else the
+    # autotuner's choice for this key. The autotuner runs on a key's first call only; later calls launch
+    # its choice directly, which skips the autotuner's and the heuristics' per-call Python (16-21 us a
+    # call on the H200 machine's CPU). The key holds everything the autotuner's own key does.
+    if config is not None:
+        if not _config_fits(config, group_len, n_groups, 1 << 30):
+            raise ValueError(f"config BLOCK_K={config['BLOCK_K']} does not divide the group length {group_len}")
+        chosen = config
+    elif interpreting:
+        chosen = _interpreter_config(m, n, k, group_len, n_groups)
+    elif os.environ.get("QUANTKERN_TRITON_AUTOTUNE") == "0":
+        chosen = _untuned_config(m, group_len, n_groups)
+    else:
+        key = (bucket, n, k, group_len, x.dtype, qweight.dtype, scales.dtype,
+               zeros is not None and zeros.dtype, bias is not None and bias.dtype, y.dtype)
+        chosen = _TUNED_CONFIGS.get(key)  # None: this key's first call, which autotunes
+    # Split K (M <= SMALL_M): partial tiles, and the prepared weight's locks (or fresh zeros).
+    splits = chosen["SPLIT_K"] if chosen is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
+    if splits > 1:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        needed = _lock_count_for(m, n, config) if config is not None else lock_count(n)
-        if locks is None or needed > locks.numel():  # (direct calls, forced configs: fresh zeros)
+        needed = _lock_count_for(m, n, chosen) if chosen is not None else lock_count(n)
+        if locks is None or needed > locks.numel():
             locks = torch.zeros(needed, dtype=torch.int32, device=x.device)
     else:
         partials = locks = y  # never touched with SPLIT_K == 1
     zeros_arg = zeros if zeros is not None else scales  # never read when HAS_ZEROS is False
     bias_arg = bias if bias is not None else scales     # never read when HAS_BIAS is False
-    bucket = _m_bucket(m)
     args = (x, qweight, scales, zeros_arg, bias_arg, y, partials, locks, m, n, k, x.stride(0), y.stride(0), m * n,
             group_len, bucket)
     flags = dict(HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, SCALE_MODE=mode,
@@ -412,24 +423,12 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if config is not None:
-        if not _config_fits(config, group_len, n_groups, 1 << 30):
-            raise ValueError(f"config BLOCK_K={config['BLOCK_K']} does not divide the group length {group_len}")
-        _PLAIN[grid](*args, **flags, **config)
+    if chosen is not None:
+        _w4a16_kernel[grid(chosen)](*args, **flags, **chosen, EVEN_K=k % chosen["BLOCK_K"] == 0)
     else:
-        # The autotuner picks a config once per key; later calls launch the kernel with it directly,
-        # which skips the autotuner's and the heuristics' per-call Python (16-21 us a call on the H200
-        # machine's CPU). The key holds everything the autotuner's own key does.
-        key = (bucket, n, k, group_len, x.dtype, qweight.dtype, scales.dtype,
-               zeros is not None and zeros.dtype, bias is not None and bias.dtype, y.dtype)
-        tuned = _TUNED_CONFIGS.get(key)
-        if tuned is None:
-            autotuner = _AUTOTUNED["small" if split else "large"]
-            autotuner[grid](*args, **flags)
-            best = autotuner.best_config.all_kwargs()
-            _TUNED_CONFIGS[key] = {**best, "EVEN_K": k % best["BLOCK_K"] == 0}
-        else:
-            _w4a16_kernel[grid(tuned)](*args, **flags, **tuned)
+        autotuner = _AUTOTUNED["small" if m <= SMALL_M else "large"]
+        autotuner[grid](*args, **flags)
+        _TUNED_CONFIGS[key] = autotuner.best_config.all_kwargs()
     return y.to(x.dtype) if fp32_out else y
 
 
