@@ -19,41 +19,17 @@ peer time / our time (> 1: ours faster). Correctness is checked against the refe
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as F
 
-from common import print_table, write_json
+from common import copies_for, cycling, graph_us, print_table, write_json
 from quantkern import backends, ops, reference
 from quantkern.layout_int import int_gemm_cuda
 
 SHAPES = [(8192, 8192), (8192, 28672)]  # K x N
 MORE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [1, 16, 128, 512, 2048, 8192]
-ROTATE_BYTES = 200 << 20
-
-
-def bench(fn) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3  # us
-
-
-def cycling(items):
-    state = {"i": 0}
-
-    def nxt():
-        item = items[state["i"] % len(items)]
-        state["i"] += 1
-        return item
-    return nxt
-
-
-def copies_for(nbytes: int) -> int:
-    return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
 
 
 def sweep(shapes, small_only: bool = False) -> None:
@@ -81,10 +57,10 @@ def sweep(shapes, small_only: bool = False) -> None:
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"])
-                tq = bench(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"]))
+                tq = graph_us(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"]))
                 for config, split in cands:
                     nxt = cycling(ps)
-                    t = bench(lambda: int_gemm_cuda(q, sx, nxt(), None, torch.bfloat16, split, config))
+                    t = graph_us(lambda: int_gemm_cuda(q, sx, nxt(), None, torch.bfloat16, split, config))
                     tops = 2 * m * n * k / (t * 1e-6) / 1e12
                     gbs = p["w"].numel() / (t * 1e-6) / 1e9
                     rows.append([f"{k}x{n}", f"W{bits}A{bits}", m, config, split, f"{t:.1f}", f"{tops:.0f}",
@@ -155,18 +131,18 @@ def main() -> None:
                 return (acc.float() * sx[:, None] * sw8[None, :]).to(dtype)
 
             times = {
-                "w4a4": bench(lambda: ours(4, nw4)),
-                "w8a8": bench(lambda: ours(8, nw8)),
-                "bf16": bench(lambda: F.linear(x, nbf())),
+                "w4a4": graph_us(lambda: ours(4, nw4)),
+                "w8a8": graph_us(lambda: ours(8, nw8)),
+                "bf16": graph_us(lambda: F.linear(x, nbf())),
             }
             try:
-                times["int_mm"] = bench(int_mm_peer)
+                times["int_mm"] = graph_us(int_mm_peer)
             except RuntimeError as error:  # torch._int_mm refuses some small M
                 times["int_mm"] = None
                 print(f"torch._int_mm at M={m}: {str(error).splitlines()[0]}")
             if not args.no_triton:
-                times["w4a4_tr"] = bench(lambda: ops.w4a4_linear(x, t4))
-                times["w8a8_tr"] = bench(lambda: ops.w8a8_linear(x, t8))
+                times["w4a4_tr"] = graph_us(lambda: ops.w4a4_linear(x, t4))
+                times["w8a8_tr"] = graph_us(lambda: ops.w8a8_linear(x, t8))
             tops = {name: (2 * m * n * k / (t * 1e-6) / 1e12 if t else None) for name, t in times.items()}
             results.append({"M": m, "K": k, "N": n, "dtype": "bfloat16", "time_us": times, "tops": tops,
                             "weight_copies": {"w4a4": len(p4s), "w8a8": len(p8s), "bf16": len(ws_bf16)}})

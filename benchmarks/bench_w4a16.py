@@ -19,7 +19,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import median_us, print_table, warm_up_gpu, write_json
+from common import copies_for, cycling, graph_us, median_us, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
 
 # K x N of the real models' linear layers (Llama-3-8B/70B, Qwen2.5/3, SmolLM2).
@@ -28,8 +28,6 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672
 QUICK_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 BATCHES = [1, 4, 16, 32, 64, 128, 512, 2048]
 GROUP = 128  # 64 where it does not divide K (SmolLM2's 576)
-ROTATE_BYTES = 200 << 20  # --cuda-graph: each weight's copies together at least this (H200's L2: 50 MB)
-MAX_COPIES = 8
 
 
 def torch_int4_peer(w: torch.Tensor, group: int):
@@ -49,33 +47,6 @@ def torch_int4_peer(w: torch.Tensor, group: int):
     scales_and_zeros = torch.stack([scale.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
     dequant = ((codes.float().reshape(n, k // group, group) - 8) * scale[..., None] + zeros[..., None]).reshape(n, k)
     return (lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, group, scales_and_zeros)), dequant
-
-
-def copies_for(nbytes: int) -> int:
-    """How many copies of a weight of ``nbytes`` to rotate over so that together they exceed the L2."""
-    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(nbytes, 1))))
-
-
-def rotating(make, count: int):
-    """``count`` results of ``make(i)``, and a function returning the next one on each call (under CUDA-graph
-    capture each captured call then reads another copy)."""
-    items = [make(i) for i in range(count)]
-    state = {"i": 0}
-
-    def next_item():
-        item = items[state["i"] % count]
-        state["i"] += 1
-        return item
-    return items, next_item
-
-
-def graph_us(fn) -> float:
-    """Median microseconds of ``fn()`` over CUDA-graph replays."""
-    from triton.testing import do_bench_cudagraph
-
-    fn()
-    torch.cuda.synchronize()
-    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,12 +87,11 @@ def main() -> None:
         if args.cuda_graph:
             # Copies of every weight (fp16 copies: 2 bytes per element; int4: about half a byte).
             fp_copies, int_copies = copies_for(2 * n * k), copies_for(n * k // 2)
-            _, next_w16 = rotating(lambda i: w16 if i == 0 else w16.clone(), fp_copies)
-            _, next_wbf = rotating(lambda i: wbf if i == 0 else wbf.clone(), fp_copies)
-            _, next_int4 = rotating(lambda i: int4_peer if i == 0 else torch_int4_peer(w, group)[0], int_copies)
-            next_prepared = {b: rotating(lambda i, b=b: prepared[b] if i == 0 else
-                                         ops.prepare_weight_only(qw, torch.float16, backend=b), int_copies)[1]
-                             for b in ours}
+            next_w16 = cycling([w16] + [w16.clone() for _ in range(fp_copies - 1)])
+            next_wbf = cycling([wbf] + [wbf.clone() for _ in range(fp_copies - 1)])
+            next_int4 = cycling([int4_peer] + [torch_int4_peer(w, group)[0] for _ in range(int_copies - 1)])
+            next_prepared = {b: cycling([prepared[b]] + [ops.prepare_weight_only(qw, torch.float16, backend=b)
+                                                         for _ in range(int_copies - 1)]) for b in ours}
         for m in args.batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xb = x.bfloat16()

@@ -19,6 +19,38 @@ def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
 
 
+# CUDA-graph timing with weights rotated past the L2 cache (50 MB on the H100 and the H200): each timed call
+# reads another copy, so each streams its weights from memory.
+ROTATE_BYTES = 200 << 20  # a weight's copies together at least this
+MAX_COPIES = 8
+
+
+def graph_us(fn) -> float:
+    """Median microseconds of ``fn()`` over CUDA-graph replays (``do_bench_cudagraph``: no host time)."""
+    from triton.testing import do_bench_cudagraph
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+
+
+def copies_for(nbytes: int) -> int:
+    """How many copies of a tensor of ``nbytes`` to rotate over so that together they exceed the L2."""
+    return max(1, min(MAX_COPIES, -(-ROTATE_BYTES // max(nbytes, 1))))
+
+
+def cycling(items):
+    """A function returning the next of ``items`` on each call (under CUDA-graph capture each captured
+    call then reads another copy)."""
+    state = {"i": 0}
+
+    def nxt():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+    return nxt
+
+
 def warm_up_gpu(seconds: float = 1.0) -> None:
     """Keep the GPU busy for a while before timing anything (an idle GPU may still be at low clocks).
     Without it the first shape's rows came out erratic on the H200: cuBLAS 4096 x 4096 took 38-39 us

@@ -125,3 +125,17 @@ def test_jit_trace_records_the_op():
     traced = torch.jit.trace(f, (x,), check_trace=False)
     assert "quantkern_triton::w4a16_gemm" in str(traced.graph)
     assert torch.equal(traced(x), f(x))
+
+
+def test_plain_eager_call_skips_the_dispatcher():
+    # The profiler records every op that passes through the dispatcher (it is not a dispatch mode, so it
+    # does not itself route the call through the op): the eager call must not show up, the op call must.
+    _, args = _w4a16_args()
+
+    def dispatched_names(call):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call()
+        return {event.name for event in prof.events()}
+
+    assert "quantkern_triton::w4a16_gemm" not in dispatched_names(lambda: _w4a16_gemm_op(*args))
+    assert "quantkern_triton::w4a16_gemm" in dispatched_names(lambda: _w4a16_gemm_op.op(*args))

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from quantkern._fake import quantize_per_token_fake
 
-from ._host import cdiv, next_power_of_2, triton_op
+from ._host import next_power_of_2, triton_op
 
 MAX_BLOCK = 2048
 
@@ -80,7 +80,6 @@ def _quantize_per_token_op(x: torch.Tensor, bits: int, clip_ratio: float) -> tup
         x, q, scales, features, x.stride(0), q.stride(0), float(clip_ratio),
         BITS=bits, BLOCK=block, num_warps=8 if block >= 1024 else 4)
     return q, scales
-
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):

@@ -35,7 +35,7 @@ from quantkern.rotation import hadamard_factorization, hadamard_matrix, is_hadam
 
 from .activation_quant import _quantize as _code  # per-token rounding, shared with quantize_per_token
 from .activation_quant import quantize_per_token as _quantize_per_token
-from ._host import cdiv, next_power_of_2, triton_op
+from ._host import next_power_of_2, triton_op
 
 MAX_N = 16384  # two 128 x 128 fp32 tiles at most; larger rows: the CUDA kernel
 
@@ -142,7 +142,6 @@ def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
     return out.view(x.shape)
 
 
-
 @triton_op("quantkern_triton::hadamard_quantize", hadamard_quantize_fake)
 def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
                           block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +154,6 @@ def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
     if rows:
         _launch(x, q, scales, True, bits, clip_ratio)
     return q, scales
-
 
 
 def hadamard(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:

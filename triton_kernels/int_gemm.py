@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv, next_power_of_2, triton_op
+from ._host import cdiv, triton_op
 
 
 @triton.jit
@@ -139,7 +139,6 @@ def _int_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scal
                  out_dtype: torch.dtype) -> torch.Tensor:
     out = _int_gemm_fake(a, a_scale, w, w_scale, bias, a_bits, w_bits, group_len, out_dtype)
     return _launch(a, a_scale, w, w_scale, bias, a_bits, w_bits, group_len, out, False)
-
 
 
 def int_gemm(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor],

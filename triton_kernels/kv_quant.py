@@ -88,10 +88,9 @@ def _quantize_kv_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
         return codes, scale, offset
     block = next_power_of_2(max(d // 2 if bits == 4 else d, 1))
     _quantize_kv_kernel[(cdiv(rows, ROWS),)](x, codes, scale, offset, rows, d, BITS=bits,
-                                                   IS_BF16=x.dtype == torch.bfloat16,
-                                                   ROWS_PER_PROGRAM=ROWS, BLOCK=block)
+                                             IS_BF16=x.dtype == torch.bfloat16,
+                                             ROWS_PER_PROGRAM=ROWS, BLOCK=block)
     return codes, scale, offset
-
 
 
 def quantize_kv(x: torch.Tensor, bits: int):
