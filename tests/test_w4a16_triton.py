@@ -143,6 +143,21 @@ def test_split_k_is_deterministic_and_leaves_locks_zero(cfg):
     assert rel_err(ys[0], reference.weight_only_linear(x, qw, bias)) <= TOL
 
 
+@pytest.mark.parametrize("cfg", CONFIGS["medium"], ids=[f"m{c['BLOCK_M']}n{c['BLOCK_N']}k{c['BLOCK_K']}s{c['SPLIT_K']}"
+                                                        for c in CONFIGS["medium"]])
+@pytest.mark.parametrize("m", [40, 100])
+def test_medium_split_k_configs(cfg, m):
+    # The split-K epilogue at 32 < M <= 128: several row tiles, a partial last one, bias, asymmetric bf16.
+    k, n = 576, 1536
+    qw = random_weight(k, n, 64, False, torch.bfloat16, seed=7)
+    x = torch.randn(m, k).to(torch.bfloat16).to(DEVICE)
+    bias = torch.randn(n).to(torch.bfloat16).to(DEVICE)
+    p = prepare_w4a16(qw, torch.bfloat16)
+    ys = [_launch(x, p["qweight"], p["scales"], p["zeros"], bias, 64, k, p["locks"], config=cfg) for _ in range(2)]
+    assert torch.equal(ys[0], ys[1]) and not p["locks"].any()
+    assert rel_err(ys[0], reference.weight_only_linear(x, qw, bias)) <= TOL
+
+
 def test_mixed_scale_dtype_and_strided_rows():
     # bf16 checkpoint scales serving fp16 activations (scales kept exact), x a column slice (row stride > K).
     qw = random_weight(576, 1536, 32, True, torch.bfloat16, seed=5)
@@ -231,7 +246,7 @@ def test_bad_inputs():
         prepare_w4a16(w8, torch.float16)
 
 
-@pytest.mark.parametrize("bucket", ["small", "large"])
+@pytest.mark.parametrize("bucket", ["small", "medium", "large"])
 @pytest.mark.parametrize("k,group_len", [(576, 32), (576, 64), (4096, 128), (576, 576), (130, 130)])
 @pytest.mark.parametrize("m", [1, 16, 33, 2048])
 def test_autotune_pruning_keeps_valid_configs(bucket, k, group_len, m):
@@ -258,7 +273,7 @@ def test_autotuned_config_is_reused(monkeypatch, m):
     first = w4a16_linear(x, p)
     assert len(tw._TUNED_CONFIGS) == 1
     (tuned,) = tw._TUNED_CONFIGS.values()
-    autotuner = tw._AUTOTUNED["small" if m <= tw.SMALL_M else "large"]
+    autotuner = tw._AUTOTUNED["small" if m <= tw.SMALL_M else "medium" if m <= tw.MEDIUM_M else "large"]
     assert {key: tuned[key] for key in autotuner.best_config.kwargs} == autotuner.best_config.kwargs
     second = w4a16_linear(x, p)
     assert torch.equal(first, second)

@@ -10,7 +10,7 @@ Layout (``prepare_w4a16``, once at load time, plain torch; canonical format in d
            a weight mask. Transposed so that a K tile's words are contiguous along N (coalesced loads).
   scales   [G, N] in the checkpoint's scale dtype (fp16/bf16, kept exact: never re-rounded).
   zeros    uint8 [G, N] zero codes, or absent (symmetric: implicit zero 8).
-  locks    int32 [lock_count(N)] zeros: split-K counters, one per output tile of M <= SMALL_M.
+  locks    int32 [lock_count(N)] zeros: split-K counters, one per output tile of M <= MEDIUM_M.
 
 Tiling: one program per (BLOCK_M x BLOCK_N) output tile and K split (grid (tiles, SPLIT_K)), output
 tiles swizzled in groups of GROUP_M rows for L2 reuse of the weight stream. Each K step loads an
@@ -56,7 +56,8 @@ from quantkern.format import QuantizedWeight, implicit_zero
 from ._host import cdiv, next_power_of_2, triton_op
 
 K_ALIGN = 128  # qweight's K is padded to a multiple of this (the largest BLOCK_K)
-SMALL_M = 32   # M <= SMALL_M: split-K configs (partials, last split reduces); larger M: direct store
+SMALL_M = 32    # M <= SMALL_M: the "small" configs (narrow tiles, split-K: partials, last split reduces)
+MEDIUM_M = 128  # SMALL_M < M <= MEDIUM_M: the "large" configs and the "medium" split-K ones; above: "large"
 
 ONE_GROUP, IN_TILE, AFTER_DOT = 0, 1, 2
 
@@ -83,7 +84,18 @@ CONFIGS = {
         _cfg(32, 64, 64, 4, 4, 4),
         _cfg(32, 128, 32, 4, 4, 4),
     ],
-    # M > 32: compute bound towards large M; classic tensor-core tiles, no split-K.
+    # 32 < M <= MEDIUM_M: the "large" tiles, plus split-K variants for layers with few output tiles
+    # (N = 4096 at M = 64 is 32 tiles of 64 x 128: a quarter of an H100's SMs).
+    "medium": [
+        _cfg(64, 128, 64, 4, 4, 4),
+        _cfg(64, 128, 64, 8, 4, 4),
+        _cfg(64, 64, 64, 8, 4, 4),
+        _cfg(32, 128, 64, 8, 4, 4),
+        _cfg(64, 128, 32, 8, 4, 5),
+        _cfg(128, 128, 64, 4, 8, 3),
+        _cfg(64, 256, 64, 4, 8, 3),
+    ],
+    # M > 32 (alone above MEDIUM_M): compute bound towards large M; classic tensor-core tiles, no split-K.
     "large": [
         _cfg(64, 128, 64, 1, 4, 4),
         _cfg(64, 128, 32, 1, 4, 5),
@@ -221,7 +233,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, partial_ptr, lock_pt
             tl.atomic_xchg(lock_ptr + pid, 0)
 
 
-MAX_SPLIT_K = max(c["SPLIT_K"] for c in CONFIGS["small"])
+MAX_SPLIT_K = {name: max(c["SPLIT_K"] for c in CONFIGS[name]) for name in CONFIGS}
 
 
 def _lock_count_for(m: int, n: int, cfg: dict) -> int:
@@ -231,8 +243,9 @@ def _lock_count_for(m: int, n: int, cfg: dict) -> int:
 
 @functools.lru_cache(maxsize=None)
 def lock_count(n: int) -> int:
-    """Locks a prepared weight holds: enough for any "small" config at any M <= SMALL_M."""
-    return max(_lock_count_for(SMALL_M, n, c) for c in CONFIGS["small"])
+    """Locks a prepared weight holds: enough for any "small" or "medium" config at the M it serves."""
+    return max([_lock_count_for(SMALL_M, n, c) for c in CONFIGS["small"]]
+               + [_lock_count_for(MEDIUM_M, n, c) for c in CONFIGS["medium"]])
 
 
 def _config_fits(cfg: dict, group_len: int, n_groups: int, m: int) -> bool:
@@ -263,6 +276,8 @@ _KEY = ["M_BUCKET", "N", "K", "GROUP_LEN"]
 _AUTOTUNED = {
     "small": triton.autotune(_as_triton_configs(CONFIGS["small"]), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
+    "medium": triton.autotune(_as_triton_configs(CONFIGS["large"] + CONFIGS["medium"]), key=_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
     "large": triton.autotune(_as_triton_configs(CONFIGS["large"]), key=_KEY,
                              prune_configs_by={"early_config_prune": _prune})(_heuristics(_w4a16_kernel)),
 }
@@ -404,8 +419,9 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
         key = (bucket, n, k, group_len, x.dtype, qweight.dtype, scales.dtype,
                zeros is not None and zeros.dtype, bias is not None and bias.dtype, y.dtype)
         chosen = _TUNED_CONFIGS.get(key)  # None: this key's first call, which autotunes
-    # Split K (M <= SMALL_M): partial tiles, and the prepared weight's locks (or fresh zeros).
-    splits = chosen["SPLIT_K"] if chosen is not None else (MAX_SPLIT_K if m <= SMALL_M else 1)
+    # Split K (M <= MEDIUM_M): partial tiles, and the prepared weight's locks (or fresh zeros).
+    tuner = "small" if m <= SMALL_M else "medium" if m <= MEDIUM_M else "large"
+    splits = chosen["SPLIT_K"] if chosen is not None else MAX_SPLIT_K[tuner]
     if splits > 1:
         partials = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
         needed = _lock_count_for(m, n, chosen) if chosen is not None else lock_count(n)
@@ -426,7 +442,7 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
     if chosen is not None:
         _w4a16_kernel[grid(chosen)](*args, **flags, **chosen, EVEN_K=k % chosen["BLOCK_K"] == 0)
     else:
-        autotuner = _AUTOTUNED["small" if m <= SMALL_M else "large"]
+        autotuner = _AUTOTUNED[tuner]
         autotuner[grid](*args, **flags)
         _TUNED_CONFIGS[key] = autotuner.best_config.all_kwargs()
     return y.to(x.dtype) if fp32_out else y
