@@ -116,25 +116,47 @@ def real_smollm2_dir(tmp_path_factory):
     return str(directory)
 
 
-def assert_real_model_matches_reference(model, tokenizer, backend, new_tokens=24):
-    """Per prompt: logits within 1e-2 (relative) and argmax agreeing on 99% of positions, and the same
-    greedy continuation, through ``backend``'s kernels and through the reference path."""
+def greedy(model, prompt, tokenizer, new_tokens):
+    return model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+
+def assert_real_model_matches_reference(model, model_fp32, tokenizer, backend, new_tokens=24):
+    """Per prompt, ``backend``'s kernels against the reference path, both in fp16, teacher-forced along the
+    reference's greedy continuation and then free-running:
+    - logits within 1e-2 (relative);
+    - at every position the reference's top token, except at near ties: positions where the reference's
+      top-1 margin is no larger than its own fp16 rounding on that sequence (its largest logit difference
+      from the same reference path in fp32), which no fp16 computation can decide;
+    - free-running greedy tokens identical up to the first near tie among the generated ones.
+    Real weights have near ties where the random ones above (lm_head scaled up) do not: on the H200 the
+    fp16 reference's greedy continuation of one prompt met a tie (margin 0.000) at its 18th token, where the
+    fp32 reference and the CUDA kernel both took the other token."""
     device = next(model.parameters()).device
     for text in PROMPTS:
         prompt = tokenizer(text, return_tensors="pt").input_ids.to(device)
-        outputs = {}
-        for name in ("reference", backend):
-            set_backend(model, name)
-            with torch.no_grad():
-                logits = model(prompt).logits.float()
-                tokens = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.eos_token_id)
-            outputs[name] = (logits, tokens)
-        (ref_logits, ref_tokens), (logits, tokens) = outputs["reference"], outputs[backend]
+        P = prompt.shape[1]
+        with torch.no_grad():
+            set_backend(model, "reference")
+            ref_tokens = greedy(model, prompt, tokenizer, new_tokens)
+            ref_logits = model(ref_tokens).logits.float()[0]
+            fp32_logits = model_fp32(ref_tokens).logits.float()[0]
+            set_backend(model, backend)
+            tokens = greedy(model, prompt, tokenizer, new_tokens)
+            logits = model(ref_tokens).logits.float()[0]
         relative = ((logits - ref_logits).norm() / ref_logits.norm()).item()
         assert relative < 1e-2, (text, relative)
-        assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() > 0.99, text
-        assert torch.equal(tokens, ref_tokens), (text, tokenizer.decode(tokens[0]), tokenizer.decode(ref_tokens[0]))
+
+        fp16_rounding = (ref_logits - fp32_logits).abs().max().item()
+        top2 = ref_logits.topk(2, dim=-1).values
+        near_tie = (top2[:, 0] - top2[:, 1]) <= fp16_rounding
+        differs = logits.argmax(-1) != ref_logits.argmax(-1)
+        assert not (differs & ~near_tie).any(), (
+            text, "positions where the top token differs with a clear margin:",
+            (differs & ~near_tie).nonzero().flatten().tolist(), "fp16 rounding", fp16_rounding)
+        generated_ties = near_tie[P - 1:-1].nonzero().flatten()
+        agreed = P + (int(generated_ties[0]) if len(generated_ties) else new_tokens)  # before the first tie
+        assert torch.equal(tokens[0, :agreed], ref_tokens[0, :agreed]), (
+            text, tokenizer.decode(tokens[0]), tokenizer.decode(ref_tokens[0]))
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -144,4 +166,8 @@ def test_kernels_match_reference_on_real_smollm2(real_smollm2_dir, backend):
     from quantkern.io import load_quantized
 
     model, tokenizer = load_quantized(real_smollm2_dir, device="cuda", dtype=torch.float16)
-    assert_real_model_matches_reference(model, tokenizer, backend)
+    model_fp32, _ = load_quantized(real_smollm2_dir, device="cuda", dtype=torch.float32)
+    for module in model_fp32.modules():  # (the GPU kernels take fp16 / bf16 only)
+        if isinstance(module, QuantLinear):
+            module.prepare(torch.float32, "reference")
+    assert_real_model_matches_reference(model, model_fp32, tokenizer, backend)
