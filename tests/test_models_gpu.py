@@ -130,7 +130,7 @@ def assert_real_model_matches_reference(model, model_fp32, tokenizer, backend, n
     - free-running greedy tokens identical up to the first near tie among the generated ones.
     Real weights have near ties where the random ones above (lm_head scaled up) do not: on the H200 the
     fp16 reference's greedy continuation of one prompt met a tie (margin 0.000) at its 18th token, where the
-    fp32 reference and the CUDA kernel both took the other token."""
+    fp32 reference and the CUDA kernel's decode both took the other token."""
     device = next(model.parameters()).device
     for text in PROMPTS:
         prompt = tokenizer(text, return_tensors="pt").input_ids.to(device)
