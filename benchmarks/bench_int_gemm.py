@@ -14,11 +14,17 @@ rows, through quantkern.ops, use one copy: at 8192x8192 their weights may sit in
 peer time / our time (> 1: ours faster). Correctness is checked against the reference before timing.
 
     python benchmarks/bench_int_gemm.py --json out/bench_int_gemm.json [--quick] [--all-shapes]
+
+``--rotated``: layers with an online Hadamard rotation of their input (QuaRot's down_proj and o_proj:
+``QuantLinear(input_rotation="hadamard")``), through ``ops.quantized_activation_linear(..., input_rotation=
+"hadamard")`` (the fused ``hadamard_quantize`` where the GEMM takes packed codes) against the same layer with
+the rotation and the quantization as two CUDA kernels, and against cuBLAS bf16 without any rotation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +76,64 @@ def sweep(shapes, small_only: bool = False) -> None:
     print_table(rows, ["KxN", "mode", "M", "config", "split", "gemm_us", "TOPS", "weight_GB/s", "quant_us"])
 
 
+ROTATED_SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192)]  # K x N: Llama-3-8B o_proj, down_proj; 70B o_proj
+
+
+def rotated(shapes, ms, json_path=None) -> None:
+    """Rotated integer linears: the layer's own path (fused rotation + quantization) against two kernels."""
+    dtype = torch.bfloat16
+    results, table = [], []
+    for k, n in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+        ws_bf16 = cycling([w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)])
+        for bits, act_bits in ((4, 4), (4, 8), (8, 8)):
+            qw = reference.quantize_weight(reference.hadamard(w.float()), bits, -1, scale_dtype=dtype)
+            prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
+            copies = copies_for(n * k * bits // 8)
+            preps = [prepared] + [dataclasses.replace(prepared, tensors=dict(prepared.tensors,
+                                                                              w=prepared.tensors["w"].clone()))
+                                  for _ in range(copies - 1)]
+            nxt_fused, nxt_two = cycling(preps), cycling(preps)
+            packed = prepared.tensors["packed_activations"]
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                if m in (1, 16, 2048):  # correctness first (the reference runs int_matmul in float64)
+                    y = ops.quantized_activation_linear(x, prepared, act_bits, input_rotation="hadamard")
+                    ref = reference.quantized_activation_linear(reference.hadamard(x), qw, act_bits)
+                    err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                    if err > 1e-2:
+                        raise SystemExit(f"rotated W{bits}A{act_bits} disagrees with the reference at M={m} "
+                                         f"{k}x{n}: {err:.2e}")
+
+                def two_kernels():
+                    p = nxt_two()
+                    q, sx = torch.ops.quantkern.quantize_per_token(torch.ops.quantkern.hadamard(x, 0), act_bits, 1.0,
+                                                                    packed)
+                    return int_gemm_cuda(q, sx, p.tensors, None, dtype)
+
+                times = {
+                    "layer": graph_us(lambda: ops.quantized_activation_linear(x, nxt_fused(), act_bits,
+                                                                              input_rotation="hadamard")),
+                    "two_kernels": graph_us(two_kernels),
+                    "bf16": graph_us(lambda: F.linear(x, ws_bf16())),
+                }
+                mode = f"W{bits}A{act_bits}"
+                results.append({"M": m, "K": k, "N": n, "mode": mode, "rotated": True, "fused": packed,
+                                "dtype": "bfloat16", "time_us": times, "weight_copies": copies})
+                table.append([f"{k}x{n}", mode, m, "fused" if packed else "two (int4 codes one per byte)",
+                              f"{times['layer']:.1f}", f"{times['two_kernels']:.1f}", f"{times['bf16']:.1f}",
+                              f"{times['two_kernels'] / times['layer']:.2f}x",
+                              f"{times['bf16'] / times['layer']:.2f}x"])
+                print(table[-1], flush=True)
+    if json_path:
+        write_json(json_path, results, {"timing": "do_bench_cudagraph median, weights rotated past L2",
+                                        "what": "rotated integer linears (online Hadamard of the input)"})
+    print("\nrotated integer linear (online Hadamard, activation quantization included), bf16, per-channel; "
+          "us, CUDA graphs")
+    print_table(table, ["KxN", "mode", "M", "layer path", "layer", "two kernels", "bf16 (no rotation)",
+                        "two/layer", "bf16/layer"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results here")
@@ -79,6 +143,8 @@ def main() -> None:
     parser.add_argument("--ms", help="comma-separated M values (default: all of " + ",".join(map(str, MS)) + ")")
     parser.add_argument("--sweep", action="store_true", help="time the CUDA GEMM alone per (config, split_k)")
     parser.add_argument("--sweep-small", action="store_true", help="the sweep for M <= 32 only")
+    parser.add_argument("--rotated", action="store_true",
+                        help="layers with an online Hadamard rotation of their input (fused with the quantization)")
     args = parser.parse_args()
     if "w4a4_linear" not in backends.status("cuda").kernels:
         raise SystemExit(f"the CUDA int_gemm is missing: {backends.status('cuda').reason}")
@@ -87,6 +153,8 @@ def main() -> None:
         return sweep(shapes, small_only=args.sweep_small)
     dtype = torch.bfloat16
     ms = [int(m) for m in args.ms.split(",")] if args.ms else ([1, 16, 2048, 8192] if args.quick else MS)
+    if args.rotated:
+        return rotated(ROTATED_SHAPES, ms, args.json)
     torch.manual_seed(0)
     results, table = [], []
     for k, n in shapes:

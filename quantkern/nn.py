@@ -160,12 +160,13 @@ class QuantLinear(nn.Module):
         return cls.from_quantized(qw, linear.bias, act_bits, act_clip_ratio, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_rotation == "hadamard":
-            x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
         if self.act_bits is None:
+            if self.input_rotation == "hadamard":
+                x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
             return ops.weight_only_linear(x, self._prepared_for(x), self.bias)
+        # The rotation runs fused with the activation quantization (ops.hadamard_quantize) where it can.
         return ops.quantized_activation_linear(x, self._prepared_for(x), self.act_bits, self.bias,
-                                               self.act_clip_ratio)
+                                               self.act_clip_ratio, input_rotation=self.input_rotation)
 
     def extra_repr(self) -> str:
         group = "per-channel" if self.group_size == -1 else self.group_size

@@ -200,8 +200,12 @@ def prepare_int_weight(weight: QuantizedWeight, act_bits: int, dtype: torch.dtyp
 
 
 def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], act_bits: int,
-                bias: Optional[torch.Tensor], clip_ratio: float, backend: Optional[str]) -> torch.Tensor:
-    """Per-token activation quantization (``quantize_per_token``) + the integer GEMM with its epilogue."""
+                bias: Optional[torch.Tensor], clip_ratio: float, backend: Optional[str],
+                input_rotation: Optional[str] = None) -> torch.Tensor:
+    """Per-token activation quantization (``quantize_per_token``; with ``input_rotation="hadamard"`` the
+    fused ``hadamard_quantize``) + the integer GEMM with its epilogue."""
+    if input_rotation not in (None, "hadamard"):
+        raise ValueError(f"input_rotation must be None or 'hadamard', got {input_rotation!r}")
     if isinstance(weight, QuantizedWeight):
         weight = prepare_int_weight(weight, act_bits, x.dtype if isinstance(x, torch.Tensor) else torch.float16,
                                     backend)
@@ -212,6 +216,9 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
     elif weight.tensors.get("act_bits") != act_bits:
         raise ValueError(f"weight was prepared for {weight.tensors.get('act_bits')}-bit activations, not {act_bits}")
     if weight.backend == "reference":
+        if input_rotation == "hadamard":
+            reference._check_float("x", x)
+            x = reference.hadamard(x)  # rounded to x's dtype, as the kernels' fused op sees it
         return reference.quantized_activation_linear(x, weight.source, act_bits, bias, clip_ratio)
     reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
     clip_ratio = reference._check_clip_ratio(clip_ratio)
@@ -220,9 +227,16 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.in_features).contiguous()
     # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
-    q, sx = quantize_per_token(x2d, act_bits, clip_ratio,
-                               backend=None if weight.backend == "cuda" else weight.backend,
-                               packed=weight.tensors.get("packed_activations", True))
+    quantizer_backend = None if weight.backend == "cuda" else weight.backend
+    packed = weight.tensors.get("packed_activations", True)
+    if input_rotation == "hadamard" and packed:
+        # One pass over the activations: rotation, per-token scale and codes in one kernel.
+        q, sx = hadamard_quantize(x2d, act_bits, clip_ratio, backend=quantizer_backend)
+    else:
+        if input_rotation == "hadamard":
+            # W4A4 on sm_90 takes int4 codes one per byte, which the fused kernel does not write yet.
+            x2d = hadamard(x2d, backend=quantizer_backend)
+        q, sx = quantize_per_token(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
     if bias is not None:
         bias = bias.float().contiguous()
     y = _int_gemm_fn(weight.backend)(q, sx, weight.tensors, bias, x.dtype)
@@ -262,14 +276,18 @@ ACTIVATION_MODES = {(8, 8): w8a8_linear, (4, 4): w4a4_linear, (4, 8): w4a8_linea
 
 def quantized_activation_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], act_bits: int,
                                 bias: Optional[torch.Tensor] = None, clip_ratio: float = 1.0,
-                                backend: Optional[str] = None) -> torch.Tensor:
-    """W8A8, W4A4 or W4A8 by ``(weight.bits, act_bits)``; see ``reference.quantized_activation_linear``."""
+                                backend: Optional[str] = None, input_rotation: Optional[str] = None) -> torch.Tensor:
+    """W8A8, W4A4 or W4A8 by ``(weight.bits, act_bits)``; see ``reference.quantized_activation_linear``.
+
+    ``input_rotation="hadamard"``: the layer's input is rotated first (``hadamard(x)``, rounded to x's dtype),
+    which on a GPU runs fused with the activation quantization (``hadamard_quantize``), except for W4A4 on
+    GPUs without int4 tensor cores (sm_90), whose GEMM takes int4 codes one per byte: there the rotation
+    and the quantization are two kernels."""
     if not isinstance(weight, (QuantizedWeight, PreparedWeight)):
         raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
-    op = ACTIVATION_MODES.get((weight.bits, act_bits))
-    if op is None:
+    if (weight.bits, act_bits) not in ACTIVATION_MODES:
         raise ValueError(f"supported activation modes are W8A8, W4A4 and W4A8; got W{weight.bits}A{act_bits}")
-    return op(x, weight, bias, clip_ratio, backend)
+    return _int_linear(x, weight, act_bits, bias, clip_ratio, backend, input_rotation)
 
 
 def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optional[int] = None) -> torch.Tensor:
@@ -295,8 +313,9 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     """Fused online rotation + per-token quantization: ``quantize_per_token(hadamard(x), bits, clip_ratio)``.
 
     The reference (and the fp32 CUDA kernel) round the rotated activations to x's dtype before quantizing,
-    as ``QuantLinear(input_rotation="hadamard")`` does with the two calls, so the fused op is a drop-in for
-    that pair: one pass over memory on the GPU.
+    as the two calls ``hadamard`` then ``quantize_per_token`` do, so the fused op is a drop-in for that pair:
+    one pass over memory on the GPU. ``QuantLinear(input_rotation="hadamard")`` with quantized activations
+    runs it (``quantized_activation_linear(..., input_rotation="hadamard")``).
     Returns ``(q, scales)`` in quantize_per_token's layout (int8 [..., K] or uint8 [..., K/2]; fp32 [...]).
     CUDA: fp16/bf16 rows of 1024, 2048, 4096, 8192, 16384 and 14336 entries run on tensor cores
     (csrc/hadamard_mma.cu, sm_80+), which round intermediate sums to x's dtype: a code can differ from the
