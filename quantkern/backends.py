@@ -30,6 +30,8 @@ OPS = (
     "w4a8_linear",
     "hadamard",
     "hadamard_quantize",
+    "block_rotate",
+    "block_rotate_quantize",
     "quantize_kv",
 )
 

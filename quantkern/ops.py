@@ -350,6 +350,34 @@ def _fused_rotation_is_slower(features: int) -> bool:
     return factors is not None and factors[0] > 1 and factors[1] <= 5
 
 
+def block_rotate(x: torch.Tensor, rotation: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Dense rotation of each block of b consecutive entries of x's last dim by ``rotation`` ([b, b], shared
+    by the blocks, or [K / b, b, b], one per block: e.g. PCA rotations of head_dim blocks); see
+    ``reference.block_rotate``. GPU kernel: triton_kernels/block_rotation.py."""
+    reference.check_block_rotation(x, rotation)
+    chosen = select("block_rotate", x.device, backend)
+    if chosen == "reference":
+        return reference.block_rotate(x, rotation)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return _triton_op("block_rotate")(rows, rotation.float().contiguous()).reshape(x.shape)
+
+
+def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
+                          backend: Optional[str] = None):
+    """Fused dense per-block rotation + per-token quantization:
+    ``quantize_per_token(block_rotate(x, rotation), bits, clip_ratio)``, the rotated values rounded to x's
+    dtype before quantizing (as the two calls do). Returns ``(q, scales)`` in quantize_per_token's layout.
+    GPU kernel: triton_kernels/block_rotation.py (one program per 16 rows; no CUDA kernel yet)."""
+    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
+    reference.check_block_rotation(x, rotation)
+    chosen = select("block_rotate_quantize", x.device, backend)
+    if chosen == "reference":
+        q, scales = reference.quantize_per_token(reference.block_rotate(rows, rotation), bits, clip_ratio)
+    else:
+        q, scales = _triton_op("block_rotate_quantize")(rows, rotation.float().contiguous(), bits, clip_ratio)
+    return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
+
+
 def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
     """Asymmetric per (token, head) KV quantization over head_dim; see ``reference.quantize_kv``.
 

@@ -234,6 +234,39 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(x, normalize=True)
 
 
+def check_block_rotation(x: torch.Tensor, rotation: torch.Tensor) -> int:
+    """The checks of a dense per-block rotation's inputs (this module's and the kernels'); returns b."""
+    _check_float("x", x, FLOAT_DTYPES + (torch.float64,))
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the rotated one)")
+    if not isinstance(rotation, torch.Tensor) or not rotation.is_floating_point():
+        raise TypeError(f"rotation must be a floating-point tensor, got "
+                        f"{rotation.dtype if isinstance(rotation, torch.Tensor) else type(rotation).__name__}")
+    if rotation.dim() not in (2, 3) or rotation.shape[-1] != rotation.shape[-2] or rotation.shape[-1] == 0:
+        raise ValueError(f"rotation must be [b, b] (one matrix for every block) or [K / b, b, b] (one per block), "
+                         f"got shape {tuple(rotation.shape)}")
+    b, features = rotation.shape[-1], x.shape[-1]
+    if features % b:
+        raise ValueError(f"x's last dimension ({features}) is not a multiple of the rotation's block size {b}")
+    if rotation.dim() == 3 and rotation.shape[0] != features // b:
+        raise ValueError(f"rotation has {rotation.shape[0]} blocks, x's last dimension has {features // b} of size {b}")
+    if rotation.device != x.device:
+        raise ValueError(f"rotation is on {rotation.device}, x on {x.device}")
+    return b
+
+
+def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Dense rotation of each block of b consecutive entries of x's last dim: block j becomes
+    ``x_j @ R_j.T``, with ``R_j = rotation`` ([b, b]: the same matrix for every block, e.g. a PCA rotation
+    of head_dim shared by the heads) or ``rotation[j]`` ([K / b, b, b]: one per block, e.g. per head).
+    Accumulated in fp32 (fp64 for fp64 x), returned in x's dtype."""
+    b = check_block_rotation(x, rotation)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    blocks = x.to(compute).reshape(*x.shape[:-1], x.shape[-1] // b, b)
+    rotated = torch.einsum("...jk,...jck->...jc", blocks, rotation.to(compute).expand(x.shape[-1] // b, b, b))
+    return rotated.reshape(x.shape).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # KV cache: asymmetric per (token, head) quantization over head_dim
 # ----------------------------------------------------------------------------------------------

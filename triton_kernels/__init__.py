@@ -5,6 +5,7 @@
 """
 
 from .activation_quant import quantize_per_token
+from .block_rotation import block_rotate, block_rotate_quantize
 from .hadamard import hadamard, hadamard_quantize
 from .int_gemm import int_gemm
 from .kv_quant import quantize_kv
@@ -15,6 +16,8 @@ KERNELS = {
     "weight_only_linear": w4a16_linear,
     "hadamard": hadamard,
     "hadamard_quantize": hadamard_quantize,
+    "block_rotate": block_rotate,
+    "block_rotate_quantize": block_rotate_quantize,
     # The integer-activation ops run quantize_per_token, then int_gemm (see quantkern.ops._int_linear).
     "w8a8_linear": int_gemm,
     "w4a4_linear": int_gemm,

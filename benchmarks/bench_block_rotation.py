@@ -1,0 +1,79 @@
+"""Dense per-block rotation (PCA of head_dim blocks) + per-token int4 quantization: ours against peers in
+the same run.
+
+Ours (Triton, triton_kernels/block_rotation.py): ``fused`` = ``ops.block_rotate_quantize`` (one kernel),
+``rotate`` = ``ops.block_rotate`` alone (fp16 out).
+Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM per block shape (``x.view(-1, b) @ R.T``
+for a shared R, a batched matmul for one R per block), then our ``quantize_per_token`` (the CUDA kernel
+where built); ``copy`` = a device copy of the same bytes as the fused op moves (x read, codes + scales
+written), the roofline. Timing: CUDA-graph replays (no host time). Figures: microseconds and the share of
+the same-bytes copy's rate.
+
+    python benchmarks/bench_block_rotation.py --json out/bench_block_rotation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import graph_us, print_table, write_json
+from quantkern import backends, ops
+
+SHAPES = [(576, 64), (4096, 128), (8192, 128)]  # K, block (head_dim): SmolLM2, Llama-3-8B, Llama-3-70B
+ROWS = [1, 16, 2048, 8192]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    if "block_rotate_quantize" not in backends.status("triton").kernels:
+        raise SystemExit(f"the Triton kernels are missing: {backends.status('triton').reason}")
+    dtype = torch.float16
+    results, table = [], []
+    for k, b in SHAPES:
+        for per_block in (False, True):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            shape = (k // b, b, b) if per_block else (b, b)
+            rotation = torch.linalg.qr(torch.randn(*shape, device="cuda", generator=g))[0].contiguous()
+            rotation16 = rotation.to(dtype)
+            for m in args.rows:
+                x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+
+                def peer():
+                    if per_block:
+                        y = torch.matmul(x.view(m, k // b, 1, b), rotation16.transpose(-1, -2)).view(m, k)
+                    else:
+                        y = (x.view(-1, b) @ rotation16.T).view(m, k)
+                    return ops.quantize_per_token(y, 4)
+
+                moved = m * k * 2 + m * k // 2 + m * 4  # x read; int4 codes and fp32 scales written
+                src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+                dst = torch.empty_like(src)
+                times = {
+                    "fused": graph_us(lambda: ops.block_rotate_quantize(x, rotation, 4)),
+                    "rotate": graph_us(lambda: ops.block_rotate(x, rotation)),
+                    "cublas+quant": graph_us(peer),
+                    "copy": graph_us(lambda: dst.copy_(src)),
+                }
+                share = times["copy"] / times["fused"]
+                results.append({"K": k, "block": b, "per_block_rotation": per_block, "M": m, "dtype": "float16",
+                                "time_us": times, "bytes_moved": moved, "copy_share": share})
+                table.append([k, b, "per block" if per_block else "shared", m, f"{times['fused']:.1f}",
+                              f"{times['rotate']:.1f}", f"{times['cublas+quant']:.1f}", f"{times['copy']:.1f}",
+                              f"{times['cublas+quant'] / times['fused']:.2f}x", f"{share:.2f}"])
+                print(table[-1], flush=True)
+    if args.json:
+        write_json(args.json, results, {"timing": "do_bench_cudagraph median", "ours": "Triton"})
+    print("\ndense per-block rotation + per-token int4 (fp16 rows); us, CUDA graphs")
+    print_table(table, ["K", "b", "rotation", "M", "fused", "rotate alone", "cublas+quant", "copy (same bytes)",
+                        "peer/fused", "copy share"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Triton kernels compiled ahead of time for sm_89 and sm_90 on a machine without a GPU.
+
+The interpreter (TRITON_INTERPRET=1, the CPU tests) runs a kernel's Python with numpy, which accepts code
+the compiler refuses (a kernel reading a plain module-level int ran there and failed to compile) and says
+nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
+GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
+Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+try:
+    import triton
+except ImportError:  # (pytest.importorskip would also stop the child process below)
+    triton = None
+pytestmark = [pytest.mark.skipif(triton is None, reason="triton missing"),
+              pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the kernels run in the other tests")]
+
+
+def compile_for(kernel, signature: dict, constants: dict, capability: int):
+    """``triton.compile`` of ``kernel`` for an NVIDIA GPU of ``capability`` (89, 90); returns the compiled kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: ("constexpr" if name in constants else kind) for name, kind in signature.items()}
+    constexprs = {(i,): constants[name] for i, name in enumerate(signature) if name in constants}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", capability, 32))
+
+
+def spilled_bytes(compiled) -> int:
+    """Local-memory bytes per thread of the cubin (register spills), by Triton's bundled cuobjdump."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    fields = dict(part.split(":") for line in usage.splitlines() if "REG:" in line for part in line.split())
+    return int(fields["LOCAL"])
+
+
+CAPABILITIES = (89, 90)
+BLOCK_ROTATION_CASES = [(dtype, quant, bits, block, tile) for dtype in ("fp16", "bf16", "fp32")
+                        for quant, bits in ((False, 8), (True, 8), (True, 4)) for block, tile in ((128, 64), (6, 16))]
+
+
+def compile_block_rotation(capability, dtype, quant, bits, block, tile):
+    from quantkern.triton_kernels.block_rotation import BM, _block_rotation_kernel
+
+    out = ("*u8" if bits == 4 else "*i8") if quant else f"*{dtype}"
+    signature = {"x_ptr": f"*{dtype}", "r_ptr": "*fp32", "out_ptr": out, "scale_ptr": "*fp32" if quant else out,
+                 "M": "i32", "K": "i32", "r_block_stride": "i32", "clip_ratio": "fp32", "B": None, "BM": None,
+                 "BK": None, "BN": None, "QUANT": None, "BITS": None, "IS_BF16": None}
+    constants = {"B": block, "BM": BM, "BK": tile, "BN": tile, "QUANT": quant, "BITS": bits,
+                 "IS_BF16": dtype == "bf16"}
+    return compile_for(_block_rotation_kernel, signature, constants, capability)
+
+
+def compile_all() -> dict:
+    """{case id: spilled bytes, or the compiler's error}; run in a process without TRITON_INTERPRET."""
+    results = {}
+    for capability in CAPABILITIES:
+        for case in BLOCK_ROTATION_CASES:
+            key = repr((capability,) + case)
+            try:
+                results[key] = spilled_bytes(compile_block_rotation(capability, *case))
+            except Exception as error:  # noqa: BLE001  (reported by the test of that case)
+                results[key] = f"{type(error).__name__}: {error}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    # The tests' conftest sets TRITON_INTERPRET=1, under which @triton.jit gives interpreted functions that
+    # cannot be compiled: compile in a child process without it (one process for every case).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("case", BLOCK_ROTATION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_block_rotation_kernel_compiles_without_spills(compiled, capability, case):
+    result = compiled[repr((capability,) + case)]
+    assert result == 0, f"sm_{capability} {case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all()))
