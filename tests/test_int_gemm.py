@@ -26,6 +26,15 @@ def packed(values, bits):
     return values if bits == 8 else pack_int4_signed(values)
 
 
+def record_calls(monkeypatch, names):
+    """Wrap the ``quantkern.ops`` functions ``names``; returns the list of the names called, in order."""
+    calls = []
+    for name in names:
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    return calls
+
+
 def relative_error(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-30)).item()
 
@@ -130,9 +139,7 @@ def test_triton_rotated_linear_quantizes_in_one_fused_pass(bits, act_bits, dtype
     x = torch.randn(2, m, k, device=DEVICE).to(dtype)
     bias = torch.randn(n, device=DEVICE).to(dtype)
     prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="triton")
-    calls = []
-    for name in ("hadamard", "hadamard_quantize", "quantize_per_token"):
-        monkeypatch.setattr(ops, name, lambda *a, _f=getattr(ops, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    calls = record_calls(monkeypatch, ("hadamard", "hadamard_quantize", "quantize_per_token"))
     y = ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9, input_rotation="hadamard")
     assert calls == ["hadamard_quantize"]
     expected = reference.quantized_activation_linear(reference.hadamard(x), qw, act_bits, bias, 0.9)
@@ -154,7 +161,8 @@ def test_rotated_linear_with_unpacked_int4_codes_rotates_then_quantizes(monkeypa
                         reference.hadamard(x))
     real_quantize = ops.quantize_per_token
     monkeypatch.setattr(ops, "quantize_per_token", lambda x, bits, clip, backend=None, packed=True:
-                        calls.append(("quantize_per_token", packed)) or real_quantize(x, bits, clip, "reference", packed))
+                        calls.append(("quantize_per_token", packed)) or
+                        real_quantize(x, bits, clip, "reference", packed))
     monkeypatch.setattr(ops, "hadamard_quantize", lambda *a, **kw: pytest.fail("the fused op writes packed codes"))
     seen = {}
     monkeypatch.setattr(ops, "_int_gemm_fn", lambda backend: lambda q, sx, tensors, bias, dtype:
@@ -378,9 +386,7 @@ def test_quantlinear_with_hadamard_rotation_on_the_gpu(bits, act_bits, monkeypat
     linear = nn.Linear(2048, 512).cuda().half()
     layer = QuantLinear.from_linear(linear, bits=bits, group_size=-1, act_bits=act_bits, rotate=True).cuda()
     x = torch.randn(8, 2048, device="cuda", dtype=torch.float16)
-    calls = []
-    for name in ("hadamard", "hadamard_quantize"):
-        monkeypatch.setattr(ops, name, lambda *a, _f=getattr(ops, name), _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    calls = record_calls(monkeypatch, ("hadamard", "hadamard_quantize"))
     y = layer(x)
     # One fused pass, except for int4 codes one per byte (W4A4 on sm_90), which the fused op does not write.
     assert calls == (["hadamard_quantize"] if layer._prepared.tensors["packed_activations"] else ["hadamard"])
