@@ -8,6 +8,11 @@ If capture fails, the reason is reported and the eager figure stands alone.
 
     python benchmarks/bench_e2e.py --config llama3-8b --batches 1 16 --json out/bench_e2e.json
     python benchmarks/bench_e2e.py --act-bits 4 --group-size -1     # W4A4 per-channel, per-token int4 acts
+    python benchmarks/bench_e2e.py --act-bits 4 --group-size -1 --online-rotation   # as QuaRot's layers run
+
+``--online-rotation``: QuaRot's online Hadamard before every down_proj and o_proj
+(``QuantLinear.from_linear(..., rotate=True)``); with ``--act-bits`` it runs fused with the activation
+quantization (``ops.hadamard_quantize``).
 """
 
 from __future__ import annotations
@@ -148,10 +153,12 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8], help="weight bits")
     parser.add_argument("--act-bits", type=int, choices=[4, 8],
                         help="quantize activations per token too (W4A4, W4A8, W8A8); default: 16-bit activations")
+    parser.add_argument("--online-rotation", action="store_true",
+                        help="an online Hadamard rotation before every down_proj and o_proj, as QuaRot's models run")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    from quantkern.nn import QuantLinear, replace_linear
+    from quantkern.nn import QuantLinear, linear_layers, replace_linear, set_submodule
 
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -160,14 +167,22 @@ def main() -> None:
     run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results)
 
     start = time.perf_counter()
-    replace_linear(model, bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, scale_dtype=dtype)
+    rotated = ("down_proj", "o_proj") if args.online_rotation else ()
+    originals = [(name, linear) for name, linear in linear_layers(model) if name.rsplit(".", 1)[-1] in rotated]
+    replace_linear(model, bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, scale_dtype=dtype,
+                   skip=("lm_head",) + rotated)
+    for name, linear in originals:
+        set_submodule(model, name, QuantLinear.from_linear(linear, args.bits, args.group_size, act_bits=args.act_bits,
+                                                           scale_dtype=dtype, rotate=True))
+    del originals
     torch.cuda.empty_cache()
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(dtype)
     quantize_s = time.perf_counter() - start
     backend = next(m for m in model.modules() if isinstance(m, QuantLinear))._prepared.backend
-    quantized = f"W{args.bits}A{args.act_bits or 16} " + ("per-channel" if args.group_size == -1 else f"g{args.group_size}")
+    groups = "per-channel" if args.group_size == -1 else f"g{args.group_size}"
+    quantized = f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results)
     for entry in results:
