@@ -4,7 +4,8 @@ The interpreter (TRITON_INTERPRET=1, the CPU tests) runs a kernel's Python with 
 the compiler refuses (a kernel reading a plain module-level int ran there and failed to compile) and says
 nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
-Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py.
+Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py (sm_89 and sm_90), and
+the W4A16 kernel's configs on sm_89 (the wheel's target; it ran on sm_90 only).
 """
 
 import json
@@ -21,18 +22,19 @@ try:
 except ImportError:  # (pytest.importorskip would also stop the child process below)
     triton = None
 pytestmark = [pytest.mark.skipif(triton is None, reason="triton missing"),
-              pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the kernels run in the other tests")]
+              pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: its kernels run in other tests")]
 
 
-def compile_for(kernel, signature: dict, constants: dict, capability: int):
-    """``triton.compile`` of ``kernel`` for an NVIDIA GPU of ``capability`` (89, 90); returns the compiled kernel."""
+def compile_for(kernel, signature: dict, constants: dict, capability: int, **options):
+    """``triton.compile`` of ``kernel`` for an NVIDIA GPU of ``capability`` (89, 90) with ``options``
+    (num_warps, num_stages); returns the compiled kernel."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: ("constexpr" if name in constants else kind) for name, kind in signature.items()}
     constexprs = {(i,): constants[name] for i, name in enumerate(signature) if name in constants}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", capability, 32))
+                          target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def spilled_bytes(compiled) -> int:
@@ -47,6 +49,11 @@ def spilled_bytes(compiled) -> int:
                                check=True).stdout
     fields = dict(part.split(":") for line in usage.splitlines() if "REG:" in line for part in line.split())
     return int(fields["LOCAL"])
+
+
+def resources(compiled) -> list:
+    """[spilled bytes, shared-memory bytes per block] of a compiled kernel."""
+    return [spilled_bytes(compiled), compiled.metadata.shared]
 
 
 CAPABILITIES = (89, 90)
@@ -66,16 +73,45 @@ def compile_block_rotation(capability, dtype, quant, bits, block, tile):
     return compile_for(_block_rotation_kernel, signature, constants, capability)
 
 
+# The W4A16 kernel's configs (every autotune candidate, and the untuned one at M = 16 and 64) for sm_89, the
+# wheel's target, where the kernel has never run: fp16, group 128, symmetric, with bias.
+SM89_SHARED_LIMIT = 99 * 1024  # opt-in shared memory per block on sm_89
+
+
+def w4a16_configs():
+    from quantkern.triton_kernels.w4a16 import CONFIGS
+
+    cases = [(tuner, i) for tuner, configs in CONFIGS.items() for i in range(len(configs))]
+    return cases + [("untuned", 16), ("untuned", 64)]
+
+
+def compile_w4a16(capability, tuner, index, dtype="fp16"):
+    from quantkern.triton_kernels.w4a16 import CONFIGS, IN_TILE, _untuned_config, _w4a16_kernel
+
+    config = _untuned_config(index, 128, 32) if tuner == "untuned" else CONFIGS[tuner][index]
+    signature = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": f"*{dtype}",
+                 "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "partial_ptr": "*fp32", "lock_ptr": "*i32",
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_partial": "i32",
+                 "GROUP_LEN": "i32", "M_BUCKET": "i32"}
+    constants = dict(HAS_ZEROS=False, HAS_BIAS=True, SCALE_MODE=IN_TILE, DOT_IN_FP32=False, EVEN_K=True,
+                     **{k: v for k, v in config.items() if not k.startswith("num_")})
+    signature.update({name: None for name in constants})
+    return compile_for(_w4a16_kernel, signature, constants, capability, num_warps=config["num_warps"],
+                       num_stages=config["num_stages"])
+
+
 def compile_all() -> dict:
-    """{case id: spilled bytes, or the compiler's error}; run in a process without TRITON_INTERPRET."""
+    """{case id: spilled bytes (block rotation) or (spilled bytes, shared bytes) (W4A16), or the compiler's
+    error}; run in a process without TRITON_INTERPRET."""
     results = {}
-    for capability in CAPABILITIES:
-        for case in BLOCK_ROTATION_CASES:
-            key = repr((capability,) + case)
-            try:
-                results[key] = spilled_bytes(compile_block_rotation(capability, *case))
-            except Exception as error:  # noqa: BLE001  (reported by the test of that case)
-                results[key] = f"{type(error).__name__}: {error}"
+    jobs = [(repr((capability,) + case), lambda c=capability, k=case: spilled_bytes(compile_block_rotation(c, *k)))
+            for capability in CAPABILITIES for case in BLOCK_ROTATION_CASES]
+    jobs += [(repr(("w4a16", 89) + case), lambda k=case: resources(compile_w4a16(89, *k))) for case in w4a16_configs()]
+    for key, job in jobs:
+        try:
+            results[key] = job()
+        except Exception as error:  # noqa: BLE001  (reported by the test of that case)
+            results[key] = f"{type(error).__name__}: {error}"
     return results
 
 
@@ -95,6 +131,16 @@ def compiled():
 def test_block_rotation_kernel_compiles_without_spills(compiled, capability, case):
     result = compiled[repr((capability,) + case)]
     assert result == 0, f"sm_{capability} {case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
+
+
+@pytest.mark.parametrize("case", w4a16_configs() if triton is not None else [], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_w4a16_configs_compile_for_sm89_within_its_shared_memory(compiled, case):
+    """Every W4A16 config compiles for sm_89 without spills and within its 99 KB of shared memory per block
+    (the autotuner would skip a config above it there; the untuned one would fail to launch)."""
+    result = compiled[repr(("w4a16", 89) + case)]
+    assert not isinstance(result, str), result
+    spilled, shared = result
+    assert spilled == 0 and shared <= SM89_SHARED_LIMIT, f"{case}: {spilled} B spilled, {shared} B shared"
 
 
 if __name__ == "__main__":
