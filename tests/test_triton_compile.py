@@ -5,7 +5,7 @@ the compiler refuses (a kernel reading a plain module-level int ran there and fa
 nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
 Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py (sm_89 and sm_90), and
-the W4A16 kernel's configs on sm_89 (the wheel's target; it ran on sm_90 only).
+the W4A16 and integer GEMM kernels' configs on sm_89 (the wheel's target; they ran on sm_90 only).
 """
 
 import json
@@ -100,6 +100,25 @@ def compile_w4a16(capability, tuner, index, dtype="fp16"):
                        num_stages=config["num_stages"])
 
 
+# The integer GEMM (W8A8 / W4A4 / W4A8, Triton) for sm_89 at the three tile configs its rule picks (M = 16, 64,
+# 512), bf16 out, with bias: on the RTX 4090 it is the fallback where the CUDA extension is absent.
+INT_GEMM_CASES = [(a_bits, w_bits, m) for a_bits, w_bits in ((8, 8), (4, 4), (8, 4)) for m in (16, 64, 512)]
+
+
+def compile_int_gemm(capability, a_bits, w_bits, m):
+    from quantkern.triton_kernels.int_gemm import _config, _int_gemm_kernel
+
+    config = _config(m, 128)
+    signature = {"a_ptr": "*i8" if a_bits == 8 else "*u8", "sx_ptr": "*fp32", "w_ptr": "*i8" if w_bits == 8 else "*u8",
+                 "sw_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
+                 "GLEN": "i32", "stride_a": "i32", "stride_w": "i32", "stride_y": "i32"}
+    constants = dict(A_BITS=a_bits, W_BITS=w_bits, HAS_BIAS=True, OUT_ACC=False,
+                     **{k: v for k, v in config.items() if not k.startswith("num_")})
+    signature.update({name: None for name in constants})
+    return compile_for(_int_gemm_kernel, signature, constants, capability, num_warps=config["num_warps"],
+                       num_stages=config["num_stages"])
+
+
 def compile_all() -> dict:
     """{case id: spilled bytes (block rotation) or (spilled bytes, shared bytes) (W4A16), or the compiler's
     error}; run in a process without TRITON_INTERPRET."""
@@ -107,6 +126,8 @@ def compile_all() -> dict:
     jobs = [(repr((capability,) + case), lambda c=capability, k=case: spilled_bytes(compile_block_rotation(c, *k)))
             for capability in CAPABILITIES for case in BLOCK_ROTATION_CASES]
     jobs += [(repr(("w4a16", 89) + case), lambda k=case: resources(compile_w4a16(89, *k))) for case in w4a16_configs()]
+    jobs += [(repr(("int_gemm", 89) + case), lambda k=case: resources(compile_int_gemm(89, *k)))
+             for case in INT_GEMM_CASES]
     for key, job in jobs:
         try:
             results[key] = job()
@@ -138,6 +159,14 @@ def test_w4a16_configs_compile_for_sm89_within_its_shared_memory(compiled, case)
     """Every W4A16 config compiles for sm_89 without spills and within its 99 KB of shared memory per block
     (the autotuner would skip a config above it there; the untuned one would fail to launch)."""
     result = compiled[repr(("w4a16", 89) + case)]
+    assert not isinstance(result, str), result
+    spilled, shared = result
+    assert spilled == 0 and shared <= SM89_SHARED_LIMIT, f"{case}: {spilled} B spilled, {shared} B shared"
+
+
+@pytest.mark.parametrize("case", INT_GEMM_CASES, ids=lambda c: f"a{c[0]}w{c[1]}-m{c[2]}")
+def test_int_gemm_configs_compile_for_sm89_within_its_shared_memory(compiled, case):
+    result = compiled[repr(("int_gemm", 89) + case)]
     assert not isinstance(result, str), result
     spilled, shared = result
     assert spilled == 0 and shared <= SM89_SHARED_LIMIT, f"{case}: {spilled} B spilled, {shared} B shared"
