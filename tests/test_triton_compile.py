@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1, the CPU tests) runs a kernel's Python with 
 the compiler refuses (a kernel reading a plain module-level int ran there and failed to compile) and says
 nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
-Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py (sm_89 and sm_90), and
-the W4A16 and integer GEMM kernels' configs on sm_89 (the wheel's target; they ran on sm_90 only).
+Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py and kv_quant.py (sm_89 and
+sm_90), and the W4A16 and integer GEMM kernels' configs on sm_89 (the wheel's target; they ran on sm_90 only).
 """
 
 import json
@@ -119,6 +119,21 @@ def compile_int_gemm(capability, a_bits, w_bits, m):
                        num_stages=config["num_stages"])
 
 
+# The KV-cache quantizer (never run on a GPU) for both archs: head_dim 64 and 128, int4 and int8, fp16 and bf16.
+KV_CASES = [(dtype, bits, head_dim) for dtype in ("fp16", "bf16") for bits in (4, 8) for head_dim in (64, 128)]
+
+
+def compile_kv(capability, dtype, bits, head_dim):
+    from quantkern.triton_kernels._host import next_power_of_2
+    from quantkern.triton_kernels.kv_quant import ROWS, _quantize_kv_kernel
+
+    signature = {"x_ptr": f"*{dtype}", "codes_ptr": "*u8", "scale_ptr": f"*{dtype}", "offset_ptr": f"*{dtype}",
+                 "R": "i32", "D": "i32", "BITS": None, "IS_BF16": None, "ROWS_PER_PROGRAM": None, "BLOCK": None}
+    constants = dict(BITS=bits, IS_BF16=dtype == "bf16", ROWS_PER_PROGRAM=ROWS,
+                     BLOCK=next_power_of_2(head_dim // 2 if bits == 4 else head_dim))
+    return compile_for(_quantize_kv_kernel, signature, constants, capability)
+
+
 def compile_all() -> dict:
     """{case id: spilled bytes (block rotation) or (spilled bytes, shared bytes) (W4A16), or the compiler's
     error}; run in a process without TRITON_INTERPRET."""
@@ -128,6 +143,8 @@ def compile_all() -> dict:
     jobs += [(repr(("w4a16", 89) + case), lambda k=case: resources(compile_w4a16(89, *k))) for case in w4a16_configs()]
     jobs += [(repr(("int_gemm", 89) + case), lambda k=case: resources(compile_int_gemm(89, *k)))
              for case in INT_GEMM_CASES]
+    jobs += [(repr(("kv", capability) + case), lambda c=capability, k=case: spilled_bytes(compile_kv(c, *k)))
+             for capability in CAPABILITIES for case in KV_CASES]
     for key, job in jobs:
         try:
             results[key] = job()
@@ -170,6 +187,13 @@ def test_int_gemm_configs_compile_for_sm89_within_its_shared_memory(compiled, ca
     assert not isinstance(result, str), result
     spilled, shared = result
     assert spilled == 0 and shared <= SM89_SHARED_LIMIT, f"{case}: {spilled} B spilled, {shared} B shared"
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kv_quantizer_compiles_without_spills(compiled, capability, case):
+    result = compiled[repr(("kv", capability) + case)]
+    assert result == 0, f"sm_{capability} {case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
 
 
 if __name__ == "__main__":
