@@ -12,6 +12,8 @@ ties. The tensor-core ``hadamard_quantize`` (fp16/bf16 rows of the sizes in buil
 rounds intermediate sums to x's dtype: its codes are checked against the exactly (fp64) rotated row.
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -118,6 +120,32 @@ def test_triton_hadamard_quantize_matches_reference(n, dtype, bits):
     q, s = ops.hadamard_quantize(x, bits, clip, backend="triton")
     q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, clip)
     assert_quant_close(q, s, q_ref, s_ref, bits)
+
+
+# Sizes whose full tile outgrows a GPU's shared memory (8192: 112 KB, 14336 / 16384: 192 KB; sm_89 allows
+# 99 KB), and small ones: the chunked kernel must give the same results as the full-tile one.
+CHUNKED_SIZES = [576, 4096, 8192, 14336] if not GPU else [576, 896, 4096, 8192, 12288, 14336, 16384]
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("n", CHUNKED_SIZES)
+def test_triton_chunked_kernel_matches_reference(n, dtype, monkeypatch):
+    # (the module: the package's attribute `hadamard` is the function of that name)
+    monkeypatch.setattr(importlib.import_module("quantkern.triton_kernels.hadamard"), "FORCE_CHUNKED", True)
+    x = random_rows(3, n, dtype)
+    x[1] = 0  # all-zero row: scale 1
+    assert_rotation_close(ops.hadamard(x, backend="triton"), reference.hadamard(x))
+    for bits in (4, 8):
+        q, s = ops.hadamard_quantize(x, bits, 0.9, backend="triton")
+        q_ref, s_ref = reference.quantize_per_token(reference.hadamard(x), bits, 0.9)
+        assert_quant_close(q, s, q_ref, s_ref, bits)
+
+
+def test_triton_full_tile_shared_memory_rule():
+    from quantkern.triton_kernels.hadamard import _use_chunked, full_tile_shared_bytes
+
+    assert [full_tile_shared_bytes(n) // 1024 for n in (576, 4096, 8192, 14336, 16384)] == [21, 48, 112, 192, 192]
+    assert not _use_chunked(14336, torch.device("cpu"))  # the interpreter: the full tile
 
 
 def test_triton_blocked_and_leading_dims():

@@ -5,7 +5,8 @@ the compiler refuses (a kernel reading a plain module-level int ran there and fa
 nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
 Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py and kv_quant.py (sm_89 and
-sm_90), and the W4A16 and integer GEMM kernels' configs on sm_89 (the wheel's target; they ran on sm_90 only).
+sm_90), and on sm_89 (the wheel's target) the kernels that ran on sm_90 only: W4A16 and the integer GEMM (their
+configs), the activation quantizer and the Hadamard kernel.
 """
 
 import json
@@ -134,6 +135,47 @@ def compile_kv(capability, dtype, bits, head_dim):
     return compile_for(_quantize_kv_kernel, signature, constants, capability)
 
 
+# The activation quantizer (K = 4096) and the Hadamard kernels for sm_89: the full-tile one (ran on sm_90 only),
+# whose shared memory decides where the chunked one runs instead (8192 and up on sm_89), and the chunked one.
+ACTIVATION_CASES = [(dtype, bits) for dtype in ("fp16", "bf16", "fp32") for bits in (4, 8)]
+HADAMARD_CASES = [(kernel, dtype, n, quant, bits)
+                  for kernel, dtypes, sizes in (("full", ("fp16",), (576, 4096, 8192, 14336)),  # fp32 tiles: any dtype
+                                                ("chunked", ("fp16", "bf16", "fp32"), (8192, 14336, 16384)))
+                  for dtype in dtypes for n in sizes for quant, bits in ((False, 8), (True, 8), (True, 4))]
+
+
+def compile_activation_quant(capability, dtype, bits, k=4096):
+    from quantkern.triton_kernels._host import next_power_of_2
+    from quantkern.triton_kernels.activation_quant import MAX_BLOCK, _quantize_per_token_kernel
+
+    block = min(next_power_of_2(k // 2 if bits == 4 else k), MAX_BLOCK)
+    signature = {"x_ptr": f"*{dtype}", "q_ptr": "*u8" if bits == 4 else "*i8", "scale_ptr": "*fp32", "K": "i32",
+                 "stride_x_row": "i32", "stride_q_row": "i32", "clip_ratio": "fp32", "BITS": None, "BLOCK": None}
+    return compile_for(_quantize_per_token_kernel, signature, dict(BITS=bits, BLOCK=block), capability,
+                       num_warps=8 if block >= 1024 else 4)
+
+
+def compile_hadamard(capability, kernel, dtype, n, quant, bits):
+    from quantkern.triton_kernels.hadamard import _chunk_tiles, _hadamard_chunked_kernel, _hadamard_kernel, _split
+
+    r, c, rp, cp = _split(n)
+    out = ("*u8" if bits == 4 else "*i8") if quant else f"*{dtype}"
+    signature = {"x_ptr": f"*{dtype}", "hr_ptr": "*fp32", "hc_ptr": "*fp32", "out_ptr": out,
+                 "scale_ptr": "*fp32" if quant else out, "norm": "fp32", "clip_ratio": "fp32", "R": None, "C": None,
+                 "RP": None, "CP": None}
+    constants = dict(R=r, C=c, RP=rp, CP=cp)
+    if kernel == "chunked":
+        signature.update(BK=None, BN=None)
+        constants.update(zip(("BK", "BN"), _chunk_tiles(n)))
+    signature.update(QUANT=None, BITS=None, IS_BF16=None)
+    constants.update(QUANT=quant, BITS=bits, IS_BF16=dtype == "bf16")
+    if kernel == "chunked":
+        signature["DOT_IN_FP32"] = None
+        constants["DOT_IN_FP32"] = False
+    return compile_for(_hadamard_chunked_kernel if kernel == "chunked" else _hadamard_kernel, signature, constants,
+                       capability, num_warps=8 if n >= 4096 else 4)
+
+
 def compile_all() -> dict:
     """{case id: spilled bytes (block rotation) or (spilled bytes, shared bytes) (W4A16), or the compiler's
     error}; run in a process without TRITON_INTERPRET."""
@@ -145,6 +187,10 @@ def compile_all() -> dict:
              for case in INT_GEMM_CASES]
     jobs += [(repr(("kv", capability) + case), lambda c=capability, k=case: spilled_bytes(compile_kv(c, *k)))
              for capability in CAPABILITIES for case in KV_CASES]
+    jobs += [(repr(("activation", 89) + case), lambda k=case: spilled_bytes(compile_activation_quant(89, *k)))
+             for case in ACTIVATION_CASES]
+    jobs += [(repr(("hadamard", 89) + case), lambda k=case: resources(compile_hadamard(89, *k)))
+             for case in HADAMARD_CASES]
     for key, job in jobs:
         try:
             results[key] = job()
@@ -194,6 +240,28 @@ def test_int_gemm_configs_compile_for_sm89_within_its_shared_memory(compiled, ca
 def test_kv_quantizer_compiles_without_spills(compiled, capability, case):
     result = compiled[repr(("kv", capability) + case)]
     assert result == 0, f"sm_{capability} {case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
+
+
+@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_activation_quantizer_compiles_for_sm89_without_spills(compiled, case):
+    result = compiled[repr(("activation", 89) + case)]
+    assert result == 0, f"{case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
+
+
+@pytest.mark.parametrize("case", HADAMARD_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_hadamard_kernels_compile_for_sm89(compiled, case):
+    """The full-tile kernel's shared memory is what ``full_tile_shared_bytes`` says (the rule that sends rows to
+    the chunked kernel where it does not fit); the chunked kernel fits sm_89 at every size."""
+    from quantkern.triton_kernels.hadamard import full_tile_shared_bytes
+
+    result = compiled[repr(("hadamard", 89) + case)]
+    assert not isinstance(result, str), result
+    spilled, shared = result
+    kernel, n = case[0], case[2]
+    if kernel == "full":
+        assert shared == full_tile_shared_bytes(n)
+    else:
+        assert shared <= SM89_SHARED_LIMIT and spilled == 0, f"{case}: {spilled} B spilled, {shared} B shared"
 
 
 if __name__ == "__main__":
