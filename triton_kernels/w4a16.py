@@ -29,9 +29,9 @@ is applied (SCALE_MODE, chosen per call):
                dequantized weight to bf16 would cost ~1e-3 relative error, too close to the 2e-3
                budget; integers -15..15 are exact in bf16, so this path is exact up to fp32 sums.
 Epilogue: bias (fp32) added, cast to x's dtype, masked store. Split-K (M <= MEDIUM_M: decode/GEMV
-shapes, and N = 4096 at M = 64, have too few output tiles to fill an H100's 132 SMs): each split stores an fp32 partial tile to a
-workspace [SPLIT_K, M, N] and counts itself in its tile's lock (``locks``: int32 zeros owned by the
-prepared weight, zero again after every call); the last split sums the partials in split order
+shapes, and N = 4096 at M = 64, have too few output tiles to fill an H100's 132 SMs): each split stores an
+fp32 partial tile to a workspace [SPLIT_K, M, N] and counts itself in its tile's lock (``locks``: int32 zeros
+owned by the prepared weight, zero again after every call); the last split sums the partials in split order
 (deterministic), adds the bias and stores y. No zeroed buffer, no atomics on y, no cast afterwards:
 those were two more kernel launches, and 15-19 us of host time a call on the H200 machine's CPU.
 
