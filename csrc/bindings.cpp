@@ -53,7 +53,9 @@ TORCH_LIBRARY(quantkern, m) {
   // Fused: hadamard, rounded to x's dtype, then quantize_per_token: x [M, K] -> (q, scale) as quantize_per_token
   // (fp16/bf16 rows of the sizes in build_info()["hadamard_quantize_tensor_core_sizes"]: on tensor cores, with
   // intermediate sums rounded to x's dtype; csrc/hadamard_mma.cu).
-  m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor, Tensor)");
+  // packed = false with bits = 4: int4 codes one per byte (int8 [M, K]), as quantize_per_token(packed=False).
+  m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0, bool packed=True) "
+        "-> (Tensor, Tensor)");
 }
 
 namespace quantkern {

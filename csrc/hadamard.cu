@@ -1,6 +1,8 @@
 // quantkern::hadamard(Tensor x, int block_size=0) -> Tensor
-// quantkern::hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0) -> (Tensor q, Tensor scale)
-//   (fp16/bf16 rows of the sizes csrc/hadamard_mma.cu serves go to its tensor-core kernel first)
+// quantkern::hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0, bool packed=True)
+//   -> (Tensor q, Tensor scale)
+//   (fp16/bf16 rows of the sizes csrc/hadamard_mma.cu serves go to its tensor-core kernel first; packed = false
+//   with bits = 4: int4 codes one per byte, which the kernels below write packed and the host then spreads)
 //
 // Online rotation kernels: the orthonormal Hadamard transform along the last dim,
 //
@@ -238,17 +240,29 @@ at::Tensor hadamard_cuda(const at::Tensor& x_in, int64_t block_size) {
 }
 
 std::tuple<at::Tensor, at::Tensor> hadamard_quantize_cuda(const at::Tensor& x_in, int64_t bits, double clip_ratio,
-                                                          int64_t block_size) {
+                                                          int64_t block_size, bool packed) {
   constexpr const char* op = "quantkern::hadamard_quantize";
   check_per_token_quant_input(x_in, bits, clip_ratio, op);
   const int64_t rows = x_in.size(0), n = x_in.size(1);
   Plan plan = make_plan(n, block_size, op);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
-  at::Tensor q = at::empty({rows, bits == 4 ? n / 2 : n}, x_in.options().dtype(bits == 4 ? at::kByte : at::kChar));
+  const bool pack = bits == 4 && packed;
+  at::Tensor q = at::empty({rows, pack ? n / 2 : n}, x_in.options().dtype(pack ? at::kByte : at::kChar));
   at::Tensor scale = at::empty({rows}, x_in.options().dtype(at::kFloat));
   if (rows == 0) return {q, scale};
   const at::Tensor x = prepared_input(x_in);
-  if (hadamard_quantize_tensor_cores(x, bits, clip_ratio, block_size, q, scale)) return {q, scale};
+  if (hadamard_quantize_tensor_cores(x, bits, clip_ratio, block_size, packed, q, scale)) return {q, scale};
+  if (bits == 4 && !packed) {
+    // The fp32-butterfly kernel writes packed int4 only: pack, then spread each byte's two signed nibbles
+    // (element 2j low) into bytes 2j and 2j + 1 (sign-extending shifts of int8).
+    at::Tensor pairs;
+    std::tie(pairs, scale) = hadamard_quantize_cuda(x_in, bits, clip_ratio, block_size, true);
+    const at::Tensor signed_pairs = pairs.view(at::kChar);
+    at::Tensor spread = q.view({rows, n / 2, 2});
+    spread.select(2, 0).copy_(signed_pairs.__lshift__(4).__rshift__(4));
+    spread.select(2, 1).copy_(signed_pairs.__rshift__(4));
+    return {q, scale};
+  }
   plan.p.x = x.const_data_ptr();
   plan.p.out = q.data_ptr();
   plan.p.scales = scale.data_ptr<float>();

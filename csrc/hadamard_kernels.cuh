@@ -766,8 +766,9 @@ namespace quantkern {
 
 // csrc/hadamard_mma.cu: the tensor-core fused Hadamard + quantization for fp16/bf16 rows of the sizes below.
 // Returns false (and does nothing) where it does not serve x; x is contiguous, 16-byte aligned, [rows, n].
+// packed = false with bits = 4: int4 codes one per byte (q int8 [rows, n]).
 bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double clip_ratio, int64_t block_size,
-                                    at::Tensor& q, at::Tensor& scale);
+                                    bool packed, at::Tensor& q, at::Tensor& scale);
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();
 
 }  // namespace quantkern

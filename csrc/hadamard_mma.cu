@@ -48,7 +48,8 @@
 // sees them; 1 where 0), then code = rni(max(v * (256 / sqrt(n) / scale), -qmax)) and cvt.pack.sat
 // saturates at +qmax and packs 2 codes per instruction. Rows that need no clamp (amax * multiplier < qmax + 0.5:
 // clip >= 1 and a normal scale; NaN / inf rows never) take one FFMA with 1.5 * 2^23 per code and byte permutes
-// instead (code_bits): 2 instructions per element against 3.5.
+// instead (code_bits): 2 instructions per element against 3.5. Code layouts (STORE_BITS): int4 pairs, int8, or
+// int4 codes one per byte (packed = false: the sm_90 W4A4 GEMM's input; the int8 stores, clamped at +7 first).
 //
 // Accuracy. Not bit-identical with reference.quantize_per_token(reference.hadamard(x)) (the fp32-butterfly
 // kernel is): the stage A sums (and for 14336 the stage B sums, for fp16 2^k rows the chunk stage's operands)
@@ -318,13 +319,19 @@ __device__ __forceinline__ void store_codes8_unclamped(const float (&v)[8], floa
   }
 }
 
-// The 8 codes of one lane's chunk (elements 8 L .. 8 L + 7), packed: int4 -> 4 bytes, int8 -> 8 bytes.
-template <int BITS>
+// The 8 codes of one lane's chunk (elements 8 L .. 8 L + 7), packed: int4 -> 4 bytes, int8 -> 8 bytes;
+// STORE_BITS = 8 with BITS = 4: int4 codes one per byte (8 bytes), clamped at +qmax here since the s8 pack
+// saturates at 127.
+template <int BITS, int STORE_BITS = BITS>
 __device__ __forceinline__ void store_codes8(const float (&v)[8], float inv, float qmax, uint8_t* dst) {
   int c[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) c[e] = code_of(v[e], inv, qmax);
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 4 && STORE_BITS == 8) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c[e] = min(c[e], 7);
+  }
+  if constexpr (STORE_BITS == 4) {
     uint32_t w = pack_codes<4>(c[7], c[6], 0u);
     w = pack_codes<4>(c[5], c[4], w);
     w = pack_codes<4>(c[3], c[2], w);
@@ -362,7 +369,8 @@ __device__ __forceinline__ void load_chunks(uint4 (&raw)[J], const T* x, int64_t
   for (int i = 0; i < J; ++i) raw[i] = load_stream_v4(xr + i * kChunk);
 }
 
-template <typename T, int LOG_CHUNKS, int BITS>
+// BITS: the codes' range (int4 or int8); STORE_BITS: bits per stored code (4: packed pairs; 8: one per byte).
+template <typename T, int LOG_CHUNKS, int BITS, int STORE_BITS>
 __global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
     hadamard_quantize_pow2_kernel(const QuantParams p) {
 #if QK_HADAMARD_MMA_BODY
@@ -429,16 +437,17 @@ __global__ void __launch_bounds__(Pow2Shape<LOG_CHUNKS>::kThreads)
     amax = cta_absmax<W>(amax, red);
     float inv;
     const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
-    uint8_t* qr = p.q + row * (S::kN * BITS / 8);
+    uint8_t* qr = p.q + row * (S::kN * STORE_BITS / 8);
     if (codes_need_no_clamp(amax, inv, qmax)) {
+      // (unclamped codes are in range: their low bytes are the int8 codes, int4 ones too)
 #pragma unroll
       for (int i = 0; i < J; ++i) {
-        store_codes8_unclamped<BITS>(v[i], inv, qr + (chunk_of[i] * kChunk + lane * 8) * BITS / 8);
+        store_codes8_unclamped<STORE_BITS>(v[i], inv, qr + (chunk_of[i] * kChunk + lane * 8) * STORE_BITS / 8);
       }
     } else {
 #pragma unroll
       for (int i = 0; i < J; ++i) {
-        store_codes8<BITS>(v[i], inv, qmax, qr + (chunk_of[i] * kChunk + lane * 8) * BITS / 8);
+        store_codes8<BITS, STORE_BITS>(v[i], inv, qmax, qr + (chunk_of[i] * kChunk + lane * 8) * STORE_BITS / 8);
       }
     }
   }
@@ -494,15 +503,16 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 template <int BITS>
 constexpr int kStagedPitch = kPaleyBlock * BITS / 8 + 16;
 
-template <typename T, int BITS>
+template <typename T, int BITS, int STORE_BITS>
 __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_paley28_kernel(const QuantParams p) {
 #if QK_HADAMARD_MMA_BODY
   constexpr int kN = kPaleyOrder * kPaleyBlock;
   constexpr int kChunksPerWarp = kN / kChunk / kPaleyWarps;  // 7
   constexpr int kTilesPerWarp = 8;                            // column tiles of 8: 4 with b = 0, 4 with b = 1
-  constexpr int kRowBytes = kPaleyBlock * BITS / 8;           // codes of one block
+  constexpr int kRowBytes = kPaleyBlock * STORE_BITS / 8;     // codes of one block
+  constexpr int kCodeMax = BITS == 4 ? 7 : 127;               // (int4 codes one per byte: clamped before the pack)
   __shared__ alignas(16) T tile[32 * kPaleyPitch];
-  __shared__ alignas(16) uint8_t staged[kPaleyOrder * kStagedPitch<BITS>];
+  __shared__ alignas(16) uint8_t staged[kPaleyOrder * kStagedPitch<STORE_BITS>];
   __shared__ float red[kPaleyWarps];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane / 4, t = lane % 4;
@@ -590,12 +600,13 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
           uint32_t pair;  // the two codes, packed as the row stores them (low 8 or 16 bits)
           if (unclamped) {
             const uint32_t r0 = code_bits(v0, inv), r1 = code_bits(v1, inv);
-            pair = BITS == 4 ? nibble_pair(r0, r1) : __byte_perm(r0, r1, 0x0040);
+            pair = STORE_BITS == 4 ? nibble_pair(r0, r1) : __byte_perm(r0, r1, 0x0040);
           } else {
-            pair = pack_codes<BITS>(code_of(v1, inv, qmax), code_of(v0, inv, qmax), 0u);
+            pair = pack_codes<STORE_BITS>(min(code_of(v1, inv, qmax), kCodeMax), min(code_of(v0, inv, qmax), kCodeMax),
+                                          0u);
           }
-          uint8_t* dst = staged + block * kStagedPitch<BITS> + col * BITS / 8;
-          if constexpr (BITS == 4) {
+          uint8_t* dst = staged + block * kStagedPitch<STORE_BITS> + col * STORE_BITS / 8;
+          if constexpr (STORE_BITS == 4) {
             *dst = static_cast<uint8_t>(pair);
           } else {
             *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(pair);
@@ -604,12 +615,12 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
       }
     }
     __syncthreads();
-    uint8_t* qr = p.q + row * (kN * BITS / 8);
+    uint8_t* qr = p.q + row * (kN * STORE_BITS / 8);
     constexpr int kVectorsPerBlock = kRowBytes / 16;
     for (int v = threadIdx.x; v < kPaleyOrder * kVectorsPerBlock; v += kPaleyWarps * kWarpSize) {
       const int block = v / kVectorsPerBlock, offset = (v % kVectorsPerBlock) * 16;
       *reinterpret_cast<uint4*>(qr + block * kRowBytes + offset) =
-          *reinterpret_cast<const uint4*>(staged + block * kStagedPitch<BITS> + offset);
+          *reinterpret_cast<const uint4*>(staged + block * kStagedPitch<STORE_BITS> + offset);
     }
   }
 #endif
@@ -634,26 +645,34 @@ void launch_persistent(Kernel kernel, int threads, size_t smem, const QuantParam
   QK_CHECK_LAUNCH();
 }
 
-template <typename T, int LOG_CHUNKS, int BITS>
+template <typename T, int LOG_CHUNKS, int BITS, int STORE_BITS>
 void launch_pow2(const QuantParams& p, int device, cudaStream_t stream) {
   using S = Pow2Shape<LOG_CHUNKS>;
-  launch_persistent(hadamard_quantize_pow2_kernel<T, LOG_CHUNKS, BITS>, S::kThreads, S::kExchangeBytes, p, device,
-                    stream);
+  launch_persistent(hadamard_quantize_pow2_kernel<T, LOG_CHUNKS, BITS, STORE_BITS>, S::kThreads, S::kExchangeBytes, p,
+                    device, stream);
 }
 
-template <typename T, int BITS>
+template <typename T, int BITS, int STORE_BITS>
 bool launch_size(int64_t n, const QuantParams& p, int device, cudaStream_t stream) {
   switch (n) {
-    case 1024: launch_pow2<T, 2, BITS>(p, device, stream); return true;
-    case 2048: launch_pow2<T, 3, BITS>(p, device, stream); return true;
-    case 4096: launch_pow2<T, 4, BITS>(p, device, stream); return true;
-    case 8192: launch_pow2<T, 5, BITS>(p, device, stream); return true;
-    case 16384: launch_pow2<T, 6, BITS>(p, device, stream); return true;
+    case 1024: launch_pow2<T, 2, BITS, STORE_BITS>(p, device, stream); return true;
+    case 2048: launch_pow2<T, 3, BITS, STORE_BITS>(p, device, stream); return true;
+    case 4096: launch_pow2<T, 4, BITS, STORE_BITS>(p, device, stream); return true;
+    case 8192: launch_pow2<T, 5, BITS, STORE_BITS>(p, device, stream); return true;
+    case 16384: launch_pow2<T, 6, BITS, STORE_BITS>(p, device, stream); return true;
     case kPaleyOrder * kPaleyBlock:
-      launch_persistent(hadamard_quantize_paley28_kernel<T, BITS>, kPaleyWarps * kWarpSize, 0, p, device, stream);
+      launch_persistent(hadamard_quantize_paley28_kernel<T, BITS, STORE_BITS>, kPaleyWarps * kWarpSize, 0, p, device,
+                        stream);
       return true;
     default: return false;
   }
+}
+
+// int4 packed, int4 one per byte (packed = false), or int8.
+template <typename T>
+bool launch_codes(int64_t n, int64_t bits, bool packed, const QuantParams& p, int device, cudaStream_t stream) {
+  if (bits == 8) return launch_size<T, 8, 8>(n, p, device, stream);
+  return packed ? launch_size<T, 4, 4>(n, p, device, stream) : launch_size<T, 4, 8>(n, p, device, stream);
 }
 
 }  // namespace hadamard_mma
@@ -668,7 +687,7 @@ std::vector<int64_t> hadamard_quantize_tensor_core_sizes() {
 // Runs the tensor-core kernel when it serves x (fp16/bf16, a size above, whole-row transform, sm_80+) and
 // returns true; false leaves the call to the fp32-butterfly kernel. x: contiguous, 16-byte aligned, 2-D.
 bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double clip_ratio, int64_t block_size,
-                                    at::Tensor& q, at::Tensor& scale) {
+                                    bool packed, at::Tensor& q, at::Tensor& scale) {
   using namespace hadamard_mma;
   const at::ScalarType dtype = x.scalar_type();
   const int64_t n = x.size(1), rows = x.size(0);
@@ -689,11 +708,8 @@ bool hadamard_quantize_tensor_cores(const at::Tensor& x, int64_t bits, double cl
   p.out_scale = static_cast<float>(kChunk / std::sqrt(static_cast<double>(n)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const int device = x.get_device();
-  if (dtype == at::kHalf) {
-    return bits == 4 ? launch_size<__half, 4>(n, p, device, stream) : launch_size<__half, 8>(n, p, device, stream);
-  }
-  return bits == 4 ? launch_size<__nv_bfloat16, 4>(n, p, device, stream)
-                   : launch_size<__nv_bfloat16, 8>(n, p, device, stream);
+  return dtype == at::kHalf ? launch_codes<__half>(n, bits, packed, p, device, stream)
+                            : launch_codes<__nv_bfloat16>(n, bits, packed, p, device, stream);
 }
 
 }  // namespace quantkern

@@ -37,9 +37,9 @@ def hadamard_fake(x: torch.Tensor, block_size: int = 0):
     return torch.empty_like(x)
 
 
-def hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_size: int = 0):
+def hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_size: int = 0, packed: bool = True):
     # Same outputs as quantize_per_token: q int8 [M, K] / uint8 [M, K/2], scales fp32 [M].
-    return quantize_per_token_fake(x, bits, clip_ratio)
+    return quantize_per_token_fake(x, bits, clip_ratio, packed)
 
 
 def register_extension_fakes() -> None:

@@ -229,13 +229,10 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
     # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
     quantizer_backend = None if weight.backend == "cuda" else weight.backend
     packed = weight.tensors.get("packed_activations", True)
-    if input_rotation == "hadamard" and packed:
+    if input_rotation == "hadamard":
         # One pass over the activations: rotation, per-token scale and codes in one kernel.
-        q, sx = hadamard_quantize(x2d, act_bits, clip_ratio, backend=quantizer_backend)
+        q, sx = hadamard_quantize(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
     else:
-        if input_rotation == "hadamard":
-            # W4A4 on sm_90 takes int4 codes one per byte, which the fused kernel does not write yet.
-            x2d = hadamard(x2d, backend=quantizer_backend)
         q, sx = quantize_per_token(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
     if bias is not None:
         bias = bias.float().contiguous()
@@ -280,9 +277,7 @@ def quantized_activation_linear(x: torch.Tensor, weight: Union[QuantizedWeight, 
     """W8A8, W4A4 or W4A8 by ``(weight.bits, act_bits)``; see ``reference.quantized_activation_linear``.
 
     ``input_rotation="hadamard"``: the layer's input is rotated first (``hadamard(x)``, rounded to x's dtype),
-    which on a GPU runs fused with the activation quantization (``hadamard_quantize``), except for W4A4 on
-    GPUs without int4 tensor cores (sm_90), whose GEMM takes int4 codes one per byte: there the rotation
-    and the quantization are two kernels."""
+    which on a GPU runs fused with the activation quantization (``hadamard_quantize``)."""
     if not isinstance(weight, (QuantizedWeight, PreparedWeight)):
         raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
     if (weight.bits, act_bits) not in ACTIVATION_MODES:
@@ -309,14 +304,15 @@ def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optiona
 
 
 def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, backend: Optional[str] = None,
-                      block_size: Optional[int] = None):
+                      block_size: Optional[int] = None, packed: bool = True):
     """Fused online rotation + per-token quantization: ``quantize_per_token(hadamard(x), bits, clip_ratio)``.
 
     The reference (and the fp32 CUDA kernel) round the rotated activations to x's dtype before quantizing,
     as the two calls ``hadamard`` then ``quantize_per_token`` do, so the fused op is a drop-in for that pair:
     one pass over memory on the GPU. ``QuantLinear(input_rotation="hadamard")`` with quantized activations
     runs it (``quantized_activation_linear(..., input_rotation="hadamard")``).
-    Returns ``(q, scales)`` in quantize_per_token's layout (int8 [..., K] or uint8 [..., K/2]; fp32 [...]).
+    Returns ``(q, scales)`` in quantize_per_token's layout (int8 [..., K] or uint8 [..., K/2]; fp32 [...]);
+    ``packed=False`` with bits=4: the int4 codes one per byte, int8 [..., K] (the sm_90 W4A4 GEMM's input).
     CUDA: fp16/bf16 rows of 1024, 2048, 4096, 8192, 16384 and 14336 entries run on tensor cores
     (csrc/hadamard_mma.cu, sm_80+), which round intermediate sums to x's dtype: a code can differ from the
     two-call path's where the rotated value lies within a few units in the last place of x's dtype of a
@@ -332,10 +328,13 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
         rotated = block_hadamard_transform(rows, block_size) if block_size else reference.hadamard(rows)
         q, scales = reference.quantize_per_token(rotated, bits, clip_ratio)
     elif chosen == "cuda" and not block_size and _fused_rotation_is_slower(rows.shape[-1]):
-        q, scales = _cuda_op("quantize_per_token")(_cuda_op("hadamard")(rows, 0), bits, clip_ratio)
+        q, scales = _cuda_op("quantize_per_token")(_cuda_op("hadamard")(rows, 0), bits, clip_ratio, packed)
+    elif chosen == "cuda":
+        q, scales = _cuda_op("hadamard_quantize")(rows, bits, clip_ratio, int(block_size or 0), packed)
     else:
-        op = _cuda_op("hadamard_quantize") if chosen == "cuda" else _triton_op("hadamard_quantize")
-        q, scales = op(rows, bits, clip_ratio, int(block_size or 0))
+        q, scales = _triton_op("hadamard_quantize")(rows, bits, clip_ratio, int(block_size or 0))
+    if bits == 4 and not packed and chosen != "cuda":
+        q = reference.unpack_int4_signed(q)
     return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
 
 

@@ -195,17 +195,24 @@ def quantized_activation_linear(x: torch.Tensor, qw: QuantizedWeight, act_bits: 
     lead = x.shape[:-1]
     q, sx = quantize_per_token(x.reshape(-1, qw.in_features), act_bits, clip_ratio)
     xq = unpack_int4_signed(q) if act_bits == 4 else q
+    return linear_from_activation_codes(xq, sx, qw, bias, x.dtype).reshape(*lead, qw.out_features)
+
+
+def linear_from_activation_codes(codes: torch.Tensor, token_scales: torch.Tensor, qw: QuantizedWeight,
+                                 bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """The integer part of ``quantized_activation_linear`` for given activation codes (signed, one per entry,
+    [T, K]) and per-token scales (fp32 [T]): int32 accumulation per weight group and the fp32 epilogue."""
     wq = signed_weight_values(qw)
     glen = qw.group_length
-    y = torch.zeros(xq.shape[0], qw.out_features, dtype=torch.float32, device=x.device)
+    y = torch.zeros(codes.shape[0], qw.out_features, dtype=torch.float32, device=codes.device)
     for g in range(qw.n_groups):
         cols = slice(g * glen, (g + 1) * glen)
-        acc = int_matmul(xq[:, cols], wq[:, cols])
+        acc = int_matmul(codes[:, cols], wq[:, cols])
         y += acc.float() * qw.scales[:, g].float()[None, :]
-    y = y * sx[:, None]
+    y = y * token_scales[:, None]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, qw.out_features)
+    return y.to(out_dtype)
 
 
 def w8a8_linear(x, qw: QuantizedWeight, bias=None, clip_ratio: float = 1.0):

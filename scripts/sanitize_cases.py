@@ -107,6 +107,14 @@ def hadamard_cases():
         print("hadamard", rows, n, dtype, bits, block, f"error {error:.1e}", flush=True)
     base = torch.randn(3 * 1024 + 1, device="cuda", dtype=torch.float16)
     torch.ops.quantkern.hadamard_quantize(base[1:].view(3, 1024), 4, 1.0, 0)  # misaligned: copied first
+    # int4 codes one per byte (packed=False): the tensor-core kernels' byte stores (4096: registers, 14336: the
+    # staged tile) and the fp32-butterfly path's spread of packed bytes (576).
+    for rows, n, dtype in ((3, 4096, torch.float16), (4, 14336, torch.bfloat16), (3, 576, torch.float16)):
+        x = torch.randn(rows, n, device="cuda").to(dtype)
+        q, s = torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, 0)
+        q_unpacked, _ = torch.ops.quantkern.hadamard_quantize(x, 4, 1.0, 0, False)
+        assert torch.equal(q_unpacked, unpack_int4_signed(q)), (rows, n, dtype)
+        print("hadamard unpacked int4", rows, n, dtype, flush=True)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,37 @@ def test_cuda_refuses_unsupported_sizes_clearly():
         torch.ops.quantkern.hadamard(torch.randn(2, 96, device="cuda"), 12)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unpacked_int4_codes_are_the_packed_ones_one_per_byte(backend):
+    if backend == "triton" and not backends.status("triton").available:
+        pytest.skip("triton missing")
+    x = random_rows(5, 256, torch.float16)
+    q, s = ops.hadamard_quantize(x, 4, 0.9, backend=backend)
+    q_unpacked, s2 = ops.hadamard_quantize(x, 4, 0.9, backend=backend, packed=False)
+    assert q_unpacked.dtype == torch.int8 and q_unpacked.shape == x.shape
+    assert torch.equal(q_unpacked, unpack_int4_signed(q)) and torch.equal(s, s2)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,block", [(4096, 0), (14336, 0), (16384, 0), (2048, 0), (576, 0), (896, 0),
+                                     (28672, 0), (4864, 256)])
+def test_cuda_unpacked_int4_codes_are_the_packed_ones_one_per_byte(n, block, dtype):
+    """packed=False (the sm_90 W4A4 GEMM's input): the tensor-core kernels store each code in a byte, the
+    fp32-butterfly path spreads its packed bytes; either way exactly the packed op's codes and scales."""
+    x = random_rows(300, n, dtype)
+    x[1] = 0
+    x[2, 7] = 1e4  # one huge entry: with clip 0.5 most of the row's codes clamp at +-7
+    for clip in (1.0, 0.5):
+        q, s = torch.ops.quantkern.hadamard_quantize(x, 4, clip, block)
+        q_unpacked, s2 = torch.ops.quantkern.hadamard_quantize(x, 4, clip, block, False)
+        assert q_unpacked.dtype == torch.int8 and q_unpacked.shape == x.shape
+        assert torch.equal(s, s2)
+        assert torch.equal(q_unpacked, unpack_int4_signed(q)), (n, block, dtype, clip)
+        assert q_unpacked.abs().max().item() <= 7
+
+
 @pytest.mark.gpu
 @needs_cuda_kernel
 def test_cuda_fused_op_agrees_with_the_quantlinear_path():

@@ -259,7 +259,11 @@ def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
     return out.view(x.shape)
 
 
-@triton_op("quantkern_triton::hadamard_quantize", hadamard_quantize_fake)
+def _hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_size: int = 0):
+    return hadamard_quantize_fake(x, bits, clip_ratio, block_size)  # (packed codes: the op's only layout)
+
+
+@triton_op("quantkern_triton::hadamard_quantize", _hadamard_quantize_fake)
 def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
                           block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     rows, n = x.shape
