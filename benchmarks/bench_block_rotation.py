@@ -1,13 +1,13 @@
 """Dense per-block rotation (PCA of head_dim blocks) + per-token int4 quantization: ours against peers in
 the same run.
 
-Ours (Triton, triton_kernels/block_rotation.py): ``fused`` = ``ops.block_rotate_quantize`` (one kernel),
-``rotate`` = ``ops.block_rotate`` alone (fp16 out).
-Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM per block shape (``x.view(-1, b) @ R.T``
-for a shared R, a batched matmul for one R per block), then our ``quantize_per_token`` (the CUDA kernel
-where built); ``copy`` = a device copy of the same bytes as the fused op moves (x read, codes + scales
-written), the roofline. Timing: CUDA-graph replays (no host time). Figures: microseconds and the share of
-the same-bytes copy's rate.
+Ours (Triton, triton_kernels/block_rotation.py): ``fused`` = ``ops.block_rotate_quantize`` (two launches,
+nothing rotated stored between them), ``rotate`` = ``ops.block_rotate`` alone (fp16 out).
+Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM (``x.view(-1, b) @ R.T`` for a shared R,
+one ``torch.bmm`` over the blocks for one R per block; R in x's dtype), then our ``quantize_per_token`` (the
+CUDA kernel where built); ``copy`` = a device copy of the same bytes as the fused op moves at least (x read,
+codes + scales written), the roofline. Timing: CUDA-graph replays (no host time). Figures: microseconds and
+the share of the same-bytes copy's rate.
 
     python benchmarks/bench_block_rotation.py --json out/bench_block_rotation.json
 """
@@ -46,8 +46,9 @@ def main() -> None:
                 x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
 
                 def peer():
-                    if per_block:
-                        y = torch.matmul(x.view(m, k // b, 1, b), rotation16.transpose(-1, -2)).view(m, k)
+                    if per_block:  # one batched GEMM over the blocks: [K/b, M, b] @ [K/b, b, b]
+                        blocks = torch.bmm(x.view(m, k // b, b).transpose(0, 1), rotation16.transpose(-1, -2))
+                        y = blocks.transpose(0, 1).reshape(m, k)
                     else:
                         y = (x.view(-1, b) @ rotation16.T).view(m, k)
                     return ops.quantize_per_token(y, 4)

@@ -58,20 +58,26 @@ def resources(compiled) -> list:
 
 
 CAPABILITIES = (89, 90)
-BLOCK_ROTATION_CASES = [(dtype, quant, bits, block, tile) for dtype in ("fp16", "bf16", "fp32")
-                        for quant, bits in ((False, 8), (True, 8), (True, 4)) for block, tile in ((128, 64), (6, 16))]
+# (dtype, launch, bits, block, tile, rows per program): the rotation alone, and the fused op's two launches
+BLOCK_ROTATION_CASES = [(dtype, mode, bits, block, tile, bm) for dtype in ("fp16", "bf16", "fp32")
+                        for mode, bits in (("rotate", 8), ("absmax", 8), ("codes", 8), ("absmax", 4), ("codes", 4))
+                        for block, tile, bm in ((128, 64, 16), (128, 64, 128), (6, 16, 16))]
 
 
-def compile_block_rotation(capability, dtype, quant, bits, block, tile):
-    from quantkern.triton_kernels.block_rotation import BM, _block_rotation_kernel
+def compile_block_rotation(capability, dtype, mode, bits, block, tile, bm):
+    from quantkern.triton_kernels import block_rotation as kernels
 
+    quant = mode != "rotate"
     out = ("*u8" if bits == 4 else "*i8") if quant else f"*{dtype}"
     signature = {"x_ptr": f"*{dtype}", "r_ptr": "*fp32", "out_ptr": out, "scale_ptr": "*fp32" if quant else out,
-                 "M": "i32", "K": "i32", "r_block_stride": "i32", "clip_ratio": "fp32", "B": None, "BM": None,
-                 "BK": None, "BN": None, "QUANT": None, "BITS": None, "IS_BF16": None}
-    constants = {"B": block, "BM": BM, "BK": tile, "BN": tile, "QUANT": quant, "BITS": bits,
-                 "IS_BF16": dtype == "bf16"}
-    return compile_for(_block_rotation_kernel, signature, constants, capability)
+                 "absmax_ptr": "*i32" if quant else out, "M": "i32", "K": "i32", "r_block_stride": "i32",
+                 "clip_ratio": "fp32", "B": None, "BM": None, "BK": None, "BN": None, "MODE": None, "BITS": None,
+                 "IS_BF16": None, "DOT_MODE": None}
+    constants = {"B": block, "BM": bm, "BK": tile, "BN": tile, "MODE": getattr(kernels, mode.upper()).value,
+                 "BITS": bits, "IS_BF16": dtype == "bf16",
+                 "DOT_MODE": (kernels.FP32_DOT if dtype == "fp32" else kernels.SPLIT_DOT).value}
+    return compile_for(kernels._block_rotation_kernel, signature, constants, capability,
+                       num_warps=4 if bm <= 32 else 8)
 
 
 # The W4A16 kernel's configs (every autotune candidate, and the untuned one at M = 16 and 64) for sm_89, the

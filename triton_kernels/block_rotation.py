@@ -8,16 +8,23 @@ in x's dtype) and, fused, ``reference.quantize_per_token`` of that result rounde
 (e.g. a PCA basis of each head's activations, ``quantkern.rotation.pca_rotation``) where a per-head Hadamard
 is the fixed alternative. No quantizer or QuantLinear applies it online yet.
 
-Tiling: one program per BM = 16 rows (tl.dot's minimum M). A block of b entries is walked in chunks of
+Tiling: one program per (BM rows, block j): grid (M / BM, K / b), BM = 16..128 by M (tl.dot's minimum M is
+16), so that a single token still spreads over K / b programs. A block of b entries is walked in chunks of
 T = min(max(16, next power of two of b), 64) outputs, each the sum over input chunks of T entries of
-``tl.dot(x [BM, T], R_j^T [T, T])`` (IEEE fp32, no tf32; entries past b masked to zero). int4: the even and
-the odd outputs of a chunk of T pairs are two dots against the even and the odd rows of R_j, so that the
-pairs pack into bytes with no reshuffle. Pipeline (fused): pass 1 computes every block's rotation and
-reduces each row's absmax of the values rounded to x's dtype; pass 2 recomputes them (the rows' x and R come
-from L2 again), quantizes and stores codes. The recomputation doubles the math, not the HBM traffic of x:
-a program's rows are 16 x K entries (256 KB at K = 8192 in fp16). sm_90 build (AOT, triton 3.8): 158-252
-registers, no spills. The summation order differs from the reference's einsum, so values agree to fp32
-rounding (codes: up to rounding-boundary ties, one step).
+``tl.dot(x [BM, T], R_j^T [T, T])`` (entries past b masked to zero). int4: the even and the odd outputs of a
+chunk of T pairs are two dots against the even and the odd rows of R_j, so that the pairs pack into bytes
+with no reshuffle.
+Precision: fp16/bf16 rows run on tensor cores in x's dtype with R split in two, R = R_hi + R_lo, both in
+x's dtype (about 22 significant bits for fp16, 16 for bf16): two dots with exact products and fp32 sums,
+an error far below the output's own rounding to x's dtype. fp32 rows use IEEE fp32 dots. The summation order
+differs from the reference's einsum, so values agree to fp32 rounding (codes: up to rounding-boundary ties,
+one step).
+Pipeline: ``block_rotate`` is one kernel; each program stores its [BM, b] tile. ``block_rotate_quantize`` is
+two launches of the same kernel over the same grid, with nothing rotated written in between: (1) each
+program's rows' absmax over its block, folded into an int32 buffer by atomic max on the fp32 bits
+(non-negative floats order as their bits, so the result does not depend on the programs' order); (2) the
+rotation again, the per-token scale from the row's absmax, the codes stored; block 0's programs store the
+scales. So x is read twice (the second time often from L2), the codes written once, the math done twice.
 """
 
 from __future__ import annotations
@@ -28,19 +35,26 @@ import triton.language as tl
 
 from quantkern._fake import quantize_per_token_fake
 
+from quantkern.backends import triton_interpreting
+
 from ._host import next_power_of_2, triton_op
 from .activation_quant import _quantize
 from .hadamard import _rounded
 
-BM = 16  # rows per program (tl.dot's minimum M)
 MAX_BLOCK = 1024  # entries per rotated block (head_dim-sized blocks are the use)
+MAX_BM = 128  # rows per program at most
+# What a launch does (MODE), and how the dots run (DOT_MODE); constexpr globals, which kernels may read.
+ROTATE, ABSMAX, CODES = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+FP32_DOT, SPLIT_DOT, SPLIT_DOT_IN_FP32 = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
 def _rotated_chunk(x_row_ptrs, row_ok, r_block_ptr, out0, B: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, IS_BF16: tl.constexpr):
+                   BN: tl.constexpr, STRIDE: tl.constexpr, OFFSET: tl.constexpr, IS_BF16: tl.constexpr,
+                   DOT_MODE: tl.constexpr):
     """[BM, BN] fp32: outputs c = STRIDE * (out0 + n) + OFFSET (n < BN) of one block, i.e. the dot of the
-    block's x [BM, b] with rows c of R (zero for c >= b), rounded to x's dtype (the value the quantizer sees)."""
+    block's x [BM, b] with rows c of R (zero for c >= b), rounded to x's dtype (the value the quantizer sees).
+    SPLIT_DOT_IN_FP32 (the CPU interpreter, whose bf16 dot is wrong): the split dots' exact products in fp32."""
     cols = STRIDE * (out0 + tl.arange(0, BN)) + OFFSET
     col_ok = cols < B
     acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -51,57 +65,68 @@ def _rotated_chunk(x_row_ptrs, row_ok, r_block_ptr, out0, B: tl.constexpr, BM: t
         # R_j^T[k, c] = R_j[c, k]
         rt = tl.load(r_block_ptr + cols[None, :] * B + ks[:, None], mask=k_ok[:, None] & col_ok[None, :],
                      other=0.0)
-        acc += tl.dot(x.to(tl.float32), rt, input_precision="ieee")
+        if DOT_MODE == FP32_DOT:
+            acc += tl.dot(x.to(tl.float32), rt, input_precision="ieee")
+        else:
+            r_hi = rt.to(x.dtype)
+            r_lo = (rt - r_hi.to(tl.float32)).to(x.dtype)
+            if DOT_MODE == SPLIT_DOT:
+                acc = tl.dot(x, r_hi, acc)
+                acc = tl.dot(x, r_lo, acc)
+            else:
+                x32 = x.to(tl.float32)
+                acc += tl.dot(x32, r_hi.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(x32, r_lo.to(tl.float32), input_precision="ieee")
     return _rounded(acc, x_row_ptrs.dtype.element_ty, IS_BF16)
 
 
 @triton.jit
-def _block_rotation_kernel(x_ptr, r_ptr, out_ptr, scale_ptr, M, K, r_block_stride, clip_ratio,
+def _block_rotation_kernel(x_ptr, r_ptr, out_ptr, scale_ptr, absmax_ptr, M, K, r_block_stride, clip_ratio,
                            B: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                           QUANT: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr):
+                           MODE: tl.constexpr, BITS: tl.constexpr, IS_BF16: tl.constexpr, DOT_MODE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    block = tl.program_id(1)
     row_ok = rows < M
-    x_rows = x_ptr + rows[:, None] * K  # [BM, 1] row pointers
-    n_blocks = K // B
-    if not QUANT:
-        for j in range(n_blocks):
-            for n0 in range(0, B, BN):
-                y = _rotated_chunk(x_rows + j * B, row_ok, r_ptr + j * r_block_stride, n0, B, BM, BK, BN, 1, 0,
-                                   IS_BF16)
-                cols = n0 + tl.arange(0, BN)
-                tl.store(out_ptr + rows[:, None] * K + j * B + cols[None, :], y.to(out_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & (cols < B)[None, :])
+    x_block = x_ptr + rows[:, None] * K + block * B  # [BM, 1] pointers to the rows' block
+    r_block = r_ptr + block * r_block_stride
+    if MODE == ROTATE:
+        for n0 in range(0, B, BN):
+            y = _rotated_chunk(x_block, row_ok, r_block, n0, B, BM, BK, BN, 1, 0, IS_BF16, DOT_MODE)
+            cols = n0 + tl.arange(0, BN)
+            tl.store(out_ptr + rows[:, None] * K + block * B + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & (cols < B)[None, :])
     else:
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
         # int8: a chunk is BN outputs; int4: BN pairs (its even and its odd outputs, two dots).
         PAIRS: tl.constexpr = BITS == 4
         PER_CHUNK: tl.constexpr = 2 * BN if PAIRS else BN
         STRIDE: tl.constexpr = 2 if PAIRS else 1
-        absmax = tl.zeros([BM], dtype=tl.float32)
-        for j in range(n_blocks):  # pass 1: each row's absmax
+        if MODE == ABSMAX:
+            absmax = tl.zeros([BM], dtype=tl.float32)
             for c0 in range(0, B, PER_CHUNK):
-                first = _rotated_chunk(x_rows + j * B, row_ok, r_ptr + j * r_block_stride, c0 // STRIDE, B, BM, BK,
-                                       BN, STRIDE, 0, IS_BF16)
+                first = _rotated_chunk(x_block, row_ok, r_block, c0 // STRIDE, B, BM, BK, BN, STRIDE, 0, IS_BF16,
+                                       DOT_MODE)
                 absmax = tl.maximum(absmax, tl.max(tl.abs(first), axis=1))
                 if PAIRS:
-                    odd = _rotated_chunk(x_rows + j * B, row_ok, r_ptr + j * r_block_stride, c0 // 2, B, BM, BK,
-                                         BN, 2, 1, IS_BF16)
+                    odd = _rotated_chunk(x_block, row_ok, r_block, c0 // 2, B, BM, BK, BN, 2, 1, IS_BF16, DOT_MODE)
                     absmax = tl.maximum(absmax, tl.max(tl.abs(odd), axis=1))
-        scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        tl.store(scale_ptr + rows, scale, mask=row_ok)
-        scale_tile = scale[:, None]
-        for j in range(n_blocks):  # pass 2: the same values again, quantized and stored
+            tl.atomic_max(absmax_ptr + rows, absmax.to(tl.int32, bitcast=True), mask=row_ok)
+        else:
+            absmax = tl.load(absmax_ptr + rows, mask=row_ok, other=0).to(tl.float32, bitcast=True)
+            scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
+            scale = tl.where(scale == 0.0, 1.0, scale)
+            if block == 0:
+                tl.store(scale_ptr + rows, scale, mask=row_ok)
+            scale_tile = scale[:, None]
             for c0 in range(0, B, PER_CHUNK):
-                first = _rotated_chunk(x_rows + j * B, row_ok, r_ptr + j * r_block_stride, c0 // STRIDE, B, BM, BK,
-                                       BN, STRIDE, 0, IS_BF16)
+                first = _rotated_chunk(x_block, row_ok, r_block, c0 // STRIDE, B, BM, BK, BN, STRIDE, 0, IS_BF16,
+                                       DOT_MODE)
                 codes = _quantize(first, scale_tile, QMAX)
                 outs = c0 // STRIDE + tl.arange(0, BN)  # output columns: values (int8) or pairs (int4)
                 if PAIRS:
-                    odd = _rotated_chunk(x_rows + j * B, row_ok, r_ptr + j * r_block_stride, c0 // 2, B, BM, BK,
-                                         BN, 2, 1, IS_BF16)
+                    odd = _rotated_chunk(x_block, row_ok, r_block, c0 // 2, B, BM, BK, BN, 2, 1, IS_BF16, DOT_MODE)
                     codes = (codes & 0xF) | ((_quantize(odd, scale_tile, QMAX) & 0xF) << 4)
-                tl.store(out_ptr + rows[:, None] * (K // STRIDE) + j * (B // STRIDE) + outs[None, :],
+                tl.store(out_ptr + rows[:, None] * (K // STRIDE) + block * (B // STRIDE) + outs[None, :],
                          codes.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (outs < B // STRIDE)[None, :])
 
 
@@ -118,15 +143,31 @@ def _check(x: torch.Tensor, rotation: torch.Tensor, quant: bool, bits: int) -> i
     return b
 
 
+def rows_per_program(rows: int) -> int:
+    return min(MAX_BM, max(16, next_power_of_2(rows)))
+
+
 def _launch(x: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor, scales, quant: bool, bits: int,
             clip_ratio: float) -> None:
     rows, k = x.shape
     b = _check(x, rotation, quant, bits)
-    tile = min(max(16, next_power_of_2(b)), 64)  # BK and BN (pairs for int4): dot tiles of at most 16 x 64 x 64
-    _block_rotation_kernel[(triton.cdiv(rows, BM),)](
-        x, rotation, out, scales if scales is not None else out, rows, k, b * b if rotation.dim() == 3 else 0,
-        float(clip_ratio), B=b, BM=BM, BK=tile, BN=tile, QUANT=quant, BITS=bits, IS_BF16=x.dtype == torch.bfloat16,
-        num_warps=4)
+    tile = min(max(16, next_power_of_2(b)), 64)  # BK and BN (pairs for int4): dot tiles of at most BM x 64 x 64
+    bm = rows_per_program(rows)
+    grid = (-(-rows // bm), k // b)
+    if x.dtype == torch.float32:
+        dot_mode = FP32_DOT
+    else:
+        dot_mode = SPLIT_DOT_IN_FP32 if triton_interpreting() else SPLIT_DOT
+    meta = dict(B=b, BM=bm, BK=tile, BN=tile, BITS=bits, IS_BF16=x.dtype == torch.bfloat16, DOT_MODE=dot_mode,
+                num_warps=4 if bm <= 32 else 8)
+    stride = b * b if rotation.dim() == 3 else 0
+    if not quant:
+        _block_rotation_kernel[grid](x, rotation, out, out, out, rows, k, stride, 1.0, MODE=ROTATE, **meta)
+        return
+    absmax_bits = torch.zeros(rows, dtype=torch.int32, device=x.device)
+    args = (x, rotation, out, scales, absmax_bits, rows, k, stride, float(clip_ratio))
+    _block_rotation_kernel[grid](*args, MODE=ABSMAX, **meta)
+    _block_rotation_kernel[grid](*args, MODE=CODES, **meta)
 
 
 def _block_rotate_fake(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
