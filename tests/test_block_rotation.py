@@ -73,9 +73,10 @@ def test_bad_inputs_are_refused_clearly(call, message):
 # ----------------------------------------------------------------------------------------------
 
 # (rows, K, b): SmolLM2 (576 = 9 heads x 64), Qwen2.5-0.5B (896 = 14 x 64), Llama-3 (4096 = 32 x 128),
-# head_dim 96 and 256, small blocks (below tl.dot's 16), more rows than one program's 16, and no rows.
+# head_dim 96 and 256, small blocks (below tl.dot's 16), rows for 16-, 64- and 128-row programs (the last
+# tile partial), and no rows.
 SHAPES = [(1, 576, 64), (17, 576, 64), (3, 896, 64), (2, 4096, 128), (5, 192, 96), (2, 512, 256),
-          (33, 64, 8), (4, 12, 6), (0, 128, 64)]
+          (33, 64, 8), (4, 12, 6), (130, 256, 64), (0, 128, 64)]
 
 
 def tolerance(dtype, b):
