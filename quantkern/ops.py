@@ -366,7 +366,7 @@ def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4
     """Fused dense per-block rotation + per-token quantization:
     ``quantize_per_token(block_rotate(x, rotation), bits, clip_ratio)``, the rotated values rounded to x's
     dtype before quantizing (as the two calls do). Returns ``(q, scales)`` in quantize_per_token's layout.
-    GPU kernel: triton_kernels/block_rotation.py (one program per 16 rows; no CUDA kernel yet)."""
+    GPU kernel: triton_kernels/block_rotation.py (two launches; no CUDA kernel yet)."""
     rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
     reference.check_block_rotation(x, rotation)
     chosen = select("block_rotate_quantize", x.device, backend)

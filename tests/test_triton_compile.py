@@ -4,8 +4,8 @@ The interpreter (TRITON_INTERPRET=1, the CPU tests) runs a kernel's Python with 
 the compiler refuses (a kernel reading a plain module-level int ran there and failed to compile) and says
 nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such errors, and spills, without a
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
-Covers the kernels that have not run on a GPU yet: triton_kernels/block_rotation.py and kv_quant.py (sm_89 and
-sm_90), and on sm_89 (the wheel's target) the kernels that ran on sm_90 only: W4A16 and the integer GEMM (their
+Covers triton_kernels/block_rotation.py (also run on the H200) and kv_quant.py (not yet run on a GPU) for
+sm_89 and sm_90, and on sm_89 (the wheel's target) the kernels that ran on sm_90 only: W4A16 and the integer GEMM (their
 configs), the activation quantizer and the Hadamard kernel.
 """
 
