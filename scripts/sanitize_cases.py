@@ -38,7 +38,9 @@ def w4a16_cases():
              # the small-M kernel: odd strips and k-tiles, forced splits, 16-warp blocks, two token tiles
              (192, 80, 5, 64, False, torch.bfloat16, 2, 1), (4096, 1024, 12, 32, True, torch.float16, 0, 0),
              (576, 4864, 3, -1, True, torch.bfloat16, 0, 1), (192, 400, 13, 64, False, torch.float16, 2, 1),
-             (1536, 576, 16, 128, True, torch.bfloat16, 0, 0)]
+             (1536, 576, 16, 128, True, torch.bfloat16, 0, 0),
+             # 4-warp blocks (320 blocks: between 2 and 4 per SM on 128-132 SMs), warps without a chunk (K = 192)
+             (192, 10240, 1, 64, False, torch.bfloat16, 0, 0), (192, 10240, 16, 32, True, torch.float16, 0, 0)]
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
         cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
                   (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5)]
