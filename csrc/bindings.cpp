@@ -60,6 +60,9 @@ TORCH_LIBRARY(quantkern, m) {
 
 namespace quantkern {
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
+namespace w4a16 {
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block);  // csrc/w4a16_small_m.cu
+}  // namespace w4a16
 }  // namespace quantkern
 
 namespace {
@@ -103,4 +106,17 @@ PYBIND11_MODULE(_C, m) {
       "'archs': the TORCH_CUDA_ARCH_LIST it was compiled for, 'torch_version': torch at build time, "
       "'kernels': names of the quantkern ops with a CUDA kernel, 'hadamard_quantize_tensor_core_sizes': the row "
       "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+)}.");
+  m.def(
+      "w4a16_small_m_plan",
+      [](int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block) {
+        const std::vector<int64_t> plan = quantkern::w4a16::small_m_plan(M, N, K, sm_count, smem_per_block);
+        pybind11::dict out;
+        out["warps"] = plan[0];
+        out["splits"] = plan[1];
+        return out;
+      },
+      pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("sm_count"),
+      pybind11::arg("smem_per_block"),
+      "The W4A16 small-M kernel's launch plan (M <= 16) on a device with sm_count SMs and smem_per_block bytes "
+      "of opt-in shared memory per block: {'warps': warps per block (4, 8 or 16), 'splits': K splits}.");
 }

@@ -47,6 +47,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -494,6 +496,8 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
   // blocks): 6-10% faster at M = 1..16; with more blocks than one wave holds (8192 x 28672) no gain.
+  // (sm_89's 100 KB of shared memory per SM holds two 4-warp blocks with two token tiles, or one 8-warp
+  // one: the same warps per SM, in twice the block slots.)
   if (blocks > 2 * sm_count && blocks <= 4 * sm_count) config.warps = 4;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
   // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
@@ -503,6 +507,11 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
     config.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sm_count / blocks, chunks / config.warps)));
   }
   return config;
+}
+
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block) {
+  const SmallMConfig config = small_m_config(M, N, K, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
+  return {config.warps, config.splits};
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {

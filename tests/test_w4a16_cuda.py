@@ -183,6 +183,37 @@ def test_prepare_refuses_what_it_cannot_serve():
         prepare_w4a16(w8, torch.float16)
 
 
+# Opt-in shared memory per block: the H100 / H200 (132 SMs) and the RTX 4090 (128 SMs).
+HOPPER_SMEM, ADA_SMEM = 232448, 101376
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "m,n,k,sms,smem,warps,splits",
+    [
+        # Fewer blocks of 32 channels than 2 per SM: 16-warp blocks, K split up to one block per SM.
+        (1, 4096, 4096, 132, HOPPER_SMEM, 16, 1),
+        (1, 2048, 8192, 132, HOPPER_SMEM, 16, 2),
+        (1, 1536, 576, 132, HOPPER_SMEM, 16, 1),
+        # Two token tiles: 16 warps' activation rings (131 KB) do not fit sm_89's 99 KB: 8-warp blocks.
+        (16, 4096, 4096, 132, HOPPER_SMEM, 16, 1),
+        (16, 4096, 4096, 128, ADA_SMEM, 8, 1),
+        # More than one wave of 8-warp blocks, one wave of 4-warp blocks (Llama's 14336: 448 blocks).
+        (1, 14336, 4096, 132, HOPPER_SMEM, 4, 1),
+        (16, 14336, 4096, 128, ADA_SMEM, 4, 1),
+        (1, 8449, 4096, 132, HOPPER_SMEM, 4, 1),
+        (1, 8448, 4096, 132, HOPPER_SMEM, 8, 1),
+        # More than one wave either way: 8-warp blocks.
+        (1, 28672, 8192, 132, HOPPER_SMEM, 8, 1),
+        (1, 16928, 4096, 132, HOPPER_SMEM, 8, 1),
+    ],
+)
+def test_small_m_launch_plan(m, n, k, sms, smem, warps, splits):
+    from quantkern import _C
+
+    assert _C.w4a16_small_m_plan(m, n, k, sms, smem) == {"warps": warps, "splits": splits}
+
+
 @needs_extension
 def test_op_is_registered_and_refuses_cpu_tensors():
     from quantkern import _C
