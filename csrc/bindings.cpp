@@ -61,7 +61,8 @@ TORCH_LIBRARY(quantkern, m) {
 namespace quantkern {
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
 namespace w4a16 {
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block);  // csrc/w4a16_small_m.cu
+// csrc/w4a16_small_m.cu
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block);
 }  // namespace w4a16
 }  // namespace quantkern
 
