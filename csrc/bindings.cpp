@@ -62,7 +62,8 @@ namespace quantkern {
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
 namespace w4a16 {
 // csrc/w4a16_small_m.cu
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block);
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+                                  int smem_per_block);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -109,15 +110,18 @@ PYBIND11_MODULE(_C, m) {
       "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+)}.");
   m.def(
       "w4a16_small_m_plan",
-      [](int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block) {
-        const std::vector<int64_t> plan = quantkern::w4a16::small_m_plan(M, N, K, sm_count, smem_per_block);
+      [](int64_t M, int64_t N, int64_t K, int64_t group_size, int sm_count, int smem_per_block) {
+        const int64_t group_len = group_size == -1 ? K : group_size;  // -1: per-channel, as in the ops
+        const std::vector<int64_t> plan =
+            quantkern::w4a16::small_m_plan(M, N, K, group_len, sm_count, smem_per_block);
         pybind11::dict out;
         out["warps"] = plan[0];
         out["splits"] = plan[1];
         return out;
       },
-      pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("sm_count"),
-      pybind11::arg("smem_per_block"),
-      "The W4A16 small-M kernel's launch plan (M <= 16) on a device with sm_count SMs and smem_per_block bytes "
-      "of opt-in shared memory per block: {'warps': warps per block (4, 8 or 16), 'splits': K splits}.");
+      pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("group_size"),
+      pybind11::arg("sm_count"), pybind11::arg("smem_per_block"),
+      "The W4A16 small-M kernel's launch plan (M <= 16, group_size 32, 64, 128 or -1 for per-channel) on a device "
+      "with sm_count SMs and smem_per_block bytes of opt-in shared memory per block: {'warps': warps per block "
+      "(2, 4, 8 or 16), 'splits': K splits}.");
 }

@@ -213,10 +213,12 @@ struct SmallMConfig {
   int splits;
   int warps;
 };
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block, int64_t max_locks);
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count, int smem_per_block,
+                            int64_t max_locks);
 // {warps per block, K splits} of small_m_config for a device of sm_count SMs (no limit on the lock
 // counters): quantkern._C.w4a16_small_m_plan, so that tests without a GPU can check the launch rule.
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block);
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+                                  int smem_per_block);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128

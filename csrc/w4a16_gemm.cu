@@ -534,7 +534,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
     const SmallMConfig config =
-        small_m_config(M, N, K, sm_count(x.get_device()), smem_per_block(x.get_device()), locks.numel());
+        small_m_config(M, N, K, glen, sm_count(x.get_device()), smem_per_block(x.get_device()), locks.numel());
     const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {

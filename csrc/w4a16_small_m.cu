@@ -29,8 +29,9 @@
 //   every block reads the same x). X_PRIVATE replaced loads at use: ncu (H200, 4096 x 14336, M = 16)
 //   had shown 10.5 cycles of long-scoreboard stall per instruction and 22% of DRAM bandwidth.
 //
-// Work split: a block is 4, 8 or 16 warps (small_m_config: 16 when 8-warp blocks would leave SMs with
-//   fewer than two; 4 when the 8-warp blocks would take more than one wave but 4-warp ones fit in one)
+// Work split: a block is 2, 4, 8 or 16 warps (small_m_config: 16 when 8-warp blocks would leave SMs with
+//   fewer than two; 4 when the 8-warp blocks would take more than one wave but 4-warp ones fit in one;
+//   2 one step further, at one token tile and groups other than 32)
 //   on the same 32 output channels (2 strips) and the same token tile of 16; its K range is cut into
 //   chunks, dealt round-robin to its warps, which fold their group sums into fp32 accumulators (scale
 //   applied in fp32, as in the large-M kernel); the block then sums its warps in shared memory in warp
@@ -60,7 +61,7 @@ namespace w4a16 {
 namespace {
 
 constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp
-// Warps per block (template parameter WARPS): 4, 8 or 16 (small_m_config says which); 16 warps per SM in
+// Warps per block (template parameter WARPS): 2, 4, 8 or 16 (small_m_config says which); 16 warps per SM in
 // every case (the launch bound: 128 registers per thread).
 constexpr int kWarpsPerSM = 16;
 constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline stage
@@ -463,6 +464,12 @@ void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
     launch_warps<T, TOKEN_TILES, GK, 16>(p, grid, stream);
   } else if (p.warps == 4) {
     launch_warps<T, TOKEN_TILES, GK, 4>(p, grid, stream);
+  } else if (p.warps == 2) {  // small_m_config gives 2 warps only to one token tile and groups other than 32
+    if constexpr (TOKEN_TILES == 1 && GK != kGroup32) {
+      launch_warps<T, TOKEN_TILES, GK, 2>(p, grid, stream);
+    } else {
+      TORCH_CHECK(false, "w4a16 small-M kernel: no 2-warp instance for this token tile count and group size");
+    }
   } else {
     launch_warps<T, TOKEN_TILES, GK, 8>(p, grid, stream);
   }
@@ -483,7 +490,8 @@ void launch_typed(const SmallMParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block, int64_t max_locks) {
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count, int smem_per_block,
+                            int64_t max_locks) {
   const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
@@ -499,6 +507,12 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
   // (sm_89's 100 KB of shared memory per SM holds two 4-warp blocks with two token tiles, or one 8-warp
   // one: the same warps per SM, in twice the block slots.)
   if (blocks > 2 * sm_count && blocks <= 4 * sm_count) config.warps = 4;
+  // 2-warp blocks (8 per SM) one step further: 4-warp ones would take more than one wave, 2-warp ones fit
+  // in one. Measured on the H200 (fp16, M = 1, 4, 8, repeated in one call): group 128 at 8192 x 28672
+  // (896 blocks) 3.9-5.3% faster at M = 1 and 4, equal at M = 8; 3584 x 18944 (592 blocks) 2.5-4% faster.
+  // Group 32 was mixed (8192 x 28672 M = 8 13% faster, 3584 x 18944 2-11% slower), so it keeps 8 warps.
+  // Only one token tile: two would need 8 private activation rings of 33 KB per SM.
+  if (n8_tiles == 1 && group_len != 32 && blocks > 4 * sm_count && blocks <= 8 * sm_count) config.warps = 2;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
   // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
   // up to one block per SM, and keep at least one chunk per warp.
@@ -509,8 +523,10 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int sm_count, int s
   return config;
 }
 
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int sm_count, int smem_per_block) {
-  const SmallMConfig config = small_m_config(M, N, K, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+                                  int smem_per_block) {
+  const SmallMConfig config =
+      small_m_config(M, N, K, group_len, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
   return {config.warps, config.splits};
 }
 

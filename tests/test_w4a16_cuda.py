@@ -30,7 +30,9 @@ MODEL_SHAPES = [
     (896, 4864), (4864, 896), (896, 896), (896, 128), (2048, 11008), (11008, 2048), (3072, 8192),
     (576, 1536), (1536, 576), (576, 576), (576, 192),
 ]
-GPU_SHAPES = [(4096, 14336), (14336, 4096), (896, 4864), (4864, 896), (576, 1536), (1536, 576), (1024, 3072)]
+# (3584, 18944), Qwen2.5-7B's MLP: 592 blocks of the small-M kernel, its 2-warp blocks on 128-132 SMs.
+GPU_SHAPES = [(4096, 14336), (14336, 4096), (896, 4864), (4864, 896), (576, 1536), (1536, 576), (1024, 3072),
+              (3584, 18944)]
 TOKENS = [1, 2, 7, 16, 33, 64, 128, 512, 2048]
 GROUPS = [32, 64, 128, -1]
 
@@ -189,29 +191,38 @@ HOPPER_SMEM, ADA_SMEM = 232448, 101376
 
 @needs_extension
 @pytest.mark.parametrize(
-    "m,n,k,sms,smem,warps,splits",
+    "m,n,k,group,sms,smem,warps,splits",
     [
         # Fewer blocks of 32 channels than 2 per SM: 16-warp blocks, K split up to one block per SM.
-        (1, 4096, 4096, 132, HOPPER_SMEM, 16, 1),
-        (1, 2048, 8192, 132, HOPPER_SMEM, 16, 2),
-        (1, 1536, 576, 132, HOPPER_SMEM, 16, 1),
+        (1, 4096, 4096, 128, 132, HOPPER_SMEM, 16, 1),
+        (1, 2048, 8192, 128, 132, HOPPER_SMEM, 16, 2),
+        (1, 1536, 576, -1, 132, HOPPER_SMEM, 16, 1),
         # Two token tiles: 16 warps' activation rings (131 KB) do not fit sm_89's 99 KB: 8-warp blocks.
-        (16, 4096, 4096, 132, HOPPER_SMEM, 16, 1),
-        (16, 4096, 4096, 128, ADA_SMEM, 8, 1),
+        (16, 4096, 4096, 128, 132, HOPPER_SMEM, 16, 1),
+        (16, 4096, 4096, 128, 128, ADA_SMEM, 8, 1),
         # More than one wave of 8-warp blocks, one wave of 4-warp blocks (Llama's 14336: 448 blocks).
-        (1, 14336, 4096, 132, HOPPER_SMEM, 4, 1),
-        (16, 14336, 4096, 128, ADA_SMEM, 4, 1),
-        (1, 8449, 4096, 132, HOPPER_SMEM, 4, 1),
-        (1, 8448, 4096, 132, HOPPER_SMEM, 8, 1),
-        # More than one wave either way: 8-warp blocks.
-        (1, 28672, 8192, 132, HOPPER_SMEM, 8, 1),
-        (1, 16928, 4096, 132, HOPPER_SMEM, 8, 1),
+        (1, 14336, 4096, 128, 132, HOPPER_SMEM, 4, 1),
+        (16, 14336, 4096, 32, 128, ADA_SMEM, 4, 1),
+        (1, 8449, 4096, 128, 132, HOPPER_SMEM, 4, 1),
+        (1, 8448, 4096, 128, 132, HOPPER_SMEM, 8, 1),
+        # More than one wave of 4-warp blocks, one wave of 2-warp blocks, at one token tile (M <= 8) and
+        # groups other than 32 (Llama's 28672: 896 blocks; Qwen2.5-7B's 18944: 592).
+        (1, 28672, 8192, 128, 132, HOPPER_SMEM, 2, 1),
+        (8, 28672, 8192, -1, 132, HOPPER_SMEM, 2, 1),
+        (4, 18944, 3584, 64, 128, ADA_SMEM, 2, 1),
+        (1, 16928, 4096, 128, 132, HOPPER_SMEM, 2, 1),
+        (1, 16896, 4096, 128, 132, HOPPER_SMEM, 4, 1),
+        (1, 33792, 4096, 128, 132, HOPPER_SMEM, 2, 1),
+        # More than one wave either way (or two token tiles, or group 32): 8-warp blocks.
+        (1, 33824, 4096, 128, 132, HOPPER_SMEM, 8, 1),
+        (9, 28672, 8192, 128, 132, HOPPER_SMEM, 8, 1),
+        (1, 28672, 8192, 32, 132, HOPPER_SMEM, 8, 1),
     ],
 )
-def test_small_m_launch_plan(m, n, k, sms, smem, warps, splits):
+def test_small_m_launch_plan(m, n, k, group, sms, smem, warps, splits):
     from quantkern import _C
 
-    assert _C.w4a16_small_m_plan(m, n, k, sms, smem) == {"warps": warps, "splits": splits}
+    assert _C.w4a16_small_m_plan(m, n, k, group, sms, smem) == {"warps": warps, "splits": splits}
 
 
 @needs_extension
