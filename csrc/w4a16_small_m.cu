@@ -22,12 +22,18 @@
 //   ld.global.v4 (no shared memory, no barrier in the main loop). A pipeline stage is a chunk of 2
 //   k-tiles (128 deep); two stages in registers, the next chunk's loads issued before the current
 //   one's math, nothing reading a loaded register before its use. The chunk's scale and zero rows
-//   travel in the stage; so do its activation fragments when the registers allow (one token tile,
-//   symmetric, group >= 64). Two token tiles (9 <= M <= 16) stage them in a private shared-memory
-//   ring per warp (X_PRIVATE: 2 slots), issued two chunks ahead with cp.async and read with
-//   ldmatrix; what remains (one token tile, asymmetric or group 32) loads them at use (L1/L2 hits:
-//   every block reads the same x). X_PRIVATE replaced loads at use: ncu (H200, 4096 x 14336, M = 16)
-//   had shown 10.5 cycles of long-scoreboard stall per instruction and 22% of DRAM bandwidth.
+//   travel in the stage; so do its activation fragments at M <= 4 when the registers allow (one token
+//   tile, symmetric, group >= 64). From M = 5 (X_RING, kXRingMinTokens) and with two token tiles
+//   (9 <= M <= 16) they go through a private shared-memory ring per warp (X_PRIVATE: 2 slots), issued
+//   two chunks ahead with cp.async and read with ldmatrix; what remains (M <= 4, asymmetric or group
+//   32) loads them at use (L1/L2 hits: every block reads the same x). X_PRIVATE replaced loads at use:
+//   ncu (H200, 4096 x 14336, M = 16) had shown 10.5 cycles of long-scoreboard stall per instruction
+//   and 22% of DRAM bandwidth. At one tile the per-lane 32-bit loads touch a row of x per lane group
+//   (8 rows per load instruction at M = 8): H200, 8192 x 28672, M = 8 ran in 46.3 us, and in 34.4 us
+//   when every token read row 0 (wrong results, same instructions), as fast as M = 1; ncu there showed
+//   360 MB of L1 load traffic (61% hits) against 154 MB at M = 1. The ring at one tile (ldmatrix.x2)
+//   made M = 8 12-24% faster on the Llama shapes and Qwen2.5-7B's 3584 x 18944 (group 128 and 32), was
+//   mixed at M = 4 and slower at M = 2 (up to 6%), hence the threshold.
 //
 // Work split: a block is 2, 4, 8 or 16 warps (small_m_config: 16 when 8-warp blocks would leave SMs with
 //   fewer than two; 4 when the 8-warp blocks would take more than one wave but 4-warp ones fit in one;
@@ -65,10 +71,12 @@ constexpr int kStrips = kSmallMChannels / 16;  // 16-channel strips per warp
 // every case (the launch bound: 128 registers per thread).
 constexpr int kWarpsPerSM = 16;
 constexpr int kChunkTiles = 2;    // k-tiles per chunk (K = 128): one pipeline stage
-// Two token tiles: each warp's private activation ring (dynamic shared memory), kXSlots slots of one
-// chunk each (16 token rows of 256 B), kXAlign-byte aligned (the kernel's ldmatrix addressing needs it).
+// Two token tiles, or one from kXRingMinTokens tokens: each warp's private activation ring (dynamic shared
+// memory), kXSlots slots of one chunk each (8 token rows of 256 B per 8-token tile), kXAlign-byte aligned
+// (the kernel's ldmatrix addressing needs it).
 constexpr int kXRowBytes = kChunkTiles * kBK * 2;
-constexpr int kXSlotBytes = kSmallMTokens * kXRowBytes;
+constexpr int x_slot_bytes(int n8_tiles) { return n8_tiles * 8 * kXRowBytes; }
+constexpr int kXRingMinTokens = 5;
 constexpr int kXSlots = 2;
 constexpr int kXAlign = 256;
 
@@ -105,7 +113,9 @@ constexpr int n8_tiles_for(int64_t M) { return M <= 8 ? 1 : 2; }
 constexpr int static_smem_bytes(int n8_tiles, int warps) {
   return warps * kStrips * n8_tiles * 32 * static_cast<int>(sizeof(float4)) + 128;
 }
-constexpr int dynamic_smem_bytes(int n8_tiles, int warps) { return n8_tiles == 2 ? warps * kXSlots * kXSlotBytes + kXAlign : 0; }
+constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring) {
+  return x_ring ? warps * kXSlots * x_slot_bytes(n8_tiles) + kXAlign : 0;
+}
 
 // One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
 // (and zero) of channels g and g + 8 for each of the chunk's kRows groups; when X_STAGED, the chunk's
@@ -120,16 +130,17 @@ struct Stage {
 };
 
 // The block's warps share 2 strips and split K.
-template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS>
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool X_RING>
 __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
   constexpr int kWarps = WARPS, kThreads = WARPS * 32;
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
-  constexpr bool X_STAGED = TOKEN_TILES == 1 && !ASYM && GK != kGroup32;
-  // Two token tiles: each warp stages its own chunks' activations in a private cp.async ring (kXSlots
-  // slots), issued kXSlots chunks ahead with the weights and read with ldmatrix, instead of loading
-  // them from L2 right before their mma.
-  constexpr bool X_PRIVATE = TOKEN_TILES == 2;
+  constexpr bool X_STAGED = TOKEN_TILES == 1 && !X_RING && !ASYM && GK != kGroup32;
+  // Two token tiles, or one with X_RING (M >= kXRingMinTokens): each warp stages its own chunks'
+  // activations in a private cp.async ring (kXSlots slots), issued kXSlots chunks ahead with the weights
+  // and read with ldmatrix, instead of loading them from L2 right before their mma.
+  constexpr bool X_PRIVATE = TOKEN_TILES == 2 || X_RING;
+  constexpr int kXSlotBytes = x_slot_bytes(TOKEN_TILES);
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
@@ -269,7 +280,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     const bool chunk_ok = c < c_end && c * kChunkTiles + x_piece / 8 < p.k_tiles;
     const T* src = x_lane + (chunk_ok ? c * (kChunkTiles * kBK) : 0);
 #pragma unroll
-    for (int j = 0; j < kSmallMTokens / 2; ++j) {
+    for (int j = 0; j < TOKEN_TILES * 4; ++j) {
       const int row = x_row0 + 2 * j;
       const bool ok = chunk_ok && 2 * j < x_rows_ok;
       cp_async16(base + 2 * j * kXRowBytes + ((x_piece ^ (row & 7)) << 4), ok ? src + 2 * j * static_cast<int64_t>(p.K) : x_lane, ok);
@@ -291,12 +302,20 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
           // Piece u * 8 + kk * 2 + ldm_half of row ldm_row sits at piece ^ (row & 7); with the slot
           // 256-byte aligned that address is the lane's piece-0 address XOR (u * 8 + kk * 2) << 4: one
           // LOP3 per ldmatrix, and no table of 16 precomputed offsets (which had spilled).
-          uint32_t r[4];
-          ldmatrix_x4(r, (x_lane_ldm0 + slot * kXSlotBytes) ^ static_cast<uint32_t>((u * 8 + kk * 2) << 4));
-          b[0][0] = r[0];
-          b[0][1] = r[1];
-          b[TOKEN_TILES - 1][0] = r[2];
-          b[TOKEN_TILES - 1][1] = r[3];
+          const uint32_t addr = (x_lane_ldm0 + slot * kXSlotBytes) ^ static_cast<uint32_t>((u * 8 + kk * 2) << 4);
+          if constexpr (TOKEN_TILES == 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, addr);
+            b[0][0] = r[0];
+            b[0][1] = r[1];
+            b[TOKEN_TILES - 1][0] = r[2];
+            b[TOKEN_TILES - 1][1] = r[3];
+          } else {  // one tile: matrices 0 and 1 (rows 0-7, both k halves), addressed by lanes 0-15
+            uint32_t r[2];
+            ldmatrix_x2(r, addr);
+            b[0][0] = r[0];
+            b[0][1] = r[1];
+          }
         } else {
 #pragma unroll
           for (int j = 0; j < TOKEN_TILES; ++j)
@@ -443,49 +462,48 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 }
 
 
-template <typename T, int TOKEN_TILES, int GK, int WARPS>
+template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS);
+  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS, TOKEN_TILES == 2 || X_RING);
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, WARPS * 32, smem, stream>>>(p);
   };
   if (p.zeros != nullptr) {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, X_RING>);
   } else {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, X_RING>);
   }
 }
 
-template <typename T, int TOKEN_TILES, int GK>
+template <typename T, int TOKEN_TILES, int GK, bool X_RING>
 void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   if (p.warps == 16) {
-    launch_warps<T, TOKEN_TILES, GK, 16>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 16, X_RING>(p, grid, stream);
   } else if (p.warps == 4) {
-    launch_warps<T, TOKEN_TILES, GK, 4>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 4, X_RING>(p, grid, stream);
   } else if (p.warps == 2) {  // small_m_config gives 2 warps only to one token tile and groups other than 32
     if constexpr (TOKEN_TILES == 1 && GK != kGroup32) {
-      launch_warps<T, TOKEN_TILES, GK, 2>(p, grid, stream);
+      launch_warps<T, TOKEN_TILES, GK, 2, X_RING>(p, grid, stream);
     } else {
       TORCH_CHECK(false, "w4a16 small-M kernel: no 2-warp instance for this token tile count and group size");
     }
   } else {
-    launch_warps<T, TOKEN_TILES, GK, 8>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 8, X_RING>(p, grid, stream);
   }
 }
 
-template <typename T, int TOKEN_TILES>
+template <typename T, int TOKEN_TILES, bool X_RING>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
   const dim3 grid((p.N + kSmallMChannels - 1) / kSmallMChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
   if (p.group_len == 32) {
-    launch_kind<T, TOKEN_TILES, kGroup32>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup32, X_RING>(p, grid, stream);
   } else if (p.group_len == 64) {
-    launch_kind<T, TOKEN_TILES, kGroup64>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup64, X_RING>(p, grid, stream);
   } else {
-    launch_kind<T, TOKEN_TILES, kGroupWide>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroupWide, X_RING>(p, grid, stream);
   }
-  QK_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -499,7 +517,7 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   // 16-warp blocks when 8-warp ones would leave SMs with one block or none, and when 16 warps' shared
   // memory fits a block (two token tiles: 160 KB, more than sm_89's 99 KB).
   const int n8_tiles = n8_tiles_for(M);
-  const bool fits16 = static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16) <= smem_per_block;
+  const bool fits16 = static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true) <= smem_per_block;
   config.warps = blocks < 2 * sm_count && fits16 ? 16 : 8;
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
@@ -532,10 +550,14 @@ std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
   const bool one_tile = n8_tiles_for(p.M) == 1;
+  // One token tile from M = kXRingMinTokens on stages x through the private ring as two tiles do (see X_RING).
+  const bool ring1 = p.M >= kXRingMinTokens;
   if (bf16) {
-    one_tile ? launch_typed<__nv_bfloat16, 1>(p, stream) : launch_typed<__nv_bfloat16, 2>(p, stream);
+    if (!one_tile) return launch_typed<__nv_bfloat16, 2, false>(p, stream);
+    ring1 ? launch_typed<__nv_bfloat16, 1, true>(p, stream) : launch_typed<__nv_bfloat16, 1, false>(p, stream);
   } else {
-    one_tile ? launch_typed<__half, 1>(p, stream) : launch_typed<__half, 2>(p, stream);
+    if (!one_tile) return launch_typed<__half, 2, false>(p, stream);
+    ring1 ? launch_typed<__half, 1, true>(p, stream) : launch_typed<__half, 1, false>(p, stream);
   }
 }
 
