@@ -113,6 +113,8 @@ constexpr int n8_tiles_for(int64_t M) { return M <= 8 ? 1 : 2; }
 constexpr int static_smem_bytes(int n8_tiles, int warps) {
   return warps * kStrips * n8_tiles * 32 * static_cast<int>(sizeof(float4)) + 128;
 }
+// Whether a kernel instance stages x in the private ring: two token tiles always, one with X_RING.
+constexpr bool uses_x_ring(int n8_tiles, bool x_ring_one_tile) { return n8_tiles == 2 || x_ring_one_tile; }
 constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring) {
   return x_ring ? warps * kXSlots * x_slot_bytes(n8_tiles) + kXAlign : 0;
 }
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // Two token tiles, or one with X_RING (M >= kXRingMinTokens): each warp stages its own chunks'
   // activations in a private cp.async ring (kXSlots slots), issued kXSlots chunks ahead with the weights
   // and read with ldmatrix, instead of loading them from L2 right before their mma.
-  constexpr bool X_PRIVATE = TOKEN_TILES == 2 || X_RING;
+  constexpr bool X_PRIVATE = uses_x_ring(TOKEN_TILES, X_RING);
   constexpr int kXSlotBytes = x_slot_bytes(TOKEN_TILES);
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
@@ -464,7 +466,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
 template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS, TOKEN_TILES == 2 || X_RING);
+  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING));
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -503,6 +505,19 @@ void launch_typed(const SmallMParams& p, cudaStream_t stream) {
     launch_kind<T, TOKEN_TILES, kGroup64, X_RING>(p, grid, stream);
   } else {
     launch_kind<T, TOKEN_TILES, kGroupWide, X_RING>(p, grid, stream);
+  }
+  QK_CHECK_LAUNCH();
+}
+
+// Two token tiles (M > 8) always stage x in the ring; one tile does from kXRingMinTokens tokens (see X_RING).
+template <typename T>
+void launch_for_tokens(const SmallMParams& p, cudaStream_t stream) {
+  if (n8_tiles_for(p.M) == 2) {
+    launch_typed<T, 2, false>(p, stream);
+  } else if (p.M >= kXRingMinTokens) {
+    launch_typed<T, 1, true>(p, stream);
+  } else {
+    launch_typed<T, 1, false>(p, stream);
   }
 }
 
@@ -549,16 +564,7 @@ std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {
-  const bool one_tile = n8_tiles_for(p.M) == 1;
-  // One token tile from M = kXRingMinTokens on stages x through the private ring as two tiles do (see X_RING).
-  const bool ring1 = p.M >= kXRingMinTokens;
-  if (bf16) {
-    if (!one_tile) return launch_typed<__nv_bfloat16, 2, false>(p, stream);
-    ring1 ? launch_typed<__nv_bfloat16, 1, true>(p, stream) : launch_typed<__nv_bfloat16, 1, false>(p, stream);
-  } else {
-    if (!one_tile) return launch_typed<__half, 2, false>(p, stream);
-    ring1 ? launch_typed<__half, 1, true>(p, stream) : launch_typed<__half, 1, false>(p, stream);
-  }
+  bf16 ? launch_for_tokens<__nv_bfloat16>(p, stream) : launch_for_tokens<__half>(p, stream);
 }
 
 }  // namespace w4a16
