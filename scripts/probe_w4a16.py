@@ -1,4 +1,5 @@
-"""Probe the CUDA W4A16 kernel's speed: split-K / tile sweep against cuBLAS in the same dtype (do_bench medians).
+"""Probe the CUDA W4A16 kernel's speed: split-K / tile sweep against cuBLAS in the same dtype (do_bench medians,
+or with --cuda-graph CUDA-graph medians with the weights rotated past L2, as benchmarks/bench_w4a16.py --cuda-graph).
 
     python scripts/probe_w4a16.py                 # the sweep table
     python scripts/probe_w4a16.py --case K N M TILE_M  # run one configuration 20 times (for ncu)
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, "benchmarks")
-from common import warm_up_gpu  # noqa: E402
+from common import copies_for, cycling, graph_us, warm_up_gpu  # noqa: E402
 from quantkern import ops, reference  # noqa: E402
 from quantkern.layout_cuda import w4a16_linear  # noqa: E402
 
@@ -37,6 +38,8 @@ def main():
                     help="activations (and cuBLAS, the peer) in this dtype")
     ap.add_argument("--group", type=int, default=128, help="weight group size (-1: per channel)")
     ap.add_argument("--asym", action="store_true", help="asymmetric weights (zero points)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="time CUDA-graph replays, weights rotated past the L2 (kernel time, no host time)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.case:
@@ -52,19 +55,25 @@ def main():
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
         w16, qw, prep = setup(k, n, dtype, args.group, not args.asym)
+        next_w16, next_prep = (lambda: w16), (lambda: prep.tensors)
+        if args.cuda_graph:
+            next_w16 = cycling([w16] + [w16.clone() for _ in range(copies_for(2 * n * k) - 1)])
+            next_prep = cycling([prep.tensors] + [ops.prepare_weight_only(qw, dtype, backend="cuda").tensors
+                                                  for _ in range(copies_for(n * k // 2) - 1)])
+        timer = graph_us if args.cuda_graph else us
         deq = reference.dequantize_weight(qw)
         groups = k // args.group if args.group > 0 else 1
         wbytes = n * k / 2 + groups * n * 2 * (2 if args.asym else 1)  # codes, scales (and zeros)
         for m in map(int, args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             ref = x.float() @ deq.T
-            t_cublas = us(lambda: F.linear(x, w16))
+            t_cublas = timer(lambda: F.linear(x, next_w16()))
             cells = []
             for v in args.variants.split(","):
                 tm, s = map(int, v.split(":"))
                 y = w4a16_linear(x, prep.tensors, split_k=s, tile_m=tm)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
-                t = us(lambda: w4a16_linear(x, prep.tensors, split_k=s, tile_m=tm))
+                t = timer(lambda: w4a16_linear(x, next_prep(), split_k=s, tile_m=tm))
                 cells.append(f"{v}:{t:.1f}us {t_cublas / t:.2f}x {wbytes / t / 1e3:.0f}GB/s" + ("" if err < 2e-3 else f" ERR {err:.1e}"))
             rows.append(f"{k}x{n} M={m} cublas {t_cublas:.1f}us | " + " | ".join(cells))
             print(rows[-1], flush=True)
