@@ -160,4 +160,23 @@ __device__ __forceinline__ float group_reduce_max(float v, float* smem) {
   }
 }
 
+// Split K, after every thread of the block has stored its share of the tile's fp32 partials (plain or .cg
+// stores): counts the block in `lock` and tells every thread whether it is the tile's last block, which then
+// reads the other splits' partials (with .cg loads) and resets the counter. One fence by thread 0 after the
+// block barrier releases the whole block's stores (fences are cumulative: the barrier has made them visible
+// to thread 0), and one by thread 0 of the last block acquires the others', which the second barrier passes
+// on to its threads: the pattern of CUTLASS's semaphore. (A fence by every thread before the barrier was the
+// top stall of the W4A16 wgmma kernel at 4096 x 4096, M = 64, 8 splits: ncu, H200.)
+__device__ __forceinline__ bool split_k_is_last_block(int* lock, int splits, int* s_flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(lock, 1) == splits - 1;
+    if (last) __threadfence();
+    *s_flag = last;
+  }
+  __syncthreads();
+  return *s_flag != 0;
+}
+
 }  // namespace quantkern

@@ -133,6 +133,11 @@ __device__ __forceinline__ bool elect_one_lane() {
 __device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// One arrival on the barrier (release semantics: the thread's, and through elect.sync / __syncwarp its
+// warp's, earlier shared-memory reads are ordered before it).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t phase) {
   uint32_t done = 0;
   do {

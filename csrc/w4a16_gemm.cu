@@ -333,13 +333,8 @@ __global__ void __launch_bounds__(WM * WN * 32, MIN_BLOCKS) w4a16_gemm_kernel(co
                  make_float2(acc[m][j][2 * h], acc[m][j][2 * h + 1]));
         }
       }
-  __threadfence();
-  __syncthreads();
   int* lock = p.locks + m_tile * gridDim.x + n_tile;
-  if (tid == 0) s_is_last = atomicAdd(lock, 1) == p.splits - 1;
-  __syncthreads();
-  if (!s_is_last) return;
-  __threadfence();
+  if (!split_k_is_last_block(lock, p.splits, &s_is_last)) return;
   // The last block reduces the whole tile cooperatively: float4 columns, coalesced, with kBatch
   // independent loads in flight per thread; the additions stay in the fixed order 0..splits-1.
   constexpr int kBatch = 8;

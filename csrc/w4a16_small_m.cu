@@ -444,13 +444,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   if (p.splits == 1) return;
 
   // ---- split K: the last block of this tile sums the splits' partials in split order -------------
-  __threadfence();
-  __syncthreads();
   int* lock = p.locks + token_tile * gridDim.x + block_n;
-  if (threadIdx.x == 0) s_is_last = atomicAdd(lock, 1) == p.splits - 1;
-  __syncthreads();
-  if (!s_is_last) return;
-  __threadfence();
+  if (!split_k_is_last_block(lock, p.splits, &s_is_last)) return;
   for (int idx = threadIdx.x; idx < kElems; idx += kThreads) {
     int tok, ch;
     element(idx, tok, ch);

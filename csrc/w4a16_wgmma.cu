@@ -26,35 +26,39 @@
 //   of 64 (kBK). Per k-tile each warpgroup issues 4 wgmma.m64n{TOKENS}k16 (A: registers, B: shared
 //   memory). Two blocks per SM at 64 and 128 tokens (<= 128 registers, <= 113 KiB of shared memory
 //   each; bf16 at 128 tokens carries a second accumulator set and fits one), one at 256.
-// Shared-memory stage (kStages of them), filled by the copy engine (TMA) on one mbarrier per stage,
-//   the copies shared out among the warps (one elected lane of each; see issue_copies): the activation tile
-//   TOKENS x 64 as one TMA box of x's tensor map with the 128-byte swizzle (token row r at r * 128
-//   bytes, its 16-byte chunk c at chunk position c ^ (r % 8);
-//   1024-byte aligned; rows past M arrive as zeros; wgmma descriptor stride 1024 bytes per 8 rows,
-//   +32 bytes per k16 step), then bulk copies of the block's valid weight units (512 bytes each) and
-//   of the k-tile's one or two rows of scales (and zeros). The barrier expects exactly those bytes.
-// Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; one __syncthreads per k-tile.
-//   Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done, so its stage and
-//   its set of A registers are free in every warpgroup once the barrier passes; thread 0 arms that
-//   stage's mbarrier just before it), the warps issue the copies of a new k-tile into it, everyone
-//   waits on the k-tile's mbarrier, ld.shared of the weight words, conversion into A registers (two
-//   sets, alternating by k-tile parity), 4 wgmmas, one commit: the conversion and the barrier
-//   overlap the previous k-tile's wgmmas. bf16 drains (wait_group 0) every k-tile instead, so that
-//   a group's fold may read pacc. (The first version filled the stages with every thread's 16-byte
-//   cp.async, which also needed fence.proxy.async before wgmma read them: ~0.1x slower at M =
-//   2048.) ptxas serializes wgmmas (warnings C7513-C7515 and C7520, printed by
+// Shared-memory stage (kStages of them), filled by the copy engine (TMA): three boxes (four with zeros), all
+//   issued by one elected lane of warp 0 (see issue_copies): the activation tile TOKENS x 64 of x's tensor
+//   map with the 128-byte swizzle (token row r at r * 128 bytes, its 16-byte chunk c at chunk position
+//   c ^ (r % 8); 1024-byte aligned; wgmma descriptor stride 1024 bytes per 8 rows, +32 bytes per k16
+//   step), the block's 8 weight units (512 bytes each, strip-major: qweight seen as a 2-D int32 tensor),
+//   the k-tile's one or two rows of 128 scales (and zeros). Rows past M, strips and channels past N
+//   arrive as zeros, so every stage's full barrier expects the same bytes.
+// Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; no block barrier in the main loop.
+//   Two mbarriers per stage: full (the arming lane's arrival plus the bytes) and empty (one arrival per
+//   warp). Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done in this
+//   warpgroup, so its A register set is free), wait on the k-tile's full barrier, ld.shared of the
+//   weight words and scales, conversion into A registers (two sets, alternating by k-tile parity), 4
+//   wgmmas, one commit; then each warp arrives on the empty barrier of the k-tile two back (retired by
+//   the wait), and warp 0's elected lane waits for that barrier and refills the stage with the k-tile
+//   kStages - 2 ahead. bf16 drains (wait_group 0) every k-tile instead, so that a group's fold may
+//   read pacc. (Earlier versions: every thread's 16-byte cp.async, which also needed fence.proxy.async
+//   before wgmma read the stages, ~0.1x slower at M = 2048; then a __syncthreads per k-tile and every
+//   warp issuing its own weight unit's bulk copy: ~235 SASS instructions per warp per k-tile at M = 64,
+//   ~137 now.) ptxas serializes wgmmas (warnings C7513-C7515 and C7520, printed by
 //   scripts/gpu_check.sh) when a register they read is defined between their fence and their wait,
-//   or when a branch separates them from it: hence the pinned operands, the immediate scale-d, and
-//   the k-tile pairs without a branch inside (an odd last k-tile runs after the loop).
-// Measured (fp16, group 128, `benchmarks/bench_w4a16.py`, docs/PERF.md): H200, this version, 0.95-1.02x
-//   of cuBLAS fp16 at M = 2048 and 1.13-1.53x at M = 64 on the Llama shapes (H100, when thread 0 issued
-//   every copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100; 128-token tiles, one
+//   or when a branch separates them from it: hence the pinned operands, the immediate scale-d, the
+//   k-tile pairs without a branch inside (an odd last k-tile runs after the loop), and the refill
+//   after the commit (before the full-barrier wait, its spin loop in warp 0's divergent path made
+//   ptxas serialize the bf16 asymmetric kernels, C7520).
+// Measured (fp16, group 128, CUDA-graph medians, `benchmarks/bench_w4a16.py --cuda-graph`, docs/PERF.md):
+//   H200, this version, 1.02-1.06x of cuBLAS fp16 at M = 2048 and 0.97-1.62x at M = 64 on the Llama
+//   shapes (the __syncthreads version: 0.99-1.02x and 0.94-1.59x; H100, when thread 0 issued every
+//   bulk copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100; 128-token tiles, one
 //   block per SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128.
-//   ncu (H200, M = 64, 8192 x 28672, before the running indices): ~200 instructions per warp per
-//   k-tile, a scheduler issuing in 57% of cycles, tensor pipe 36% busy: at few tokens the weight
-//   conversion and the per-k-tile copy issue and barrier bound it. Next steps: fewer instructions
-//   per k-tile there (two k-tiles per stage and barrier), a producer warp with empty/full mbarriers,
-//   a persistent grid.
+//   ncu (H200, M = 64, 8192 x 28672, this version): issue slots 47% busy, tensor pipe 40% of elapsed
+//   cycles, 3.4 warps per scheduler, stalls per issued instruction mostly "wait" (1.5, fixed-latency
+//   dependencies) and long scoreboard (1.05); 0.85 waves (224 blocks on 132 SMs x 2). Cutting the
+//   instructions per k-tile by 40% did not change the M = 64 time: latency, not issue, bounds it.
 // Work split: grid (channel blocks, token tiles, splits). Where the tiles do not cover the SMs, K is
 //   split into contiguous ranges as in the mma.sync kernel: each block writes its fp32 accumulators
 //   to a workspace in fragment order (each thread its own 16-byte columns, coalesced), counts
@@ -208,7 +212,9 @@ __device__ __forceinline__ uint32_t mul2_f16(uint32_t a, uint32_t b) {
 
 template <typename T, int TOKENS, bool ASYM>
 __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template blocks_per_sm<T>())
-    w4a16_wgmma_kernel(const WgmmaParams p, const __grid_constant__ CUtensorMap x_map) {
+    w4a16_wgmma_kernel(const WgmmaParams p, const __grid_constant__ CUtensorMap x_map,
+                       const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap s_map,
+                       const __grid_constant__ CUtensorMap z_map) {
 #if QK_HAS_WGMMA
   using Cfg = WgmmaConfig<TOKENS>;
   using Tr = W4Traits<T>;
@@ -220,7 +226,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_is_last;
-  __shared__ __align__(8) uint64_t stage_full[kStages];  // mbarriers: the stage's bytes have landed
+  __shared__ __align__(8) uint64_t stage_full[kStages];   // mbarriers: the stage's bytes have landed
+  __shared__ __align__(8) uint64_t stage_empty[kStages];  // ... every warp is done reading the stage
   const uint32_t smem0 = (smem_addr(smem_raw) + 1023u) & ~1023u;
 
   const int tid = threadIdx.x, lane = tid & 31;
@@ -233,52 +240,31 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   const int n0 = block_n * kWgChannels, m0 = token_tile * TOKENS;
   const int kt_begin = split * p.tiles_per_split;
   const int nk = min(p.tiles_per_split, p.k_tiles - kt_begin);  // >= 1 (the host makes no empty split)
-  const int strips = p.N / 16;
   const bool g32 = p.group_len == 32;
 
-  const T* __restrict__ scales = static_cast<const T*>(p.scales);
-  const T* __restrict__ zeros = static_cast<const T*>(p.zeros);
-
   // ---- global -> shared, one k-tile, on the copy engine -----------------------------------------
-  // x: one TMA box (TOKENS rows x 64 k, 128-byte swizzle; rows past M arrive as zeros); the 8 weight
-  // units (512 bytes each) and the scale (zero) rows: bulk copies of the block's valid strips only.
-  // Thread 0 arms the stage's barrier (arrive.expect_tx: the stage's bytes, the same for every
-  // k-tile) before the block barrier that frees the stage; after it, one lane of each warp issues its
-  // share of the copies: warp w its strip's weight unit, warp 0 also the x box, the last warp the
-  // scale (zero) rows. One thread issuing all ~10 copies had made the k-tile wait for ~220 serial
-  // instructions of one warp (each copy is a loop over elected lanes with uniform-register operands):
-  // ncu, M = 64: 1,690 cycles per k-tile, the block barrier the top stall. The lane is chosen with
-  // elect.sync and the warp index broadcast, so that the compiler sees warp-uniform operands and
-  // issues each copy once, without that loop (244 -> 204 SASS instructions per k-tile iteration).
-  const int valid_strips = min(kWgStrips, strips - block_n * kWgStrips);
-  const int scale_rows = g32 ? 2 : 1;
-  const uint32_t scale_row_bytes = valid_strips * 16 * 2;
-  const uint32_t stage_bytes = Cfg::kXBytes + valid_strips * kUnitBytes + scale_rows * scale_row_bytes * (ASYM ? 2 : 1);
+  // Three TMA boxes (four with zeros), issued by one elected lane of warp 0: x (TOKENS rows x 64 k,
+  // 128-byte swizzle), the block's 8 weight units (8 strip rows x 512 bytes of qweight seen as a 2-D
+  // int32 tensor), the k-tile's one or two rows of 128 scales (and zeros). Out-of-range rows and
+  // channels arrive as zeros and count towards the stage's bytes like the others, so every stage
+  // expects the same bytes. (Before, every warp issued its own weight unit's bulk copy and the last
+  // warp the scale rows: ~60 of the ~235 SASS instructions each warp spent per k-tile at M = 64.)
+  const uint32_t stage_bytes = Cfg::kXBytes + Cfg::kWBytes + (g32 ? 2 : 1) * kWgChannels * 2 * (ASYM ? 2 : 1);
   // k-tile -> its (first) group: group 64 one per k-tile, 128 one per two, per-channel (group_len = K)
-  // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (below). No division per k-tile.
+  // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (the box has two rows).
   const int group_shift = p.group_len == p.K ? 31 : p.group_len == 128 ? 1 : 0;
-  StageRing<kStages> ring(smem_addr(&stage_full[0]));
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), stage_bytes); };
-  // This warp's next weight unit to copy: the copies go in k-tile order, so a running pointer, advanced
-  // by every lane of the warp (uniform) after each issue.
-  const int unit_strip = block_n * kWgStrips + min(warp, valid_strips - 1);
-  const uint4* next_unit = p.qweight + (static_cast<int64_t>(unit_strip) * p.k_tiles + kt_begin) * 32;
-  auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
+  const uint32_t full0 = smem_addr(&stage_full[0]), empty0 = smem_addr(&stage_empty[0]);
+  auto issue_copies = [&](int stage, int kt) {  // one lane, once the stage is free
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
     const uint32_t ss = ws + Cfg::kWBytes;
-    const uint32_t zs = ss + Cfg::kSBytes;
-    const uint32_t bar = ring.barrier(stage);
-    if (warp < valid_strips) bulk_load(ws + warp * kUnitBytes, next_unit, kUnitBytes, bar);
-    if (warp == 0) tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
-    if (warp == kWgStrips - 1) {
-      const int grp = g32 ? kt * 2 : kt >> group_shift;
-      for (int r = 0; r < scale_rows; ++r) {
-        const int64_t off = static_cast<int64_t>(grp + r) * p.N + n0;
-        bulk_load(ss + r * kWgChannels * 2, scales + off, scale_row_bytes, bar);
-        if constexpr (ASYM) bulk_load(zs + r * kWgChannels * 2, zeros + off, scale_row_bytes, bar);
-      }
-    }
+    const uint32_t bar = full0 + 8 * stage;
+    const int grp = g32 ? kt * 2 : kt >> group_shift;
+    mbarrier_expect_bytes(bar, stage_bytes);
+    tma_load_2d(xs, &x_map, kt * kBK, m0, bar);
+    tma_load_2d(ws, &w_map, kt * (kUnitBytes / 4), block_n * kWgStrips, bar);
+    tma_load_2d(ss, &s_map, n0, grp, bar);
+    if constexpr (ASYM) tma_load_2d(ss + Cfg::kSBytes, &z_map, n0, grp, bar);
   };
 
   float acc[kAcc];
@@ -302,6 +288,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   };
 
   // ---- main loop: one k-tile per iteration -----------------------------------------------------
+  // The ring: k-tile it (local index) in stage it % kStages; full barriers count one arrival (the
+  // arming lane's) plus the bytes, empty barriers one arrival per warp. Running indices, no division.
+  int compute_stage = 0, release_stage = 0, refill_stage = kStages - 2;
+  // The empty barriers' first wait (parity 1, the phase before the first) passes at once: the stages
+  // start free.
+  uint32_t compute_parity = 0, refill_parity = 1;
   // BUF: which of the two A register sets (the other may still be read by wgmmas in flight).
   uint32_t a_sets[2][4][4];
   auto tile_step = [&](auto buf_tag, int it) {
@@ -314,11 +306,12 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_wait<0>();
       fence_registers(pacc);
     }
-    // The stage of k-tile it - 2 is refilled with k-tile it + kStages - 2; k-tile it has landed after.
-    const int stage = ring.next(it + kStages - 2 < nk, tid == 0, arm_stage, [&](int refill_stage) {
-      if (elect_one_lane()) issue_copies(refill_stage, kt_begin + it + kStages - 2);
-      next_unit += 32;
-    });
+    mbarrier_wait(full0 + 8 * compute_stage, compute_parity);
+    const int stage = compute_stage;
+    if (++compute_stage == kStages) {
+      compute_stage = 0;
+      compute_parity ^= 1;
+    }
     [[maybe_unused]] const int kt = kt_begin + it;
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t ws = xs + Cfg::kXBytes;
@@ -396,17 +389,33 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       wgmma_rs<T, TOKENS, 1>(pacc, a[3], desc[3]);
       wgmma_commit();
     }
+    // This warp is done with k-tile it - 2's stage (the wait at the top retired its wgmmas); once every
+    // warp is, warp 0 refills it with k-tile it + kStages - 2. No block barrier: the other warps go on.
+    // (After this k-tile's wgmmas are issued, so that warp 0's wait overlaps them.)
+    if (it >= 2) {
+      if (elect_one_lane()) mbarrier_arrive(empty0 + 8 * release_stage);
+      release_stage = release_stage == kStages - 1 ? 0 : release_stage + 1;
+    }
+    if (warp == 0 && it + kStages - 2 < nk) {
+      if (elect_one_lane()) {
+        mbarrier_wait(empty0 + 8 * refill_stage, refill_parity);
+        issue_copies(refill_stage, kt_begin + it + kStages - 2);
+      }
+    }
+    if (++refill_stage == kStages) {
+      refill_stage = 0;
+      refill_parity ^= 1;
+    }
   };
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbarrier_init(smem_addr(&stage_full[s]), 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full0 + 8 * s, 1);
+      mbarrier_init(empty0 + 8 * s, kWgStrips);
+    }
     mbarrier_init_fence();
-    for (int s = 0; s < kStages - 2 && s < nk; ++s) arm_stage(s);
+    for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
   }
-  __syncthreads();  // the barriers are initialized and armed before any copy or wait
-  for (int s = 0; s < kStages - 2 && s < nk; ++s) {
-    if (elect_one_lane()) issue_copies(s, kt_begin + s);
-    next_unit += 32;
-  }
+  __syncthreads();  // the barriers are initialized before any wait
   // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
   // (a conditional second step made ptxas serialize the wgmmas).
   int it = 0;
@@ -429,12 +438,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
       __stcg(part + (static_cast<int64_t>(split) * (kAcc / 4) + i) * kWgThreads + tid,
              make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
     }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) s_is_last = atomicAdd(p.locks + tile, 1) == p.splits - 1;
-    __syncthreads();
-    if (!s_is_last) return;
-    __threadfence();
+    if (!split_k_is_last_block(p.locks + tile, p.splits, &s_is_last)) return;
 #pragma unroll
     for (int i = 0; i < kAcc; ++i) acc[i] = 0.0f;
     for (int sp = 0; sp < p.splits; ++sp) {
@@ -478,15 +482,34 @@ CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
                               x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
+// The weights' map: qweight [N/16, K/64, 32] uint4 as N/16 rows of 2K int32, boxes of the block's 8 strips x
+// one k-tile's 512 bytes. The scales' (zeros') map: [G, N] 16-bit, boxes of 128 channels x the k-tile's
+// rows (two with group 32, else one).
+CUtensorMap make_w_map(const WgmmaParams& p) {
+  const int64_t row_words = 2 * static_cast<int64_t>(p.K);  // one strip: K / 64 units of 128 int32
+  return encode_tensor_map_2d("quantkern::w4a16_gemm", CU_TENSOR_MAP_DATA_TYPE_INT32, p.qweight, row_words, p.N / 16,
+                              row_words * 4, kUnitBytes / 4, kWgStrips, CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+CUtensorMap make_scale_map(const void* scales, const WgmmaParams& p, bool bf16) {
+  const CUtensorMapDataType dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode_tensor_map_2d("quantkern::w4a16_gemm", dtype, scales, p.N, p.K / p.group_len,
+                              static_cast<int64_t>(p.N) * 2, kWgChannels, p.group_len == 32 ? 2 : 1,
+                              CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
 template <typename T, int TOKENS>
 void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   constexpr int smem = WgmmaConfig<TOKENS>::kSmemBytes;
+  constexpr bool kBf16 = !std::is_same_v<T, __half>;
   const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
-  const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, !std::is_same_v<T, __half>, TOKENS);
+  const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, kBf16, TOKENS);
+  const CUtensorMap w_map = make_w_map(p);
+  const CUtensorMap s_map = make_scale_map(p.scales, p, kBf16);
+  const CUtensorMap z_map = p.zeros != nullptr ? make_scale_map(p.zeros, p, kBf16) : s_map;  // (unused if symmetric)
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kWgThreads, smem, stream>>>(p, x_map);
+    kernel<<<grid, kWgThreads, smem, stream>>>(p, x_map, w_map, s_map, z_map);
   };
   if (p.zeros != nullptr) {
     launch(w4a16_wgmma_kernel<T, TOKENS, true>);
