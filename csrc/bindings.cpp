@@ -64,6 +64,8 @@ namespace w4a16 {
 // csrc/w4a16_small_m.cu
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
                                   int smem_per_block);
+// csrc/w4a16_gemm.cu
+const char* automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -124,4 +126,12 @@ PYBIND11_MODULE(_C, m) {
       "The W4A16 small-M kernel's launch plan (M <= 16, group_size 32, 64, 128 or -1 for per-channel) on a device "
       "with sm_count SMs and smem_per_block bytes of opt-in shared memory per block: {'warps': warps per block "
       "(2, 4, 8 or 16), 'splits': K splits}.");
+  m.def(
+      "w4a16_automatic_kernel",
+      [](int64_t M, int64_t N, int64_t K, bool wgmma_available) {
+        return std::string(quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available));
+      },
+      pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("wgmma_available"),
+      "The kernel that quantkern::w4a16_gemm runs for [M, K] x [K, N] when it chooses (tile_m = 0): 'small_m', "
+      "'wgmma' (only where wgmma_available: an sm_90 GPU and a build with 9.0a) or 'mma_sync'.");
 }

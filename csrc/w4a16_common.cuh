@@ -225,6 +225,11 @@ std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group
                                   int smem_per_block);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 
+// Which kernel the op (csrc/w4a16_gemm.cu) runs when it chooses (tile_m = 0): the small-M kernel, the wgmma
+// kernel (`wgmma_available`: an sm_90 GPU and this build's sm_90a code) or the mma.sync kernel.
+enum class Kernel { kSmallM, kWgmma, kMmaSync };
+Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available);
+
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
 // channels x `tokens` (64 or 128) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).
 // `partials`: an fp32 workspace of wgmma_workspace_floats(p, tokens) floats when splits > 1.

@@ -37,9 +37,11 @@
 //   (ulp 1), bf16 0x4300 = 128 (ulp 1). One lop3 (and one shift), then one sub2 of (MAGIC + zero)
 //   gives (code - zero) exactly, two values per instruction.
 //
-// Dispatch: M <= 16 goes to the small-M kernel (csrc/w4a16_small_m.cu: weights streamed into
-//   registers, ~1.5x faster at M = 1), larger M to this file's kernel. tile_m = 1 forces the small-M
-//   kernel (in tiles of 16 tokens), 16 / 64 / 128 one of the tiles below.
+// Dispatch (automatic_kernel): M <= 16 goes to the small-M kernel (csrc/w4a16_small_m.cu: weights streamed
+//   into registers, ~1.5x faster at M = 1), larger M on Hopper to the wgmma kernel (csrc/w4a16_wgmma.cu)
+//   except small weights at few tokens (the small-M kernel again), elsewhere to this file's kernel. tile_m = 1
+//   forces the small-M kernel (in tiles of 16 tokens), 3 / 4 / 5 the wgmma kernel, 16 / 64 / 128 one of the
+//   tiles below.
 // Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
 //   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
 //     tile_m 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
@@ -435,6 +437,41 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target / tiles, k_tiles / kMinTilesPerSplit)));
 }
 
+}  // namespace
+
+namespace w4a16 {
+
+Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
+  if (M <= kSmallMTokens) return Kernel::kSmallM;
+  if (!wgmma_available) return Kernel::kMmaSync;
+  // Where the wgmma kernel's 128-channel blocks are few (it then splits K over most of the GPU), the small-M
+  // kernel, which reads the weights once per 16 tokens (from L2 after the first), was faster on the H200
+  // (CUDA-graph medians, `python scripts/probe_w4a16.py --cuda-graph --variants 0:0,1:0`, fp16, docs/PERF.md):
+  // - up to 32 tokens with under 8 MiB of codes: 896 x 4864 5.1-5.3 us against 7.1, 4864 x 896 6.7 against
+  //   12.0 (4096 x 4096, 8 MiB, was even: left to wgmma; 8192 x 8192 at M = 32 29.9 against 24.9);
+  // - up to 128 tokens where N <= 1536 (at most 12 blocks): 4864 x 896 at M = 128 12.6 us against 26.7,
+  //   3072 x 1024 9.6 against 14.2; the one loss measured, 576 x 1536 at M = 64, 6.6 against 6.1.
+  // Not measured on sm_89, where the alternative is the mma.sync kernel: the rule applies on Hopper only.
+  const bool small_weights = K * N < (int64_t{1} << 24);
+  if ((M <= 32 && small_weights) || (M <= 128 && N <= 1536)) return Kernel::kSmallM;
+  return Kernel::kWgmma;
+}
+
+const char* automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
+  switch (automatic_kernel(M, N, K, wgmma_available)) {
+    case Kernel::kSmallM:
+      return "small_m";
+    case Kernel::kWgmma:
+      return "wgmma";
+    default:
+      return "mma_sync";
+  }
+}
+
+}  // namespace w4a16
+
+namespace {
+
 void check_float16(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, kOp, ": ", name,
               " must be float16 or bfloat16, got ", t.scalar_type());
@@ -523,8 +560,11 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
   const int k_tiles = static_cast<int>(K / kBK);
 
+  const bool on_hopper = hopper::wgmma_available(x.get_device());
+  const Kernel automatic = automatic_kernel(M, N, K, on_hopper);
+
   // ---- few tokens: the small-M kernel (csrc/w4a16_small_m.cu) ----------------------------------
-  if (tile_m == 1 || (tile_m == 0 && M <= kSmallMTokens)) {
+  if (tile_m == 1 || (tile_m == 0 && automatic == Kernel::kSmallM)) {
     const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
@@ -563,12 +603,11 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
 
   // ---- Hopper: the wgmma kernel (csrc/w4a16_wgmma.cu) ------------------------------------------
-  const bool on_hopper = hopper::wgmma_available(x.get_device());
   const bool force_wgmma = tile_m == 3 || tile_m == 4 || tile_m == 5;
   TORCH_CHECK(on_hopper || !force_wgmma, kOp, ": tile_m 3, 4 and 5 (the wgmma kernel) need an sm_90 GPU and an "
               "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
   TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
-  if (force_wgmma || (tile_m == 0 && on_hopper)) {
+  if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
     // Tokens per tile: forced, or the smallest tile that holds M up to 128, then 256 (fp16; bf16's
     // second accumulator set does not fit beside 256-token accumulators).
     const int tokens = tile_m == 3 ? 64 : tile_m == 4 ? 128 : tile_m == 5 ? 256

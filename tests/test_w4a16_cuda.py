@@ -226,6 +226,37 @@ def test_small_m_launch_plan(m, n, k, group, sms, smem, warps, splits):
 
 
 @needs_extension
+@pytest.mark.parametrize(
+    "m,n,k,hopper,kernel",
+    [
+        # Up to 16 tokens: the small-M kernel everywhere.
+        (1, 28672, 8192, True, "small_m"),
+        (16, 4096, 4096, False, "small_m"),
+        # Beyond, without wgmma: the mma.sync kernel, whatever the shape.
+        (17, 4864, 896, False, "mma_sync"),
+        (2048, 4096, 4096, False, "mma_sync"),
+        # On Hopper: the small-M kernel for small weights up to 32 tokens (under 2^24 codes) ...
+        (32, 4864, 896, True, "small_m"),
+        (32, 3072, 1024, True, "small_m"),
+        (33, 4864, 896, True, "wgmma"),
+        (32, 4096, 4096, True, "wgmma"),  # exactly 2^24 codes
+        (32, 8192, 8192, True, "wgmma"),
+        # ... and for N <= 1536 up to 128 tokens.
+        (128, 896, 4864, True, "small_m"),
+        (128, 1536, 576, True, "small_m"),
+        (129, 896, 4864, True, "wgmma"),
+        (64, 1552, 576, True, "wgmma"),
+        (17, 14336, 4096, True, "wgmma"),
+        (2048, 28672, 8192, True, "wgmma"),
+    ],
+)
+def test_automatic_kernel_choice(m, n, k, hopper, kernel):
+    from quantkern import _C
+
+    assert _C.w4a16_automatic_kernel(m, n, k, hopper) == kernel
+
+
+@needs_extension
 def test_op_is_registered_and_refuses_cpu_tensors():
     from quantkern import _C
 
@@ -270,6 +301,8 @@ def run_case(k, n, m, group_size, symmetric, dtype, with_bias, seed=0, weight=No
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("k,n", GPU_SHAPES)
 def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
+    from quantkern import _C
+
     if not fits(k, group_size):
         pytest.skip(f"group {group_size} does not divide K={k}")
     qw = random_qweight(k, n, group_size, symmetric, scale_dtype=dtype, device="cuda")
@@ -287,8 +320,8 @@ def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
         # The Hopper (wgmma) kernel in fp16 multiplies the scale into the 16-bit weight operand (each
         # weight rounded to 11 bits, see csrc/w4a16_wgmma.cu): measured up to 3.3e-4 there (H100).
         err_rounded = rel_err(y, y_ref.to(dtype))
-        wgmma_fp16 = m > 16 and dtype == torch.float16 and wgmma_kernel_available()
-        bound = 4e-4 if m <= 16 else 6e-4 if wgmma_fp16 else 2e-4
+        kernel = _C.w4a16_automatic_kernel(m, n, k, wgmma_kernel_available())
+        bound = 4e-4 if kernel == "small_m" else 6e-4 if kernel == "wgmma" and dtype == torch.float16 else 2e-4
         assert err_rounded <= bound, f"M={m}: relative error {err_rounded:.2e} against the rounded reference"
 
 
