@@ -65,7 +65,7 @@ namespace w4a16 {
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
                                   int smem_per_block);
 // csrc/w4a16_gemm.cu
-const char* automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available);
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -128,10 +128,13 @@ PYBIND11_MODULE(_C, m) {
       "(2, 4, 8 or 16), 'splits': K splits}.");
   m.def(
       "w4a16_automatic_kernel",
-      [](int64_t M, int64_t N, int64_t K, bool wgmma_available) {
-        return std::string(quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available));
+      [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16) {
+        return quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available, float16);
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("wgmma_available"),
+      pybind11::arg("float16") = true,
       "The kernel that quantkern::w4a16_gemm runs for [M, K] x [K, N] when it chooses (tile_m = 0): 'small_m', "
-      "'wgmma' (only where wgmma_available: an sm_90 GPU and a build with 9.0a) or 'mma_sync'.");
+      "'wgmma64' / 'wgmma128' / 'wgmma256' (the wgmma kernel and its tokens per tile; only where "
+      "wgmma_available: an sm_90 GPU and a build with 9.0a) or 'mma_sync'. float16: x is float16 (else "
+      "bfloat16).");
 }

@@ -441,28 +441,41 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
 
 namespace w4a16 {
 
+// Small weights: at most this many codes (K x N), 8 MiB packed (Llama's 4096 x 4096). Where they are the wgmma
+// kernel's 128-channel blocks are few and it splits K over most of the GPU.
+constexpr int64_t kSmallWeightCodes = int64_t{1} << 24;
+
 Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
   if (M <= kSmallMTokens) return Kernel::kSmallM;
   if (!wgmma_available) return Kernel::kMmaSync;
-  // Where the wgmma kernel's 128-channel blocks are few (it then splits K over most of the GPU), the small-M
-  // kernel, which reads the weights once per 16 tokens (from L2 after the first), was faster on the H200
-  // (CUDA-graph medians, `python scripts/probe_w4a16.py --cuda-graph --variants 0:0,1:0`, fp16, docs/PERF.md):
-  // - up to 32 tokens with under 8 MiB of codes: 896 x 4864 5.1-5.3 us against 7.1, 4864 x 896 6.7 against
-  //   12.0 (4096 x 4096, 8 MiB, was even: left to wgmma; 8192 x 8192 at M = 32 29.9 against 24.9);
+  // There the small-M kernel, which reads the weights once per 16 tokens (from L2 after the first), was faster
+  // on the H200 (CUDA-graph medians, `python scripts/probe_w4a16.py --cuda-graph --variants 0:0,1:0`, fp16,
+  // docs/PERF.md):
+  // - small weights up to 32 tokens: 896 x 4864 5.1-5.3 us against 7.1, 4864 x 896 6.7 against 12.0 (4096 x
+  //   4096 even: 12.0 against 11.7 at M = 17, 12.2 both at M = 32; 8192 x 8192 at M = 32 29.9 against 24.9);
   // - up to 128 tokens where N <= 1536 (at most 12 blocks): 4864 x 896 at M = 128 12.6 us against 26.7,
   //   3072 x 1024 9.6 against 14.2; the one loss measured, 576 x 1536 at M = 64, 6.6 against 6.1.
   // Not measured on sm_89, where the alternative is the mma.sync kernel: the rule applies on Hopper only.
-  const bool small_weights = K * N < (int64_t{1} << 24);
-  if ((M <= 32 && small_weights) || (M <= 128 && N <= 1536)) return Kernel::kSmallM;
+  if ((M <= 32 && K * N <= kSmallWeightCodes) || (M <= 128 && N <= 1536)) return Kernel::kSmallM;
   return Kernel::kWgmma;
 }
 
-const char* automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
+int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16) {
+  // 64-token tiles up to 64 tokens, and for small weights up to 256 in fp16: twice the blocks of 128-token
+  // tiles where blocks are few. H200, same probe (tile_m 3 against the 128- and 256-token tiles): 4096 x 4096
+  // at M = 65-128 15.3-15.8 us against 20.8-22.8, 1024 x 3072 at M = 256 9.7 against 16.0, 4864 x 896 12.5
+  // against 22.2; the one loss, 4096 x 4096 at M = 256, 24.4 against 23.2 (22.2 with 128-token tiles). Larger
+  // weights keep the larger tiles (8192 x 8192 at M = 128: 46.5 against 38.2). bf16 (not measured) keeps them.
+  if (M <= 64 || (fp16 && M <= 256 && K * N <= kSmallWeightCodes)) return 64;
+  return M <= 128 || !fp16 ? 128 : 256;
+}
+
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16) {
   switch (automatic_kernel(M, N, K, wgmma_available)) {
     case Kernel::kSmallM:
       return "small_m";
     case Kernel::kWgmma:
-      return "wgmma";
+      return "wgmma" + std::to_string(wgmma_tokens_per_tile(M, N, K, fp16));
     default:
       return "mma_sync";
   }
@@ -608,10 +621,13 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
   TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
-    // Tokens per tile: forced, or the smallest tile that holds M up to 128, then 256 (fp16; bf16's
-    // second accumulator set does not fit beside 256-token accumulators).
-    const int tokens = tile_m == 3 ? 64 : tile_m == 4 ? 128 : tile_m == 5 ? 256
-                       : M <= 64 ? 64 : (M <= 128 || x.scalar_type() != at::kHalf) ? 128 : 256;
+    // Tokens per tile: forced, or wgmma_tokens_per_tile (64 for small weights up to 256 tokens in fp16; else the
+    // smallest tile that holds M up to 128, then 256 in fp16: bf16's second accumulator set does not fit
+    // beside 256-token accumulators).
+    const int tokens = tile_m == 3   ? 64
+                       : tile_m == 4 ? 128
+                       : tile_m == 5 ? 256
+                                     : wgmma_tokens_per_tile(M, N, K, x.scalar_type() == at::kHalf);
     const int64_t m_tiles = (M + tokens - 1) / tokens;
     const int64_t tiles = m_tiles * ((N + kWgmmaChannels - 1) / kWgmmaChannels);
     TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * tokens, " rows per call)");

@@ -227,33 +227,41 @@ def test_small_m_launch_plan(m, n, k, group, sms, smem, warps, splits):
 
 @needs_extension
 @pytest.mark.parametrize(
-    "m,n,k,hopper,kernel",
+    "m,n,k,hopper,float16,kernel",
     [
         # Up to 16 tokens: the small-M kernel everywhere.
-        (1, 28672, 8192, True, "small_m"),
-        (16, 4096, 4096, False, "small_m"),
+        (1, 28672, 8192, True, True, "small_m"),
+        (16, 4096, 4096, False, True, "small_m"),
         # Beyond, without wgmma: the mma.sync kernel, whatever the shape.
-        (17, 4864, 896, False, "mma_sync"),
-        (2048, 4096, 4096, False, "mma_sync"),
-        # On Hopper: the small-M kernel for small weights up to 32 tokens (under 2^24 codes) ...
-        (32, 4864, 896, True, "small_m"),
-        (32, 3072, 1024, True, "small_m"),
-        (33, 4864, 896, True, "wgmma"),
-        (32, 4096, 4096, True, "wgmma"),  # exactly 2^24 codes
-        (32, 8192, 8192, True, "wgmma"),
+        (17, 4864, 896, False, True, "mma_sync"),
+        (2048, 4096, 4096, False, False, "mma_sync"),
+        # On Hopper: the small-M kernel for small weights (at most 2^24 codes) up to 32 tokens ...
+        (32, 4864, 896, True, True, "small_m"),
+        (32, 4096, 4096, True, False, "small_m"),
+        (32, 4112, 4096, True, True, "wgmma64"),
+        (33, 4864, 896, True, True, "wgmma64"),
+        (32, 8192, 8192, True, True, "wgmma64"),
         # ... and for N <= 1536 up to 128 tokens.
-        (128, 896, 4864, True, "small_m"),
-        (128, 1536, 576, True, "small_m"),
-        (129, 896, 4864, True, "wgmma"),
-        (64, 1552, 576, True, "wgmma"),
-        (17, 14336, 4096, True, "wgmma"),
-        (2048, 28672, 8192, True, "wgmma"),
+        (128, 896, 4864, True, True, "small_m"),
+        (128, 1536, 576, True, False, "small_m"),
+        (129, 896, 4864, True, True, "wgmma64"),
+        (64, 1552, 576, True, True, "wgmma64"),
+        # The wgmma kernel's token tiles: 64 up to 64 tokens, and up to 256 for small weights in fp16 ...
+        (65, 4096, 4096, True, True, "wgmma64"),
+        (256, 4096, 4096, True, True, "wgmma64"),
+        (257, 4096, 4096, True, True, "wgmma256"),
+        (65, 4096, 4096, True, False, "wgmma128"),
+        # ... else 128 up to 128 tokens, then 256 (fp16) or 128 (bf16).
+        (65, 4096, 14336, True, True, "wgmma128"),
+        (129, 4096, 14336, True, True, "wgmma256"),
+        (2048, 28672, 8192, True, True, "wgmma256"),
+        (2048, 28672, 8192, True, False, "wgmma128"),
     ],
 )
-def test_automatic_kernel_choice(m, n, k, hopper, kernel):
+def test_automatic_kernel_choice(m, n, k, hopper, float16, kernel):
     from quantkern import _C
 
-    assert _C.w4a16_automatic_kernel(m, n, k, hopper) == kernel
+    assert _C.w4a16_automatic_kernel(m, n, k, hopper, float16) == kernel
 
 
 @needs_extension
@@ -320,8 +328,9 @@ def test_matches_reference_over_tokens(k, n, group_size, symmetric, dtype):
         # The Hopper (wgmma) kernel in fp16 multiplies the scale into the 16-bit weight operand (each
         # weight rounded to 11 bits, see csrc/w4a16_wgmma.cu): measured up to 3.3e-4 there (H100).
         err_rounded = rel_err(y, y_ref.to(dtype))
-        kernel = _C.w4a16_automatic_kernel(m, n, k, wgmma_kernel_available())
-        bound = 4e-4 if kernel == "small_m" else 6e-4 if kernel == "wgmma" and dtype == torch.float16 else 2e-4
+        kernel = _C.w4a16_automatic_kernel(m, n, k, wgmma_kernel_available(), dtype == torch.float16)
+        wgmma_fp16 = kernel.startswith("wgmma") and dtype == torch.float16
+        bound = 4e-4 if kernel == "small_m" else 6e-4 if wgmma_fp16 else 2e-4
         assert err_rounded <= bound, f"M={m}: relative error {err_rounded:.2e} against the rounded reference"
 
 
