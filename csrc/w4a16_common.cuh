@@ -233,7 +233,7 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available);
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
-// channels x `tokens` (64 or 128) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).
+// channels x `tokens` (64, 128 or 256) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).
 // `partials`: an fp32 workspace of wgmma_workspace_floats(p, tokens) floats when splits > 1.
 struct WgmmaParams {
   const void* x;         // [M, K] T

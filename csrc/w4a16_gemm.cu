@@ -441,8 +441,8 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
 
 namespace w4a16 {
 
-// Small weights: at most this many codes (K x N), 8 MiB packed (Llama's 4096 x 4096). Where they are the wgmma
-// kernel's 128-channel blocks are few and it splits K over most of the GPU.
+// Small weights: at most this many codes (K x N), 8 MiB packed (Llama's 4096 x 4096). With weights this small
+// the wgmma kernel has few 128-channel blocks and splits K over most of the GPU.
 constexpr int64_t kSmallWeightCodes = int64_t{1} << 24;
 
 Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
