@@ -69,6 +69,7 @@
 #include <cmath>
 #include <cstdint>
 #include <iterator>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -586,33 +587,45 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
     const float qmax = row_scale_and_multiplier<T, BITS>(amax, p, row, inv);
     // Codes of a pair of columns into the staging rows (the previous row's copy-out ended before this row's
     // tile barrier), then one barrier and coalesced 16-byte stores.
-    const bool unclamped = codes_need_no_clamp(amax, inv, qmax);
+    // Two straight-line versions, chosen once per row: a branch on `unclamped` inside the loops made the
+    // compiler wrap every pair in a divergent branch (BSSY / BRA / BSYNC: ~140 of ~900 instructions per warp
+    // and row, ncu on the H200). Block rows 28-31 (H28's padding) are computed like the others; only their
+    // store is predicated off.
+    auto stage_codes = [&](auto unclamped_tag) {
+      constexpr bool kUnclamped = decltype(unclamped_tag)::value;
 #pragma unroll
-    for (int j = 0; j < kTilesPerWarp; ++j) {
-      const int col = (4 * warp + (j % 4) + (j / 4) * 32) * 8 + 2 * t;
+      for (int j = 0; j < kTilesPerWarp; ++j) {
+        const int col = (4 * warp + (j % 4) + (j / 4) * 32) * 8 + 2 * t;
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < 2; ++r) {
 #pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const int block = 16 * r + g + 8 * s;
-          if (block >= kPaleyOrder) continue;
-          const float v0 = acc[j][r][2 * s], v1 = acc[j][r][2 * s + 1];
-          uint32_t pair;  // the two codes, packed as the row stores them (low 8 or 16 bits)
-          if (unclamped) {
-            const uint32_t r0 = code_bits(v0, inv), r1 = code_bits(v1, inv);
-            pair = STORE_BITS == 4 ? nibble_pair(r0, r1) : __byte_perm(r0, r1, 0x0040);
-          } else {
-            pair = pack_codes<STORE_BITS>(min(code_of(v1, inv, qmax), kCodeMax), min(code_of(v0, inv, qmax), kCodeMax),
-                                          0u);
-          }
-          uint8_t* dst = staged + block * kStagedPitch<STORE_BITS> + col * STORE_BITS / 8;
-          if constexpr (STORE_BITS == 4) {
-            *dst = static_cast<uint8_t>(pair);
-          } else {
-            *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(pair);
+          for (int s = 0; s < 2; ++s) {
+            const int block = 16 * r + g + 8 * s;
+            const float v0 = acc[j][r][2 * s], v1 = acc[j][r][2 * s + 1];
+            uint32_t pair;  // the two codes, packed as the row stores them (low 8 or 16 bits)
+            if constexpr (kUnclamped) {
+              const uint32_t r0 = code_bits(v0, inv), r1 = code_bits(v1, inv);
+              pair = STORE_BITS == 4 ? nibble_pair(r0, r1) : __byte_perm(r0, r1, 0x0040);
+            } else {
+              pair = pack_codes<STORE_BITS>(min(code_of(v1, inv, qmax), kCodeMax),
+                                            min(code_of(v0, inv, qmax), kCodeMax), 0u);
+            }
+            uint8_t* dst = staged + block * kStagedPitch<STORE_BITS> + col * STORE_BITS / 8;
+            if (block < kPaleyOrder) {
+              if constexpr (STORE_BITS == 4) {
+                *dst = static_cast<uint8_t>(pair);
+              } else {
+                *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(pair);
+              }
+            }
           }
         }
       }
+    };
+    if (codes_need_no_clamp(amax, inv, qmax)) {
+      stage_codes(std::true_type{});
+    } else {
+      stage_codes(std::false_type{});
     }
     __syncthreads();
     uint8_t* qr = p.q + row * (kN * STORE_BITS / 8);
