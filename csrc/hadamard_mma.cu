@@ -610,8 +610,8 @@ __global__ void __launch_bounds__(kPaleyWarps * kWarpSize, 2) hadamard_quantize_
               pair = pack_codes<STORE_BITS>(min(code_of(v1, inv, qmax), kCodeMax),
                                             min(code_of(v0, inv, qmax), kCodeMax), 0u);
             }
-            uint8_t* dst = staged + block * kStagedPitch<STORE_BITS> + col * STORE_BITS / 8;
             if (block < kPaleyOrder) {
+              uint8_t* dst = staged + block * kStagedPitch<STORE_BITS> + col * STORE_BITS / 8;
               if constexpr (STORE_BITS == 4) {
                 *dst = static_cast<uint8_t>(pair);
               } else {
