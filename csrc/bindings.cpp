@@ -37,7 +37,8 @@ TORCH_LIBRARY(quantkern, m) {
   // W4A16 linear (csrc/w4a16_gemm.cu): x [M, K] fp16/bf16, qweight int32 [N/16, 2K] (the layout of
   // quantkern.layout_cuda.prepare_w4a16), scales / zeros [K/group, N] in x's dtype, bias [N],
   // locks int32 scratch (all zeros before and after) -> y [M, N] in x's dtype.
-  // split_k / tile_m: 0 = automatic (overrides for tuning; tile_m = 1: the small-M kernel).
+  // split_k / tile_m: 0 = automatic (overrides for tuning; tile_m = 1: the small-M kernel, 2: the same without
+  // its weight ring).
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, Tensor locks, "
         "int group_size, int split_k=0, int tile_m=0) -> Tensor");
   // Integer GEMMs W8A8 / W4A4 / W4A8 (csrc/int_gemm.cu): a = quantize_per_token's q (int8 [M, K] or uint8
@@ -62,7 +63,7 @@ namespace quantkern {
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
 namespace w4a16 {
 // csrc/w4a16_small_m.cu
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block);
 // csrc/w4a16_gemm.cu
 std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16);
@@ -112,20 +113,22 @@ PYBIND11_MODULE(_C, m) {
       "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+)}.");
   m.def(
       "w4a16_small_m_plan",
-      [](int64_t M, int64_t N, int64_t K, int64_t group_size, int sm_count, int smem_per_block) {
+      [](int64_t M, int64_t N, int64_t K, int64_t group_size, bool symmetric, int sm_count, int smem_per_block) {
         const int64_t group_len = group_size == -1 ? K : group_size;  // -1: per-channel, as in the ops
         const std::vector<int64_t> plan =
-            quantkern::w4a16::small_m_plan(M, N, K, group_len, sm_count, smem_per_block);
+            quantkern::w4a16::small_m_plan(M, N, K, group_len, !symmetric, sm_count, smem_per_block);
         pybind11::dict out;
         out["warps"] = plan[0];
         out["splits"] = plan[1];
+        out["weight_ring"] = plan[2] != 0;
         return out;
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("group_size"),
-      pybind11::arg("sm_count"), pybind11::arg("smem_per_block"),
+      pybind11::arg("symmetric"), pybind11::arg("sm_count"), pybind11::arg("smem_per_block"),
       "The W4A16 small-M kernel's launch plan (M <= 16, group_size 32, 64, 128 or -1 for per-channel) on a device "
       "with sm_count SMs and smem_per_block bytes of opt-in shared memory per block: {'warps': warps per block "
-      "(2, 4, 8 or 16), 'splits': K splits}.");
+      "(2, 4, 8 or 16), 'splits': K splits, 'weight_ring': whether the weights go through each warp's "
+      "shared-memory ring (M < 5, group 32 with zero points, where an SM holds 16 warps' rings)}.");
   m.def(
       "w4a16_automatic_kernel",
       [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16) {

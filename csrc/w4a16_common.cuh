@@ -206,6 +206,7 @@ struct SmallMParams {
   int chunks_per_split;  // 128-deep chunks of K per split (the last split may get fewer)
   int splits;
   int warps;             // per block (each block: kSmallMChannels output channels)
+  bool weight_ring;      // M < 5, group 32, zeros: weights, scales and zeros through each warp's smem ring
 };
 
 // Channels and tokens per block of the small-M kernel, and its launch configuration for a problem:
@@ -216,12 +217,13 @@ constexpr int kSmallMTokens = 16;
 struct SmallMConfig {
   int splits;
   int warps;
+  bool weight_ring;
 };
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count, int smem_per_block,
-                            int64_t max_locks);
-// {warps per block, K splits} of small_m_config for a device of sm_count SMs (no limit on the lock
-// counters): quantkern._C.w4a16_small_m_plan, so that tests without a GPU can check the launch rule.
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
+                            int smem_per_block, int64_t max_locks);
+// {warps per block, K splits, weight ring (0/1)} of small_m_config for a device of sm_count SMs (no limit on
+// the lock counters): quantkern._C.w4a16_small_m_plan, so that tests without a GPU can check the launch rule.
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 

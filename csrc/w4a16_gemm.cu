@@ -40,8 +40,8 @@
 // Dispatch (automatic_kernel): M <= 16 goes to the small-M kernel (csrc/w4a16_small_m.cu: weights streamed
 //   into registers, ~1.5x faster at M = 1), larger M on Hopper to the wgmma kernel (csrc/w4a16_wgmma.cu)
 //   except small weights at few tokens (the small-M kernel again), elsewhere to this file's kernel. tile_m = 1
-//   forces the small-M kernel (in tiles of 16 tokens), 3 / 4 / 5 the wgmma kernel, 16 / 64 / 128 one of the
-//   tiles below.
+//   forces the small-M kernel (in tiles of 16 tokens), 2 the same without its weight ring (register stages
+//   only), 3 / 4 / 5 the wgmma kernel, 16 / 64 / 128 one of the tiles below.
 // Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
 //   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
 //     tile_m 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
@@ -548,10 +548,11 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   }
   if (zeros.has_value()) TORCH_CHECK(zeros->device() == x.device(), kOp, ": zeros must be on ", x.device());
   if (bias.has_value()) TORCH_CHECK(bias->device() == x.device(), kOp, ": bias must be on ", x.device());
-  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 3 || tile_m == 4 || tile_m == 5 ||
+  TORCH_CHECK(tile_m == 0 || tile_m == 1 || tile_m == 2 || tile_m == 3 || tile_m == 4 || tile_m == 5 ||
                   tile_m == 16 || tile_m == 64 || tile_m == 128,
-              kOp, ": tile_m must be 0 (automatic), 1 (the small-M kernel), 3, 4 or 5 (the "
-              "wgmma kernel with 64, 128 or 256 tokens per tile), 16, 64 or 128 (the mma.sync kernel's tiles), got ",
+              kOp, ": tile_m must be 0 (automatic), 1 (the small-M kernel), 2 (the same with register stages "
+              "only), 3, 4 or 5 (the wgmma kernel with 64, 128 or 256 tokens per tile), 16, 64 or 128 (the mma.sync "
+              "kernel's tiles), got ",
               tile_m);
   TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
   TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2 && N <= std::numeric_limits<int32_t>::max() &&
@@ -577,12 +578,13 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const Kernel automatic = automatic_kernel(M, N, K, on_hopper);
 
   // ---- few tokens: the small-M kernel (csrc/w4a16_small_m.cu) ----------------------------------
-  if (tile_m == 1 || (tile_m == 0 && automatic == Kernel::kSmallM)) {
+  if (tile_m == 1 || tile_m == 2 || (tile_m == 0 && automatic == Kernel::kSmallM)) {
     const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
     const SmallMConfig config =
-        small_m_config(M, N, K, glen, sm_count(x.get_device()), smem_per_block(x.get_device()), locks.numel());
+        small_m_config(M, N, K, glen, zeros.has_value(), sm_count(x.get_device()), smem_per_block(x.get_device()),
+                       locks.numel());
     const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {
@@ -611,6 +613,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     sp.chunks_per_split = chunks_per_split;
     sp.splits = splits;
     sp.warps = config.warps;
+    sp.weight_ring = config.weight_ring && tile_m != 2;
     launch_small_m(x.scalar_type() == at::kBFloat16, sp, stream);
     return y;
   }

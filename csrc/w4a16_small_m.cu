@@ -34,6 +34,16 @@
 //   360 MB of L1 load traffic (61% hits) against 154 MB at M = 1. The ring at one tile (ldmatrix.x2)
 //   made M = 8 12-24% faster on the Llama shapes and Qwen2.5-7B's 3584 x 18944 (group 128 and 32), was
 //   mixed at M = 4 and slower at M = 2 (up to 6%), hence the threshold.
+// The weight ring (W_RING; M <= 4, group 32 with zeros, where an SM holds 16 warps' rings, Hopper's
+//   228 KB: small_m_config). There a register stage carries 4 scale and 4 zero rows, and the kernel spilled
+//   (H200, 8192 x 28672 fp16, M = 1: 82 us against 44 us for group 32 without zeros). With the ring each
+//   lane cp.async's its own 16 B of the chunk's 4 weight units into its warp's slot and reads back only
+//   those (no barrier for the weights); lanes below kPieces each copy one 16-byte piece of the chunk's
+//   scale and zero rows, which the whole warp reads after a __syncwarp. kWSlots = 4 slots, refilled 3
+//   chunks ahead (8 KB of weights per warp in flight against the register stages' 4 KB): 48 us there.
+//   Where the register stages do not spill the ring was slower (its shared-memory round trip) or equal,
+//   even where it holds more bytes in flight. tile_m = 2 forces the register stages (the same sums in
+//   the same order: the same bits).
 //
 // Work split: a block is 2, 4, 8 or 16 warps (small_m_config: 16 when 8-warp blocks would leave SMs with
 //   fewer than two; 4 when the 8-warp blocks would take more than one wave but 4-warp ones fit in one;
@@ -118,13 +128,36 @@ constexpr bool uses_x_ring(int n8_tiles, bool x_ring_one_tile) { return n8_tiles
 constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring) {
   return x_ring ? warps * kXSlots * x_slot_bytes(n8_tiles) + kXAlign : 0;
 }
+// The weight ring (W_RING, M < kXRingMinTokens, group 32 with zeros, where shared memory allows, see
+// small_m_config): each warp's chunks of weights, scales and zeros go through kWSlots slots of its own, issued
+// kWSlots - 1 chunks ahead.
+// A slot: the chunk's 2 x 2 units of weights (2 KB), then its scale rows and zero rows, 16 channels (32 B)
+// per strip and group row.
+constexpr int kWSlots = 4;
+constexpr int kWeightSlotBytes = kChunkTiles * kStrips * kUnitBytes;
+constexpr int w_slot_bytes(int group_rows, bool asym) {
+  return kWeightSlotBytes + group_rows * kStrips * 32 * (asym ? 2 : 1);
+}
+constexpr int w_ring_smem_bytes(int warps, int group_rows, bool asym) {
+  return warps * kWSlots * w_slot_bytes(group_rows, asym);
+}
+
+// Scale rows a chunk of 128 needs: 4 (group 32), 2 (group 64) or 1.
+constexpr int group_rows_per_chunk(int group_kind) {
+  return group_kind == kGroup32 ? 4 : group_kind == kGroup64 ? 2 : 1;
+}
+// The scale row a chunk reads in place of row r when its second k-tile is missing (odd K/64): the rows of
+// the missing tile (group 32/64) re-read the chunk's first ones, whose sums there are zero.
+constexpr int row_for_missing_tile(int group_kind, int r) {
+  return group_kind == kGroup32 ? (r >= 2 ? r - 2 : r) : group_kind == kGroup64 ? 0 : r;
+}
 
 // One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
-// (and zero) of channels g and g + 8 for each of the chunk's kRows groups; when X_STAGED, the chunk's
-// activation fragments too (one token tile).
+// (and zero) of channels g and g + 8 for each of the chunk's kRows groups (W_RING: none of these, they are
+// in the weight ring); when X_STAGED, the chunk's activation fragments too (one token tile).
 template <int GK, bool ASYM, bool X_STAGED>
 struct Stage {
-  static constexpr int kRows = GK == kGroup32 ? 4 : GK == kGroup64 ? 2 : 1;
+  static constexpr int kRows = group_rows_per_chunk(GK);
   uint4 w[kChunkTiles][kStrips];
   uint32_t scale[kRows][kStrips][2];
   uint32_t zero[ASYM ? kRows : 1][kStrips][2];
@@ -132,7 +165,7 @@ struct Stage {
 };
 
 // The block's warps share 2 strips and split K.
-template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool X_RING>
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool X_RING, bool W_RING>
 __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
   constexpr int kWarps = WARPS, kThreads = WARPS * 32;
   using Tr = W4Traits<T>;
@@ -143,10 +176,13 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // and read with ldmatrix, instead of loading them from L2 right before their mma.
   constexpr bool X_PRIVATE = uses_x_ring(TOKEN_TILES, X_RING);
   constexpr int kXSlotBytes = x_slot_bytes(TOKEN_TILES);
+  static_assert(!(W_RING && X_PRIVATE), "the weight ring is for one token tile without the activation ring");
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
+  constexpr int kWSlotBytes = w_slot_bytes(kRows, ASYM);
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  extern __shared__ __align__(128) uint8_t x_private[];  // X_PRIVATE: [warp][kXSlots][kXSlotBytes]
+  // X_PRIVATE: [warp][kXSlots][kXSlotBytes] (kXAlign-aligned); W_RING: [warp][kWSlots][kWSlotBytes].
+  extern __shared__ __align__(128) uint8_t warp_rings[];
   __shared__ int s_is_last;
   static_assert(sizeof(partial_sums) + sizeof(s_is_last) <= static_smem_bytes(TOKEN_TILES, kWarps),
                 "static_smem_bytes (the launcher's shared-memory budget) is out of date");
@@ -190,16 +226,54 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   }
   int c_load = c_first;  // the chunk the running pointers are at
 
+  // W_RING: the warp's i-th chunk into slot `slot` (one cp.async group, empty past the warp's chunks).
+  // Every lane copies its own 16 B of each of the chunk's 4 weight units (and reads back only those);
+  // lane l < kPieces also copies piece l of the chunk's scale and zero rows: [scales, zeros][row][strip][8
+  // channels], 16 B each, read by the whole warp. Same addresses as load_stage.
+  constexpr int kScalePieces = kRows * kStrips * 2, kPieces = kScalePieces * (ASYM ? 2 : 1);
+  static_assert(kPieces <= 32, "one scale or zero piece per lane");
+  const uint32_t w_ring_base = smem_addr(warp_rings) + warp * kWSlots * kWSlotBytes;
+  const bool copies_piece = W_RING && lane < kPieces;
+  const int piece_row = (lane % kScalePieces) / (kStrips * 2);
+  // Rows back from piece_row to the row read when the chunk's second tile is missing.
+  const int piece_missing_rows = piece_row - row_for_missing_tile(GK, piece_row);
+  const T* piece_src = nullptr;
+  if (copies_piece) {
+    const int piece_strip = strip0 + (lane / 2) % kStrips;
+    const int64_t row = p.group_len >= p.K ? 0 : static_cast<int64_t>(c_first) * kRows + piece_row;
+    piece_src = static_cast<const T*>(lane < kScalePieces ? p.scales : p.zeros) + row * p.N +
+                (piece_strip < strips ? piece_strip : 0) * 16 + (lane % 2) * 8;
+  }
+  int c_wload = c_first;
+  auto load_w_chunk = [&](int i, int slot) {
+    if (i < my_chunks) {
+      const bool tile1_ok = c_wload * kChunkTiles + 1 < p.k_tiles;
+      const uint32_t dst = w_ring_base + slot * kWSlotBytes;
+#pragma unroll
+      for (int s = 0; s < kStrips; ++s) {
+        cp_async16(dst + s * kUnitBytes + lane * 16, wload[s], true);
+        cp_async16(dst + (kStrips + s) * kUnitBytes + lane * 16, wload[s] + (tile1_ok ? 32 : 0), true);
+        wload[s] += chunk_step * kChunkTiles * 32;
+      }
+      if (copies_piece) {
+        cp_async16(dst + kWeightSlotBytes + lane * 16, piece_src - (tile1_ok ? 0 : piece_missing_rows) * p.N, true);
+        piece_src += row_step;
+      }
+      c_wload += chunk_step;
+    }
+    cp_async_commit();
+  };
+
   auto load_stage = [&](StageT& st) {
     const bool tile1_ok = c_load * kChunkTiles + 1 < p.k_tiles;  // (odd K/64: the last chunk has one tile)
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
+      if constexpr (W_RING) break;  // the weight ring's loader copies them
       st.w[0][s] = load_stream_v4(wload[s]);  // no predicate: the address is clamped
       st.w[1][s] = load_stream_v4(wload[s] + (tile1_ok ? 32 : 0));  // a missing tile re-reads the first
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        // Rows of a missing tile (group 32/64) re-read the chunk's first: their sums are zero.
-        const int rr = (GK == kGroup32 && r >= 2 && !tile1_ok) ? r - 2 : (GK == kGroup64 && r == 1 && !tile1_ok) ? 0 : r;
+        const int rr = tile1_ok ? r : row_for_missing_tile(GK, r);
         st.scale[r][s][0] = load_u16(sload[s] + rr * p.N);
         st.scale[r][s][1] = load_u16(sload[s] + rr * p.N + 8);
         if constexpr (ASYM) {
@@ -237,15 +311,33 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       for (int e = 0; e < 4; ++e) acc[s][j][e] = 0.0f;
 
   // acc += scale/f (D - (MAGIC + f zero) Sx), per channel (f = 1 for channel g, 1 or 16 for g + 8).
-  auto fold = [&](const StageT& st, int r) {
+  // (W_RING: the scale and zero rows are in the chunk's slot, at w_slot.)
+  auto fold = [&](const StageT& st, int r, uint32_t w_slot) {
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
-      const float s_lo = bits_to_float<T>(st.scale[r][s][0]);
-      const float s_hi = bits_to_float<T>(st.scale[r][s][1]);
+      uint32_t scale_bits[2], zero_bits[2];
+      if constexpr (W_RING) {
+        const uint32_t piece = w_slot + kWeightSlotBytes + (r * kStrips + s) * 2 * 16 + g * 2;
+        scale_bits[0] = ld_shared_u16(piece);
+        scale_bits[1] = ld_shared_u16(piece + 16);  // channel g + 8: the next piece
+        if constexpr (ASYM) {
+          zero_bits[0] = ld_shared_u16(piece + kScalePieces * 16);
+          zero_bits[1] = ld_shared_u16(piece + kScalePieces * 16 + 16);
+        }
+      } else {
+        scale_bits[0] = st.scale[r][s][0];
+        scale_bits[1] = st.scale[r][s][1];
+        if constexpr (ASYM) {
+          zero_bits[0] = st.zero[r][s][0];
+          zero_bits[1] = st.zero[r][s][1];
+        }
+      }
+      const float s_lo = bits_to_float<T>(scale_bits[0]);
+      const float s_hi = bits_to_float<T>(scale_bits[1]);
       float z_lo = 8.0f, z_hi = 8.0f;
       if constexpr (ASYM) {
-        z_lo = bits_to_float<T>(st.zero[r][s][0]);
-        z_hi = bits_to_float<T>(st.zero[r][s][1]);
+        z_lo = bits_to_float<T>(zero_bits[0]);
+        z_hi = bits_to_float<T>(zero_bits[1]);
       }
       const float off_lo = s_lo * (Tr::kMagicLo + z_lo);
       const float f_hi = s_hi * Tr::kScaleHi, off_hi = s_hi * (Tr::kMagicHi + z_hi);
@@ -273,7 +365,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // so that the loader adds few registers to a kernel that is at its limit.
   // (kXAlign = 256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see
   // compute.)
-  const uint32_t x_private_base = ((smem_addr(x_private) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1)) + warp * kXSlots * kXSlotBytes;
+  const uint32_t x_private_base =
+      ((smem_addr(warp_rings) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1)) + warp * kXSlots * kXSlotBytes;
   const int x_piece = lane & 15, x_row0 = lane >> 4;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
   const int x_rows_ok = p.M - tok0 - x_row0;  // rows x_row0 + 2 j with 2 j < x_rows_ok exist
@@ -293,8 +386,19 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // X_PRIVATE: this lane's ldmatrix address of piece 0 + ldm_half in slot 0 (the XOR base, see compute).
   const uint32_t x_lane_ldm0 = x_private_base + ldm_row * kXRowBytes + ((ldm_half ^ (ldm_row & 7)) << 4);
 
+  // `slot`: the chunk's slot in the activation ring (X_PRIVATE) or the weight ring (W_RING).
   auto compute = [&](const StageT& st, int slot) {
     const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
+    const uint32_t w_slot = w_ring_base + slot * kWSlotBytes;
+    uint4 w_ring[kChunkTiles][kStrips];  // W_RING: the lane's own 16 B of each unit (else unused)
+    if constexpr (W_RING) {
+#pragma unroll
+      for (int u = 0; u < kChunkTiles; ++u)
+#pragma unroll
+        for (int s = 0; s < kStrips; ++s) {
+          w_ring[u][s] = ld_shared_v4(w_slot + (u * kStrips + s) * kUnitBytes + lane * 16);
+        }
+    }
 #pragma unroll
     for (int u = 0; u < kChunkTiles; ++u) {
 #pragma unroll
@@ -343,7 +447,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
         }
 #pragma unroll
         for (int s = 0; s < kStrips; ++s) {
-          const uint4& w = st.w[u][s];
+          const uint4& w = W_RING ? w_ring[u][s] : st.w[u][s];
           const uint32_t q = kk == 0 ? w.x : kk == 1 ? w.y : kk == 2 ? w.z : w.w;
           uint32_t a[4];
           Tr::dequant_a(q, a);
@@ -358,11 +462,11 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
         }
         // The last k16 step of a group folds it.
         if constexpr (GK == kGroup32) {
-          if (kk % 2 == 1) fold(st, 2 * u + kk / 2);
+          if (kk % 2 == 1) fold(st, 2 * u + kk / 2, w_slot);
         } else if constexpr (GK == kGroup64) {
-          if (kk == 3) fold(st, u);
+          if (kk == 3) fold(st, u, w_slot);
         } else {
-          if (u == 1 && kk == 3) fold(st, 0);
+          if (u == 1 && kk == 3) fold(st, 0, w_slot);
         }
       }
     }
@@ -380,16 +484,27 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     load_x_chunk_private(c_first + chunk_step, 1);
     cp_async_commit();
   }
+  if constexpr (W_RING) {
+#pragma unroll
+    for (int i = 0; i < kWSlots - 1; ++i) load_w_chunk(i, i);
+  }
   // One chunk: the math, then the weights of the chunk two ahead. X_PRIVATE: first wait for the
   // warp's own chunk i (one cp.async group per chunk, always committed, empty past the range),
   // compute from slot i % kXSlots, then refill that slot with chunk i + kXSlots once every lane is
-  // done reading it.
+  // done reading it. W_RING: first refill the slot that chunk i - 1 used with chunk i + kWSlots - 1 (the
+  // previous step's last __syncwarp: every lane is done reading its scales), then wait for chunk i.
   auto step = [&](StageT& st, int i) {
+    if constexpr (W_RING) {
+      load_w_chunk(i + kWSlots - 1, (i + kWSlots - 1) % kWSlots);
+      cp_async_wait<kWSlots - 1>();
+      __syncwarp();
+    }
     if constexpr (X_PRIVATE) {
       cp_async_wait<kXSlots - 1>();
       __syncwarp();
     }
-    compute(st, i % kXSlots);
+    compute(st, i % (W_RING ? kWSlots : kXSlots));
+    if constexpr (W_RING) __syncwarp();
     if constexpr (X_PRIVATE) {
       __syncwarp();
       load_x_chunk_private(c_first + (i + kXSlots) * chunk_step, i % kXSlots);
@@ -403,7 +518,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     step(stage0, i);
     if (i + 1 < my_chunks) step(stage1, i + 1);
   }
-  if constexpr (X_PRIVATE) cp_async_wait<0>();
+  if constexpr (X_PRIVATE || W_RING) cp_async_wait<0>();
 
   // ---- the block's sum over its warps, in warp order --------------------------------------------
 #pragma unroll
@@ -459,58 +574,72 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 }
 
 
-template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING>
+template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING, bool W_RING>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr int smem = dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING));
-  auto launch = [&](auto kernel) {
-    // Not a stream operation: fine during CUDA graph capture.
+  auto launch = [&](auto kernel, bool asym) {
+    const int smem = W_RING ? w_ring_smem_bytes(WARPS, group_rows_per_chunk(GK), asym)
+                            : dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING));
+    // Not stream operations: fine during CUDA graph capture. (W_RING: the largest carveout, so that the
+    // SM holds its 16 warps' rings.)
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if (W_RING) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    }
     kernel<<<grid, WARPS * 32, smem, stream>>>(p);
   };
   if (p.zeros != nullptr) {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, X_RING>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, X_RING, W_RING>, true);
+  } else if constexpr (W_RING) {
+    TORCH_CHECK(false, "w4a16 small-M kernel: the weight ring is only built for weights with zero points");
   } else {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, X_RING>);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, X_RING, W_RING>, false);
   }
 }
 
-template <typename T, int TOKEN_TILES, int GK, bool X_RING>
+template <typename T, int TOKEN_TILES, int GK, bool X_RING, bool W_RING>
 void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   if (p.warps == 16) {
-    launch_warps<T, TOKEN_TILES, GK, 16, X_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 16, X_RING, W_RING>(p, grid, stream);
   } else if (p.warps == 4) {
-    launch_warps<T, TOKEN_TILES, GK, 4, X_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 4, X_RING, W_RING>(p, grid, stream);
   } else if (p.warps == 2) {  // small_m_config gives 2 warps only to one token tile and groups other than 32
     if constexpr (TOKEN_TILES == 1 && GK != kGroup32) {
-      launch_warps<T, TOKEN_TILES, GK, 2, X_RING>(p, grid, stream);
+      launch_warps<T, TOKEN_TILES, GK, 2, X_RING, W_RING>(p, grid, stream);
     } else {
       TORCH_CHECK(false, "w4a16 small-M kernel: no 2-warp instance for this token tile count and group size");
     }
   } else {
-    launch_warps<T, TOKEN_TILES, GK, 8, X_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 8, X_RING, W_RING>(p, grid, stream);
   }
 }
 
-template <typename T, int TOKEN_TILES, bool X_RING>
+template <typename T, int TOKEN_TILES, bool X_RING, bool W_RING = false>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
   const dim3 grid((p.N + kSmallMChannels - 1) / kSmallMChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
-  if (p.group_len == 32) {
-    launch_kind<T, TOKEN_TILES, kGroup32, X_RING>(p, grid, stream);
+  if constexpr (W_RING) {  // built for group 32 with zeros only (small_m_config)
+    TORCH_CHECK(p.group_len == 32, "w4a16 small-M kernel: the weight ring is only built for group 32");
+    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING>(p, grid, stream);
+  } else if (p.group_len == 32) {
+    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING>(p, grid, stream);
   } else if (p.group_len == 64) {
-    launch_kind<T, TOKEN_TILES, kGroup64, X_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup64, X_RING, W_RING>(p, grid, stream);
   } else {
-    launch_kind<T, TOKEN_TILES, kGroupWide, X_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroupWide, X_RING, W_RING>(p, grid, stream);
   }
   QK_CHECK_LAUNCH();
 }
 
-// Two token tiles (M > 8) always stage x in the ring; one tile does from kXRingMinTokens tokens (see X_RING).
+// Two token tiles (M > 8) always stage x in the ring; one tile does from kXRingMinTokens tokens (see X_RING);
+// below that, the weights go through the weight ring where small_m_config says so (W_RING).
 template <typename T>
 void launch_for_tokens(const SmallMParams& p, cudaStream_t stream) {
   if (n8_tiles_for(p.M) == 2) {
     launch_typed<T, 2, false>(p, stream);
   } else if (p.M >= kXRingMinTokens) {
     launch_typed<T, 1, true>(p, stream);
+  } else if (p.weight_ring) {
+    launch_typed<T, 1, false, true>(p, stream);
   } else {
     launch_typed<T, 1, false>(p, stream);
   }
@@ -518,8 +647,8 @@ void launch_for_tokens(const SmallMParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count, int smem_per_block,
-                            int64_t max_locks) {
+SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
+                            int smem_per_block, int64_t max_locks) {
   const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
@@ -541,6 +670,17 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   // Group 32 was mixed (8192 x 28672 M = 8 13% faster, 3584 x 18944 2-11% slower), so it keeps 8 warps.
   // Only one token tile: two would need 8 private activation rings of 33 KB per SM.
   if (n8_tiles == 1 && group_len != 32 && blocks > 4 * sm_count && blocks <= 8 * sm_count) config.warps = 2;
+  // The weight ring (W_RING) below kXRingMinTokens tokens for group 32 with zeros, where an SM holds 16
+  // warps' rings: the H100 / H200 (228 KB per SM) do, sm_80's 164 KB and sm_86/89's 100 KB do not. (An
+  // SM's shared memory is taken as the per-block maximum + 1 KB, and each block reserves 1 KB.) Measured
+  // on the H200 (fp16, M = 1 and 4, ring against register stages in one call): group 32 with zeros, whose
+  // register stages spill, 1.4-1.7x faster on the Llama shapes (8192 x 28672 M = 1: 48.0 us against
+  // 82.4); everywhere else the ring was slower or equal (group 128 symmetric 8192 x 8192 M = 4: 18.6 us
+  // against 14.5; group 128 with zeros 4096 x 14336 M = 1: 13.3 against 11.4).
+  const int64_t blocks_per_sm = kWarpsPerSM / config.warps;
+  const int64_t ring_block_bytes = static_smem_bytes(1, config.warps) + w_ring_smem_bytes(config.warps, 4, true);
+  config.weight_ring = M < kXRingMinTokens && group_len == 32 && asym && ring_block_bytes <= smem_per_block &&
+                       blocks_per_sm * (ring_block_bytes + 1024) <= smem_per_block + 1024;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
   // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
   // up to one block per SM, and keep at least one chunk per warp.
@@ -551,11 +691,11 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   return config;
 }
 
-std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, int sm_count,
+std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block) {
   const SmallMConfig config =
-      small_m_config(M, N, K, group_len, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
-  return {config.warps, config.splits};
+      small_m_config(M, N, K, group_len, asym, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
+  return {config.warps, config.splits, config.weight_ring ? 1 : 0};
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {

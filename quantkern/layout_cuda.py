@@ -129,9 +129,10 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
     """``x2d [M, K] @ dequant(W).T (+ bias)`` on the CUDA kernel; ``prepared`` from ``prepare_w4a16``.
 
     ``split_k`` / ``tile_m`` override the kernel's automatic choice (0), for tuning. ``tile_m``: 1 the
-    small-M kernel (``csrc/w4a16_small_m.cu``), 3, 4 or 5 the Hopper wgmma kernel with 64,
-    128 or 256 (fp16) tokens per tile (``csrc/w4a16_wgmma.cu``; only where ``wgmma_kernel_available()``), 16, 64 or 128
-    the mma.sync kernel's token tiles (``csrc/w4a16_gemm.cu``). Automatic
+    small-M kernel (``csrc/w4a16_small_m.cu``), 2 the same without its weight ring (register stages only),
+    3, 4 or 5 the Hopper wgmma kernel with 64, 128 or 256 (fp16) tokens per tile (``csrc/w4a16_wgmma.cu``;
+    only where ``wgmma_kernel_available()``), 16, 64 or 128 the mma.sync kernel's token tiles
+    (``csrc/w4a16_gemm.cu``). Automatic
     (``quantkern._C.w4a16_automatic_kernel`` says which): the small-M kernel up to 16 tokens, then the wgmma
     kernel on an sm_90 GPU (except small weights at up to 128 tokens: the small-M kernel again), the mma.sync
     kernel elsewhere.

@@ -42,7 +42,11 @@ def w4a16_cases():
              # 4-warp blocks (320 blocks: between 2 and 4 per SM on 128-132 SMs), warps without a chunk (K = 192)
              (192, 10240, 1, 64, False, torch.bfloat16, 0, 0), (192, 10240, 16, 32, True, torch.float16, 0, 0),
              # 2-warp blocks (640 blocks: between 4 and 8 per SM), one token tile, groups other than 32
-             (192, 20480, 1, 64, False, torch.bfloat16, 0, 0), (320, 20480, 8, -1, True, torch.float16, 0, 0)]
+             (192, 20480, 1, 64, False, torch.bfloat16, 0, 0), (320, 20480, 8, -1, True, torch.float16, 0, 0),
+             # below 5 tokens, group 32 with zeros: the weight ring (Hopper; every lane copies a scale or zero
+             # piece; odd k-tiles, split K) and, with tile_m 2, the register stages
+             (576, 400, 4, 32, False, torch.float16, 2, 0), (192, 80, 2, 32, False, torch.bfloat16, 0, 0),
+             (576, 400, 3, 32, False, torch.bfloat16, 2, 2)]
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
         cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
                   (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5)]
