@@ -1,7 +1,8 @@
 """W4A16 linear: our CUDA and Triton kernels against peers in the same run.
 
 Peers: cuBLAS through ``F.linear`` (fp16 and bf16 weights) and torch's built-in int4 kernel
-(``torch.ops.aten._weight_int4pack_mm``, tinygemm, bf16 only). Group size 128, symmetric weights.
+(``torch.ops.aten._weight_int4pack_mm``, tinygemm, bf16 only, always with zero points). Group size 128
+(64 where 128 does not divide K) and symmetric weights unless ``--group`` / ``--asymmetric`` say otherwise.
 Each figure is the median of ``triton.testing.do_bench`` (L2 flushed before each call; a call whose
 host time exceeds the flush is timed with that host time), or with ``--cuda-graph`` the median of CUDA-graph
 replays (``do_bench_cudagraph``: no host time), every weight then rotated over copies that together
@@ -9,7 +10,7 @@ exceed the L2 cache so that each call streams its weights from memory. Speed-ups
 Before timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
 
     python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
-                                     [--cuda-graph]
+                                     [--cuda-graph] [--group 32] [--asymmetric]
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672
           (896, 4864), (4864, 896), (1024, 3072), (3072, 1024), (576, 1536), (1536, 576)]
 QUICK_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 BATCHES = [1, 4, 16, 32, 64, 128, 512, 2048]
-GROUP = 128  # 64 where it does not divide K (SmolLM2's 576)
+GROUP = 128  # the default; 64 where the group does not divide K (SmolLM2's 576)
 
 
 def torch_int4_peer(w: torch.Tensor, group: int):
@@ -63,6 +64,9 @@ def main() -> None:
                         help="our backends to time (where available)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="time CUDA-graph replays, weights rotated past the L2 (kernel time, no host time)")
+    parser.add_argument("--group", type=int, choices=[32, 64, 128], default=GROUP,
+                        help="weight group size (the torch int4 peer uses the same)")
+    parser.add_argument("--asymmetric", action="store_true", help="our weights with zero points")
     args = parser.parse_args()
     ours = [b for b in args.backends if "weight_only_linear" in backends.status(b).kernels]
     if not ours:
@@ -79,8 +83,8 @@ def main() -> None:
         torch.manual_seed(0)
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         w16, wbf = w.half(), w.bfloat16()
-        group = GROUP if k % GROUP == 0 else 64
-        qw = reference.quantize_weight(w, 4, group, symmetric=True, scale_dtype=torch.float16)
+        group = args.group if k % args.group == 0 else 64
+        qw = reference.quantize_weight(w, 4, group, symmetric=not args.asymmetric, scale_dtype=torch.float16)
         prepared = {b: ops.prepare_weight_only(qw, torch.float16, backend=b) for b in ours}
         dequant = reference.dequantize_weight(qw)
         int4_peer, int4_dequant = torch_int4_peer(w, group)
@@ -123,15 +127,16 @@ def main() -> None:
             speedup = {name: times["cublas_fp16"] / t for name, t in times.items()}
             results.append({"m": m, "k": k, "n": n, "group_size": group, "time_us": times,
                             "speedup_vs_cublas_fp16": speedup, "relative_error": errors})
-            table.append([f"{k}x{n}" + ("" if group == GROUP else f" g{group}"), m, f"{times['cublas_fp16']:.1f}"]
+            table.append([f"{k}x{n}" + ("" if group == args.group else f" g{group}"), m, f"{times['cublas_fp16']:.1f}"]
                          + [f"{times[b]:.1f} ({speedup[b]:.2f}x)" for b in ours]
                          + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x"])
     if args.json:
         timing = ("do_bench_cudagraph median, weights rotated past L2" if args.cuda_graph
                   else "do_bench median, L2 flushed before each call")
-        write_json(args.json, results, {"group_size": GROUP, "timing": timing})
-    print("\nW4A16 linear, fp16 activations, group 128 (g64: group 64): microseconds (speed-up over cuBLAS fp16)"
-          + (", CUDA-graph replays" if args.cuda_graph else ""))
+        write_json(args.json, results, {"group_size": args.group, "symmetric": not args.asymmetric, "timing": timing})
+    print(f"\nW4A16 linear, fp16 activations, group {args.group} (g64: group 64), "
+          + ("with zero points" if args.asymmetric else "symmetric")
+          + ": microseconds (speed-up over cuBLAS fp16)" + (", CUDA-graph replays" if args.cuda_graph else ""))
     print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16"])
 
 
