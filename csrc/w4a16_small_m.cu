@@ -22,18 +22,25 @@
 //   ld.global.v4 (no shared memory, no barrier in the main loop). A pipeline stage is a chunk of 2
 //   k-tiles (128 deep); two stages in registers, the next chunk's loads issued before the current
 //   one's math, nothing reading a loaded register before its use. The chunk's scale and zero rows
-//   travel in the stage; so do its activation fragments at M <= 4 when the registers allow (one token
-//   tile, symmetric, group >= 64). From M = 5 (X_RING, kXRingMinTokens) and with two token tiles
-//   (9 <= M <= 16) they go through a private shared-memory ring per warp (X_PRIVATE: 2 slots), issued
-//   two chunks ahead with cp.async and read with ldmatrix; what remains (M <= 4, asymmetric or group
-//   32) loads them at use (L1/L2 hits: every block reads the same x). X_PRIVATE replaced loads at use:
-//   ncu (H200, 4096 x 14336, M = 16) had shown 10.5 cycles of long-scoreboard stall per instruction
-//   and 22% of DRAM bandwidth. At one tile the per-lane 32-bit loads touch a row of x per lane group
+//   travel in the stage at M <= 4 (in the weight ring's slot with W_RING, below), else in the activation
+//   ring's slot (X_PRIVATE, below); its activation fragments travel in the stage at M <= 4 when the
+//   registers allow (one token tile, symmetric, group >= 64). From M = 5 (X_RING, kXRingMinTokens) and
+//   with two token tiles (9 <= M <= 16) they go through a private shared-memory ring per warp (X_PRIVATE:
+//   2 slots), issued two chunks ahead with cp.async and read with ldmatrix; what remains (M <= 4,
+//   asymmetric or group 32) loads them at use (L1/L2 hits: every block reads the same x). X_PRIVATE
+//   replaced loads at use: ncu (H200, 4096 x 14336, M = 16) had shown 10.5 cycles of long-scoreboard stall
+//   per instruction and 22% of DRAM bandwidth. At one tile the per-lane 32-bit loads touch a row of x per lane group
 //   (8 rows per load instruction at M = 8): H200, 8192 x 28672, M = 8 ran in 46.3 us, and in 34.4 us
 //   when every token read row 0 (wrong results, same instructions), as fast as M = 1; ncu there showed
 //   360 MB of L1 load traffic (61% hits) against 154 MB at M = 1. The ring at one tile (ldmatrix.x2)
 //   made M = 8 12-24% faster on the Llama shapes and Qwen2.5-7B's 3584 x 18944 (group 128 and 32), was
-//   mixed at M = 4 and slower at M = 2 (up to 6%), hence the threshold.
+//   mixed at M = 4 and slower at M = 2 (up to 6%), hence the threshold. X_PRIVATE's slots also carry the
+//   chunk's scale and zero rows (lanes below kPieces copy a 16-byte piece each, read by the whole warp),
+//   which freed the registers two stages of them took: the two-tile instances had spilled 16-512 bytes
+//   (group 32 with zeros: 512), the one-tile ones up to 264. H200, fp16, M = 5 / 8 / 16, against the
+//   stages in one call: group 32 with zeros 1.29-1.57x faster on the Llama shapes, group 64 with zeros
+//   1.10-1.16x at M = 16, group 128 1.00-1.06x; 896 x 4864, 1024 x 3072 and 4096 x 4096 at M = 5 and 8
+//   up to 0.2 us (5%) slower.
 // The weight ring (W_RING; M <= 4, group 32 with zeros, where an SM holds 16 warps' rings, Hopper's
 //   228 KB: small_m_config). There a register stage carries 4 scale and 4 zero rows, and the kernel spilled
 //   (H200, 8192 x 28672 fp16, M = 1: 82 us against 44 us for group 32 without zeros). With the ring each
@@ -125,19 +132,20 @@ constexpr int static_smem_bytes(int n8_tiles, int warps) {
 }
 // Whether a kernel instance stages x in the private ring: two token tiles always, one with X_RING.
 constexpr bool uses_x_ring(int n8_tiles, bool x_ring_one_tile) { return n8_tiles == 2 || x_ring_one_tile; }
-constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring) {
-  return x_ring ? warps * kXSlots * x_slot_bytes(n8_tiles) + kXAlign : 0;
+// A chunk's scale rows and zero rows in shared memory (the activation ring's and the weight ring's slots):
+// 16 channels (32 B) per strip and group row.
+constexpr int scale_slot_bytes(int group_rows, bool asym) { return group_rows * kStrips * 32 * (asym ? 2 : 1); }
+// The activation rings: per warp kXSlots slots of activations, then kXSlots slots of scale and zero rows.
+constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring, int group_rows, bool asym) {
+  return x_ring ? warps * kXSlots * (x_slot_bytes(n8_tiles) + scale_slot_bytes(group_rows, asym)) + kXAlign : 0;
 }
 // The weight ring (W_RING, M < kXRingMinTokens, group 32 with zeros, where shared memory allows, see
 // small_m_config): each warp's chunks of weights, scales and zeros go through kWSlots slots of its own, issued
 // kWSlots - 1 chunks ahead.
-// A slot: the chunk's 2 x 2 units of weights (2 KB), then its scale rows and zero rows, 16 channels (32 B)
-// per strip and group row.
+// A slot: the chunk's 2 x 2 units of weights (2 KB), then its scale rows and zero rows.
 constexpr int kWSlots = 4;
 constexpr int kWeightSlotBytes = kChunkTiles * kStrips * kUnitBytes;
-constexpr int w_slot_bytes(int group_rows, bool asym) {
-  return kWeightSlotBytes + group_rows * kStrips * 32 * (asym ? 2 : 1);
-}
+constexpr int w_slot_bytes(int group_rows, bool asym) { return kWeightSlotBytes + scale_slot_bytes(group_rows, asym); }
 constexpr int w_ring_smem_bytes(int warps, int group_rows, bool asym) {
   return warps * kWSlots * w_slot_bytes(group_rows, asym);
 }
@@ -177,11 +185,16 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   constexpr bool X_PRIVATE = uses_x_ring(TOKEN_TILES, X_RING);
   constexpr int kXSlotBytes = x_slot_bytes(TOKEN_TILES);
   static_assert(!(W_RING && X_PRIVATE), "the weight ring is for one token tile without the activation ring");
+  // The chunk's scale and zero rows come through shared memory with either ring (in its slot), else in
+  // the register stage.
+  constexpr bool SCALES_IN_SMEM = W_RING || X_PRIVATE;
   using StageT = Stage<GK, ASYM, X_STAGED>;
   constexpr int kRows = StageT::kRows;
   constexpr int kWSlotBytes = w_slot_bytes(kRows, ASYM);
+  constexpr int kScaleSlotBytes = scale_slot_bytes(kRows, ASYM);
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  // X_PRIVATE: [warp][kXSlots][kXSlotBytes] (kXAlign-aligned); W_RING: [warp][kWSlots][kWSlotBytes].
+  // X_PRIVATE: [warp][kXSlots][kXSlotBytes] (kXAlign-aligned), then [warp][kXSlots][kScaleSlotBytes];
+  // W_RING: [warp][kWSlots][kWSlotBytes].
   extern __shared__ __align__(128) uint8_t warp_rings[];
   __shared__ int s_is_last;
   static_assert(sizeof(partial_sums) + sizeof(s_is_last) <= static_smem_bytes(TOKEN_TILES, kWarps),
@@ -226,24 +239,27 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   }
   int c_load = c_first;  // the chunk the running pointers are at
 
-  // W_RING: the warp's i-th chunk into slot `slot` (one cp.async group, empty past the warp's chunks).
-  // Every lane copies its own 16 B of each of the chunk's 4 weight units (and reads back only those);
-  // lane l < kPieces also copies piece l of the chunk's scale and zero rows: [scales, zeros][row][strip][8
-  // channels], 16 B each, read by the whole warp. Same addresses as load_stage.
+  // SCALES_IN_SMEM: lane l < kPieces copies piece l of a chunk's scale and zero rows into the chunk's slot:
+  // [scales, zeros][row][strip][8 channels], 16 B each, read by the whole warp (fold). Same rows as
+  // load_stage; row 0 for a chunk past the range (never read).
   constexpr int kScalePieces = kRows * kStrips * 2, kPieces = kScalePieces * (ASYM ? 2 : 1);
-  static_assert(kPieces <= 32, "one scale or zero piece per lane");
-  const uint32_t w_ring_base = smem_addr(warp_rings) + warp * kWSlots * kWSlotBytes;
-  const bool copies_piece = W_RING && lane < kPieces;
+  static_assert(kPieces <= 32 && kScaleSlotBytes == kPieces * 16, "one scale or zero piece per lane");
+  const bool copies_piece = SCALES_IN_SMEM && lane < kPieces;
   const int piece_row = (lane % kScalePieces) / (kStrips * 2);
-  // Rows back from piece_row to the row read when the chunk's second tile is missing.
-  const int piece_missing_rows = piece_row - row_for_missing_tile(GK, piece_row);
-  const T* piece_src = nullptr;
-  if (copies_piece) {
-    const int piece_strip = strip0 + (lane / 2) % kStrips;
-    const int64_t row = p.group_len >= p.K ? 0 : static_cast<int64_t>(c_first) * kRows + piece_row;
-    piece_src = static_cast<const T*>(lane < kScalePieces ? p.scales : p.zeros) + row * p.N +
-                (piece_strip < strips ? piece_strip : 0) * 16 + (lane % 2) * 8;
-  }
+  const int piece_strip = strip0 + (lane / 2) % kStrips;
+  const T* piece_base = static_cast<const T*>(lane < kScalePieces ? p.scales : p.zeros) +
+                        (piece_strip < strips ? piece_strip : 0) * 16 + (lane % 2) * 8;
+  auto copy_scale_piece = [&](int c, uint32_t scale_slot) {
+    const bool tile1_ok = c * kChunkTiles + 1 < p.k_tiles;
+    const int row = tile1_ok ? piece_row : row_for_missing_tile(GK, piece_row);
+    const int64_t r = p.group_len >= p.K || c >= c_end ? 0 : static_cast<int64_t>(c) * kRows + row;
+    cp_async16(scale_slot + lane * 16, piece_base + r * p.N, true);
+  };
+
+  // W_RING: the warp's i-th chunk into slot `slot` (one cp.async group, empty past the warp's chunks).
+  // Every lane copies its own 16 B of each of the chunk's 4 weight units (and reads back only those), and
+  // lanes below kPieces the scale and zero pieces. Same addresses as load_stage.
+  const uint32_t w_ring_base = smem_addr(warp_rings) + warp * kWSlots * kWSlotBytes;
   int c_wload = c_first;
   auto load_w_chunk = [&](int i, int slot) {
     if (i < my_chunks) {
@@ -255,10 +271,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
         cp_async16(dst + (kStrips + s) * kUnitBytes + lane * 16, wload[s] + (tile1_ok ? 32 : 0), true);
         wload[s] += chunk_step * kChunkTiles * 32;
       }
-      if (copies_piece) {
-        cp_async16(dst + kWeightSlotBytes + lane * 16, piece_src - (tile1_ok ? 0 : piece_missing_rows) * p.N, true);
-        piece_src += row_step;
-      }
+      if (copies_piece) copy_scale_piece(c_wload, dst + kWeightSlotBytes);
       c_wload += chunk_step;
     }
     cp_async_commit();
@@ -273,6 +286,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       st.w[1][s] = load_stream_v4(wload[s] + (tile1_ok ? 32 : 0));  // a missing tile re-reads the first
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
+        if constexpr (SCALES_IN_SMEM) break;  // the ring's loader copies them
         const int rr = tile1_ok ? r : row_for_missing_tile(GK, r);
         st.scale[r][s][0] = load_u16(sload[s] + rr * p.N);
         st.scale[r][s][1] = load_u16(sload[s] + rr * p.N + 8);
@@ -311,13 +325,13 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       for (int e = 0; e < 4; ++e) acc[s][j][e] = 0.0f;
 
   // acc += scale/f (D - (MAGIC + f zero) Sx), per channel (f = 1 for channel g, 1 or 16 for g + 8).
-  // (W_RING: the scale and zero rows are in the chunk's slot, at w_slot.)
-  auto fold = [&](const StageT& st, int r, uint32_t w_slot) {
+  // (SCALES_IN_SMEM: the scale and zero rows are in the chunk's slot, at scale_slot.)
+  auto fold = [&](const StageT& st, int r, uint32_t scale_slot) {
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
       uint32_t scale_bits[2], zero_bits[2];
-      if constexpr (W_RING) {
-        const uint32_t piece = w_slot + kWeightSlotBytes + (r * kStrips + s) * 2 * 16 + g * 2;
+      if constexpr (SCALES_IN_SMEM) {
+        const uint32_t piece = scale_slot + (r * kStrips + s) * 2 * 16 + g * 2;
         scale_bits[0] = ld_shared_u16(piece);
         scale_bits[1] = ld_shared_u16(piece + 16);  // channel g + 8: the next piece
         if constexpr (ASYM) {
@@ -365,8 +379,9 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // so that the loader adds few registers to a kernel that is at its limit.
   // (kXAlign = 256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see
   // compute.)
-  const uint32_t x_private_base =
-      ((smem_addr(warp_rings) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1)) + warp * kXSlots * kXSlotBytes;
+  const uint32_t x_rings_base = (smem_addr(warp_rings) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1);
+  const uint32_t x_private_base = x_rings_base + warp * kXSlots * kXSlotBytes;
+  const uint32_t x_scale_base = x_rings_base + kWarps * kXSlots * kXSlotBytes + warp * kXSlots * kScaleSlotBytes;
   const int x_piece = lane & 15, x_row0 = lane >> 4;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
   const int x_rows_ok = p.M - tok0 - x_row0;  // rows x_row0 + 2 j with 2 j < x_rows_ok exist
@@ -380,6 +395,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       const bool ok = chunk_ok && 2 * j < x_rows_ok;
       cp_async16(base + 2 * j * kXRowBytes + ((x_piece ^ (row & 7)) << 4), ok ? src + 2 * j * static_cast<int64_t>(p.K) : x_lane, ok);
     }
+    if (copies_piece) copy_scale_piece(c, x_scale_base + slot * kScaleSlotBytes);
   };
   const int ldm_row = (lane & 7) + 8 * (lane >> 4);  // ldmatrix.x4: matrix lane/8 = (token tile, k half)
   const int ldm_half = (lane >> 3) & 1;
@@ -390,6 +406,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   auto compute = [&](const StageT& st, int slot) {
     const bool tile1_ok = c_comp * kChunkTiles + 1 < p.k_tiles;
     const uint32_t w_slot = w_ring_base + slot * kWSlotBytes;
+    const uint32_t scale_slot = W_RING ? w_slot + kWeightSlotBytes : x_scale_base + slot * kScaleSlotBytes;
     uint4 w_ring[kChunkTiles][kStrips];  // W_RING: the lane's own 16 B of each unit (else unused)
     if constexpr (W_RING) {
 #pragma unroll
@@ -462,11 +479,11 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
         }
         // The last k16 step of a group folds it.
         if constexpr (GK == kGroup32) {
-          if (kk % 2 == 1) fold(st, 2 * u + kk / 2, w_slot);
+          if (kk % 2 == 1) fold(st, 2 * u + kk / 2, scale_slot);
         } else if constexpr (GK == kGroup64) {
-          if (kk == 3) fold(st, u, w_slot);
+          if (kk == 3) fold(st, u, scale_slot);
         } else {
-          if (u == 1 && kk == 3) fold(st, 0, w_slot);
+          if (u == 1 && kk == 3) fold(st, 0, scale_slot);
         }
       }
     }
@@ -578,7 +595,8 @@ template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING, bool W_RI
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   auto launch = [&](auto kernel, bool asym) {
     const int smem = W_RING ? w_ring_smem_bytes(WARPS, group_rows_per_chunk(GK), asym)
-                            : dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING));
+                            : dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING),
+                                                 group_rows_per_chunk(GK), asym);
     // Not stream operations: fine during CUDA graph capture. (W_RING: the largest carveout, so that the
     // SM holds its 16 warps' rings.)
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -656,7 +674,9 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   // 16-warp blocks when 8-warp ones would leave SMs with one block or none, and when 16 warps' shared
   // memory fits a block (two token tiles: 160 KB, more than sm_89's 99 KB).
   const int n8_tiles = n8_tiles_for(M);
-  const bool fits16 = static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true) <= smem_per_block;
+  const int group_rows = group_rows_per_chunk(group_len == 32 ? kGroup32 : group_len == 64 ? kGroup64 : kGroupWide);
+  const bool fits16 =
+      static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true, group_rows, asym) <= smem_per_block;
   config.warps = blocks < 2 * sm_count && fits16 ? 16 : 8;
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
