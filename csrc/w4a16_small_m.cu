@@ -52,9 +52,9 @@
 //   even where it holds more bytes in flight. tile_m = 2 forces the register stages (the same sums in
 //   the same order: the same bits).
 //
-// Work split: a block is 2, 4, 8 or 16 warps (small_m_config: 16 when 8-warp blocks would leave SMs with
-//   fewer than two; 4 when the 8-warp blocks would take more than one wave but 4-warp ones fit in one;
-//   2 one step further, at one token tile and groups other than 32)
+// Work split: a block is 2, 4, 8 or 16 warps (small_m_config: 16 when the blocks fit one per SM; 4 when
+//   the 8-warp blocks would take more than one wave but 4-warp ones fit in one; 2 one step further, at one
+//   token tile and groups other than 32)
 //   on the same 32 output channels (2 strips) and the same token tile of 16; its K range is cut into
 //   chunks, dealt round-robin to its warps, which fold their group sums into fp32 accumulators (scale
 //   applied in fp32, as in the large-M kernel); the block then sums its warps in shared memory in warp
@@ -671,13 +671,17 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
   const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
-  // 16-warp blocks when 8-warp ones would leave SMs with one block or none, and when 16 warps' shared
-  // memory fits a block (two token tiles: 160 KB, more than sm_89's 99 KB).
+  // 16-warp blocks when they all run in one wave (one per SM) and 16 warps' shared memory fits a block (two
+  // token tiles: 160 KB, more than sm_89's 99 KB). Between one and two blocks per SM, 16-warp blocks had
+  // run a second wave: 8-warp ones in one wave measured on the H200 (fp16, same call, M = 1 / 16), group
+  // 128: 896 x 4864 (152 blocks) 4.6 -> 3.2 us / 6.9 -> 4.6, 8192 x 8192 (256) 13.8 -> 11.5 / 19.0 -> 16.8,
+  // 28672 x 8192 33.4 -> 31.5 / 53.4 -> 53.3, 2048 x 8192 6.3 -> 5.2 / 8.9 -> 6.8; group 32 with zeros
+  // 1.03-1.59x faster on the same shapes.
   const int n8_tiles = n8_tiles_for(M);
   const int group_rows = group_rows_per_chunk(group_len == 32 ? kGroup32 : group_len == 64 ? kGroup64 : kGroupWide);
   const bool fits16 =
       static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true, group_rows, asym) <= smem_per_block;
-  config.warps = blocks < 2 * sm_count && fits16 ? 16 : 8;
+  config.warps = blocks <= sm_count && fits16 ? 16 : 8;
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
   // blocks): 6-10% faster at M = 1..16; with more blocks than one wave holds (8192 x 28672) no gain.

@@ -193,7 +193,12 @@ HOPPER_SMEM, AMPERE_SMEM, ADA_SMEM = 232448, 166912, 101376
 @pytest.mark.parametrize(
     "m,n,k,group,symmetric,sms,smem,warps,splits,weight_ring",
     [
-        # Fewer blocks of 32 channels than 2 per SM: 16-warp blocks, K split up to one block per SM.
+        # Blocks of 32 channels that fit one per SM: 16-warp blocks, K split up to one block per SM; between one
+        # and two per SM, 8-warp blocks (one wave: Qwen2.5-0.5B's 4864, 152 blocks; Llama's 8192, 256).
+        (1, 4864, 896, 128, True, 132, HOPPER_SMEM, 8, 1, False),
+        (16, 8192, 8192, 128, True, 132, HOPPER_SMEM, 8, 1, False),
+        (1, 4224, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False),
+        (1, 4225, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False),
         (1, 4096, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False),
         (1, 2048, 8192, 128, True, 132, HOPPER_SMEM, 16, 2, False),
         (1, 1536, 576, -1, True, 132, HOPPER_SMEM, 16, 1, False),
@@ -226,7 +231,7 @@ HOPPER_SMEM, AMPERE_SMEM, ADA_SMEM = 232448, 166912, 101376
         (1, 4096, 4096, 128, False, 132, HOPPER_SMEM, 16, 1, False),
         (1, 4096, 4096, -1, False, 132, HOPPER_SMEM, 16, 1, False),
         (5, 4096, 4096, 32, False, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 4096, 4096, 32, False, 108, AMPERE_SMEM, 16, 1, False),
+        (1, 4096, 4096, 32, False, 108, AMPERE_SMEM, 8, 1, False),
         (1, 28672, 8192, 32, False, 128, ADA_SMEM, 8, 1, False),
     ],
 )
