@@ -161,8 +161,9 @@ constexpr int row_for_missing_tile(int group_kind, int r) {
 }
 
 // One pipeline stage: a chunk (2 k-tiles) of one warp. Weights of its 2 strips; the raw 16-bit scale
-// (and zero) of channels g and g + 8 for each of the chunk's kRows groups (W_RING: none of these, they are
-// in the weight ring); when X_STAGED, the chunk's activation fragments too (one token tile).
+// (and zero) of channels g and g + 8 for each of the chunk's kRows groups (SCALES_IN_SMEM: only the weights,
+// and with W_RING none of these: they are in the ring's slot); when X_STAGED, the chunk's activation
+// fragments too (one token tile).
 template <int GK, bool ASYM, bool X_STAGED>
 struct Stage {
   static constexpr int kRows = group_rows_per_chunk(GK);
@@ -702,7 +703,8 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   // 82.4); everywhere else the ring was slower or equal (group 128 symmetric 8192 x 8192 M = 4: 18.6 us
   // against 14.5; group 128 with zeros 4096 x 14336 M = 1: 13.3 against 11.4).
   const int64_t blocks_per_sm = kWarpsPerSM / config.warps;
-  const int64_t ring_block_bytes = static_smem_bytes(1, config.warps) + w_ring_smem_bytes(config.warps, 4, true);
+  const int64_t ring_block_bytes =
+      static_smem_bytes(1, config.warps) + w_ring_smem_bytes(config.warps, group_rows, asym);
   config.weight_ring = M < kXRingMinTokens && group_len == 32 && asym && ring_block_bytes <= smem_per_block &&
                        blocks_per_sm * (ring_block_bytes + 1024) <= smem_per_block + 1024;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
