@@ -113,6 +113,15 @@ __device__ __forceinline__ uint32_t load_u32_or_zero(const void* p, bool ok) {
 __device__ __forceinline__ uint32_t load_u32(const void* p) { return __ldg(static_cast<const unsigned int*>(p)); }
 __device__ __forceinline__ uint32_t load_u16(const void* p) { return __ldg(static_cast<const unsigned short*>(p)); }
 
+// p + bytes, as an opaque step: the compiler cannot rewrite a chain of them as p + j * stride and keep the
+// products of every j in registers across the main loop (it did, and spilled).
+template <typename P>
+__device__ __forceinline__ const P* advance_bytes(const P* p, int bytes) {
+  const P* q;
+  asm("{\n .reg .s64 t;\n cvt.s64.s32 t, %2;\n add.s64 %0, %1, t;\n}\n" : "=l"(q) : "l"(p), "r"(bytes));
+  return q;
+}
+
 // A raw 16-bit value of type T (held in the low half of a register) as fp32.
 template <typename T>
 __device__ __forceinline__ float bits_to_float(uint32_t v);
@@ -375,9 +384,14 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`: 16 rows x 16 pieces of
   // 16 B, the pieces of a row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different
-  // bank groups; rows past M, a missing second tile and chunks past the range read nothing and are
-  // zero. Lane l always copies piece l % 16 of rows l / 16 + 2 j (j < 8): a few per-lane constants,
-  // so that the loader adds few registers to a kernel that is at its limit.
+  // bank groups. Lane l always copies piece l % 16 of rows r0 + 2 j (r0 = l / 16, j < 8). A missing second
+  // tile and chunks past the range read nothing and are zero; a row past M re-reads the lane's last row
+  // that exists (its token's sums are never stored), so one predicate serves the lane's 8 copies.
+  // Addresses: with the slot 256-byte aligned, row r0 + 2 j's swizzled piece is the lane's row-r0 address
+  // XOR ((2 j) & 7) << 4 (since (r0 + 2 j) & 7 = r0 ^ ((2 j) & 7)) plus the row offset, a constant of the
+  // copy instruction; the source steps by two rows of x per copy. (The previous loader selected between
+  // two 64-bit addresses per row and recomputed each row's swizzle: ~10 instructions per copy, a quarter
+  // of the M = 16 main loop in sm_90a SASS.)
   // (kXAlign = 256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see
   // compute.)
   const uint32_t x_rings_base = (smem_addr(warp_rings) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1);
@@ -385,16 +399,18 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const uint32_t x_scale_base = x_rings_base + kWarps * kXSlots * kXSlotBytes + warp * kXSlots * kScaleSlotBytes;
   const int x_piece = lane & 15, x_row0 = lane >> 4;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
-  const int x_rows_ok = p.M - tok0 - x_row0;  // rows x_row0 + 2 j with 2 j < x_rows_ok exist
+  const uint32_t x_lane_dst = x_private_base + x_row0 * kXRowBytes + ((x_piece ^ x_row0) << 4);
+  const int x_last_pair = max(0, (p.M - tok0 - x_row0 - 1) / 2);  // the lane's rows r0 + 2 j exist up to here
+  const int x_pair_bytes = 2 * p.K * static_cast<int>(sizeof(T));  // (16 rows of K fit 32 bits)
   auto load_x_chunk_private = [&](int c, int slot) {
-    const uint32_t base = x_private_base + slot * kXSlotBytes + x_row0 * kXRowBytes;
-    const bool chunk_ok = c < c_end && c * kChunkTiles + x_piece / 8 < p.k_tiles;
+    const bool chunk_ok = c < c_end;
+    const bool piece_ok = chunk_ok && c * kChunkTiles + x_piece / 8 < p.k_tiles;
     const T* src = x_lane + (chunk_ok ? c * (kChunkTiles * kBK) : 0);
+    const uint32_t lane_dst = x_lane_dst + slot * kXSlotBytes;
 #pragma unroll
     for (int j = 0; j < TOKEN_TILES * 4; ++j) {
-      const int row = x_row0 + 2 * j;
-      const bool ok = chunk_ok && 2 * j < x_rows_ok;
-      cp_async16(base + 2 * j * kXRowBytes + ((x_piece ^ (row & 7)) << 4), ok ? src + 2 * j * static_cast<int64_t>(p.K) : x_lane, ok);
+      cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src, piece_ok);
+      src = advance_bytes(src, j < x_last_pair ? x_pair_bytes : 0);
     }
     if (copies_piece) copy_scale_piece(c, x_scale_base + slot * kScaleSlotBytes);
   };
