@@ -14,7 +14,8 @@
 //   codes of channels 8..15 as MAGIC + 16 code, taken in place without a shift; bf16: 128 for all),
 //   1 shift + 4 lop3 per 8 codes in fp16 (3 + 4 in bf16). The offset is removed per group in fp32:
 //     sum_k x (code - zero) = (D - MAGIC Sx) / f - zero Sx,  Sx = sum_k x  (f = 1 or 16),
-//   with Sx from one extra mma per k16 step against an all-ones A (shared by the warp's strips).
+//   with Sx from one extra mma per k16 step (shared by the warp's strips): an all-ones A against one 8-token
+//   tile, or with two tiles the activation tile itself as A against a 0/1 B (see xsum).
 //   Cost in accuracy: D carries MAGIC Sx through the mma's accumulation, whose rounding then weighs
 //   ~MAGIC / |code - zero| times more: measured up to 1.9e-4 relative error against the reference
 //   rounded to the output dtype (large-M kernel: 8e-5), 2.2e-4 (fp16) against the fp32 reference.
@@ -326,7 +327,14 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   float acc[kStrips][TOKEN_TILES][4];   // scaled sums: [channel g, g+8] x [token 2t, 2t+1]
   float dsum[kStrips][TOKEN_TILES][4];  // this group's raw mma sums (MAGIC offset included)
-  float xsum[TOKEN_TILES][4];           // this group's sum of x per token (d0: token 2t, d1: 2t + 1)
+  // This group's sum of x per token. One tile: an mma of all-ones weights against the tile, d0 = token 2t,
+  // d1 = 2t + 1 (as dsum). Two tiles: one mma per k16 step instead of two (at M = 16 they had been 16 of a
+  // chunk's 48 mmas), of ldmatrix's four 8 x 8 matrices taken as they come as the A operand, {tokens 0-7,
+  // 0-7, 8-15, 8-15} x {k 0-7, 8-15, 0-7, 8-15} in the places of {rows 0-7, 8-15} x {k 0-7, 8-15}, against a B
+  // whose even columns sum the first 8 k and odd ones the last 8 (x_sum_b): lane (g, t) gets d0 + d2 = token
+  // g's sum and d1 + d3 = token g + 8's, which fold moves to the dsum layout with 4 shuffles.
+  float xsum[TOKEN_TILES == 2 ? 1 : TOKEN_TILES][4];
+  const uint32_t x_sum_b0 = g % 2 == 0 ? Tr::kOnes : 0u, x_sum_b1 = g % 2 == 0 ? 0u : Tr::kOnes;
 #pragma unroll
   for (int s = 0; s < kStrips; ++s)
 #pragma unroll
@@ -337,6 +345,18 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // acc += scale/f (D - (MAGIC + f zero) Sx), per channel (f = 1 for channel g, 1 or 16 for g + 8).
   // (SCALES_IN_SMEM: the scale and zero rows are in the chunk's slot, at scale_slot.)
   auto fold = [&](const StageT& st, int r, uint32_t scale_slot) {
+    float xs[TOKEN_TILES][2];  // [tile][token 2t, 2t + 1]
+    if constexpr (TOKEN_TILES == 2) {
+      const float tile0 = xsum[0][0] + xsum[0][2], tile1 = xsum[0][1] + xsum[0][3];  // tokens g, g + 8
+      const int src_lane = 8 * t;  // tokens 2t and 2t + 1 (of either tile) are at g = 2t (lane 8t) and 2t + 1
+      xs[0][0] = __shfl_sync(0xffffffffu, tile0, src_lane);
+      xs[0][1] = __shfl_sync(0xffffffffu, tile0, src_lane + 4);
+      xs[1][0] = __shfl_sync(0xffffffffu, tile1, src_lane);
+      xs[1][1] = __shfl_sync(0xffffffffu, tile1, src_lane + 4);
+    } else {
+      xs[0][0] = xsum[0][0];
+      xs[0][1] = xsum[0][1];
+    }
 #pragma unroll
     for (int s = 0; s < kStrips; ++s) {
       uint32_t scale_bits[2], zero_bits[2];
@@ -367,10 +387,10 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       const float f_hi = s_hi * Tr::kScaleHi, off_hi = s_hi * (Tr::kMagicHi + z_hi);
 #pragma unroll
       for (int j = 0; j < TOKEN_TILES; ++j) {
-        acc[s][j][0] = fmaf(s_lo, dsum[s][j][0], fmaf(-off_lo, xsum[j][0], acc[s][j][0]));
-        acc[s][j][1] = fmaf(s_lo, dsum[s][j][1], fmaf(-off_lo, xsum[j][1], acc[s][j][1]));
-        acc[s][j][2] = fmaf(f_hi, dsum[s][j][2], fmaf(-off_hi, xsum[j][0], acc[s][j][2]));
-        acc[s][j][3] = fmaf(f_hi, dsum[s][j][3], fmaf(-off_hi, xsum[j][1], acc[s][j][3]));
+        acc[s][j][0] = fmaf(s_lo, dsum[s][j][0], fmaf(-off_lo, xs[j][0], acc[s][j][0]));
+        acc[s][j][1] = fmaf(s_lo, dsum[s][j][1], fmaf(-off_lo, xs[j][1], acc[s][j][1]));
+        acc[s][j][2] = fmaf(f_hi, dsum[s][j][2], fmaf(-off_hi, xs[j][0], acc[s][j][2]));
+        acc[s][j][3] = fmaf(f_hi, dsum[s][j][3], fmaf(-off_hi, xs[j][1], acc[s][j][3]));
       }
     }
   };
@@ -471,12 +491,18 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
         }
         // The first k16 step of a group starts its sums from zero.
         const bool fresh = GK == kGroup32 ? (kk % 2 == 0) : GK == kGroup64 ? kk == 0 : (u == 0 && kk == 0);
-#pragma unroll
-        for (int j = 0; j < TOKEN_TILES; ++j) {
+        if constexpr (TOKEN_TILES == 2) {
+          const uint32_t x_as_a[4] = {b[0][0], b[0][1], b[1][0], b[1][1]};  // ldmatrix's registers as they are
           if (fresh) {
-            Tr::template mma<true>(xsum[j], ones, b[j][0], b[j][1]);
+            Tr::template mma<true>(xsum[0], x_as_a, x_sum_b0, x_sum_b1);
           } else {
-            Tr::template mma<false>(xsum[j], ones, b[j][0], b[j][1]);
+            Tr::template mma<false>(xsum[0], x_as_a, x_sum_b0, x_sum_b1);
+          }
+        } else {
+          if (fresh) {
+            Tr::template mma<true>(xsum[0], ones, b[0][0], b[0][1]);
+          } else {
+            Tr::template mma<false>(xsum[0], ones, b[0][0], b[0][1]);
           }
         }
 #pragma unroll
