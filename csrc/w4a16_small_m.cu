@@ -405,8 +405,10 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`: 16 rows x 16 pieces of
   // 16 B, the pieces of a row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different
   // bank groups. Lane l always copies piece l % 16 of rows r0 + 2 j (r0 = l / 16, j < 8). A missing second
-  // tile and chunks past the range read nothing and are zero; a row past M re-reads the lane's last row
-  // that exists (its token's sums are never stored), so one predicate serves the lane's 8 copies.
+  // tile and chunks past the range read nothing and are zero. A row past M: with two tiles it re-reads the
+  // lane's last row that exists (its token's sums are never stored), so one predicate serves the lane's 8
+  // copies; with one tile it reads nothing (M = 5-7: re-reading had made the Llama shapes 2-8% slower on
+  // the H200, the same time as M = 8, while the per-row predicate costs 4 instructions per chunk).
   // Addresses: with the slot 256-byte aligned, row r0 + 2 j's swizzled piece is the lane's row-r0 address
   // XOR ((2 j) & 7) << 4 (since (r0 + 2 j) & 7 = r0 ^ ((2 j) & 7)) plus the row offset, a constant of the
   // copy instruction; the source steps by two rows of x per copy. (The previous loader selected between
@@ -420,7 +422,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const int x_piece = lane & 15, x_row0 = lane >> 4;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
   const uint32_t x_lane_dst = x_private_base + x_row0 * kXRowBytes + ((x_piece ^ x_row0) << 4);
-  const int x_last_pair = max(0, (p.M - tok0 - x_row0 - 1) / 2);  // the lane's rows r0 + 2 j exist up to here
+  const int x_rows_ok = p.M - tok0 - x_row0;  // the lane's rows r0 + 2 j with 2 j < x_rows_ok exist
+  const int x_last_pair = max(0, (x_rows_ok - 1) / 2);  // the last of them (the source stays there)
   const int x_pair_bytes = 2 * p.K * static_cast<int>(sizeof(T));  // (16 rows of K fit 32 bits)
   auto load_x_chunk_private = [&](int c, int slot) {
     const bool chunk_ok = c < c_end;
@@ -429,7 +432,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     const uint32_t lane_dst = x_lane_dst + slot * kXSlotBytes;
 #pragma unroll
     for (int j = 0; j < TOKEN_TILES * 4; ++j) {
-      cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src, piece_ok);
+      cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src,
+                 piece_ok && (TOKEN_TILES == 2 || 2 * j < x_rows_ok));
       src = advance_bytes(src, j < x_last_pair ? x_pair_bytes : 0);
     }
     if (copies_piece) copy_scale_piece(c, x_scale_base + slot * kScaleSlotBytes);
