@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // 0-7, 8-15, 8-15} x {k 0-7, 8-15, 0-7, 8-15} in the places of {rows 0-7, 8-15} x {k 0-7, 8-15}, against a B
   // whose even columns sum the first 8 k and odd ones the last 8 (x_sum_b): lane (g, t) gets d0 + d2 = token
   // g's sum and d1 + d3 = token g + 8's, which fold moves to the dsum layout with 4 shuffles.
-  float xsum[TOKEN_TILES == 2 ? 1 : TOKEN_TILES][4];
+  float xsum[TOKEN_TILES == 2 ? 1 : TOKEN_TILES][4] = {};  // (set by each group's first mma; {} quiets a warning)
   const uint32_t x_sum_b0 = g % 2 == 0 ? Tr::kOnes : 0u, x_sum_b1 = g % 2 == 0 ? 0u : Tr::kOnes;
 #pragma unroll
   for (int s = 0; s < kStrips; ++s)
