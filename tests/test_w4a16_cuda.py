@@ -425,6 +425,25 @@ def test_small_m_partial_token_tiles(k, n, group_size, symmetric, dtype):
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# (6208, 80): per channel, 97 k-tiles (the last chunk has one), 3 strips (the second block half empty);
+# (8192, 48): group 128. Unsplit, every warp of a 16-warp block takes 3-4 chunks.
+@pytest.mark.parametrize("k,n,group_size", [(6208, 80, -1), (8192, 48, 128)])
+def test_small_m_early_refill(k, n, group_size, dtype):
+    # Below 5 tokens, symmetric, one scale row per chunk: the small-M kernel loads the weights of a warp's
+    # chunk two ahead as soon as each k-tile's registers are read (EARLY_REFILL in csrc/w4a16_small_m.cu),
+    # which only runs where a warp has at least 3 chunks.
+    qw = random_qweight(k, n, group_size, True, scale_dtype=dtype, device="cuda")
+    for m in (1, 2, 3, 4):
+        _, y_ref, (x, prepared, bias) = run_case(k, n, m, group_size, True, dtype, with_bias=m % 2 == 0,
+                                                 seed=m, weight=qw)
+        y = w4a16_linear(x, prepared, bias, split_k=1, tile_m=1)
+        assert rel_err(y, y_ref.to(dtype)) <= 4e-4, f"M={m}"
+        assert torch.equal(y, w4a16_linear(x, prepared, bias, split_k=1, tile_m=1))
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("tile_m", [3, 4, 5])
 def test_wgmma_kernel_edges(tile_m, group_size, dtype):
