@@ -54,6 +54,9 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
+        if args.group > 0 and k % args.group:
+            print(f"{shape}: skipped, group {args.group} does not divide K = {k}", flush=True)
+            continue
         w16, qw, prep = setup(k, n, dtype, args.group, not args.asym)
         next_w16, next_prep = (lambda: w16), (lambda: prep.tensors)
         if args.cuda_graph:
