@@ -60,8 +60,8 @@
 // 4 stages (up to 192 KB of shared memory for W8A8); 5: 256x128, 8 warps (4x2) of 64x64.
 // 6, 7 (and automatic from M = 65 on an sm_90 GPU, int8 activations, per-channel weights): the wgmma
 // kernel of csrc/int_wgmma.cu with 128x128 / 128x256 (channels x tokens) tiles. 8 (and automatic up to
-// M = 16 there): the few-token kernel of csrc/int_small_m.cu (weights straight to registers, K split
-// across a thread-block cluster).
+// M = 16 there): the few-token kernel of csrc/int_small_m.cu (weights straight to registers, 32-channel
+// blocks whose warps split K, and K split across a thread-block cluster where the blocks are few).
 // Measured on the H100 (GEMM alone, benchmarks/bench_int_gemm.py --sweep): 8192^3: config 3 460 TOPS,
 // 4 and 5 ~580 TOPS (one 256-thread block per SM at ~248 registers; the mma.sync int8 peak measured here
 // is 1212 TOPS, torch._int_mm reaches ~920 with wgmma); the wgmma kernel 1180-1460 TOPS at M >= 2048.
@@ -623,8 +623,9 @@ bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool g
 }
 
 // The few-token kernel (csrc/int_small_m.cu): int8 activations and per-channel weights on an sm_90 GPU,
-// automatic up to kSmallMMaxTokens tokens. On the H100 it streams int4 weights at 2.0 TB/s at 8192 x 8192
-// and 2.7 TB/s at 8192 x 28672 (M = 1), where the best mma.sync tile and split reached 1.9 and 2.3.
+// automatic up to kSmallMMaxTokens tokens (its plan: int_small_m::plan). On the H200 it streams int4 weights
+// at 2.9 TB/s at 8192 x 8192 and 3.6 TB/s at 8192 x 28672 (M = 1); on the H100 the best mma.sync tile and
+// split had reached 1.9 and 2.3.
 constexpr int64_t kSmallMMaxTokens = 16;
 
 bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
@@ -636,32 +637,6 @@ bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool
     return true;
   }
   return config == kAuto && available && a_bits == 8 && !grouped && M <= kSmallMMaxTokens;
-}
-
-// Blocks of a cluster (K splits) for the few-token kernel: split_k > 0 asks for that many (at most 8);
-// automatic: the fewest (a power of two, at least 4 k-tiles a block) that put enough blocks on each SM
-// to stream the weights at full speed. How many is enough differs by variant (int4 or int8 weights,
-// one or two n8 token tiles: 126 to 242 registers a thread, 32 or 48 KB of loads in flight a block).
-// The numbers of blocks per SM below, in eighths, are fitted to the
-// H100 sweep (benchmarks/bench_int_gemm.py --sweep-small --all-shapes) on N in {4096, 8192, 14336,
-// 28672}: they pick the fastest split at M = 1 and 16 there, or one within 5%.
-int small_m_splits(int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int device) {
-  const int64_t k_tiles = (K + kTileK - 1) / kTileK;
-  int64_t splits = split_k;
-  if (splits <= 0) {
-    const bool one_token_tile = M <= 8;
-    const int64_t eighths_per_sm = w_bits == 4 ? (one_token_tile ? 14 : 10) : (one_token_tile ? 12 : 7);
-    const int64_t blocks = (N + int_small_m::kChannels - 1) / int_small_m::kChannels *
-                           ((M + int_small_m::kTokens - 1) / int_small_m::kTokens);
-    splits = 1;
-    while (8 * blocks * splits < eighths_per_sm * num_sms(device) && splits < int_small_m::kMaxSplits &&
-           k_tiles / (2 * splits) >= 4) {
-      splits *= 2;
-    }
-  }
-  splits = std::max<int64_t>(1, std::min<int64_t>({splits, int_small_m::kMaxSplits, k_tiles}));
-  const int64_t per_split = (k_tiles + splits - 1) / splits;
-  return static_cast<int>((k_tiles + per_split - 1) / per_split);  // no empty splits
 }
 
 struct WgmmaPlan {
@@ -794,12 +769,12 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   if (use_small_m(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
-    const int splits = small_m_splits(M, N, K, w_bits, split_k, a.get_device());
+    const int_small_m::Plan plan =
+        int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, num_sms(a.get_device()));
     int_small_m::launch(static_cast<int>(w_bits), true, at::kInt,
                         hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K,
-                                      tiles_per_split(w, splits)),
-                        splits,
-                        stream);
+                                      tiles_per_split(w, plan.splits)),
+                        plan, stream);
     return out;
   }
   if (use_wgmma(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
@@ -861,10 +836,11 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const float* sw = w_scale.data_ptr<float>();
   const float* sx = a_scale.data_ptr<float>();
   if (use_small_m(op, config, M, a_bits, grouped, a.get_device())) {
-    const int splits = small_m_splits(M, N, K, w_bits, split_k, a.get_device());
+    const int_small_m::Plan plan =
+        int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, num_sms(a.get_device()));
     int_small_m::launch(static_cast<int>(w_bits), false, out_dtype,
-                        hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, tiles_per_split(w, splits)),
-                        splits, stream);
+                        hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, tiles_per_split(w, plan.splits)),
+                        plan, stream);
     return out;
   }
   if (use_wgmma(op, config, M, a_bits, grouped, a.get_device())) {

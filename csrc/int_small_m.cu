@@ -18,20 +18,27 @@
 //   int8 (128-byte rows): chunks t and 4 + t; step s takes words 2(s % 2), 2(s % 2) + 1 of chunk s / 2.
 //   Which k lands in which mma slot differs from the natural fragment order; a dot product does not
 //   care as long as the activations follow: lane t's B fragment for step s is read from the same k,
-//   so each lane loads the matching 2 x 16 bytes of each of its token rows (L1-cached: the block's four
-//   warps read the same activations).
+//   so each lane loads the matching 2 x 16 bytes of each of its token rows (L1/L2 hits: every warp of
+//   the block, and every block, reads the same activations).
 // Pipeline: STAGES k-tiles of weights and activations in registers, the next k-tile's loads issued as
 //   soon as a stage is consumed; no shared memory and no barrier in the main loop. The first stages'
 //   weight loads are issued before griddepcontrol.wait, so under programmatic dependent launch (the
 //   quantization kernel before it triggers early) they overlap the previous kernel.
-// Tiling: a block is 4 warps on 128 channels (warp w: strips 2w, 2w + 1 of the block, i.e. rows
-//   32w..32w+31 of the block's two weight units) and 16 tokens (one or two n8 token tiles: M <= 8 uses
-//   one); grid (ceil(N / 128), splits, ceil(M / 16)).
-// Split K in a cluster: the `splits` blocks of a cluster (along grid.y, at most 8) take contiguous
-//   k-tile ranges; each writes its int32 partial tile to its own shared memory, the cluster syncs, and
-//   block r reduces its share of the tile's 4-channel vectors over the cluster's blocks (distributed
-//   shared memory, exact int32 sums), applies the epilogue and writes y with 8-byte stores. One launch,
-//   no workspace, no counters.
+// Tiling: a block is WARPS warps (1, 2, 4, 8 or 16) on the same 32 channels (2 strips: rows 32h..32h+31
+//   of weight unit u, block x = 2u + h) and 16 tokens (one or two n8 token tiles: M <= 8 uses one); the
+//   block's k-tiles are dealt round-robin to its warps, which add their int32 sums into the block's tile
+//   in shared memory (atomics: exact in any order). Grid (ceil(N / 32), splits, ceil(M / 16)). plan()
+//   takes the most warps per block with which the blocks run in one wave (warps_per_sm: what the
+//   instances' registers allow), as csrc/w4a16_small_m.cu does: more warps on fewer k-tiles each.
+//   (Before, a block was 4 warps on 128 channels, each warp on its own 32 channels over the whole K
+//   range, and K was split over a cluster to fill the GPU. H200, GEMM alone, W4A4 M = 1, same process:
+//   8192 x 8192 14.0 -> 11.5 us, 14336 x 4096 12.9 -> 10.5, 896 x 4864 5.1 -> 3.3, 8192 x 28672 33.5 ->
+//   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; 8192 x 28672 2-4% slower at both M, see docs/PERF.md.)
+// Split K in a cluster, where the blocks alone leave SMs idle (few channels): the `splits` blocks of a
+//   cluster (along grid.y, at most 8) take contiguous k-tile ranges; each holds its int32 tile in its own
+//   shared memory, the cluster syncs, and block r reduces its share of the tile's 4-channel vectors over
+//   the cluster's blocks (distributed shared memory, exact int32 sums), applies the epilogue and writes y
+//   with 8-byte stores. One launch, no workspace, no counters.
 // Epilogue: y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32 like the
 //   reference (bit-identical), then cast.
 //
@@ -40,6 +47,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include <cooperative_groups.h>
@@ -55,13 +63,11 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr int kStripsPerWarp = 2;  // 16-channel strips
 constexpr int kUnitRows = 64;      // rows of one weight unit (csrc/int_gemm.cu's tiled layout)
 constexpr int kTileK = 128;        // k per k-tile: one unit's width
 
-static_assert(kChannels == kWarps * kStripsPerWarp * 16, "a block's warps cover its channels");
+static_assert(kChannels == kStripsPerWarp * 16, "a warp covers the block's channels");
 
 template <int WBITS>
 struct Layout {
@@ -136,16 +142,30 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 }
 #endif  // QK_SMALL_M_BODY
 
-// OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8).
-template <int WBITS, int TOKEN_TILES, typename OutT>
-__global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
+// Warps per SM each instance is built for (its launch bound, with blocks of up to that many warps; a block of 8
+// warps where this is 12 runs one to an SM): 16 for int4 weights at one token tile (126 registers), 12 for int4
+// at two tiles and int8 at one (146-170), 8 for int8 at two (about 180; at 12 they spilled 36-44 bytes).
+constexpr int warps_per_sm(int w_bits, int token_tiles) {
+  return w_bits == 4 ? (token_tiles == 1 ? 16 : 12) : (token_tiles == 1 ? 12 : 8);
+}
+// Blocks of `warps` warps an SM holds.
+constexpr int blocks_per_sm(int w_bits, int token_tiles, int warps) {
+  return warps_per_sm(w_bits, token_tiles) / warps > 1 ? warps_per_sm(w_bits, token_tiles) / warps : 1;
+}
+
+// OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps
+// per block, all on the block's 32 channels, taking its k-tiles round-robin.
+template <int WBITS, int TOKEN_TILES, int WARPS, typename OutT>
+__global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, WARPS))
+    int_small_m_kernel(const Params p) {
 #if QK_SMALL_M_BODY
   using L = Layout<WBITS>;
   using StageT = Stage<WBITS, TOKEN_TILES>;
+  constexpr int kThreads = WARPS * 32;
   constexpr int kStages = L::kStages;
   constexpr int kRows = 8 * TOKEN_TILES;      // token rows of the block's tile
   constexpr int kShift = WBITS == 4 ? 4 : 0;  // widened nibbles are 16 x their value
-  constexpr int kPartStride = kChannels + 4;  // int32 row stride of the partial tile: lanes hit distinct banks
+  constexpr int kPartStride = kChannels + 4;  // int32 row stride of the block's tile: lanes hit distinct banks
   __shared__ __align__(16) int part[kRows][kPartStride];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -157,13 +177,14 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
   const int m0 = blockIdx.z * kTokens;
   const int kt_begin = blockIdx.y * p.tiles_per_split;
   const int kt_end = min(kt_begin + p.tiles_per_split, p.k_tiles);
+  // This warp's k-tiles: kt_begin + warp + i * WARPS for i < my_tiles.
+  const int my_tiles = max(0, (kt_end - kt_begin - warp + WARPS - 1) / WARPS);
 
-  // This warp's two strips: rows 32 * warp .. + 31 of the block, in unit 2 * blockIdx.x + warp / 2.
-  const int unit = 2 * blockIdx.x + warp / 2;
-  const bool warp_active = unit < p.w_units;  // the last block may have a single unit
+  // The block's channels: rows 32 * (blockIdx.x % 2) .. + 31 of weight unit blockIdx.x / 2 (the grid has
+  // ceil(N / 32) blocks along x, so that unit exists: the layout pads N to whole 64-row units).
   const uint8_t* w_lane = static_cast<const uint8_t*>(p.w) +
-                          (static_cast<int64_t>(unit) * p.k_tiles) * L::kUnitBytes +
-                          (32 * (warp % 2) + g) * L::kRowBytes;
+                          static_cast<int64_t>(blockIdx.x / 2) * p.k_tiles * L::kUnitBytes +
+                          (32 * (blockIdx.x % 2) + g) * L::kRowBytes;
   const uint8_t* x_row[TOKEN_TILES];
   bool x_ok[TOKEN_TILES];
 #pragma unroll
@@ -173,9 +194,10 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
     x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * p.K;
   }
 
-  auto load_weights = [&](StageT& st, int kt) {
-    if (kt < kt_end && warp_active) {
-      const uint8_t* base = w_lane + static_cast<int64_t>(kt) * L::kUnitBytes;
+  // The warp's i-th k-tile into st (nothing past its tiles).
+  auto load_weights = [&](StageT& st, int i) {
+    if (i < my_tiles) {
+      const uint8_t* base = w_lane + static_cast<int64_t>(kt_begin + warp + i * WARPS) * L::kUnitBytes;
 #pragma unroll
       for (int s = 0; s < kStripsPerWarp; ++s)
 #pragma unroll
@@ -185,8 +207,9 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
             st.w[s][r][c] = load_stream_v4(base + (16 * s + 8 * r) * L::kRowBytes + L::w_offset(t, c));
     }
   };
-  auto load_acts = [&](StageT& st, int kt) {
-    if (kt < kt_end) {
+  auto load_acts = [&](StageT& st, int i) {
+    if (i < my_tiles) {
+      const int kt = kt_begin + warp + i * WARPS;
 #pragma unroll
       for (int tt = 0; tt < TOKEN_TILES; ++tt)
 #pragma unroll
@@ -234,39 +257,38 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
     }
   };
 
+  for (int i = threadIdx.x; i < kRows * kPartStride; i += kThreads) (&part[0][0])[i] = 0;
+
   // ---- pipeline: weights first (independent of the previous kernel), then wait, then activations ----
   StageT stages[kStages];
-  if (!warp_active) {
 #pragma unroll
-    for (int i = 0; i < kStages; ++i) stages[i] = StageT{};
-  }
-#pragma unroll
-  for (int i = 0; i < kStages; ++i) load_weights(stages[i], kt_begin + i);
+  for (int i = 0; i < kStages; ++i) load_weights(stages[i], i);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");  // no-op unless launched as a dependent
 #pragma unroll
-  for (int i = 0; i < kStages; ++i) load_acts(stages[i], kt_begin + i);
+  for (int i = 0; i < kStages; ++i) load_acts(stages[i], i);
 
-  for (int kt = kt_begin; kt < kt_end; kt += kStages) {
+  for (int i0 = 0; i0 < my_tiles; i0 += kStages) {
 #pragma unroll
-    for (int i = 0; i < kStages; ++i) {
-      if (kt + i < kt_end) {
-        compute(stages[i]);
-        load_weights(stages[i], kt + i + kStages);
-        load_acts(stages[i], kt + i + kStages);
+    for (int j = 0; j < kStages; ++j) {
+      if (i0 + j < my_tiles) {
+        compute(stages[j]);
+        load_weights(stages[j], i0 + j + kStages);
+        load_acts(stages[j], i0 + j + kStages);
       }
     }
   }
 
-  // ---- partial tile -> shared memory, [token][channel] --------------------------------------------
+  // ---- the warps' sums -> the block's tile in shared memory, [token][channel] (int32: exact in any order) --
+  __syncthreads();  // (the tile is zeroed)
 #pragma unroll
   for (int s = 0; s < kStripsPerWarp; ++s)
 #pragma unroll
     for (int tt = 0; tt < TOKEN_TILES; ++tt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) part[8 * tt + 2 * t + (e & 1)][32 * warp + 16 * s + g + 8 * (e >> 1)] = acc[s][tt][e];
-  cluster.sync();  // every block's partial tile is written (and visible across the cluster)
+      for (int e = 0; e < 4; ++e) atomicAdd(&part[8 * tt + 2 * t + (e & 1)][16 * s + g + 8 * (e >> 1)], acc[s][tt][e]);
+  cluster.sync();  // every block's tile is complete (and visible across the cluster)
 
-  // ---- this block's share of the tile: sum the cluster's partials, epilogue, store ----------------
+  // ---- this block's share of the tile: sum the cluster's tiles, epilogue, store ---------------------
   constexpr int kVectors = kRows * kChannels / 4;  // 4-channel vectors of the tile
   const int per_rank = (kVectors + splits - 1) / splits;
   const int v_end = min(kVectors, (rank + 1) * per_rank);
@@ -301,11 +323,11 @@ __global__ void __launch_bounds__(kThreads) int_small_m_kernel(const Params p) {
 #endif
 }
 
-template <int WBITS, int TOKEN_TILES, typename OutT>
+template <int WBITS, int TOKEN_TILES, int WARPS, typename OutT>
 void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((p.N + kChannels - 1) / kChannels, splits, (p.M + kTokens - 1) / kTokens);
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   cudaLaunchAttribute attributes[2];
@@ -319,33 +341,83 @@ void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   attributes[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attributes;
   config.numAttrs = 2;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, TOKEN_TILES, OutT>, p));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, TOKEN_TILES, WARPS, OutT>, p));
+}
+
+template <int WBITS, int TOKEN_TILES, int WARPS>
+void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+  if (raw) {
+    launch_kernel<WBITS, TOKEN_TILES, WARPS, int>(p, splits, stream);
+  } else if (out_dtype == at::kHalf) {
+    launch_kernel<WBITS, TOKEN_TILES, WARPS, __half>(p, splits, stream);
+  } else {
+    launch_kernel<WBITS, TOKEN_TILES, WARPS, __nv_bfloat16>(p, splits, stream);
+  }
 }
 
 template <int WBITS, int TOKEN_TILES>
-void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
-  if (raw) {
-    launch_kernel<WBITS, TOKEN_TILES, int>(p, splits, stream);
-  } else if (out_dtype == at::kHalf) {
-    launch_kernel<WBITS, TOKEN_TILES, __half>(p, splits, stream);
+void launch_warps(int warps, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+  if (warps == 1) {
+    launch_out<WBITS, TOKEN_TILES, 1>(raw, out_dtype, p, splits, stream);
+  } else if (warps == 2) {
+    launch_out<WBITS, TOKEN_TILES, 2>(raw, out_dtype, p, splits, stream);
+  } else if (warps == 4) {
+    launch_out<WBITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
+  } else if (warps == 8) {
+    launch_out<WBITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
+  } else if constexpr (warps_per_sm(WBITS, TOKEN_TILES) == 16) {
+    launch_out<WBITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   } else {
-    launch_kernel<WBITS, TOKEN_TILES, __nv_bfloat16>(p, splits, stream);
+    TORCH_CHECK(false, "int_small_m: no ", warps, "-warp instance for int", WBITS, " weights and ", TOKEN_TILES,
+                " token tile(s)");
   }
 }
 
 }  // namespace
 
-void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_count) {
+  const int64_t k_tiles = (K + kTileK - 1) / kTileK;
+  const int token_tiles = M <= 8 ? 1 : 2;
+  const int64_t blocks = (N + kChannels - 1) / kChannels * ((M + kTokens - 1) / kTokens);
+  Plan plan;
+  // The most warps per block (16, 8, 4 or 2, at most warps_per_sm) with which the blocks run in one wave; one
+  // warp when none does.
+  plan.warps = 1;
+  for (const int warps : {16, 8, 4, 2}) {
+    if (warps <= warps_per_sm(w_bits, token_tiles) &&
+        blocks <= static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, token_tiles, warps)) {
+      plan.warps = warps;
+      break;
+    }
+  }
+  // K split over a cluster where the blocks leave SMs idle: double it while the grid still runs in one wave and
+  // each warp keeps at least two k-tiles.
+  const int64_t wave = static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, token_tiles, plan.warps);
+  int64_t splits = split_k;
+  if (splits <= 0) {
+    splits = 1;
+    while (splits < kMaxSplits && 2 * splits * blocks <= wave && k_tiles >= 2 * splits * 2 * plan.warps) {
+      splits *= 2;
+    }
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, kMaxSplits, k_tiles}));
+  const int64_t per_split = (k_tiles + splits - 1) / splits;
+  plan.splits = static_cast<int>((k_tiles + per_split - 1) / per_split);  // no empty splits
+  return plan;
+}
+
+void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, const Plan& plan, cudaStream_t stream) {
+  const int splits = plan.splits;
   TORCH_CHECK(splits >= 1 && splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits, ", got ", splits);
   const bool one_tile = p.M <= 8;  // one n8 token tile per block
   if (w_bits == 4 && one_tile) {
-    launch_out<4, 1>(raw, out_dtype, p, splits, stream);
+    launch_warps<4, 1>(plan.warps, raw, out_dtype, p, splits, stream);
   } else if (w_bits == 4) {
-    launch_out<4, 2>(raw, out_dtype, p, splits, stream);
+    launch_warps<4, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   } else if (one_tile) {
-    launch_out<8, 1>(raw, out_dtype, p, splits, stream);
+    launch_warps<8, 1>(plan.warps, raw, out_dtype, p, splits, stream);
   } else {
-    launch_out<8, 2>(raw, out_dtype, p, splits, stream);
+    launch_warps<8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   }
 }
 

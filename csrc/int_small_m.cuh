@@ -14,7 +14,7 @@
 namespace quantkern {
 namespace int_small_m {
 
-constexpr int kChannels = 128;  // output channels per block (two 64-row weight units)
+constexpr int kChannels = 32;   // output channels per block (half a 64-row weight unit)
 constexpr int kTokens = 16;     // tokens per block (grid.z walks larger M)
 constexpr int kMaxSplits = 8;   // blocks of one cluster (the portable cluster size)
 
@@ -22,9 +22,17 @@ constexpr int kMaxSplits = 8;   // blocks of one cluster (the portable cluster s
 // k-tiles of one block of a cluster.
 using Params = int_wgmma::Params;
 
-// y = a_scale[m] * (acc * w_scale[n]) + bias[n] in out_dtype, or (raw) the exact int32 sums.
-// splits = the cluster size along grid.y (1..kMaxSplits).
-void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream);
+// A call's work split: warps per block (2, 4, 8 or 16) and blocks per cluster (K splits, 1..kMaxSplits).
+struct Plan {
+  int warps;
+  int splits;
+};
+// split_k > 0 asks for that many K splits (at most kMaxSplits); 0 chooses (see csrc/int_small_m.cu).
+Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_count);
+
+// y = a_scale[m] * (acc * w_scale[n]) + bias[n] in out_dtype, or (raw) the exact int32 sums. p.tiles_per_split:
+// the k-tiles of one block of a cluster (ceil(k_tiles / plan.splits)).
+void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, const Plan& plan, cudaStream_t stream);
 
 }  // namespace int_small_m
 }  // namespace quantkern
