@@ -148,9 +148,13 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 constexpr int warps_per_sm(int w_bits, int token_tiles) {
   return w_bits == 4 ? (token_tiles == 1 ? 16 : 12) : (token_tiles == 1 ? 12 : 8);
 }
-// Blocks of `warps` warps an SM holds.
+// Blocks of `warps` warps an SM holds (the launch bound's minimum). int4 at two tiles: 12 warps per SM only for
+// 2-warp blocks; 4-warp and 1-warp blocks at 8 warps per SM, whose register cap of 255 measured faster (H200,
+// W4A4 M = 16: 8192 x 8192 with 4 warps 14.5 us against 15.7 at the 12-warp cap, 8192 x 28672 with 1 warp 48.2
+// against 52.2), while 592 blocks of 2 warps (3584 x 18944) need the 12 to run in one wave (15.3 against 22.5).
 constexpr int blocks_per_sm(int w_bits, int token_tiles, int warps) {
-  return warps_per_sm(w_bits, token_tiles) / warps > 1 ? warps_per_sm(w_bits, token_tiles) / warps : 1;
+  const int per_sm = w_bits == 4 && token_tiles == 2 && warps != 2 ? 8 : warps_per_sm(w_bits, token_tiles);
+  return per_sm / warps > 1 ? per_sm / warps : 1;
 }
 
 // OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps

@@ -221,12 +221,12 @@ WGMMA_SHAPES = [(65, 160, 24), (130, 576, 896), (257, 896, 4864), (300, 4864, 20
 # 16 tokens a block (grid.z walks more: M = 40), K split over the blocks of a cluster (1 to 8). Partial
 # channel blocks (N = 24, 72, 200: one or an odd number of weight units), K not a multiple of the 128-deep
 # k-tile (160, 4864), the models' sizes.
-# The last four take the narrow blocks on a 132-SM GPU (csrc/int_small_m.cu's plan, warps per block for int4 /
-# int8 weights): 384 blocks of 32 channels 4 / 2, 640 blocks 2 / 1, 544 blocks at two token tiles 1 / 1, 1088
-# blocks 1 / 1.
+# The last six take the narrow blocks on a 132-SM GPU (csrc/int_small_m.cu's plan, warps per block for int4 /
+# int8 weights): one token tile, 384 blocks of 32 channels 4 / 4, 640 blocks 2 / 2, 1088 blocks 1 / 1; two token
+# tiles, 192 blocks 4 / 4, 544 blocks 2 / 1, 832 blocks 1 / 1.
 SMALL_M_SHAPES = [(1, 160, 24), (5, 576, 896), (8, 896, 72), (9, 4864, 200), (16, 4096, 4096), (16, 14336, 576),
-                  (40, 576, 1216), (3, 8192, 8192), (2, 384, 12288), (4, 128, 20480), (12, 256, 17408),
-                  (1, 256, 34816)]
+                  (40, 576, 1216), (3, 8192, 8192), (2, 384, 12288), (4, 128, 20480), (1, 256, 34816),
+                  (10, 128, 6144), (12, 256, 17408), (16, 256, 26624)]
 HOPPER_ACC_CASES = ([shape + cfg for shape in WGMMA_SHAPES for cfg in [(6, 1), (7, 1), (6, 0), (7, 3)]] +
                     [shape + (8, split) for shape in SMALL_M_SHAPES for split in (0, 1, 3, 8)])
 
