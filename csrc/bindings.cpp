@@ -18,6 +18,8 @@
 #include <torch/library.h>
 #include <torch/version.h>  // TORCH_VERSION
 
+#include "int_small_m.cuh"  // int_small_m::plan
+
 // The CUDA arch list, baked in by setup.py (-DQUANTKERN_CUDA_ARCHS="...") or by CMakeLists.txt (a
 // generated header, since CMake splits definitions at ';').
 #if defined(QUANTKERN_BUILD_CONFIG_H)
@@ -129,6 +131,21 @@ PYBIND11_MODULE(_C, m) {
       "with sm_count SMs and smem_per_block bytes of opt-in shared memory per block: {'warps': warps per block "
       "(2, 4, 8 or 16), 'splits': K splits, 'weight_ring': whether the weights go through each warp's "
       "shared-memory ring (M < 5, group 32 with zero points, where an SM holds 16 warps' rings)}.");
+  m.def(
+      "int_small_m_plan",
+      [](int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int sm_count) {
+        const quantkern::int_small_m::Plan plan =
+            quantkern::int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, sm_count);
+        pybind11::dict out;
+        out["warps"] = plan.warps;
+        out["splits"] = plan.splits;
+        return out;
+      },
+      pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("w_bits"),
+      pybind11::arg("split_k") = 0, pybind11::arg("sm_count") = 132,
+      "The sm_90 few-token integer GEMM's launch plan (M <= 16, int8 activations; csrc/int_small_m.cu) for "
+      "w_bits-bit weights on a device with sm_count SMs: {'warps': warps per 32-channel block (1, 2, 4, 8 or "
+      "16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that many splits (at most 8).");
   m.def(
       "w4a16_automatic_kernel",
       [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16) {

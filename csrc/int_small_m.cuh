@@ -1,7 +1,8 @@
 // The integer GEMM for few tokens on Hopper (csrc/int_small_m.cu): W8A8 and W4A8 (which also serves
 // W4A4 on sm_90, the int4 activation codes stored one per byte), per-channel weights, int8 mma.sync
-// fed straight from global memory, K split across the blocks of a thread-block cluster. Declared here
-// for the host code of csrc/int_gemm.cu, which checks the operands and calls it on an sm_90 GPU.
+// fed straight from global memory, 32-channel blocks whose warps split K, and K split across the blocks of a
+// thread-block cluster where the blocks are few. Declared here for the host code of csrc/int_gemm.cu, which
+// checks the operands and calls it on an sm_90 GPU, and for quantkern._C.int_small_m_plan (csrc/bindings.cpp).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +23,7 @@ constexpr int kMaxSplits = 8;   // blocks of one cluster (the portable cluster s
 // k-tiles of one block of a cluster.
 using Params = int_wgmma::Params;
 
-// A call's work split: warps per block (2, 4, 8 or 16) and blocks per cluster (K splits, 1..kMaxSplits).
+// A call's work split: warps per block (1, 2, 4, 8 or 16) and blocks per cluster (K splits, 1..kMaxSplits).
 struct Plan {
   int warps;
   int splits;

@@ -208,6 +208,32 @@ def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_
     assert torch.equal(acc.cpu(), expected)
 
 
+# The few-token kernel's plan (csrc/int_small_m.cu, host code: no GPU needed). Warps per 32-channel block: the
+# most with which the blocks run in one wave (an SM holds 16 warps of int4 one-tile blocks; 12 of int8 one-tile
+# and of int4 two-tile 2-warp blocks, else 8; blocks of 8 warps one per SM); K split over a cluster only while
+# the doubled grid still runs in one wave and each warp keeps two k-tiles.
+@needs_cuda_kernel
+@pytest.mark.parametrize("m,n,k,w_bits,split_k,sms,warps,splits", [
+    (1, 8192, 8192, 4, 0, 132, 8, 1),     # 256 blocks: 2 of 8 warps per SM
+    (1, 28672, 8192, 4, 0, 132, 2, 1),    # 896 blocks: 8 of 2 warps per SM
+    (1, 14336, 4096, 4, 0, 132, 4, 1),    # 448 blocks
+    (1, 4096, 14336, 4, 0, 132, 16, 1),   # 128 blocks: one of 16 warps per SM
+    (1, 8192, 8192, 4, 0, 114, 4, 1),     # the same on 114 SMs: 8-warp blocks would take two waves
+    (16, 8192, 8192, 4, 0, 132, 4, 1),    # two token tiles: 4-warp blocks two per SM
+    (16, 18944, 3584, 4, 0, 132, 2, 1),   # 592 blocks: 2-warp blocks six per SM
+    (16, 28672, 8192, 4, 0, 132, 1, 1),   # 896 blocks of one warp
+    (1, 28672, 8192, 8, 0, 132, 1, 1),    # int8 weights, one tile: 792 two-warp slots < 896 blocks
+    (16, 8192, 8192, 8, 0, 132, 4, 1),
+    (1, 576, 14336, 4, 0, 132, 16, 2),    # 18 blocks: K split in two (four would leave warps < 2 k-tiles)
+    (1, 576, 14336, 4, 3, 132, 16, 3),    # a split asked for
+    (1, 576, 256, 4, 8, 132, 16, 2),      # at most one split per k-tile
+])
+def test_small_m_plan(m, n, k, w_bits, split_k, sms, warps, splits):
+    from quantkern import _C
+
+    assert _C.int_small_m_plan(m, n, k, w_bits, split_k, sms) == {"warps": warps, "splits": splits}
+
+
 # The sm_90 wgmma kernel (configs 6 and 7: 128- and 256-token tiles): int8 activations (W8A8, W4A8, and
 # W4A4 as int4 codes one per byte), per-channel weights. Partial channel blocks (N = 24, 72, 200: a single or
 # odd weight unit), partial token tiles, K not a multiple of the 128-deep k-tile (160, 4864), split K.
