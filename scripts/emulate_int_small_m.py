@@ -18,27 +18,27 @@ def run(wbits, M, K, N):
     w = torch.randint(lo, hi, (N, K), dtype=torch.int8)
     wq = permute_w4a8(w) if wbits == 4 else w
     tiled = tile_int_weight(wq if wbits == 8 else pack_int4_signed(wq), wbits).numpy().view(np.uint8)
-    units, k_tiles = tiled.shape[0], tiled.shape[1]
+    k_tiles = tiled.shape[1]
     row_bytes = 128 * wbits // 8
     A = a.numpy().view(np.uint8)
     Kp = k_tiles * 128
     Apad = np.zeros((16, Kp), np.uint8); Apad[:M, :K] = A
     out = np.zeros((M, N), np.int64)
     shift = 4 if wbits == 4 else 0
-    for b in range((N + 127) // 128):
-        for warp in range(4):
-            unit = 2 * b + warp // 2
-            if unit >= units: continue
-            for s in range(2):
-                acc = np.zeros((16, 16), np.int64)  # [channel 16][token 16]
-                for kt in range(k_tiles):
+    warps = 3  # a block's warps deal its k-tiles round-robin (any count gives the same int32 sums)
+    for b in range((N + 31) // 32):  # 32-channel blocks: rows 32 * (b % 2) .. + 31 of unit b // 2
+        unit, half = b // 2, b % 2
+        for s in range(2):
+            acc = np.zeros((16, 16), np.int64)  # [channel 16][token 16], the block's tile
+            for warp in range(warps):
+                for kt in range(warp, k_tiles, warps):
                     for step in range(4):
                         Afr = np.zeros((16, 32), np.int64); Bfr = np.zeros((32, 16), np.int64)
                         for lane in range(32):
                             g, t = lane >> 2, lane & 3
                             regs = []
                             for r in range(2):
-                                row = tiled[unit, kt, 32 * (warp % 2) + 16 * s + g + 8 * r]
+                                row = tiled[unit, kt, 32 * half + 16 * s + g + 8 * r]
                                 if wbits == 4:
                                     wd = word(row, 16 * t + 4 * step)
                                     regs.append(((wd << 4) & 0xF0F0F0F0, wd & 0xF0F0F0F0))
@@ -57,10 +57,10 @@ def run(wbits, M, K, N):
                                     b0, b1 = word(xr, p + 8 * (step % 2)), word(xr, p + 8 * (step % 2) + 4)
                                 Bfr[4*t:4*t+4, 8*tt+g] = to_i8x4(b0); Bfr[16+4*t:16+4*t+4, 8*tt+g] = to_i8x4(b1)
                         acc += Afr @ Bfr
-                n0 = 128 * b + 32 * warp + 16 * s
-                for c in range(16):
-                    if n0 + c < N:
-                        out[:, n0 + c] = acc[c, :M] >> shift
+            n0 = 32 * b + 16 * s
+            for c in range(16):
+                if n0 + c < N:
+                    out[:, n0 + c] = acc[c, :M] >> shift
     ref = reference.int_matmul(a, w).numpy()
     print(wbits, M, K, N, "exact" if np.array_equal(out, ref) else "MISMATCH")
 
