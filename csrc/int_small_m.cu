@@ -33,7 +33,7 @@
 //   (Before, a block was 4 warps on 128 channels, each warp on its own 32 channels over the whole K
 //   range, and K was split over a cluster to fill the GPU. H200, GEMM alone, W4A4 M = 1, same process:
 //   8192 x 8192 14.0 -> 11.5 us, 14336 x 4096 12.9 -> 10.5, 896 x 4864 5.1 -> 3.3, 8192 x 28672 33.5 ->
-//   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; 8192 x 28672 2-4% slower at both M, see docs/PERF.md.)
+//   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; W8A8 on 8192 x 28672 3-4% slower: docs/PERF.md, session 9.)
 // Split K in a cluster, where the blocks alone leave SMs idle (few channels): the `splits` blocks of a
 //   cluster (along grid.y, at most 8) take contiguous k-tile ranges; each holds its int32 tile in its own
 //   shared memory, the cluster syncs, and block r reduces its share of the tile's 4-channel vectors over
