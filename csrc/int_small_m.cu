@@ -33,7 +33,8 @@
 //   (Before, a block was 4 warps on 128 channels, each warp on its own 32 channels over the whole K
 //   range, and K was split over a cluster to fill the GPU. H200, GEMM alone, W4A4 M = 1, same process:
 //   8192 x 8192 14.0 -> 11.5 us, 14336 x 4096 12.9 -> 10.5, 896 x 4864 5.1 -> 3.3, 8192 x 28672 33.5 ->
-//   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; W8A8 on 8192 x 28672 3-4% slower: docs/PERF.md, session 9.)
+//   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; 8192 x 28672 3-4% slower in W4A4 at M = 16 and in W8A8
+//   (docs/PERF.md, session 9).)
 // Split K in a cluster, where the blocks alone leave SMs idle (few channels): the `splits` blocks of a
 //   cluster (along grid.y, at most 8) take contiguous k-tile ranges; each holds its int32 tile in its own
 //   shared memory, the cluster syncs, and block r reduces its share of the tile's 4-channel vectors over
@@ -148,13 +149,9 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 constexpr int warps_per_sm(int w_bits, int token_tiles) {
   return w_bits == 4 ? (token_tiles == 1 ? 16 : 12) : (token_tiles == 1 ? 12 : 8);
 }
-// Blocks of `warps` warps an SM holds (the launch bound's minimum). int4 at two tiles: 12 warps per SM only for
-// 2-warp blocks; 4-warp and 1-warp blocks at 8 warps per SM, whose register cap of 255 measured faster (H200,
-// W4A4 M = 16: 8192 x 8192 with 4 warps 14.5 us against 15.7 at the 12-warp cap, 8192 x 28672 with 1 warp 48.2
-// against 52.2), while 592 blocks of 2 warps (3584 x 18944) need the 12 to run in one wave (15.3 against 22.5).
+// Blocks of `warps` warps an SM holds.
 constexpr int blocks_per_sm(int w_bits, int token_tiles, int warps) {
-  const int per_sm = w_bits == 4 && token_tiles == 2 && warps != 2 ? 8 : warps_per_sm(w_bits, token_tiles);
-  return per_sm / warps > 1 ? per_sm / warps : 1;
+  return warps_per_sm(w_bits, token_tiles) / warps > 1 ? warps_per_sm(w_bits, token_tiles) / warps : 1;
 }
 
 // OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps

@@ -72,8 +72,8 @@ def int_gemm_cases():
         cases += [(130, 576, 200, 4, 4, -1, 0, 6), (300, 896, 264, 8, 8, -1, 2, 7), (257, 160, 72, 4, 8, -1, 1, 7)]
         # the few-token kernel: one / two token tiles, grid.z, clusters of 1-3 blocks, partial blocks
         cases += [(1, 160, 24, 4, 4, -1, 1, 8), (16, 896, 200, 8, 8, -1, 3, 8), (20, 576, 72, 4, 8, -1, 2, 8)]
-        # and its narrow blocks (on 132 SMs: 4 warps, and 1 warp at two token tiles)
-        cases += [(2, 384, 12288, 4, 4, -1, 0, 8), (12, 256, 26624, 4, 4, -1, 0, 8)]
+        # and its narrow blocks (on 132 SMs: 4 warps; at two token tiles 2 warps and 1)
+        cases += [(2, 384, 12288, 4, 4, -1, 0, 8), (12, 256, 17408, 4, 4, -1, 0, 8), (12, 256, 26624, 4, 4, -1, 0, 8)]
     from quantkern.layout_int import int_gemm_cuda
 
     for m, k, n, bits, act_bits, group, split_k, config in cases:
