@@ -14,6 +14,7 @@ rotated past L2 (as benchmarks/bench_w4a16.py --cuda-graph). Prints us and GB/s 
 Compiles its kernel with torch.utils.cpp_extension.load_inline (nvcc on the GPU machine, ~1 minute).
 """
 import sys
+from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load_inline
@@ -29,12 +30,9 @@ CUDA_SOURCE = r"""
 #include <torch/extension.h>
 #include <c10/cuda/CUDAStream.h>
 
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+#include "hopper.cuh"  // (csrc/: load_stream_v4, ld_shared_v4, the mbarrier and bulk-copy helpers)
+
+using quantkern::load_stream_v4;
 
 // Block: strips 2b and 2b + 1; warp w: chunks w, w + WARPS, ... (a chunk: 2 k-tiles x 2 strips, 16 B per lane
 // per (strip, k-tile) unit); STAGES chunks in flight per warp, each refilled right after it is consumed.
@@ -47,7 +45,8 @@ __global__ void stream_weights(const uint4* __restrict__ w, int k_tiles, unsigne
   constexpr int kStep = WARPS * 2 * 32;
   uint4 buf[STAGES][4];
   auto load = [&](uint4 (&b)[4]) {
-    b[0] = load_stream(p0); b[1] = load_stream(p0 + 32); b[2] = load_stream(p1); b[3] = load_stream(p1 + 32);
+    b[0] = load_stream_v4(p0); b[1] = load_stream_v4(p0 + 32); b[2] = load_stream_v4(p1);
+    b[3] = load_stream_v4(p1 + 32);
     p0 += kStep; p1 += kStep;
   };
   unsigned acc = lane;
@@ -83,19 +82,19 @@ __global__ void stream_weights_bulk(const uint4* __restrict__ w, int k_tiles, un
   constexpr int kStep = WARPS * 2 * 32;
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(ring)) + warp * SLOTS * 2048;
   const uint32_t bars = static_cast<uint32_t>(__cvta_generic_to_shared(ring)) + WARPS * SLOTS * 2048 + warp * SLOTS * 8;
+  namespace hp = quantkern::hopper;
   if (lane == 0) {
-    for (int s = 0; s < SLOTS; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bars + 8 * s));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < SLOTS; ++s) hp::mbarrier_init(bars + 8 * s, 1);
+    hp::mbarrier_init_fence();
   }
   __syncwarp();
   auto issue = [&](int slot) {
     if (lane == 0) {
+      // The lanes' reads of the slot (generic proxy) before the copy engine's writes (async proxy).
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 2048;" :: "r"(bars + 8 * slot) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 1024, [%2];"
-                   :: "r"(base + slot * 2048), "l"(p0), "r"(bars + 8 * slot) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], 1024, [%2];"
-                   :: "r"(base + slot * 2048 + 1024), "l"(p1), "r"(bars + 8 * slot) : "memory");
+      hp::mbarrier_expect_bytes(bars + 8 * slot, 2048);
+      hp::bulk_load(base + slot * 2048, p0, 1024, bars + 8 * slot);
+      hp::bulk_load(base + slot * 2048 + 1024, p1, 1024, bars + 8 * slot);
     }
     p0 += kStep; p1 += kStep;
   };
@@ -103,17 +102,10 @@ __global__ void stream_weights_bulk(const uint4* __restrict__ w, int k_tiles, un
   unsigned acc = lane;
   for (int i = 0; i < my_chunks; ++i) {
     const int slot = i % SLOTS;
-    const uint32_t phase = (i / SLOTS) & 1;
-    uint32_t done = 0;
-    do {
-      asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                   " selp.u32 %0, 1, 0, p;\n}\n" : "=r"(done) : "r"(bars + 8 * slot), "r"(phase) : "memory");
-    } while (!done);
+    hp::mbarrier_wait(bars + 8 * slot, (i / SLOTS) & 1);
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
-      uint4 v;
-      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                   : "r"(base + slot * 2048 + u * 512 + lane * 16));
+      const uint4 v = quantkern::ld_shared_v4(base + slot * 2048 + u * 512 + lane * 16);
       acc ^= v.x + v.y * 3 + v.z * 5 + v.w * 7;
     }
     __syncwarp();
@@ -164,7 +156,8 @@ def main():
                     "void stream_bulk(torch::Tensor w, int64_t k_tiles, int64_t strips, torch::Tensor out, "
                     "int64_t slots, int64_t warps);",
         cuda_sources=CUDA_SOURCE, functions=["stream", "stream_bulk"],
-        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"])
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        extra_include_paths=[str(Path(__file__).resolve().parent.parent / "csrc")])
     warm_up_gpu()
     out = torch.zeros(1, dtype=torch.int32, device="cuda")
     for shape in sys.argv[1].split(","):
