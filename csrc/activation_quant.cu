@@ -53,6 +53,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "per_token_quant.cuh"
 
 namespace quantkern {
 namespace {
@@ -68,13 +69,11 @@ constexpr int kQmaxOf = (1 << (BITS - 1)) - 1;
 template <int SBITS>
 constexpr uint32_t kMaskOf = (1u << SBITS) - 1;
 
-// Quantize one value with the row's scale: IEEE division, round half to even, clamp.
+// Quantize one value with the row's scale (csrc/per_token_quant.cuh).
 template <int BITS>
 __device__ __forceinline__ int quantize_one(float v, float scale) {
   static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
-  constexpr int qmax = kQmaxOf<BITS>;
-  const int r = __float2int_rn(__fdiv_rn(v, scale));  // saturates on +-inf, NaN -> 0
-  return min(max(r, -qmax), qmax);
+  return quantize_code(v, scale, kQmaxOf<BITS>);
 }
 
 // Store the low NBYTES bytes of `packed` (little-endian) at p, which is NBYTES-aligned.
@@ -156,9 +155,7 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   amax = group_reduce_max<GROUP>(amax, smem);
 
   // ---- scale ------------------------------------------------------------------------------
-  // (absmax * clip) / qmax, each step rounded to nearest fp32 (no FMA contraction, no reciprocal).
-  float scale = __fdiv_rn(__fmul_rn(amax, clip), static_cast<float>(kQmaxOf<BITS>));
-  if (scale == 0.0f) scale = 1.0f;  // all-zero row (NaN stays NaN, like torch.where(scale == 0, ...))
+  const float scale = per_token_scale(amax, clip, static_cast<float>(kQmaxOf<BITS>));  // (csrc/per_token_quant.cuh)
   if (t == 0) scales[row] = scale;
 
   // ---- pass 2: quantize, pack, store --------------------------------------------------------

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "per_token_quant.cuh"
 
 namespace quantkern {
 namespace hadamard_impl {
@@ -185,14 +186,6 @@ __device__ __forceinline__ void store2(T* p, float a, float b) {
   }
 }
 
-// Quantization code (two's complement, as int) of one rounded value; same arithmetic as
-// quantize_per_token: IEEE division, round half to even, clamp.
-template <int QMAX>
-__device__ __forceinline__ int quant_code(float v, float scale) {
-  const int r = __float2int_rn(__fdiv_rn(v, scale));
-  return min(max(r, -QMAX), QMAX);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Kernel parameters and shared-memory addressing
 // ---------------------------------------------------------------------------------------------
@@ -233,9 +226,7 @@ __device__ __forceinline__ float block_absmax(float v, float* red) {
 }
 
 __device__ __forceinline__ float row_scale(float amax, float clip, int bits) {
-  const float qmax = bits == 4 ? 7.0f : 127.0f;
-  float scale = __fdiv_rn(__fmul_rn(amax, clip), qmax);
-  return scale == 0.0f ? 1.0f : scale;
+  return per_token_scale(amax, clip, bits == 4 ? 7.0f : 127.0f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,8 +407,8 @@ __device__ __forceinline__ void store_codes_direct(const float (&v)[2][B][M], fl
     for (int b = 0; b < B; ++b) {
 #pragma unroll
       for (int a = 0; a < M; ++a) {
-        const uint32_t lo = static_cast<uint32_t>(quant_code<kQmax>(v[0][b][a], scale)) & kMask;
-        const uint32_t hi = static_cast<uint32_t>(quant_code<kQmax>(v[1][b][a], scale)) & kMask;
+        const uint32_t lo = static_cast<uint32_t>(quantize_code(v[0][b][a], scale, kQmax)) & kMask;
+        const uint32_t hi = static_cast<uint32_t>(quantize_code(v[1][b][a], scale, kQmax)) & kMask;
         packed[b][a] = lo | (hi << BITS);
       }
     }
@@ -567,15 +558,15 @@ __device__ __forceinline__ void output_sweeps(const float* s, float* red, const 
         uint32_t packed = 0;
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          packed |= (static_cast<uint32_t>(quant_code<7>(round_to<T>(f[e]), scale)) & 0xF) << (4 * e);
+          packed |= (static_cast<uint32_t>(quantize_code(round_to<T>(f[e]), scale, 7)) & 0xF) << (4 * e);
         }
         reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.out) + row * (p.n / 2))[v] = packed;
       } else {
         uint32_t w0 = 0, w1 = 0;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          w0 |= (static_cast<uint32_t>(quant_code<127>(round_to<T>(f[e]), scale)) & 0xFF) << (8 * e);
-          w1 |= (static_cast<uint32_t>(quant_code<127>(round_to<T>(f[e + 4]), scale)) & 0xFF) << (8 * e);
+          w0 |= (static_cast<uint32_t>(quantize_code(round_to<T>(f[e]), scale, 127)) & 0xFF) << (8 * e);
+          w1 |= (static_cast<uint32_t>(quantize_code(round_to<T>(f[e + 4]), scale, 127)) & 0xFF) << (8 * e);
         }
         reinterpret_cast<uint2*>(static_cast<uint8_t*>(p.out) + row * p.n)[v] = make_uint2(w0, w1);
       }
@@ -653,9 +644,9 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_small_kernel(const Param
     const float scale = row_scale(amax, p.clip, p.bits);
     if (i == 0) p.scales[row] = scale;
     if (p.bits == 8) {
-      if (i < n) static_cast<int8_t*>(p.out)[row * n + i] = static_cast<int8_t>(quant_code<127>(y, scale));
+      if (i < n) static_cast<int8_t*>(p.out)[row * n + i] = static_cast<int8_t>(quantize_code(y, scale, 127));
     } else {
-      if (i < n) codes[i] = quant_code<7>(y, scale);
+      if (i < n) codes[i] = quantize_code(y, scale, 7);
       __syncthreads();
       if (2 * i < n) {
         static_cast<uint8_t*>(p.out)[row * (n / 2) + i] =

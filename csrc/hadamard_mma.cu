@@ -270,8 +270,7 @@ __device__ __forceinline__ float row_scale_and_multiplier(float amax_v, const Qu
                                                           float& inv) {
   constexpr float kQmax = BITS == 4 ? 7.0f : 127.0f;
   const float amax_y = to_float(from_float<T>(__fmul_rn(amax_v, p.out_scale)));
-  float scale = __fdiv_rn(__fmul_rn(amax_y, p.clip), kQmax);
-  if (scale == 0.0f) scale = 1.0f;
+  const float scale = per_token_scale(amax_y, p.clip, kQmax);  // (csrc/per_token_quant.cuh)
   if (threadIdx.x == 0) p.scales[row] = scale;
   inv = __fdiv_rn(p.out_scale, scale);
   return kQmax;
