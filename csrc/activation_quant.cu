@@ -29,6 +29,17 @@
 //   row stride is a multiple of the store width). Otherwise a scalar path, element by element
 //   (bits=4: pair by pair), which is correct for any K >= 0 and any alignment.
 //
+// Few long rows on sm_90 (quantize_rows_cluster_kernel): one block per row leaves the row's arithmetic to one
+//   SM (an IEEE division and a clamp per element: ~1 us of issue for 14336 elements), and a few rows leave the
+//   other SMs idle. There a row is split over the C (<= 8) blocks of a thread-block cluster instead: block r
+//   holds vectors [r * V, (r + 1) * V) of the row in registers (at most kClusterVecsPerThread per thread,
+//   all loads issued before their use), reduces their absmax, the cluster exchanges the blocks' maxima through
+//   distributed shared memory (every block computes the same row scale from them; block 0 stores it), and each
+//   block quantizes and stores its own vectors. Taken for rows longer than one round of the one-block path's
+//   loads (more than kUnroll * 256 vectors: K > 8192 in fp16 / bf16) where M * C <= 2 * SMs (decode and small
+//   prefill) and the vector path applies; the codes and scales are the same bit for bit. H200, one bf16 row
+//   (CUDA-graph medians): K = 14336 4.5 -> 3.4 us, 28672 7.2 -> 3.4; 16 rows of 14336 4.6 -> 3.9.
+//
 // Pipeline (per row group, no inter-block communication, no host sync, no allocation)
 //   pass 1: stream the row, per-thread max |x| in fp32 (NaN-propagating, like torch.amax);
 //           reduce: warp shuffles (xor butterfly), then for GROUP = 256 one shared-memory exchange
@@ -42,6 +53,7 @@
 //
 // Compiled without --use_fast_math: the divisions must be IEEE for bit-exact results.
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -52,7 +64,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+#include "hopper.cuh"
 #include "per_token_quant.cuh"
 
 namespace quantkern {
@@ -187,6 +202,99 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   }
 }
 
+constexpr int kClusterMaxBlocks = 8;      // blocks of a row's cluster (the portable cluster size)
+constexpr int kClusterVecsPerThread = 4;  // 16-byte vectors a thread of the cluster kernel holds
+
+template <typename T, int BITS, int SBITS>
+__global__ void __launch_bounds__(kThreads)
+quantize_rows_cluster_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
+                             int64_t K, float clip, int vecs_per_block) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int kElems = Vec16<T>::kElems;
+  __shared__ float warp_max[kThreads / kWarpSize];
+  __shared__ float block_max;
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // as quantize_per_token_kernel
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int blocks = static_cast<int>(cluster.num_blocks());
+  const int64_t row = blockIdx.y;
+  const T* __restrict__ xrow = x + row * K;
+  uint8_t* __restrict__ qrow = q + row * (K * SBITS / 8);
+  const int64_t nvec = K / kElems;
+  const int64_t first = static_cast<int64_t>(rank) * vecs_per_block;
+  const int64_t end = min(nvec, first + vecs_per_block);
+
+  // ---- this block's vectors into registers (every load issued first), their absmax ----------------
+  Vec16<T> v[kClusterVecsPerThread];
+#pragma unroll
+  for (int u = 0; u < kClusterVecsPerThread; ++u) {
+    const int64_t i = first + threadIdx.x + u * kThreads;
+    if (i < end) {
+      v[u] = load_vec16(xrow + i * kElems);
+    } else {
+      *reinterpret_cast<uint4*>(&v[u]) = make_uint4(0, 0, 0, 0);  // |0| is neutral for the max
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kClusterVecsPerThread; ++u) amax = vec_absmax(v[u], amax);
+  amax = group_reduce_max<kThreads>(amax, warp_max);
+  if (threadIdx.x == 0) block_max = amax;
+
+  // ---- the row's absmax from the cluster's blocks, the scale -------------------------------------
+  cluster.sync();  // every block's maximum is stored (and visible across the cluster)
+  float row_max = 0.0f;
+  for (int r = 0; r < blocks; ++r) row_max = max_propagate_nan(row_max, *cluster.map_shared_rank(&block_max, r));
+  const float scale = per_token_scale(row_max, clip, static_cast<float>(kQmaxOf<BITS>));
+  if (rank == 0 && threadIdx.x == 0) scales[row] = scale;
+
+  // ---- quantize, pack, store this block's vectors ------------------------------------------------
+#pragma unroll
+  for (int u = 0; u < kClusterVecsPerThread; ++u) {
+    const int64_t i = first + threadIdx.x + u * kThreads;
+    if (i < end) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i);
+  }
+  cluster.sync();  // no block leaves while another may still read its block_max
+#endif
+}
+
+// Blocks per row of the cluster kernel for rows of nvec 16-byte vectors: at least one vector per thread, at most
+// kClusterMaxBlocks; 0 where it does not apply: rows whose loads one block issues in one round (kUnroll vectors a
+// thread: there the cluster's launch and barriers cost more than they save, H200: K = 4096 bf16 2.2 -> 2.9 us
+// at M = 1, 8192 2.9 -> 3.0), rows too long for the registers, or too many rows (M * C > 2 * SMs).
+int cluster_blocks_for(int64_t M, int64_t K, int64_t nvec, int device) {
+  if (nvec <= int64_t{kUnroll} * kThreads || nvec > int64_t{kClusterMaxBlocks} * kThreads * kClusterVecsPerThread ||
+      !hopper::wgmma_available(device)) {
+    return 0;
+  }
+  const int blocks = static_cast<int>(std::min<int64_t>(kClusterMaxBlocks, (nvec + kThreads - 1) / kThreads));
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return M * blocks <= 2 * static_cast<int64_t>(sms) ? blocks : 0;
+}
+
+template <typename T, int BITS, int SBITS>
+void launch_cluster(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, int blocks,
+                    cudaStream_t stream) {
+  const int64_t nvec = K / Vec16<T>::kElems;
+  const int vecs_per_block = static_cast<int>((nvec + blocks - 1) / blocks);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks, static_cast<unsigned>(M), 1);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = blocks;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_rows_cluster_kernel<T, BITS, SBITS>, x, q, scale, K, clip,
+                                    vecs_per_block));
+}
+
 template <typename T, int BITS, int SBITS, bool VEC>
 void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, cudaStream_t stream) {
   if (K <= kWarpPerRowMaxK) {
@@ -208,7 +316,10 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, c
   uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
   float* sp = scale.data_ptr<float>();
   const bool vec = is_aligned(xp, 16) && (K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  if (vec) {
+  const int cluster_blocks = vec ? cluster_blocks_for(M, K, K / Vec16<T>::kElems, x.get_device()) : 0;
+  if (cluster_blocks > 0) {
+    launch_cluster<T, BITS, SBITS>(xp, qp, sp, M, K, clip, cluster_blocks, stream);
+  } else if (vec) {
     launch_group<T, BITS, SBITS, true>(xp, qp, sp, M, K, clip, stream);
   } else {
     launch_group<T, BITS, SBITS, false>(xp, qp, sp, M, K, clip, stream);

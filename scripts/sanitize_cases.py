@@ -21,8 +21,11 @@ def relative_error(y, ref):
 
 
 def activation_cases():
+    # (on sm_90 the last four take the cluster path: 8, 8 (ragged), 7 and 8 blocks a row)
     for rows, features, dtype, bits in [(3, 576, torch.float16, 4), (9, 1030, torch.bfloat16, 8),
-                                        (2, 4096, torch.float32, 4), (5, 577, torch.float16, 8)]:
+                                        (5, 577, torch.float16, 8), (2, 4096, torch.float32, 4),
+                                        (2, 8192, torch.float32, 4), (3, 16392, torch.bfloat16, 4),
+                                        (1, 14336, torch.bfloat16, 8), (2, 65536, torch.float16, 4)]:
         x = torch.randn(rows, features, device="cuda").to(dtype)
         q, s = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
         q_ref, s_ref = reference.quantize_per_token(x, bits)

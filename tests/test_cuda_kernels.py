@@ -9,8 +9,12 @@ from quantkern import backends, ops, reference
 cuda_ext = backends.status("cuda")
 needs_extension = pytest.mark.skipif(not cuda_ext.available, reason=f"CUDA extension missing: {cuda_ext.reason}")
 
-TOKEN_SHAPES = [(1, 576), (3, 1536), (5, 896), (2, 4864), (4, 4096), (2, 14336), (3, 32768),
-                (7, 2), (3, 130), (5, 1000), (2, 1030), (0, 64), (257, 576)]
+# On sm_90 rows of more than 1024 16-byte vectors split over a thread-block cluster when the rows are few
+# (csrc/activation_quant.cu): 14336 (7 blocks), 32768 and 65536 in fp16 / bf16 (8 blocks, 2 and 4 vectors a
+# thread), 8192 in fp32 (16 rows x 8 blocks); one block a row for 40 x 14336 (280 blocks), fp32 65536 (too long)
+# and the shorter rows.
+TOKEN_SHAPES = [(1, 576), (3, 1536), (5, 896), (2, 4864), (4, 4096), (2, 14336), (3, 32768), (1, 65536),
+                (16, 8192), (40, 14336), (7, 2), (3, 130), (5, 1000), (2, 1030), (0, 64), (257, 576)]
 
 
 @needs_extension
@@ -46,6 +50,22 @@ def test_quantize_per_token_is_bit_exact(bits, dtype, tokens, features):
         q8, scales8 = ops.quantize_per_token(x, bits, clip, backend="cuda", packed=False)
         assert q8.dtype == torch.int8 and torch.equal(q8, reference.unpack_int4_signed(q_ref))
         assert torch.equal(scales8, s_ref)
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows,features", [(4, 16392), (4, 14336), (70, 14336)])
+def test_quantize_per_token_special_values_are_bit_exact(bits, rows, features):
+    """NaN and infinite entries and an all-zero row, in the cluster path (few rows, on sm_90) and one block a row."""
+    x = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16)
+    x[0, features - 1] = float("nan")
+    x[1, 7] = float("inf")
+    x[2] = 0
+    q, scales = ops.quantize_per_token(x, bits, 0.8, backend="cuda")
+    q_ref, s_ref = reference.quantize_per_token(x, bits, 0.8)
+    torch.testing.assert_close(scales, s_ref, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(q, q_ref)
 
 
 @pytest.mark.gpu
