@@ -144,14 +144,19 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 #endif  // QK_SMALL_M_BODY
 
 // Warps per SM each instance is built for (its launch bound, with blocks of up to that many warps; a block of 8
-// warps where this is 12 runs one to an SM): 16 for int4 weights at one token tile (126 registers), 12 for int4
-// at two tiles and int8 at one (146-170), 8 for int8 at two (about 180; at 12 they spilled 36-44 bytes).
-constexpr int warps_per_sm(int w_bits, int token_tiles) {
-  return w_bits == 4 ? (token_tiles == 1 ? 16 : 12) : (token_tiles == 1 ? 12 : 8);
+// warps where this is 12 runs one to an SM): 16 for int4 weights at one token tile (126 registers), 12 for int8 at
+// one (146-170), 8 for int8 at two (about 180; at 12 they spilled 36-44 bytes). int4 at two tiles: 8 (up to 255
+// registers) except for blocks of 2 warps, 12, so that grids of ~600 blocks still run in one wave. (At 12 for every
+// width the 170-register cap changed the 1- and 4-warp blocks' code: H200, W4A4 M = 16, GEMM alone, 8192 x 8192
+// 15.7 us against 14.5 at 8, 8192 x 28672 52.2 against 48.2; at 8 the 2-warp blocks of 3584 x 18944 took two waves:
+// 22.5 against 15.3. docs/PERF.md, sessions 9 and 10.)
+constexpr int warps_per_sm(int w_bits, int token_tiles, int warps) {
+  if (w_bits == 4) return token_tiles == 1 ? 16 : (warps == 2 ? 12 : 8);
+  return token_tiles == 1 ? 12 : 8;
 }
 // Blocks of `warps` warps an SM holds.
 constexpr int blocks_per_sm(int w_bits, int token_tiles, int warps) {
-  return warps_per_sm(w_bits, token_tiles) / warps > 1 ? warps_per_sm(w_bits, token_tiles) / warps : 1;
+  return warps_per_sm(w_bits, token_tiles, warps) / warps > 1 ? warps_per_sm(w_bits, token_tiles, warps) / warps : 1;
 }
 
 // OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps
@@ -366,7 +371,7 @@ void launch_warps(int warps, bool raw, at::ScalarType out_dtype, const Params& p
     launch_out<WBITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
   } else if (warps == 8) {
     launch_out<WBITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
-  } else if constexpr (warps_per_sm(WBITS, TOKEN_TILES) == 16) {
+  } else if constexpr (warps_per_sm(WBITS, TOKEN_TILES, 16) == 16) {
     launch_out<WBITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   } else {
     TORCH_CHECK(false, "int_small_m: no ", warps, "-warp instance for int", WBITS, " weights and ", TOKEN_TILES,
@@ -385,7 +390,7 @@ Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_c
   // warp when none does.
   plan.warps = 1;
   for (const int warps : {16, 8, 4, 2}) {
-    if (warps <= warps_per_sm(w_bits, token_tiles) &&
+    if (warps <= warps_per_sm(w_bits, token_tiles, warps) &&
         blocks <= static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, token_tiles, warps)) {
       plan.warps = warps;
       break;

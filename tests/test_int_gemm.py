@@ -210,8 +210,8 @@ def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_
 
 # The few-token kernel's plan (csrc/int_small_m.cu, host code: no GPU needed). Warps per 32-channel block: the
 # most with which the blocks run in one wave (an SM holds 16 warps of int4 one-tile blocks, 12 of int8 one-tile
-# and int4 two-tile ones, 8 of int8 two-tile ones; blocks of 8 warps one per SM); K split over a cluster only
-# while the doubled grid still runs in one wave and each warp keeps two k-tiles.
+# ones and of int4 two-tile blocks of 2 warps, 8 of the other two-tile ones; blocks of 8 warps one per SM); K split
+# over a cluster only while the doubled grid still runs in one wave and each warp keeps two k-tiles.
 @needs_cuda_kernel
 @pytest.mark.parametrize("m,n,k,w_bits,split_k,sms,warps,splits", [
     (1, 8192, 8192, 4, 0, 132, 8, 1),     # 256 blocks: 2 of 8 warps per SM
@@ -219,9 +219,10 @@ def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_
     (1, 14336, 4096, 4, 0, 132, 4, 1),    # 448 blocks
     (1, 4096, 14336, 4, 0, 132, 16, 1),   # 128 blocks: one of 16 warps per SM
     (1, 8192, 8192, 4, 0, 114, 4, 1),     # the same on 114 SMs: 8-warp blocks would take two waves
-    (16, 8192, 8192, 4, 0, 132, 4, 1),    # two token tiles: 4-warp blocks three per SM
+    (16, 8192, 8192, 4, 0, 132, 4, 1),    # two token tiles: 4-warp blocks two per SM
+    (16, 8192, 8192, 4, 0, 114, 2, 2),    # on 114 SMs 228 such blocks < 256: 2-warp blocks six per SM, K in two
     (16, 18944, 3584, 4, 0, 132, 2, 1),   # 592 blocks: 2-warp blocks six per SM
-    (16, 28672, 8192, 4, 0, 132, 1, 1),   # 896 blocks of one warp
+    (16, 28672, 8192, 4, 0, 132, 1, 1),   # 896 blocks of one warp, eight per SM
     (1, 28672, 8192, 8, 0, 132, 1, 1),    # int8 weights, one tile: 792 two-warp slots < 896 blocks
     (16, 8192, 8192, 8, 0, 132, 4, 1),
     (1, 576, 14336, 4, 0, 132, 16, 2),    # 18 blocks: K split in two (four would leave warps < 2 k-tiles)
