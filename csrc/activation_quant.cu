@@ -29,16 +29,16 @@
 //   row stride is a multiple of the store width). Otherwise a scalar path, element by element
 //   (bits=4: pair by pair), which is correct for any K >= 0 and any alignment.
 //
-// Few long rows on sm_90 (quantize_rows_cluster_kernel): one block per row leaves the row's arithmetic to one
-//   SM (an IEEE division and a clamp per element: ~1 us of issue for 14336 elements), and a few rows leave the
-//   other SMs idle. There a row is split over the C (<= 8) blocks of a thread-block cluster instead: block r
-//   holds vectors [r * V, (r + 1) * V) of the row in registers (at most kClusterVecsPerThread per thread,
-//   all loads issued before their use), reduces their absmax, the cluster exchanges the blocks' maxima through
-//   distributed shared memory (every block computes the same row scale from them; block 0 stores it), and each
-//   block quantizes and stores its own vectors. Taken for rows longer than one round of the one-block path's
-//   loads (more than kUnroll * 256 vectors: K > 8192 in fp16 / bf16) where M * C <= 2 * SMs (decode and small
-//   prefill) and the vector path applies; the codes and scales are the same bit for bit. H200, one bf16 row
-//   (CUDA-graph medians): K = 14336 4.5 -> 3.4 us, 28672 7.2 -> 3.4; 16 rows of 14336 4.6 -> 3.9.
+// Few long rows on sm_90 (quantize_rows_cluster_kernel): one block per row leaves the row's arithmetic (an IEEE
+//   division and a clamp per element) to one SM, and a few rows leave the other SMs idle. There a row is split over
+//   the C (<= 8) blocks of a thread-block cluster instead: block r holds vectors [r * V, (r + 1) * V) of the row in
+//   registers (at most kClusterVecsPerThread per thread, all loads issued before their use), reduces their absmax,
+//   the cluster exchanges the blocks' maxima through distributed shared memory (every block computes the same row
+//   scale from them; block 0 stores it), and each block quantizes and stores its own vectors. Taken for rows
+//   longer than one round of the one-block path's loads (more than kUnroll * 256 vectors: K > 8192 in fp16 /
+//   bf16), where M * C <= 2 * SMs (decode and small prefill) and the vector path applies; the codes and scales are
+//   the same bit for bit. H200, one bf16 row (CUDA-graph medians): K = 14336 4.5 -> 3.4 us, 28672 7.2 -> 3.4;
+//   16 rows of 14336 4.6 -> 3.9.
 //
 // Pipeline (per row group, no inter-block communication, no host sync, no allocation)
 //   pass 1: stream the row, per-thread max |x| in fp32 (NaN-propagating, like torch.amax);
@@ -264,7 +264,7 @@ quantize_rows_cluster_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, f
 // kClusterMaxBlocks; 0 where it does not apply: rows whose loads one block issues in one round (kUnroll vectors a
 // thread: there the cluster's launch and barriers cost more than they save, H200: K = 4096 bf16 2.2 -> 2.9 us
 // at M = 1, 8192 2.9 -> 3.0), rows too long for the registers, or too many rows (M * C > 2 * SMs).
-int cluster_blocks_for(int64_t M, int64_t K, int64_t nvec, int device) {
+int cluster_blocks_for(int64_t M, int64_t nvec, int device) {
   if (nvec <= int64_t{kUnroll} * kThreads || nvec > int64_t{kClusterMaxBlocks} * kThreads * kClusterVecsPerThread ||
       !hopper::wgmma_available(device)) {
     return 0;
@@ -316,7 +316,7 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, c
   uint8_t* qp = static_cast<uint8_t*>(q.data_ptr());
   float* sp = scale.data_ptr<float>();
   const bool vec = is_aligned(xp, 16) && (K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
-  const int cluster_blocks = vec ? cluster_blocks_for(M, K, K / Vec16<T>::kElems, x.get_device()) : 0;
+  const int cluster_blocks = vec ? cluster_blocks_for(M, K / Vec16<T>::kElems, x.get_device()) : 0;
   if (cluster_blocks > 0) {
     launch_cluster<T, BITS, SBITS>(xp, qp, sp, M, K, clip, cluster_blocks, stream);
   } else if (vec) {
