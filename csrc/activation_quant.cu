@@ -270,9 +270,7 @@ int cluster_blocks_for(int64_t M, int64_t nvec, int device) {
     return 0;
   }
   const int blocks = static_cast<int>(std::min<int64_t>(kClusterMaxBlocks, (nvec + kThreads - 1) / kThreads));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return M * blocks <= 2 * static_cast<int64_t>(sms) ? blocks : 0;
+  return M * blocks <= 2 * static_cast<int64_t>(num_sms(device)) ? blocks : 0;
 }
 
 template <typename T, int BITS, int SBITS>

@@ -69,6 +69,16 @@ inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// A device attribute, queried once per (attribute, device): the host paths that need one run on every call.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], kAttribute, device));
+  return cached[device];
+}
+inline int num_sms(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 // ---------------------------------------------------------------------------------------------

@@ -649,10 +649,9 @@ void launch_persistent(Kernel kernel, int threads, size_t smem, const QuantParam
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  int sms = 0, per_sm = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  const int64_t grid = std::min<int64_t>(p.rows, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+  const int64_t grid = std::min<int64_t>(p.rows, static_cast<int64_t>(num_sms(device)) * std::max(per_sm, 1));
   kernel<<<static_cast<unsigned>(grid), threads, smem, stream>>>(p);
   QK_CHECK_LAUNCH();
 }

@@ -508,15 +508,6 @@ split_epilogue_kernel(const void* __restrict__ ws, const float* __restrict__ a_s
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-int num_sms(int device) {
-  static int cached[64] = {0};
-  if (device < 64 && cached[device]) return cached[device];
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (device < 64) cached[device] = sms;
-  return sms;
-}
-
 // Config ids (the `config` argument; 0 = automatic by M). 6 and 7: the wgmma kernel of
 // csrc/int_wgmma.cu with 128- or 256-token tiles (sm_90a; int8 activations, per-channel weights).
 // 8: the few-token kernel of csrc/int_small_m.cu (sm_90; int8 activations, per-channel weights).

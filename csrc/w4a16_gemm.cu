@@ -409,16 +409,7 @@ void launch_config(int bm, const Params& p, dim3 grid, cudaStream_t stream) {
   }
 }
 
-// A device attribute, queried once per (attribute, device): the host path runs on every call.
-template <cudaDeviceAttr kAttribute>
-int device_attribute(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], kAttribute, device));
-  return cached[device];
-}
-int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
-// The device's opt-in maximum of shared memory per block.
+// The device's opt-in maximum of shared memory per block (csrc/common.cuh caches the query).
 int smem_per_block(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 // K splits for `tiles` output tiles of blocks_per_sm resident blocks per SM: split_k > 0 forces a
@@ -432,7 +423,7 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
     return splits;
   }
   constexpr int kMinTilesPerSplit = 4;
-  const int64_t target = static_cast<int64_t>(sm_count(device)) * blocks_per_sm;
+  const int64_t target = static_cast<int64_t>(num_sms(device)) * blocks_per_sm;
   if (tiles >= target || tiles > max_locks) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target / tiles, k_tiles / kMinTilesPerSplit)));
 }
@@ -583,7 +574,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
     const SmallMConfig config =
-        small_m_config(M, N, K, glen, zeros.has_value(), sm_count(x.get_device()), smem_per_block(x.get_device()),
+        small_m_config(M, N, K, glen, zeros.has_value(), num_sms(x.get_device()), smem_per_block(x.get_device()),
                        locks.numel());
     const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
     int splits = config.splits;
