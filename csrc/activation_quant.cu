@@ -134,11 +134,9 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
   constexpr int kRowsPerBlock = kThreads / GROUP;
   __shared__ float smem[kThreads / kWarpSize];
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // A GEMM launched as this kernel's programmatic dependent (csrc/int_small_m.cu) may start streaming
   // its weights now; it waits for this grid to complete before it reads q and the scales.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+  allow_dependent_launch();
   const int t = threadIdx.x % GROUP;  // thread index within the row group
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP;
   if constexpr (kRowsPerBlock > 1) {
@@ -214,7 +212,7 @@ quantize_rows_cluster_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, f
   constexpr int kElems = Vec16<T>::kElems;
   __shared__ float warp_max[kThreads / kWarpSize];
   __shared__ float block_max;
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // as quantize_per_token_kernel
+  allow_dependent_launch();  // as quantize_per_token_kernel
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());

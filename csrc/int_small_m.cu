@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, 
   StageT stages[kStages];
 #pragma unroll
   for (int i = 0; i < kStages; ++i) load_weights(stages[i], i);
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // no-op unless launched as a dependent
+  wait_for_prior_grids();  // no-op unless launched as a dependent
 #pragma unroll
   for (int i = 0; i < kStages; ++i) load_acts(stages[i], i);
 
