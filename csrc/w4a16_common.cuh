@@ -207,6 +207,7 @@ struct SmallMParams {
   int splits;
   int warps;             // per block (each block: kSmallMChannels output channels)
   bool weight_ring;      // M < 5, group 32, zeros: weights, scales and zeros through each warp's smem ring
+  bool programmatic;     // launched as a programmatic dependent of the previous kernel (sm_90+)
 };
 
 // Channels and tokens per block of the small-M kernel, and its launch configuration for a problem:

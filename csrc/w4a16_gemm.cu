@@ -605,7 +605,9 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     sp.splits = splits;
     sp.warps = config.warps;
     sp.weight_ring = config.weight_ring && tile_m != 2;
+    sp.programmatic = follows_trigger_kernel(stream, x.get_device());
     launch_small_m(x.scalar_type() == at::kBFloat16, sp, stream);
+    record_trigger_kernel(stream);  // (the small-M kernel calls allow_dependent_launch)
     return y;
   }
 

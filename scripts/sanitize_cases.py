@@ -65,6 +65,28 @@ def w4a16_cases():
         error = relative_error(y, reference.weight_only_linear(x.float(), qw, bias.float()))
         assert error < 2e-3, (k, n, m, group, error)
         print("w4a16_gemm", k, n, m, group, symmetric, dtype, split_k, tile_m, f"error {error:.1e}", flush=True)
+    # Back to back in a captured CUDA graph, each call reading the previous one's output: on sm_90 every call
+    # after the first is launched as the previous kernel's programmatic dependent (split K, two token tiles, the
+    # weight ring).
+    for k, m, group, symmetric in ((576, 3, 64, True), (1536, 16, 32, False), (576, 2, 32, False)):
+        w = torch.randn(k, k, device="cuda") / k ** 0.5
+        prepared = prepare_w4a16(reference.quantize_weight(w, 4, group, symmetric), torch.float16)
+
+        def chain(t):
+            for _ in range(3):
+                t = w4a16_linear(t, prepared)
+            return t
+
+        static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        want = chain(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = chain(static_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), (k, m, group, symmetric)
+        print("w4a16_gemm chained in a CUDA graph", k, m, group, symmetric, flush=True)
 
 
 def int_gemm_cases():

@@ -511,6 +511,57 @@ def test_under_torch_compile_and_cuda_graph():
 
 @pytest.mark.gpu
 @needs_extension
+@pytest.mark.parametrize("k,m,group_size,symmetric", [
+    (4096, 1, 128, True),   # one wave of 16-warp blocks, split K (partials and counters)
+    (576, 4, 64, True),     # split K over many small blocks
+    (1536, 16, 32, False),  # two token tiles, the activation ring
+    (4096, 2, 32, False),   # group 32 with zeros: the weight ring
+])
+def test_dependent_calls_see_the_previous_output(k, m, group_size, symmetric):
+    # On sm_90, inside CUDA-graph capture, a small-M call right after another is launched as its programmatic
+    # dependent and streams its first weights before that kernel has finished. Here each call reads the
+    # previous one's output (and reuses its split-K counters) and must give what calls run one by one give,
+    # from a new input at every replay (a kernel reading its input too early would see the last replay's).
+    torch.manual_seed(0)
+    w = torch.randn(k, k, device="cuda") / k ** 0.5  # about norm-preserving: 8 layers stay finite in fp16
+    prepared = prepare_w4a16(reference.quantize_weight(w, 4, group_size, symmetric=symmetric), torch.float16)
+
+    def chain(t):  # GEMM after GEMM, nothing in between
+        outs = []
+        for _ in range(8):
+            t = w4a16_linear(t, prepared)
+            outs.append(t)
+        return outs
+
+    def one_by_one(t):
+        outs = []
+        for _ in range(8):
+            t = w4a16_linear(t, prepared)
+            torch.cuda.synchronize()
+            outs.append(t.clone())
+        return outs
+
+    static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    chain(static_x)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_outs = chain(static_x)
+    for _ in range(3):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        want = one_by_one(x)
+        assert want[-1].isfinite().all() and want[-1].abs().amax() > 0
+        for got, expected in zip(static_outs, want):
+            assert torch.equal(got, expected)
+        for got, expected in zip(chain(x), want):  # eager, back to back
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@needs_extension
 def test_misaligned_input_is_served():
     y, y_ref, (x, prepared, bias) = run_case(576, 1536, 3, 64, True, torch.float16, with_bias=False)
     base = torch.empty(x.numel() + 1, device="cuda", dtype=x.dtype)
