@@ -7,6 +7,11 @@ Each figure is the median of ``triton.testing.do_bench`` (L2 flushed before each
 host time exceeds the flush is timed with that host time), or with ``--cuda-graph`` the median of CUDA-graph
 replays (``do_bench_cudagraph``: no host time), every weight then rotated over copies that together
 exceed the L2 cache so that each call streams its weights from memory. Speed-ups are over cuBLAS fp16.
+In a graph the calls run back to back, and on sm_90 each small-M call of ours then starts in the previous
+one's tail (programmatic dependent launch, csrc/w4a16_small_m.cu), as the q, k and v projections (or gate and
+up) of a model do. ``--after-other-kernel`` puts a one-block elementwise kernel before every timed call of
+every kernel instead, as where another op precedes the layer; the times then include it (its own time is
+printed).
 Before timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
 
     python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
@@ -67,7 +72,11 @@ def main() -> None:
     parser.add_argument("--group", type=int, choices=[32, 64, 128], default=GROUP,
                         help="weight group size (the torch int4 peer uses the same)")
     parser.add_argument("--asymmetric", action="store_true", help="our weights with zero points")
+    parser.add_argument("--after-other-kernel", action="store_true",
+                        help="with --cuda-graph: a one-block elementwise kernel before every timed call")
     args = parser.parse_args()
+    if args.after_other_kernel and not args.cuda_graph:
+        parser.error("--after-other-kernel needs --cuda-graph")
     ours = [b for b in args.backends if "weight_only_linear" in backends.status(b).kernels]
     if not ours:
         raise SystemExit("no W4A16 kernel is available: " + "; ".join(backends.status(b).reason for b in ("cuda", "triton")))
@@ -78,6 +87,12 @@ def main() -> None:
         shapes = QUICK_SHAPES if args.quick else SHAPES
 
     warm_up_gpu()
+    other = torch.zeros(256, device="cuda")
+    other_us = graph_us(lambda: other.add_(1.0)) if args.after_other_kernel else 0.0
+
+    def timed(fn):  # CUDA-graph median of fn, after the other kernel when asked
+        return graph_us((lambda: (other.add_(1.0), fn())) if args.after_other_kernel else fn)
+
     results, table = [], []
     for k, n in shapes:
         torch.manual_seed(0)
@@ -110,12 +125,12 @@ def main() -> None:
                 print(f"warning: torch int4 peer relative error {errors['torch_int4']:.2e} at M={m}, {k}x{n}")
             if args.cuda_graph:
                 times = {
-                    "cublas_fp16": graph_us(lambda: F.linear(x, next_w16())),
-                    "cublas_bf16": graph_us(lambda: F.linear(xb, next_wbf())),
-                    "torch_int4": graph_us(lambda: next_int4()(xb)),
+                    "cublas_fp16": timed(lambda: F.linear(x, next_w16())),
+                    "cublas_bf16": timed(lambda: F.linear(xb, next_wbf())),
+                    "torch_int4": timed(lambda: next_int4()(xb)),
                 }
                 for b in ours:
-                    times[b] = graph_us(lambda: ops.weight_only_linear(x, next_prepared[b]()))
+                    times[b] = timed(lambda: ops.weight_only_linear(x, next_prepared[b]()))
             else:
                 times = {
                     "cublas_fp16": median_us(lambda: F.linear(x, w16)),
@@ -133,10 +148,14 @@ def main() -> None:
     if args.json:
         timing = ("do_bench_cudagraph median, weights rotated past L2" if args.cuda_graph
                   else "do_bench median, L2 flushed before each call")
+        if args.after_other_kernel:
+            timing += f", each call after a one-block elementwise kernel ({other_us:.2f} us alone), included"
         write_json(args.json, results, {"group_size": args.group, "symmetric": not args.asymmetric, "timing": timing})
     print(f"\nW4A16 linear, fp16 activations, group {args.group} (g64: group 64), "
           + ("with zero points" if args.asymmetric else "symmetric")
-          + ": microseconds (speed-up over cuBLAS fp16)" + (", CUDA-graph replays" if args.cuda_graph else ""))
+          + ": microseconds (speed-up over cuBLAS fp16)" + (", CUDA-graph replays" if args.cuda_graph else "")
+          + (f", each call after a one-block elementwise kernel ({other_us:.1f} us alone, included)"
+             if args.after_other_kernel else ""))
     print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16"])
 
 
