@@ -111,6 +111,29 @@ def int_gemm_cases():
         error = relative_error(y, reference.quantized_activation_linear(x, qw, act_bits, bias))
         assert error < 1e-2, (m, k, n, bits, act_bits, group, split_k, config, error)
         print("int_gemm", m, k, n, f"W{bits}A{act_bits}", group, split_k, config, f"error {error:.1e}", flush=True)
+    if torch.cuda.get_device_capability() == (9, 0):
+        # W4A4 layers back to back in a captured graph, each quantizer (one warp a row, then the cluster kernel at
+        # K = 9216) reading the previous GEMM's output, each GEMM launched as its quantizer's programmatic dependent.
+        for m, k in ((1, 576), (2, 9216)):
+            weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, 4, -1,
+                                                 scale_dtype=torch.bfloat16) for _ in range(2)]
+            prepared = [ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda") for qw in weights]
+
+            def chain(t):
+                for p in prepared:
+                    t = ops.quantized_activation_linear(t, p, 4, None)
+                return t
+
+            static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            want = chain(static_x)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                got = chain(static_x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), (m, k)
+            print("int_gemm W4A4 chained in a CUDA graph", m, k, flush=True)
 
 
 def hadamard_cases():

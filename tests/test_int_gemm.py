@@ -342,6 +342,38 @@ def test_small_m_kernel_under_cuda_graph():
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
+@pytest.mark.parametrize("m,k", [(1, 4096), (16, 576), (1, 14336)])  # (14336: the quantizer's cluster kernel)
+def test_chained_linears_under_cuda_graph(m, k):
+    # Layer after layer in a captured graph, each layer reading the previous one's output (each GEMM is launched as
+    # its quantizer's programmatic dependent); a new input at every replay.
+    torch.manual_seed(0)
+    weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, 4, -1,
+                                         scale_dtype=torch.bfloat16) for _ in range(3)]
+    prepared = [ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda") for qw in weights]
+
+    def chain(t, reference_path=False):
+        for qw, p in zip(weights, prepared):
+            t = (reference.quantized_activation_linear(t, qw, 4, None) if reference_path
+                 else ops.quantized_activation_linear(t, p, 4, None))
+        return t
+
+    static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    chain(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = chain(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn_like(static_x))
+        expected = chain(static_x, reference_path=True)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert expected.isfinite().all() and torch.equal(y, expected)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
 @pytest.mark.parametrize("config,m", [(6, 100), (7, 300), (8, 4)])
 def test_hopper_configs_refuse_what_they_cannot_run(config, m):
     """The wgmma (6, 7) and few-token (8) kernels take int8 activations and per-channel weights only."""
