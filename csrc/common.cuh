@@ -89,7 +89,7 @@ inline bool programmatic_launch_supported(int device) {
 // When to launch that way: only inside CUDA-graph capture, right after one of our kernels that calls
 // allow_dependent_launch (record_trigger_kernel says which). The capture's tail node tells: it is that kernel's
 // node exactly when nothing else was captured on the stream since. After any other kernel a programmatic launch
-// measured slower (H200, W4A16 after a one-block elementwise kernel: +0.3-0.4 us), and eager launches leave the
+// measured slower (H200, W4A16 after a one-block elementwise kernel: +0.1-1.0 us), and eager launches leave the
 // GPU idle between kernels anyway. Per host thread (a capture is recorded by the thread that launches into it).
 namespace programmatic {
 struct TriggerNode {

@@ -76,7 +76,7 @@
 //   before loading anything. H200, fp16 g128, M = 1, same call, us: 4096 x 4096 6.0 -> 5.0, 8192 x 8192
 //   11.8 -> 10.8, 28672 x 8192 32.5 -> 31.5, 896 x 4864 3.4 -> 2.6. Loading the first chunks into registers
 //   before the wait was as fast on small shapes and slower on the largest (28672 x 8192 33.6), four chunks
-//   prefetched slower (8192 x 8192 11.7); after another kernel a programmatic launch was 0.2-0.4 us slower
+//   prefetched slower (8192 x 8192 11.7); after another kernel a programmatic launch was 0.1-1.0 us slower
 //   than a plain one, hence only after our own.
 //
 // Compiled without --use_fast_math.
