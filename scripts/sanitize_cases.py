@@ -20,6 +20,19 @@ def relative_error(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def check_chain_in_graph(chain, static_x, label):
+    """chain(static_x) run eagerly, then captured in a CUDA graph and replayed: the same bits."""
+    want = chain(static_x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want), label
+    print(label, flush=True)
+
+
 def activation_cases():
     # (on sm_90 the last four take the cluster path: 8, 8 (ragged), 7 and 8 blocks a row)
     for rows, features, dtype, bits in [(3, 576, torch.float16, 4), (9, 1030, torch.bfloat16, 8),
@@ -77,16 +90,8 @@ def w4a16_cases():
                 t = w4a16_linear(t, prepared)
             return t
 
-        static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-        want = chain(static_x)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            got = chain(static_x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want), (k, m, group, symmetric)
-        print("w4a16_gemm chained in a CUDA graph", k, m, group, symmetric, flush=True)
+        check_chain_in_graph(chain, torch.randn(m, k, device="cuda", dtype=torch.float16),
+                             f"w4a16_gemm chained in a CUDA graph {k} {m} {group} {symmetric}")
 
 
 def int_gemm_cases():
@@ -124,16 +129,8 @@ def int_gemm_cases():
                     t = ops.quantized_activation_linear(t, p, 4, None)
                 return t
 
-            static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            want = chain(static_x)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                got = chain(static_x)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(got, want), (m, k)
-            print("int_gemm W4A4 chained in a CUDA graph", m, k, flush=True)
+            check_chain_in_graph(chain, torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                                 f"int_gemm W4A4 chained in a CUDA graph {m} {k}")
 
 
 def hadamard_cases():
