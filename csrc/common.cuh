@@ -86,6 +86,14 @@ inline bool programmatic_launch_supported(int device) {
   return device_attribute<cudaDevAttrComputeCapabilityMajor>(device) >= 9;
 }
 
+// The launch attribute that makes a launch programmatic (cudaLaunchKernelEx).
+inline cudaLaunchAttribute programmatic_launch_attribute() {
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  return attribute;
+}
+
 // When to launch that way: only inside CUDA-graph capture, right after one of our kernels that calls
 // allow_dependent_launch (record_trigger_kernel says which). The capture's tail node tells: it is that kernel's
 // node exactly when nothing else was captured on the stream since. After any other kernel a programmatic launch

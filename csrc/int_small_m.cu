@@ -343,8 +343,7 @@ void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   attributes[0].val.clusterDim.z = 1;
   // Programmatic dependent launch: the blocks may start while the previous kernel (the activation
   // quantization) finishes; they wait for it (griddepcontrol.wait) before reading its output.
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1] = programmatic_launch_attribute();
   config.attrs = attributes;
   config.numAttrs = 2;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, TOKEN_TILES, WARPS, OutT>, p));
@@ -371,11 +370,12 @@ void launch_warps(int warps, bool raw, at::ScalarType out_dtype, const Params& p
     launch_out<WBITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
   } else if (warps == 8) {
     launch_out<WBITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
-  } else if constexpr (warps_per_sm(WBITS, TOKEN_TILES, 16) == 16) {
-    launch_out<WBITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   } else {
-    TORCH_CHECK(false, "int_small_m: no ", warps, "-warp instance for int", WBITS, " weights and ", TOKEN_TILES,
-                " token tile(s)");
+    // 16-warp blocks are built only where the instance holds 16 warps per SM.
+    constexpr bool kHas16 = warps_per_sm(WBITS, TOKEN_TILES, 16) == 16;
+    TORCH_CHECK(kHas16 && warps == 16, "int_small_m: no ", warps, "-warp instance for int", WBITS,
+                " weights and ", TOKEN_TILES, " token tile(s)");
+    if constexpr (kHas16) launch_out<WBITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   }
 }
 

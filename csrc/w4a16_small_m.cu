@@ -575,8 +575,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // ---- main loop: two register stages, written out so that their indices are constants ----------
   // Launched as a programmatic dependent (right after another small-M kernel in a captured graph: see the
   // header), the blocks may start while that kernel finishes: they only ask L2 for their first two chunks of
-  // weights (which no kernel writes; a prefetch warms L2, where every write lands), then wait for it before
-  // loading anything into registers or shared memory. (sm_90+: elsewhere the host never sets programmatic.)
+  // weights (safe whatever that kernel writes: a prefetch only warms L2, where every write lands), then wait for
+  // it before loading anything into registers or shared memory. (sm_90+: elsewhere the host never sets programmatic.)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (p.programmatic) {
 #pragma unroll
@@ -713,9 +713,7 @@ void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
     config.blockDim = dim3(WARPS * 32);
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    cudaLaunchAttribute programmatic;
-    programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    programmatic.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute programmatic = programmatic_launch_attribute();
     config.attrs = &programmatic;
     config.numAttrs = p.programmatic ? 1 : 0;
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
