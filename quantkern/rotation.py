@@ -300,8 +300,9 @@ def _walsh_hadamard_last_dim(rows: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return rows.clone()
     lead = rows.shape[:-1]
-    if rows.requires_grad and torch.is_grad_enabled():
-        # out= buffers do not support autograd: same butterfly, fresh tensors per pass.
+    if (rows.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        # out= buffers support neither autograd nor torch.compile (views as out=): same butterfly, fresh
+        # tensors per pass.
         y = rows
         h = 1
         while h < n:
