@@ -84,6 +84,89 @@ def test_integer_kernels_match_reference_on_smollm2_config(bits, act_bits, group
     assert_backend_matches_reference(smollm2_quantized(bits=bits, group_size=group_size, act_bits=act_bits), "cuda")
 
 
+def decode_in_cuda_graph(model, forward, prompt, steps):
+    """Greedy decode over a static KV cache: prefill with the model, then ``steps`` steps of ``forward`` (the
+    model, or a compiled wrapper of it) replayed from one CUDA graph, as benchmarks/bench_e2e.py times it."""
+    from transformers import StaticCache
+
+    batch, length = prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=length + steps + 4)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    position = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def prefill():
+        cache.reset()
+        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device="cuda"),
+                       use_cache=True).logits
+        ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        position.fill_(length)
+
+    def step():
+        logits = forward(input_ids=ids, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    with torch.no_grad():
+        prefill()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (and compile) outside the capture
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            next_ids = step()
+        prefill()
+        tokens = [ids.clone()]
+        for _ in range(steps):
+            graph.replay()
+            ids.copy_(next_ids)
+            position.add_(1)
+            tokens.append(ids.clone())
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("options", [dict(bits=4, group_size=64), dict(bits=4, act_bits=4, group_size=-1)],
+                         ids=["w4a16", "w4a4"])
+def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options):
+    """The whole HF model through torch.compile(fullgraph=True), decode steps captured in a CUDA graph: every
+    quantized Linear's GEMM is one node of the compiled graph (no graph break, no fallback), and the greedy
+    tokens are the eager model's (SmolLM2's config cut to 4 layers, to keep the compilation short)."""
+    from transformers import LlamaForCausalLM
+
+    kernel = "w4a4_linear" if "act_bits" in options else "weight_only_linear"
+    if kernel not in backends.status("cuda").kernels:
+        pytest.skip(f"no CUDA {kernel}: {backends.status('cuda').reason}")
+    config = smollm2_config()
+    config.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # clear margins, as smollm2_quantized does
+    replace_linear(model, **options)
+    model = model.to("cuda", torch.float16)
+    set_backend(model, "cuda")
+    prompt = torch.randint(0, 49152, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+
+    graphs = []
+
+    def recording_inductor(graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(graph_module)
+        return compile_fx(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_inductor, fullgraph=True, dynamic=False)
+    tokens = decode_in_cuda_graph(model, compiled, prompt, steps=12)
+    assert len(graphs) == 1, len(graphs)
+    gemm_name = "quantkern.int_gemm" if "act_bits" in options else "quantkern.w4a16_gemm"
+    gemms = [node for node in graphs[0].graph.nodes if str(node.target).startswith(gemm_name)]
+    quantized = sum(isinstance(module, QuantLinear) for module in model.modules())
+    assert len(gemms) == quantized == 7 * config.num_hidden_layers
+    assert torch.equal(tokens, decode_in_cuda_graph(model, model, prompt, steps=12))
+
+
 # ---- the real SmolLM2-135M-Instruct weights -------------------------------------------------------
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Quantization makes large language models"]
