@@ -18,6 +18,9 @@ quantization (``ops.hadamard_quantize``).
 (Inductor fuses the norms, rotary embedding and activations around our ops, which stay single graph nodes),
 captured in a CUDA graph like the second. It compiles once per model and batch size (tens of seconds each);
 the time of the first compiled step is reported as ``compile_s``.
+
+``--breakdown``: where a decode step's GPU time goes, per kind of kernel (ours, cuBLAS, attention, Inductor's
+fused kernels, the rest), from torch.profiler over replays of the last graph mode (a second table).
 """
 
 from __future__ import annotations
@@ -115,8 +118,36 @@ class GraphDecoder:
         return tokens
 
 
-def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool, forward=None) -> dict:
-    decoder = GraphDecoder(model, batch, prompt_len + new_tokens + 8, forward)
+# Kernel name patterns per kind, first match wins (our kernels live in namespace quantkern).
+KERNEL_KINDS = (("quantkern", ("quantkern",)),
+                ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+                ("cublas", ("gemm", "nvjet", "cutlass", "xmma", "gemv")),
+                ("inductor", ("triton_",)))
+
+
+def kernel_breakdown(decoder, steps: int = 8) -> dict:
+    """GPU time per decode step (us) by kind of kernel, over ``steps`` graph replays (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.decode(steps, use_graph=True)
+        torch.cuda.synchronize()
+    totals = {kind: 0.0 for kind, _ in KERNEL_KINDS}
+    totals["other"] = 0.0
+    for event in prof.key_averages():
+        device_us = event.self_device_time_total
+        if device_us <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((kind for kind, patterns in KERNEL_KINDS if any(p in name for p in patterns)), "other")
+        totals[kind] += device_us / steps
+    return totals
+
+
+def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool, forward=None,
+            breakdown: bool = False) -> dict:
+    # (room for the 4 warm-up steps, the timed ones and kernel_breakdown's 8)
+    decoder = GraphDecoder(model, batch, prompt_len + new_tokens + 16, forward)
     generator = torch.Generator("cuda").manual_seed(batch)  # the same prompt for every mode and model
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device="cuda", generator=generator)
     decoder.prefill(prompt)
@@ -134,6 +165,8 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool
               "tokens": torch.cat(tokens, dim=1)}
     if forward is not None:
         result["compile_s"] = first_step_s
+    if breakdown:
+        result["kernel_us_per_step"] = kernel_breakdown(decoder)
     return result
 
 
@@ -144,7 +177,7 @@ def first_difference(tokens: torch.Tensor, other: torch.Tensor):
 
 
 def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: list, results: list,
-            compile_model: bool) -> None:
+            compile_model: bool, breakdown: bool) -> None:
     modes = [("eager", False, None), ("cuda_graph", True, None)]
     if compile_model:
         # One wrapper per model: it recompiles per batch size (static shapes), and the quantized model is
@@ -157,7 +190,8 @@ def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: 
         entry = {"model": label, "batch": batch}
         for mode, use_graph, forward in modes:
             try:
-                entry[mode] = measure(model, batch, prompt_len, new_tokens, use_graph, forward)
+                entry[mode] = measure(model, batch, prompt_len, new_tokens, use_graph, forward,
+                                      breakdown and mode == names[-1])
             except Exception as error:  # report, don't hide: the table says which mode failed and why
                 entry[mode] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
         entry["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -196,6 +230,8 @@ def main() -> None:
                         help="an online Hadamard rotation before every down_proj and o_proj, as QuaRot's models run")
     parser.add_argument("--compile", action="store_true",
                         help="also time the decode step compiled by torch.compile, in a CUDA graph")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="profile the last graph mode: GPU time per step by kind of kernel")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -205,7 +241,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.config, dtype)
     rows, results = [], []
-    run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results, args.compile)
+    run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results, args.compile, args.breakdown)
 
     start = time.perf_counter()
     rotated = ("down_proj", "o_proj") if args.online_rotation else ()
@@ -225,7 +261,7 @@ def main() -> None:
     groups = "per-channel" if args.group_size == -1 else f"g{args.group_size}"
     quantized = f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
-            rows, results, args.compile)
+            rows, results, args.compile, args.breakdown)
     modes = ["eager", "cuda_graph"] + (["compiled_graph"] if args.compile else [])
     for entry in results:
         for mode in modes:
@@ -237,6 +273,16 @@ def main() -> None:
     print(f"\nend to end, {args.config} (random weights), greedy decode of {args.new_tokens} tokens after "
           f"{args.prompt_len}: tokens/s (all sequences), peak GPU memory")
     print_table(rows, ["model", "batch"] + modes + ["peak_GiB"] + [f"{mode}==eager" for mode in modes[1:]])
+    if args.breakdown:
+        kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
+        table = []
+        for entry in results:
+            split = entry[modes[-1]].get("kernel_us_per_step")
+            if split:
+                table.append([entry["model"], entry["batch"]] + [f"{split[k]:.0f}" for k in kinds]
+                             + [f"{sum(split.values()):.0f}", f"{1e3 * entry[modes[-1]]['ms_per_step']:.0f}"])
+        print(f"\nGPU time per decode step ({modes[-1]}, us) by kind of kernel, and the step's wall time")
+        print_table(table, ["model", "batch"] + kinds + ["kernels", "step"])
 
 
 if __name__ == "__main__":
