@@ -126,13 +126,18 @@ def decode_in_cuda_graph(model, forward, prompt, steps):
     return torch.cat(tokens, dim=1)
 
 
-@pytest.mark.parametrize("options", [dict(bits=4, group_size=64), dict(bits=4, act_bits=4, group_size=-1)],
-                         ids=["w4a16", "w4a4"])
-def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options):
+@pytest.mark.parametrize("options, rotate", [(dict(bits=4, group_size=64), False),
+                                             (dict(bits=4, act_bits=4, group_size=-1), False),
+                                             (dict(bits=4, act_bits=4, group_size=-1), True)],
+                         ids=["w4a16", "w4a4", "w4a4-online-hadamard"])
+def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate):
     """The whole HF model through torch.compile(fullgraph=True), decode steps captured in a CUDA graph: every
     quantized Linear's GEMM is one node of the compiled graph (no graph break, no fallback), and the greedy
-    tokens are the eager model's (SmolLM2's config cut to 4 layers, to keep the compilation short)."""
+    tokens are the eager model's (SmolLM2's config cut to 4 layers, to keep the compilation short). With
+    ``rotate``, o_proj and down_proj rotate their inputs online (fused Hadamard + quantization), as QuaRot's do."""
     from transformers import LlamaForCausalLM
+
+    from quantkern.nn import linear_layers, set_submodule
 
     kernel = "w4a4_linear" if "act_bits" in options else "weight_only_linear"
     if kernel not in backends.status("cuda").kernels:
@@ -143,7 +148,11 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options):
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # clear margins, as smollm2_quantized does
-    replace_linear(model, **options)
+    rotated = ("o_proj", "down_proj") if rotate else ()
+    originals = [(name, linear) for name, linear in linear_layers(model) if name.rsplit(".", 1)[-1] in rotated]
+    replace_linear(model, **options, skip=("lm_head",) + rotated)
+    for name, linear in originals:
+        set_submodule(model, name, QuantLinear.from_linear(linear, **options, rotate=True))
     model = model.to("cuda", torch.float16)
     set_backend(model, "cuda")
     prompt = torch.randint(0, 49152, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
