@@ -19,16 +19,20 @@ from .version import __version__
 
 __all__ = ["__version__", "replace_linear", "quantize_model", "QuantizeConfig", "load_quantized", "save_quantized"]
 
-# The top-level conveniences, imported on first use so that ``import quantkern`` stays light.
+# The top-level conveniences and the public submodules, imported on first use so that ``import quantkern``
+# stays light (``quantkern.nn.QuantLinear`` works after a plain ``import quantkern``).
 _LAZY = {"replace_linear": "nn", "quantize_model": "quantizers", "QuantizeConfig": "quantizers",
          "load_quantized": "io", "save_quantized": "io"}
+_SUBMODULES = ("ops", "reference", "format", "nn", "quantizers", "io", "rotation", "kv_cache", "backends")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'quantkern' has no attribute {name!r}")
 
 # AutoModelForCausalLM.from_pretrained(dir) for quantkern checkpoints (quantkern.hf_integration),

@@ -30,6 +30,8 @@ __all__ = [
     "quantized_activation_linear",
     "hadamard",
     "hadamard_quantize",
+    "block_rotate",
+    "block_rotate_quantize",
     "quantize_kv",
 ]
 

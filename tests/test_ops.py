@@ -110,3 +110,21 @@ def test_public_ops_compile_without_graph_breaks():
     y, q = compiled(x)
     y_eager, q_eager = block(x)
     assert torch.equal(q, q_eager) and torch.allclose(y, y_eager)
+
+
+def test_public_names_after_a_plain_import():
+    """``import quantkern`` alone gives the public submodules and names (``quantkern.nn.QuantLinear``, as outside
+    checks use it), and every name in ``ops.__all__`` exists. A fresh interpreter: nothing imported before."""
+    import subprocess
+    import sys
+
+    code = ("import quantkern\n"
+            "assert callable(quantkern.nn.QuantLinear.from_linear) and callable(quantkern.replace_linear)\n"
+            "assert callable(quantkern.ops.hadamard) and callable(quantkern.io.load_quantized)\n"
+            "assert all(hasattr(quantkern.ops, name) for name in quantkern.ops.__all__)\n"
+            "assert all(hasattr(quantkern, name) for name in quantkern.__all__)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        import quantkern
+
+        quantkern.not_a_name
