@@ -85,6 +85,13 @@ def _parse_options(pairs) -> dict:
     return options
 
 
+def evaluation_dtype(device, storage_dtype):
+    """The dtype a just-quantized model is evaluated in: the checkpoint's on a GPU, fp32 on the CPU."""
+    import torch
+
+    return storage_dtype if torch.device(device).type == "cuda" else torch.float32
+
+
 def cmd_quantize(args) -> int:
     import torch
 
@@ -145,11 +152,11 @@ def cmd_quantize(args) -> int:
                               {"load": round(load_s, 2), **result.timings_s}, args.keep_lm_head_fp16)
     metadata["method_config"] = result.extra_config
     # The checkpoint stores the unquantized tensors in --dtype; the evaluation below uses exactly
-    # those values (upcast back to fp32 on the CPU, where fp16 matmuls are slow), so it measures
-    # what loads back.
+    # those values, so it measures what loads back: in --dtype on a GPU (our kernels take fp16 / bf16
+    # activations only), upcast to fp32 on the CPU (where fp16 matmuls are slow).
     cast_unquantized_parameters(model, storage_dtype)
     save_quantized(model, dst, qconfig, metadata, tokenizer, overwrite=args.overwrite)
-    cast_unquantized_parameters(model, torch.float32)
+    cast_unquantized_parameters(model, evaluation_dtype(args.device, storage_dtype))
     disk = directory_size(dst)
     print(f"wrote {dst} ({disk / 2**20:.1f} MiB on disk; the fp16 model's parameters: {fp16_bytes / 2**20:.1f} MiB)")
     print(f"quantization took {result.timings_s['quantize']:.1f} s")

@@ -118,3 +118,15 @@ def test_existing_destination_is_refused_before_any_work(tmp_path, capsys):
     assert main(["quantize", "--dst", str(dst)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "user data"
+
+
+def test_quantize_evaluates_in_the_checkpoint_dtype_on_a_gpu():
+    """After quantizing, `quantkern quantize --device cuda` evaluates in the checkpoint's dtype: the GPU kernels
+    refuse fp32 activations (it used to upcast to fp32 everywhere and fail there). The CPU keeps fp32."""
+    import torch
+
+    from quantkern.cli import evaluation_dtype
+
+    assert evaluation_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert evaluation_dtype("cuda:1", torch.float16) == torch.float16
+    assert evaluation_dtype("cpu", torch.float16) == torch.float32
