@@ -18,11 +18,19 @@ def test_every_supported_family_quantizes_and_runs(kind):
     model = tiny_model(kind)
     tokens = torch.randint(0, 128, (1, 12))
     windows = torch.randint(0, 128, (3, 16))
+    with torch.no_grad():
+        expected = model(tokens).logits
     result = quantize_model(model, None, config(method="gptq", calib_windows=windows), progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 2 * 7 and result.group_size == 32
     assert result.calibration["source"] == "caller" and result.calibration["samples"] == 3
-    assert torch.isfinite(model(tokens).logits).all()
+    with torch.no_grad():
+        out = model(tokens).logits
+    assert torch.isfinite(out).all()
+    # Finite is not enough: the quantized model must still compute the float one's function. Measured
+    # 0.157-0.169 over the families (up to 0.21 with other tokens/windows); an unrelated random model gives 1.4.
+    error = float((out - expected).norm() / expected.norm())
+    assert error < 0.35, (kind, error)
 
 
 def test_quantized_tied_lm_head_saves_untied_and_loads_back(tmp_path):

@@ -86,10 +86,20 @@ def test_quantized_weight_rejects_inconsistent_tensors(field, value, error, matc
 
 
 def test_tensors_round_trip_by_name():
-    qw = fmt.QuantizedWeight(**_weight(symmetric=False))
+    from safetensors.torch import load, save
+
+    # Random contents (constants would hide a swapped or mis-named tensor), through safetensors as in a checkpoint.
+    generator = torch.Generator().manual_seed(0)
+    kwargs = _weight(symmetric=False)
+    kwargs["qweight"] = torch.randint(0, 256, (8, 32), dtype=torch.uint8, generator=generator)
+    kwargs["scales"] = torch.rand(8, 2, generator=generator).half() + 0.01
+    kwargs["zeros"] = torch.randint(0, 16, (8, 2), dtype=torch.uint8, generator=generator)
+    qw = fmt.QuantizedWeight(**kwargs)
     tensors = qw.tensors("model.layers.0.mlp.up_proj")
     assert set(tensors) == {f"model.layers.0.mlp.up_proj.{n}" for n in ("qweight", "scales", "zeros")}
-    back = fmt.QuantizedWeight.from_tensors(tensors, "model.layers.0.mlp.up_proj", 4, 32, 64, 8)
-    assert torch.equal(back.zeros, qw.zeros)
+    back = fmt.QuantizedWeight.from_tensors(load(save(tensors)), "model.layers.0.mlp.up_proj", 4, 32, 64, 8)
+    for name in ("qweight", "scales", "zeros"):
+        assert torch.equal(getattr(back, name), getattr(qw, name)), name
+    assert (back.bits, back.group_size, back.in_features, back.out_features) == (4, 32, 64, 8)
     with pytest.raises(KeyError, match="missing tensors"):
         fmt.QuantizedWeight.from_tensors({}, "x", 4, 32, 64, 8)

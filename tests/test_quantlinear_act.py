@@ -126,13 +126,18 @@ def test_bad_modes_raise_clearly(make, match):
         make()
 
 
-def test_new_ops_are_registered_and_refuse_cuda_without_a_kernel():
+def test_new_ops_are_registered_and_refuse_cuda_without_a_kernel(monkeypatch):
     assert "w4a8_linear" in backends.OPS
     assert {op for op, _, _ in backends.report()} >= {"w4a8_linear", "hadamard"}
+    # Triton has kernels for both ops, so the GPU backends are made to refuse (as in test_ops.py):
+    # the refusal must then be an error, never a silent reference fallback on a CUDA tensor.
+    real_can_run = backends._can_run
+    monkeypatch.setattr(backends, "_can_run", lambda name, op, device: (
+        real_can_run(name, op, device) if name == "reference" else f"no {name} kernel in this test"))
     for op in ("w4a8_linear", "hadamard"):
-        if not any(op in backends.status(b).kernels for b in ("cuda", "triton")):
-            with pytest.raises(backends.MissingKernelError, match="does not fall back"):
-                backends.select(op, torch.device("cuda"))
+        with pytest.raises(backends.MissingKernelError, match="does not fall back"):
+            backends.select(op, torch.device("cuda"))
+        assert backends.select(op, torch.device("cuda"), backend="reference") == "reference"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def test_quarot_w4a4_kv4_runs_and_sets_the_layers():
     assert isinstance(model.lm_head, nn.Linear)  # kept in float
     assert result.extra_config["rotation"] == "hadamard"
     out = logits(model, tokens)
-    assert torch.isfinite(out).all() and relative_error(out, expected) < 1.0
+    # Measured 0.145 (0.10-0.15 over model seeds); all-zero logits give 1.0, an unrelated random model 0.74-0.85.
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 0.3
 
 
 class ByteTokenizer:
@@ -133,8 +134,11 @@ class ByteTokenizer:
 
 
 def test_quarot_gptq_weights(tmp_path):
+    # GPTQ fits the calibration distribution: compare on held-out text of that distribution (on random ids it
+    # loses to RTN on every seed), by the norm of the error (the max-abs one ranks GPTQ and RTN by chance).
     model = tiny_llama()
-    tokens = ids()
+    held_out = "The above copyright notice and this permission notice shall be included in all copies."
+    tokens = ByteTokenizer()(held_out)["input_ids"]
     expected = logits(model, tokens)
     calib = tmp_path / "calib.txt"
     calib.write_text("Permission is hereby granted, free of charge, to any person obtaining a copy.\n" * 20)
@@ -142,21 +146,30 @@ def test_quarot_gptq_weights(tmp_path):
                           calib_seq_len=32)
     result = quantize_model(model, ByteTokenizer(), config, progress=False)
     assert result.calibration["samples"] == 8
-    error_gptq = relative_error(logits(model, tokens), expected)
+
+    def norm_error(out):
+        return float((out - expected).norm() / expected.norm())
+
+    error_gptq = norm_error(logits(model, tokens))
     rtn_model = tiny_llama()
     quantize_model(rtn_model, None, small_config(act_bits=8), progress=False)
-    error_rtn = relative_error(logits(rtn_model, tokens), expected)
-    assert error_gptq < 0.5 and error_gptq < 1.5 * error_rtn, (error_gptq, error_rtn)
+    error_rtn = norm_error(logits(rtn_model, tokens))
+    # Measured 0.089 vs RTN 0.132 (ratio 0.67; 0.48-0.78 over model seeds 0-5).
+    assert error_gptq < 0.2 and error_gptq < 0.85 * error_rtn, (error_gptq, error_rtn)
 
 
 def test_pca_rotation_through_the_driver(tmp_path):
     model = tiny_llama()
+    tokens = ids()
+    expected = logits(model, tokens)
     calib = tmp_path / "calib.txt"
     calib.write_text("Redistribution and use in source and binary forms, with or without modification.\n" * 20)
     config = small_config(rotation="pca", calib_path=str(calib), calib_samples=4, calib_seq_len=32)
     result = quantize_model(model, ByteTokenizer(), config, progress=False)
     assert result.extra_config["rotation"] == "pca"
-    assert torch.isfinite(logits(model, ids())).all()
+    out = logits(model, tokens)
+    # Measured 0.113 (0.10-0.12 over model seeds); the Hadamard rotation, same config: 0.141 (bound 0.3 above).
+    assert torch.isfinite(out).all() and relative_error(out, expected) < 0.25
 
 
 def test_activation_clip_search_picks_per_layer_ratios(tmp_path):
