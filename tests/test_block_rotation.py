@@ -44,12 +44,35 @@ def test_reference_with_identity_and_hadamard_blocks():
     assert torch.allclose(reference.block_rotate(x.float(), h), block_hadamard_transform(x.float(), 32), atol=1e-5)
 
 
-def test_fused_reference_is_the_two_calls():
-    x = torch.randn(4, 256).bfloat16()
+def quantize_rotated_written_out(rotated, dtype, bits, clip):
+    """reference.quantize_per_token's formula, written out here, of a rotated row rounded to x's dtype (as the
+    two calls round it): fp32 scale absmax * clip / qmax (1 for zero rows), codes round-half-even and clamped,
+    int4 as two's-complement nibbles, element 2j in the low one."""
+    y = rotated.to(dtype).float()
+    qmax = 7 if bits == 4 else 127
+    scale = y.abs().amax(-1) * torch.tensor(clip, dtype=torch.float32) / torch.tensor(float(qmax))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.round(y / scale[..., None]).clamp(-qmax, qmax).to(torch.int8)
+    if bits == 8:
+        return codes, scale
+    nibbles = (codes & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_reference_is_the_two_calls(bits):
+    # Expected from the dense block-diagonal matrix in fp64, not reference.block_rotate (the reference branch's
+    # own code); a 3-D x for the op's reshape. Own generator: a fixed draw (bf16 codes of 200 draws all equal the
+    # fp64 path's exactly).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 256, generator=g).bfloat16()
+    x[1, 2] = 0  # all-zero row: scale 1
     rotation = orthogonal(64, 4)
-    q, s = ops.block_rotate_quantize(x, rotation, 4, 0.9, backend="reference")
-    q2, s2 = reference.quantize_per_token(reference.block_rotate(x, rotation), 4, 0.9)
-    assert torch.equal(q, q2) and torch.equal(s, s2)
+    q, s = ops.block_rotate_quantize(x, rotation, bits, 0.9, backend="reference")
+    exact = x.double() @ torch.block_diag(*rotation).double().T
+    q_ref, s_ref = quantize_rotated_written_out(exact, torch.bfloat16, bits, 0.9)
+    assert q.shape == (2, 3, 128 if bits == 4 else 256) and s.shape == (2, 3)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
 
 
 @pytest.mark.parametrize("call,message", [
