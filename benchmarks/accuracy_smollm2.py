@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 
-# name -> (config label, anchor or RTN figure from ANCHORS.md, target, quantize flags)
+# name -> (config label, the anchor or RTN figure the project was given (its ANCHORS.md, outside this
+#          repository), target, quantize flags)
 ROWS = {
     "rtn": ("W4A16 g64, RTN (symmetric)", 34.59, None, ["--method", "rtn", "--group-size", "64"]),
     "gptq": ("W4A16 g64, GPTQ (asymmetric, act-order)", 34.59, 25.5,
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             "quantkern": quantkern.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine()}, indent=2))
 
-    print("| config | perplexity | before (RTN, ANCHORS.md) | target | quantize time | disk |")
+    print("| config | perplexity | before (RTN, anchor figures) | target | quantize time | disk |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         if "error" in row:
