@@ -7,6 +7,7 @@ import torch
 
 from quantkern import backends, ops, reference
 from quantkern.rotation import block_hadamard_transform, hadamard_matrix
+from tests.test_hadamard_kernels import quantize_rotated_written_out
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton_ok = pytest.mark.skipif(not backends.status("triton").available, reason="triton missing")
@@ -42,21 +43,6 @@ def test_reference_with_identity_and_hadamard_blocks():
     assert torch.equal(reference.block_rotate(x, torch.eye(32)), x)
     h = hadamard_matrix(32).float() / 32 ** 0.5
     assert torch.allclose(reference.block_rotate(x.float(), h), block_hadamard_transform(x.float(), 32), atol=1e-5)
-
-
-def quantize_rotated_written_out(rotated, dtype, bits, clip):
-    """reference.quantize_per_token's formula, written out here, of a rotated row rounded to x's dtype (as the
-    two calls round it): fp32 scale absmax * clip / qmax (1 for zero rows), codes round-half-even and clamped,
-    int4 as two's-complement nibbles, element 2j in the low one."""
-    y = rotated.to(dtype).float()
-    qmax = 7 if bits == 4 else 127
-    scale = y.abs().amax(-1) * torch.tensor(clip, dtype=torch.float32) / torch.tensor(float(qmax))
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.round(y / scale[..., None]).clamp(-qmax, qmax).to(torch.int8)
-    if bits == 8:
-        return codes, scale
-    nibbles = (codes & 0xF).to(torch.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale
 
 
 @pytest.mark.parametrize("bits", [4, 8])
