@@ -97,7 +97,8 @@ def cmd_quantize(args) -> int:
 
     from .calibration import read_calibration_texts
     from .evaluation import DEFAULT_EVAL_TEXT, perplexity
-    from .io import build_metadata, directory_size, quant_tag, quantization_config, save_quantized
+    from .io import (build_metadata, check_destination, directory_size, quant_tag, quantization_config,
+                     save_quantized)
     from .models import model_structure
     from .nn import cast_unquantized_parameters
     from .quantizers import METHODS, QuantizeConfig, quantize_model
@@ -111,8 +112,8 @@ def cmd_quantize(args) -> int:
     if args.calib is not None and not method.needs_calibration:
         raise ValueError(f"--calib is not used by {args.method}, which needs no calibration data")
     options = _parse_options(args.option)
-    if args.dst and Path(args.dst).exists() and not args.overwrite:  # fail before the slow work
-        raise FileExistsError(f"{args.dst} already exists; pass --overwrite to replace it")
+    if args.dst:  # fail before the slow work
+        check_destination(args.dst, args.overwrite)
     if args.calib is not None:
         read_calibration_texts(args.calib)  # a missing or empty file fails now, not after loading the model
     unknown = set(options) - set(method.default_options)
@@ -127,10 +128,9 @@ def cmd_quantize(args) -> int:
     group_size = resolve_group_size([b.linears[r] for b in structure.blocks for r in ALL_ROLES], args.group_size)
     tag = quant_tag(args.method, args.bits, group_size, args.acts_bits, args.kv_bits, args.keep_lm_head_fp16)
     dst = Path(args.dst) if args.dst else Path(f"{Path(source).name}_{tag}")
-    if dst.exists() and not args.overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    if args.src and dst.resolve() == Path(args.src).resolve():
-        raise ValueError("--dst must differ from --src: quantkern never writes into the source model")
+    check_destination(dst, args.overwrite)
+    if args.src and Path(args.src).resolve().is_relative_to(dst.resolve()):
+        raise ValueError("--dst must not be --src or contain it: quantkern never writes into the source model")
     fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
     storage_dtype = getattr(torch, args.dtype)
     config = QuantizeConfig(
@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of scales and of the tensors left unquantized (default: float16)")
     q.add_argument("--seed", type=int, default=0, help="seed of calibration sampling and random rotations")
     q.add_argument("--device", default="cpu", help="device to quantize and evaluate on (default: cpu)")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --dst that is a quantkern checkpoint (nothing else is replaced)")
     q.add_argument("--eval-text", help="text file for perplexity (default: /usr/share/common-licenses/GPL-3)")
     q.add_argument("--seq-len", type=int, default=512, help="perplexity window in tokens (default: 512)")
     q.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")

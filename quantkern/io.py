@@ -140,14 +140,28 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def check_destination(dst, overwrite: bool) -> None:
+    """Refuse a ``dst`` that exists, unless ``overwrite`` and it is a quantkern checkpoint: replacing deletes
+    it, so an arbitrary directory (a model, a home directory, ``.``) is never replaced."""
+    dst = Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    if not (dst.is_dir() and (dst / METADATA_FILE).is_file()):
+        raise FileExistsError(f"{dst} exists and is not a quantkern checkpoint (no {METADATA_FILE}): "
+                              "--overwrite replaces only checkpoints; choose another destination")
+
+
 def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, tokenizer=None,
                    overwrite: bool = False) -> Path:
-    """Write a quantized model to ``dst`` atomically; refuses an existing ``dst`` unless ``overwrite``."""
+    """Write a quantized model to ``dst`` atomically: into a staging directory beside it, then renamed into
+    place. An existing ``dst`` is refused, unless ``overwrite`` and it is a quantkern checkpoint
+    (``check_destination``); it is then replaced, and restored if the replacement fails."""
     from safetensors.torch import save_model
 
     dst = Path(dst).resolve()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    check_destination(dst, overwrite)
     qconfig = _with_model_settings(model, qconfig)
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
@@ -161,10 +175,15 @@ def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, t
             tokenizer.save_pretrained(str(staging))
         _apply_umask(staging)
         if dst.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, backup / dst.name)
-            os.replace(staging, dst)
-            shutil.rmtree(backup)
+            backup_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, backup_dir / dst.name)
+            try:
+                os.replace(staging, dst)
+            except BaseException:
+                os.replace(backup_dir / dst.name, dst)  # the old checkpoint back in place
+                shutil.rmtree(backup_dir, ignore_errors=True)
+                raise
+            shutil.rmtree(backup_dir)
         else:
             os.replace(staging, dst)
     except BaseException:

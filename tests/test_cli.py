@@ -117,7 +117,13 @@ def test_existing_destination_is_refused_before_any_work(tmp_path, capsys):
     (dst / "keep.txt").write_text("user data")
     assert main(["quantize", "--dst", str(dst)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
-    assert (dst / "keep.txt").read_text() == "user data"
+    # --overwrite replaces only a quantkern checkpoint: this directory (or one holding --src) is not one.
+    src = dst / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    assert main(["quantize", "--src", str(src), "--dst", str(dst), "--overwrite"]) == 2
+    assert "not a quantkern checkpoint" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "user data" and (src / "config.json").is_file()
 
 
 def test_quantize_evaluates_in_the_checkpoint_dtype_on_a_gpu():

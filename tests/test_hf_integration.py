@@ -320,3 +320,43 @@ def test_builtin_model_checkpoint_from_the_cli(builtin_model_available, tmp_path
     input_ids = torch.arange(100, 132).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(hf_model(input_ids).logits, ours(input_ids).logits)
+
+
+def test_overwrite_replaces_only_a_checkpoint_and_restores_it_on_failure(tmp_path, monkeypatch):
+    """--overwrite / overwrite=True deletes what it replaces, so only a quantkern checkpoint is replaced (never a
+    model directory, a home directory or '.'), and a failed replacement leaves the old checkpoint in place."""
+    model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
+    qconfig = io.quantization_config("rtn", 4, 32, True)
+
+    def write(directory, overwrite=False):
+        return io.save_quantized(model, directory, qconfig, {"tag": "test"}, overwrite=overwrite)
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    for existing in (other, tmp_path / "afile"):
+        with pytest.raises(FileExistsError, match="not a quantkern checkpoint"):
+            write(existing, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "x"
+
+    ckpt = tmp_path / "ckpt"
+    write(ckpt)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        write(ckpt)
+    before = (ckpt / "model.safetensors").read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # the staging directory's rename into place fails
+        if ".tmp-" in str(src):
+            raise OSError("simulated failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        write(ckpt, overwrite=True)
+    monkeypatch.undo()
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "notes"]  # no staging or backup left
+    write(ckpt, overwrite=True)  # a checkpoint is replaced
+    assert torch.equal(logits(io.load_quantized(ckpt)[0]), logits(model))
