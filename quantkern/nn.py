@@ -179,8 +179,9 @@ class QuantLinear(nn.Module):
 
 
 def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:
-    """``(name, module)`` of every ``nn.Linear`` in ``model`` whose name's last part is not in ``skip``."""
-    skip = set(skip)
+    """``(name, module)`` of every ``nn.Linear`` in ``model`` whose name's last part is not in ``skip``
+    (names; a single name may be given as a string)."""
+    skip = {skip} if isinstance(skip, str) else set(skip)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
 
@@ -219,7 +220,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: b
     the seeds' ``headfp16``) for an RTN-quantized ``QuantLinear`` with ``scale_dtype`` scales (default:
     bf16 for bf16 layers, else fp16). Checks every layer first, so that a bad group size, or a W4A16
     shape the ``kernel_shapes`` backend's kernel cannot serve ("cuda"; "reference" checks nothing),
-    fails now, before anything is replaced, rather than at inference. Returns ``model``."""
+    fails now, before anything is replaced, rather than at inference; and builds every replacement
+    before swapping any, so that any other error leaves the model as it was. Returns ``model``."""
     layers = linear_layers(model, skip)
     if not layers:
         raise ValueError("the model has no nn.Linear layers to quantize")
@@ -239,6 +241,8 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: b
         from tqdm.auto import tqdm
 
         iterator = tqdm(layers, desc=f"RTN W{bits} g{group_size}", unit="layer")
-    for name, module in iterator:
-        set_submodule(model, name, QuantLinear.from_linear(module, bits, group_size, symmetric, act_bits, scale_dtype))
+    replacements = [(name, QuantLinear.from_linear(module, bits, group_size, symmetric, act_bits, scale_dtype))
+                    for name, module in iterator]
+    for name, quantized in replacements:
+        set_submodule(model, name, quantized)
     return model

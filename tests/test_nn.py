@@ -79,6 +79,21 @@ def test_replace_linear_checks_every_layer_before_replacing():
     assert {m.group_size for m in model.modules() if isinstance(m, QuantLinear)} == {64}
 
 
+def test_replace_linear_leaves_the_model_as_it_was_on_any_error():
+    """An error only building a later layer (an odd in_features for int4 packing) replaces nothing."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 7), nn.Linear(7, 8))
+    with pytest.raises(ValueError, match="even"):
+        replace_linear(model, bits=4, group_size=-1, kernel_shapes="reference")
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_replace_linear_takes_a_single_skip_name_as_a_string():
+    model = tiny_llama()
+    replace_linear(model, bits=4, group_size=64, skip="lm_head")  # not the letters l, m, _, h, e, a, d
+    assert type(model.lm_head) is nn.Linear
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 7
+
+
 def test_half_and_float_keep_the_stored_scale_dtype():
     layer = QuantLinear.from_linear(nn.Linear(128, 64), 4, 64)
     layer.float()
