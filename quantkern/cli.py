@@ -85,6 +85,13 @@ def _parse_options(pairs) -> dict:
     return options
 
 
+def _check_evaluation_inputs(text_path, seq_len: int) -> None:
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2 (one context token and one predicted), got {seq_len}")
+    if not Path(text_path).is_file():
+        raise FileNotFoundError(f"--eval-text {text_path}: no such file")
+
+
 def evaluation_dtype(device, storage_dtype):
     """The dtype a just-quantized model is evaluated in: the checkpoint's on a GPU, fp32 on the CPU."""
     import torch
@@ -116,6 +123,8 @@ def cmd_quantize(args) -> int:
         check_destination(args.dst, args.overwrite)
     if args.calib is not None:
         read_calibration_texts(args.calib)  # a missing or empty file fails now, not after loading the model
+    if not args.no_eval:  # the evaluation runs after the checkpoint is written: check its inputs now
+        _check_evaluation_inputs(args.eval_text or DEFAULT_EVAL_TEXT, args.seq_len)
     unknown = set(options) - set(method.default_options)
     if unknown:
         raise ValueError(f"{args.method}: unknown --option {sorted(unknown)}; known: "

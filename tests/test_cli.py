@@ -136,3 +136,14 @@ def test_quantize_evaluates_in_the_checkpoint_dtype_on_a_gpu():
     assert evaluation_dtype("cuda", torch.bfloat16) == torch.bfloat16
     assert evaluation_dtype("cuda:1", torch.float16) == torch.float16
     assert evaluation_dtype("cpu", torch.float16) == torch.float32
+
+
+@pytest.mark.parametrize("extra, message", [(["--eval-text", "/no/such/text.txt"], "no such file"),
+                                            (["--seq-len", "1"], "at least 2")])
+def test_bad_evaluation_inputs_fail_before_any_work(tmp_path, capsys, extra, message):
+    """The perplexity runs after the checkpoint is written: its inputs are checked first, so a typo costs
+    nothing and leaves no checkpoint behind."""
+    dst = tmp_path / "out"
+    assert main(["quantize", "--dst", str(dst)] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
