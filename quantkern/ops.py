@@ -295,9 +295,11 @@ def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optiona
     (``rotation.block_hadamard_transform``; the CUDA kernel takes powers of two >= 8).
     GPU kernels: csrc/hadamard.cu (one pass, fp32 accumulation), else triton_kernels/hadamard.py.
     """
-    from .rotation import _check_input, block_hadamard_transform
+    from .rotation import _check_input, block_hadamard_transform, check_block_size
 
     _check_input(x)
+    if block_size is not None:
+        block_size = check_block_size(block_size, x.shape[-1])
     chosen = select("hadamard", x.device, backend)
     if chosen == "reference":
         return block_hadamard_transform(x, block_size) if block_size else reference.hadamard(x)
@@ -323,6 +325,10 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     (a code can differ by 1 at a rounding boundary).
     """
     rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
+    if block_size is not None:
+        from .rotation import check_block_size
+
+        block_size = check_block_size(block_size, rows.shape[-1])
     chosen = select("hadamard_quantize", x.device, backend)
     if chosen == "reference":
         from .rotation import block_hadamard_transform

@@ -370,6 +370,22 @@ def hadamard_transform(
     return y.to(x.dtype).view(*lead_shape, n)
 
 
+def check_block_size(block_size, n: int) -> int:
+    """``block_size`` as an int, if it is a supported Hadamard order dividing ``n``; else a clear error.
+    (Every backend of the blocked transform checks here first: a block that does not divide the row
+    would mix neighbouring rows.)"""
+    block_size = _as_int(block_size, "block_size")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if n % block_size != 0:
+        raise ValueError(f"block_size={block_size} does not divide the last dimension {n}")
+    if not is_hadamard_size(block_size):
+        raise ValueError(
+            f"block_size={block_size} is not a supported Hadamard order; supported: {_SUPPORTED_FORMS}"
+        )
+    return block_size
+
+
 def block_hadamard_transform(
     x: torch.Tensor, block_size: int, *, transpose: bool = False
 ) -> torch.Tensor:
@@ -384,16 +400,8 @@ def block_hadamard_transform(
     Hadamard rotation.  ``largest_hadamard_block(n)`` picks the block size.
     """
     _check_input(x)
-    block_size = _as_int(block_size, "block_size")
     n = x.shape[-1]
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if n % block_size != 0:
-        raise ValueError(f"block_size={block_size} does not divide the last dimension {n}")
-    if not is_hadamard_size(block_size):
-        raise ValueError(
-            f"block_size={block_size} is not a supported Hadamard order; supported: {_SUPPORTED_FORMS}"
-        )
+    block_size = check_block_size(block_size, n)
     blocks = x.reshape(*x.shape[:-1], n // block_size, block_size)
     y = hadamard_transform(blocks, normalize=True, transpose=transpose)
     return y.reshape(x.shape)

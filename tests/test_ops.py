@@ -128,3 +128,22 @@ def test_public_names_after_a_plain_import():
         import quantkern
 
         quantkern.not_a_name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("block_size, error, match", [
+    (32, ValueError, "does not divide the last dimension 48"),  # would mix neighbouring rows
+    (4.5, TypeError, "must be an integer"),
+    (0, ValueError, "must be positive"),
+    (3, ValueError, "not a supported Hadamard order"),
+])
+def test_blocked_hadamard_checks_the_block_size_on_every_backend(backend, block_size, error, match):
+    if "hadamard" not in backends.status(backend).kernels:
+        pytest.skip(f"no {backend} hadamard kernel: {backends.status(backend).reason}")
+    x = torch.randn(2, 48).half()
+    with pytest.raises(error, match=match):
+        ops.hadamard(x, backend=backend, block_size=block_size)
+    with pytest.raises(error, match=match):
+        ops.hadamard_quantize(x, 4, backend=backend, block_size=block_size)
+    y = ops.hadamard(x, backend=backend, block_size=16)  # a block that divides: each row on its own
+    torch.testing.assert_close(y[1], ops.hadamard(x[1:], backend=backend, block_size=16)[0], rtol=0, atol=0)
