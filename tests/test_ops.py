@@ -44,6 +44,9 @@ def test_cuda_tensor_without_kernel_raises_instead_of_falling_back(monkeypatch):
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    # Load the Triton kernels before unsetting the variable: @triton.jit reads it when a kernel module is
+    # imported, and kernels imported without it cannot run on the CPU in the tests that follow.
+    backends.status("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(MissingKernelError, match="TRITON_INTERPRET"):
         backends.select("quantize_per_token", CPU, backend="triton")
