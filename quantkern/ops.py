@@ -154,6 +154,9 @@ def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedW
         raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
     elif backend is not None and backend != weight.backend:
         raise ValueError(f"weight was prepared for the {weight.backend} backend, not {backend!r}")
+    if "act_bits" in weight.tensors:  # prepare_int_weight's: its layer quantizes the activations too
+        raise ValueError(f"weight was prepared for {weight.tensors['act_bits']}-bit activations (prepare_int_weight): "
+                         "run it with quantized_activation_linear, or prepare it with prepare_weight_only")
     if weight.backend == "reference":
         return reference.weight_only_linear(x, weight.source, bias)
     reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
