@@ -92,6 +92,18 @@ def _check_evaluation_inputs(text_path, seq_len: int) -> None:
         raise FileNotFoundError(f"--eval-text {text_path}: no such file")
 
 
+def _check_device(device: str) -> None:
+    """A usable --device, checked before the slow work."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is visible to torch {torch.__version__}")
+
+
 def evaluation_dtype(device, storage_dtype):
     """The dtype a just-quantized model is evaluated in: the checkpoint's on a GPU, fp32 on the CPU."""
     import torch
@@ -111,6 +123,7 @@ def cmd_quantize(args) -> int:
     from .quantizers import METHODS, QuantizeConfig, quantize_model
     from .quantizers.base import ALL_ROLES, resolve_group_size
 
+    _check_device(args.device)
     method = METHODS[args.method]
     defaults = {"bits": 4, "acts_bits": None, "group_size": "auto", **method.cli_defaults}
     for name, value in defaults.items():
@@ -193,6 +206,7 @@ def cmd_eval(args) -> int:
     from .evaluation import DEFAULT_EVAL_TEXT, perplexity
     from .io import directory_size, load_quantized, read_metadata
 
+    _check_device(args.device)
     metadata = read_metadata(args.directory)
     model, tokenizer = load_quantized(args.directory, device=args.device)
     if tokenizer is None:
@@ -294,7 +308,7 @@ def main(argv=None) -> int:
             build_parser().error(f"--group-size must be an integer or 'auto', got {args.group_size!r}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, KeyError) as error:
+    except (ValueError, OSError, TypeError, KeyError) as error:  # OSError: files, directories, permissions
         print(f"quantkern {args.command}: error: {error}", file=sys.stderr)
         return 2
 

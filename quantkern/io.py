@@ -145,6 +145,14 @@ def check_destination(dst, overwrite: bool) -> None:
     it, so an arbitrary directory (a model, a home directory, ``.``) is never replaced."""
     dst = Path(dst)
     if not dst.exists() and not dst.is_symlink():
+        # Fail now, not after the slow work: the first existing ancestor must be a writable directory.
+        ancestor = dst.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise NotADirectoryError(f"cannot write {dst}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot write {dst}: {ancestor} is not writable")
         return
     if not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")

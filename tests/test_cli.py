@@ -147,3 +147,16 @@ def test_bad_evaluation_inputs_fail_before_any_work(tmp_path, capsys, extra, mes
     assert main(["quantize", "--dst", str(dst)] + extra) == 2
     assert message in capsys.readouterr().err
     assert not dst.exists()
+
+
+def test_bad_device_or_destination_fails_before_any_work(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--device", "bogus"], "is not a device"),
+             (["--dst", str(tmp_path / "afile" / "sub")], "is not a directory")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "no CUDA device is visible"))
+    for args, message in cases:
+        assert main(["quantize", "--no-eval"] + args) == 2, args
+        assert message in capsys.readouterr().err, args
