@@ -65,10 +65,9 @@ from .io import QUANT_METHOD, build_quantlinear_skeletons, check_quantization_co
 
 __all__ = ["QuantkernConfig", "QuantkernHfQuantizer", "register"]
 
-REQUIRED_KEYS = ("bits", "group_size", "symmetric", "act_bits", "modules_not_converted")
 # Keys that checkpoints written before they existed lack (docs/FORMAT.md gives these defaults).
 DEFAULTS = {"act_clip_ratio": 1.0, "kv_bits": None, "kv_rotate_keys": False, "rotation": None, "layers": {}}
-CONFIG_SOURCE = "the checkpoint's quantization_config"
+CONFIG_SOURCE = "the checkpoint"
 
 # safetensors header dtype names; only the floating-point ones matter (the scales' and bias' dtype).
 _SAFETENSORS_DTYPES = {
@@ -84,10 +83,7 @@ class QuantkernConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs):
         kwargs = {"quant_method": QUANT_METHOD, **kwargs}
-        check_quantization_config(kwargs, CONFIG_SOURCE)
-        missing = [key for key in REQUIRED_KEYS if key not in kwargs]
-        if missing:
-            raise ValueError(f"{CONFIG_SOURCE} lacks {missing}: the checkpoint is corrupt")
+        check_quantization_config(kwargs, CONFIG_SOURCE)  # format, and the keys without a default
         for key, value in {**DEFAULTS, **kwargs}.items():
             setattr(self, key, value)
         self.quant_method = QUANT_METHOD

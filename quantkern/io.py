@@ -216,16 +216,26 @@ def read_metadata(directory) -> dict:
         raise FileNotFoundError(f"{directory} is not a directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {directory} is not a quantkern checkpoint")
-    return _read_json(path)
+    metadata = _read_json(path)
+    if not isinstance(metadata.get("tag"), str):
+        raise ValueError(f"{path} is corrupt: no 'tag' string")
+    return metadata
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is corrupt: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is corrupt: a JSON object expected, got {type(data).__name__}")
+    return data
+
+
+# What every loader reads from a quantization_config without a default.
+REQUIRED_QCONFIG_KEYS = ("bits", "group_size", "symmetric", "act_bits", "modules_not_converted")
 
 
 def check_quantization_config(qconfig, source) -> dict:
@@ -237,6 +247,12 @@ def check_quantization_config(qconfig, source) -> dict:
     if qconfig.get("format_version") != FORMAT_VERSION or qconfig.get("layout") != LAYOUT:
         raise ValueError(f"{source} has format {qconfig.get('format_version')}/{qconfig.get('layout')}; "
                          f"this quantkern {__version__} reads {FORMAT_VERSION}/{LAYOUT}")
+    missing = [key for key in REQUIRED_QCONFIG_KEYS if key not in qconfig]
+    if missing:
+        raise ValueError(f"{source}: quantization_config lacks {missing}; the checkpoint is corrupt")
+    if not isinstance(qconfig["symmetric"], bool):
+        raise ValueError(f"{source}: quantization_config symmetric must be true or false, "
+                         f"got {qconfig['symmetric']!r}")
     return qconfig
 
 
@@ -244,6 +260,8 @@ def read_quantization_config(directory) -> dict:
     """config.json, with its ``quantization_config`` checked (``check_quantization_config``)."""
     config = _read_json(Path(directory) / CONFIG_FILE)
     check_quantization_config(config.get("quantization_config"), directory)
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{Path(directory) / CONFIG_FILE} has no model_type: not a Hugging Face model config")
     return config
 
 

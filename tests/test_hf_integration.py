@@ -246,6 +246,24 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"lacks \['bits'\]"):
         QuantkernConfig(**config)
 
+    # Incomplete or malformed files: an error naming the file and what is wrong, not a KeyError or
+    # AttributeError from deep inside.
+    config_path, metadata_path = tmp_path / "ckpt" / "config.json", tmp_path / "ckpt" / io.METADATA_FILE
+    whole = json.loads(config_path.read_text())
+    broken = dict(whole, quantization_config={k: v for k, v in whole["quantization_config"].items() if k != "bits"})
+    config_path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"quantization_config lacks \['bits'\]"):
+        io.load_quantized(tmp_path / "ckpt")
+    config_path.write_text(json.dumps({k: v for k, v in whole.items() if k != "model_type"}))
+    with pytest.raises(ValueError, match="has no model_type"):
+        io.load_quantized(tmp_path / "ckpt")
+    config_path.write_text("[]")
+    with pytest.raises(ValueError, match="a JSON object expected, got list"):
+        io.load_quantized(tmp_path / "ckpt")
+    metadata_path.write_text("{}")
+    with pytest.raises(ValueError, match="no 'tag'"):
+        io.read_metadata(tmp_path / "ckpt")
+
 
 def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "fp")
