@@ -135,7 +135,11 @@ class QuantLinear(nn.Module):
         if qw.zeros is not None:
             layer.zeros.copy_(qw.zeros)
         if bias is not None:
-            layer.bias = bias.detach().to(qw.scales.dtype).clone()
+            stored = bias.detach().to(qw.scales.dtype).clone()
+            if not torch.isfinite(stored).all() and torch.isfinite(bias).all():
+                raise ValueError(f"the bias overflows {qw.scales.dtype}, the layer's storage dtype: quantize with "
+                                 "scale_dtype=torch.bfloat16")
+            layer.bias = stored
         return layer
 
     @classmethod

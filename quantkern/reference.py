@@ -71,6 +71,11 @@ def weight_quant_params(w: torch.Tensor, bits: int, group_size: int, symmetric: 
         wmax = groups.amax(dim=-1).clamp(min=0)
         scale = (wmax - wmin) / levels
     scale = torch.where(scale == 0, torch.ones_like(scale), scale).to(scale_dtype)
+    if not torch.isfinite(scale).all():  # a NaN / inf weight, or a range beyond scale_dtype (fp16: 65504)
+        row, group = (~torch.isfinite(scale)).nonzero()[0].tolist()
+        cause = ("it holds a NaN or inf weight" if not torch.isfinite(groups[row, group]).all()
+                 else f"its range overflows {scale_dtype} (bfloat16 scales reach 3e38)")
+        raise ValueError(f"weight row {row}, group {group} has no finite scale: {cause}")
     if not symmetric:
         zeros = torch.clamp(torch.round(-wmin / scale.float()), 0, levels).to(torch.uint8)
     return scale, zeros

@@ -131,3 +131,23 @@ def test_replace_linear_refuses_shapes_the_gpu_kernel_cannot_serve():
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
     replace_linear(model, bits=4, group_size=32, kernel_shapes="reference")  # on purpose: CPU reference only
     assert all(isinstance(m, QuantLinear) for m in model)
+
+
+def test_rtn_refuses_weights_and_biases_it_cannot_store():
+    """A NaN weight, or a value beyond fp16 in an fp16 scale or bias, is an error, not inf / NaN outputs."""
+    linear = nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="row 3, group 0 has no finite scale: it holds a NaN"):
+        QuantLinear.from_linear(linear, 4, 32)
+    with torch.no_grad():
+        linear.weight[3, 5] = 1e6
+    with pytest.raises(ValueError, match="overflows torch.float16"):
+        QuantLinear.from_linear(linear, 4, 32)
+    with torch.no_grad():
+        linear.weight[3, 5] = 0.1
+        linear.bias[0] = 1e6
+    with pytest.raises(ValueError, match="bias overflows"):
+        QuantLinear.from_linear(linear, 4, 32)
+    layer = QuantLinear.from_linear(linear, 4, 32, scale_dtype=torch.bfloat16)  # bf16 holds them
+    assert torch.isfinite(layer(torch.randn(2, 64))).all()
