@@ -119,7 +119,9 @@ def test_triton_block_rotate_matches_the_reference(rows, k, b, dtype, shared):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,k,b", SHAPES)
 def test_triton_fused_rotation_and_quantization_match_the_reference(rows, k, b, dtype, shared, bits):
-    x = (torch.randn(rows, k, device=DEVICE) * 3).to(dtype)
+    # A fixed draw per case (an unseeded one made the mean bound below fail about once in 100 runs).
+    generator = torch.Generator().manual_seed(rows * 100003 + k * 101 + b)
+    x = (torch.randn(rows, k, generator=generator) * 3).to(DEVICE, dtype)
     if rows > 2:
         x[1] = 0  # an all-zero row takes the scale-1 path
     rotation = orthogonal(b, None if shared else k // b, seed=1).to(DEVICE)
@@ -133,7 +135,9 @@ def test_triton_fused_rotation_and_quantization_match_the_reference(rows, k, b, 
     diff = (codes_of(q, bits) - codes_of(q_ref, bits)).abs()
     if diff.numel():
         assert diff.max().item() <= 1  # one step at a rounding boundary, no more
-        assert diff.float().mean().item() < 0.01
+        # int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits): more of
+        # them sit at a boundary (measured up to 1.3% of codes over 400 draws at 17 x 576, b = 64).
+        assert diff.float().mean().item() < (0.03 if bits == 8 and dtype == torch.bfloat16 else 0.01)
     if rows > 2:
         assert torch.equal(scales[1], torch.ones((), device=DEVICE)) and not codes_of(q[1], bits).any()
 
