@@ -56,3 +56,119 @@ def test_quantize_per_token_ties_round_to_even():
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.0]], device=DEVICE)
     q, _ = ops.quantize_per_token(x, 8, backend="triton")
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 3]]
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and +-inf: the Triton quantizers propagate them as the reference (and the CUDA kernels) do: a row
+# holding NaN gets a NaN scale (quantize_kv: NaN scale and offset) and code 0; a row holding inf an inf scale.
+# ----------------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def rows_with_special_values(features, dtype, seed=0):
+    """Five rows of small integers (so that any fp32 summation order rotates them exactly): NaN last (the last
+    chunk of a multi-chunk row), +inf, a normal row, -inf first, then NaN first with +inf last."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-8, 9, (5, features), generator=g).float()
+    x[0, -1] = NAN
+    x[1, 1] = INF
+    x[3, 0] = -INF
+    x[4, 0], x[4, -1] = NAN, INF
+    return x.to(DEVICE, dtype)
+
+
+def assert_same_as_reference(got, want):
+    """Bit-exact, NaN where the reference has NaN (the codes are integers: plain equality)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def assert_nan_and_inf_scales(scales):
+    assert scales[0].isnan() and scales[4].isnan(), scales
+    assert scales[1].isinf() and scales[3].isinf(), scales
+    assert scales[2].isfinite(), scales
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("features", [130, 4864])  # one chunk; three chunks of 2048 (int8) / two of pairs (int4)
+def test_quantize_per_token_propagates_nan_and_inf(bits, dtype, features):
+    x = rows_with_special_values(features, dtype)
+    q, scales = ops.quantize_per_token(x, bits, 0.9, backend="triton")
+    q_ref, s_ref = reference.quantize_per_token(x, bits, 0.9)
+    assert_same_as_reference((q, scales), (q_ref, s_ref))
+    assert_nan_and_inf_scales(scales)
+    assert not q[[0, 1, 3, 4]].any()  # NaN / inf scales: every code 0 (NaN -> 0, finite / inf -> 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 96])  # 96: masked lanes in the row's tile
+def test_quantize_kv_propagates_nan_and_inf(bits, dtype, head_dim):
+    x = rows_with_special_values(head_dim, dtype)
+    codes, scale, offset = ops.quantize_kv(x, bits, backend="triton")
+    assert_same_as_reference((codes, scale, offset), reference.quantize_kv(x, bits))
+    assert_nan_and_inf_scales(scale)
+    assert offset[0].isnan() and offset[4].isnan() and offset[3] == -INF
+    assert offset[1].isfinite() and offset[2].isfinite()
+    assert not codes[[0, 1, 3, 4]].any()
+
+
+# (features, block_size, chunked): the full-tile kernel (64; 40 = 40 x 1: padded rows and columns; int4 takes the
+# two-pass fallback), the chunked kernel forced (576 = 36 x 16: padded rows, 0 * inf = NaN there, which must stay
+# out of the absmax), blocked mode (two passes).
+HADAMARD_CASES = [(64, 0, False), (40, 0, False), (576, 0, True), (128, 32, False)]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("features,block_size,chunked", HADAMARD_CASES)
+def test_hadamard_quantize_propagates_nan_and_inf(bits, dtype, features, block_size, chunked, monkeypatch):
+    import importlib
+
+    from quantkern.rotation import block_hadamard_transform
+
+    if chunked:
+        monkeypatch.setattr(importlib.import_module("quantkern.triton_kernels.hadamard"), "FORCE_CHUNKED", True)
+    x = rows_with_special_values(features, dtype)
+    got = ops.hadamard_quantize(x, bits, 0.9, backend="triton", block_size=block_size or None)
+    rotated = block_hadamard_transform(x, block_size) if block_size else reference.hadamard(x)
+    assert_same_as_reference(got, reference.quantize_per_token(rotated, bits, 0.9))
+    # NaN spreads over the (block of the) row: NaN scale; one inf: +-inf outputs, an inf scale.
+    assert_nan_and_inf_scales(got[1])
+    assert not got[0][[0, 1, 3, 4]].any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, interpreter
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("features,b,exact", [(96, 48, True), (64, 16, False)])
+def test_block_rotate_quantize_propagates_nan_and_inf(bits, dtype, features, b, exact):
+    """b = 48: +-1/8 entries, one per block (exact in every dtype: the normal row is rotated exactly too), the
+    last chunk of 64 outputs padded (0 * inf there must stay out of the absmax). b = 16: a random orthogonal
+    matrix shared by the blocks (fp32 sums in another order: the normal row is zero)."""
+    g = torch.Generator().manual_seed(1)
+    if exact:
+        rotation = (torch.randint(0, 2, (features // b, b, b), generator=g).float() * 2 - 1) / 8
+    else:
+        rotation = torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))[0].float()
+    x = rows_with_special_values(features, dtype)
+    if not exact:
+        x[2] = 0
+    got = ops.block_rotate_quantize(x, rotation.to(DEVICE), bits, 0.9, backend="triton")
+    expected = reference.quantize_per_token(reference.block_rotate(x, rotation.to(DEVICE)), bits, 0.9)
+    if dtype == torch.float32:
+        assert_same_as_reference(got, expected)
+        assert_nan_and_inf_scales(got[1])
+    else:
+        # Documented (triton_kernels/block_rotation.py): the split dots' x * R_lo turns a row's +-inf outputs into
+        # NaN, so the +-inf rows' scales are NaN or inf (the reference: inf); everything else is the reference's.
+        assert_same_as_reference((got[0], got[1][[0, 2, 4]]), (expected[0], expected[1][[0, 2, 4]]))
+        assert got[1][[0, 4]].isnan().all() and not got[1][[1, 3]].isfinite().any()
+    assert not got[0][[0, 1, 3, 4]].any()

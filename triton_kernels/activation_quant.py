@@ -3,7 +3,10 @@
 Semantics: ``quantkern.reference.quantize_per_token`` (bit-exact: IEEE fp32 division, round half
 to even). Tiling: one program per row (token); the row is walked in chunks of ``BLOCK`` elements
 (int8) or ``BLOCK`` byte pairs (int4). Pipeline: pass 1 reduces the row's absmax, pass 2 re-reads the
-row (from L2 for real hidden sizes), quantizes and stores. Layout: x [M, K] row-major (any row
+row (from L2 for real hidden sizes), quantizes and stores. NaN propagates as in the reference (torch.amax):
+the absmax is an integer max over the bits of |x| (``_abs_bits``: NaN above +inf, one instruction per step as a
+float max), so a row holding NaN gets a NaN scale, and the clamp of the codes propagates NaN, which converts to
+code 0 (the reference's float -> int8 cast; the CUDA kernels' __float2int_rn). Layout: x [M, K] row-major (any row
 stride, unit column stride); q int8 [M, K] or uint8 [M, K/2] with element 2j in the low nibble;
 scales fp32 [M].
 """
@@ -29,9 +32,21 @@ def _round_half_even(v):
 
 
 @triton.jit
+def _abs_bits(v):
+    """The bits of fp32 |v| as int32 (sign bit cleared): ordered as |v| for numbers, and every NaN above +inf,
+    so a max over them is torch.amax's NaN-propagating absmax (tl.max has no propagate_nan; a custom
+    tl.reduce combine would run element by element under the interpreter). Bitcast back with
+    ``.to(tl.float32, bitcast=True)``: for rows without NaN the same value as a float max of tl.abs."""
+    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
 def _quantize(v, scale, QMAX: tl.constexpr):
+    # NaN (x NaN, a NaN scale, or inf / inf) passes the clamp and converts to 0: on a GPU cvt.rzi.s32.f32 gives 0;
+    # the interpreter's numpy cast gives INT_MIN, whose low byte and nibble (all that is stored) are 0.
     q = _round_half_even(tl.math.div_rn(v, scale))
-    return tl.minimum(tl.maximum(q, -QMAX), QMAX).to(tl.int32)
+    q = tl.maximum(q, -QMAX, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(q, QMAX, propagate_nan=tl.PropagateNan.ALL).to(tl.int32)
 
 
 @triton.jit
@@ -42,12 +57,13 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x_row, stride_
     x_row = x_ptr + row * stride_x_row
     q_row = q_ptr + row * stride_q_row
 
-    absmax = tl.zeros([BLOCK], dtype=tl.float32)
+    absmax = tl.zeros([BLOCK], dtype=tl.int32)  # bits of |x| (_abs_bits): NaN propagates
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-        absmax = tl.maximum(absmax, tl.abs(v))
-    scale = tl.math.div_rn(tl.max(absmax, axis=0) * clip_ratio, QMAX * 1.0)
+        absmax = tl.maximum(absmax, _abs_bits(v))
+    absmax = tl.max(absmax, axis=0).to(tl.float32, bitcast=True)
+    scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
     scale = tl.where(scale == 0.0, 1.0, scale)
     tl.store(scale_ptr + row, scale)
 

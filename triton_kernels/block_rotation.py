@@ -18,13 +18,20 @@ Precision: fp16/bf16 rows run on tensor cores in x's dtype with R split in two, 
 x's dtype (about 22 significant bits for fp16, 16 for bf16): two dots with exact products and fp32 sums,
 an error far below the output's own rounding to x's dtype. fp32 rows use IEEE fp32 dots. The summation order
 differs from the reference's einsum, so values agree to fp32 rounding (codes: up to rounding-boundary ties,
-one step).
+one step). NaN and inf: a row holding NaN rotates to NaN and gets a NaN scale and code 0, as in the reference;
+a row holding +-inf does too in fp32 (+-inf outputs, inf scale; padded outputs, 0 * inf = NaN, are kept out
+of the absmax). fp16 / bf16 rows (split dots): x * R_lo is inf * 0 where R is exact in x's dtype, or an inf of
+the other sign than x * R_hi (R_lo's sign is R's rounding error's), so such a row's outputs are NaN where the
+reference has +-inf, its scale NaN where the reference's is inf (the codes are 0 either way). Keeping x's
+infinities out of the R_lo dot would fix that at the cost of a second dot operand (staged apart in shared memory).
 Pipeline: ``block_rotate`` is one kernel; each program stores its [BM, b] tile. ``block_rotate_quantize`` is
 two launches of the same kernel over the same grid, with nothing rotated written in between: (1) each
-program's rows' absmax over its block, folded into an int32 buffer by atomic max on the fp32 bits
-(non-negative floats order as their bits, so the result does not depend on the programs' order); (2) the
-rotation again, the per-token scale from the row's absmax, the codes stored; block 0's programs store the
-scales. So x is read twice (the second time often from L2), the codes written once, the math done twice.
+program's rows' absmax over its block, reduced and folded into an int32 buffer by (atomic) max on the bits of
+|y| (``activation_quant._abs_bits``: non-negative floats order as their bits, NaN above +inf, so the result
+does not depend on the programs' order and NaN propagates as in the reference); (2) the rotation again, the
+per-token scale from the row's absmax (NaN for a row holding NaN, whose codes are then 0), the codes stored;
+block 0's programs store the scales. So x is read twice (the second time often from L2), the codes written once,
+the math done twice.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from quantkern._fake import quantize_per_token_fake
 from quantkern.backends import triton_interpreting
 
 from ._host import next_power_of_2, triton_op
-from .activation_quant import _quantize
+from .activation_quant import _abs_bits, _quantize
 from .hadamard import _rounded
 
 MAX_BLOCK = 1024  # entries per rotated block (head_dim-sized blocks are the use)
@@ -102,15 +109,21 @@ def _block_rotation_kernel(x_ptr, r_ptr, out_ptr, scale_ptr, absmax_ptr, M, K, r
         PER_CHUNK: tl.constexpr = 2 * BN if PAIRS else BN
         STRIDE: tl.constexpr = 2 if PAIRS else 1
         if MODE == ABSMAX:
-            absmax = tl.zeros([BM], dtype=tl.float32)
+            PADDED: tl.constexpr = (B // STRIDE) % BN != 0  # outputs past b in the last chunk: 0 * x, NaN for inf x
+            absmax = tl.zeros([BM], dtype=tl.int32)  # bits of |y| (_abs_bits): NaN propagates
             for c0 in range(0, B, PER_CHUNK):
+                out_ok = (c0 // STRIDE + tl.arange(0, BN) < B // STRIDE)[None, :]  # values (int8) or pairs (int4)
                 first = _rotated_chunk(x_block, row_ok, r_block, c0 // STRIDE, B, BM, BK, BN, STRIDE, 0, IS_BF16,
                                        DOT_MODE)
-                absmax = tl.maximum(absmax, tl.max(tl.abs(first), axis=1))
+                if PADDED:
+                    first = tl.where(out_ok, first, 0.0)
+                absmax = tl.maximum(absmax, tl.max(_abs_bits(first), axis=1))
                 if PAIRS:
                     odd = _rotated_chunk(x_block, row_ok, r_block, c0 // 2, B, BM, BK, BN, 2, 1, IS_BF16, DOT_MODE)
-                    absmax = tl.maximum(absmax, tl.max(tl.abs(odd), axis=1))
-            tl.atomic_max(absmax_ptr + rows, absmax.to(tl.int32, bitcast=True), mask=row_ok)
+                    if PADDED:
+                        odd = tl.where(out_ok, odd, 0.0)
+                    absmax = tl.maximum(absmax, tl.max(_abs_bits(odd), axis=1))
+            tl.atomic_max(absmax_ptr + rows, absmax, mask=row_ok)
         else:
             absmax = tl.load(absmax_ptr + rows, mask=row_ok, other=0).to(tl.float32, bitcast=True)
             scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)

@@ -14,7 +14,10 @@ not only powers of two) and H_C are +-1 matrices built once per size on the host
 ``rotation.hadamard_matrix`` and zero-padded to powers of two >= 16 (tl.dot's minimum); padded rows and
 columns of X are masked to zero. The summation order differs from the reference's butterfly, so results
 agree to fp32 rounding (codes: up to rounding-boundary ties). Pipeline: load -> two dots -> scale ->
-(store) or (round to dtype, absmax, scale, quantize, pack pairs along C, store).
+(store) or (round to dtype, absmax, scale, quantize, pack pairs along C, store). NaN and inf follow the reference:
+the absmax is an integer max over the bits of |y| (``activation_quant._abs_bits``: NaN above +inf), so a row
+holding NaN gets a NaN scale and code 0 everywhere; padded entries (0 * inf is NaN in a row holding inf) are
+masked out of it.
 
 Shared memory: the two dots stage three fp32 tiles, 4 (RP^2 + RP CP + CP^2) bytes (``full_tile_shared_bytes``;
 192 KB at 14336 and 16384, 112 KB at 8192), more than an RTX 4090 (sm_89: 99 KB per block) or an A100 (163 KB)
@@ -44,6 +47,7 @@ from quantkern._fake import hadamard_fake, hadamard_quantize_fake
 from quantkern.backends import triton_interpreting
 from quantkern.rotation import hadamard_factorization, hadamard_matrix, is_hadamard_size
 
+from .activation_quant import _abs_bits
 from .activation_quant import _quantize as _code  # per-token rounding, shared with quantize_per_token
 from .activation_quant import quantize_per_token as _quantize_per_token
 from ._host import next_power_of_2, triton_op
@@ -54,11 +58,13 @@ MAX_N = 16384  # two 128 x 128 fp32 tiles at most; larger rows: the CUDA kernel
 @triton.jit
 def _rounded(y, dtype: tl.constexpr, IS_BF16: tl.constexpr):
     """fp32 y rounded to nearest-even in ``dtype``, as fp32. bf16 is rounded with integer arithmetic
-    (finite values): the CPU interpreter's float -> bf16 cast truncates, the GPU's rounds."""
+    (finite values and inf; NaN is passed through, since a NaN's payload can carry into the sign and exponent,
+    e.g. a GPU's canonical NaN 0x7FFFFFFF would become -0.0): the CPU interpreter's float -> bf16 cast
+    truncates, the GPU's rounds."""
     if IS_BF16:
         bits = y.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(y == y, bits.to(tl.float32, bitcast=True), y)
     else:
         return y.to(dtype).to(tl.float32)
 
@@ -86,8 +92,8 @@ def _hadamard_kernel(x_ptr, hr_ptr, hc_ptr, out_ptr, scale_ptr, norm, clip_ratio
     else:
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
         yr = _rounded(y, x.dtype, IS_BF16)
-        yr = tl.where(mask, yr, 0.0)
-        absmax = tl.max(tl.max(tl.abs(yr), axis=1), axis=0)
+        yr = tl.where(mask, yr, 0.0)  # padded rows and columns: 0 * x, NaN where x holds inf
+        absmax = tl.max(tl.max(_abs_bits(yr), axis=1), axis=0).to(tl.float32, bitcast=True)  # NaN propagates
         scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
         scale = tl.where(scale == 0.0, 1.0, scale)
         tl.store(scale_ptr + row, scale)
@@ -145,11 +151,14 @@ def _hadamard_chunked_kernel(x_ptr, hr_ptr, hc_ptr, out_ptr, scale_ptr, norm, cl
                      mask=(r[:, None] < R) & (cols[None, :] < C))
     else:
         QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-        absmax = 0.0
-        for n0 in range(0, CP, BN):  # pass 1: the row's absmax (padded rows and columns are 0)
+        absmax = 0  # bits of |y| (_abs_bits): NaN propagates
+        for n0 in range(0, CP, BN):  # pass 1: the row's absmax
             y = _chunk_of_rotation(x_ptr, hr_ptr, hc_ptr, row, n0, R, C, RP, CP, BK, BN, DOT_IN_FP32)
             y = _rounded(y * norm, dtype, IS_BF16)
-            absmax = tl.maximum(absmax, tl.max(tl.max(tl.abs(y), axis=1), axis=0))
+            cols = n0 + tl.arange(0, BN)
+            y = tl.where((r[:, None] < R) & (cols[None, :] < C), y, 0.0)  # padded: 0 * x, NaN where x holds inf
+            absmax = tl.maximum(absmax, tl.max(tl.max(_abs_bits(y), axis=1), axis=0))
+        absmax = absmax.to(tl.float32, bitcast=True)
         scale = tl.math.div_rn(absmax * clip_ratio, QMAX * 1.0)
         scale = tl.where(scale == 0.0, 1.0, scale)
         tl.store(scale_ptr + row, scale)

@@ -2,7 +2,11 @@
 
 Semantics: ``quantkern.reference.quantize_kv``, bit-exact: fp32 max - min, IEEE division by the level
 count, scale and offset rounded to x's dtype (a zero scale becomes 1), codes = round half to even of
-(x - offset) / scale (IEEE division), clamped to [0, 2**bits - 1]. Tiling: one program per ROWS rows
+(x - offset) / scale (IEEE division), clamped to [0, 2**bits - 1]. NaN propagates as in the reference
+(torch.amin / amax): the row's min and max reduce with NaN-propagating min / max (``_min_nan`` / ``_max_nan``:
+min.NaN / max.NaN on a GPU, one instruction a step as before; under the interpreter a custom tl.reduce combine
+runs element by element, slower), so a row holding NaN gets NaN scale and offset, and the clamp of the codes
+propagates NaN, which converts to code 0 (the reference's float -> uint8 cast). Tiling: one program per ROWS rows
 (a row is one token's one head: head_dim values, held whole in registers as a [ROWS, BLOCK_D] tile,
 BLOCK_D the next power of two); int4 loads the even and odd elements as two half-width tiles so that
 the packed byte is formed in registers. Layout: x [R, D] contiguous; codes uint8 [R, D] (int8) or
@@ -20,21 +24,35 @@ ROWS = 16  # rows per program: head_dim is small (64-256), so one row alone woul
 
 
 @triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _round_to_dtype(v, x_ptr, IS_BF16: tl.constexpr):
     # fp32 -> x's dtype, round to nearest even, back to fp32. bf16 by integer rounding of the bit
-    # pattern (finite values), because Triton's CPU interpreter truncates on a bf16 cast.
+    # pattern (finite values and inf), because Triton's CPU interpreter truncates on a bf16 cast; NaN is
+    # passed through (a GPU's canonical NaN 0x7FFFFFFF would carry into the sign: -0.0, then scale 1).
     if IS_BF16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
     else:
         return v.to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
 def _row_codes(v, offset, scale, LEVELS: tl.constexpr):
+    # NaN (x NaN, a NaN scale or offset, inf / inf) passes the clamp and converts to 0: on a GPU cvt.rzi.s32.f32
+    # gives 0; the interpreter's numpy cast gives INT_MIN, whose low byte (all that is stored) is 0.
     q = _round_half_even(tl.math.div_rn(v - offset[:, None], scale[:, None]))
-    return tl.minimum(tl.maximum(q, 0.0), LEVELS * 1.0).to(tl.int32)
+    q = tl.maximum(q, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(q, LEVELS * 1.0, propagate_nan=tl.PropagateNan.ALL).to(tl.int32)
 
 
 @triton.jit
@@ -48,16 +66,16 @@ def _quantize_kv_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, R, D, BITS: tl.
     if BITS == 8:
         mask = row_ok[:, None] & (cols < D)[None, :]
         v = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        lo = tl.min(tl.where(mask, v, float("inf")), axis=1)
-        hi = tl.max(tl.where(mask, v, float("-inf")), axis=1)
+        lo = tl.reduce(tl.where(mask, v, float("inf")), 1, _min_nan)
+        hi = tl.reduce(tl.where(mask, v, float("-inf")), 1, _max_nan)
     else:
         mask = row_ok[:, None] & (cols < D // 2)[None, :]
         even = tl.load(x_rows + 2 * cols[None, :], mask=mask, other=0.0).to(tl.float32)
         odd = tl.load(x_rows + 2 * cols[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        lo = tl.minimum(tl.min(tl.where(mask, even, float("inf")), axis=1),
-                        tl.min(tl.where(mask, odd, float("inf")), axis=1))
-        hi = tl.maximum(tl.max(tl.where(mask, even, float("-inf")), axis=1),
-                        tl.max(tl.where(mask, odd, float("-inf")), axis=1))
+        lo = _min_nan(tl.reduce(tl.where(mask, even, float("inf")), 1, _min_nan),
+                      tl.reduce(tl.where(mask, odd, float("inf")), 1, _min_nan))
+        hi = _max_nan(tl.reduce(tl.where(mask, even, float("-inf")), 1, _max_nan),
+                      tl.reduce(tl.where(mask, odd, float("-inf")), 1, _max_nan))
     lo = tl.where(row_ok, lo, 0.0)  # rows past R: finite values, never stored
     hi = tl.where(row_ok, hi, 0.0)
     dtype = x_ptr.dtype.element_ty
