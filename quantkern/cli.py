@@ -306,6 +306,8 @@ def main(argv=None) -> int:
             args.group_size = int(args.group_size)
         except ValueError:
             build_parser().error(f"--group-size must be an integer or 'auto', got {args.group_size!r}")
+        if args.group_size == 0 or args.group_size < -1:
+            build_parser().error(f"--group-size must be positive, -1 (per channel) or 'auto', got {args.group_size}")
     try:
         return args.func(args)
     except (ValueError, OSError, TypeError, KeyError) as error:  # OSError: files, directories, permissions

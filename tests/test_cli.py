@@ -79,6 +79,10 @@ def test_bad_group_size_spelling_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "big"])
     assert "--group-size must be an integer" in capsys.readouterr().err
+    for value in ("0", "-2"):  # 0 was saved as group_size 0 and loaded back per channel
+        with pytest.raises(SystemExit):
+            main(["quantize", "--group-size", value])
+        assert "--group-size must be positive, -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make_calib, message", [

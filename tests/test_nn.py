@@ -151,3 +151,14 @@ def test_rtn_refuses_weights_and_biases_it_cannot_store():
         QuantLinear.from_linear(linear, 4, 32)
     layer = QuantLinear.from_linear(linear, 4, 32, scale_dtype=torch.bfloat16)  # bf16 holds them
     assert torch.isfinite(layer(torch.randn(2, 64))).all()
+
+
+def test_unknown_backend_names_are_refused_where_they_are_given():
+    """A bad name is an error at once: prepare() kept it on the layer (every later forward failed), and
+    replace_linear's kernel_shapes took any unknown name for triton."""
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), 4, 32)
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        layer.prepare(backend="bogus")
+    assert layer.backend is None and layer(torch.randn(2, 64)).shape == (2, 8)
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):
+        replace_linear(nn.Sequential(nn.Linear(64, 8)), bits=4, group_size=32, kernel_shapes="bogus")
