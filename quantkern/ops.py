@@ -55,6 +55,8 @@ def _activation_rows(x: torch.Tensor, bits: int, clip_ratio: float):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the features)")
     features = x.shape[-1]
+    if features == 0:
+        raise ValueError(f"x has no features (shape {tuple(x.shape)}): nothing to quantize per token")
     if bits == 4 and features % 2:
         raise ValueError(f"int4 activations need an even number of features, got {features}")
     return x.reshape(-1, features).contiguous(), x.shape[:-1], clip_ratio

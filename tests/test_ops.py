@@ -85,6 +85,8 @@ def test_quantize_per_token_unpacked_int4_codes():
     (lambda: ops.quantize_per_token(torch.randn(4, 8), clip_ratio=1.5), ValueError, "clip_ratio"),
     (lambda: ops.quantize_per_token(torch.tensor(1.0)), ValueError, "at least one dimension"),
     (lambda: ops.quantize_per_token([1.0, 2.0]), TypeError, "torch.Tensor"),
+    (lambda: ops.quantize_per_token(torch.randn(3, 0)), ValueError, "no features"),  # was a reshape error
+    (lambda: ops.hadamard_quantize(torch.randn(3, 0)), ValueError, "no features"),
 ])
 def test_quantize_per_token_bad_input(call, error, match):
     with pytest.raises(error, match=match):
