@@ -115,17 +115,23 @@ def triton_interpreting() -> bool:
 _STATUS: dict = {}
 
 
+def check_backend_name(name: str, allow_auto: bool = True) -> str:
+    """``name`` if it names a backend (or "auto", where allowed), else a ValueError listing them."""
+    if name in BACKENDS or (allow_auto and name == "auto"):
+        return name
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}" + (" or 'auto'" if allow_auto else ""))
+
+
 def status(name: str) -> BackendStatus:
     """The backend's status, computed once per process."""
     if name not in _STATUS:
+        check_backend_name(name, allow_auto=False)
         if name == "cuda":
             _STATUS[name] = _load_cuda_extension()
         elif name == "triton":
             _STATUS[name] = _load_triton()
-        elif name == "reference":
-            _STATUS[name] = BackendStatus("reference", True, "plain PyTorch (quantkern.reference)", frozenset(OPS))
         else:
-            raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+            _STATUS[name] = BackendStatus("reference", True, "plain PyTorch (quantkern.reference)", frozenset(OPS))
     return _STATUS[name]
 
 
@@ -149,10 +155,8 @@ def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
     ``backend`` (argument) overrides ``QUANTKERN_BACKEND`` (environment), which overrides the
     automatic choice: cuda, then triton, for CUDA tensors; reference for CPU tensors.
     """
-    requested = backend or os.environ.get(ENV_BACKEND) or "auto"
+    requested = check_backend_name(backend or os.environ.get(ENV_BACKEND) or "auto")
     if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown backend {requested!r}; choose one of {BACKENDS} or 'auto'")
         reason = _can_run(requested, op, device)
         if reason:
             raise MissingKernelError(f"{op}: backend {requested!r} cannot run: {reason}")

@@ -79,11 +79,9 @@ class QuantLinear(nn.Module):
         Once a GPU kernel holds the weight in its own layout, the canonical buffers (what
         ``state_dict`` saves) are parked in host memory, so the device holds the weight once."""
         if backend is not None:
-            from .backends import BACKENDS
+            from .backends import check_backend_name
 
-            if backend not in BACKENDS + ("auto",):  # checked before it is kept: a bad name would stick
-                raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
-            self.backend = backend
+            self.backend = check_backend_name(backend)  # checked before it is kept: a bad name would stick
         if device is None:  # where the kernel runs: the canonical copy may be parked in host memory
             device = self._prepared.device if self._prepared is not None else self.qweight.device
         device = torch.device(device)

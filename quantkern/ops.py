@@ -113,11 +113,9 @@ def _w4a16_module(backend: str):
 def weight_only_unsupported_reason(bits: int, group_size: int, in_features: int, out_features: int,
                                    backend: str) -> Optional[str]:
     """Why ``backend``'s W4A16 kernel cannot serve this layer (None if it can); quantizers ask first."""
-    from .backends import BACKENDS
+    from .backends import check_backend_name
 
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "reference":
+    if check_backend_name(backend, allow_auto=False) == "reference":
         return None
     if bits != 4:
         return f"the {backend} weight-only kernels are 4-bit; W{bits}A16 runs on the reference backend only"
