@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .activation_quant import _round_half_even
+from .hadamard import _rounded
 from ._host import cdiv, next_power_of_2, triton_op
 
 ROWS = 16  # rows per program: head_dim is small (64-256), so one row alone would leave lanes idle
@@ -31,19 +32,6 @@ def _max_nan(a, b):
 @triton.jit
 def _min_nan(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _round_to_dtype(v, x_ptr, IS_BF16: tl.constexpr):
-    # fp32 -> x's dtype, round to nearest even, back to fp32. bf16 by integer rounding of the bit
-    # pattern (finite values and inf), because Triton's CPU interpreter truncates on a bf16 cast; NaN is
-    # passed through (a GPU's canonical NaN 0x7FFFFFFF would carry into the sign: -0.0, then scale 1).
-    if IS_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
-    else:
-        return v.to(x_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -79,7 +67,7 @@ def _quantize_kv_kernel(x_ptr, codes_ptr, scale_ptr, offset_ptr, R, D, BITS: tl.
     lo = tl.where(row_ok, lo, 0.0)  # rows past R: finite values, never stored
     hi = tl.where(row_ok, hi, 0.0)
     dtype = x_ptr.dtype.element_ty
-    scale = _round_to_dtype(tl.math.div_rn(hi - lo, LEVELS * 1.0), x_ptr, IS_BF16)
+    scale = _rounded(tl.math.div_rn(hi - lo, LEVELS * 1.0), dtype, IS_BF16)  # to x's dtype, back to fp32
     scale = tl.where(scale == 0.0, 1.0, scale)
     offset = lo  # an element of x: already in x's dtype
     tl.store(scale_ptr + rows, scale.to(dtype), mask=row_ok)
