@@ -9,6 +9,7 @@ If capture fails, the reason is reported and the eager figure stands alone.
     python benchmarks/bench_e2e.py --config llama3-8b --batches 1 16 --json out/bench_e2e.json
     python benchmarks/bench_e2e.py --act-bits 4 --group-size -1     # W4A4 per-channel, per-token int4 acts
     python benchmarks/bench_e2e.py --act-bits 4 --group-size -1 --online-rotation   # as QuaRot's layers run
+    python benchmarks/bench_e2e.py --compile --fuse-projections    # q/k/v and gate/up as one GEMM each, too
 
 ``--online-rotation``: QuaRot's online Hadamard before every down_proj and o_proj
 (``QuantLinear.from_linear(..., rotate=True)``); with ``--act-bits`` it runs fused with the activation
@@ -18,6 +19,9 @@ quantization (``ops.hadamard_quantize``).
 (Inductor fuses the norms, rotary embedding and activations around our ops, which stay single graph nodes),
 captured in a CUDA graph like the second. It compiles once per model and batch size (tens of seconds each);
 the time of the first compiled step is reported as ``compile_s``.
+
+``--fuse-projections``: the quantized model once more with q/k/v_proj and gate/up_proj as one GEMM each
+(``quantkern.fuse_projections``; with ``--act-bits``, one activation quantization per group too), in the same run.
 
 ``--breakdown``: where a decode step's GPU time goes, per kind of kernel (ours, cuBLAS, attention, Inductor's
 fused kernels, the rest), from torch.profiler over replays of the last graph mode (a second table).
@@ -230,12 +234,14 @@ def main() -> None:
                         help="an online Hadamard rotation before every down_proj and o_proj, as QuaRot's models run")
     parser.add_argument("--compile", action="store_true",
                         help="also time the decode step compiled by torch.compile, in a CUDA graph")
+    parser.add_argument("--fuse-projections", action="store_true",
+                        help="also time the quantized model with q/k/v and gate/up fused into one GEMM each")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile the last graph mode: GPU time per step by kind of kernel")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    from quantkern.nn import QuantLinear, linear_layers, replace_linear, set_submodule
+    from quantkern.nn import QuantLinear, fuse_projections, linear_layers, replace_linear, set_submodule
 
     dtype = torch.bfloat16
     torch.manual_seed(0)
@@ -262,6 +268,14 @@ def main() -> None:
     quantized = f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results, args.compile, args.breakdown)
+    if args.fuse_projections:
+        fuse_projections(model)
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.prepare(dtype)  # once per fused group
+        torch.cuda.empty_cache()
+        run_all(model, f"{quantized}, fused q/k/v, gate/up ({backend})", args.batches, args.prompt_len,
+                args.new_tokens, rows, results, args.compile, args.breakdown)
     modes = ["eager", "cuda_graph"] + (["compiled_graph"] if args.compile else [])
     for entry in results:
         for mode in modes:

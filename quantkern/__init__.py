@@ -4,7 +4,8 @@ Public surface:
 - ``quantkern.ops``: one function per op (CUDA extension, Triton or plain-PyTorch reference backend).
 - ``quantkern.reference``: the plain-PyTorch ground truth every kernel is tested against.
 - ``quantkern.format``: the one packed on-disk format (see docs/FORMAT.md).
-- ``quantkern.nn``: ``QuantLinear`` and model surgery (``quantkern.replace_linear``).
+- ``quantkern.nn``: ``QuantLinear`` and model surgery (``quantkern.replace_linear``; ``quantkern.fuse_projections``
+  runs q/k/v and gate/up as one GEMM each).
 - ``quantkern.quantizers``: RTN, GPTQ, AWQ, SmoothQuant, QuaRot (``quantkern.quantize_model``).
 - ``quantkern.io``: checkpoints (``quantkern.save_quantized``, ``quantkern.load_quantized``); after
   ``import quantkern``, ``transformers.AutoModelForCausalLM.from_pretrained`` reads them too.
@@ -17,12 +18,13 @@ import torch  # noqa: F401  (loads libtorch/libc10 first: the extension quantker
 from ._hf_registration import install as _install_hf_quantizer
 from .version import __version__
 
-__all__ = ["__version__", "replace_linear", "quantize_model", "QuantizeConfig", "load_quantized", "save_quantized"]
+__all__ = ["__version__", "replace_linear", "fuse_projections", "unfuse_projections", "quantize_model",
+           "QuantizeConfig", "load_quantized", "save_quantized"]
 
 # The top-level conveniences and the public submodules, imported on first use so that ``import quantkern``
 # stays light (``quantkern.nn.QuantLinear`` works after a plain ``import quantkern``).
-_LAZY = {"replace_linear": "nn", "quantize_model": "quantizers", "QuantizeConfig": "quantizers",
-         "load_quantized": "io", "save_quantized": "io"}
+_LAZY = {"replace_linear": "nn", "fuse_projections": "nn", "unfuse_projections": "nn",
+         "quantize_model": "quantizers", "QuantizeConfig": "quantizers", "load_quantized": "io", "save_quantized": "io"}
 _SUBMODULES = ("ops", "reference", "format", "nn", "quantizers", "io", "rotation", "kv_cache", "backends")
 
 

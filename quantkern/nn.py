@@ -15,6 +15,7 @@ from torch import nn
 
 from . import ops, reference
 from .format import QuantizedWeight, canonical_group_size, check_bits, group_length
+from .models import SEQUENTIAL_GROUPS
 from .rotation import is_hadamard_size
 
 AUTO_GROUP_SIZES = (128, 64, 32)
@@ -40,6 +41,21 @@ def check_layer_options(in_features: int, bits: int, symmetric: bool, act_bits: 
         raise ValueError(f"input_rotation='hadamard' needs a Hadamard matrix of order in_features={in_features}; "
                          f"supported orders are 2^k and 12/20/28/36/40 x 2^k")
     return act_clip_ratio
+
+
+def prepare_for_kernel(weight: QuantizedWeight, act_bits: Optional[int], dtype: torch.dtype,
+                       backend: Optional[str]):
+    """``weight`` in the layout of the kernel that runs it on its device (an ``ops.PreparedWeight``)."""
+    if act_bits is None:
+        return ops.prepare_weight_only(weight, dtype, backend)
+    return ops.prepare_int_weight(weight, act_bits, dtype, backend)  # W8A8 / W4A4 / W4A8 (layout_int)
+
+
+def is_stale(prepared, dtype: torch.dtype, device: torch.device, backend: Optional[str]) -> bool:
+    """Whether ``prepared`` cannot serve activations of ``dtype`` on ``device`` (``cuda`` meaning the current
+    one) with ``backend`` (None: any): none yet, or made for another dtype, device or backend."""
+    return (prepared is None or prepared.dtype != dtype or prepared.device.type != device.type
+            or device.index not in (None, prepared.device.index) or prepared.backend != (backend or prepared.backend))
 
 
 class QuantLinear(nn.Module):
@@ -70,6 +86,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype, device=device) if bias else None)
         self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
         self._prepared = None  # ops.PreparedWeight: the weight in its kernel's layout, made once
+        self._fusion = None  # (ProjectionFusion, index of this layer in it) once fuse_projections ran
 
     def prepare(self, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, device=None):
         """Repack the weight once into the layout of the kernel that will run it on ``device``
@@ -77,37 +94,41 @@ class QuantLinear(nn.Module):
         Forward does this on first use; call it explicitly before torch.compile or CUDA-graph capture.
 
         Once a GPU kernel holds the weight in its own layout, the canonical buffers (what
-        ``state_dict`` saves) are parked in host memory, so the device holds the weight once."""
+        ``state_dict`` saves) are parked in host memory, so the device holds the weight once.
+        A layer fused with its siblings (``fuse_projections``) prepares their stacked weight; a
+        ``backend`` then applies to all of them, as they run in one kernel call."""
         if backend is not None:
             from .backends import check_backend_name
 
-            self.backend = check_backend_name(backend)  # checked before it is kept: a bad name would stick
+            backend = check_backend_name(backend)  # checked before it is kept: a bad name would stick
+        if self._fusion is not None:
+            self._fusion[0].prepare(dtype, backend, device)
+            return self
+        if backend is not None:
+            self.backend = backend
         if device is None:  # where the kernel runs: the canonical copy may be parked in host memory
             device = self._prepared.device if self._prepared is not None else self.qweight.device
-        device = torch.device(device)
-        weight = self.weight.to(device)
-        if self.act_bits is None:
-            self._prepared = ops.prepare_weight_only(weight, dtype or self.scales.dtype, self.backend)
-        else:  # W8A8 / W4A4 / W4A8: the integer GEMM's layout (quantkern.layout_int)
-            self._prepared = ops.prepare_int_weight(weight, self.act_bits, dtype or self.scales.dtype, self.backend)
-        if self._prepared.backend != "reference":
+        self._prepared = prepare_for_kernel(self.weight.to(torch.device(device)), self.act_bits,
+                                            dtype or self.scales.dtype, self.backend)
+        self._park_canonical_buffers(self._prepared)
+        return self
+
+    def _park_canonical_buffers(self, prepared) -> None:
+        if prepared.backend != "reference":
             for name in ("qweight", "scales", "zeros"):
                 buffer = getattr(self, name)
                 if buffer is not None and buffer.device.type != "cpu":
                     setattr(self, name, buffer.cpu())
-        return self
 
     def _prepared_for(self, x: torch.Tensor):
-        prepared = self._prepared
-        if (prepared is None or prepared.dtype != x.dtype or prepared.device != x.device
-                or prepared.backend != (self.backend or prepared.backend)):
+        if is_stale(self._prepared, x.dtype, x.device, self.backend):
             self.prepare(x.dtype, device=x.device)
         return self._prepared
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() move the canonical buffers: the prepared copy is stale. .half()/.float()
         # change the compute dtype, not the stored format: the scales keep their dtype.
-        self._prepared = None
+        self._forget_prepared()
         scale_dtype = self.scales.dtype
         result = super()._apply(fn, recurse)
         if self.scales.dtype != scale_dtype:
@@ -115,8 +136,13 @@ class QuantLinear(nn.Module):
         return result
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._prepared = None
+        self._forget_prepared()
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def _forget_prepared(self) -> None:
+        self._prepared = None
+        if self._fusion is not None:
+            self._fusion[0].prepared = None
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -166,12 +192,19 @@ class QuantLinear(nn.Module):
         return cls.from_quantized(qw, linear.bias, act_bits, act_clip_ratio, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusion is not None:
+            fusion, index = self._fusion
+            return fusion.output(x, index)
+        return self._linear(x, self._prepared_for(x), self.bias)
+
+    def _linear(self, x: torch.Tensor, prepared, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """This layer's computation on a prepared weight (its own, or its fusion's stacked one)."""
         if self.act_bits is None:
             if self.input_rotation == "hadamard":
                 x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
-            return ops.weight_only_linear(x, self._prepared_for(x), self.bias)
+            return ops.weight_only_linear(x, prepared, bias)
         # The rotation runs fused with the activation quantization (ops.hadamard_quantize) where it can.
-        return ops.quantized_activation_linear(x, self._prepared_for(x), self.act_bits, self.bias,
+        return ops.quantized_activation_linear(x, prepared, self.act_bits, bias,
                                                self.act_clip_ratio, input_rotation=self.input_rotation)
 
     def extra_repr(self) -> str:
@@ -181,7 +214,8 @@ class QuantLinear(nn.Module):
         acts = f", act_clip_ratio={self.act_clip_ratio:g}" if self.act_bits is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}{acts}, "
                 f"input_rotation={self.input_rotation}, group_size={group}, {kind}, bias={self.bias is not None}, "
-                f"backend={self.backend or 'auto'}")
+                f"backend={self.backend or 'auto'}"
+                + (f", fused: part {self._fusion[1] + 1} of {len(self._fusion[0].members)}" if self._fusion else ""))
 
 
 def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:
@@ -252,3 +286,125 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: b
     for name, quantized in replacements:
         set_submodule(model, name, quantized)
     return model
+
+
+# Sibling layers that read the same input (from models.SEQUENTIAL_GROUPS): q/k/v_proj and gate/up_proj.
+FUSABLE_ROLES = tuple(group for group in SEQUENTIAL_GROUPS if len(group) > 1)
+# What siblings must share to run as one GEMM: the kernel, its activation handling, the weight's format.
+FUSION_KEYS = ("in_features", "bits", "group_size", "symmetric", "act_bits", "act_clip_ratio", "input_rotation",
+               "scale_dtype", "backend", "device")
+
+
+def _fusion_key(layer: QuantLinear) -> dict:
+    return {"in_features": layer.in_features, "bits": layer.bits, "group_size": layer.group_size,
+            "symmetric": layer.zeros is None, "act_bits": layer.act_bits, "act_clip_ratio": layer.act_clip_ratio,
+            "input_rotation": layer.input_rotation, "scale_dtype": layer.scales.dtype, "backend": layer.backend,
+            "device": layer.qweight.device}
+
+
+class ProjectionFusion:
+    """Sibling ``QuantLinear`` layers that read the same input (q/k/v_proj; gate/up_proj) run as one
+    GEMM over their weights stacked along out_features: one kernel launch instead of three or two, and
+    with quantized activations one activation quantization.
+
+    Each member keeps its own canonical buffers, so ``state_dict`` and checkpoints do not change; the
+    stacked weight exists only in the kernel's layout (``prepared``). The model calls the members one
+    after another with the same input tensor: the first call computes every member's output (views of
+    one [..., sum of out_features] tensor), the others take theirs. Outputs are kept until each member
+    has read its own, so nothing outlives the step. A call with another tensor, or with the same one
+    modified in place since (its version counter moved; not visible while torch.compile traces), computes
+    anew, so a member called alone is still right, at the cost of the whole GEMM."""
+
+    def __init__(self, members):
+        self.members = list(members)
+        self.prepared = None  # ops.PreparedWeight of the stacked weight
+        self.bias = None  # the stacked bias (zeros for members without one), on the kernel's device
+        self._input = self._input_version = self._outputs = None
+        self._unread = 0
+        for index, member in enumerate(self.members):
+            member._fusion = (self, index)
+            member._prepared = None  # the stacked copy replaces the members' own
+
+    def stacked_weight(self, device) -> QuantizedWeight:
+        weights = [member.weight.to(device) for member in self.members]
+        first = weights[0]
+        return QuantizedWeight(torch.cat([w.qweight for w in weights]), torch.cat([w.scales for w in weights]),
+                               None if first.zeros is None else torch.cat([w.zeros for w in weights]),
+                               first.bits, first.group_size, first.in_features,
+                               sum(w.out_features for w in weights))
+
+    def prepare(self, dtype: Optional[torch.dtype], backend: Optional[str], device) -> None:
+        first = self.members[0]
+        if backend is not None:
+            for member in self.members:
+                member.backend = backend
+        if device is None:
+            device = self.prepared.device if self.prepared is not None else first.qweight.device
+        device, dtype = torch.device(device), dtype or first.scales.dtype
+        if not is_stale(self.prepared, dtype, device, first.backend):
+            return  # each member's prepare() lands here: the group's stacked weight is made once
+        self.prepared = prepare_for_kernel(self.stacked_weight(device), first.act_bits, dtype, first.backend)
+        biases = [member.bias for member in self.members]
+        self.bias = None if all(b is None for b in biases) else torch.cat([
+            torch.zeros(m.out_features, dtype=first.scales.dtype, device=device) if b is None else b.to(device)
+            for m, b in zip(self.members, biases)])
+        for member in self.members:
+            member._park_canonical_buffers(self.prepared)
+
+    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()  # Dynamo cannot read version counters
+        if self._input is not x or (not compiling and self._input_version != x._version):
+            first = self.members[0]
+            if is_stale(self.prepared, x.dtype, x.device, first.backend):
+                self.prepare(x.dtype, None, x.device)
+            stacked = first._linear(x, self.prepared, self.bias)
+            self._outputs = stacked.split([member.out_features for member in self.members], dim=-1)
+            self._input, self._input_version = x, None if compiling else x._version
+            self._unread = len(self.members)
+        output = self._outputs[index]
+        self._unread -= 1
+        if self._unread == 0:
+            self._input = self._outputs = None
+        return output
+
+
+def fuse_projections(model: nn.Module) -> dict:
+    """Run each group of sibling ``QuantLinear`` layers that read the same input (``q_proj``/``k_proj``/
+    ``v_proj`` of an attention module; ``gate_proj``/``up_proj`` of an MLP) as one GEMM (``ProjectionFusion``).
+    An inference-time change: weights, ``state_dict`` and checkpoints stay per layer; ``unfuse_projections``
+    undoes it. Call it before ``prepare``, torch.compile or CUDA-graph capture.
+
+    Siblings fuse when they share the format, activation handling, backend and device (``FUSION_KEYS``).
+    Returns ``{"fused": [group names], "skipped": {group name: reason}}``."""
+    fused, skipped = [], {}
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        for roles in FUSABLE_ROLES:
+            members = [getattr(parent, role, None) for role in roles]
+            quantized = [isinstance(member, QuantLinear) for member in members]
+            if not any(quantized):
+                continue
+            label = prefix + "{" + ",".join(roles) + "}"
+            if not all(quantized):
+                skipped[label] = "not every layer of the group is a QuantLinear"
+                continue
+            keys = [_fusion_key(member) for member in members]
+            differing = [key for key in FUSION_KEYS if any(k[key] != keys[0][key] for k in keys)]
+            if differing:
+                skipped[label] = f"the layers differ in {', '.join(differing)}"
+                continue
+            ProjectionFusion(members)
+            fused.append(label)
+    return {"fused": fused, "skipped": skipped}
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo ``fuse_projections``: every layer runs alone again (prepared anew on its next use).
+    Returns the number of layers unfused."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module._fusion is not None:
+            module._fusion = None
+            module._prepared = None
+            count += 1
+    return count

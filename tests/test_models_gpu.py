@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quantkern import backends
-from quantkern.nn import QuantLinear, replace_linear
+from quantkern.nn import QuantLinear, fuse_projections, replace_linear
 
 pytestmark = pytest.mark.gpu
 
@@ -84,6 +84,21 @@ def test_integer_kernels_match_reference_on_smollm2_config(bits, act_bits, group
     assert_backend_matches_reference(smollm2_quantized(bits=bits, group_size=group_size, act_bits=act_bits), "cuda")
 
 
+@pytest.mark.parametrize("backend, options", [("cuda", dict(bits=4, group_size=64)),
+                                              ("triton", dict(bits=4, group_size=64)),
+                                              ("cuda", dict(bits=4, act_bits=4, group_size=-1))],
+                         ids=["cuda-w4a16", "triton-w4a16", "cuda-w4a4"])
+def test_fused_projections_match_reference_on_smollm2_config(backend, options):
+    """q/k/v (576 -> 960) and gate/up (576 -> 3072) as one GEMM each on the GPU kernels give the reference
+    path's logits and greedy tokens (tests/test_fusion.py: fused and separate layers agree on the CPU)."""
+    kernel = "w4a4_linear" if "act_bits" in options else "weight_only_linear"
+    if kernel not in backends.status(backend).kernels:
+        pytest.skip(f"no {backend} {kernel}: {backends.status(backend).reason}")
+    model = smollm2_quantized(**options)
+    assert len(fuse_projections(model)["fused"]) == 2 * model.config.num_hidden_layers
+    assert_backend_matches_reference(model, backend)
+
+
 def decode_in_cuda_graph(model, forward, prompt, steps):
     """Greedy decode over a static KV cache: prefill with the model, then ``steps`` steps of ``forward`` (the
     model, or a compiled wrapper of it) replayed from one CUDA graph, as benchmarks/bench_e2e.py times it."""
@@ -126,15 +141,18 @@ def decode_in_cuda_graph(model, forward, prompt, steps):
     return torch.cat(tokens, dim=1)
 
 
-@pytest.mark.parametrize("options, rotate", [(dict(bits=4, group_size=64), False),
-                                             (dict(bits=4, act_bits=4, group_size=-1), False),
-                                             (dict(bits=4, act_bits=4, group_size=-1), True)],
-                         ids=["w4a16", "w4a4", "w4a4-online-hadamard"])
-def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate):
+@pytest.mark.parametrize("options, rotate, fuse", [(dict(bits=4, group_size=64), False, False),
+                                                   (dict(bits=4, act_bits=4, group_size=-1), False, False),
+                                                   (dict(bits=4, act_bits=4, group_size=-1), True, False),
+                                                   (dict(bits=4, group_size=64), False, True),
+                                                   (dict(bits=4, act_bits=4, group_size=-1), True, True)],
+                         ids=["w4a16", "w4a4", "w4a4-online-hadamard", "w4a16-fused", "w4a4-online-hadamard-fused"])
+def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate, fuse):
     """The whole HF model through torch.compile(fullgraph=True), decode steps captured in a CUDA graph: every
     quantized Linear's GEMM is one node of the compiled graph (no graph break, no fallback), and the greedy
     tokens are the eager model's (SmolLM2's config cut to 4 layers, to keep the compilation short). With
-    ``rotate``, o_proj and down_proj rotate their inputs online (fused Hadamard + quantization), as QuaRot's do."""
+    ``rotate``, o_proj and down_proj rotate their inputs online (fused Hadamard + quantization), as QuaRot's do.
+    With ``fuse`` (``fuse_projections``), q/k/v and gate/up are one GEMM node each."""
     from transformers import LlamaForCausalLM
 
     from quantkern.nn import linear_layers, set_submodule
@@ -154,6 +172,8 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate):
     for name, linear in originals:
         set_submodule(model, name, QuantLinear.from_linear(linear, **options, rotate=True))
     model = model.to("cuda", torch.float16)
+    if fuse:
+        assert len(fuse_projections(model)["fused"]) == 2 * config.num_hidden_layers
     set_backend(model, "cuda")
     prompt = torch.randint(0, 49152, (2, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
 
@@ -172,7 +192,8 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate):
     gemm_name = "quantkern.int_gemm" if "act_bits" in options else "quantkern.w4a16_gemm"
     gemms = [node for node in graphs[0].graph.nodes if str(node.target).startswith(gemm_name)]
     quantized = sum(isinstance(module, QuantLinear) for module in model.modules())
-    assert len(gemms) == quantized == 7 * config.num_hidden_layers
+    assert quantized == 7 * config.num_hidden_layers
+    assert len(gemms) == (4 if fuse else 7) * config.num_hidden_layers
     assert torch.equal(tokens, decode_in_cuda_graph(model, model, prompt, steps=12))
 
 
