@@ -22,9 +22,12 @@ AUTO_GROUP_SIZES = (128, 64, 32)
 INPUT_ROTATIONS = ("hadamard",)  # online rotations of a layer's input (None: no rotation)
 
 
-def check_layer_options(in_features: int, bits: int, symmetric: bool, act_bits: Optional[int],
+def check_layer_options(in_features: int, out_features: int, bits: int, symmetric: bool, act_bits: Optional[int],
                         act_clip_ratio: float, input_rotation: Optional[str]) -> float:
     """Raise a clear error for an unsupported combination; returns the clip ratio as a float."""
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"a quantized layer needs in_features and out_features >= 1, got {in_features} -> "
+                         f"{out_features}")
     check_bits(bits)
     if act_bits is not None:
         check_bits(act_bits)
@@ -72,7 +75,8 @@ class QuantLinear(nn.Module):
                  scale_dtype: torch.dtype = torch.float16, device=None, act_clip_ratio: float = 1.0,
                  input_rotation: Optional[str] = None):
         super().__init__()
-        act_clip_ratio = check_layer_options(in_features, bits, symmetric, act_bits, act_clip_ratio, input_rotation)
+        act_clip_ratio = check_layer_options(in_features, out_features, bits, symmetric, act_bits, act_clip_ratio,
+                                             input_rotation)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits = bits, act_bits
         self.act_clip_ratio, self.input_rotation = act_clip_ratio, input_rotation
@@ -184,7 +188,8 @@ class QuantLinear(nn.Module):
         if scale_dtype is None:
             scale_dtype = torch.bfloat16 if linear.weight.dtype == torch.bfloat16 else torch.float16
         rotation = "hadamard" if rotate else None
-        check_layer_options(linear.in_features, bits, symmetric, act_bits, act_clip_ratio, rotation)
+        check_layer_options(linear.in_features, linear.out_features, bits, symmetric, act_bits, act_clip_ratio,
+                            rotation)
         weight = linear.weight.detach()
         if rotate:  # rows of W @ H.T are H applied to the rows of W
             weight = reference.hadamard(weight.float())

@@ -57,6 +57,11 @@ def test_quant_linear_rejects_unsupported_modes():
         QuantLinear(64, 64, bits=4, act_bits=4, symmetric=False)
     with pytest.raises(TypeError, match="nn.Linear"):
         QuantLinear.from_linear(nn.Conv1d(4, 4, 1))
+    for in_features, out_features in ((0, 16), (64, 0)):  # K = 0 divided by zero; N = 0 built an empty layer
+        with pytest.raises(ValueError, match=f"in_features and out_features >= 1, got {in_features} -> {out_features}"):
+            QuantLinear(in_features, out_features, group_size=-1)
+    with pytest.raises(ValueError, match="got 0 -> 8"):
+        QuantLinear.from_linear(nn.Linear(0, 8))
 
 
 def test_replace_linear_keeps_lm_head_and_generates():
