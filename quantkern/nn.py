@@ -307,6 +307,14 @@ def _fusion_key(layer: QuantLinear) -> dict:
             "device": layer.qweight.device}
 
 
+def _version_counter(x: torch.Tensor) -> Optional[int]:
+    """x's version counter, which moves when x is changed in place; None where none can be read (while Dynamo
+    traces, and for inference tensors, made under torch.inference_mode): there the tensor's identity alone counts."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
+
+
 class ProjectionFusion:
     """Sibling ``QuantLinear`` layers that read the same input (q/k/v_proj; gate/up_proj) run as one
     GEMM over their weights stacked along out_features: one kernel launch instead of three or two, and
@@ -317,8 +325,8 @@ class ProjectionFusion:
     after another with the same input tensor: the first call computes every member's output (views of
     one [..., sum of out_features] tensor), the others take theirs. Outputs are kept until each member
     has read its own, so nothing outlives the step. A call with another tensor, or with the same one
-    modified in place since (its version counter moved; not visible while torch.compile traces), computes
-    anew, so a member called alone is still right, at the cost of the whole GEMM."""
+    modified in place since (its version counter moved: ``_version_counter``), computes anew, so a member
+    called alone is still right, at the cost of the whole GEMM."""
 
     def __init__(self, members):
         self.members = list(members)
@@ -357,14 +365,14 @@ class ProjectionFusion:
             member._park_canonical_buffers(self.prepared)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        compiling = torch.compiler.is_compiling()  # Dynamo cannot read version counters
-        if self._input is not x or (not compiling and self._input_version != x._version):
+        version = _version_counter(x)
+        if self._input is not x or self._input_version != version:
             first = self.members[0]
             if is_stale(self.prepared, x.dtype, x.device, first.backend):
                 self.prepare(x.dtype, None, x.device)
             stacked = first._linear(x, self.prepared, self.bias)
             self._outputs = stacked.split([member.out_features for member in self.members], dim=-1)
-            self._input, self._input_version = x, None if compiling else x._version
+            self._input, self._input_version = x, version
             self._unread = len(self.members)
         output = self._outputs[index]
         self._unread -= 1
