@@ -377,7 +377,7 @@ class ProjectionFusion:
         output = self._outputs[index]
         self._unread -= 1
         if self._unread == 0:
-            self._input = self._outputs = None
+            self._input = self._input_version = self._outputs = None
         return output
 
 
