@@ -275,16 +275,25 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
 
     Both loaders build their layers here: ``load_quantized`` and ``from_pretrained`` (through
     ``quantkern.hf_integration``). Raises ValueError naming ``source`` where a layer's tensors are
-    missing, unexpected, or of another shape than ``qconfig`` implies."""
+    missing, unexpected, or of another shape than ``qconfig`` implies, and where ``layers`` names a layer
+    that is not converted."""
     from .nn import QuantLinear, linear_layers, set_submodule
 
-    for name, module in linear_layers(model, skip=qconfig["modules_not_converted"]):
+    converted = linear_layers(model, skip=qconfig["modules_not_converted"])
+    overrides = qconfig.get("layers") or {}
+    # save_quantized writes overrides only for the layers it quantized: any other name means the config
+    # belongs to another model (or was edited), and its settings would be dropped without a word.
+    unknown = sorted(set(overrides) - {name for name, _ in converted})
+    if unknown:
+        raise ValueError(f"{source}: quantization_config['layers'] has settings for {unknown}, which are not "
+                         "quantized layers of this model; the checkpoint is corrupt")
+    for name, module in converted:
         prefix = f"{name}."
         scales = tensors.get(prefix + "scales")
         if scales is None:
             raise ValueError(f"{source} has no quantized weight for {name}")
         attributes = {"act_bits": qconfig["act_bits"], "act_clip_ratio": qconfig.get("act_clip_ratio", 1.0),
-                      "input_rotation": None, **qconfig.get("layers", {}).get(name, {})}
+                      "input_rotation": None, **overrides.get(name, {})}
         layer = QuantLinear(
             module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
             qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,

@@ -265,6 +265,21 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path):
         io.read_metadata(tmp_path / "ckpt")
 
 
+def test_layer_settings_for_layers_that_are_not_quantized_are_refused(tmp_path):
+    # A per-layer override naming no converted layer was dropped without a word: the config is another model's.
+    model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
+    save(model, tmp_path / "ckpt")
+    defaults = {"act_bits": None, "act_clip_ratio": 1.0, "input_rotation": None}
+    rewrite_qconfig(tmp_path / "ckpt", layers={"model.layers.0.self_attn.q_proj": defaults,
+                                               "model.layers.9.mlp.up_proj": defaults, "lm_head": defaults})
+    match = (r"model\.safetensors: quantization_config\['layers'\] has settings for "
+             r"\['lm_head', 'model\.layers\.9\.mlp\.up_proj'\], which are not quantized layers of this model")
+    with pytest.raises(ValueError, match=match):
+        io.load_quantized(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
 def test_quantizing_inside_from_pretrained_is_refused(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "fp")
     qconfig = QuantkernConfig(**io.quantization_config("rtn", 4, 32, True))
