@@ -46,17 +46,13 @@ def _triton_op(name: str):
     return KERNELS[name]
 
 
-def _activation_rows(x: torch.Tensor, bits: int, clip_ratio: float):
-    """Checks shared by the activation quantizers; returns x as contiguous rows [M, K], the leading
-    shape, and the checked clip ratio."""
+def _activation_rows(op: str, x: torch.Tensor, bits: int, clip_ratio: float):
+    """Checks shared by the activation quantizers (``op`` names the one called); returns x as contiguous
+    rows [M, K], the leading shape, and the checked clip ratio."""
     reference._check_float("x", x)
     check_bits(bits)
     clip_ratio = reference._check_clip_ratio(clip_ratio)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the features)")
-    features = x.shape[-1]
-    if features == 0:
-        raise ValueError(f"x has no features (shape {tuple(x.shape)}): nothing to quantize per token")
+    features = reference.check_features(op, x)
     if bits == 4 and features % 2:
         raise ValueError(f"int4 activations need an even number of features, got {features}")
     return x.reshape(-1, features).contiguous(), x.shape[:-1], clip_ratio
@@ -71,7 +67,7 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, 
     ``packed=False`` with bits=4: the same int4 codes as int8 [..., K], one per byte (how the sm_90
     integer GEMM takes W4A4 activations: Hopper's tensor cores have no int4 mode).
     """
-    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
+    rows, lead, clip_ratio = _activation_rows("quantize_per_token", x, bits, clip_ratio)
     chosen = select("quantize_per_token", x.device, backend)
     if chosen == "cuda":
         q, scales = _cuda_op("quantize_per_token")(rows, bits, clip_ratio, packed)
@@ -152,8 +148,15 @@ def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedW
     Pass a ``PreparedWeight`` (``prepare_weight_only``; ``QuantLinear`` keeps one): a bare
     ``QuantizedWeight`` is repacked on every call, which is fine for a one-off and slow in a loop.
     """
+    # x first: a bare QuantizedWeight is prepared for x's dtype, and prepare_weight_only's error would then
+    # speak of its dtype argument, not of x.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"weight_only_linear: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in reference.FLOAT_DTYPES:
+        raise TypeError(f"weight_only_linear: x must be float16 or bfloat16 (or float32 on the reference backend), "
+                        f"got {x.dtype}")
     if isinstance(weight, QuantizedWeight):
-        weight = prepare_weight_only(weight, x.dtype if isinstance(x, torch.Tensor) else torch.float16, backend)
+        weight = prepare_weight_only(weight, x.dtype, backend)
     elif not isinstance(weight, PreparedWeight):
         raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
     elif backend is not None and backend != weight.backend:
@@ -304,7 +307,7 @@ def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optiona
     """
     from .rotation import _check_input, block_hadamard_transform, check_block_size
 
-    _check_input(x)
+    _check_input(x, "hadamard")
     if block_size is not None:
         block_size = check_block_size(block_size, x.shape[-1])
     chosen = select("hadamard", x.device, backend)
@@ -331,7 +334,7 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     kernel is bit-exact with the two-call reference for n = 2^k, and for m * 2^k agrees to fp32 rounding
     (a code can differ by 1 at a rounding boundary).
     """
-    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
+    rows, lead, clip_ratio = _activation_rows("hadamard_quantize", x, bits, clip_ratio)
     if block_size is not None:
         from .rotation import check_block_size
 
@@ -382,8 +385,8 @@ def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4
     ``quantize_per_token(block_rotate(x, rotation), bits, clip_ratio)``, the rotated values rounded to x's
     dtype before quantizing (as the two calls do). Returns ``(q, scales)`` in quantize_per_token's layout.
     GPU kernel: triton_kernels/block_rotation.py (two launches; no CUDA kernel yet)."""
-    rows, lead, clip_ratio = _activation_rows(x, bits, clip_ratio)
-    reference.check_block_rotation(x, rotation)
+    rows, lead, clip_ratio = _activation_rows("block_rotate_quantize", x, bits, clip_ratio)
+    reference.check_block_rotation(x, rotation, "block_rotate_quantize")
     chosen = select("block_rotate_quantize", x.device, backend)
     if chosen == "reference":
         q, scales = reference.quantize_per_token(reference.block_rotate(rows, rotation), bits, clip_ratio)

@@ -31,6 +31,18 @@ def _check_float(name: str, x: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
 
 
+def check_features(op: str, x: torch.Tensor) -> int:
+    """x's last dimension (its features), checked to exist and be non-empty: the one check every per-row op
+    (quantizers, rotations, the KV quantizer) runs first, on every backend. A row of no features has no
+    scale nor rotation, and the kernels' ``x.reshape(-1, 0)`` would fail with an error that says nothing of it."""
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension (the features), got a 0-d tensor")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{op}: x has no features: its last dimension is empty (shape {tuple(x.shape)}); "
+                         "expected at least one")
+    return x.shape[-1]
+
+
 def _check_clip_ratio(clip_ratio: float) -> float:
     if not 0.0 < float(clip_ratio) <= 1.0:
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio!r}")
@@ -246,11 +258,10 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return hadamard_transform(x, normalize=True)
 
 
-def check_block_rotation(x: torch.Tensor, rotation: torch.Tensor) -> int:
+def check_block_rotation(x: torch.Tensor, rotation: torch.Tensor, op: str = "block_rotate") -> int:
     """The checks of a dense per-block rotation's inputs (this module's and the kernels'); returns b."""
     _check_float("x", x, FLOAT_DTYPES + (torch.float64,))
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the rotated one)")
+    check_features(op, x)  # an empty last dimension is a multiple of every block size
     if not isinstance(rotation, torch.Tensor) or not rotation.is_floating_point():
         raise TypeError(f"rotation must be a floating-point tensor, got "
                         f"{rotation.dtype if isinstance(rotation, torch.Tensor) else type(rotation).__name__}")
@@ -287,8 +298,7 @@ def _check_kv_input(x: torch.Tensor, bits: int) -> None:
     """The checks of a KV quantizer's input (this one and quantkern.ops.quantize_kv's kernels)."""
     _check_float("x", x)
     check_bits(bits)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (head_dim)")
+    check_features("quantize_kv", x)  # head_dim = 0: no min / max to take
     if bits == 4 and x.shape[-1] % 2:
         raise ValueError(f"int4 KV needs an even head_dim, got {x.shape[-1]}")
 

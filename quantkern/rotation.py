@@ -51,6 +51,8 @@ import operator
 
 import torch
 
+from .reference import check_features
+
 __all__ = [
     "HADAMARD_BASE_SIZES",
     "block_hadamard_transform",
@@ -273,15 +275,13 @@ def random_hadamard_matrix(n: int, seed: int, dtype: torch.dtype = torch.float64
 # ---------------------------------------------------------------------------
 
 
-def _check_input(x: torch.Tensor) -> None:
+def _check_input(x: torch.Tensor, op: str = "hadamard_transform") -> None:
+    """The checks of a transform's input; ``op`` names the function called, in the errors."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must have a floating dtype (fp16/bf16/fp32/fp64), got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (the transformed one)")
-    if x.shape[-1] == 0:
-        raise ValueError(f"x has an empty last dimension (shape {tuple(x.shape)})")
+    check_features(op, x)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -399,7 +399,7 @@ def block_hadamard_transform(
     entries inside a block, so outliers are spread less than by a full
     Hadamard rotation.  ``largest_hadamard_block(n)`` picks the block size.
     """
-    _check_input(x)
+    _check_input(x, "block_hadamard_transform")
     n = x.shape[-1]
     block_size = check_block_size(block_size, n)
     blocks = x.reshape(*x.shape[:-1], n // block_size, block_size)

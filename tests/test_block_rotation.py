@@ -77,6 +77,17 @@ def test_bad_inputs_are_refused_clearly(call, message):
         call(torch.randn(2, 64))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_an_empty_last_dimension_is_refused_on_every_backend(backend):
+    # K = 0 is a multiple of every block size: it was a silent empty result (reference) or a reshape error (triton).
+    x, rotation = torch.zeros(3, 0, device=DEVICE), torch.eye(4, device=DEVICE)
+    message = r": x has no features: its last dimension is empty \(shape \(3, 0\)\)"
+    with pytest.raises(ValueError, match="^block_rotate" + message):
+        ops.block_rotate(x, rotation, backend=backend)
+    with pytest.raises(ValueError, match="^block_rotate_quantize" + message):
+        ops.block_rotate_quantize(x, rotation, backend=backend)
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernel
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from quantkern import reference
+from quantkern import ops, reference
 from quantkern.kv_cache import (
     CONFIG_ATTR,
     QuantKVCache,
@@ -108,6 +108,18 @@ def test_cache_refuses_unsupported_layers_and_bad_head_dims():
         QuantKVLayer(4).update(torch.randn(1, 1, 2, 7), torch.randn(1, 1, 2, 7))
     with pytest.raises(ValueError, match="Hadamard"):
         QuantKVLayer(8, rotate_keys=True).update(torch.randn(1, 1, 2, 76), torch.randn(1, 1, 2, 76))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_an_empty_head_dim_is_refused_on_every_backend(backend, bits):
+    # head_dim = 0 was an IndexError from amin (reference) or a reshape error (triton).
+    x = torch.zeros(1, 2, 3, 0, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"quantize_kv: x has no features: its last dimension is empty "
+                                         r"\(shape \(1, 2, 3, 0\)\)"):
+        ops.quantize_kv(x, bits, backend=backend)
+    with pytest.raises(ValueError, match="quantize_kv: x has no features"):
+        QuantKVLayer(bits, backend=backend).update(x, x)
 
 
 # ----------------------------------------------------------------------------------------------

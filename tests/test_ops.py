@@ -93,6 +93,27 @@ def test_quantize_per_token_bad_input(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["quantize_per_token", "hadamard", "hadamard_quantize"])
+def test_an_empty_last_dimension_is_refused_naming_the_op(name, backend):
+    # Clear before, but without the op's name ("x has an empty last dimension", "x has no features").
+    with pytest.raises(ValueError, match=rf"^{name}: x has no features: its last dimension is empty \(shape \(2, 3, 0"):
+        getattr(ops, name)(torch.zeros(2, 3, 0), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32])
+def test_weight_only_linear_names_the_dtype_of_an_integer_x(dtype):
+    # Was "dtype must be float16, bfloat16 or float32, got torch.int8": prepare_weight_only's argument, not x.
+    g = torch.Generator().manual_seed(0)
+    qw = reference.quantize_weight(torch.randn(16, 64, generator=g), 4, 32)
+    x = torch.randint(-8, 8, (2, 64), generator=g, dtype=dtype)
+    match = rf"weight_only_linear: x must be float16 or bfloat16 \(or float32 on the reference backend\), got {dtype}"
+    with pytest.raises(TypeError, match=match):
+        ops.weight_only_linear(x, qw)
+    with pytest.raises(TypeError, match=match):
+        ops.weight_only_linear(x, ops.prepare_weight_only(qw, torch.float32))
+
+
 def test_linear_ops_bad_input():
     qw = reference.quantize_weight(torch.randn(16, 64), 4, 32)
     with pytest.raises(ValueError, match="last dimension 64"):
