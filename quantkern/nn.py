@@ -326,13 +326,13 @@ class ProjectionFusion:
     one [..., sum of out_features] tensor), the others take theirs. Outputs are kept until each member
     has read its own, so nothing outlives the step. A call with another tensor, or with the same one
     modified in place since (its version counter moved: ``_version_counter``), computes anew, so a member
-    called alone is still right, at the cost of the whole GEMM."""
+    called alone, or models run from several threads, still get the right outputs (at the cost of more GEMMs)."""
 
     def __init__(self, members):
         self.members = list(members)
         self.prepared = None  # ops.PreparedWeight of the stacked weight
         self.bias = None  # the stacked bias (zeros for members without one), on the kernel's device
-        self._input = self._input_version = self._outputs = None
+        self._cached = None  # (input, its version counter, every member's output) until each has read its own
         self._unread = 0
         for index, member in enumerate(self.members):
             member._fusion = (self, index)
@@ -366,19 +366,18 @@ class ProjectionFusion:
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         version = _version_counter(x)
-        if self._input is not x or self._input_version != version:
+        cached = self._cached  # read once: (input, its version, outputs), replaced whole, never edited
+        if cached is None or cached[0] is not x or cached[1] != version:
             first = self.members[0]
             if is_stale(self.prepared, x.dtype, x.device, first.backend):
                 self.prepare(x.dtype, None, x.device)
             stacked = first._linear(x, self.prepared, self.bias)
-            self._outputs = stacked.split([member.out_features for member in self.members], dim=-1)
-            self._input, self._input_version = x, version
-            self._unread = len(self.members)
-        output = self._outputs[index]
+            cached = (x, version, stacked.split([member.out_features for member in self.members], dim=-1))
+            self._cached, self._unread = cached, len(self.members)
         self._unread -= 1
-        if self._unread == 0:
-            self._input = self._input_version = self._outputs = None
-        return output
+        if self._unread <= 0:
+            self._cached = None
+        return cached[2][index]
 
 
 def fuse_projections(model: nn.Module) -> dict:

@@ -71,7 +71,7 @@ def test_fused_groups_give_the_logits_of_separate_layers(monkeypatch, kind, mode
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Nothing is kept between steps: each group dropped its outputs once every member had read its own.
     fusions = {id(m._fusion[0]): m._fusion[0] for m in model.modules() if isinstance(m, QuantLinear) and m._fusion}
-    assert len(fusions) == 4 and all(f._input is None and f._outputs is None for f in fusions.values())
+    assert len(fusions) == 4 and all(f._cached is None for f in fusions.values())
     assert quantkern.unfuse_projections(model) == 5 * 2
     torch.testing.assert_close(forward(), expected, rtol=0, atol=0)
     assert len(calls) == 7 * 2
