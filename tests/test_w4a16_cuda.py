@@ -477,18 +477,6 @@ def test_is_deterministic(m):
 
 @pytest.mark.gpu
 @needs_extension
-def test_runs_on_the_current_stream():
-    y, _, (x, prepared, bias) = run_case(4096, 1024, 7, 64, True, torch.bfloat16, with_bias=False)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        got = w4a16_linear(x, prepared, bias)
-    stream.synchronize()
-    assert torch.equal(got, y)
-
-
-@pytest.mark.gpu
-@needs_extension
 def test_under_torch_compile_and_cuda_graph():
     y, y_ref, (x, prepared, bias) = run_case(1536, 576, 16, 32, False, torch.float16, with_bias=True)
 
