@@ -8,7 +8,8 @@ path, on CUDA tensors a fast kernel or ``MissingKernelError`` (never a silent fp
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import warnings
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -110,8 +111,7 @@ class QuantLinear(nn.Module):
             return self
         if backend is not None:
             self.backend = backend
-        if device is None:  # where the kernel runs: the canonical copy may be parked in host memory
-            device = self._prepared.device if self._prepared is not None else self.qweight.device
+        device = kernel_device(self) if device is None else device  # not the buffers': they may be parked
         self._prepared = prepare_for_kernel(self.weight.to(torch.device(device)), self.act_bits,
                                             dtype or self.scales.dtype, self.backend)
         self._park_canonical_buffers(self._prepared)
@@ -146,7 +146,7 @@ class QuantLinear(nn.Module):
     def _forget_prepared(self) -> None:
         self._prepared = None
         if self._fusion is not None:
-            self._fusion[0].prepared = None
+            self._fusion[0].forget_prepared()
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -293,18 +293,25 @@ def replace_linear(model: nn.Module, bits: int = 4, group_size=128, symmetric: b
     return model
 
 
-# Sibling layers that read the same input (from models.SEQUENTIAL_GROUPS): q/k/v_proj and gate/up_proj.
+# Sibling layers that read the same input (models.SEQUENTIAL_GROUPS): q/k/v_proj and gate/up_proj.
 FUSABLE_ROLES = tuple(group for group in SEQUENTIAL_GROUPS if len(group) > 1)
-# What siblings must share to run as one GEMM: the kernel, its activation handling, the weight's format.
-FUSION_KEYS = ("in_features", "bits", "group_size", "symmetric", "act_bits", "act_clip_ratio", "input_rotation",
-               "scale_dtype", "backend", "device")
+
+
+def kernel_device(layer: QuantLinear) -> torch.device:
+    """Where ``layer`` runs: its prepared weight's device once prepared (the canonical buffers may then be
+    parked in host memory), else its buffers'."""
+    if layer._fusion is not None:
+        fusion = layer._fusion[0]
+        return fusion.prepared.device if fusion.prepared is not None else fusion.device or layer.qweight.device
+    return layer._prepared.device if layer._prepared is not None else layer.qweight.device
 
 
 def _fusion_key(layer: QuantLinear) -> dict:
+    """What siblings must share to run as one GEMM: the weight's format, the activation handling, the kernel."""
     return {"in_features": layer.in_features, "bits": layer.bits, "group_size": layer.group_size,
             "symmetric": layer.zeros is None, "act_bits": layer.act_bits, "act_clip_ratio": layer.act_clip_ratio,
             "input_rotation": layer.input_rotation, "scale_dtype": layer.scales.dtype, "backend": layer.backend,
-            "device": layer.qweight.device}
+            "device": kernel_device(layer)}
 
 
 def _version_counter(x: torch.Tensor) -> Optional[int]:
@@ -315,28 +322,51 @@ def _version_counter(x: torch.Tensor) -> Optional[int]:
     return x._version
 
 
+class _GroupOutputs(NamedTuple):
+    input: torch.Tensor
+    version: Optional[int]
+    outputs: tuple  # each member's output: views of one [..., sum of out_features] tensor
+    unread: int  # bit i set: member i has not taken its output yet
+
+
 class ProjectionFusion:
     """Sibling ``QuantLinear`` layers that read the same input (q/k/v_proj; gate/up_proj) run as one
     GEMM over their weights stacked along out_features: one kernel launch instead of three or two, and
     with quantized activations one activation quantization.
 
     Each member keeps its own canonical buffers, so ``state_dict`` and checkpoints do not change; the
-    stacked weight exists only in the kernel's layout (``prepared``). The model calls the members one
-    after another with the same input tensor: the first call computes every member's output (views of
-    one [..., sum of out_features] tensor), the others take theirs. Outputs are kept until each member
-    has read its own, so nothing outlives the step. A call with another tensor, or with the same one
-    modified in place since (its version counter moved: ``_version_counter``), computes anew, so a member
-    called alone, or models run from several threads, still get the right outputs (at the cost of more GEMMs)."""
+    stacked weight exists only in the kernel's layout (``prepared``; on the reference backend that is a
+    second copy of the weights: fusion is for the GPU kernels). The members' settings are taken as they are
+    when fused (``fuse_projections`` checks they agree); change a member after ``unfuse_projections``.
+
+    The model calls the members one after another with the same input tensor: the first call computes
+    every member's output, the others take theirs (``_GroupOutputs``), and once each has, nothing is kept.
+    Any other call computes anew: another input tensor, the same one changed in place since (its version
+    counter moved: ``_version_counter``), or a member asking again, which starts a new pass. So outputs are
+    always right; a model whose members read different inputs (cross-attention) gets a warning, as each of
+    its calls runs the whole stacked GEMM: do not fuse such modules."""
 
     def __init__(self, members):
         self.members = list(members)
         self.prepared = None  # ops.PreparedWeight of the stacked weight
         self.bias = None  # the stacked bias (zeros for members without one), on the kernel's device
-        self._cached = None  # (input, its version counter, every member's output) until each has read its own
-        self._unread = 0
+        self._pending: Optional[_GroupOutputs] = None  # replaced whole, never edited: read it once per call
+        self._warned = False
+        # Where the group runs until prepared (None: where the members' buffers are). Taken before attach()
+        # drops the members' prepared weights: their buffers may be parked in host memory.
+        self.device: Optional[torch.device] = kernel_device(self.members[0])
+
+    def attach(self) -> "ProjectionFusion":
         for index, member in enumerate(self.members):
             member._fusion = (self, index)
             member._prepared = None  # the stacked copy replaces the members' own
+        return self
+
+    def forget_prepared(self) -> None:  # the members' buffers moved (.to()) or were reloaded
+        self.prepared = self.device = None
+
+    def __getstate__(self):  # deepcopy / pickle: pending outputs belong to a step in progress, not to the model
+        return {**self.__dict__, "_pending": None}
 
     def stacked_weight(self, device) -> QuantizedWeight:
         weights = [member.weight.to(device) for member in self.members]
@@ -351,9 +381,8 @@ class ProjectionFusion:
         if backend is not None:
             for member in self.members:
                 member.backend = backend
-        if device is None:
-            device = self.prepared.device if self.prepared is not None else first.qweight.device
-        device, dtype = torch.device(device), dtype or first.scales.dtype
+        device = torch.device(kernel_device(first) if device is None else device)
+        dtype = dtype or first.scales.dtype
         if not is_stale(self.prepared, dtype, device, first.backend):
             return  # each member's prepare() lands here: the group's stacked weight is made once
         self.prepared = prepare_for_kernel(self.stacked_weight(device), first.act_bits, dtype, first.backend)
@@ -365,28 +394,44 @@ class ProjectionFusion:
             member._park_canonical_buffers(self.prepared)
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        version = _version_counter(x)
-        cached = self._cached  # read once: (input, its version, outputs), replaced whole, never edited
-        if cached is None or cached[0] is not x or cached[1] != version:
+        version, bit = _version_counter(x), 1 << index
+        pending = self._pending
+        if pending is None or pending.input is not x or pending.version != version or not pending.unread & bit:
+            # A member yet to read its output, called with another tensor: the members do not share their input.
+            if pending is not None and pending.unread & bit and pending.input is not x and not self._warned:
+                self._warned = True
+                warnings.warn(f"fused projections of {len(self.members)} layers ({self.members[0].extra_repr()}) "
+                              "were called with different inputs: each call runs the whole stacked GEMM; "
+                              "fuse only layers that read one tensor (unfuse_projections undoes it)", stacklevel=3)
             first = self.members[0]
             if is_stale(self.prepared, x.dtype, x.device, first.backend):
                 self.prepare(x.dtype, None, x.device)
             stacked = first._linear(x, self.prepared, self.bias)
-            cached = (x, version, stacked.split([member.out_features for member in self.members], dim=-1))
-            self._cached, self._unread = cached, len(self.members)
-        self._unread -= 1
-        if self._unread <= 0:
-            self._cached = None
-        return cached[2][index]
+            pending = _GroupOutputs(x, version, stacked.split([member.out_features for member in self.members], -1),
+                                    (1 << len(self.members)) - 1)
+        unread = pending.unread & ~bit
+        self._pending = pending._replace(unread=unread) if unread else None
+        return pending.outputs[index]
+
+
+def _detach(layer: QuantLinear) -> None:
+    """Make ``layer`` run alone again, prepared where its group ran (its own weight, from the canonical buffers)."""
+    fusion = layer._fusion[0]
+    layer._fusion = None
+    layer._prepared = None
+    if fusion.prepared is not None:
+        layer.prepare(fusion.prepared.dtype, device=fusion.prepared.device)
 
 
 def fuse_projections(model: nn.Module) -> dict:
     """Run each group of sibling ``QuantLinear`` layers that read the same input (``q_proj``/``k_proj``/
-    ``v_proj`` of an attention module; ``gate_proj``/``up_proj`` of an MLP) as one GEMM (``ProjectionFusion``).
-    An inference-time change: weights, ``state_dict`` and checkpoints stay per layer; ``unfuse_projections``
-    undoes it. Call it before ``prepare``, torch.compile or CUDA-graph capture.
+    ``v_proj`` of a self-attention module; ``gate_proj``/``up_proj`` of an MLP) as one GEMM
+    (``ProjectionFusion``), for decoder-only models on the GPU kernels. An inference-time change: weights,
+    ``state_dict`` and checkpoints stay per layer; ``unfuse_projections`` undoes it. Call it before
+    torch.compile or CUDA-graph capture; each group's stacked weight is prepared where its layers ran, by
+    ``prepare`` on any member or on first use. Calling it again keeps the groups already fused.
 
-    Siblings fuse when they share the format, activation handling, backend and device (``FUSION_KEYS``).
+    Siblings fuse when they share the format, activation handling, backend and device (``_fusion_key``).
     Returns ``{"fused": [group names], "skipped": {group name: reason}}``."""
     fused, skipped = [], {}
     for parent_name, parent in model.named_modules():
@@ -397,26 +442,30 @@ def fuse_projections(model: nn.Module) -> dict:
             if not any(quantized):
                 continue
             label = prefix + "{" + ",".join(roles) + "}"
+            current = members[0]._fusion if quantized[0] else None
+            if current is not None and current[0].members == members:
+                fused.append(label)  # fused already, with these very layers
+                continue
+            for member in members:  # out of any group they were in (a sibling may have been replaced since)
+                if isinstance(member, QuantLinear) and member._fusion is not None:
+                    _detach(member)
             if not all(quantized):
                 skipped[label] = "not every layer of the group is a QuantLinear"
                 continue
             keys = [_fusion_key(member) for member in members]
-            differing = [key for key in FUSION_KEYS if any(k[key] != keys[0][key] for k in keys)]
+            differing = [key for key in keys[0] if any(k[key] != keys[0][key] for k in keys)]
             if differing:
                 skipped[label] = f"the layers differ in {', '.join(differing)}"
                 continue
-            ProjectionFusion(members)
+            ProjectionFusion(members).attach()
             fused.append(label)
     return {"fused": fused, "skipped": skipped}
 
 
 def unfuse_projections(model: nn.Module) -> int:
-    """Undo ``fuse_projections``: every layer runs alone again (prepared anew on its next use).
+    """Undo ``fuse_projections``: every layer runs alone again, prepared where its group ran.
     Returns the number of layers unfused."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module._fusion is not None:
-            module._fusion = None
-            module._prepared = None
-            count += 1
-    return count
+    layers = [module for module in model.modules() if isinstance(module, QuantLinear) and module._fusion is not None]
+    for layer in layers:
+        _detach(layer)
+    return len(layers)

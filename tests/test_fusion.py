@@ -71,7 +71,7 @@ def test_fused_groups_give_the_logits_of_separate_layers(monkeypatch, kind, mode
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Nothing is kept between steps: each group dropped its outputs once every member had read its own.
     fusions = {id(m._fusion[0]): m._fusion[0] for m in model.modules() if isinstance(m, QuantLinear) and m._fusion}
-    assert len(fusions) == 4 and all(f._cached is None for f in fusions.values())
+    assert len(fusions) == 4 and all(f._pending is None for f in fusions.values())
     assert quantkern.unfuse_projections(model) == 5 * 2
     torch.testing.assert_close(forward(), expected, rtol=0, atol=0)
     assert len(calls) == 7 * 2
@@ -119,6 +119,73 @@ def test_siblings_that_differ_or_are_not_all_quantized_stay_separate():
     assert model.model.layers[1].mlp.gate_proj._fusion is None
 
 
+def test_fusing_again_keeps_fused_groups_and_regroups_a_replaced_layer():
+    model = quantized("w4a16")
+    quantkern.fuse_projections(model)
+    attention = model.model.layers[0].self_attn
+    fusion = attention.q_proj._fusion[0]
+    assert len(quantkern.fuse_projections(model)["fused"]) == 4 and attention.q_proj._fusion[0] is fusion
+    torch.manual_seed(1)
+    attention.k_proj = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), 4, 32)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected_k = attention.k_proj(x)  # runs alone: not fused yet
+        assert len(quantkern.fuse_projections(model)["fused"]) == 4
+        new_fusion = attention.q_proj._fusion[0]
+        assert new_fusion is not fusion and new_fusion.members[1] is attention.k_proj
+        attention.q_proj(x)
+        torch.testing.assert_close(attention.k_proj(x), expected_k, rtol=1e-5, atol=1e-6)
+    # A sibling left out of the new group (another kind of layer now) no longer runs in the old one.
+    attention.k_proj = torch.nn.Linear(64, 32)
+    assert quantkern.fuse_projections(model)["skipped"] == {
+        "model.layers.0.self_attn.{q_proj,k_proj,v_proj}": "not every layer of the group is a QuantLinear"}
+    assert attention.q_proj._fusion is None and attention.v_proj._fusion is None
+
+
+def test_the_group_runs_where_its_layers_were_prepared():
+    """Once prepared on a GPU, a layer's canonical buffers are parked in host memory: the group must still
+    stack its weights where the layers ran (faked here: no GPU), not where the buffers are."""
+    from types import SimpleNamespace
+
+    from quantkern.nn import kernel_device
+
+    model = quantized("w4a16")
+    mlp = model.model.layers[0].mlp
+    gpu = torch.device("cuda", 0)
+    for layer in (mlp.gate_proj, mlp.up_proj):
+        layer._prepared = SimpleNamespace(device=gpu)
+    assert kernel_device(mlp.gate_proj) == gpu and mlp.gate_proj.qweight.device.type == "cpu"
+    quantkern.fuse_projections(model)
+    assert mlp.gate_proj._fusion[0].device == gpu and mlp.gate_proj._prepared is None
+    assert model.model.layers[0].self_attn.q_proj._fusion[0].device == torch.device("cpu")
+
+
+def test_members_reading_different_inputs_are_right_and_warned_about():
+    model = quantized("w4a16")
+    attention = model.model.layers[0].self_attn
+    x, y = torch.randn(3, 64), torch.randn(5, 64)
+    with torch.no_grad():
+        expected = attention.q_proj(x), attention.k_proj(y), attention.v_proj(y)
+        quantkern.fuse_projections(model)
+        with pytest.warns(UserWarning, match="called with different inputs"):
+            got = attention.q_proj(x), attention.k_proj(y), attention.v_proj(y)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_deepcopy_of_a_fused_model_mid_step():
+    import copy
+
+    model = quantized("w4a16")
+    quantkern.fuse_projections(model)
+    x = torch.randn(3, 64)
+    model.model.layers[0].self_attn.q_proj(x)  # with autograd on: pending outputs are non-leaf tensors
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[0].self_attn.q_proj._fusion[0]._pending is None
+    with torch.no_grad():
+        torch.testing.assert_close(twin(INPUT_IDS).logits, model(INPUT_IDS).logits, rtol=0, atol=0)
+
+
 def test_a_member_called_alone_or_after_an_in_place_change_is_still_right():
     model = quantized("w4a16")
     attention = model.model.layers[0].self_attn
@@ -128,11 +195,17 @@ def test_a_member_called_alone_or_after_an_in_place_change_is_still_right():
         expected_y_k = attention.k_proj(y)
         quantkern.fuse_projections(model)
         torch.testing.assert_close(attention.q_proj(x), expected["q_proj"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(attention.k_proj(y), expected_y_k, rtol=1e-5, atol=1e-6)  # another input
+        with pytest.warns(UserWarning, match="called with different inputs"):  # another input
+            torch.testing.assert_close(attention.k_proj(y), expected_y_k, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(attention.v_proj(x), expected["v_proj"], rtol=1e-5, atol=1e-6)
         attention.q_proj(y)
         y.copy_(x)  # in place: the outputs computed from y's old values are stale
         torch.testing.assert_close(attention.k_proj(y), expected["k_proj"], rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():  # no version counter: a member asking twice starts a new pass
+        buffer = torch.randn(3, 64)
+        attention.k_proj(buffer)
+        buffer.copy_(x)
+        torch.testing.assert_close(attention.k_proj(buffer), expected["k_proj"], rtol=1e-5, atol=1e-6)
 
 
 def test_fused_model_compiles_to_one_graph():
