@@ -1,5 +1,6 @@
 """quantkern.fuse_projections: q/k/v_proj and gate/up_proj as one GEMM each (CPU: reference path and Triton
-under the interpreter; tests/test_models_gpu.py runs fused models on the GPU kernels)."""
+under the interpreter; tests/test_hf_integration.py compiles a fused model; tests/test_models_gpu.py runs fused
+models on the GPU kernels)."""
 
 import pytest
 import torch
@@ -206,30 +207,6 @@ def test_a_member_called_alone_or_after_an_in_place_change_is_still_right():
         attention.k_proj(buffer)
         buffer.copy_(x)
         torch.testing.assert_close(attention.k_proj(buffer), expected["k_proj"], rtol=1e-5, atol=1e-6)
-
-
-def test_fused_model_compiles_to_one_graph():
-    from transformers import StaticCache
-
-    model = quantized("w4a4-rotated")
-    quantkern.fuse_projections(model)
-    graphs = []
-
-    def recording_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=recording_backend, fullgraph=True, dynamic=False)
-    outputs = []
-    for forward in (model, compiled):
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        with torch.no_grad():
-            model(input_ids=INPUT_IDS, past_key_values=cache, cache_position=torch.arange(12), use_cache=True)
-            outputs.append(forward(input_ids=INPUT_IDS[:, :1], past_key_values=cache,
-                                   cache_position=torch.tensor([12]), use_cache=True).logits)
-    assert len(graphs) == 1
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_prepare_on_a_member_prepares_the_stacked_weight_for_the_whole_group():

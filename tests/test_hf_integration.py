@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from quantkern import io  # importing quantkern registers the quantizer with transformers
 from quantkern.hf_integration import QuantkernConfig, QuantkernHfQuantizer
 from quantkern.kv_cache import CONFIG_ATTR, enable_kv_quantization, kv_quantization_settings, output_cache
-from quantkern.nn import QuantLinear, replace_linear, set_submodule
+from quantkern.nn import QuantLinear, fuse_projections, replace_linear, set_submodule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT_IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -124,10 +124,12 @@ def test_activation_quantized_layers_with_hadamard_rotation(tmp_path, bits, act_
 
 
 @pytest.mark.parametrize("act_bits", [None, 4])
-def test_whole_model_compiles_to_one_graph_over_a_static_cache(act_bits):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_whole_model_compiles_to_one_graph_over_a_static_cache(act_bits, fuse):
     """torch.compile(fullgraph=True) over a quantized HF model's decode step with a static KV cache: one graph,
-    no break, eager's logits (W4A16; W4A4 with an online Hadamard). On the CPU the layers run the reference
-    path; tests/test_models_gpu.py checks the same on our kernels, in a CUDA graph."""
+    no break, eager's logits (W4A16; W4A4 with an online Hadamard; either with q/k/v and gate/up fused). On the
+    CPU the layers run the reference path; tests/test_models_gpu.py checks the same on our kernels, in a CUDA
+    graph."""
     from transformers import StaticCache
 
     model = tiny_llama()
@@ -135,6 +137,8 @@ def test_whole_model_compiles_to_one_graph_over_a_static_cache(act_bits):
         model = quantize_with_activations(model, 4, act_bits)
     else:
         replace_linear(model, bits=4, group_size=32, kernel_shapes="reference")
+    if fuse:
+        assert len(fuse_projections(model)["fused"]) == 4
     graphs = []
 
     def recording_backend(graph_module, example_inputs):
