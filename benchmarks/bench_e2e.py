@@ -20,6 +20,8 @@ quantization (``ops.hadamard_quantize``).
 captured in a CUDA graph like the second. It compiles once per model and batch size (tens of seconds each);
 the time of the first compiled step is reported as ``compile_s``.
 
+``--quantize-lm-head``: lm_head quantized too (it stays bf16 by default, as in quantkern's checkpoints).
+
 ``--fuse-projections``: the quantized model once more with q/k/v_proj and gate/up_proj as one GEMM each
 (``quantkern.fuse_projections``; with ``--act-bits``, one activation quantization per group too), in the same run.
 
@@ -234,6 +236,9 @@ def main() -> None:
                         help="an online Hadamard rotation before every down_proj and o_proj, as QuaRot's models run")
     parser.add_argument("--compile", action="store_true",
                         help="also time the decode step compiled by torch.compile, in a CUDA graph")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize lm_head too, as `quantkern quantize --no-keep-lm-head-fp16` does "
+                             "(default: lm_head stays bf16)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="also time the quantized model with q/k/v and gate/up fused into one GEMM each")
     parser.add_argument("--breakdown", action="store_true",
@@ -252,8 +257,9 @@ def main() -> None:
     start = time.perf_counter()
     rotated = ("down_proj", "o_proj") if args.online_rotation else ()
     originals = [(name, linear) for name, linear in linear_layers(model) if name.rsplit(".", 1)[-1] in rotated]
+    kept = () if args.quantize_lm_head else ("lm_head",)
     replace_linear(model, bits=args.bits, group_size=args.group_size, act_bits=args.act_bits, scale_dtype=dtype,
-                   skip=("lm_head",) + rotated)
+                   skip=kept + rotated)
     for name, linear in originals:
         set_submodule(model, name, QuantLinear.from_linear(linear, args.bits, args.group_size, act_bits=args.act_bits,
                                                            scale_dtype=dtype, rotate=True))
@@ -265,7 +271,8 @@ def main() -> None:
     quantize_s = time.perf_counter() - start
     backend = next(m for m in model.modules() if isinstance(m, QuantLinear))._prepared.backend
     groups = "per-channel" if args.group_size == -1 else f"g{args.group_size}"
-    quantized = f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
+    quantized = (f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
+                 + (", lm_head too" if args.quantize_lm_head else ""))
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results, args.compile, args.breakdown)
     if args.fuse_projections:
