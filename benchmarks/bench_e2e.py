@@ -27,6 +27,9 @@ the time of the first compiled step is reported as ``compile_s``.
 
 ``--breakdown``: where a decode step's GPU time goes, per kind of kernel (ours, cuBLAS, attention, Inductor's
 fused kernels, the rest), from torch.profiler over replays of the last graph mode (a second table).
+
+``--projections``: the GPU time of each projection (q_proj ... down_proj, lm_head) per decode step, from profiled
+eager steps (a third table; ``projection_breakdown`` says why eager).
 """
 
 from __future__ import annotations
@@ -150,8 +153,49 @@ def kernel_breakdown(decoder, steps: int = 8) -> dict:
     return totals
 
 
+PROJECTION_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def projection_breakdown(decoder, steps: int = 4) -> dict:
+    """GPU time per decode step (us) of each projection's kernels, summed over the layers (activation quantizers
+    and online rotations included), from eager steps with a profiler range around every Linear by its role (the
+    last part of its name). Eager, as graph replays do not say which layer launched a kernel; the kernels are
+    the same, without the graph's overlap of one kernel's start with the previous one's tail. With fused
+    projections a group's GEMM runs in its first member's call (q_proj, gate_proj)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from quantkern.nn import QuantLinear
+
+    open_ranges, handles = [], []
+
+    def enter(role):
+        open_ranges.append(record_function(f"projection:{role}"))
+        open_ranges[-1].__enter__()
+
+    def leave():
+        open_ranges.pop().__exit__(None, None, None)
+
+    for name, module in decoder.model.named_modules():
+        role = name.rsplit(".", 1)[-1]
+        if role in PROJECTION_ROLES and isinstance(module, (torch.nn.Linear, QuantLinear)):
+            handles.append(module.register_forward_pre_hook(lambda m, args, role=role: enter(role)))
+            handles.append(module.register_forward_hook(lambda m, args, out: leave()))
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            decoder.decode(steps, use_graph=False)
+            torch.cuda.synchronize()
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals = {role: 0.0 for role in PROJECTION_ROLES}
+    for event in prof.key_averages():
+        if event.key.startswith("projection:"):
+            totals[event.key.split(":", 1)[1]] += event.device_time_total / steps
+    return totals
+
+
 def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool, forward=None,
-            breakdown: bool = False) -> dict:
+            breakdown: bool = False, projections: bool = False) -> dict:
     # (room for the 4 warm-up steps, the timed ones and kernel_breakdown's 8)
     decoder = GraphDecoder(model, batch, prompt_len + new_tokens + 16, forward)
     generator = torch.Generator("cuda").manual_seed(batch)  # the same prompt for every mode and model
@@ -173,6 +217,8 @@ def measure(model, batch: int, prompt_len: int, new_tokens: int, use_graph: bool
         result["compile_s"] = first_step_s
     if breakdown:
         result["kernel_us_per_step"] = kernel_breakdown(decoder)
+    if projections:
+        result["projection_us_per_step"] = projection_breakdown(decoder)
     return result
 
 
@@ -183,7 +229,7 @@ def first_difference(tokens: torch.Tensor, other: torch.Tensor):
 
 
 def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: list, results: list,
-            compile_model: bool, breakdown: bool) -> None:
+            compile_model: bool, breakdown: bool, projections: bool) -> None:
     modes = [("eager", False, None), ("cuda_graph", True, None)]
     if compile_model:
         # One wrapper per model: it recompiles per batch size (static shapes), and the quantized model is
@@ -197,7 +243,7 @@ def run_all(model, label: str, batches, prompt_len: int, new_tokens: int, rows: 
         for mode, use_graph, forward in modes:
             try:
                 entry[mode] = measure(model, batch, prompt_len, new_tokens, use_graph, forward,
-                                      breakdown and mode == names[-1])
+                                      breakdown and mode == names[-1], projections and mode == "eager")
             except Exception as error:  # report, don't hide: the table says which mode failed and why
                 entry[mode] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
         entry["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -243,6 +289,8 @@ def main() -> None:
                         help="also time the quantized model with q/k/v and gate/up fused into one GEMM each")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile the last graph mode: GPU time per step by kind of kernel")
+    parser.add_argument("--projections", action="store_true",
+                        help="profile eager steps: GPU time per step of each projection (q_proj ... lm_head)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -252,7 +300,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.config, dtype)
     rows, results = [], []
-    run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results, args.compile, args.breakdown)
+    run_all(model, "bf16", args.batches, args.prompt_len, args.new_tokens, rows, results, args.compile, args.breakdown,
+            args.projections)
 
     start = time.perf_counter()
     rotated = ("down_proj", "o_proj") if args.online_rotation else ()
@@ -274,7 +323,7 @@ def main() -> None:
     quantized = (f"W{args.bits}A{args.act_bits or 16} {groups}" + (", online Hadamard" if args.online_rotation else "")
                  + (", lm_head too" if args.quantize_lm_head else ""))
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
-            rows, results, args.compile, args.breakdown)
+            rows, results, args.compile, args.breakdown, args.projections)
     if args.fuse_projections:
         fuse_projections(model)
         for module in model.modules():
@@ -282,7 +331,7 @@ def main() -> None:
                 module.prepare(dtype)  # once per fused group
         torch.cuda.empty_cache()
         run_all(model, f"{quantized}, fused q/k/v, gate/up ({backend})", args.batches, args.prompt_len,
-                args.new_tokens, rows, results, args.compile, args.breakdown)
+                args.new_tokens, rows, results, args.compile, args.breakdown, args.projections)
     modes = ["eager", "cuda_graph"] + (["compiled_graph"] if args.compile else [])
     for entry in results:
         for mode in modes:
@@ -304,6 +353,12 @@ def main() -> None:
                              + [f"{sum(split.values()):.0f}", f"{1e3 * entry[modes[-1]]['ms_per_step']:.0f}"])
         print(f"\nGPU time per decode step ({modes[-1]}, us) by kind of kernel, and the step's wall time")
         print_table(table, ["model", "batch"] + kinds + ["kernels", "step"])
+    if args.projections:
+        table = [[entry["model"], entry["batch"]] + [f"{split[role]:.0f}" for role in PROJECTION_ROLES]
+                 + [f"{sum(split.values()):.0f}"]
+                 for entry in results if (split := entry["eager"].get("projection_us_per_step"))]
+        print("\nGPU time per decode step (eager steps, us) of each projection's kernels, all layers")
+        print_table(table, ["model", "batch"] + list(PROJECTION_ROLES) + ["all"])
 
 
 if __name__ == "__main__":
