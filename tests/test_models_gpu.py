@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from quantkern import backends
+from quantkern.kv_cache import enable_kv_quantization, output_cache
 from quantkern.nn import QuantLinear, fuse_projections, replace_linear
 
 pytestmark = pytest.mark.gpu
@@ -97,6 +98,29 @@ def test_fused_projections_match_reference_on_smollm2_config(backend, options):
     model = smollm2_quantized(**options)
     assert len(fuse_projections(model)["fused"]) == 2 * model.config.num_hidden_layers
     assert_backend_matches_reference(model, backend)
+
+
+@pytest.mark.parametrize("rotate_keys", [False, True])
+def test_quantized_kv_cache_on_the_gpu_matches_the_reference(rotate_keys):
+    """W4A16 layers with a 4-bit KV cache (keys rotated by a Hadamard with ``rotate_keys``): the cache's
+    quantizer on the GPU kernels (automatic choice: Triton's quantize_kv; the keys' rotation on the CUDA kernel
+    where built) gives the reference cache's logits and greedy tokens."""
+    if "quantize_kv" not in backends.status("triton").kernels:
+        pytest.skip(f"no Triton quantize_kv: {backends.status('triton').reason}")
+    model = smollm2_quantized(bits=4, group_size=64)
+    prompt = torch.randint(0, 49152, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    outputs = []
+    for backend in ("reference", None):
+        enable_kv_quantization(model, 4, rotate_keys=rotate_keys, backend=backend)
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                          do_sample=False, return_dict_in_generate=True, output_logits=True))
+    assert type(output_cache(outputs[1])).__name__ == "QuantKVCache"
+    reference_out, kernel_out = outputs
+    for step in (0, 8, 15):
+        ref, got = reference_out.logits[step].float(), kernel_out.logits[step].float()
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2, step
+    assert torch.equal(kernel_out.sequences, reference_out.sequences)
 
 
 def decode_in_cuda_graph(model, forward, prompt, steps):
