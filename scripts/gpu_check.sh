@@ -7,7 +7,8 @@
 # one 10-minute device call (the GPU tests alone take ~8 minutes): split it with the variables below.
 # Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's own arch), QUANTKERN_SKIP_BENCH=1,
 # QUANTKERN_BENCH (benchmarks to run, default "activation_quant w4a16 e2e"), QUANTKERN_E2E_CONFIG
-# (default llama3-8b), QUANTKERN_W4A16_ARGS (default --quick; " " for every shape), QUANTKERN_SKIP_BUILD=1 and
+# (default llama3-8b), QUANTKERN_E2E_ARGS (more flags of bench_e2e.py, e.g. "--compile --fuse-projections"),
+# QUANTKERN_W4A16_ARGS (default --quick; " " for every shape), QUANTKERN_SKIP_BUILD=1 and
 # QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only), QUANTKERN_TESTS
 # (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1,
 # QUANTKERN_SANITIZE_CASES (case groups of scripts/sanitize_cases.py, default all; e.g. "int_gemm").
@@ -61,7 +62,7 @@ BENCHES=${QUANTKERN_BENCH:-activation_quant w4a16 e2e}
 [ "${QUANTKERN_SKIP_BENCH:-0}" = 1 ] && BENCHES=""
 for bench in $BENCHES; do
     case $bench in
-        e2e) extra="--config ${QUANTKERN_E2E_CONFIG:-llama3-8b}" ;;
+        e2e) extra="--config ${QUANTKERN_E2E_CONFIG:-llama3-8b} ${QUANTKERN_E2E_ARGS:-}" ;;
         w4a16) extra="${QUANTKERN_W4A16_ARGS:---quick}" ;;
         int_gemm) extra="${QUANTKERN_INT_GEMM_ARGS:-}" ;;  # QUANTKERN_BENCH="int_gemm"; args e.g. --quick, --all-shapes
         hadamard)  # QUANTKERN_BENCH="hadamard": builds the optional peer from .peers/ (git-ignored; name it in carry)
