@@ -329,7 +329,7 @@ def enable_kv_quantization(model, bits: int = 4, rotate_keys: bool = False, back
     """Make ``model`` (a Hugging Face causal LM) quantize its keys and values to ``bits`` (4 or 8)
     in every forward and in ``generate``; see the module docstring. Idempotent: calling it again
     replaces the settings. ``backend`` is passed to ``ops.quantize_kv`` / ``ops.hadamard`` (None:
-    automatic, which on CUDA tensors raises ``MissingKernelError`` while no kernel exists).
+    automatic: on CUDA tensors the Triton KV quantizer, and ``MissingKernelError`` where Triton is absent).
     Returns ``model``."""
     check_bits(bits)
     config = model.config.get_text_config(decoder=True)
