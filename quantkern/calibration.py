@@ -1,8 +1,9 @@
 """Calibration data: token windows from a text file, a JSONL file, or the model itself.
 
-* A ``.jsonl`` file holds one JSON object per line with a ``"text"`` field; any other file is plain
-  text with one sample per line. Blank lines are skipped; a missing file, or one with no text, is
-  an error.
+* A ``.jsonl`` file (any case of the suffix) holds one JSON object per line with a ``"text"`` field;
+  any other file is plain text with one sample per line. Files must be UTF-8 (a leading byte-order
+  mark is dropped); other bytes are an error naming their offset, not silently replaced. Blank lines
+  are skipped; a missing file, or one with no text, is an error.
 * The samples are joined (a newline between them), tokenized once, and ``n_samples`` windows of
   ``seq_len`` tokens are cut at seeded random offsets (the GPTQ/AWQ papers' recipe). A text shorter
   than one window is an error; a text shorter than ``n_samples`` windows gives overlapping windows.
@@ -59,8 +60,12 @@ def read_calibration_texts(path) -> List[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} does not exist")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".jsonl":
+    try:
+        raw = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"calibration file {path} is not UTF-8 text: byte offset {error.start} "
+                         f"({error.object[error.start:error.start + 1]!r}); convert it to UTF-8 first") from None
+    if path.suffix.lower() == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
             if not line.strip():

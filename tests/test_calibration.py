@@ -40,6 +40,18 @@ def test_bad_files_are_clear_errors(tmp_path, content, suffix, message):
         read_calibration_texts(path)
 
 
+def test_files_must_be_utf8_and_jsonl_suffix_is_case_insensitive(tmp_path):
+    # Non-UTF-8 bytes used to be replaced by U+FFFD silently.
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text: byte offset 3"):
+        read_calibration_texts(tmp_path / "latin1.txt")
+    # A byte-order mark is not text (it used to break the first JSON line), and .JSONL is JSONL.
+    (tmp_path / "bom.jsonl").write_bytes('{"text": "one"}\n'.encode("utf-8-sig"))
+    assert read_calibration_texts(tmp_path / "bom.jsonl") == ["one"]
+    (tmp_path / "upper.JSONL").write_text('{"text": "two"}\n')
+    assert read_calibration_texts(tmp_path / "upper.JSONL") == ["two"]
+
+
 def test_windows_are_seeded_slices_of_the_joined_text():
     texts = ["abcdefghij", "klmnopqrst"]
     joined = torch.tensor([ord(c) for c in "\n".join(texts)])
