@@ -216,6 +216,21 @@ def test_dead_inputs_get_zero_weights(act_order):
     assert output_error(x, w, qw) < 0.6 * output_error(x, w, reference.quantize_weight(w, 4, 32, False))
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_inputs_keep_the_result_independent_of_the_hessians_scale(act_order):
+    """H and c * H must give the same GPTQ: dead channels used to get H[i, i] = 1, which dominated the
+    dampening of a small-scale H (small activations) and silently degraded GPTQ towards RTN."""
+    k = 128
+    x = correlated_inputs(k, 512, seed=18)
+    x[:, [5, 6, 77, 127]] = 0
+    w = torch.randn(N_OUT, k, generator=torch.Generator().manual_seed(19))
+    h = hessian_of(x)
+    _, used = _gptq(w, h, 4, 32, True, act_order)
+    for c in (1e-6, 1e4):
+        _, scaled = _gptq(w, h * c, 4, 32, True, act_order)
+        assert torch.equal(scaled, used), c
+
+
 def test_all_zero_weight_and_rank_deficient_hessian():
     k = 64
     x = correlated_inputs(k, 16, seed=20)  # 16 tokens: H has rank 16 of 64, only dampening makes it invertible

@@ -6,7 +6,10 @@ statistic of the inputs is the Hessian of that loss, ``H = 2/n * X^T X`` [K, K]
 (input channels) of ``W`` [N, K] one at a time, for all N rows at once:
 
 1. *Dead inputs* (``H[i, i] == 0``: the channel was always zero) cannot affect the output; their
-   weights are set to zero and ``H[i, i]`` to 1 so that ``H`` stays invertible.
+   weights are set to zero and ``H[i, i]`` to the mean diagonal of the live inputs (1 if none is
+   live) so that ``H`` stays invertible. (The reference sets it to 1, which makes the dampening
+   below depend on the scale of ``H``: with small activations the dead channels' 1s dominate
+   ``mean(diag(H))``, over-dampen, and GPTQ silently degrades towards RTN.)
 2. *Dampening*: ``damp * mean(diag(H))`` is added to the diagonal, which keeps the inverse well
    conditioned when ``X`` has fewer independent directions than ``K``.
 3. ``U = cholesky(H^-1)`` (upper). Row ``i`` of ``U`` holds, for column ``i``, exactly the inverse-Hessian
@@ -182,12 +185,15 @@ def _gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
 
-    # Dead inputs: the output does not depend on these weights, so zero them; H[i, i] = 1 keeps H
-    # invertible. (A Gram matrix's zero-diagonal rows are zero already; clearing them makes sure.)
-    dead = torch.diagonal(h) == 0
+    # Dead inputs: the output does not depend on these weights, so zero them; a diagonal entry keeps H
+    # invertible. (A Gram matrix's zero-diagonal rows are zero already; clearing them makes sure.) The
+    # entry is the live inputs' mean diagonal, not 1, so that H and c * H give the same result.
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    fill = diag[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0, device=dev)
     h[dead, :] = 0
     h[:, dead] = 0
-    h[dead, dead] = 1
+    h[dead, dead] = fill
     w[:, dead] = 0
 
     n_groups = k // glen
@@ -315,7 +321,10 @@ class GPTQQuantizer(Quantizer):
             for roles, hessian in self.hessians(block, runner, stage).items():
                 for role in roles:
                     linear = block.linears[role]
-                    quantized[role] = self.quantize_weight(linear.weight.data, hessian)
+                    try:
+                        quantized[role] = self.quantize_weight(linear.weight.data, hessian)
+                    except ValueError as error:  # a NaN Hessian or a failed factorisation: say where
+                        raise ValueError(f"{block.linear_names[role]}: {error}") from None
                     set_fake_quantized(linear, quantized[role])
         return quantized
 
