@@ -61,3 +61,55 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="--rotation is for quarot"):
         quantize_model(model, None, config(method="gptq", rotation="hadamard"), progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules()), "a failed run changed the model"
+
+
+def _state(model):
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("windows, message", [
+    (torch.randint(100, 200, (2, 16)), r"token ids must lie in \[0, 128\).*from 1\d\d to 1\d\d"),
+    (torch.randint(0, 128, (2, 65)), "windows of 65 tokens are longer than the model's max_position_embeddings=64"),
+    (torch.zeros(0, 16, dtype=torch.int64), "calibration windows are empty"),
+])
+def test_bad_calibration_windows_fail_before_the_model_is_touched(windows, message):
+    # QuaRot rotates the whole model before the first block: out-of-vocabulary ids used to fail after it.
+    model = tiny_model("llama")
+    before = _state(model)
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, None, config(method="quarot", calib_windows=windows), progress=False)
+    after = _state(model)
+    assert all(torch.equal(before[name], after[name]) for name in before), "a failed run changed the model"
+
+
+def test_calibration_longer_than_the_model_is_an_error(tmp_path):
+    model = tiny_model("llama")  # max_position_embeddings=64
+    with pytest.raises(ValueError, match="windows of 100 tokens are longer than the model's max_position_embeddings"):
+        quantize_model(model, None, config(method="gptq", calib_seq_len=100), progress=False)
+
+
+def overflowing_fp16_model():
+    """A tiny fp16 Llama whose second MLP overflows (inf inputs of model.layers.1.mlp.down_proj)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(3000)
+        model.model.layers[1].mlp.gate_proj.weight.mul_(3000)
+    return model.half()
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("gptq", {}),
+    ("awq", {"options": {"n_grid": 2, "n_clip_tokens": 16}}),
+    ("smoothquant", {"bits": 8, "act_bits": 8, "group_size": -1}),
+    ("quarot", {}),
+    ("quarot", {"act_bits": 8}),
+    ("quarot", {"act_bits": 8, "options": {"act_clip_search": False}}),
+    ("quarot", {"act_bits": 8, "options": {"weights": "rtn"}}),
+])
+def test_overflowing_calibration_activations_are_an_error_naming_the_layer(method, extra):
+    """Before: GPTQ/QuaRot-GPTQ named no layer, AWQ and SmoothQuant blamed the weights ("holds a NaN or
+    inf weight"), QuaRot with RTN weights quantized without a word."""
+    model = overflowing_fp16_model()
+    windows = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj: .*(NaN or Inf)"):
+        quantize_model(model, None, config(method=method, calib_windows=windows, **extra), progress=False)

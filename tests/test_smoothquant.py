@@ -114,6 +114,31 @@ def test_smoothing_factors():
     assert torch.equal(smoothing_factors(act, weight, 1.0)[:2], act[:2])
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.9])
+def test_smoothing_that_overflows_fp16_is_an_error_that_leaves_the_block_alone(alpha):
+    """ReLU neurons never active in calibration get factors near EPS ** alpha: dividing up_proj's rows
+    by them overflowed fp16 (inf weights; before, only RTN's "weight row 0 ... holds a NaN or inf weight")."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      hidden_act="relu")
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        mlp = model.model.layers[0].mlp
+        mlp.gate_proj.weight[:8] = 0  # relu(0) = 0: dead neurons, so down_proj input channels 0-7 are zero
+        mlp.up_proj.weight.mul_(40)  # up_proj rows of magnitude about 1: / 1e-5 is beyond fp16
+    model = model.half()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    message = r"overflows the weights of \['model\.layers\.0\.mlp\.up_proj'\] in torch.float16"
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, None, QuantizeConfig(**W8A8, calib_windows=windows, kernel_shapes="reference",
+                                                   options={"alpha": alpha}), progress=False)
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
 def test_fake_quantize_tokens_matches_the_reference_per_token_quantizer():
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 3
     q, scale = reference.quantize_per_token(x, 8)

@@ -76,7 +76,7 @@ from torch import nn
 from .. import reference
 from ..format import QuantizedWeight, group_length, implicit_zero
 from ..models import DecoderBlock, UnsupportedModelError
-from .base import ALL_ROLES, BlockRunner, Quantizer, set_fake_quantized
+from .base import ALL_ROLES, BlockRunner, Quantizer, check_finite_inputs, set_fake_quantized
 
 # The captured inputs: which Linear's input, and the roles that read it.
 INPUT_OF = {"qkv": "q_proj", "o": "o_proj", "gate_up": "gate_proj", "down": "down_proj"}
@@ -156,6 +156,8 @@ class AWQQuantizer(Quantizer):
         if runner is None:
             raise ValueError("awq needs calibration inputs (a BlockRunner)")
         captured = self._capture(block, runner)
+        for key, role in INPUT_OF.items():
+            check_finite_inputs(captured.abs_sum[key], block.linear_names[role])
         if self.options["scale"]:
             pairs = self._pairs(block, captured)
             found = [(pair, self._search_scale(block, pair, captured)) for pair in pairs]
@@ -282,8 +284,9 @@ class AWQQuantizer(Quantizer):
         finally:
             for linear, w in zip(linears, originals):
                 linear.weight.data = w
-        if best_scales is None:  # every loss was NaN: keep the weights as they are
-            best_scales = torch.ones_like(x_mean)
+        if best_scales is None:  # every loss was NaN (inputs are finite: checked): never silently unscaled
+            raise ValueError(f"awq: {block.name}, scale search {pair.name}: the loss is NaN for every alpha "
+                             f"(NaN or Inf in the weights of {list(pair.roles)} or in their outputs)")
         return best_scales, best_alpha
 
     def _clip_tokens(self, inputs: List[torch.Tensor]) -> torch.Tensor:

@@ -124,6 +124,13 @@ def _hook(callback):
     return hook
 
 
+def check_finite_inputs(statistic: torch.Tensor, layer_name: str) -> None:
+    """ValueError naming ``layer_name`` if ``statistic`` (of its calibration inputs) holds NaN or Inf."""
+    if not bool(torch.isfinite(statistic).all()):
+        raise ValueError(f"{layer_name}: its calibration inputs contain NaN or Inf (the float model overflows "
+                         f"on the calibration windows: an fp16 model? quantize a bfloat16 or float32 copy)")
+
+
 def set_fake_quantized(linear: nn.Linear, qw: QuantizedWeight) -> None:
     """Make ``linear`` compute with the dequantized weights of ``qw`` (what its QuantLinear will use)."""
     linear.weight.data = reference.dequantize_weight(qw, linear.weight.dtype).to(linear.weight.device)
@@ -258,8 +265,37 @@ def _device_of(module: nn.Module):
     return None
 
 
+def check_windows(model: nn.Module, windows: torch.Tensor, vocab_size: int) -> None:
+    """ValueError unless ``windows`` are int64 token ids [samples >= 1, seq_len >= 1] below ``vocab_size``
+    and no longer than the model's ``max_position_embeddings`` (when its config has one)."""
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.dtype != torch.int64:
+        raise ValueError(f"calib_windows must be int64 token ids [samples, seq_len], got "
+                         f"{getattr(windows, 'dtype', type(windows).__name__)} {tuple(getattr(windows, 'shape', ()))}")
+    if windows.numel() == 0:
+        raise ValueError(f"calibration windows are empty: shape {tuple(windows.shape)}")
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"calibration token ids must lie in [0, {vocab_size}) (the embedding's rows), "
+                         f"got ids from {low} to {high}")
+    check_seq_len(model, windows.shape[1])
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """ValueError if ``seq_len`` exceeds the model's ``max_position_embeddings`` (when it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"calibration windows of {seq_len} tokens are longer than the model's "
+                         f"max_position_embeddings={limit}; use a calibration length <= {limit}")
+
+
 def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress: bool = True) -> QuantizeResult:
-    """Quantize ``model`` in place with ``config.method``; returns the model and what was done."""
+    """Quantize ``model`` in place with ``config.method``; returns the model and what was done.
+
+    The configuration, every layer's shape and the calibration windows are checked before the model
+    is touched: such errors leave it as it was. An error after that (inside a method: a Hessian that
+    cannot be factorised, activations that overflow, ...) leaves it **partly transformed** (QuaRot's
+    rotations applied, earlier blocks already ``QuantLinear``): quantize a copy, or reload the model,
+    if it must survive a failure."""
     from tqdm.auto import tqdm
 
     from . import METHODS
@@ -283,17 +319,19 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
         model_home = _device_of(model)
         if config.calib_windows is not None:
             windows = config.calib_windows
-            if windows.dim() != 2 or windows.dtype != torch.int64:
-                raise ValueError(f"calib_windows must be int64 token ids [samples, seq_len], got "
-                                 f"{windows.dtype} {tuple(windows.shape)}")
+            check_windows(model, windows, structure.embed_tokens.num_embeddings)
             calibration = {"source": "caller", "samples": windows.shape[0], "seq_len": windows.shape[1],
                            "seed": None, "sha256": windows_sha256(windows)}
         else:
+            check_seq_len(model, config.calib_seq_len)  # before the model writes its own samples
             if config.calib_path is None:
                 model.to(device)  # the model writes its own samples: it runs whole, once
-            windows, info = calibration_windows(model, tokenizer, config.calib_path, config.calib_samples,
-                                                config.calib_seq_len, config.seed)
-            model.to(model_home)
+            try:
+                windows, info = calibration_windows(model, tokenizer, config.calib_path, config.calib_samples,
+                                                    config.calib_seq_len, config.seed)
+            finally:
+                model.to(model_home)
+            check_windows(model, windows, structure.embed_tokens.num_embeddings)
             calibration = info.as_dict()
         timings["calibration"] = round(time.perf_counter() - calib_start, 2)
 

@@ -107,7 +107,8 @@ from .. import reference
 from ..format import QuantizedWeight, group_length, implicit_zero
 from ..models import SEQUENTIAL_GROUPS, DecoderBlock, ModelStructure
 from ..rotation import block_diagonal_hadamard, hadamard_transform, is_hadamard_size, pca_rotation, random_signs
-from .base import BlockRunner, Quantizer, _device_of, _first_block_inputs, set_fake_quantized
+from .base import (BlockRunner, Quantizer, _device_of, _first_block_inputs, check_finite_inputs,
+                   set_fake_quantized)
 
 ROTATIONS = ("hadamard", "pca")
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the residual stream
@@ -532,16 +533,21 @@ class QuaRotQuantizer(Quantizer):
                                       self.options["online_hadamard"], self.options["pca_source"],
                                       self.options["pca_hadamard"])
 
-    def _gptq(self, linear: nn.Linear, hessian: torch.Tensor, weight: Optional[torch.Tensor] = None) -> QuantizedWeight:
-        """GPTQ of ``weight`` (default: the Linear's own) with the input Hessian ``hessian``."""
+    def _gptq(self, linear: nn.Linear, hessian: torch.Tensor, weight: Optional[torch.Tensor] = None,
+              name: str = "") -> QuantizedWeight:
+        """GPTQ of ``weight`` (default: the Linear's own) with the input Hessian ``hessian``; its errors
+        (a NaN Hessian, a failed factorisation) are prefixed with the layer's ``name``."""
         from .gptq import gptq_quantize
 
         weight = linear.weight.detach() if weight is None else weight.to(linear.weight.device)
-        return gptq_quantize(weight, hessian.to(linear.weight.device), self.config.bits,
-                             self.group_size, self.config.symmetric, self.options["gptq_act_order"],
-                             self.options["gptq_static_groups"], self.options["gptq_damp"],
-                             self.options["gptq_block_size"], self.config.scale_dtype,
-                             group_params=mse_clip_group_params if self.options["weight_clip"] else None)
+        try:
+            return gptq_quantize(weight, hessian.to(linear.weight.device), self.config.bits,
+                                 self.group_size, self.config.symmetric, self.options["gptq_act_order"],
+                                 self.options["gptq_static_groups"], self.options["gptq_damp"],
+                                 self.options["gptq_block_size"], self.config.scale_dtype,
+                                 group_params=mse_clip_group_params if self.options["weight_clip"] else None)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}" if name else str(error)) from None
 
     def _rtn(self, linear: nn.Linear) -> QuantizedWeight:
         if self.options["weight_clip"]:
@@ -573,9 +579,12 @@ class QuaRotQuantizer(Quantizer):
                 hessian, sample = None, None
                 if runner is not None and (gptq or self.search_clips):
                     hessian, sample = self._group_statistics(block, runner, first, gptq)
+                    if sample is not None:
+                        check_finite_inputs(sample, block.linear_names[group[0]])
                 for role in group:
                     linear = block.linears[role]
-                    quantized[role] = self._gptq(linear, hessian) if gptq else self._rtn(linear)
+                    quantized[role] = (self._gptq(linear, hessian, name=block.linear_names[role]) if gptq
+                                       else self._rtn(linear))
                     set_fake_quantized(linear, quantized[role])
                     if self.search_clips:
                         self.clips[block.linear_names[role]] = self._best_clip(linear, sample)
@@ -606,6 +615,7 @@ class QuaRotQuantizer(Quantizer):
         bits = self.config.act_bits
         if self.search_clips:
             _, sample = self._group_statistics(block, runner, first, gptq=False)
+            check_finite_inputs(sample, block.linear_names[group[0]])
             for role in group:
                 self.clips[block.linear_names[role]] = self._best_clip(block.linears[role], sample)
         clips = {role: self._clip(block, role) for role in group}
@@ -627,8 +637,10 @@ class QuaRotQuantizer(Quantizer):
         for role in group:
             linear = block.linears[role]
             h, c = stats[clips[role]]
+            for statistic in (h, c):
+                check_finite_inputs(statistic, block.linear_names[role])
             target = quantized_input_target(linear.weight, h, c, float(self.options["gptq_target_ridge"]))
-            quantized[role] = self._gptq(linear, h.float(), target)
+            quantized[role] = self._gptq(linear, h.float(), target, name=block.linear_names[role])
             set_fake_quantized(linear, quantized[role])
         return quantized
 

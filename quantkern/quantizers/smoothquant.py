@@ -32,8 +32,9 @@ W8A8: ``QuantLinear(bits=8, act_bits=8)``, per-token dynamic symmetric int8 acti
 
 Options:
 
-* ``alpha`` (default 0.5): the migration strength in [0, 1] (0: no smoothing, 1: all of the range
-  moved into the weights), or ``"auto"``: for each of the block's smoothing groups, the alpha of
+* ``alpha`` (default 0.5): the migration strength in [0, 1] (0: ``s_j = 1 / w_j``, all of the
+  range moved into the activations, *not* "no smoothing"; 1: ``s_j = a_j``, all of it moved into the
+  weights), or ``"auto"``: for each of the block's smoothing groups, the alpha of
   ``alpha_grid`` whose fake-quantized group (smoothed weights RTN-quantized, smoothed activations
   per-token int8) has the smallest summed squared output error on the calibration tokens; the chosen
   alphas are recorded in the checkpoint's metadata (``alphas``). The search is local (one group's
@@ -52,6 +53,11 @@ Configuration: ``act_bits`` must be 8 (SmoothQuant is an activation-quantization
 with ``group_size=-1`` (per-channel W8A8, the paper's setting) or ``bits`` 4 (W4A8, any group size:
 the same smoothing, 4-bit weights). W4A4 is refused: per-token int4 activations need rotations
 (the ``quarot`` method), not smoothing alone.
+
+Errors: calibration inputs holding NaN/Inf (an fp16 model overflowing) are an error naming the
+layer; so is a smoothing whose folded weights would overflow the model's dtype (an input channel
+never active in calibration gets ``s_j = EPS ** alpha / w_j ** (1 - alpha)``, which divides its
+producer's weights by up to ``1e5`` at ``alpha = 1``) - nothing of the block is changed then.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from torch import nn
 from .. import reference
 from ..format import QuantizedWeight
 from ..models import DecoderBlock, ModelStructure
-from .base import ALL_ROLES, BlockRunner, Quantizer, set_fake_quantized
+from .base import ALL_ROLES, BlockRunner, Quantizer, check_finite_inputs, set_fake_quantized
 
 ACT_BITS = 8
 DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -225,7 +231,14 @@ class SmoothQuantQuantizer(Quantizer):
         groups = self._smoothable(block)
         auto = self.options["alpha"] == "auto"
         act_max, tokens = self._collect(block, runner, groups, keep_tokens=auto)
+        for group in groups:
+            check_finite_inputs(act_max[group], block.linear_names[GROUPS[group][0]])
         linears = block.linears
+        # Every tensor the folds may change, by name, so that an overflow can leave the block as it was.
+        touched = {block.linear_names[role]: linear for role, linear in linears.items()}
+        touched.update({f"{block.name}.{role}": norm for role, norm in block.norms.items()})
+        saved = {name: [(t, t.data) for t in (module.weight, getattr(module, "bias", None)) if t is not None]
+                 for name, module in touched.items()}
         used = {}
         for group in groups:
             readers = [linears[role] for role in GROUPS[group][1]]
@@ -251,6 +264,16 @@ class SmoothQuantQuantizer(Quantizer):
                 for linear in readers:
                     scale_input_channels(linear, s)
             used[group] = alpha
+        overflowed = [name for name, tensors in saved.items() if not all(bool(torch.isfinite(t).all())
+                                                                          for t, _ in tensors)]
+        if overflowed:
+            for tensors in saved.values():
+                for t, data in tensors:
+                    t.data = data
+            raise ValueError(f"smoothquant: folding the smoothing factors (alphas {used}) overflows the weights "
+                             f"of {overflowed} in {linears['q_proj'].weight.dtype} (an input channel never active "
+                             f"in calibration gets a factor near {EPS:g} ** alpha); use a smaller alpha, or a "
+                             f"float32/bfloat16 model")
         return used
 
     def quantize_block(self, block: DecoderBlock, runner: Optional[BlockRunner]) -> Dict[str, QuantizedWeight]:
