@@ -124,9 +124,18 @@ def self_generated_windows(model, n_samples: int, seq_len: int, seed: int, batch
     return torch.cat(windows)
 
 
+def check_seq_len(model, seq_len: int) -> None:
+    """ValueError if ``seq_len`` exceeds the model's ``max_position_embeddings`` (when it has one)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"calibration windows of {seq_len} tokens are longer than the model's "
+                         f"max_position_embeddings={limit}; use a calibration length <= {limit}")
+
+
 def calibration_windows(model, tokenizer, path=None, n_samples: int = 128, seq_len: int = 512,
                         seed: int = 0):
     """``(windows [n_samples, seq_len], CalibrationInfo)`` from ``path``, or self-generated when None."""
+    check_seq_len(model, seq_len)
     if path is not None:
         windows = windows_from_texts(tokenizer, read_calibration_texts(path), n_samples, seq_len, seed)
         source = str(Path(path).expanduser().resolve())

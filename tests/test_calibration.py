@@ -52,6 +52,17 @@ def test_files_must_be_utf8_and_jsonl_suffix_is_case_insensitive(tmp_path):
     assert read_calibration_texts(tmp_path / "upper.JSONL") == ["two"]
 
 
+def test_windows_longer_than_the_model_are_refused_before_any_work():
+    # quantize_model checked this; calibration_windows called directly did not.
+    from types import SimpleNamespace
+
+    from quantkern.calibration import calibration_windows
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))  # generating would fail: no model
+    with pytest.raises(ValueError, match="windows of 100 tokens are longer than .* max_position_embeddings=64"):
+        calibration_windows(model, None, None, n_samples=2, seq_len=100)
+
+
 def test_windows_are_seeded_slices_of_the_joined_text():
     texts = ["abcdefghij", "klmnopqrst"]
     joined = torch.tensor([ord(c) for c in "\n".join(texts)])

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .. import ops, reference
+from ..calibration import check_seq_len
 from ..format import QuantizedWeight, check_bits, group_length
 from ..models import ATTENTION_ROLES, MLP_ROLES, DecoderBlock, ModelStructure, model_structure
 from ..nn import AUTO_GROUP_SIZES, QuantLinear, set_submodule
@@ -278,14 +279,6 @@ def check_windows(model: nn.Module, windows: torch.Tensor, vocab_size: int) -> N
         raise ValueError(f"calibration token ids must lie in [0, {vocab_size}) (the embedding's rows), "
                          f"got ids from {low} to {high}")
     check_seq_len(model, windows.shape[1])
-
-
-def check_seq_len(model: nn.Module, seq_len: int) -> None:
-    """ValueError if ``seq_len`` exceeds the model's ``max_position_embeddings`` (when it has one)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(f"calibration windows of {seq_len} tokens are longer than the model's "
-                         f"max_position_embeddings={limit}; use a calibration length <= {limit}")
 
 
 def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress: bool = True) -> QuantizeResult:
