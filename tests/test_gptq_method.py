@@ -59,6 +59,16 @@ def test_gptq_beats_rtn_on_the_real_model(smollm_3_blocks, symmetric):
     assert all((layer.zeros is None) == symmetric for layer in layers)
     assert result.calibration["samples"] == 8 and len(result.calibration["sha256"]) == 64
     assert result.extra_config["options"]["act_order"] is True
+    assert result.extra_config["options"]["static_groups"] is True  # what act-order with groups runs
+
+
+@pytest.mark.parametrize("group_size, act_order, recorded", [(64, True, True), (-1, True, False), (64, False, False)])
+def test_the_metadata_records_the_static_groups_that_ran(group_size, act_order, recorded):
+    # act_order with groups forces static groups (the format has no g_idx); the metadata said False.
+    from quantkern.quantizers.gptq import GPTQQuantizer
+
+    config = QuantizeConfig(method="gptq", group_size=group_size, options={"act_order": act_order})
+    assert GPTQQuantizer(config, group_size).extra_config()["options"]["static_groups"] is recorded
 
 
 def test_true_sequential_off_and_static_groups_run(smollm_3_blocks):

@@ -296,6 +296,11 @@ class GPTQQuantizer(Quantizer):
     default_options = {"damp": 0.01, "act_order": True, "static_groups": False, "true_sequential": True,
                        "block_size": 128}
 
+    def __init__(self, config, group_size: int):
+        super().__init__(config, group_size)
+        if self.options["act_order"] and group_size != -1:  # as _gptq forces it: the metadata records what ran
+            self.options["static_groups"] = True
+
     def hessians(self, block: DecoderBlock, runner: BlockRunner, groups) -> dict:
         """One pass of the block over the calibration inputs: the input Hessian of each group."""
         accumulators = {}
