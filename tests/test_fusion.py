@@ -210,16 +210,18 @@ def test_a_member_called_alone_or_after_an_in_place_change_is_still_right():
 
 
 def test_prepare_on_a_member_prepares_the_stacked_weight_for_the_whole_group():
-    """On the Triton backend (the CPU interpreter here): one prepared weight of q+k+v's rows, a backend
-    chosen on one member applies to all, and the group's output is each layer's."""
+    """On the Triton backend (the CPU interpreter without a GPU): one prepared weight of q+k+v's rows, a
+    backend chosen on one member applies to all, and the group's output is each layer's."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     linears = [torch.nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
-    layers = [QuantLinear.from_linear(linear, 4, 32) for linear in linears]
+    layers = [QuantLinear.from_linear(linear, 4, 32).to(device) for linear in linears]
     attention = torch.nn.Module()
     for role, layer in zip(("q_proj", "k_proj", "v_proj"), layers):
         setattr(attention, role, layer)
-    x = torch.randn(5, 64, dtype=torch.float16)
-    expected = [ops.weight_only_linear(x.float(), layer.weight, layer.bias.float()) for layer in layers]
+    x = torch.randn(5, 64, dtype=torch.float16).to(device)
+    expected = [ops.weight_only_linear(x.float(), layer.weight, layer.bias.float(), backend="reference")
+                for layer in layers]
     assert quantkern.fuse_projections(attention)["fused"] == ["{q_proj,k_proj,v_proj}"]
     layers[1].prepare(torch.float16, backend="triton")
     fusion = layers[0]._fusion[0]
