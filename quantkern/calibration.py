@@ -98,9 +98,12 @@ def windows_from_texts(tokenizer, texts: List[str], n_samples: int, seq_len: int
 
 @torch.no_grad()
 def self_generated_windows(model, n_samples: int, seq_len: int, seed: int, batch_size: int = 16,
-                           vocab_size: Optional[int] = None) -> torch.Tensor:
+                           vocab_size: Optional[int] = None, progress: bool = False) -> torch.Tensor:
     """Data-free calibration: windows the model writes itself, each from a random first token,
-    continued by sampling from the model's distribution (temperature 1)."""
+    continued by sampling from the model's distribution (temperature 1). ``progress``: a bar counting
+    the windows written (generation is the slow part of a data-free run)."""
+    from tqdm.auto import tqdm
+
     _check_counts(n_samples, seq_len)
     vocab_size = vocab_size or model.get_input_embeddings().num_embeddings
     device = next(model.parameters()).device
@@ -108,6 +111,7 @@ def self_generated_windows(model, n_samples: int, seq_len: int, seed: int, batch
     torch_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.manual_seed(seed)  # generate() samples with the global generator
+    bar = tqdm(total=n_samples, desc="self-generated calibration", unit="window", disable=not progress)
     try:
         windows = []
         for first in range(0, n_samples, batch_size):
@@ -117,7 +121,9 @@ def self_generated_windows(model, n_samples: int, seq_len: int, seed: int, batch
                                  top_p=1.0, temperature=1.0, max_new_tokens=seq_len - 1,
                                  min_new_tokens=seq_len - 1, pad_token_id=0)
             windows.append(out[:, :seq_len].cpu())
+            bar.update(count)
     finally:
+        bar.close()
         torch.random.set_rng_state(torch_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
@@ -133,14 +139,15 @@ def check_seq_len(model, seq_len: int) -> None:
 
 
 def calibration_windows(model, tokenizer, path=None, n_samples: int = 128, seq_len: int = 512,
-                        seed: int = 0):
-    """``(windows [n_samples, seq_len], CalibrationInfo)`` from ``path``, or self-generated when None."""
+                        seed: int = 0, progress: bool = False):
+    """``(windows [n_samples, seq_len], CalibrationInfo)`` from ``path``, or self-generated when None
+    (``progress``: a bar while the model writes them)."""
     check_seq_len(model, seq_len)
     if path is not None:
         windows = windows_from_texts(tokenizer, read_calibration_texts(path), n_samples, seq_len, seed)
         source = str(Path(path).expanduser().resolve())
     else:
-        windows = self_generated_windows(model, n_samples, seq_len, seed)
+        windows = self_generated_windows(model, n_samples, seq_len, seed, progress=progress)
         source = "self-generated"
     return windows, CalibrationInfo(source, n_samples, seq_len, seed, windows_sha256(windows))
 

@@ -100,3 +100,15 @@ def test_self_generated_windows_are_seeded_and_leave_global_rng_alone():
     assert a.shape == (3, 6) and a.dtype == torch.int64 and torch.equal(a, b)
     assert torch.equal(before, after), "calibration sampling changed the caller's random stream"
     assert int(a.max()) < 128
+
+
+def test_self_generated_windows_show_progress_only_when_asked(capsys):
+    from tests.test_models import tiny_model
+
+    model = tiny_model("llama")
+    quiet = self_generated_windows(model, n_samples=3, seq_len=4, seed=0, batch_size=2)
+    assert "self-generated calibration" not in capsys.readouterr().err
+    shown = self_generated_windows(model, n_samples=3, seq_len=4, seed=0, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "self-generated calibration" in err and "3/3" in err
+    assert torch.equal(quiet, shown)

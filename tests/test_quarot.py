@@ -63,6 +63,18 @@ def test_fold_and_rotate_keep_the_float_logits(rotation, tie):
     assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, tiny_llama(tie).model.layers[0].self_attn.q_proj.weight)
 
 
+def test_pca_statistics_show_progress_only_when_asked(capsys):
+    from quantkern.quantizers.quarot import residual_second_moment
+
+    structure = model_structure(tiny_llama())
+    quiet = residual_second_moment(structure, ids(2, 16))
+    assert "PCA statistics" not in capsys.readouterr().err
+    shown = residual_second_moment(structure, ids(2, 16), progress=True)
+    err = capsys.readouterr().err
+    assert "PCA statistics" in err and "2/2" in err  # one step per block
+    assert torch.equal(quiet, shown)
+
+
 def test_online_hadamards_are_needed_and_exact_through_quantlinear():
     model = tiny_llama()
     tokens = ids()

@@ -164,8 +164,10 @@ class Quantizer:
         if self.config.kv_bits is not None:
             raise ValueError(f"{self.name} does not quantize the KV cache; --kv-bits is for quarot")
 
-    def prepare_model(self, structure: ModelStructure, windows: Optional[torch.Tensor]) -> None:
-        """Whole-model transforms before the block loop (default: none)."""
+    def prepare_model(self, structure: ModelStructure, windows: Optional[torch.Tensor],
+                      progress: bool = False) -> None:
+        """Whole-model transforms before the block loop (default: none); ``progress``: a bar for any
+        pass over the blocks they make."""
 
     def quantize_block(self, block: DecoderBlock, runner: Optional[BlockRunner]) -> Dict[str, QuantizedWeight]:
         """Quantize the block's seven Linears; return role -> QuantizedWeight, leaving each Linear
@@ -321,14 +323,14 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
                 model.to(device)  # the model writes its own samples: it runs whole, once
             try:
                 windows, info = calibration_windows(model, tokenizer, config.calib_path, config.calib_samples,
-                                                    config.calib_seq_len, config.seed)
+                                                    config.calib_seq_len, config.seed, progress=progress)
             finally:
                 model.to(model_home)
             check_windows(model, windows, structure.embed_tokens.num_embeddings)
             calibration = info.as_dict()
         timings["calibration"] = round(time.perf_counter() - calib_start, 2)
 
-    quantizer.prepare_model(structure, windows)
+    quantizer.prepare_model(structure, windows, progress)
     runner = _first_block_inputs(structure, windows, device) if windows is not None else None
 
     blocks = structure.blocks

@@ -324,7 +324,7 @@ def fuse_online_hadamards(structure: ModelStructure, roles=ONLINE_ROLES, hooks: 
 
 @torch.no_grad()
 def residual_second_moment(structure: ModelStructure, windows: torch.Tensor, device="cpu",
-                           source: str = "blocks") -> torch.Tensor:
+                           source: str = "blocks", progress: bool = False) -> torch.Tensor:
     """``sum x x^T`` (float64) of the normalised residual vectors ``x = h / ||h||`` over the calibration
     windows: at every block's input and the final norm's input (``"blocks"``), or at the embeddings'
     output only (``"embeddings"``). Runs the float model block by block on ``device``."""
@@ -342,9 +342,11 @@ def residual_second_moment(structure: ModelStructure, windows: torch.Tensor, dev
         embed = structure.embed_tokens
         add(embed(w.to(embed.weight.device)[None]) for w in windows)
         return total
+    from tqdm.auto import tqdm
+
     runner = _first_block_inputs(structure, windows, device)
     add(runner.inputs)
-    for block in structure.blocks:
+    for block in tqdm(structure.blocks, desc="PCA statistics", unit="block", disable=not progress):
         home = _device_of(block.module)
         block.module.to(device)
         runner.inputs = runner.run(block.module, keep_outputs=True)
@@ -355,7 +357,7 @@ def residual_second_moment(structure: ModelStructure, windows: torch.Tensor, dev
 
 def residual_rotation(structure: ModelStructure, kind: str = "hadamard", seed: int = 0,
                       windows: Optional[torch.Tensor] = None, device="cpu", pca_source: str = "blocks",
-                      pca_hadamard: bool = True) -> Rotation:
+                      pca_hadamard: bool = True, progress: bool = False) -> Rotation:
     """The orthogonal ``Q`` of the residual stream (``Rotation.matrix()`` is [hidden, hidden]); see
     the module docstring. The random Hadamard factor is ``rotation.random_hadamard_matrix(hidden, seed)``."""
     n = structure.hidden_size
@@ -365,19 +367,19 @@ def residual_rotation(structure: ModelStructure, kind: str = "hadamard", seed: i
         raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
     if windows is None:
         raise ValueError("rotation='pca' needs calibration windows")
-    v = pca_rotation(residual_second_moment(structure, windows, device, pca_source))
+    v = pca_rotation(residual_second_moment(structure, windows, device, pca_source, progress))
     return Rotation(n, dense=v, signs=random_signs(n, seed) if pca_hadamard else None)
 
 
 def quarot_transform(structure: ModelStructure, rotation: str = "hadamard", seed: int = 0,
                      windows: Optional[torch.Tensor] = None, device="cpu", online_hadamard: bool = True,
-                     pca_source: str = "blocks", pca_hadamard: bool = True) -> list:
+                     pca_source: str = "blocks", pca_hadamard: bool = True, progress: bool = False) -> list:
     """Steps 1-4 of the module docstring on a float model, in place; its outputs are unchanged (up to
     rounding). Returns the online rotations' pre-hook handles."""
     for name, norm in norms_of(structure):
         check_rms_norm(norm, name)
     # PCA statistics come from the untouched model (folding and rotating do not change the residual).
-    q = residual_rotation(structure, rotation, seed, windows, device, pca_source, pca_hadamard)
+    q = residual_rotation(structure, rotation, seed, windows, device, pca_source, pca_hadamard, progress)
     fold_norms(structure)
     rotate_residual(structure, q)
     rotate_values(structure)
@@ -528,10 +530,11 @@ class QuaRotQuantizer(Quantizer):
                                          f"in_features={linear.in_features} for the online rotation "
                                          f"(set option online_hadamard=False)")
 
-    def prepare_model(self, structure: ModelStructure, windows: Optional[torch.Tensor]) -> None:
+    def prepare_model(self, structure: ModelStructure, windows: Optional[torch.Tensor],
+                      progress: bool = False) -> None:
         self.hooks = quarot_transform(structure, self.rotation, self.config.seed, windows, self.config.device,
                                       self.options["online_hadamard"], self.options["pca_source"],
-                                      self.options["pca_hadamard"])
+                                      self.options["pca_hadamard"], progress)
 
     def _gptq(self, linear: nn.Linear, hessian: torch.Tensor, weight: Optional[torch.Tensor] = None,
               name: str = "") -> QuantizedWeight:
