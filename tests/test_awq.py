@@ -162,6 +162,22 @@ def test_clip_search_never_increases_the_group_error_it_measures(symmetric):
     assert (clipped.abs() <= w.abs()).all()  # clipping only moves weights towards zero
 
 
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_clip_search_in_chunks_equals_one_pass(monkeypatch, group_size):
+    # The search bounds its temporaries by output channels per step (per-channel groups: K counts too);
+    # the chunking must not change what it chooses.
+    import quantkern.quantizers.awq as awq
+
+    quantizer = AWQQuantizer(QuantizeConfig(method="awq"), group_size)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 128, generator=gen) * 0.05
+    x = torch.randn(64, 128, generator=gen)
+    whole, whole_ratio = quantizer._search_clip(w, x)
+    monkeypatch.setattr(awq, "CLIP_CHUNK_ELEMENTS", 7 * (64 * (128 // (128 if group_size == -1 else 32)) + 4 * 128))
+    chunked, chunked_ratio = quantizer._search_clip(w, x)  # 7 channels a step: 6 steps, the last partial
+    assert torch.equal(whole, chunked) and whole_ratio == pytest.approx(chunked_ratio)
+
+
 def output_error(model, tok, calib, **config):
     """Relative MSE of the truncated model's last hidden state after quantization, on GPL-3."""
     ids = tok(open(GPL3).read(), return_tensors="pt")["input_ids"][0][:512].reshape(2, 256)

@@ -86,7 +86,10 @@ CLIPPED_ROLES = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # not
 # Inputs of the pairs whose loss is one Linear's output error: ||X D^T||^2 = trace(D X^T X D^T)
 # needs only the Gram matrix X^T X, so their search sees every token at the cost of one GEMM.
 GRAM_KEYS = ("o", "down")
-CLIP_CHUNK_ELEMENTS = 1 << 24  # output channels x tokens x groups per step of the clipping search
+# fp32 temporaries per step of the clipping search: a step's output channels each take tokens x groups
+# (the error) plus ~4 K (the clipped, fake-quantized and difference copies of their weights: per-channel
+# groups make K the larger term).
+CLIP_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -305,7 +308,7 @@ class AWQQuantizer(Quantizer):
         n_grid = self.options["n_grid"]
         ratios = [1.0 - i / n_grid for i in range(int(round(self.options["max_shrink"] * n_grid)) + 1)]
         xg = x.reshape(x.shape[0], n_groups, glen)
-        rows = max(1, CLIP_CHUNK_ELEMENTS // (x.shape[0] * n_groups))
+        rows = max(1, CLIP_CHUNK_ELEMENTS // (x.shape[0] * n_groups + 4 * k))
         out = torch.empty(n_out, k, dtype=torch.float32, device=weight.device)
         ratio_sum = 0.0
         for start in range(0, n_out, rows):
