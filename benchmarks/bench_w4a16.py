@@ -13,6 +13,12 @@ up) of a model do. ``--after-other-kernel`` puts a one-block elementwise kernel 
 every kernel instead, as where another op precedes the layer; the times then include it (its own time is
 printed).
 Before timing, every kernel's output is checked against the fp32 reference (relative error <= 2e-3).
+The roofline columns count each kernel's bytes (weights, scales and zeros, x, y) against the device's 1 GiB
+copy rate (read + written) measured in the same run: ``bw`` is the fraction of that rate a kernel moved, and
+``ceiling`` the speed-up over cuBLAS fp16 that a kernel of ours moving its bytes at the full copy rate would
+get. On the H200 cuBLAS fp16 streams its weights at about the copy rate at M <= 64, so a 3.5x target there
+asks ours for 0.9 of the copy rate; on the H100 (whose cuBLAS moved 2.2-2.3 of its 3.0 TB/s, ANCHORS.md)
+the same target asks less.
 
     python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
                                      [--cuda-graph] [--group 32] [--asymmetric]
@@ -25,7 +31,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import copies_for, cycling, graph_us, median_us, print_table, warm_up_gpu, write_json
+from common import (copies_for, copy_bandwidth_gbs, cycling, graph_us, median_us, print_table, warm_up_gpu,
+                    write_json)
 from quantkern import backends, ops, reference
 
 # K x N of the real models' linear layers (Llama-3-8B/70B, Qwen2.5/3, SmolLM2).
@@ -53,6 +60,16 @@ def torch_int4_peer(w: torch.Tensor, group: int):
     scales_and_zeros = torch.stack([scale.T, zeros.T], dim=-1).to(torch.bfloat16).contiguous()
     dequant = ((codes.float().reshape(n, k // group, group) - 8) * scale[..., None] + zeros[..., None]).reshape(n, k)
     return (lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, group, scales_and_zeros)), dequant
+
+
+def bytes_moved(m: int, k: int, n: int, weight_bytes: float) -> float:
+    """A linear's bytes: its weights (with scales and zeros), x read and y written, 16-bit activations."""
+    return weight_bytes + 2 * m * k + 2 * m * n
+
+
+def int4_weight_bytes(k: int, n: int, group: int, asymmetric: bool) -> float:
+    """Packed int4 codes plus 16-bit scales (and zeros) of one group each."""
+    return n * k / 2 + (2 if asymmetric else 1) * 2 * n * (k // group)
 
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,6 +104,7 @@ def main() -> None:
         shapes = QUICK_SHAPES if args.quick else SHAPES
 
     warm_up_gpu()
+    copy_gbs = copy_bandwidth_gbs()
     other = torch.zeros(256, device="cuda")
     other_us = graph_us(lambda: other.add_(1.0)) if args.after_other_kernel else 0.0
 
@@ -140,23 +158,34 @@ def main() -> None:
                 for b in ours:
                     times[b] = median_us(lambda: ops.weight_only_linear(x, prepared[b]))
             speedup = {name: times["cublas_fp16"] / t for name, t in times.items()}
+            ours_bytes = bytes_moved(m, k, n, int4_weight_bytes(k, n, group, args.asymmetric))
+            nbytes = {"cublas_fp16": bytes_moved(m, k, n, 2 * n * k), "ours": ours_bytes}
+            bandwidth = {name: nbytes["cublas_fp16" if name.startswith("cublas") else "ours"] / (t * 1e3) / copy_gbs
+                         for name, t in times.items() if name != "torch_int4"}
+            ceiling = times["cublas_fp16"] / (ours_bytes / (copy_gbs * 1e3))
             results.append({"m": m, "k": k, "n": n, "group_size": group, "time_us": times,
-                            "speedup_vs_cublas_fp16": speedup, "relative_error": errors})
+                            "speedup_vs_cublas_fp16": speedup, "relative_error": errors, "bytes": nbytes,
+                            "fraction_of_copy_bandwidth": bandwidth, "ceiling_speedup_at_copy_bandwidth": ceiling})
             table.append([f"{k}x{n}" + ("" if group == args.group else f" g{group}"), m, f"{times['cublas_fp16']:.1f}"]
                          + [f"{times[b]:.1f} ({speedup[b]:.2f}x)" for b in ours]
-                         + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x"])
+                         + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x",
+                            " / ".join(f"{bandwidth[name]:.2f}" for name in ["cublas_fp16"] + ours), f"{ceiling:.2f}x"])
     if args.json:
         timing = ("do_bench_cudagraph median, weights rotated past L2" if args.cuda_graph
                   else "do_bench median, L2 flushed before each call")
         if args.after_other_kernel:
             timing += f", each call after a one-block elementwise kernel ({other_us:.2f} us alone), included"
-        write_json(args.json, results, {"group_size": args.group, "symmetric": not args.asymmetric, "timing": timing})
+        write_json(args.json, results, {"group_size": args.group, "symmetric": not args.asymmetric, "timing": timing,
+                                        "copy_bandwidth_1GiB_gbs": copy_gbs})
     print(f"\nW4A16 linear, fp16 activations, group {args.group} (g64: group 64), "
           + ("with zero points" if args.asymmetric else "symmetric")
           + ": microseconds (speed-up over cuBLAS fp16)" + (", CUDA-graph replays" if args.cuda_graph else "")
           + (f", each call after a one-block elementwise kernel ({other_us:.1f} us alone, included)"
-             if args.after_other_kernel else ""))
-    print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16"])
+             if args.after_other_kernel else "")
+          + f"; bw: fraction of the 1 GiB copy rate ({copy_gbs:.0f} GB/s) moved by cuBLAS fp16 / ours; ceiling: our "
+          f"speed-up at that rate")
+    print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16", "bw: " + " / ".join(
+        ["cublas"] + ours), "ceiling"])
 
 
 if __name__ == "__main__":
