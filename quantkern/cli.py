@@ -242,6 +242,52 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool):
+    """Token ids [1, T] of ``prompt``: wrapped in the tokenizer's chat template as one user turn (with
+    the assistant's opening) when ``chat`` and the tokenizer has one, else the plain text."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from .io import load_quantized
+
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    _check_device(args.device)
+    model, tokenizer = load_quantized(args.directory, device=args.device)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.directory} has no tokenizer files: generation needs one")
+    ids = prompt_ids(tokenizer, args.prompt, chat=not args.no_chat_template).to(args.device)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature > 0 else \
+        {"do_sample": False}
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)  # prints as tokens come
+    on_cuda = torch.device(args.device).type == "cuda"
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling)
+    if on_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    new_tokens = out.shape[1] - ids.shape[1]
+    print(f"[{new_tokens} tokens in {elapsed:.1f} s on {args.device} (the prompt's prefill included): "
+          f"{new_tokens / elapsed:.1f} tokens/s through eager HF generate; benchmarks/bench_e2e.py measures "
+          f"decoding under CUDA graphs]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkern", description="Low-bit LLM quantization and kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gen-tokens", type=int, default=None,
                    help="tokens to generate for the decoding speed figure (0: skip; default: 32 on a GPU, 8 on a CPU)")
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a prompt with a quantized checkpoint")
+    g.add_argument("directory", help="a checkpoint written by `quantkern quantize`")
+    g.add_argument("--prompt", required=True,
+                   help="the prompt (a user turn of the chat template, if the model has one)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    g.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -39,6 +39,25 @@ def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_availa
     reloaded = float(re.search(r"perplexity ([0-9.]+) on", capsys.readouterr().out).group(1))
     assert abs(reloaded - ppl) < 0.01, (reloaded, ppl)
 
+    # generate: the checkpoint answers through the chat template, as a greedy model.generate does.
+    import torch
+
+    from quantkern.cli import prompt_ids
+    from quantkern.io import load_quantized
+
+    question = "What is the capital of France?"
+    assert main(["generate", str(dst), "--prompt", question, "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    model, tokenizer = load_quantized(dst)
+    ids = prompt_ids(tokenizer, question, chat=True)
+    assert tokenizer.decode(ids[0]).count("<|im_start|>") >= 2  # SmolLM2-Instruct's template: user, assistant
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert captured.out.strip() == expected.strip() and "Paris" in expected, (captured.out, expected)
+    assert "tokens/s" in captured.err
+
     assert main(["quantize", "--dst", str(dst), "--no-eval"]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
 
@@ -73,6 +92,22 @@ def test_corrupt_weights_file_is_a_clear_error(builtin_model_available, tmp_path
     weights.write_bytes(weights.read_bytes()[: 1000])  # truncated
     assert main(["eval", str(dst)]) == 2
     assert "model.safetensors is corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "hi", "--device", "nonsense"], "is not a device"),
+])
+def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, message):
+    assert main(["generate", str(tmp_path / "missing")] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
 
 
 def test_bad_group_size_spelling_is_a_usage_error(capsys):
