@@ -40,6 +40,7 @@ import time
 import torch
 
 from common import print_table, write_json
+from quantkern.decoding import GraphDecoder
 
 CONFIGS = {  # from the models' published config.json files
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -63,68 +64,6 @@ def build_model(name: str, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
-
-
-class GraphDecoder:
-    """One greedy decode step over a static KV cache, captured in a CUDA graph. ``forward`` runs the
-    decode step (the model itself, or a compiled wrapper of it); the prefill runs the model itself."""
-
-    def __init__(self, model, batch: int, max_len: int, forward=None):
-        from transformers import StaticCache
-
-        self.model = model
-        self.forward = model if forward is None else forward
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-        self.position = torch.zeros(1, dtype=torch.long, device="cuda")
-        self.graph = None
-
-    def _step(self):
-        logits = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position,
-                              use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
-
-    @torch.no_grad()
-    def prefill(self, prompt: torch.Tensor) -> None:
-        # Empty the cache in place (static addresses, which a captured graph holds): transformers'
-        # static layers count written tokens on the device and write there, whatever cache_position says.
-        self.cache.reset()
-        positions = torch.arange(prompt.shape[1], device="cuda")
-        logits = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=positions,
-                            use_cache=True).logits
-        self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
-        self.position.fill_(prompt.shape[1])
-
-    @torch.no_grad()
-    def capture(self) -> float:
-        """Capture the decode step; returns the seconds of its first (warm-up) run, which compiles it."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside capture (allocator, lazy init, compilation)
-            start = time.perf_counter()
-            self._step()
-            torch.cuda.synchronize()
-            first_step_s = time.perf_counter() - start
-            self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.next_ids = self._step()
-        return first_step_s
-
-    @torch.no_grad()
-    def decode(self, steps: int, use_graph: bool) -> list:
-        tokens = []
-        for _ in range(steps):
-            if use_graph:
-                self.graph.replay()
-                next_ids = self.next_ids
-            else:
-                next_ids = self._step()
-            self.ids.copy_(next_ids)
-            self.position.add_(1)
-            tokens.append(next_ids.clone())
-        return tokens
 
 
 # Kernel name patterns per kind, first match wins (our kernels live in namespace quantkern).

@@ -99,6 +99,8 @@ def test_corrupt_weights_file_is_a_clear_error(builtin_model_available, tmp_path
     (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--prompt", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
     (["--prompt", "hi", "--device", "nonsense"], "is not a device"),
+    (["--prompt", "hi", "--cuda-graph"], "need --device cuda"),
+    (["--prompt", "hi", "--compile", "--temperature", "0.7"], "decode greedily"),
 ])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, message):
     assert main(["generate", str(tmp_path / "missing")] + extra) == 2

@@ -124,45 +124,12 @@ def test_quantized_kv_cache_on_the_gpu_matches_the_reference(rotate_keys):
 
 
 def decode_in_cuda_graph(model, forward, prompt, steps):
-    """Greedy decode over a static KV cache: prefill with the model, then ``steps`` steps of ``forward`` (the
-    model, or a compiled wrapper of it) replayed from one CUDA graph, as benchmarks/bench_e2e.py times it."""
-    from transformers import StaticCache
+    """Greedy decode over a static KV cache (quantkern.decoding, as benchmarks/bench_e2e.py times it): the
+    prefill's token, then ``steps`` tokens of ``forward`` (the model, or a compiled wrapper of it) replayed from
+    one CUDA graph."""
+    from quantkern.decoding import greedy_decode
 
-    batch, length = prompt.shape
-    cache = StaticCache(config=model.config, max_cache_len=length + steps + 4)
-    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    position = torch.zeros(1, dtype=torch.long, device="cuda")
-
-    def prefill():
-        cache.reset()
-        logits = model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(length, device="cuda"),
-                       use_cache=True).logits
-        ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
-        position.fill_(length)
-
-    def step():
-        logits = forward(input_ids=ids, past_key_values=cache, cache_position=position, use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
-
-    with torch.no_grad():
-        prefill()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (and compile) outside the capture
-            step()
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            next_ids = step()
-        prefill()
-        tokens = [ids.clone()]
-        for _ in range(steps):
-            graph.replay()
-            ids.copy_(next_ids)
-            position.add_(1)
-            tokens.append(ids.clone())
-    return torch.cat(tokens, dim=1)
+    return greedy_decode(model, prompt, steps + 1, forward=forward).tokens
 
 
 @pytest.mark.parametrize("options, rotate, fuse", [(dict(bits=4, group_size=64), False, False),
@@ -219,6 +186,37 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate, fuse):
     assert quantized == 7 * config.num_hidden_layers
     assert len(gemms) == (4 if fuse else 7) * config.num_hidden_layers
     assert torch.equal(tokens, decode_in_cuda_graph(model, model, prompt, steps=12))
+
+
+def test_greedy_decode_from_a_cuda_graph_gives_generates_tokens_and_stops_at_eos():
+    """quantkern.decoding.greedy_decode (quantkern generate --cuda-graph, quantkern eval): the tokens of HF's
+    eager greedy generate on a W4A16 model, and an early stop once every row has produced eos."""
+    from transformers import LlamaForCausalLM
+
+    from quantkern.decoding import greedy_decode
+
+    if "weight_only_linear" not in backends.status("cuda").kernels:
+        pytest.skip(f"no CUDA weight_only_linear: {backends.status('cuda').reason}")
+    config = smollm2_config()
+    config.num_hidden_layers = 2
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # clear margins between the top logits
+    replace_linear(model, bits=4, group_size=64, skip=("lm_head",))
+    model = model.to("cuda", torch.float16)
+    prompt = torch.randint(0, 49152, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                                  do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
+    decoded = greedy_decode(model, prompt, 10)
+    assert torch.equal(decoded.tokens, expected), (decoded.tokens, expected)
+    assert decoded.capture_s > 0 and decoded.decode_s > 0
+    # eos: the first occurrence of the fourth token ends the decode there.
+    eos = int(expected[0, 3])
+    first = int((expected[0] == eos).nonzero()[0])
+    stopped = greedy_decode(model, prompt, 10, eos_token_id=eos).tokens
+    assert torch.equal(stopped, expected[:, :first + 1])
 
 
 # ---- the real SmolLM2-135M-Instruct weights -------------------------------------------------------

@@ -167,3 +167,18 @@ def test_unknown_backend_names_are_refused_where_they_are_given():
     assert layer.backend is None and layer(torch.randn(2, 64)).shape == (2, 8)
     with pytest.raises(ValueError, match="unknown backend 'bogus'"):
         replace_linear(nn.Sequential(nn.Linear(64, 8)), bits=4, group_size=32, kernel_shapes="bogus")
+
+
+def test_cuda_graph_decoding_refuses_a_model_off_the_gpu():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkern.decoding import greedy_decode
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        greedy_decode(model, torch.zeros(1, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        greedy_decode(model, torch.zeros(1, 3, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="at least one token"):
+        greedy_decode(model, torch.zeros(1, 0, dtype=torch.long), 4)
