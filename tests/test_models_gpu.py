@@ -40,14 +40,23 @@ def set_backend(model, backend):
             module.prepare(torch.float16, backend)
 
 
-def smollm2_quantized(**replace_options):
-    """SmolLM2-135M's config with random weights, every Linear but lm_head replaced, on the GPU in fp16."""
+def random_smollm2(layers: int = 30):
+    """SmolLM2-135M's config (cut to ``layers`` layers) with random weights (seed 0), float, on the CPU; lm_head
+    scaled up so that the top logits have clear margins."""
     from transformers import LlamaForCausalLM
 
+    config = smollm2_config()
+    config.num_hidden_layers = layers
     torch.manual_seed(0)
-    model = LlamaForCausalLM(smollm2_config()).eval()
+    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # tied with the embedding: also scales the inputs, harmlessly
+    return model
+
+
+def smollm2_quantized(**replace_options):
+    """SmolLM2-135M's config with random weights, every Linear but lm_head replaced, on the GPU in fp16."""
+    model = random_smollm2()
     replace_linear(model, **replace_options)
     return model.to("cuda", torch.float16)
 
@@ -144,19 +153,13 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate, fuse):
     tokens are the eager model's (SmolLM2's config cut to 4 layers, to keep the compilation short). With
     ``rotate``, o_proj and down_proj rotate their inputs online (fused Hadamard + quantization), as QuaRot's do.
     With ``fuse`` (``fuse_projections``), q/k/v and gate/up are one GEMM node each."""
-    from transformers import LlamaForCausalLM
-
     from quantkern.nn import linear_layers, set_submodule
 
     kernel = "w4a4_linear" if "act_bits" in options else "weight_only_linear"
     if kernel not in backends.status("cuda").kernels:
         pytest.skip(f"no CUDA {kernel}: {backends.status('cuda').reason}")
-    config = smollm2_config()
-    config.num_hidden_layers = 4
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # clear margins, as smollm2_quantized does
+    model = random_smollm2(4)
+    config = model.config
     rotated = ("o_proj", "down_proj") if rotate else ()
     originals = [(name, linear) for name, linear in linear_layers(model) if name.rsplit(".", 1)[-1] in rotated]
     replace_linear(model, **options, skip=("lm_head",) + rotated)
@@ -191,18 +194,11 @@ def test_compiled_model_in_a_cuda_graph_decodes_as_eager(options, rotate, fuse):
 def test_greedy_decode_from_a_cuda_graph_gives_generates_tokens_and_stops_at_eos():
     """quantkern.decoding.greedy_decode (quantkern generate --cuda-graph, quantkern eval): the tokens of HF's
     eager greedy generate on a W4A16 model, and an early stop once every row has produced eos."""
-    from transformers import LlamaForCausalLM
-
     from quantkern.decoding import greedy_decode
 
     if "weight_only_linear" not in backends.status("cuda").kernels:
         pytest.skip(f"no CUDA weight_only_linear: {backends.status('cuda').reason}")
-    config = smollm2_config()
-    config.num_hidden_layers = 2
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # clear margins between the top logits
+    model = random_smollm2(2)
     replace_linear(model, bits=4, group_size=64, skip=("lm_head",))
     model = model.to("cuda", torch.float16)
     prompt = torch.randint(0, 49152, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(3))
