@@ -240,11 +240,15 @@ def cmd_eval(args) -> int:
               f"(greedy, batch 1, eager HF generate: bound by Python overhead, not by the kernels)")
         if on_cuda and args.gen_tokens > 1:
             from .decoding import greedy_decode
+            from .kv_cache import kv_quantization_settings
 
-            decoded = greedy_decode(model, prompt, args.gen_tokens)
-            steps = decoded.tokens.shape[1] - 1
-            print(f"decoding: {steps / decoded.decode_s:.1f} tokens/s on {args.device} (greedy, batch 1, each step "
-                  f"replayed from a CUDA graph over a static KV cache: the kernels' speed)")
+            if kv_quantization_settings(model) is not None:
+                print("decoding under a CUDA graph: not measured (the quantized KV cache cannot be captured)")
+            else:
+                decoded = greedy_decode(model, prompt, args.gen_tokens)
+                steps = decoded.tokens.shape[1] - 1
+                print(f"decoding: {steps / decoded.decode_s:.1f} tokens/s on {args.device} (greedy, batch 1, each "
+                      f"step replayed from a CUDA graph over a static KV cache: the kernels' speed)")
     print(_peak_memory_text(args.device))
     return 0
 

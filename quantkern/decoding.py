@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .kv_cache import kv_quantization_settings
+
 
 class GraphDecoder:
     """One greedy decode step over a static KV cache, captured in a CUDA graph. ``forward`` runs the
@@ -31,6 +33,10 @@ class GraphDecoder:
         self.model = model
         self.forward = model if forward is None else forward
         self.device = next(model.parameters()).device
+        if kv_quantization_settings(model) is not None:
+            raise ValueError("CUDA-graph decoding needs a static KV cache, and this model quantizes its KV cache "
+                             "(quantkern.kv_cache.QuantKVCache grows by concatenation: it cannot be captured); "
+                             "decode it with generate")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA-graph decoding needs the model on a CUDA device, not {self.device}")
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)

@@ -169,7 +169,7 @@ def test_unknown_backend_names_are_refused_where_they_are_given():
         replace_linear(nn.Sequential(nn.Linear(64, 8)), bits=4, group_size=32, kernel_shapes="bogus")
 
 
-def test_cuda_graph_decoding_refuses_a_model_off_the_gpu():
+def test_cuda_graph_decoding_refuses_a_model_off_the_gpu_or_with_a_quantized_kv_cache():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from quantkern.decoding import greedy_decode
@@ -182,3 +182,9 @@ def test_cuda_graph_decoding_refuses_a_model_off_the_gpu():
         greedy_decode(model, torch.zeros(1, 3, dtype=torch.long), 0)
     with pytest.raises(ValueError, match="at least one token"):
         greedy_decode(model, torch.zeros(1, 0, dtype=torch.long), 4)
+
+    from quantkern.kv_cache import enable_kv_quantization
+
+    enable_kv_quantization(model, bits=4)  # QuantKVCache grows by concatenation: no static cache to capture
+    with pytest.raises(ValueError, match="quantizes its KV cache"):
+        greedy_decode(model, torch.zeros(1, 3, dtype=torch.long), 4)
