@@ -239,11 +239,11 @@ def cmd_eval(args) -> int:
         print(f"generation: {new_tokens / (time.perf_counter() - start):.1f} tokens/s on {args.device} "
               f"(greedy, batch 1, eager HF generate: bound by Python overhead, not by the kernels)")
         if on_cuda and args.gen_tokens > 1:
-            from .decoding import greedy_decode
-            from .kv_cache import kv_quantization_settings
+            from .decoding import capture_refusal, greedy_decode
 
-            if kv_quantization_settings(model) is not None:
-                print("decoding under a CUDA graph: not measured (the quantized KV cache cannot be captured)")
+            refusal = capture_refusal(model)
+            if refusal is not None:
+                print(f"decoding under a CUDA graph: not measured ({refusal})")
             else:
                 decoded = greedy_decode(model, prompt, args.gen_tokens)
                 steps = decoded.tokens.shape[1] - 1
@@ -293,10 +293,11 @@ def cmd_generate(args) -> int:
         decoded = greedy_decode(model, ids, args.max_new_tokens, forward=forward,
                                 eos_token_id=tokenizer.eos_token_id, streamer=streamer)
         steps = decoded.tokens.shape[1] - 1
-        print(f"[{decoded.tokens.shape[1]} tokens; prefill and capture{' (compiling)' if args.compile else ''} "
-              f"{decoded.capture_s:.1f} s, then {steps} CUDA-graph steps at {steps / decoded.decode_s:.1f} "
-              f"tokens/s, printing included]" if steps else f"[1 token; prefill {decoded.capture_s:.1f} s]",
-              file=sys.stderr)
+        summary = f"[{decoded.tokens.shape[1]} tokens; prefill and capture{' (compiling)' if args.compile else ''} " \
+                  f"{decoded.capture_s:.1f} s"
+        if steps:
+            summary += f", then {steps} CUDA-graph steps at {steps / decoded.decode_s:.1f} tokens/s, printing included"
+        print(summary + "]", file=sys.stderr)
         return 0
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature > 0 else \
         {"do_sample": False}

@@ -21,6 +21,14 @@ import torch
 from .kv_cache import kv_quantization_settings
 
 
+def capture_refusal(model) -> Optional[str]:
+    """Why ``model``'s decode step cannot be captured in a CUDA graph over a static KV cache, or None."""
+    if kv_quantization_settings(model) is not None:
+        return ("this model quantizes its KV cache (quantkern.kv_cache.QuantKVCache grows by concatenation: it "
+                "cannot be captured); decode it with generate")
+    return None
+
+
 class GraphDecoder:
     """One greedy decode step over a static KV cache, captured in a CUDA graph. ``forward`` runs the
     decode step (the model itself, or a compiled wrapper of it); the prefill runs the model itself.
@@ -33,10 +41,9 @@ class GraphDecoder:
         self.model = model
         self.forward = model if forward is None else forward
         self.device = next(model.parameters()).device
-        if kv_quantization_settings(model) is not None:
-            raise ValueError("CUDA-graph decoding needs a static KV cache, and this model quantizes its KV cache "
-                             "(quantkern.kv_cache.QuantKVCache grows by concatenation: it cannot be captured); "
-                             "decode it with generate")
+        refusal = capture_refusal(model)
+        if refusal is not None:
+            raise ValueError(f"CUDA-graph decoding needs a static KV cache: {refusal}")
         if self.device.type != "cuda":
             raise ValueError(f"CUDA-graph decoding needs the model on a CUDA device, not {self.device}")
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -97,7 +104,7 @@ class GraphDecoder:
 
 class Decoded(NamedTuple):
     tokens: torch.Tensor  # [batch, n] new tokens (n <= max_new_tokens: fewer if every row reached eos)
-    capture_s: float      # the first decode step (compiling, with a torch.compile wrapper) and the capture
+    capture_s: float      # two prefills, the warm-up steps (compiling, with a torch.compile wrapper), the capture
     decode_s: float       # the replays of the tokens after the first
 
 
