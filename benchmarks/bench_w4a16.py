@@ -16,9 +16,10 @@ Before timing, every kernel's output is checked against the fp32 reference (rela
 The roofline columns count each kernel's bytes (weights, scales and zeros, x, y) against the device's 1 GiB
 copy rate (read + written) measured in the same run: ``bw`` is the fraction of that rate a kernel moved, and
 ``ceiling`` the speed-up over cuBLAS fp16 that a kernel of ours moving its bytes at the full copy rate would
-get. On the H200 cuBLAS fp16 streams its weights at 0.8-0.96 of the copy rate on the large Llama shapes at
-M <= 64, so a 3.5x target there asks ours for 3.5 / ceiling, 0.74-0.87 of the copy rate (docs/PERF.md,
-session 14); on the H100 (whose cuBLAS moved 2.2-2.3 of its 3.0 TB/s, ANCHORS.md) the same target asks less.
+get. cuBLAS fp16 streams its weights at 0.8-0.97 of the copy rate on the large Llama shapes at M <= 64, on
+the H200 and the H100 alike, so a 3.5x target asks ours for 3.5 / ceiling, 0.74-0.87 of the copy rate
+(docs/PERF.md, sessions 14 and 15). Ours reaches more of it on the H100 (0.85-1.00 at M = 1 against 0.69-0.90
+on the H200), whose slower memory asks fewer bytes per SM-cycle of kernels bound by issue and latency.
 
     python benchmarks/bench_w4a16.py --json out/bench_w4a16.json [--quick] [--shapes 4096x4096] [--backends cuda]
                                      [--cuda-graph] [--group 32] [--asymmetric]
