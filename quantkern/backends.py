@@ -66,11 +66,7 @@ def _load_cuda_extension() -> BackendStatus:
     try:
         from . import _C  # noqa: F401  (loading it registers the torch.ops.quantkern.* ops)
     except ImportError as error:
-        return BackendStatus(
-            "cuda", False,
-            f"quantkern._C is not built ({error}). Build it with a CUDA build of torch and the CUDA toolkit: "
-            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . (see docs/BUILD.md)",
-            frozenset())
+        return BackendStatus("cuda", False, _extension_import_problem(error), frozenset())
     from ._fake import register_extension_fakes
 
     register_extension_fakes()  # so torch.compile can trace the extension's ops
@@ -83,6 +79,23 @@ def _load_cuda_extension() -> BackendStatus:
         frozenset(op for op, ext_op in EXTENSION_OPS.items() if ext_op in info["kernels"]))
 
 
+def _extension_import_problem(error: ImportError) -> str:
+    """Why ``import quantkern._C`` failed, and what to do: the file is absent (not built), or present but not
+    loadable (usually built against another torch: its C++ symbols differ between torch versions)."""
+    import importlib.util
+
+    try:
+        present = importlib.util.find_spec("quantkern._C") is not None
+    except (ImportError, ValueError):
+        present = False
+    if present:
+        return (f"quantkern._C is present but cannot be loaded ({error}). An extension (or wheel) built against "
+                f"another torch than this one ({torch.__version__}) does this: rebuild it here, or install the wheel "
+                "made for this torch (see docs/BUILD.md)")
+    return (f"quantkern._C is not built ({error}). Build it with a CUDA build of torch and the CUDA toolkit: "
+            "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e . (see docs/BUILD.md)")
+
+
 def cuda_build_info() -> dict:
     """How the CUDA extension was built (``quantkern._C.build_info()``); {} where it is absent."""
     if not status("cuda").available:
@@ -90,6 +103,51 @@ def cuda_build_info() -> dict:
     from . import _C
 
     return _C.build_info()
+
+
+def arch_list_runs_on(archs: str, capability: tuple) -> bool:
+    """Whether an extension built for ``archs`` (TORCH_CUDA_ARCH_LIST's form: "8.9;9.0a", "8.6+PTX") holds code that
+    runs on a GPU of compute capability ``capability`` (major, minor).
+
+    Machine code runs on GPUs of its major version and the same or a higher minor one (sm_86 code on an sm_89 GPU);
+    an arch-specific target ("9.0a": wgmma) only on its own version; PTX ("+PTX") is compiled by the driver for its
+    version or any later one. An entry that is not a version number (an arch name, or "unknown" from a build that did
+    not record its list) cannot be judged, and counts as runnable.
+    """
+    major, minor = capability
+    for entry in archs.replace(",", ";").replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        version, _, suffix = entry.partition("+")
+        arch_specific = version.endswith("a")
+        try:
+            built_major, built_minor = (int(part) for part in version.rstrip("a").split("."))
+        except ValueError:
+            return True
+        if suffix.upper() == "PTX" and not arch_specific and (built_major, built_minor) <= (major, minor):
+            return True
+        if built_major == major and (built_minor == minor if arch_specific else built_minor <= minor):
+            return True
+    return False
+
+
+_DEVICE_MISMATCH: dict = {}
+
+
+def cuda_device_mismatch(device: torch.device) -> Optional[str]:
+    """None if the built extension has code for ``device``'s GPU, else why not (its archs against the GPU's)."""
+    if not torch.cuda.is_available():
+        return None  # no GPU to judge (and no CUDA tensor to run on)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_MISMATCH:
+        archs = cuda_build_info().get("archs", "unknown")
+        major, minor = torch.cuda.get_device_capability(index)
+        wanted = "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"  # 9.0a: Hopper's wgmma kernels too
+        _DEVICE_MISMATCH[index] = None if arch_list_runs_on(archs, (major, minor)) else (
+            f"quantkern._C was built for archs {archs}, none of which runs on {torch.cuda.get_device_name(index)} "
+            f"(sm_{major}{minor}); rebuild it with TORCH_CUDA_ARCH_LIST={wanted} (docs/BUILD.md)")
+    return _DEVICE_MISMATCH[index]
 
 
 def _load_triton() -> BackendStatus:
@@ -144,6 +202,10 @@ def _can_run(name: str, op: str, device: torch.device) -> Optional[str]:
         return f"the {name} backend has no kernel for {op}"
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got a tensor on {device}"
+    if name == "cuda":
+        mismatch = cuda_device_mismatch(device)
+        if mismatch:
+            return mismatch
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}"
     return None

@@ -35,6 +35,9 @@ def cmd_info(args) -> int:
     print(f"quantkern {__version__}, torch {torch.__version__}")
     if torch.cuda.is_available():
         print(f"CUDA device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        mismatch = backends.status("cuda").available and backends.cuda_device_mismatch(torch.device("cuda"))
+        if mismatch:
+            print(f"  the cuda backend cannot run here: {mismatch}")
     else:
         print("CUDA device: none visible")
     print("\nBackends:")

@@ -43,6 +43,58 @@ def test_cuda_tensor_without_kernel_raises_instead_of_falling_back(monkeypatch):
     assert backends.select(backends.OPS[0], CUDA, backend="reference") == "reference"
 
 
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("8.9", (8, 9), True),
+    ("8.0;8.6", (8, 9), True),        # sm_86 machine code runs on a later minor version of the same major
+    ("8.9", (8, 6), False),           # ... not on an earlier one
+    ("8.9", (9, 0), False),           # ... nor on another major version
+    ("8.9;9.0a", (9, 0), True),
+    ("9.0a", (9, 0), True),
+    ("9.0a", (10, 0), False),         # arch-specific code runs on its own version only
+    ("9.0a+PTX", (10, 0), False),
+    ("8.9+PTX", (12, 0), True),       # PTX is compiled by the driver for later GPUs
+    ("8.9+PTX", (8, 6), False),
+    ("8.0 8.6,8.9", (8, 9), True),    # the separators torch accepts
+    ("unknown", (9, 0), True),        # a build that did not record its list is not judged
+    ("Hopper", (8, 9), True),
+])
+def test_arch_list_runs_on(archs, capability, runs):
+    assert backends.arch_list_runs_on(archs, capability) is runs
+
+
+def test_cuda_backend_refuses_a_gpu_its_build_has_no_code_for(monkeypatch):
+    # An extension built for the RTX 4090 alone (a wheel for sm_89) on an H100: the cuda backend must say so, and the
+    # automatic choice go on to Triton, instead of failing at launch with "no kernel image is available".
+    monkeypatch.setattr(backends, "_STATUS", {
+        "cuda": backends.BackendStatus("cuda", True, "test build", frozenset(backends.EXTENSION_OPS)),
+        "triton": backends.BackendStatus("triton", True, "test", frozenset(backends.OPS))})
+    monkeypatch.setattr(backends, "_DEVICE_MISMATCH", {})
+    monkeypatch.setattr(backends, "cuda_build_info", lambda: {"archs": "8.9"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(MissingKernelError, match=r"built for archs 8.9, none of which runs on NVIDIA H100.*sm_90.*"
+                                                 r"TORCH_CUDA_ARCH_LIST=9.0a"):
+        backends.select("weight_only_linear", gpu, backend="cuda")
+    assert backends.select("weight_only_linear", gpu) == "triton"
+    # The same build on the GPU it was made for runs the extension.
+    monkeypatch.setattr(backends, "_DEVICE_MISMATCH", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    assert backends.select("weight_only_linear", gpu) == "cuda"
+
+
+def test_unloadable_extension_is_told_from_a_missing_one(monkeypatch):
+    import importlib.util
+
+    error = ImportError("quantkern/_C.so: undefined symbol: _ZN3c104cuda9SetDevice")  # as from another torch
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    reason = backends._extension_import_problem(error)
+    assert "present but cannot be loaded" in reason and "undefined symbol" in reason and torch.__version__ in reason
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "is not built" in backends._extension_import_problem(ImportError("No module named 'quantkern._C'"))
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     # Load the Triton kernels before unsetting the variable: @triton.jit reads it when a kernel module is
     # imported, and kernels imported without it cannot run on the CPU in the tests that follow.
