@@ -114,6 +114,8 @@ def cuda_extension_config():
     if not cpp_extension.is_ninja_available():
         log("ninja not found: falling back to the slow serial distutils build (pip install ninja)")
 
+    global BUILT_AGAINST
+    BUILT_AGAINST = (torch.__version__, torch.version.cuda, archs_define)
     log(f"building {EXT_NAME} with torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"CUDA_HOME={cuda_home}, TORCH_CUDA_ARCH_LIST={archs}, MAX_JOBS={os.environ.get('MAX_JOBS', '(all cores)')}")
     ext = cpp_extension.CUDAExtension(
@@ -158,6 +160,27 @@ def shared_libstdcxx_link_args():
     return [loaded[0]]
 
 
+# (torch version, CUDA version, arch list) the extension is built against; None when it is not built.
+BUILT_AGAINST = None
+
+
+def torch_pinned_wheel(version: str, requires: list):
+    """(version, requires) of a binary wheel tied to the torch it was built against (QUANTKERN_WHEEL_PIN_TORCH=1,
+    set by scripts/build_wheel.sh): the extension calls torch's C++ API, whose symbols change between torch minor
+    versions, so the wheel requires torch==X.Y.* and names its build in the version's local label, e.g.
+    0.1.0+cu130.torch2.14.sm89 (CUDA 13.0, torch 2.14, sm_89 machine code)."""
+    if BUILT_AGAINST is None:
+        raise SystemExit("quantkern setup: QUANTKERN_WHEEL_PIN_TORCH=1 asks for a binary wheel, but the CUDA "
+                         "extension is not being built (see the reason above)")
+    torch_version, cuda_version, archs = BUILT_AGAINST
+    torch_minor = ".".join(torch_version.split("+")[0].split(".")[:2])
+    arch_tags = ["sm" + arch.lower().replace(".", "").replace("+", "")
+                 for arch in archs.replace(",", ";").replace(" ", ";").split(";") if arch]
+    label = ".".join([f"cu{cuda_version.replace('.', '')}", f"torch{torch_minor}"] + arch_tags)
+    requires = [f"torch=={torch_minor}.*" if r.startswith("torch") else r for r in requires]
+    return f"{version}+{label}", requires
+
+
 def skip(reason: str):
     banner([
         "building WITHOUT the CUDA extension quantkern._C",
@@ -176,10 +199,23 @@ packages += ["quantkern.triton_kernels"] + [
     f"quantkern.triton_kernels.{sub}" for sub in find_packages(where=str(ROOT / "triton_kernels"))]
 
 readme = ROOT / "README.md"
+version = read_version()
+install_requires = [
+    "torch>=2.4",
+    "numpy",
+    "safetensors",
+    "transformers",
+    "tqdm",
+    "gguf",
+    "accelerate",
+]
+if env_flag("QUANTKERN_WHEEL_PIN_TORCH"):
+    version, install_requires = torch_pinned_wheel(version, install_requires)
+    log(f"binary wheel {version}, requiring {install_requires[0]}")
 
 setup(
     name="quantkern",
-    version=read_version(),
+    version=version,
     description="Custom GPU kernels (CUDA and Triton) for low-bit LLM inference",
     long_description=readme.read_text() if readme.exists() else "",
     long_description_content_type="text/markdown",
@@ -188,15 +224,7 @@ setup(
     package_dir={"quantkern.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "safetensors",
-        "transformers",
-        "tqdm",
-        "gguf",
-        "accelerate",
-    ],
+    install_requires=install_requires,
     extras_require={"dev": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["quantkern = quantkern.cli:main"]},
     zip_safe=False,
