@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from common import copy_bandwidth_gbs, median_us, print_table, write_json
+from common import HADAMARD_QUANTIZE_TARGET, copy_bandwidth_gbs, median_us, print_table, write_json
 from quantkern import backends, ops, reference
 from quantkern.format import unpack_int4_signed
 from quantkern.rotation import hadamard_matrix
@@ -140,7 +140,7 @@ def main() -> None:
                           f"{times['hadamard_quantize']:.1f}", f"{gbs['hadamard_quantize']:.0f}",
                           f("hadamard_quantize"), f("two_pass"), f("fht+quant"),
                           f("hadamard"), f("fht"), f("matmul"), f("triton_hadamard_quantize"),
-                          "yes" if n in TARGET_SIZES and frac["hadamard_quantize"] >= 0.85 else
+                          "yes" if n in TARGET_SIZES and frac["hadamard_quantize"] >= HADAMARD_QUANTIZE_TARGET else
                           ("NO" if n in TARGET_SIZES else "")])
             print("progress:", n, rows, {k: round(t, 1) for k, t in times.items()}, flush=True)
     if args.json:
@@ -148,7 +148,7 @@ def main() -> None:
     print(f"\nonline Hadamard, fp16, int4 per-token; 1 GiB copy {copy_1g:.0f} GB/s (read+write); "
           f"figures = fraction of a copy of the same bytes; fht: {fht_status}")
     print_table(table, ["n", "rows", "fused_us", "fused_GB/s", "fused", "two_pass", "fht+quant", "had", "fht",
-                        "matmul", "triton_fused", ">=0.85"])
+                        "matmul", "triton_fused", f">={HADAMARD_QUANTIZE_TARGET:g}"])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from common import copies_for, cycling, graph_us, print_table, write_json
+from common import copies_for, cycling, graph_us, int_linear_verdicts, print_table, write_json
 from quantkern import backends, ops, reference
 from quantkern.layout_int import int_gemm_cuda
 
@@ -227,13 +227,13 @@ def main() -> None:
                           f"{times['w4a4_tr']:.1f}" if "w4a4_tr" in times else "-",
                           f"{times['w8a8_tr']:.1f}" if "w8a8_tr" in times else "-",
                           f"{tops['w4a4']:.0f}", ratio("bf16", "w4a4"), ratio("int_mm", "w4a4"),
-                          ratio("bf16", "w8a8"), ratio("int_mm", "w8a8")])
+                          ratio("bf16", "w8a8"), ratio("int_mm", "w8a8"), int_linear_verdicts(m, times)])
             print(table[-1], flush=True)
     if args.json:
         write_json(args.json, results, {"timing": "do_bench_cudagraph median, weights rotated past L2"})
     print("\ninteger linear (activation quantization included), bf16 in/out, per-channel weights; us, CUDA graphs")
     print_table(table, ["KxN", "M", "w4a4", "w8a8", "bf16", "int_mm+q", "w4a4_tr", "w8a8_tr", "w4a4_TOPS",
-                        "bf16/w4a4", "intmm/w4a4", "bf16/w8a8", "intmm/w8a8"])
+                        "bf16/w4a4", "intmm/w4a4", "bf16/w8a8", "intmm/w8a8", "targets (issue 5)"])
 
 
 if __name__ == "__main__":

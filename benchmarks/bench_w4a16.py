@@ -32,8 +32,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import (copies_for, copy_bandwidth_gbs, cycling, graph_us, median_us, print_table, warm_up_gpu,
-                    write_json)
+from common import (W4A16_TARGETS, copies_for, copy_bandwidth_gbs, cycling, graph_us, median_us, print_table, verdict,
+                    warm_up_gpu, write_json)
 from quantkern import backends, ops, reference
 
 # K x N of the real models' linear layers (Llama-3-8B/70B, Qwen2.5/3, SmolLM2).
@@ -167,10 +167,12 @@ def main() -> None:
             results.append({"m": m, "k": k, "n": n, "group_size": group, "time_us": times,
                             "speedup_vs_cublas_fp16": speedup, "relative_error": errors, "bytes": nbytes,
                             "fraction_of_copy_bandwidth": bandwidth, "ceiling_speedup_at_copy_bandwidth": ceiling})
+            target = verdict(speedup["cuda"], W4A16_TARGETS[m]) if "cuda" in ours and m in W4A16_TARGETS else ""
             table.append([f"{k}x{n}" + ("" if group == args.group else f" g{group}"), m, f"{times['cublas_fp16']:.1f}"]
                          + [f"{times[b]:.1f} ({speedup[b]:.2f}x)" for b in ours]
                          + [f"{speedup['torch_int4']:.2f}x", f"{speedup['cublas_bf16']:.2f}x",
-                            " / ".join(f"{bandwidth[name]:.2f}" for name in ["cublas_fp16"] + ours), f"{ceiling:.2f}x"])
+                            " / ".join(f"{bandwidth[name]:.2f}" for name in ["cublas_fp16"] + ours), f"{ceiling:.2f}x",
+                            target])
     if args.json:
         timing = ("do_bench_cudagraph median, weights rotated past L2" if args.cuda_graph
                   else "do_bench median, L2 flushed before each call")
@@ -186,7 +188,7 @@ def main() -> None:
           + f"; bw: fraction of the 1 GiB copy rate ({copy_gbs:.0f} GB/s) moved by cuBLAS fp16 / ours; ceiling: our "
           f"speed-up at that rate")
     print_table(table, ["KxN", "M", "cublas_fp16"] + ours + ["torch_int4", "cublas_bf16", "bw: " + " / ".join(
-        ["cublas"] + ours), "ceiling"])
+        ["cublas"] + ours), "ceiling", "cuda: target (issue 3)"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,32 @@ from pathlib import Path
 import torch
 
 
+# The issues' speed targets (set on the H100), for the benchmarks that print whether a row meets them.
+W4A16_TARGETS = {1: 3.5, 16: 3.3, 64: 2.5, 2048: 0.9}  # tokens M: speed-up over cuBLAS fp16 (issue 3)
+W4A4_FEW_TOKENS, W4A4_FEW_TOKENS_TARGET = 16, 3.0  # M <= 16: W4A4 over cuBLAS bf16 (issue 5)
+W4A4_MANY_TOKENS, W4A4_MANY_TOKENS_TARGET = (2048, 8192), 1.5  # ... and faster than torch._int_mm + quantization
+HADAMARD_QUANTIZE_TARGET = 0.85  # fused Hadamard + int4 quantization: fraction of the copy bandwidth (issue 5)
+
+
+def verdict(ratio: float, target: float) -> str:
+    """``">=3.5x met"`` or ``">=3.5x MISSED"``."""
+    return f">={target:g}x {'met' if ratio >= target else 'MISSED'}"
+
+
+def int_linear_verdicts(m: int, times: dict) -> str:
+    """Issue 5's targets that apply at ``m`` tokens, from one row's times (us: w4a4, w8a8, bf16, int_mm or None)."""
+    parts = []
+    if m <= W4A4_FEW_TOKENS:
+        parts.append("w4a4/bf16 " + verdict(times["bf16"] / times["w4a4"], W4A4_FEW_TOKENS_TARGET))
+    if m in W4A4_MANY_TOKENS:
+        parts.append("w4a4/bf16 " + verdict(times["bf16"] / times["w4a4"], W4A4_MANY_TOKENS_TARGET))
+        if times.get("int_mm"):
+            parts.append("w4a4/int_mm " + verdict(times["int_mm"] / times["w4a4"], 1.0))
+    if times.get("int_mm"):
+        parts.append("w8a8/int_mm " + verdict(times["int_mm"] / times["w8a8"], 1.0))
+    return "; ".join(parts)
+
+
 def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time of ``fn()`` in microseconds, timed with CUDA events (triton.testing.do_bench)."""
     from triton.testing import do_bench

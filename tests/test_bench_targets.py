@@ -1,0 +1,37 @@
+"""The benchmarks' target verdicts (benchmarks/common.py), checked on the H100 run of session 15 (docs/results)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import W4A16_TARGETS, int_linear_verdicts, verdict  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+
+
+def test_verdict_says_met_or_missed():
+    assert verdict(3.87, 3.5) == ">=3.5x met"
+    assert verdict(3.4999, 3.5) == ">=3.5x MISSED"
+    assert verdict(0.9, 0.9) == ">=0.9x met"
+
+
+def test_w4a16_verdicts_of_the_h100_run():
+    rows = json.loads((RESULTS / "h100_bench_w4a16_all_shapes_2ad4959.json").read_text())["results"]
+    llama = {(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (28672, 8192)}
+    met = {m: sum(verdict(r["speedup_vs_cublas_fp16"]["cuda"], W4A16_TARGETS[m]).endswith("met")
+                  for r in rows if r["m"] == m and (r["k"], r["n"]) in llama) for m in W4A16_TARGETS}
+    assert met == {1: 4, 16: 1, 64: 0, 2048: 6}  # as README's "Speed against the targets" says
+
+
+def test_int_linear_verdicts_of_the_h100_run():
+    rows = json.loads((RESULTS / "h100_bench_int_gemm_2ad4959.json").read_text())["results"]
+    by_case = {(r["N"], r["M"]): int_linear_verdicts(r["M"], r["time_us"]) for r in rows}
+    assert by_case[(28672, 1)] == "w4a4/bf16 >=3x met"
+    assert by_case[(8192, 16)] == "w4a4/bf16 >=3x MISSED"
+    assert by_case[(8192, 128)] == "w8a8/int_mm >=1x met"  # no W4A4 target between 17 and 2047 tokens
+    for n in (8192, 28672):
+        for m in (2048, 8192):
+            assert by_case[(n, m)] == "w4a4/bf16 >=1.5x met; w4a4/int_mm >=1x met; w8a8/int_mm >=1x met"
