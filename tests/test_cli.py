@@ -16,6 +16,26 @@ def test_info_lists_every_backend_and_op():
         assert word in result.stdout
 
 
+def test_info_says_when_the_extension_has_no_code_for_the_gpu(monkeypatch, capsys):
+    import torch
+
+    from quantkern import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(backends, "_STATUS", {
+        "cuda": backends.BackendStatus("cuda", True, "test build", frozenset(backends.EXTENSION_OPS)),
+        "triton": backends.BackendStatus("triton", True, "test", frozenset(backends.OPS))})
+    monkeypatch.setattr(backends, "_DEVICE_MISMATCH", {})
+    monkeypatch.setattr(backends, "cuda_build_info", lambda: {"archs": "8.9"})
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "CUDA device: NVIDIA H100 80GB HBM3 (sm_90)" in out
+    assert "the cuda backend cannot run here: quantkern._C was built for archs 8.9" in out
+
+
 def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_available, tmp_path, capsys):
     dst = tmp_path / "smollm2-rtn"
     assert main(["quantize", "--dst", str(dst), "--bits", "4", "--group-size", "auto"]) == 0
