@@ -141,6 +141,10 @@ def cuda_device_mismatch(device: torch.device) -> Optional[str]:
         return None  # no GPU to judge (and no CUDA tensor to run on)
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _DEVICE_MISMATCH:
+        if torch.compiler.is_compiling():
+            # Not traced (build_info is a pybind11 call: a graph break under fullgraph); the model's weights were
+            # prepared eagerly on this device, which made this check there.
+            return None
         archs = cuda_build_info().get("archs", "unknown")
         major, minor = torch.cuda.get_device_capability(index)
         wanted = "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"  # 9.0a: Hopper's wgmma kernels too

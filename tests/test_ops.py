@@ -84,6 +84,20 @@ def test_cuda_backend_refuses_a_gpu_its_build_has_no_code_for(monkeypatch):
     assert backends.select("weight_only_linear", gpu) == "cuda"
 
 
+def test_gpu_check_is_not_traced_by_torch_compile(monkeypatch):
+    # Ops call select() on every call, also inside a compiled model; build_info() is a pybind11 call that Dynamo
+    # cannot trace, so an unchecked device must not reach it while compiling (fullgraph would fail).
+    # (Dynamo itself cannot run here with CUDA patched in: it would save the CUDA RNG state; so the compiling
+    # state is patched instead.)
+    monkeypatch.setattr(backends, "_DEVICE_MISMATCH", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(backends, "cuda_build_info", lambda: pytest.fail("traced into the extension's build info"))
+    assert backends.cuda_device_mismatch(torch.device("cuda", 0)) is None
+    backends._DEVICE_MISMATCH[0] = "checked eagerly: no code for this GPU"
+    assert backends.cuda_device_mismatch(torch.device("cuda", 0)) == "checked eagerly: no code for this GPU"
+
+
 def test_unloadable_extension_is_told_from_a_missing_one(monkeypatch):
     import importlib.util
 
