@@ -311,6 +311,27 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
         set_submodule(model, name, layer)
 
 
+def assign_tensors(model: torch.nn.Module, tensors: dict, source) -> None:
+    """Give a model built on "meta" its tensors (``load_state_dict(assign=True)``); ValueError naming ``source``
+    for a tensor the model does not have or a parameter left without one. Tied parameters (embed_tokens and
+    lm_head) are stored once: each tied name gets the tensor of whichever name is present."""
+    model.tie_weights()
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [name for name in names if name in tensors]
+        for name in names if present else ():
+            tensors.setdefault(name, tensors[present[0]])
+    incompatible = model.load_state_dict(tensors, strict=False, assign=True)
+    if incompatible.unexpected_keys:
+        raise ValueError(f"{source} holds tensors the model does not have: {incompatible.unexpected_keys[:5]}")
+    model.tie_weights()
+    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise ValueError(f"{source} is missing tensors: {still_empty[:5]}")
+
+
 def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None):
     """Load a checkpoint written by ``save_quantized``: ``(model, tokenizer)`` with ``QuantLinear``
     layers. ``dtype`` is that of the unquantized tensors (default: fp32 on CPU, fp16 elsewhere)."""
@@ -340,22 +361,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     with init_empty_weights(include_buffers=False):  # parameters on "meta"; rotary buffers computed
         model = AutoModelForCausalLM.from_config(config)
     build_quantlinear_skeletons(model, qconfig, tensors, weights_path)
-    # save_model stores tied tensors (embed_tokens / lm_head) once: give each tied name its tensor.
-    model.tie_weights()
-    names_of = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():
-        present = [name for name in names if name in tensors]
-        for name in names if present else ():
-            tensors.setdefault(name, tensors[present[0]])
-    incompatible = model.load_state_dict(tensors, strict=False, assign=True)
-    if incompatible.unexpected_keys:
-        raise ValueError(f"{weights_path} holds tensors the model does not have: {incompatible.unexpected_keys[:5]}")
-    model.tie_weights()
-    still_empty = [name for name, p in model.named_parameters() if p.is_meta]
-    if still_empty:
-        raise ValueError(f"{weights_path} is missing tensors: {still_empty[:5]}")
+    assign_tensors(model, tensors, weights_path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
     cast_unquantized_parameters(model, dtype)
     model = model.to(device).eval()
