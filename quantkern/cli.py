@@ -1,4 +1,5 @@
-"""The ``quantkern`` command line: ``quantkern info [DIR]``, ``quantkern quantize``, ``quantkern eval DIR``.
+"""The ``quantkern`` command line: ``quantkern info [DIR]``, ``quantkern quantize``, ``quantkern eval DIR``,
+``quantkern generate DIR``, ``quantkern convert SRC``.
 
 ``python -m quantkern ...`` is the same program.
 """
@@ -320,6 +321,21 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+    from .io import directory_size, read_metadata
+
+    start = time.perf_counter()
+    dst = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, progress=True)
+    metadata = read_metadata(dst)
+    source = metadata["method_config"]["imported_from"]
+    print(f"[{metadata['tag']}] converted {args.src} ({source['format']} {source['layout']}, group size "
+          f"{metadata['group_size']}, {'symmetric' if metadata['symmetric'] else 'with zero points'})")
+    print(f"wrote {dst} ({directory_size(dst) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
+          f"`quantkern eval {dst}` or `quantkern generate {dst} --prompt ...` run it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkern", description="Low-bit LLM quantization and kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -389,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as --cuda-graph, the step compiled by torch.compile first (tens of seconds)")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="import a GPTQ or AWQ checkpoint (4-bit) into quantkern's format")
+    c.add_argument("src", help="a Hugging Face GPTQ (auto-gptq, GPTQModel) or AWQ (AutoAWQ, GEMM) model directory")
+    c.add_argument("--dst", required=True, help="output directory")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --dst that is a quantkern checkpoint (nothing else is replaced)")
+    c.set_defaults(func=cmd_convert)
     return parser
 
 

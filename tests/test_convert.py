@@ -1,0 +1,192 @@
+"""Importing GPTQ and AWQ checkpoints (quantkern.convert, `quantkern convert`), on the CPU.
+
+The sources are written here from a quantkern-quantized random Llama, packed the way auto-gptq / GPTQModel and
+AutoAWQ pack (their layouts re-implemented in this file, independently of the converter's unpacking), so the
+converted model must compute exactly what the quantkern model computed.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from quantkern import replace_linear
+from quantkern.cli import main
+from quantkern.convert import UnsupportedCheckpointError, convert_checkpoint
+from quantkern.io import load_quantized, read_metadata, read_quantization_config
+from quantkern.nn import QuantLinear
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words of 32 bits -> int32 with the same bits (two's complement)."""
+    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+def pack_along_last(codes: torch.Tensor, order=range(8)) -> torch.Tensor:
+    """uint8 codes [..., 8 W] -> int32 [..., W]: nibble i of word w holds element 8 w + order[i]."""
+    grouped = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, 8)
+    words = sum(grouped[..., j] << (4 * i) for i, j in enumerate(order))
+    return to_int32(words)
+
+
+def quantized_llama(symmetric: bool, group_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # one row of one layer all positive: its zero code is 0 (GPTQ v1 stores it as -1)
+        model.model.layers[0].mlp.up_proj.weight[0].abs_()
+    replace_linear(model, bits=4, group_size=group_size, symmetric=symmetric)
+    return model
+
+
+def write_source(model, directory, fmt: str, *, layout=None, g_idx=None, shards=1, extra_config=None):
+    """The quantkern model `model` written as a GPTQ or AWQ checkpoint in `directory`."""
+    directory.mkdir()
+    tensors, group_size = {}, None
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            qw = module.weight
+            group_size = qw.group_size
+            codes, zeros = qw.codes(), qw.zero_codes().to(torch.int64)  # [N, K], [N, G]
+            scales = qw.scales.t().contiguous()  # [G, N]
+            if fmt == "gptq":
+                tensors[f"{name}.qweight"] = pack_along_last(codes).t().contiguous()  # [K/8, N]: word r of
+                # column n holds input channels 8r..8r+7
+                stored = (zeros - 1) & 0xF if (layout or "gptq") == "gptq" else zeros
+                tensors[f"{name}.qzeros"] = pack_along_last(stored.t().contiguous().to(torch.uint8))
+                k = qw.in_features
+                index = torch.arange(k) // (k if group_size == -1 else group_size)
+                tensors[f"{name}.g_idx"] = (g_idx(index) if g_idx else index).to(torch.int32)
+            else:
+                tensors[f"{name}.qweight"] = pack_along_last(codes.t().contiguous(), AWQ_ORDER)  # [K, N/8]
+                tensors[f"{name}.qzeros"] = pack_along_last(zeros.t().contiguous().to(torch.uint8), AWQ_ORDER)
+            tensors[f"{name}.scales"] = scales
+    for name, param in model.named_parameters():
+        tensors[name] = param.detach().to(torch.float16).contiguous()
+    if fmt == "gptq":
+        qconfig = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": g_idx is not None,
+                   "sym": True, "checkpoint_format": layout or "gptq"}
+    else:
+        qconfig = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                   "version": layout or "gemm"}
+    qconfig.update(extra_config or {})
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    (directory / "config.json").write_text(json.dumps(config))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"))
+    else:
+        weight_map = {}
+        for shard in range(shards):
+            file = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+            part = {name: tensors[name] for name in names[shard::shards]}
+            save_file(part, str(directory / file))
+            weight_map.update(dict.fromkeys(part, file))
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return directory
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 41, 88]])
+
+
+@pytest.mark.parametrize("fmt, layout, symmetric, group_size, shards", [
+    ("gptq", "gptq", False, 32, 1),      # v1: stored zero - 1, a zero code of 0 among them
+    ("gptq", "gptq_v2", False, 64, 2),   # v2: the zeros themselves; two shards and an index
+    ("gptq", "gptq", True, -1, 1),       # symmetric per-channel: every zero 8, stored as none
+    ("awq", "gemm", False, 128, 1),
+    ("awq", "gemm", True, 32, 2),
+])
+def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout, symmetric, group_size, shards):
+    model = quantized_llama(symmetric, group_size)
+    src = write_source(model, tmp_path / "src", fmt, layout=layout, shards=shards)
+    dst = convert_checkpoint(src, tmp_path / "dst")
+    converted, _ = load_quantized(dst)
+    # The source's unquantized tensors were fp16: compare with the quantkern model rounded the same way.
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    assert torch.equal(logits(converted, IDS), logits(model, IDS))
+    qconfig = read_quantization_config(dst)["quantization_config"]
+    assert (qconfig["method"], qconfig["group_size"], qconfig["symmetric"]) == (fmt, group_size, symmetric)
+    assert qconfig["modules_not_converted"] == ["lm_head"]
+    metadata = read_metadata(dst)
+    assert metadata["tag"] == f"{fmt.upper()}_w4_{'pc' if group_size == -1 else f'g{group_size}'}_headfp16"
+    assert metadata["method_config"]["imported_from"]["layout"] == layout
+
+
+def test_act_order_groups_are_refused_and_nothing_is_written(tmp_path):
+    model = quantized_llama(False, 32)
+    src = write_source(model, tmp_path / "src", "gptq", g_idx=lambda index: index.flip(0))
+    with pytest.raises(UnsupportedCheckpointError, match="act-order"):
+        convert_checkpoint(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bits": 8}, "8-bit weights"),
+    ({"checkpoint_format": "marlin"}, "packed for another kernel"),
+    ({"quant_method": "quantkern"}, "quantkern checkpoint already"),
+    ({"quant_method": "bitsandbytes"}, "not one this converter reads"),
+    ({"group_size": 256}, "group_size 256"),
+])
+def test_other_formats_are_refused_with_the_reason(tmp_path, change, message):
+    src = write_source(quantized_llama(True, 32), tmp_path / "src", "gptq", extra_config=change)
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        convert_checkpoint(src, tmp_path / "dst")
+
+
+def test_awq_gemv_and_broken_sources_are_refused(tmp_path):
+    model = quantized_llama(False, 32)
+    src = write_source(model, tmp_path / "gemv", "awq", layout="gemv")
+    with pytest.raises(UnsupportedCheckpointError, match="AWQ version 'gemv'"):
+        convert_checkpoint(src, tmp_path / "dst")
+    src = write_source(model, tmp_path / "no-zeros", "awq")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors["model.layers.1.self_attn.o_proj.qzeros"]
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(UnsupportedCheckpointError, match="o_proj .*missing qzeros"):
+        convert_checkpoint(src, tmp_path / "dst")
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt"):
+        convert_checkpoint(src, tmp_path / "dst")
+    with pytest.raises(FileNotFoundError):
+        convert_checkpoint(tmp_path / "nowhere", tmp_path / "dst")
+
+
+def test_cli_convert_then_refuses_to_overwrite_without_asking(tmp_path, capsys):
+    src = write_source(quantized_llama(False, 64), tmp_path / "src", "awq")
+    assert main(["convert", str(src), "--dst", str(tmp_path / "dst")]) == 0
+    out = capsys.readouterr().out
+    assert "[AWQ_w4_g64_headfp16] converted" in out and "awq gemm, group size 64, with zero points" in out
+    assert main(["convert", str(src), "--dst", str(tmp_path / "dst")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["convert", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"]) == 0
+
+
+def test_the_built_in_smollm2_through_gptq_and_back(builtin_model_available, tmp_path):
+    # The real architecture: tied embeddings (lm_head stored once), 576-wide layers (group 64), a tokenizer.
+    from quantkern.builtin_model import load_builtin_model
+
+    model, tokenizer = load_builtin_model(dtype=torch.float32)
+    replace_linear(model, bits=4, group_size=64, symmetric=False)
+    src = write_source(model, tmp_path / "src", "gptq")
+    tokenizer.save_pretrained(str(src))
+    dst = convert_checkpoint(src, tmp_path / "dst")
+    converted, converted_tokenizer = load_quantized(dst)
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    ids = converted_tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(logits(converted, ids), logits(model, ids))
