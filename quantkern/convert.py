@@ -11,8 +11,11 @@ Source layouts read (4-bit only; a layer ``W[N, K]``, ``G`` groups):
 * GPTQ (``quant_method: "gptq"``, ``checkpoint_format`` "gptq" or "gptq_v2"): ``qweight`` int32 ``[K/8, N]``,
   word ``r`` of column ``n`` holding codes of input channels ``8r .. 8r+7`` in nibbles 0..7; ``qzeros`` int32
   ``[G, N/8]``, word ``c`` of group ``g`` holding the zeros of output channels ``8c .. 8c+7``; ``scales``
-  ``[G, N]``; ``g_idx`` int32 ``[K]`` (optional). The "gptq" (v1) format stores ``zero - 1`` (its writers'
-  convention), so a stored nibble 15 is zero 0; "gptq_v2" stores the zero itself.
+  ``[G, N]``; ``g_idx`` int32 ``[K]`` (optional). The "gptq" (v1) format stores ``zero - 1``: each packed word
+  minus 0x11111111 as a whole (GPTQModel's v2-to-v1 step), so a zero of 0 borrows from the nibble above it; adding
+  the word back, as GPTQModel's v1-to-v2 step does when transformers loads such a checkpoint, recovers every zero.
+  (auto-gptq's own packer ORed a zero of 0 in as -1, which also overwrote the nibbles above it; such a checkpoint
+  converts to what that load computes.) "gptq_v2" stores the zeros themselves.
 * AWQ (``quant_method: "awq"``, ``version: "gemm"``): ``qweight`` int32 ``[K, N/8]`` and ``qzeros`` int32
   ``[G, N/8]``, both packed along N with the nibble order 0, 2, 4, 6, 1, 3, 5, 7 (nibble ``i`` of word ``c``
   holds channel ``8c + AWQ_ORDER[i]``); ``scales`` ``[G, N]``.
@@ -38,11 +41,17 @@ from .format import QuantizedWeight, implicit_zero, pack_int4
 FORMATS = ("gptq", "awq")
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds channel AWQ_ORDER[i] of its eight
+GPTQ_V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stores each word of zero points minus this
 SOURCE_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a quantized layer's tensors in the source
 
 
 class UnsupportedCheckpointError(ValueError):
     """The source checkpoint is not one this converter reads (the message says why)."""
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 values -> the int32 of their low 32 bits (two's complement)."""
+    return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
 
 
 def unpack_int32_nibbles(words: torch.Tensor) -> torch.Tensor:
@@ -116,9 +125,9 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
                                          f"{qzeros.dtype}")
     if fmt["format"] == "gptq":
         codes = unpack_int32_nibbles(qweight.t()).reshape(n, k)  # row n: words of 8 input channels each
+        if fmt["layout"] == "gptq":  # v1: zero - 1, subtracted from each packed word as a whole; add it back
+            qzeros = to_int32(qzeros.to(torch.int64) + GPTQ_V1_ZERO_OFFSET)
         zeros = unpack_int32_nibbles(qzeros)  # [G, N]
-        if fmt["layout"] == "gptq":
-            zeros = (zeros + 1) & 0xF  # v1 stores zero - 1 (a stored 15 is zero 0)
         g_idx = tensors.get(f"{prefix}.g_idx")
         if g_idx is not None:
             contiguous = torch.arange(k, device=g_idx.device) // (k if group_size == -1 else group_size)

@@ -39,7 +39,7 @@ def quantized_llama(symmetric: bool, group_size: int, seed: int = 0):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # one row of one layer all positive: its zero code is 0 (GPTQ v1 stores it as -1)
+    with torch.no_grad():  # one row of one layer all positive: with zero points, its zero codes are 0
         model.model.layers[0].mlp.up_proj.weight[0].abs_()
     replace_linear(model, bits=4, group_size=group_size, symmetric=symmetric)
     return model
@@ -58,8 +58,10 @@ def write_source(model, directory, fmt: str, *, layout=None, g_idx=None, shards=
             if fmt == "gptq":
                 tensors[f"{name}.qweight"] = pack_along_last(codes).t().contiguous()  # [K/8, N]: word r of
                 # column n holds input channels 8r..8r+7
-                stored = (zeros - 1) & 0xF if (layout or "gptq") == "gptq" else zeros
-                tensors[f"{name}.qzeros"] = pack_along_last(stored.t().contiguous().to(torch.uint8))
+                qzeros = pack_along_last(zeros.t().contiguous().to(torch.uint8))
+                if (layout or "gptq") == "gptq":  # v1: each word minus 0x11111111 (GPTQModel's v2 -> v1)
+                    qzeros = to_int32(qzeros.to(torch.int64) - 0x11111111)
+                tensors[f"{name}.qzeros"] = qzeros
                 k = qw.in_features
                 index = torch.arange(k) // (k if group_size == -1 else group_size)
                 tensors[f"{name}.g_idx"] = (g_idx(index) if g_idx else index).to(torch.int32)
@@ -102,7 +104,7 @@ IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 41, 88]])
 
 
 @pytest.mark.parametrize("fmt, layout, symmetric, group_size, shards", [
-    ("gptq", "gptq", False, 32, 1),      # v1: stored zero - 1, a zero code of 0 among them
+    ("gptq", "gptq", False, 32, 1),      # v1: stored zero - 1, a zero of 0 (borrowing) among them
     ("gptq", "gptq_v2", False, 64, 2),   # v2: the zeros themselves; two shards and an index
     ("gptq", "gptq", True, -1, 1),       # symmetric per-channel: every zero 8, stored as none
     ("awq", "gemm", False, 128, 1),
