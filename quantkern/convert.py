@@ -81,9 +81,9 @@ def source_quantization_config(config: dict, source) -> dict:
     if method not in FORMATS:
         raise UnsupportedCheckpointError(f"{source}: quant_method {qconfig.get('quant_method')!r} is not one this "
                                          f"converter reads ({', '.join(FORMATS)})")
-    if qconfig.get("bits") != 4:
-        raise UnsupportedCheckpointError(f"{source}: {qconfig.get('bits')}-bit weights; quantkern's weight-only "
-                                         "kernels are 4-bit")
+    bits = qconfig.get("bits", qconfig.get("w_bit"))  # (AutoAWQ's own names: w_bit, q_group_size)
+    if bits != 4:
+        raise UnsupportedCheckpointError(f"{source}: {bits}-bit weights; quantkern's weight-only kernels are 4-bit")
     if method == "gptq":
         layout = str(qconfig.get("checkpoint_format", "gptq")).lower()
         if layout not in ("gptq", "gptq_v2"):
@@ -94,7 +94,7 @@ def source_quantization_config(config: dict, source) -> dict:
         if layout != "gemm":
             raise UnsupportedCheckpointError(f"{source}: AWQ version {layout!r} is packed for another kernel; this "
                                              "converter reads 'gemm'")
-    group_size = qconfig.get("group_size")
+    group_size = qconfig.get("group_size", qconfig.get("q_group_size"))
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise UnsupportedCheckpointError(f"{source}: group_size {group_size!r}; quantkern's format has groups of "
                                          f"{', '.join(map(str, SUPPORTED_GROUP_SIZES))} (-1: per channel)")

@@ -78,6 +78,7 @@ def write_source(model, directory, fmt: str, *, layout=None, g_idx=None, shards=
         qconfig = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
                    "version": layout or "gemm"}
     qconfig.update(extra_config or {})
+    qconfig = {key: value for key, value in qconfig.items() if value is not None}
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     (directory / "config.json").write_text(json.dumps(config))
@@ -109,10 +110,12 @@ IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 41, 88]])
     ("gptq", "gptq", True, -1, 1),       # symmetric per-channel: every zero 8, stored as none
     ("awq", "gemm", False, 128, 1),
     ("awq", "gemm", True, 32, 2),
+    ("awq", "GEMM", False, 64, 1),     # AutoAWQ's own spelling of the config (below)
 ])
 def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout, symmetric, group_size, shards):
     model = quantized_llama(symmetric, group_size)
-    src = write_source(model, tmp_path / "src", fmt, layout=layout, shards=shards)
+    renamed = {"bits": None, "group_size": None, "w_bit": 4, "q_group_size": group_size} if layout == "GEMM" else {}
+    src = write_source(model, tmp_path / "src", fmt, layout=layout, shards=shards, extra_config=renamed)
     dst = convert_checkpoint(src, tmp_path / "dst")
     converted, _ = load_quantized(dst)
     # The source's unquantized tensors were fp16: compare with the quantkern model rounded the same way.
@@ -124,7 +127,7 @@ def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout
     assert qconfig["modules_not_converted"] == ["lm_head"]
     metadata = read_metadata(dst)
     assert metadata["tag"] == f"{fmt.upper()}_w4_{'pc' if group_size == -1 else f'g{group_size}'}_headfp16"
-    assert metadata["method_config"]["imported_from"]["layout"] == layout
+    assert metadata["method_config"]["imported_from"]["layout"] == layout.lower()
 
 
 def test_act_order_groups_are_refused_and_nothing_is_written(tmp_path):
