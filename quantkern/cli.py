@@ -329,8 +329,9 @@ def cmd_convert(args) -> int:
     dst = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, progress=True)
     metadata = read_metadata(dst)
     source = metadata["method_config"]["imported_from"]
-    print(f"[{metadata['tag']}] converted {args.src} ({source['format']} {source['layout']}, group size "
-          f"{metadata['group_size']}, {'symmetric' if metadata['symmetric'] else 'with zero points'})")
+    print(f"[{metadata['tag']}] converted {source['layers']} layers of {args.src} ({source['format']} "
+          f"{source['layout']}, group size {metadata['group_size']}, "
+          f"{'symmetric' if metadata['symmetric'] else 'with zero points'})")
     print(f"wrote {dst} ({directory_size(dst) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"`quantkern eval {dst}` or `quantkern generate {dst} --prompt ...` run it")
     return 0

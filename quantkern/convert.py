@@ -231,6 +231,6 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
     metadata = build_metadata(qconfig, src.name, None, {"convert": round(time.perf_counter() - start, 2)},
                               lm_head_fp16="lm_head" in float_names)
     metadata["method_config"] = {"imported_from": {"format": fmt["format"], "layout": fmt["layout"],
-                                                   "quantization_config": fmt["source_config"]}}
+                                                   "layers": len(weights), "quantization_config": fmt["source_config"]}}
     tokenizer = AutoTokenizer.from_pretrained(str(src)) if (src / "tokenizer_config.json").is_file() else None
     return save_quantized(model.eval(), dst, qconfig, metadata, tokenizer=tokenizer, overwrite=overwrite)

@@ -175,7 +175,8 @@ def test_cli_convert_then_refuses_to_overwrite_without_asking(tmp_path, capsys):
     src = write_source(quantized_llama(False, 64), tmp_path / "src", "awq")
     assert main(["convert", str(src), "--dst", str(tmp_path / "dst")]) == 0
     out = capsys.readouterr().out
-    assert "[AWQ_w4_g64_headfp16] converted" in out and "awq gemm, group size 64, with zero points" in out
+    assert "[AWQ_w4_g64_headfp16] converted 14 layers of" in out
+    assert "(awq gemm, group size 64, with zero points)" in out
     assert main(["convert", str(src), "--dst", str(tmp_path / "dst")]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["convert", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"]) == 0
