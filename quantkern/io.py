@@ -297,7 +297,8 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
         layer = QuantLinear(
             module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
             qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,
-            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"])
+            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"],
+            input_permutation=prefix + "input_permutation" in tensors)
         if qconfig["symmetric"] and prefix + "zeros" in tensors:
             raise ValueError(f"{source} has zero points for {name}, but its quantization_config says symmetric")
         for key, expected in layer.state_dict().items():

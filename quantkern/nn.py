@@ -47,6 +47,15 @@ def check_layer_options(in_features: int, out_features: int, bits: int, symmetri
     return act_clip_ratio
 
 
+def check_permutation(permutation: torch.Tensor, length: int, name: str) -> None:
+    """ValueError unless ``permutation`` is an int64 permutation of ``0 .. length - 1``."""
+    if permutation.dtype != torch.int64 or tuple(permutation.shape) != (length,):
+        raise ValueError(f"{name} must be int64 of shape ({length},), got {permutation.dtype} "
+                         f"{tuple(permutation.shape)}")
+    if not torch.equal(permutation.sort().values.cpu(), torch.arange(length)):
+        raise ValueError(f"{name} is not a permutation of 0..{length - 1}")
+
+
 def prepare_for_kernel(weight: QuantizedWeight, act_bits: Optional[int], dtype: torch.dtype,
                        backend: Optional[str]):
     """``weight`` in the layout of the kernel that runs it on its device (an ``ops.PreparedWeight``)."""
@@ -69,15 +78,20 @@ class QuantLinear(nn.Module):
     ``input_rotation="hadamard"`` applies the orthonormal Hadamard transform ``H`` to the input's last
     dim online, before any activation quantization; the stored weight is then ``W @ H.T`` (so that
     ``(W H^T)(H x) = W x``), which ``from_linear(..., rotate=True)`` produces.
+    ``input_permutation=True`` adds a buffer ``input_permutation`` (int64 [in_features], a permutation): the layer
+    computes ``W' x[..., input_permutation]``, its stored weight ``W'`` being the original's columns in that order.
+    Imported GPTQ act-order weights need it (``quantkern.convert``): their groups are contiguous only in that order.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
                  symmetric: bool = True, act_bits: Optional[int] = None, bias: bool = False,
                  scale_dtype: torch.dtype = torch.float16, device=None, act_clip_ratio: float = 1.0,
-                 input_rotation: Optional[str] = None):
+                 input_rotation: Optional[str] = None, input_permutation: bool = False):
         super().__init__()
         act_clip_ratio = check_layer_options(in_features, out_features, bits, symmetric, act_bits, act_clip_ratio,
                                              input_rotation)
+        if input_permutation and input_rotation is not None:
+            raise ValueError("a layer either permutes or rotates its input, not both")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits = bits, act_bits
         self.act_clip_ratio, self.input_rotation = act_clip_ratio, input_rotation
@@ -89,6 +103,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("zeros", None if symmetric else
                              torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype, device=device) if bias else None)
+        self.register_buffer("input_permutation",
+                             torch.arange(in_features, device=device) if input_permutation else None)
         self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
         self._prepared = None  # ops.PreparedWeight: the weight in its kernel's layout, made once
         self._fusion = None  # (ProjectionFusion, index of this layer in it) once fuse_projections ran
@@ -139,9 +155,13 @@ class QuantLinear(nn.Module):
             self.scales = self.scales.to(scale_dtype)
         return result
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._forget_prepared()
-        return super()._load_from_state_dict(*args, **kwargs)
+        result = super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        permutation = self.input_permutation
+        if permutation is not None and not permutation.is_meta:
+            check_permutation(permutation, self.in_features, f"{prefix}input_permutation")
+        return result
 
     def _forget_prepared(self) -> None:
         self._prepared = None
@@ -156,12 +176,18 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
                        act_bits: Optional[int] = None, act_clip_ratio: float = 1.0,
-                       input_rotation: Optional[str] = None) -> "QuantLinear":
+                       input_rotation: Optional[str] = None,
+                       input_permutation: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Wrap an already quantized weight. With ``input_rotation``, ``qw`` must already be the
-        quantized ``W @ H.T`` (quantizers rotate before they quantize)."""
+        quantized ``W @ H.T`` (quantizers rotate before they quantize); with ``input_permutation``, the
+        quantized columns of ``W`` in that order."""
+        if input_permutation is not None:
+            check_permutation(input_permutation, qw.in_features, "input_permutation")
         layer = cls(qw.in_features, qw.out_features, qw.bits, qw.group_size, qw.symmetric, act_bits,
                     bias is not None, qw.scales.dtype, device=qw.device, act_clip_ratio=act_clip_ratio,
-                    input_rotation=input_rotation)
+                    input_rotation=input_rotation, input_permutation=input_permutation is not None)
+        if input_permutation is not None:
+            layer.input_permutation.copy_(input_permutation)
         layer.qweight.copy_(qw.qweight)
         layer.scales.copy_(qw.scales)
         if qw.zeros is not None:
@@ -204,6 +230,8 @@ class QuantLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor, prepared, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """This layer's computation on a prepared weight (its own, or its fusion's stacked one)."""
+        if self.input_permutation is not None:  # (a fusion's members share it: _fusion_key)
+            x = x.index_select(-1, self.input_permutation.to(x.device))
         if self.act_bits is None:
             if self.input_rotation == "hadamard":
                 x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
@@ -218,7 +246,9 @@ class QuantLinear(nn.Module):
         kind = "symmetric" if self.zeros is None else "asymmetric"
         acts = f", act_clip_ratio={self.act_clip_ratio:g}" if self.act_bits is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}{acts}, "
-                f"input_rotation={self.input_rotation}, group_size={group}, {kind}, bias={self.bias is not None}, "
+                f"input_rotation={self.input_rotation}, "
+                + ("input_permutation, " if self.input_permutation is not None else "")
+                + f"group_size={group}, {kind}, bias={self.bias is not None}, "
                 f"backend={self.backend or 'auto'}"
                 + (f", fused: part {self._fusion[1] + 1} of {len(self._fusion[0].members)}" if self._fusion else ""))
 
@@ -311,7 +341,8 @@ def _fusion_key(layer: QuantLinear) -> dict:
     return {"in_features": layer.in_features, "bits": layer.bits, "group_size": layer.group_size,
             "symmetric": layer.zeros is None, "act_bits": layer.act_bits, "act_clip_ratio": layer.act_clip_ratio,
             "input_rotation": layer.input_rotation, "scale_dtype": layer.scales.dtype, "backend": layer.backend,
-            "device": kernel_device(layer)}
+            "device": kernel_device(layer),
+            "input_permutation": None if layer.input_permutation is None else tuple(layer.input_permutation.tolist())}
 
 
 def _version_counter(x: torch.Tensor) -> Optional[int]:

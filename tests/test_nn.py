@@ -50,6 +50,31 @@ def test_state_dict_round_trip():
     assert torch.equal(fresh(x), layer(x))
 
 
+def test_input_permutation_reads_the_input_in_its_order_and_round_trips():
+    torch.manual_seed(0)
+    qw = reference.quantize_weight(torch.randn(64, 128), 4, 32, symmetric=False)
+    permutation = torch.randperm(128)
+    layer = QuantLinear.from_quantized(qw, torch.randn(64), input_permutation=permutation)
+    x = torch.randn(3, 5, 128)
+    assert torch.equal(layer(x), reference.weight_only_linear(x[..., permutation], qw, layer.bias))
+    assert "input_permutation" in repr(layer)
+    state = layer.state_dict()
+    assert torch.equal(state["input_permutation"], permutation)
+    fresh = QuantLinear(128, 64, 4, 32, symmetric=False, bias=True, input_permutation=True)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), layer(x))
+    duplicated = permutation.clone()
+    duplicated[0] = duplicated[1]
+    with pytest.raises(ValueError, match="not a permutation"):
+        QuantLinear.from_quantized(qw, input_permutation=duplicated)
+    with pytest.raises(ValueError, match="input_permutation is not a permutation"):
+        fresh.load_state_dict({**state, "input_permutation": duplicated})
+    with pytest.raises(ValueError, match="int64 of shape"):
+        QuantLinear.from_quantized(qw, input_permutation=permutation.to(torch.int32))
+    with pytest.raises(ValueError, match="permutes or rotates"):
+        QuantLinear(128, 64, input_rotation="hadamard", input_permutation=True)
+
+
 def test_quant_linear_rejects_unsupported_modes():
     with pytest.raises(ValueError, match="W8A4"):
         QuantLinear(64, 64, bits=8, act_bits=4)
