@@ -20,11 +20,16 @@ Source layouts read (4-bit only; a layer ``W[N, K]``, ``G`` groups):
   ``[G, N/8]``, both packed along N with the nibble order 0, 2, 4, 6, 1, 3, 5, 7 (nibble ``i`` of word ``c``
   holds channel ``8c + AWQ_ORDER[i]``); ``scales`` ``[G, N]``.
 
-What is refused, with the reason: other bit widths; GPTQ's act-order groups (``g_idx`` not ``k // group_size``),
-which quantkern's contiguous groups cannot express without changing the weights; group sizes other than 32, 64,
-128 and per-channel; packings meant for other kernels (GPTQ "marlin", AWQ "gemv", "exllama", ...); layers the
-CUDA W4A16 kernel cannot serve; a mix of converted and float layers under one name (``model.layers.0.mlp.down_proj``
-quantized but ``model.layers.1.mlp.down_proj`` not), which quantkern's ``modules_not_converted`` cannot say.
+GPTQ's act-order (``desc_act``) groups input channels out of order (``g_idx``): sorted by group they are contiguous,
+so the converted layer holds its columns in that order and permutes its input to match (``QuantLinear``'s
+``input_permutation``, one gather per call; q/k/v and gate/up share one order, since GPTQ derives it from their
+shared input, and stay fusable).
+
+What is refused, with the reason: other bit widths; group sizes other than 32, 64, 128 and per-channel; a
+``g_idx`` whose groups do not each hold ``group_size`` channels; packings meant for other kernels (GPTQ "marlin",
+AWQ "gemv", "exllama", ...); layers the CUDA W4A16 kernel cannot serve; a mix of converted and float layers under
+one name (``model.layers.0.mlp.down_proj`` quantized but ``model.layers.1.mlp.down_proj`` not), which quantkern's
+``modules_not_converted`` cannot say.
 """
 
 from __future__ import annotations
@@ -102,10 +107,12 @@ def source_quantization_config(config: dict, source) -> dict:
 
 
 def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_features: int,
-                  out_features: int, scale_dtype: Optional[torch.dtype] = None) -> QuantizedWeight:
-    """One source layer (``prefix.qweight`` etc. in ``tensors``) as a canonical asymmetric ``QuantizedWeight``
-    (explicit zero codes; ``convert_checkpoint`` drops them where every zero is 8)."""
+                  out_features: int, scale_dtype: Optional[torch.dtype] = None):
+    """One source layer (``prefix.qweight`` etc. in ``tensors``) as ``(QuantizedWeight, input permutation or
+    None)``: a canonical asymmetric weight (explicit zero codes; ``convert_checkpoint`` drops them where every
+    zero is 8), its columns in the order of the permutation where GPTQ's act-order grouped them out of order."""
     k, n, group_size = in_features, out_features, fmt["group_size"]
+    permutation = None
     groups = 1 if group_size == -1 else k // group_size
     where = f"{prefix} ({fmt['format']})"
     missing = [s for s in ("qweight", "qzeros", "scales") if f"{prefix}.{s}" not in tensors]
@@ -129,21 +136,25 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
             qzeros = to_int32(qzeros.to(torch.int64) + GPTQ_V1_ZERO_OFFSET)
         zeros = unpack_int32_nibbles(qzeros)  # [G, N]
         g_idx = tensors.get(f"{prefix}.g_idx")
-        if g_idx is not None:
-            contiguous = torch.arange(k, device=g_idx.device) // (k if group_size == -1 else group_size)
-            if g_idx.shape != (k,) or not torch.equal(g_idx.to(torch.int64), contiguous):
-                raise UnsupportedCheckpointError(
-                    f"{where}: g_idx assigns input channels to groups out of order (GPTQ's act-order, "
-                    "desc_act=true); quantkern's groups are contiguous runs of input channels, so these weights "
-                    "cannot be expressed without requantizing: quantize the float model with "
-                    "`quantkern quantize --method gptq` (act-order with static groups) instead")
+        glen = k if group_size == -1 else group_size
+        if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k, device=g_idx.device) // glen):
+            # Act-order (desc_act): groups of channels in another order. Sorted by group, the channels form
+            # contiguous groups; the layer then reads its input in that order (QuantLinear.input_permutation).
+            g_idx = g_idx.to(torch.int64)
+            if (g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups
+                    or not bool((torch.bincount(g_idx, minlength=groups) == glen).all())):
+                raise UnsupportedCheckpointError(f"{where}: g_idx does not give each of the {groups} groups "
+                                                 f"{glen} input channels")
+            permutation = torch.argsort(g_idx, stable=True)
+            codes = codes[:, permutation]
     else:
         codes = _awq_unshuffle(unpack_int32_nibbles(qweight)).t()  # [K, N] -> [N, K]
         zeros = _awq_unshuffle(unpack_int32_nibbles(qzeros))
     scales = scales.t().contiguous()
     if scales.dtype not in (torch.float16, torch.bfloat16):
         scales = scales.to(scale_dtype or torch.float16)
-    return QuantizedWeight(pack_int4(codes.contiguous()), scales, zeros.t().contiguous(), 4, group_size, k, n)
+    qw = QuantizedWeight(pack_int4(codes.contiguous()), scales, zeros.t().contiguous(), 4, group_size, k, n)
+    return qw, permutation
 
 
 def _read_tensors(src: Path) -> Dict[str, torch.Tensor]:
@@ -216,12 +227,12 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
             raise UnsupportedCheckpointError(f"{src}: {name}: {reason}")
         weights[name] = convert_layer(tensors, name, fmt, module.in_features, module.out_features)
     # One symmetry for the whole checkpoint (a format-wide setting): symmetric where every zero is the implicit 8.
-    symmetric = all(bool((qw.zeros == implicit_zero(4)).all()) for qw in weights.values())
-    for name, qw in weights.items():
+    symmetric = all(bool((qw.zeros == implicit_zero(4)).all()) for qw, _ in weights.values())
+    for name, (qw, permutation) in weights.items():
         if symmetric:
             qw = QuantizedWeight(qw.qweight, qw.scales, None, 4, qw.group_size, qw.in_features, qw.out_features)
         bias = tensors.get(f"{name}.bias")
-        set_submodule(model, name, QuantLinear.from_quantized(qw, bias))
+        set_submodule(model, name, QuantLinear.from_quantized(qw, bias, input_permutation=permutation))
         for suffix in SOURCE_SUFFIXES + ("bias",):
             tensors.pop(f"{name}.{suffix}", None)
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quantkern import replace_linear
+from quantkern import fuse_projections, reference, replace_linear
 from quantkern.cli import main
 from quantkern.convert import UnsupportedCheckpointError, convert_checkpoint
 from quantkern.io import load_quantized, read_metadata, read_quantization_config
@@ -33,12 +33,14 @@ def pack_along_last(codes: torch.Tensor, order=range(8)) -> torch.Tensor:
     return to_int32(words)
 
 
-def quantized_llama(symmetric: bool, group_size: int, seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+TINY_LLAMA = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+
+
+def quantized_llama(symmetric: bool, group_size: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(TINY_LLAMA).eval()
     with torch.no_grad():  # one row of one layer all positive: with zero points, its zero codes are 0
         model.model.layers[0].mlp.up_proj.weight[0].abs_()
     replace_linear(model, bits=4, group_size=group_size, symmetric=symmetric)
@@ -130,10 +132,58 @@ def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout
     assert metadata["method_config"]["imported_from"]["layout"] == layout.lower()
 
 
-def test_act_order_groups_are_refused_and_nothing_is_written(tmp_path):
-    model = quantized_llama(False, 32)
-    src = write_source(model, tmp_path / "src", "gptq", g_idx=lambda index: index.flip(0))
-    with pytest.raises(UnsupportedCheckpointError, match="act-order"):
+def test_act_order_gptq_converts_with_an_input_permutation(tmp_path):
+    # GPTQ's act-order: each layer's columns quantized in an order of its own (q/k/v share one, as they share their
+    # input; gate/up another), the groups contiguous in that order, g_idx saying where each input channel went.
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(TINY_LLAMA).eval()
+    tensors, orders = {}, {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        parent, role = name.rsplit(".", 1)
+        shared_input = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+        k = module.in_features
+        order = orders.setdefault(f"{parent}.{shared_input.get(role, role)}", torch.randperm(k))
+        qw = reference.quantize_weight(module.weight.detach()[:, order], 4, 32, symmetric=False,
+                                       scale_dtype=torch.float16)
+        codes = torch.empty_like(qw.codes())
+        codes[:, order] = qw.codes()
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = (torch.arange(k) // 32).to(torch.int32)
+        tensors.update({f"{name}.qweight": pack_along_last(codes).t().contiguous(), f"{name}.g_idx": g_idx,
+                        f"{name}.qzeros": pack_along_last(qw.zero_codes().t().contiguous()),
+                        f"{name}.scales": qw.scales.t().contiguous()})
+        with torch.no_grad():  # the float model now computes what the source's dequantized weights compute
+            module.weight.copy_(reference.dequantize_weight(qw).float()[:, torch.argsort(order)])
+    for name, param in model.named_parameters():
+        if f"{name.rsplit('.', 1)[0]}.qweight" not in tensors:
+            tensors[name] = param.detach().half()
+            param.data = param.data.half().float()
+    src = tmp_path / "src"
+    src.mkdir()
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
+                                     "sym": False, "checkpoint_format": "gptq_v2"}
+    (src / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(src / "model.safetensors"))
+
+    converted, _ = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+    assert converted.model.layers[0].self_attn.q_proj.input_permutation is not None
+    expected = logits(model, IDS)
+    assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)  # (sums in another order)
+    report = fuse_projections(converted)  # q/k/v (and gate/up) share their order: still one GEMM each
+    assert len(report["fused"]) == 4 and not report["skipped"]
+    assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_g_idx_that_is_not_groups_of_group_size_is_refused_and_nothing_is_written(tmp_path):
+    def uneven(index):
+        index = index.clone()
+        index[0] = 1  # group 1 one channel too many, group 0 one too few
+        return index
+    src = write_source(quantized_llama(False, 32), tmp_path / "src", "gptq", g_idx=uneven)
+    with pytest.raises(UnsupportedCheckpointError, match="does not give each of the 4 groups 32 input channels"):
         convert_checkpoint(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
 
