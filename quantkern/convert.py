@@ -37,14 +37,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
-from .format import QuantizedWeight, implicit_zero, pack_int4
+from .format import SUPPORTED_GROUP_SIZES, QuantizedWeight, group_length, implicit_zero, pack_int4
 
 FORMATS = ("gptq", "awq")
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds channel AWQ_ORDER[i] of its eight
 GPTQ_V1_ZERO_OFFSET = 0x11111111  # one per nibble: GPTQ v1 stores each word of zero points minus this
 SOURCE_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a quantized layer's tensors in the source
@@ -106,15 +105,17 @@ def source_quantization_config(config: dict, source) -> dict:
     return {"format": method, "layout": layout, "group_size": group_size, "source_config": qconfig}
 
 
-def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_features: int,
-                  out_features: int, scale_dtype: Optional[torch.dtype] = None):
+def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_features: int, out_features: int):
     """One source layer (``prefix.qweight`` etc. in ``tensors``) as ``(QuantizedWeight, input permutation or
     None)``: a canonical asymmetric weight (explicit zero codes; ``convert_checkpoint`` drops them where every
     zero is 8), its columns in the order of the permutation where GPTQ's act-order grouped them out of order."""
     k, n, group_size = in_features, out_features, fmt["group_size"]
     permutation = None
-    groups = 1 if group_size == -1 else k // group_size
+    glen = group_length(group_size, k)
+    groups = k // glen
     where = f"{prefix} ({fmt['format']})"
+    if k % 8 or n % 8:
+        raise UnsupportedCheckpointError(f"{where}: a {n} x {k} layer; packed int4 words need both multiples of 8")
     missing = [s for s in ("qweight", "qzeros", "scales") if f"{prefix}.{s}" not in tensors]
     if missing:
         raise UnsupportedCheckpointError(f"{where}: missing {', '.join(missing)}")
@@ -124,7 +125,7 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
     else:
         shapes = {"qweight": (k, n // 8), "qzeros": (groups, n // 8), "scales": (groups, n)}
     for name, tensor in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-        if tuple(tensor.shape) != shapes[name] or (k % 8 or n % 8):
+        if tuple(tensor.shape) != shapes[name]:
             raise UnsupportedCheckpointError(f"{where}: {name} has shape {tuple(tensor.shape)}, but a {n} x {k} "
                                              f"layer in groups of {group_size} stores {shapes[name]}")
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
@@ -136,7 +137,6 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
             qzeros = to_int32(qzeros.to(torch.int64) + GPTQ_V1_ZERO_OFFSET)
         zeros = unpack_int32_nibbles(qzeros)  # [G, N]
         g_idx = tensors.get(f"{prefix}.g_idx")
-        glen = k if group_size == -1 else group_size
         if g_idx is not None and not torch.equal(g_idx.to(torch.int64), torch.arange(k, device=g_idx.device) // glen):
             # Act-order (desc_act): groups of channels in another order. Sorted by group, the channels form
             # contiguous groups; the layer then reads its input in that order (QuantLinear.input_permutation).
@@ -152,7 +152,7 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
         zeros = _awq_unshuffle(unpack_int32_nibbles(qzeros))
     scales = scales.t().contiguous()
     if scales.dtype not in (torch.float16, torch.bfloat16):
-        scales = scales.to(scale_dtype or torch.float16)
+        scales = scales.to(torch.float16)
     qw = QuantizedWeight(pack_int4(codes.contiguous()), scales, zeros.t().contiguous(), 4, group_size, k, n)
     return qw, permutation
 
@@ -185,12 +185,12 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
     """Write the GPTQ or AWQ checkpoint ``src`` as the quantkern checkpoint ``dst`` (atomically, through
     ``quantkern.io.save_quantized``); returns ``dst``. Raises ``UnsupportedCheckpointError`` (a ValueError) for
     what cannot be converted (module docstring), before anything is written."""
-    from accelerate import init_empty_weights
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from . import ops
-    from .io import _read_json, assign_tensors, build_metadata, check_destination, quantization_config, save_quantized
+    from .io import (_read_json, assign_tensors, build_metadata, check_destination, empty_model, quantization_config,
+                     save_quantized)
     from .nn import QuantLinear, linear_layers, set_submodule
 
     start = time.perf_counter()
@@ -203,14 +203,12 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
     config_dict.pop("quantization_config")
     tensors = _read_tensors(src)
 
-    config = AutoConfig.for_model(**config_dict)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+    model = empty_model(config_dict)
     linears = linear_layers(model, skip=())
     quantized = [(name, module) for name, module in linears if f"{name}.qweight" in tensors]
     if not quantized:
         raise UnsupportedCheckpointError(f"{src}: no tensor named <layer>.qweight for any Linear layer of this "
-                                         f"{config.model_type} model")
+                                         f"{model.config.model_type} model")
     def last(name):
         return name.rsplit(".", 1)[-1]
     float_names = sorted({last(name) for name, _ in linears} - {last(name) for name, _ in quantized})

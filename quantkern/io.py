@@ -312,6 +312,17 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
         set_submodule(model, name, layer)
 
 
+def empty_model(config_dict: dict) -> torch.nn.Module:
+    """The causal LM of a config.json's contents, its parameters on "meta" (rotary buffers computed), for a
+    loader to fill with ``assign_tensors``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**config_dict)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def assign_tensors(model: torch.nn.Module, tensors: dict, source) -> None:
     """Give a model built on "meta" its tensors (``load_state_dict(assign=True)``); ValueError naming ``source``
     for a tensor the model does not have or a parameter left without one. Tied parameters (embed_tokens and
@@ -336,10 +347,9 @@ def assign_tensors(model: torch.nn.Module, tensors: dict, source) -> None:
 def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None):
     """Load a checkpoint written by ``save_quantized``: ``(model, tokenizer)`` with ``QuantLinear``
     layers. ``dtype`` is that of the unquantized tensors (default: fp32 on CPU, fp16 elsewhere)."""
-    from accelerate import init_empty_weights
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .kv_cache import CONFIG_ATTR as KV_CONFIG_ATTR, enable_kv_quantization
     from .nn import cast_unquantized_parameters
@@ -358,9 +368,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     except SafetensorError as error:
         raise ValueError(f"{weights_path} is corrupt: {error}") from None
 
-    config = AutoConfig.for_model(**config_dict)
-    with init_empty_weights(include_buffers=False):  # parameters on "meta"; rotary buffers computed
-        model = AutoModelForCausalLM.from_config(config)
+    model = empty_model(config_dict)
     build_quantlinear_skeletons(model, qconfig, tensors, weights_path)
     assign_tensors(model, tensors, weights_path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
