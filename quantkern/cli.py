@@ -329,9 +329,10 @@ def cmd_convert(args) -> int:
     dst = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, progress=True)
     metadata = read_metadata(dst)
     source = metadata["method_config"]["imported_from"]
+    activations = f", int{metadata['act_bits']} activations per token" if metadata["act_bits"] else ""
     print(f"[{metadata['tag']}] converted {source['layers']} layers of {args.src} ({source['format']} "
           f"{source['layout']}, group size {metadata['group_size']}, "
-          f"{'symmetric' if metadata['symmetric'] else 'with zero points'})")
+          f"{'symmetric' if metadata['symmetric'] else 'with zero points'}{activations})")
     print(f"wrote {dst} ({directory_size(dst) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"`quantkern eval {dst}` or `quantkern generate {dst} --prompt ...` run it")
     return 0
@@ -407,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert", help="import a GPTQ or AWQ checkpoint (4-bit) into quantkern's format")
-    c.add_argument("src", help="a Hugging Face GPTQ (auto-gptq, GPTQModel) or AWQ (AutoAWQ, GEMM) model directory")
+    c = sub.add_parser("convert", help="import a GPTQ, AWQ, AutoRound or compressed-tensors checkpoint into "
+                                       "quantkern's format")
+    c.add_argument("src", help="a Hugging Face model directory quantized by GPTQ (auto-gptq, GPTQModel), AWQ "
+                               "(AutoAWQ, GEMM), AutoRound or llm-compressor (compressed-tensors: W4A16, W4A8, W8A8)")
     c.add_argument("--dst", required=True, help="output directory")
     c.add_argument("--overwrite", action="store_true",
                    help="replace an existing --dst that is a quantkern checkpoint (nothing else is replaced)")

@@ -31,6 +31,7 @@ QUANT_METHOD = "quantkern"
 METHOD_NAMES = {
     "rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant", "quarot": "QuaRot",
     "hqq": "HQQ", "adaround": "AdaRound", "autoround": "AutoRound", "brecq": "BRECQ",
+    "compressed-tensors": "CompressedTensors",
 }
 
 

@@ -246,3 +246,71 @@ def test_the_built_in_smollm2_through_gptq_and_back(builtin_model_available, tmp
         param.data = param.data.half().float()
     ids = converted_tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(logits(converted, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("packing, fmt, layout, symmetric, group_size", [
+    ("auto_round:auto_gptq", "gptq", "gptq", True, 128),  # AutoRound's default: symmetric, GPTQ v1 packing
+    ("auto_round", "gptq", "gptq_v2", False, 32),         # its own packing (asymmetric): GPTQ v2's layout
+    ("auto_round:gptqmodel", "gptq", "gptq_v2", False, 64),
+    ("auto_round:auto_awq", "awq", "gemm", False, 64),
+])
+def test_autoround_checkpoints_convert_through_the_layout_they_name(tmp_path, packing, fmt, layout, symmetric,
+                                                                    group_size):
+    model = quantized_llama(symmetric, group_size)
+    autoround = {"quant_method": "auto-round", "packing_format": packing, "sym": symmetric, "data_type": "int",
+                 "act_bits": 16, "checkpoint_format": None, "desc_act": None, "version": None, "zero_point": None}
+    src = write_source(model, tmp_path / "src", fmt, layout=layout, extra_config=autoround)
+    converted, _ = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    assert torch.equal(logits(converted, IDS), logits(model, IDS))
+    metadata = read_metadata(tmp_path / "dst")
+    assert metadata["tag"] == f"AutoRound_w4_g{group_size}_headfp16"
+    assert metadata["method_config"]["imported_from"]["layout"] == packing
+
+
+def test_autoround_gptq_packing_reads_a_clamped_zero_as_its_loader_does():
+    # AutoRound's GPTQ v1 packer stores max(zero - 1, 0) nibble by nibble (a zero of 0 cannot be stored); the v1
+    # loader adds 1 to each nibble, so that zero reads back as 1. The converter reads what that loader computes.
+    from quantkern.convert import convert_layer, source_quantization_config
+
+    n, k = 8, 32
+    zeros = torch.tensor([0, 1, 2, 7, 8, 9, 14, 15], dtype=torch.int64)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    stored_zeros = (zeros - 1).clamp(min=0).to(torch.uint8)
+    tensors = {"layer.qweight": pack_along_last(codes).t().contiguous(),
+               "layer.qzeros": pack_along_last(stored_zeros.unsqueeze(0)),
+               "layer.scales": torch.ones(1, n, dtype=torch.float16)}
+    fmt = source_quantization_config({"quantization_config": {"quant_method": "auto-round", "bits": 4,
+                                                              "group_size": -1, "sym": False}}, "src")
+    qw, permutation = convert_layer(tensors, "layer", fmt, k, n)
+    assert permutation is None and torch.equal(qw.codes(), codes)
+    assert qw.zero_codes()[:, 0].tolist() == [1, 1, 2, 7, 8, 9, 14, 15]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"packing_format": "auto_round:fp8_static"}, "packing_format 'auto_round:fp8_static'"),
+    ({"data_type": "nv_fp"}, "data_type 'nv_fp'"),
+    ({"act_bits": 8}, "act_bits 8"),
+    ({"extra_config": {"model.layers.0.mlp.down_proj": {"bits": 8}}}, "down_proj is quantized with {'bits': 8}"),
+])
+def test_autoround_settings_quantkern_cannot_run_are_refused(tmp_path, change, message):
+    autoround = {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", **change}
+    src = write_source(quantized_llama(True, 32), tmp_path / "src", "gptq", extra_config=autoround)
+    with pytest.raises(UnsupportedCheckpointError, match=message):
+        convert_checkpoint(src, tmp_path / "dst")
+
+
+def test_autoround_layers_left_in_floating_point_stay_so(tmp_path):
+    torch.manual_seed(0)
+    model = replace_linear(LlamaForCausalLM(TINY_LLAMA).eval(), bits=4, group_size=32, skip=("lm_head", "down_proj"))
+    left = {f"model.layers.{i}.mlp.down_proj": {"bits": 16, "data_type": "float"} for i in range(2)}
+    autoround = {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "extra_config": left}
+    converted, _ = load_quantized(convert_checkpoint(write_source(model, tmp_path / "src", "gptq",
+                                                                  extra_config=autoround), tmp_path / "dst"))
+    assert type(converted.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert read_quantization_config(tmp_path / "dst")["quantization_config"]["modules_not_converted"] == [
+        "down_proj", "lm_head"]
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    assert torch.equal(logits(converted, IDS), logits(model, IDS))
