@@ -11,6 +11,8 @@ Peers, same inputs, same run:
     the JSON says so.
   * ``fht+quant``: fht, then our ``quantize_per_token`` (QuaRot's path: two passes over the activations).
   * ``two_pass``: our ``hadamard`` then our ``quantize_per_token``.
+  * ``had_b_rows`` (blocked sizes): our whole-row ``hadamard`` on the ``[rows * n / b, b]`` view, the same
+    transform, to see whether blocked mode should run that way.
   * ``matmul``: ``x @ (H / sqrt(n))`` with the dense fp16 matrix (cuBLAS).
   * ``copy``: a device-to-device copy of the SAME number of bytes as the measured op moves (so launch and
     tail effects at these sizes count against the copy too), plus the 1 GiB copy rate for reference.
@@ -108,6 +110,12 @@ def main() -> None:
                     torch.ops.quantkern.hadamard(x, block), 4, 1.0)),
                 "matmul": median_us(lambda: torch.matmul(x, h)),
             }
+            if block:  # the same transform as rows of one block each: the whole-row kernel on a [rows*n/b, b] view
+                view_y = torch.ops.quantkern.hadamard(x.view(-1, block), 0).view(rows, n)
+                view_error = (view_y.float() - y.float()).abs().max()
+                assert view_error <= 2e-3 * y.float().abs().max()
+                times["hadamard_block_rows"] = median_us(
+                    lambda: torch.ops.quantkern.hadamard(x.view(-1, block), 0))
             if not args.no_triton:
                 times["triton_hadamard"] = median_us(lambda: ops.hadamard(x, backend="triton", block_size=block))
                 times["triton_hadamard_quantize"] = median_us(
@@ -124,7 +132,9 @@ def main() -> None:
             dst_q = torch.empty_like(src_q)
             times["copy_same_bytes_rot"] = median_us(lambda: dst_rot.copy_(src_rot))
             times["copy_same_bytes_quant"] = median_us(lambda: dst_q.copy_(src_q))
-            nbytes = {k: (bytes_rot if k in ("hadamard", "matmul", "triton_hadamard", "fht", "copy_same_bytes_rot")
+            rotation_only = ("hadamard", "hadamard_block_rows", "matmul", "triton_hadamard", "fht",
+                             "copy_same_bytes_rot")
+            nbytes = {k: (bytes_rot if k in rotation_only
                           else bytes_q) for k in times}
             gbs = {k: nbytes[k] / (t * 1e3) for k, t in times.items()}
             copy_rot, copy_q = gbs["copy_same_bytes_rot"], gbs["copy_same_bytes_quant"]
@@ -139,7 +149,8 @@ def main() -> None:
             table.append([f"{n}{'/b' + str(block) if block else ''}", rows,
                           f"{times['hadamard_quantize']:.1f}", f"{gbs['hadamard_quantize']:.0f}",
                           f("hadamard_quantize"), f("two_pass"), f("fht+quant"),
-                          f("hadamard"), f("fht"), f("matmul"), f("triton_hadamard_quantize"),
+                          f("hadamard"), f("hadamard_block_rows"), f("fht"), f("matmul"),
+                          f("triton_hadamard_quantize"),
                           "yes" if n in TARGET_SIZES and frac["hadamard_quantize"] >= HADAMARD_QUANTIZE_TARGET else
                           ("NO" if n in TARGET_SIZES else "")])
             print("progress:", n, rows, {k: round(t, 1) for k, t in times.items()}, flush=True)
@@ -147,8 +158,8 @@ def main() -> None:
         write_json(args.json, results, {"copy_bandwidth_1GiB_gbs": copy_1g, "peer_fht": fht_status})
     print(f"\nonline Hadamard, fp16, int4 per-token; 1 GiB copy {copy_1g:.0f} GB/s (read+write); "
           f"figures = fraction of a copy of the same bytes; fht: {fht_status}")
-    print_table(table, ["n", "rows", "fused_us", "fused_GB/s", "fused", "two_pass", "fht+quant", "had", "fht",
-                        "matmul", "triton_fused", f">={HADAMARD_QUANTIZE_TARGET:g}"])
+    print_table(table, ["n", "rows", "fused_us", "fused_GB/s", "fused", "two_pass", "fht+quant", "had", "had_b_rows",
+                        "fht", "matmul", "triton_fused", f">={HADAMARD_QUANTIZE_TARGET:g}"])
 
 
 if __name__ == "__main__":
