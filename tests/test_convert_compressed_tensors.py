@@ -186,3 +186,18 @@ def test_cli_says_what_it_converted(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("[CompressedTensors_w8_pc_a8_headfp16] converted 14 layers of" in out
             and "(compressed-tensors int-quantized, group size -1, symmetric, int8 activations per token)" in out)
+
+
+def test_the_built_in_smollm2_as_w8a8_compressed_tensors(builtin_model_available, tmp_path):
+    # The real architecture (576-wide layers, tied embeddings, a tokenizer) through the int-quantized path.
+    from quantkern.builtin_model import load_builtin_model
+
+    model, tokenizer = load_builtin_model(dtype=torch.float32)
+    replace_linear(model, bits=8, group_size=-1, act_bits=8)
+    src = write_compressed_tensors(model, tmp_path / "src")
+    tokenizer.save_pretrained(str(src))
+    converted, converted_tokenizer = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    ids = converted_tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert torch.equal(logits(converted, ids), logits(model, ids))
