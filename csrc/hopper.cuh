@@ -1,5 +1,5 @@
 // Hopper (sm_90a) building blocks shared by the wgmma kernels (csrc/w4a16_wgmma.cu, csrc/int_wgmma.cu):
-// wgmma fences and waits, mbarriers, the copy engine (TMA boxes and bulk copies), the shared-memory
+// wgmma fences and waits, the accumulator operand lists of the wgmma asm statements, mbarriers, the copy engine (TMA boxes and bulk copies), the shared-memory
 // matrix descriptor of 128-byte-swizzled K-major tiles, the host's tensor-map encoder, and the check
 // that the running GPU can take this build's sm_90a code.
 #pragma once
@@ -31,6 +31,40 @@
 #else
 #define QK_HAS_WGMMA 0
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// wgmma accumulator operands (the inline-asm operand lists are long: generated once here)
+// ---------------------------------------------------------------------------------------------
+// QK_WGMMA_ACC_REGS_<N>: the "{%0, ..., %N-1}," placeholder list of N accumulator registers, to which
+// the instruction's other operands follow as %N, %N+1, ...; QK_WGMMA_ACC_<N>(C): the N read-write
+// operands d[0..N-1] with constraint letter C ("f": fp32 accumulators, "r": int32). An asm statement
+// using them names its accumulator array d. N = TOKENS / 2 registers for a 64 x TOKENS tile.
+#define QK_WGMMA_ACC_8(C, i)                                                                                      \
+  "+" C(d[i]), "+" C(d[i + 1]), "+" C(d[i + 2]), "+" C(d[i + 3]), "+" C(d[i + 4]), "+" C(d[i + 5]), "+" C(d[i + 6]), \
+      "+" C(d[i + 7])
+#define QK_WGMMA_ACC_32(C) QK_WGMMA_ACC_8(C, 0), QK_WGMMA_ACC_8(C, 8), QK_WGMMA_ACC_8(C, 16), QK_WGMMA_ACC_8(C, 24)
+#define QK_WGMMA_ACC_64(C)                                                                                    \
+  QK_WGMMA_ACC_32(C), QK_WGMMA_ACC_8(C, 32), QK_WGMMA_ACC_8(C, 40), QK_WGMMA_ACC_8(C, 48), QK_WGMMA_ACC_8(C, 56)
+#define QK_WGMMA_ACC_128(C)                                                                                   \
+  QK_WGMMA_ACC_64(C), QK_WGMMA_ACC_8(C, 64), QK_WGMMA_ACC_8(C, 72), QK_WGMMA_ACC_8(C, 80), QK_WGMMA_ACC_8(C, 88), \
+      QK_WGMMA_ACC_8(C, 96), QK_WGMMA_ACC_8(C, 104), QK_WGMMA_ACC_8(C, 112), QK_WGMMA_ACC_8(C, 120)
+#define QK_WGMMA_ACC_REGS_32 \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+  " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"
+#define QK_WGMMA_ACC_REGS_64 \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+  " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+  " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+  " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"
+#define QK_WGMMA_ACC_REGS_128 \
+  " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15," \
+  " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31," \
+  " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47," \
+  " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63," \
+  " %64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79," \
+  " %80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95," \
+  " %96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111," \
+  " %112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127},"
 
 namespace quantkern {
 namespace hopper {
