@@ -314,3 +314,31 @@ def test_autoround_layers_left_in_floating_point_stay_so(tmp_path):
     for param in model.parameters():
         param.data = param.data.half().float()
     assert torch.equal(logits(converted, IDS), logits(model, IDS))
+
+
+def test_qwen2_gptq_with_projection_biases(tmp_path):
+    # Qwen2/2.5 (the most common GPTQ checkpoints on the hub): q/k/v_proj carry biases, stored beside the packed
+    # weights as <layer>.bias in fp16.
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.bias.normal_()  # (zero at init: make them count)
+    replace_linear(model, bits=4, group_size=64, symmetric=False)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    biases = {f"{name}.bias": module.bias.half() for name, module in model.named_modules()
+              if isinstance(module, QuantLinear) and module.bias is not None}
+    src = write_source(model, tmp_path / "src", "gptq", layout="gptq_v2")
+    from safetensors.torch import load_file
+
+    save_file({**load_file(str(src / "model.safetensors")), **biases}, str(src / "model.safetensors"))
+    converted, _ = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+    assert torch.equal(converted.model.layers[1].self_attn.k_proj.bias, biases["model.layers.1.self_attn.k_proj.bias"])
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    assert torch.equal(logits(converted, IDS), logits(model, IDS))
