@@ -130,7 +130,8 @@ def _autoround_format(qconfig: dict, source) -> dict:
         raise UnsupportedCheckpointError(f"{source}: AutoRound packing_format {packing!r} is not one this converter "
                                          f"reads ({', '.join(AUTOROUND_PACKINGS)})")
     data_type = str(qconfig.get("data_type", "int")).lower()
-    if data_type != "int" or int(qconfig.get("act_bits", 16) or 16) < 16:
+    # (integer codes with integer zero points; not "int_asym_float_zp" nor the double-quantized "*_dq")
+    if data_type not in ("int", "int_sym", "int_asym") or int(qconfig.get("act_bits", 16) or 16) < 16:
         raise UnsupportedCheckpointError(f"{source}: AutoRound data_type {data_type!r} with act_bits "
                                          f"{qconfig.get('act_bits')}; this converter reads integer weight-only "
                                          "checkpoints")

@@ -291,6 +291,7 @@ def test_autoround_gptq_packing_reads_a_clamped_zero_as_its_loader_does():
 @pytest.mark.parametrize("change, message", [
     ({"packing_format": "auto_round:fp8_static"}, "packing_format 'auto_round:fp8_static'"),
     ({"data_type": "nv_fp"}, "data_type 'nv_fp'"),
+    ({"data_type": "int_asym_float_zp"}, "data_type 'int_asym_float_zp'"),  # float zero points
     ({"act_bits": 8}, "act_bits 8"),
     ({"extra_config": {"model.layers.0.mlp.down_proj": {"bits": 8}}}, "down_proj is quantized with {'bits': 8}"),
 ])
