@@ -286,10 +286,17 @@ def _gptq_awq_layer(tensors, prefix, fmt, k, n, glen, where):
     return codes, unpack_int32_nibbles(qzeros).t(), scales.t(), tensors.get(f"{prefix}.g_idx")
 
 
+def _signed_to_codes(values: torch.Tensor, name: str, bits: int, where: str) -> torch.Tensor:
+    """compressed-tensors' signed int8 values -> quantkern's unsigned codes (value + 2^(bits-1)), range checked."""
+    offset = implicit_zero(bits)
+    if values.numel() and (int(values.min()) < -offset or int(values.max()) >= offset):
+        raise UnsupportedCheckpointError(f"{where}: {name} holds values outside the {bits}-bit range")
+    return (values.to(torch.int16) + offset).to(torch.uint8)
+
+
 def _compressed_tensors_layer(tensors, prefix, fmt, k, n, glen, where):
     """compressed-tensors' tensors -> (codes [N, K], zeros [N, G] or None, scales [N, G], g_idx or None)."""
     groups, bits = k // glen, fmt["bits"]
-    offset = implicit_zero(bits)  # stored values are signed: code = value + offset
     geometry = f"a {n} x {k} layer in groups of {fmt['group_size']}"
     weight_name = "weight_packed" if fmt["reader"] == "ct_packed" else "weight"
     missing = [s for s in (weight_name, "weight_scale") if f"{prefix}.{s}" not in tensors]
@@ -307,9 +314,7 @@ def _compressed_tensors_layer(tensors, prefix, fmt, k, n, glen, where):
         codes = unpack_int32_nibbles(weight)
     else:
         _expect(weight, "weight", (n, k), (torch.int8,), where, geometry)
-        if int(weight.min()) < -offset or int(weight.max()) >= offset:
-            raise UnsupportedCheckpointError(f"{where}: weight holds values outside the {bits}-bit range")
-        codes = (weight.to(torch.int16) + offset).to(torch.uint8)
+        codes = _signed_to_codes(weight, "weight", bits, where)
     zeros = None
     if not fmt["symmetric"]:
         zero_point = tensors[f"{prefix}.weight_zero_point"]
@@ -318,7 +323,7 @@ def _compressed_tensors_layer(tensors, prefix, fmt, k, n, glen, where):
             zeros = unpack_int32_nibbles(zero_point.t()).t()
         else:  # one signed value per group (8-bit, and 4-bit before compressed-tensors packed them)
             _expect(zero_point, "weight_zero_point", (n, groups), (torch.int8,), where, geometry)
-            zeros = (zero_point.to(torch.int16) + offset).to(torch.uint8)
+            zeros = _signed_to_codes(zero_point, "weight_zero_point", bits, where)
     return codes, zeros, scales, tensors.get(f"{prefix}.weight_g_idx")
 
 

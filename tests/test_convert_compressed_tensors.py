@@ -201,3 +201,12 @@ def test_the_built_in_smollm2_as_w8a8_compressed_tensors(builtin_model_available
         param.data = param.data.half().float()
     ids = converted_tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(logits(converted, ids), logits(model, ids))
+
+
+def test_an_unpacked_zero_point_outside_the_4_bit_range_is_refused(tmp_path):
+    name = "model.layers.0.mlp.up_proj"
+    out_of_range = {f"{name}.weight_zero_point": torch.full((256, 1), 9, dtype=torch.int8)}  # int4 holds -8..7
+    src = write_compressed_tensors(quantized_llama(4, -1, symmetric=False), tmp_path / "src", packed_zero_points=False,
+                                   tensor_changes=out_of_range)
+    with pytest.raises(UnsupportedCheckpointError, match=f"{name} .*weight_zero_point holds values outside the 4-bit"):
+        convert_checkpoint(src, tmp_path / "dst")
