@@ -132,9 +132,13 @@ def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout
     assert metadata["method_config"]["imported_from"]["layout"] == layout.lower()
 
 
-def test_act_order_gptq_converts_with_an_input_permutation(tmp_path):
-    # GPTQ's act-order: each layer's columns quantized in an order of its own (q/k/v share one, as they share their
-    # input; gate/up another), the groups contiguous in that order, g_idx saying where each input channel went.
+def write_act_order_gptq(directory):
+    """A GPTQ act-order checkpoint (asymmetric, group 32) of a random tiny Llama, written in ``directory``;
+    returns the float model computing what the source's dequantized weights compute (its other tensors rounded
+    to fp16, as stored).
+
+    GPTQ's act-order: each layer's columns quantized in an order of its own (q/k/v share one, as they share their
+    input; gate/up another), the groups contiguous in that order, g_idx saying where each input channel went."""
     torch.manual_seed(1)
     model = LlamaForCausalLM(TINY_LLAMA).eval()
     tensors, orders = {}, {}
@@ -160,15 +164,18 @@ def test_act_order_gptq_converts_with_an_input_permutation(tmp_path):
         if f"{name.rsplit('.', 1)[0]}.qweight" not in tensors:
             tensors[name] = param.detach().half()
             param.data = param.data.half().float()
-    src = tmp_path / "src"
-    src.mkdir()
+    directory.mkdir()
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True,
                                      "sym": False, "checkpoint_format": "gptq_v2"}
-    (src / "config.json").write_text(json.dumps(config))
-    save_file(tensors, str(src / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(directory / "model.safetensors"))
+    return model
 
-    converted, _ = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+
+def test_act_order_gptq_converts_with_an_input_permutation(tmp_path):
+    model = write_act_order_gptq(tmp_path / "src")
+    converted, _ = load_quantized(convert_checkpoint(tmp_path / "src", tmp_path / "dst"))
     assert converted.model.layers[0].self_attn.q_proj.input_permutation is not None
     expected = logits(model, IDS)
     assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)  # (sums in another order)
