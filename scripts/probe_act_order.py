@@ -1,0 +1,57 @@
+"""What an act-order layer's input gather costs (``QuantLinear.input_permutation``, the layers `quantkern convert`
+makes from GPTQ act-order checkpoints): CUDA-graph medians of the same W4A16 layer with and without a random
+input permutation, and of the gather (``x.index_select(-1, perm)``) alone, weights rotated past the L2.
+
+    python scripts/probe_act_order.py [--shapes 4096x4096,4096x14336,14336x4096] [--batches 1,16]
+"""
+import argparse
+import sys
+
+import torch
+
+sys.path.insert(0, "benchmarks")
+from common import copies_for, cycling, graph_us, warm_up_gpu  # noqa: E402
+from quantkern import reference  # noqa: E402
+from quantkern.nn import QuantLinear  # noqa: E402
+
+
+def layers(k, n, permuted, copies):
+    torch.manual_seed(0)
+    qw = reference.quantize_weight(torch.randn(n, k, device="cuda") / k ** 0.5, 4, 128, symmetric=True,
+                                   scale_dtype=torch.float16)
+    perm = torch.randperm(k, device="cuda") if permuted else None
+    out = []
+    for _ in range(copies):
+        layer = QuantLinear.from_quantized(qw, input_permutation=perm).cuda()
+        layer.prepare(torch.float16)
+        out.append(layer)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096")
+    ap.add_argument("--batches", default="1,16")
+    args = ap.parse_args()
+    warm_up_gpu()
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        copies = copies_for(n * k // 2)
+        plain, permuted = cycling(layers(k, n, False, copies)), cycling(layers(k, n, True, copies))
+        perm = torch.randperm(k, device="cuda")
+        for m in map(int, args.batches.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            with torch.no_grad():
+                t_plain = graph_us(lambda: plain()(x))
+                t_perm = graph_us(lambda: permuted()(x))
+                t_gather = graph_us(lambda: x.index_select(-1, perm))
+            rows.append(f"{k}x{n} M={m}: plain {t_plain:.1f} us | permuted {t_perm:.1f} us "
+                        f"(+{t_perm - t_plain:.1f}, {t_perm / t_plain:.2f}x) | gather alone {t_gather:.1f} us")
+            print(rows[-1], flush=True)
+    print()
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
