@@ -38,7 +38,10 @@ Source layouts read (a layer ``W[N, K]``, ``G`` groups; codes are unsigned 0..15
 GPTQ's act-order (``desc_act``) groups input channels out of order (``g_idx``): sorted by group they are contiguous,
 so the converted layer holds its columns in that order and permutes its input to match (``QuantLinear``'s
 ``input_permutation``, one gather per call; q/k/v and gate/up share one order, since GPTQ derives it from their
-shared input, and stay fusable).
+shared input, and stay fusable). down_proj's gather is folded away: its input is ``act(gate_proj x) * up_proj x``,
+elementwise, so gate_proj's and up_proj's output channels (rows of codes, scales, zeros and bias) are stored in
+down_proj's order instead, and down_proj reads its input as it comes (the same products; one gather fewer per block,
+each 5-6 us per call at decode on the H100 beside a 5-15 us layer: docs/PERF.md, session 17).
 
 What is refused, with the reason: bit widths other than 4 (8 with quantized activations); group sizes other than
 32, 64, 128 and per-channel; a ``g_idx`` whose groups do not each hold ``group_size`` channels; packings meant for
@@ -349,6 +352,41 @@ def convert_layer(tensors: Dict[str, torch.Tensor], prefix: str, fmt: dict, in_f
     return QuantizedWeight(packed, scales.contiguous(), zeros, bits, fmt["group_size"], k, n), permutation
 
 
+def _permute_rows(qw: QuantizedWeight, order: torch.Tensor) -> QuantizedWeight:
+    """``qw`` with its output channels (rows) in ``order``: row j of the result is row ``order[j]``."""
+    return QuantizedWeight(qw.qweight[order].contiguous(), qw.scales[order].contiguous(),
+                           None if qw.zeros is None else qw.zeros[order].contiguous(), qw.bits, qw.group_size,
+                           qw.in_features, qw.out_features)
+
+
+def _fold_down_proj_permutations(model, weights: dict, tensors: Dict[str, torch.Tensor]) -> int:
+    """Where a block's down_proj permutes its input (act-order), store its gate_proj's and up_proj's output channels
+    in that order instead (``weights``: name -> (QuantizedWeight, permutation), updated in place, and their biases
+    in ``tensors``), so that down_proj needs no gather: ``act(gate x) * up x`` is elementwise. Returns how many
+    down_proj permutations were folded (blocks whose gate/up are not both converted keep theirs)."""
+    from .models import UnsupportedModelError, model_structure
+
+    try:
+        blocks = model_structure(model).blocks
+    except UnsupportedModelError:
+        return 0  # a structure quantkern does not know: every layer keeps its own gather
+    folded = 0
+    for block in blocks:
+        names = block.linear_names
+        down, gate, up = names["down_proj"], names["gate_proj"], names["up_proj"]
+        if down not in weights or weights[down][1] is None or gate not in weights or up not in weights:
+            continue
+        order = weights[down][1]
+        for name in (gate, up):
+            qw, own_permutation = weights[name]
+            weights[name] = (_permute_rows(qw, order), own_permutation)
+            if f"{name}.bias" in tensors:
+                tensors[f"{name}.bias"] = tensors[f"{name}.bias"][order]
+        weights[down] = (weights[down][0], None)
+        folded += 1
+    return folded
+
+
 def _read_tensors(src: Path) -> Dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -426,6 +464,7 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
         if reason:
             raise UnsupportedCheckpointError(f"{src}: {name}: {reason}")
         weights[name] = convert_layer(tensors, name, fmt, module.in_features, module.out_features)
+    folded = _fold_down_proj_permutations(model, weights, tensors)
     # One symmetry for the whole checkpoint (a format-wide setting): symmetric where the source says so, or where
     # every zero is the implicit one.
     bits = fmt["bits"]
@@ -447,6 +486,7 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
                               lm_head_fp16="lm_head" in float_names)
     source_method = str(fmt["source_config"].get("quant_method")).lower()
     metadata["method_config"] = {"imported_from": {"format": source_method, "layout": fmt["layout"],
-                                                   "layers": len(weights), "quantization_config": fmt["source_config"]}}
+                                                   "layers": len(weights), "quantization_config": fmt["source_config"],
+                                                   "down_proj_permutations_folded": folded}}
     tokenizer = AutoTokenizer.from_pretrained(str(src)) if (src / "tokenizer_config.json").is_file() else None
     return save_quantized(model.eval(), dst, qconfig, metadata, tokenizer=tokenizer, overwrite=overwrite)

@@ -132,7 +132,7 @@ def test_converted_model_computes_what_the_source_computes(tmp_path, fmt, layout
     assert metadata["method_config"]["imported_from"]["layout"] == layout.lower()
 
 
-def write_act_order_gptq(directory):
+def write_act_order_gptq(directory, mlp_bias: bool = False):
     """A GPTQ act-order checkpoint (asymmetric, group 32) of a random tiny Llama, written in ``directory``;
     returns the float model computing what the source's dequantized weights compute (its other tensors rounded
     to fp16, as stored).
@@ -140,7 +140,9 @@ def write_act_order_gptq(directory):
     GPTQ's act-order: each layer's columns quantized in an order of its own (q/k/v share one, as they share their
     input; gate/up another), the groups contiguous in that order, g_idx saying where each input channel went."""
     torch.manual_seed(1)
-    model = LlamaForCausalLM(TINY_LLAMA).eval()
+    config = TINY_LLAMA.to_dict()
+    config["mlp_bias"] = mlp_bias
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
     tensors, orders = {}, {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name == "lm_head":
@@ -160,6 +162,10 @@ def write_act_order_gptq(directory):
                         f"{name}.scales": qw.scales.t().contiguous()})
         with torch.no_grad():  # the float model now computes what the source's dequantized weights compute
             module.weight.copy_(reference.dequantize_weight(qw).float()[:, torch.argsort(order)])
+            if module.bias is not None:
+                module.bias.normal_()
+                tensors[f"{name}.bias"] = module.bias.half()
+                module.bias.copy_(module.bias.half().float())
     for name, param in model.named_parameters():
         if f"{name.rsplit('.', 1)[0]}.qweight" not in tensors:
             tensors[name] = param.detach().half()
@@ -173,10 +179,19 @@ def write_act_order_gptq(directory):
     return model
 
 
-def test_act_order_gptq_converts_with_an_input_permutation(tmp_path):
-    model = write_act_order_gptq(tmp_path / "src")
-    converted, _ = load_quantized(convert_checkpoint(tmp_path / "src", tmp_path / "dst"))
-    assert converted.model.layers[0].self_attn.q_proj.input_permutation is not None
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_act_order_gptq_converts_with_an_input_permutation(tmp_path, mlp_bias):
+    model = write_act_order_gptq(tmp_path / "src", mlp_bias)
+    dst = convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+    converted, _ = load_quantized(dst)
+    for layer in converted.model.layers:
+        assert layer.self_attn.q_proj.input_permutation is not None
+        assert layer.self_attn.o_proj.input_permutation is not None
+        assert layer.mlp.up_proj.input_permutation is not None
+        # down_proj's order is in gate/up's output channels instead: it reads its input as it comes.
+        assert layer.mlp.down_proj.input_permutation is None
+        assert (layer.mlp.gate_proj.bias is not None) == mlp_bias
+    assert read_metadata(dst)["method_config"]["imported_from"]["down_proj_permutations_folded"] == 2
     expected = logits(model, IDS)
     assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)  # (sums in another order)
     report = fuse_projections(converted)  # q/k/v (and gate/up) share their order: still one GEMM each
