@@ -68,7 +68,7 @@ namespace w4a16 {
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block);
 // csrc/w4a16_gemm.cu
-std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16);
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -148,13 +148,13 @@ PYBIND11_MODULE(_C, m) {
       "16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that many splits (at most 8).");
   m.def(
       "w4a16_automatic_kernel",
-      [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16) {
-        return quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available, float16);
+      [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16, int sm_count) {
+        return quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available, float16, sm_count);
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("wgmma_available"),
-      pybind11::arg("float16") = true,
+      pybind11::arg("float16") = true, pybind11::arg("sm_count") = 132,
       "The kernel that quantkern::w4a16_gemm runs for [M, K] x [K, N] when it chooses (tile_m = 0): 'small_m', "
       "'wgmma64' / 'wgmma128' / 'wgmma256' (the wgmma kernel and its tokens per tile; only where "
       "wgmma_available: an sm_90 GPU and a build with 9.0a) or 'mma_sync'. float16: x is float16 (else "
-      "bfloat16).");
+      "bfloat16); sm_count: the device's SMs.");
 }

@@ -232,8 +232,9 @@ void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);
 // kernel (`wgmma_available`: an sm_90 GPU and this build's sm_90a code) or the mma.sync kernel.
 enum class Kernel { kSmallM, kWgmma, kMmaSync };
 Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available);
-// The wgmma kernel's tokens per tile when it chooses (64, 128 or 256; fp16: x is float16, else bfloat16).
-int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16);
+// The wgmma kernel's tokens per tile when it chooses (64, 128 or 256; fp16: x is float16, else bfloat16) on a
+// device of sm_count SMs.
+int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
 // channels x `tokens` (64, 128 or 256) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).

@@ -435,6 +435,8 @@ namespace w4a16 {
 // Small weights: at most this many codes (K x N), 8 MiB packed (Llama's 4096 x 4096). With weights this small
 // the wgmma kernel has few 128-channel blocks and splits K over most of the GPU.
 constexpr int64_t kSmallWeightCodes = int64_t{1} << 24;
+// Tiny weights: at most 2^23 codes (Qwen2.5-0.5B's and SmolLM2's layers, 0.9-4.4 M codes; not Llama's 4096 x 4096).
+constexpr int64_t kTinyWeightCodes = int64_t{1} << 23;
 
 Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
   if (M <= kSmallMTokens) return Kernel::kSmallM;
@@ -451,22 +453,36 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
   return Kernel::kWgmma;
 }
 
-int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16) {
+int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count) {
   // 64-token tiles up to 64 tokens, and for small weights up to 256 in fp16: twice the blocks of 128-token
   // tiles where blocks are few. H200, same probe (tile_m 3 against the 128- and 256-token tiles): 4096 x 4096
   // at M = 65-128 15.3-15.8 us against 20.8-22.8, 1024 x 3072 at M = 256 9.7 against 16.0, 4864 x 896 12.5
   // against 22.2; the one loss, 4096 x 4096 at M = 256, 24.4 against 23.2 (22.2 with 128-token tiles). Larger
   // weights keep the larger tiles (8192 x 8192 at M = 128: 46.5 against 38.2). bf16 (not measured) keeps them.
-  if (M <= 64 || (fp16 && M <= 256 && K * N <= kSmallWeightCodes)) return 64;
-  return M <= 128 || !fp16 ? 128 : 256;
+  if (M <= 64) return 64;
+  if (!fp16) return 128;
+  if (M <= 256 && K * N <= kSmallWeightCodes) return 64;
+  if (K * N <= kTinyWeightCodes) {
+    // Tiny weights in fp16 from 257 tokens: 64-token tiles up to 512 tokens while their blocks fit one wave
+    // (two per SM), then 128-token tiles up to 2048. H100, same probe with CUDA graphs, us (tile_m 3 / 4 / 5):
+    // M = 512: 4864 x 896 16.0 / 21.5 / 22.9, 1024 x 3072 11.1 / 14.7 / 17.4, 3072 x 1024 13.3 / 17.6 / 21.3,
+    // 1536 x 576 10.1 / 11.5 / 16.0, 576 x 1536 (group 64) 8.8 / 10.0 / 13.6; 896 x 4864 (304 blocks of 64
+    // tokens: more than a wave) 15.7 / 13.0 / 12.6. M = 2048, 128 against 256: 896 x 4864 36.2 / 37.4,
+    // 1024 x 3072 25.4 / 27.4, 3072 x 1024 27.8 / 28.5, 1536 x 576 17.2 / 18.7, 576 x 1536 9.8 / 10.1,
+    // 4864 x 896 38.3 / 37.0. (Larger weights, such as 4096 x 4096, and M > 2048 not measured: as before.)
+    const int64_t blocks64 = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + 63) / 64);
+    if (M <= 512 && blocks64 <= 2 * static_cast<int64_t>(sm_count)) return 64;
+    if (M > 512 && M <= 2048) return 128;
+  }
+  return M <= 128 ? 128 : 256;
 }
 
-std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16) {
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count) {
   switch (automatic_kernel(M, N, K, wgmma_available)) {
     case Kernel::kSmallM:
       return "small_m";
     case Kernel::kWgmma:
-      return "wgmma" + std::to_string(wgmma_tokens_per_tile(M, N, K, fp16));
+      return "wgmma" + std::to_string(wgmma_tokens_per_tile(M, N, K, fp16, sm_count));
     default:
       return "mma_sync";
   }
@@ -617,13 +633,14 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
   TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
-    // Tokens per tile: forced, or wgmma_tokens_per_tile (64 for small weights up to 256 tokens in fp16; else the
-    // smallest tile that holds M up to 128, then 256 in fp16: bf16's second accumulator set does not fit
-    // beside 256-token accumulators).
+    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights: 64 up to 256 tokens, and up to 512
+    // while one wave holds the blocks, then 128 up to 2048; else the smallest tile that holds M up to 128, then
+    // 256 in fp16: bf16's second accumulator set does not fit beside 256-token accumulators).
     const int tokens = tile_m == 3   ? 64
                        : tile_m == 4 ? 128
                        : tile_m == 5 ? 256
-                                     : wgmma_tokens_per_tile(M, N, K, x.scalar_type() == at::kHalf);
+                                     : wgmma_tokens_per_tile(M, N, K, x.scalar_type() == at::kHalf,
+                                                             num_sms(x.get_device()));
     const int64_t m_tiles = (M + tokens - 1) / tokens;
     const int64_t tiles = m_tiles * ((N + kWgmmaChannels - 1) / kWgmmaChannels);
     TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * tokens, " rows per call)");

@@ -268,7 +268,17 @@ def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits
         (256, 4096, 4096, True, True, "wgmma64"),
         (257, 4096, 4096, True, True, "wgmma256"),
         (65, 4096, 4096, True, False, "wgmma128"),
+        # ... tiny weights (at most 2^23 codes) in fp16: 64 up to 512 tokens while their blocks fit one wave (at
+        # most 264 of 64 tokens on 132 SMs), then 128 up to 2048 ...
+        (512, 3072, 1024, True, True, "wgmma64"),
+        (512, 896, 4864, True, True, "wgmma64"),
+        (512, 4864, 896, True, True, "wgmma256"),
+        (513, 3072, 1024, True, True, "wgmma128"),
+        (2048, 576, 1536, True, True, "wgmma128"),
+        (2049, 576, 1536, True, True, "wgmma256"),
+        (512, 3072, 1024, True, False, "wgmma128"),
         # ... else 128 up to 128 tokens, then 256 (fp16) or 128 (bf16).
+        (512, 4096, 4096, True, True, "wgmma256"),
         (65, 4096, 14336, True, True, "wgmma128"),
         (129, 4096, 14336, True, True, "wgmma256"),
         (2048, 28672, 8192, True, True, "wgmma256"),
@@ -279,6 +289,15 @@ def test_automatic_kernel_choice(m, n, k, hopper, float16, kernel):
     from quantkern import _C
 
     assert _C.w4a16_automatic_kernel(m, n, k, hopper, float16) == kernel
+
+
+@needs_extension
+def test_automatic_token_tiles_follow_the_device_s_sm_count():
+    from quantkern import _C
+
+    # 896 x 4864 at 512 tokens: 38 x 8 blocks of 64 tokens, one wave on 160 SMs (two blocks each), not on 132.
+    assert _C.w4a16_automatic_kernel(512, 4864, 896, True, True, sm_count=132) == "wgmma256"
+    assert _C.w4a16_automatic_kernel(512, 4864, 896, True, True, sm_count=160) == "wgmma64"
 
 
 @needs_extension
