@@ -35,3 +35,10 @@ def test_int_linear_verdicts_of_the_h100_run():
     for n in (8192, 28672):
         for m in (2048, 8192):
             assert by_case[(n, m)] == "w4a4/bf16 >=1.5x met; w4a4/int_mm >=1x met; w8a8/int_mm >=1x met"
+
+
+def test_w4a16_verdicts_of_the_small_shapes_at_2048_tokens_since_session_17():
+    rows = json.loads((RESULTS / "h100_bench_w4a16_small_512_2048_51a4b1a.json").read_text())["results"]
+    met = sorted((r["k"], r["n"]) for r in rows if r["m"] == 2048
+                 and verdict(r["speedup_vs_cublas_fp16"]["cuda"], W4A16_TARGETS[2048]).endswith("met"))
+    assert met == [(896, 4864), (1024, 3072)]  # as README's "Speed against the targets" says
