@@ -333,6 +333,10 @@ def cmd_convert(args) -> int:
     print(f"[{metadata['tag']}] converted {source['layers']} layers of {args.src} ({source['format']} "
           f"{source['layout']}, group size {metadata['group_size']}, "
           f"{'symmetric' if metadata['symmetric'] else 'with zero points'}{activations})")
+    if source.get("input_permutations"):
+        print(f"act-order: {source['input_permutations']} layers gather their input once per call (q/k/v and gate/up "
+              f"share one order each); down_proj's order moved into gate/up's outputs in "
+              f"{source.get('down_proj_permutations_folded', 0)} blocks")
     print(f"wrote {dst} ({directory_size(dst) / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"`quantkern eval {dst}` or `quantkern generate {dst} --prompt ...` run it")
     return 0

@@ -485,8 +485,10 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
     metadata = build_metadata(qconfig, src.name, None, {"convert": round(time.perf_counter() - start, 2)},
                               lm_head_fp16="lm_head" in float_names)
     source_method = str(fmt["source_config"].get("quant_method")).lower()
+    permuted = sum(permutation is not None for _, permutation in weights.values())
     metadata["method_config"] = {"imported_from": {"format": source_method, "layout": fmt["layout"],
                                                    "layers": len(weights), "quantization_config": fmt["source_config"],
+                                                   "input_permutations": permuted,
                                                    "down_proj_permutations_folded": folded}}
     tokenizer = AutoTokenizer.from_pretrained(str(src)) if (src / "tokenizer_config.json").is_file() else None
     return save_quantized(model.eval(), dst, qconfig, metadata, tokenizer=tokenizer, overwrite=overwrite)

@@ -191,12 +191,19 @@ def test_act_order_gptq_converts_with_an_input_permutation(tmp_path, mlp_bias):
         # down_proj's order is in gate/up's output channels instead: it reads its input as it comes.
         assert layer.mlp.down_proj.input_permutation is None
         assert (layer.mlp.gate_proj.bias is not None) == mlp_bias
-    assert read_metadata(dst)["method_config"]["imported_from"]["down_proj_permutations_folded"] == 2
+    imported = read_metadata(dst)["method_config"]["imported_from"]
+    assert (imported["input_permutations"], imported["down_proj_permutations_folded"]) == (12, 2)
     expected = logits(model, IDS)
     assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)  # (sums in another order)
     report = fuse_projections(converted)  # q/k/v (and gate/up) share their order: still one GEMM each
     assert len(report["fused"]) == 4 and not report["skipped"]
     assert torch.allclose(logits(converted, IDS), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_says_how_many_layers_gather_their_input(tmp_path, capsys):
+    write_act_order_gptq(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")]) == 0
+    assert "act-order: 12 layers gather their input once per call" in capsys.readouterr().out
 
 
 def test_a_g_idx_that_is_not_groups_of_group_size_is_refused_and_nothing_is_written(tmp_path):
@@ -249,6 +256,7 @@ def test_cli_convert_then_refuses_to_overwrite_without_asking(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[AWQ_w4_g64_headfp16] converted 14 layers of" in out
     assert "(awq gemm, group size 64, with zero points)" in out
+    assert "act-order" not in out
     assert main(["convert", str(src), "--dst", str(tmp_path / "dst")]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["convert", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"]) == 0
