@@ -12,7 +12,8 @@ Peers, same inputs, same run:
   * ``fht+quant``: fht, then our ``quantize_per_token`` (QuaRot's path: two passes over the activations).
   * ``two_pass``: our ``hadamard`` then our ``quantize_per_token``.
   * ``had_b_rows`` (blocked sizes): our whole-row ``hadamard`` on the ``[rows * n / b, b]`` view, the same
-    transform, to see whether blocked mode should run that way.
+    transform, to see whether blocked mode should run that way (H100, docs/PERF.md session 17: no; 0.14-0.17 of
+    a same-bytes copy at 4864 in blocks of 256, against the blocked kernel's 0.36-0.42).
   * ``matmul``: ``x @ (H / sqrt(n))`` with the dense fp16 matrix (cuBLAS).
   * ``copy``: a device-to-device copy of the SAME number of bytes as the measured op moves (so launch and
     tail effects at these sizes count against the copy too), plus the 1 GiB copy rate for reference.

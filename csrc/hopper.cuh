@@ -1,7 +1,7 @@
 // Hopper (sm_90a) building blocks shared by the wgmma kernels (csrc/w4a16_wgmma.cu, csrc/int_wgmma.cu):
-// wgmma fences and waits, the accumulator operand lists of the wgmma asm statements, mbarriers, the copy engine (TMA boxes and bulk copies), the shared-memory
-// matrix descriptor of 128-byte-swizzled K-major tiles, the host's tensor-map encoder, and the check
-// that the running GPU can take this build's sm_90a code.
+// wgmma fences and waits, the accumulator operand lists of the wgmma asm statements, mbarriers, the copy
+// engine (TMA boxes and bulk copies), the shared-memory matrix descriptor of 128-byte-swizzled K-major
+// tiles, the host's tensor-map encoder, and the check that the running GPU can take this build's sm_90a code.
 #pragma once
 
 #include <cstdint>

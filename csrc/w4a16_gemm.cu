@@ -464,14 +464,15 @@ int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_cou
   if (M <= 256 && K * N <= kSmallWeightCodes) return 64;
   if (K * N <= kTinyWeightCodes) {
     // Tiny weights in fp16 from 257 tokens: 64-token tiles up to 512 tokens while their blocks fit one wave
-    // (two per SM), then 128-token tiles up to 2048. H100, same probe with CUDA graphs, us (tile_m 3 / 4 / 5):
+    // (wgmma_blocks_per_sm: two per SM), then 128-token tiles up to 2048. H100, same probe with CUDA graphs, us
+    // (tile_m 3 / 4 / 5):
     // M = 512: 4864 x 896 16.0 / 21.5 / 22.9, 1024 x 3072 11.1 / 14.7 / 17.4, 3072 x 1024 13.3 / 17.6 / 21.3,
     // 1536 x 576 10.1 / 11.5 / 16.0, 576 x 1536 (group 64) 8.8 / 10.0 / 13.6; 896 x 4864 (304 blocks of 64
     // tokens: more than a wave) 15.7 / 13.0 / 12.6. M = 2048, 128 against 256: 896 x 4864 36.2 / 37.4,
     // 1024 x 3072 25.4 / 27.4, 3072 x 1024 27.8 / 28.5, 1536 x 576 17.2 / 18.7, 576 x 1536 9.8 / 10.1,
     // 4864 x 896 38.3 / 37.0. (Larger weights, such as 4096 x 4096, and M > 2048 not measured: as before.)
     const int64_t blocks64 = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + 63) / 64);
-    if (M <= 512 && blocks64 <= 2 * static_cast<int64_t>(sm_count)) return 64;
+    if (M <= 512 && blocks64 <= static_cast<int64_t>(wgmma_blocks_per_sm(false, 64)) * sm_count) return 64;
     if (M > 512 && M <= 2048) return 128;
   }
   return M <= 128 ? 128 : 256;
