@@ -50,6 +50,9 @@ TORCH_LIBRARY(quantkern, m) {
         "int group_len, ScalarType out_dtype, int split_k=0, int config=0) -> Tensor");
   // The exact int32 accumulator a @ w^T [M, n] of the same operands (test hook).
   m.def("int_gemm_acc(Tensor a, Tensor w, int n, int a_bits, int w_bits, int split_k=0, int config=0) -> Tensor");
+  // The input gather of act-order layers (csrc/permute.cu): x [M, K] fp16/bf16/fp32 contiguous, permutation int64
+  // [K] -> y [M, K], y[m, j] = x[m, permutation[j]] (x.index_select(-1, permutation)).
+  m.def("permute_columns(Tensor x, Tensor permutation) -> Tensor");
   // Online Hadamard rotation (csrc/hadamard.cu): x [..., n] fp16/bf16/fp32 -> x @ H^T / sqrt(n) in x's dtype,
   // H = quantkern.rotation.hadamard_matrix(n); block_size > 0: the same per block of that many entries.
   m.def("hadamard(Tensor x, int block_size=0) -> Tensor");

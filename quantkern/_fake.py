@@ -42,12 +42,17 @@ def hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_
     return quantize_per_token_fake(x, bits, clip_ratio, packed)
 
 
+def permute_columns_fake(x: torch.Tensor, permutation: torch.Tensor):
+    return torch.empty_like(x)
+
+
 def register_extension_fakes() -> None:
     """Called once, right after quantkern._C is loaded (its ops must exist first)."""
     torch.library.register_fake("quantkern::quantize_per_token")(quantize_per_token_fake)
     torch.library.register_fake("quantkern::w4a16_gemm")(w4a16_gemm_fake)
     torch.library.register_fake("quantkern::int_gemm")(int_gemm_fake)
     torch.library.register_fake("quantkern::int_gemm_acc")(int_gemm_acc_fake)
-    for name, fake in (("hadamard", hadamard_fake), ("hadamard_quantize", hadamard_quantize_fake)):
-        if hasattr(torch.ops.quantkern, name):  # absent from an extension built before csrc/hadamard.cu
+    for name, fake in (("hadamard", hadamard_fake), ("hadamard_quantize", hadamard_quantize_fake),
+                       ("permute_columns", permute_columns_fake)):
+        if hasattr(torch.ops.quantkern, name):  # absent from extensions built before csrc/hadamard.cu, permute.cu
             torch.library.register_fake(f"quantkern::{name}")(fake)

@@ -33,6 +33,7 @@ OPS = (
     "block_rotate",
     "block_rotate_quantize",
     "quantize_kv",
+    "permute_columns",
 )
 
 
@@ -45,6 +46,7 @@ EXTENSION_OPS = {
     "w8a8_linear": "int_gemm",
     "w4a4_linear": "int_gemm",
     "w4a8_linear": "int_gemm",
+    "permute_columns": "permute_columns",
 }
 
 

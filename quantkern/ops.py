@@ -33,6 +33,7 @@ __all__ = [
     "block_rotate",
     "block_rotate_quantize",
     "quantize_kv",
+    "permute_columns",
 ]
 
 
@@ -409,3 +410,23 @@ def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
     codes, scale, offset = _triton_op("quantize_kv")(rows, bits)
     lead = x.shape[:-1]
     return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), offset.reshape(lead)
+
+
+
+def permute_columns(x: torch.Tensor, permutation: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """``x[..., permutation]`` (``x.index_select(-1, permutation)``): the input gather of act-order layers
+    (``QuantLinear.input_permutation``), in x's dtype.
+
+    ``permutation``: int64 [K] on x's device, a permutation of 0..K-1. Its values are not checked here (that would
+    cost a device sync per call): layers check theirs where they are built or loaded (``nn.check_permutation``),
+    and the CUDA kernel stops with a device error on an entry outside [0, K).
+    GPU kernels: csrc/permute.cu (after it a few-token W4A16 GEMM starts early under CUDA graphs: programmatic
+    dependent launch), else triton_kernels/permute.py.
+    """
+    reference.check_permute_columns_input(x, permutation)
+    chosen = select("permute_columns", x.device, backend)
+    if chosen == "reference":
+        return reference.permute_columns(x, permutation)
+    op = _cuda_op("permute_columns") if chosen == "cuda" else _triton_op("permute_columns")
+    features = x.shape[-1]
+    return op(x.reshape(-1, features).contiguous(), permutation.contiguous()).reshape(x.shape)

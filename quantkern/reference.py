@@ -294,6 +294,25 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 # KV cache: asymmetric per (token, head) quantization over head_dim
 # ----------------------------------------------------------------------------------------------
 
+def check_permute_columns_input(x: torch.Tensor, permutation: torch.Tensor) -> None:
+    """The checks of ``permute_columns`` on every backend (the permutation's values are not read: see there)."""
+    _check_float("x", x)
+    features = check_features("permute_columns", x)
+    if not isinstance(permutation, torch.Tensor):
+        raise TypeError(f"permutation must be a torch.Tensor, got {type(permutation).__name__}")
+    if permutation.dtype != torch.int64 or tuple(permutation.shape) != (features,):
+        raise ValueError(f"permute_columns: permutation must be int64 of shape ({features},) for x of shape "
+                         f"{tuple(x.shape)}, got {permutation.dtype} {tuple(permutation.shape)}")
+    if permutation.device != x.device:
+        raise ValueError(f"permute_columns: x is on {x.device} but permutation on {permutation.device}")
+
+
+def permute_columns(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """``x[..., permutation]``: the input gather of act-order layers (``QuantLinear.input_permutation``)."""
+    check_permute_columns_input(x, permutation)
+    return x.index_select(-1, permutation)
+
+
 def _check_kv_input(x: torch.Tensor, bits: int) -> None:
     """The checks of a KV quantizer's input (this one and quantkern.ops.quantize_kv's kernels)."""
     _check_float("x", x)

@@ -4,7 +4,7 @@ dtypes, odd and misaligned activation rows. Each case is also checked against th
 
     compute-sanitizer --tool racecheck python scripts/sanitize_cases.py [GROUP ...]
 
-GROUP: activation, w4a16, int_gemm, hadamard (default: all that the build has).
+GROUP: activation, w4a16, int_gemm, hadamard, permute (default: all that the build has).
 """
 
 import sys
@@ -174,12 +174,36 @@ def hadamard_cases():
         print("hadamard unpacked int4", rows, n, dtype, flush=True)
 
 
+def permute_cases():
+    # The act-order gather: partial column blocks and row groups, 2- and 4-byte words; then gather -> GEMM pairs
+    # in a CUDA graph, where each small-M GEMM is the gather's programmatic dependent on sm_90.
+    for rows, n, dtype in ((1, 576, torch.float16), (5, 129, torch.bfloat16), (6, 4864, torch.float32)):
+        x = torch.randn(rows, n, device="cuda").to(dtype)
+        permutation = torch.randperm(n, device="cuda")
+        assert torch.equal(torch.ops.quantkern.permute_columns(x, permutation), x.index_select(-1, permutation))
+        print("permute_columns", rows, n, dtype, flush=True)
+    for k, m in ((576, 3), (1536, 16)):
+        prepared = prepare_w4a16(reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, 4, 64, True),
+                                 torch.float16)
+        permutation = torch.randperm(k, device="cuda")
+
+        def chain(t):
+            for _ in range(3):
+                t = w4a16_linear(ops.permute_columns(t, permutation), prepared)
+            return t
+
+        check_chain_in_graph(chain, torch.randn(m, k, device="cuda", dtype=torch.float16),
+                             f"permute_columns then w4a16_gemm in a CUDA graph {k} {m}")
+
+
 if __name__ == "__main__":
     if not backends.status("cuda").available or not torch.cuda.is_available():
         sys.exit(f"needs the CUDA extension and a GPU: {backends.status('cuda').reason}")
     groups = {"activation": activation_cases, "w4a16": w4a16_cases, "int_gemm": int_gemm_cases}
     if "hadamard" in backends.status("cuda").kernels:
         groups["hadamard"] = hadamard_cases
+    if hasattr(torch.ops.quantkern, "permute_columns"):
+        groups["permute"] = permute_cases
     chosen = sys.argv[1:] or list(groups)  # e.g. `sanitize_cases.py int_gemm`: that group only
     unknown = [name for name in chosen if name not in groups]
     if unknown:

@@ -9,6 +9,7 @@ from .block_rotation import block_rotate, block_rotate_quantize
 from .hadamard import hadamard, hadamard_quantize
 from .int_gemm import int_gemm
 from .kv_quant import quantize_kv
+from .permute import permute_columns
 from .w4a16 import w4a16_linear
 
 KERNELS = {
@@ -23,4 +24,5 @@ KERNELS = {
     "w4a4_linear": int_gemm,
     "w4a8_linear": int_gemm,
     "quantize_kv": quantize_kv,
+    "permute_columns": permute_columns,
 }
