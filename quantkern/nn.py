@@ -231,7 +231,7 @@ class QuantLinear(nn.Module):
     def _linear(self, x: torch.Tensor, prepared, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """This layer's computation on a prepared weight (its own, or its fusion's stacked one)."""
         if self.input_permutation is not None:  # (a fusion's members share it: _fusion_key)
-            x = x.index_select(-1, self.input_permutation)
+            x = ops.permute_columns(x, self.input_permutation, backend=self.backend)
         if self.act_bits is None:
             if self.input_rotation == "hadamard":
                 x = ops.hadamard(x, backend=self.backend)  # MissingKernelError on CUDA without a kernel
