@@ -25,6 +25,10 @@ the time of the first compiled step is reported as ``compile_s``.
 ``--fuse-projections``: the quantized model once more with q/k/v_proj and gate/up_proj as one GEMM each
 (``quantkern.fuse_projections``; with ``--act-bits``, one activation quantization per group too), in the same run.
 
+``--act-order``: the quantized model once more with random input orders, as `quantkern convert` makes GPTQ
+act-order (desc_act) checkpoints: q/k/v share one order, gate/up another, o_proj its own, and down_proj none (its
+order is folded into gate/up's outputs): three gathers per block (``ops.permute_columns``), in the same run.
+
 ``--breakdown``: where a decode step's GPU time goes, per kind of kernel (ours, cuBLAS, attention, Inductor's
 fused kernels, the rest), from torch.profiler over replays of the last graph mode (a second table).
 
@@ -71,6 +75,22 @@ KERNEL_KINDS = (("quantkern", ("quantkern",)),
                 ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
                 ("cublas", ("gemm", "nvjet", "cutlass", "xmma", "gemv")),
                 ("inductor", ("triton_",)))
+
+
+def add_act_order_permutations(model) -> None:
+    """Random input orders on the quantized projections, shared as `quantkern convert` leaves an act-order
+    checkpoint's (GPTQ derives one order per input: q/k/v's, gate/up's; down_proj's is folded away)."""
+    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up",
+              "o_proj": "o"}
+    for block in model.model.layers:
+        orders = {}
+        for name, module in block.named_modules():
+            role = shared.get(name.rsplit(".", 1)[-1])
+            if role is None or not hasattr(module, "input_permutation"):
+                continue
+            if role not in orders:
+                orders[role] = torch.randperm(module.in_features, device=module.qweight.device)
+            module.input_permutation = orders[role]  # (the buffer's slot, None until now)
 
 
 def kernel_breakdown(decoder, steps: int = 8) -> dict:
@@ -226,6 +246,8 @@ def main() -> None:
                              "(default: lm_head stays bf16)")
     parser.add_argument("--fuse-projections", action="store_true",
                         help="also time the quantized model with q/k/v and gate/up fused into one GEMM each")
+    parser.add_argument("--act-order", action="store_true",
+                        help="also time the quantized model with act-order's input gathers (random orders)")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile the last graph mode: GPU time per step by kind of kernel")
     parser.add_argument("--projections", action="store_true",
@@ -263,6 +285,11 @@ def main() -> None:
                  + (", lm_head too" if args.quantize_lm_head else ""))
     run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
             rows, results, args.compile, args.breakdown, args.projections)
+    if args.act_order:
+        add_act_order_permutations(model)
+        quantized += ", act-order"
+        run_all(model, f"{quantized} ({backend})", args.batches, args.prompt_len, args.new_tokens,
+                rows, results, args.compile, args.breakdown, args.projections)
     if args.fuse_projections:
         fuse_projections(model)
         for module in model.modules():

@@ -1,6 +1,7 @@
 """What an act-order layer's input gather costs (``QuantLinear.input_permutation``, the layers `quantkern convert`
-makes from GPTQ act-order checkpoints): CUDA-graph medians of the same W4A16 layer with and without a random
-input permutation, and of the gather (``x.index_select(-1, perm)``) alone, weights rotated past the L2.
+makes from GPTQ act-order checkpoints): CUDA-graph medians of the same W4A16 layer without a permutation, with one
+(the layer's gather: ``ops.permute_columns``, csrc/permute.cu), and after torch's ``x.index_select(-1, perm)`` (what
+the layer ran before csrc/permute.cu), and of each gather alone; weights rotated past the L2.
 
     python scripts/probe_act_order.py [--shapes 4096x4096,4096x14336,14336x4096] [--batches 1,16]
 """
@@ -11,7 +12,7 @@ import torch
 
 sys.path.insert(0, "benchmarks")
 from common import copies_for, cycling, graph_us, warm_up_gpu  # noqa: E402
-from quantkern import reference  # noqa: E402
+from quantkern import ops, reference  # noqa: E402
 from quantkern.nn import QuantLinear  # noqa: E402
 
 
@@ -45,9 +46,12 @@ def main():
             with torch.no_grad():
                 t_plain = graph_us(lambda: plain()(x))
                 t_perm = graph_us(lambda: permuted()(x))
-                t_gather = graph_us(lambda: x.index_select(-1, perm))
-            rows.append(f"{k}x{n} M={m}: plain {t_plain:.1f} us | permuted {t_perm:.1f} us "
-                        f"(+{t_perm - t_plain:.1f}, {t_perm / t_plain:.2f}x) | gather alone {t_gather:.1f} us")
+                t_index_select = graph_us(lambda: plain()(x.index_select(-1, perm)))
+                t_gather = graph_us(lambda: ops.permute_columns(x, perm))
+                t_gather_torch = graph_us(lambda: x.index_select(-1, perm))
+            rows.append(f"{k}x{n} M={m}: plain {t_plain:.1f} us | permuted {t_perm:.1f} us (+{t_perm - t_plain:.1f}) | "
+                        f"after index_select {t_index_select:.1f} us (+{t_index_select - t_plain:.1f}) | gather "
+                        f"alone: ours {t_gather:.1f} us, index_select {t_gather_torch:.1f} us")
             print(rows[-1], flush=True)
     print()
     print("\n".join(rows))
