@@ -548,14 +548,21 @@ def test_dependent_calls_see_the_previous_output(k, m, group_size, symmetric):
             outs.append(t.clone())
         return outs
 
-    static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    check_graph_replays(chain, one_by_one, (m, k), torch.float16)
+
+
+def check_graph_replays(chain, one_by_one, shape, dtype, replays=3):
+    """``chain`` (input -> list of outputs) captured in a CUDA graph and replayed on a new input each time, and run
+    eagerly, must give exactly ``one_by_one``'s outputs for that input (calls separated by synchronizations): a
+    kernel that read its input too early would see the last replay's."""
+    static_x = torch.randn(*shape, device="cuda", dtype=dtype)
     chain(static_x)  # warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_outs = chain(static_x)
-    for _ in range(3):
-        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    for _ in range(replays):
+        x = torch.randn(*shape, device="cuda", dtype=dtype)
         static_x.copy_(x)
         graph.replay()
         torch.cuda.synchronize()
