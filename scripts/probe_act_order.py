@@ -61,6 +61,7 @@ def main():
     if args.after_norm:
         for shape in args.shapes.split(","):
             k, n = map(int, shape.split("x"))
+            torch._dynamo.reset()  # the lambdas below are the same code objects for every shape: a fresh cache
             (plain,), (permuted,) = layers(k, n, False, 1), layers(k, n, True, 1)
             perm = permuted.input_permutation
             norm = torch.nn.RMSNorm(k, eps=1e-5, device="cuda", dtype=torch.float16)
