@@ -4,18 +4,23 @@
 // the layers `quantkern convert` makes from GPTQ desc_act checkpoints, whose weight columns are stored in
 // group order). Same result as x.index_select(-1, permutation).
 //
-// Why a kernel of our own: in a CUDA graph torch's index_select took 4.1-4.9 us per call at M = 1 and 16
+// Why a kernel of our own: in a CUDA graph torch's index_select took 4.2-4.9 us per call at M = 1 and 16
 // (H100, scripts/probe_act_order.py), as much as a 4096 x 4096 W4A16 layer, and the GEMM after it could not
-// start early. This kernel calls allow_dependent_launch as it starts and the host records it as a trigger
+// start early; this kernel takes 1.5-3.0 us, and a W4A16 layer after it 2.4-3.8 us more than alone (5.4-6.4
+// after index_select). This kernel calls allow_dependent_launch as it starts and the host records it as a trigger
 // kernel (csrc/common.cuh), so a small-M W4A16 GEMM captured right after it is launched as its programmatic
 // dependent: the GEMM's blocks start while the gather runs, prefetch their first weights into L2, and wait
 // (griddepcontrol.wait) for the gather's completion before they read y.
 //
 // Layout: x [M, K] contiguous fp16 / bf16 / fp32 (copied as 2- or 4-byte words: no arithmetic), permutation
 //   int64 [K], y [M, K] contiguous in x's dtype.
+// Few rows only (M <= kMaxKernelRows: decode). More rows go to torch's index_select: there this kernel's scattered
+//   2-byte loads fetch a 32-byte sector each (H100, 2048 rows: 49 us against index_select's 28 at K = 4096, 520
+//   against 199 at 14336), and a prefill GEMM takes 0.1-0.4 ms anyway.
 // Tiling: thread t of block (bx, by) owns output column j = by * kThreads + t for the kRowsPerBlock rows from
-//   bx * kRowsPerBlock (rows on the grid's x, which has room for any M): it loads permutation[j] once, then issues the rows' loads x[m, permutation[j]] (rows
-//   of x are a few KiB: L1 / L2 hits) before their stores, which are coalesced across the warp.
+//   bx * kRowsPerBlock: it loads permutation[j] once, then issues the rows' loads x[m, permutation[j]] (rows of x
+//   are a few KiB: L1 / L2 hits) before their stores, which are coalesced across the warp. K / 128 blocks even at
+//   M = 1: the whole gather is about two dependent L2 round trips.
 // The permutation is trusted: QuantLinear validates it where it is built or loaded (check_permutation); an
 //   entry outside [0, K) stops the kernel with a device error (trap) instead of reading out of bounds.
 
@@ -23,6 +28,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -34,6 +40,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kRowsPerBlock = 4;
+constexpr int64_t kMaxKernelRows = 16;
 
 template <typename Word>
 __global__ void __launch_bounds__(kThreads) permute_columns_kernel(const Word* __restrict__ x,
@@ -85,6 +92,7 @@ at::Tensor permute_columns_cuda(const at::Tensor& x, const at::Tensor& permutati
               op, ": permutation must be a contiguous int64 tensor of shape (", x.size(1), "), got ",
               permutation.scalar_type(), " ", permutation.sizes());
   const c10::cuda::CUDAGuard device_guard(x.device());
+  if (x.size(0) > kMaxKernelRows) return at::index_select(x, 1, permutation);  // (see the header)
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();

@@ -64,7 +64,7 @@ def test_errors():
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 4, 7, 16, 2048])
+@pytest.mark.parametrize("tokens", [1, 4, 7, 16, 17, 2048])  # (more than 16 rows: the op runs index_select)
 @pytest.mark.parametrize("features", WIDTHS)
 def test_cuda_equals_index_select(features, tokens, dtype):
     torch.manual_seed(features + tokens)
