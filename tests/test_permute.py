@@ -1,9 +1,9 @@
 """``ops.permute_columns``: the input gather of act-order layers (csrc/permute.cu, triton_kernels/permute.py, and
 the reference's index_select).
 
-The Triton kernel runs on the GPU if there is one, else under the interpreter. GPU tests compare the CUDA kernel with ``index_select`` bit for bit
-over the models' widths, and check that a W4A16 layer launched right after it under a CUDA graph (as its
-programmatic dependent) reads the gathered input, not a stale one.
+The Triton kernel runs on the GPU if there is one, else under the interpreter. GPU tests compare the CUDA op with
+``index_select`` bit for bit over the models' widths, and check that a W4A16 layer launched right after it under a
+CUDA graph (as its programmatic dependent) reads the gathered input, not a stale one.
 """
 
 import pytest
