@@ -6,7 +6,7 @@ nothing of registers. Compiling to a cubin (Triton's own ptxas) catches such err
 GPU. Where a GPU is visible the kernels themselves run in the other tests, so this file is skipped there.
 Covers triton_kernels/block_rotation.py (also run on the H200) and kv_quant.py (not yet run on a GPU) for
 sm_89 and sm_90, and on sm_89 (the wheel's target) the kernels that ran on sm_90 only: W4A16 and the integer GEMM (their
-configs), the activation quantizer and the Hadamard kernel.
+configs), the activation quantizer, the Hadamard kernel and the act-order gather.
 """
 
 import json
@@ -182,6 +182,19 @@ def compile_hadamard(capability, kernel, dtype, n, quant, bits):
                        capability, num_warps=8 if n >= 4096 else 4)
 
 
+# The act-order gather (ran on the H100) for sm_89: every dtype it copies.
+PERMUTE_CASES = ["fp16", "bf16", "fp32"]
+
+
+def compile_permute(capability, dtype):
+    from quantkern.triton_kernels.permute import BLOCK, ROWS, _permute_columns_kernel
+
+    signature = {"x_ptr": f"*{dtype}", "permutation_ptr": "*i64", "y_ptr": f"*{dtype}", "M": "i32", "K": "i32",
+                 "ROWS_PER_PROGRAM": None, "BLOCK_COLUMNS": None}
+    return compile_for(_permute_columns_kernel, signature, dict(ROWS_PER_PROGRAM=ROWS, BLOCK_COLUMNS=BLOCK),
+                       capability)
+
+
 def compile_all() -> dict:
     """{case id: spilled bytes (block rotation) or (spilled bytes, shared bytes) (W4A16), or the compiler's
     error}; run in a process without TRITON_INTERPRET."""
@@ -197,6 +210,8 @@ def compile_all() -> dict:
              for case in ACTIVATION_CASES]
     jobs += [(repr(("hadamard", 89) + case), lambda k=case: resources(compile_hadamard(89, *k)))
              for case in HADAMARD_CASES]
+    jobs += [(repr(("permute", 89, case)), lambda k=case: spilled_bytes(compile_permute(89, k)))
+             for case in PERMUTE_CASES]
     for key, job in jobs:
         try:
             results[key] = job()
@@ -251,6 +266,12 @@ def test_kv_quantizer_compiles_without_spills(compiled, capability, case):
 @pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_activation_quantizer_compiles_for_sm89_without_spills(compiled, case):
     result = compiled[repr(("activation", 89) + case)]
+    assert result == 0, f"{case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
+
+
+@pytest.mark.parametrize("case", PERMUTE_CASES)
+def test_permute_kernel_compiles_for_sm89_without_spills(compiled, case):
+    result = compiled[repr(("permute", 89, case))]
     assert result == 0, f"{case}: {result if isinstance(result, str) else f'{result} bytes spilled'}"
 
 
