@@ -412,7 +412,6 @@ def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
     return codes.reshape(*lead, codes.shape[-1]), scale.reshape(lead), offset.reshape(lead)
 
 
-
 def permute_columns(x: torch.Tensor, permutation: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """``x[..., permutation]`` (``x.index_select(-1, permutation)``): the input gather of act-order layers
     (``QuantLinear.input_permutation``), in x's dtype.

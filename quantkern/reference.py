@@ -291,7 +291,7 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# KV cache: asymmetric per (token, head) quantization over head_dim
+# Act-order input gather
 # ----------------------------------------------------------------------------------------------
 
 def check_permute_columns_input(x: torch.Tensor, permutation: torch.Tensor) -> None:
@@ -312,6 +312,10 @@ def permute_columns(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
     check_permute_columns_input(x, permutation)
     return x.index_select(-1, permutation)
 
+
+# ----------------------------------------------------------------------------------------------
+# KV cache: asymmetric per (token, head) quantization over head_dim
+# ----------------------------------------------------------------------------------------------
 
 def _check_kv_input(x: torch.Tensor, bits: int) -> None:
     """The checks of a KV quantizer's input (this one and quantkern.ops.quantize_kv's kernels)."""

@@ -202,7 +202,7 @@ if __name__ == "__main__":
     groups = {"activation": activation_cases, "w4a16": w4a16_cases, "int_gemm": int_gemm_cases}
     if "hadamard" in backends.status("cuda").kernels:
         groups["hadamard"] = hadamard_cases
-    if hasattr(torch.ops.quantkern, "permute_columns"):
+    if "permute_columns" in backends.status("cuda").kernels:
         groups["permute"] = permute_cases
     chosen = sys.argv[1:] or list(groups)  # e.g. `sanitize_cases.py int_gemm`: that group only
     unknown = [name for name in chosen if name not in groups]

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantkern._fake import permute_columns_fake
+
 from ._host import cdiv, triton_op
 
 ROWS = 4
@@ -29,9 +31,9 @@ def _permute_columns_kernel(x_ptr, permutation_ptr, y_ptr, M, K, ROWS_PER_PROGRA
         tl.store(y_ptr + row * K + columns, values, mask=mask)
 
 
-@triton_op("quantkern_triton::permute_columns", lambda x, permutation: torch.empty_like(x))
+@triton_op("quantkern_triton::permute_columns", permute_columns_fake)
 def _permute_columns_op(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
-    y = torch.empty_like(x)
+    y = permute_columns_fake(x, permutation)
     rows, features = x.shape
     if rows:
         _permute_columns_kernel[(cdiv(rows, ROWS), cdiv(features, BLOCK))](x, permutation, y, rows, features,
