@@ -177,7 +177,10 @@ def hadamard_cases():
 def permute_cases():
     # The act-order gather: partial column blocks and row groups, 2- and 4-byte words; then gather -> GEMM pairs
     # in a CUDA graph, where each small-M GEMM is the gather's programmatic dependent on sm_90.
-    for rows, n, dtype in ((1, 576, torch.float16), (5, 129, torch.bfloat16), (6, 4864, torch.float32)):
+    # More than 16 rows: the staged kernel, 4 / 2 / 1 rows a block, 16-byte copies or not.
+    for rows, n, dtype in ((1, 576, torch.float16), (5, 129, torch.bfloat16), (6, 4864, torch.float32),
+                           (19, 4096, torch.float16), (17, 129, torch.bfloat16), (18, 14336, torch.float16),
+                           (17, 24576, torch.float32)):
         x = torch.randn(rows, n, device="cuda").to(dtype)
         permutation = torch.randperm(n, device="cuda")
         assert torch.equal(torch.ops.quantkern.permute_columns(x, permutation), x.index_select(-1, permutation))

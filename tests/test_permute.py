@@ -65,7 +65,7 @@ def test_errors():
 @pytest.mark.gpu
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 4, 7, 16, 17, 2048])  # (more than 16 rows: the op runs index_select)
+@pytest.mark.parametrize("tokens", [1, 4, 7, 16, 17, 18, 19, 64, 2048])  # (more than 16: rows staged)
 @pytest.mark.parametrize("features", WIDTHS)
 def test_cuda_equals_index_select(features, tokens, dtype):
     torch.manual_seed(features + tokens)
@@ -74,6 +74,24 @@ def test_cuda_equals_index_select(features, tokens, dtype):
     got = torch.ops.quantkern.permute_columns(x, permutation)
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(got, x.index_select(-1, permutation))
+
+
+@pytest.mark.gpu
+@needs_kernel
+@pytest.mark.parametrize("features, dtype", [(12288, torch.float32), (24576, torch.float32), (49152, torch.float16),
+                                             (8, torch.float16), (21, torch.bfloat16)])
+def test_cuda_many_rows_every_staging(features, dtype):
+    # More than 16 rows: 4, 2 or 1 staged rows a block, as many as 96 KiB hold (fp32 12288: rows of 48 KiB, two;
+    # fp32 24576 and fp16 49152: 96 KiB, one), copied in 16-byte vectors or not (21 bf16 entries: rows not 16-byte
+    # aligned); wider rows go to index_select (fp32 32768, below).
+    torch.manual_seed(features)
+    for tokens in (17, 37):
+        x = torch.randn(tokens, features, device="cuda").to(dtype)
+        permutation = torch.randperm(features, device="cuda")
+        assert torch.equal(torch.ops.quantkern.permute_columns(x, permutation), x.index_select(-1, permutation))
+    x = torch.randn(20, 32768, device="cuda")
+    permutation = torch.randperm(32768, device="cuda")
+    assert torch.equal(torch.ops.quantkern.permute_columns(x, permutation), x.index_select(-1, permutation))
 
 
 @pytest.mark.gpu
