@@ -27,7 +27,9 @@
 //   (int64 entries: 4-8x the row's own bytes, so read once per block, not per row) and gathers them from every
 //   staged row; stores coalesced across the warp. Where the row groups are fewer than 2 blocks per SM, the
 //   columns are split over blockIdx.y too (each such block stages the whole rows, L2 hits, and writes its
-//   columns). Rows wider than kMaxStagedBytes go to torch's index_select.
+//   columns). Rows wider than kMaxStagedBytes go to torch's index_select. H100, the gather alone, ours /
+//   index_select, us: 2048 rows 11.6 / 28.3 (K = 4096), 79.5 / 200.3 (14336); 512 rows 5.3 / 9.6, 13.1 / 49.0;
+//   64 rows 3.0 / 4.8, 5.0 / 7.1; 17 rows 2.3 / 4.7, 3.6 / 5.0.
 // The permutation is trusted: QuantLinear validates it where it is built or loaded (check_permutation); an
 //   entry outside [0, K) stops the kernel with a device error (trap) instead of reading out of bounds.
 
@@ -132,7 +134,8 @@ void launch_staged(const Word* x, const int64_t* permutation, Word* y, int64_t M
                    cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(ROWS) * K * sizeof(Word);
   const bool vec = is_aligned(x, 16) && (K * sizeof(Word)) % 16 == 0;
-  const auto kernel = vec ? permute_rows_staged_kernel<Word, ROWS, true> : permute_rows_staged_kernel<Word, ROWS, false>;
+  const auto kernel =
+      vec ? permute_rows_staged_kernel<Word, ROWS, true> : permute_rows_staged_kernel<Word, ROWS, false>;
   if (smem > 48 * 1024) {  // above the default limit of dynamic shared memory
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }

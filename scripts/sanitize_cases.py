@@ -137,10 +137,10 @@ def hadamard_cases():
     # (rows, n, dtype, bits (0: rotation only), block_size): direct path (576 = 36 x 16, 4096 fp32, 96), indirect
     # path (32768, 24576 = 12 x 2048), the small dense kernel (12), blocked mode (896 / 128), misaligned rows;
     # the tensor-core kernels of csrc/hadamard_mma.cu (fp16/bf16: 1024, 4096, 16384 with the shared-memory
-    # exchange, 14336 with the shared tile).
-    cases = [(3, 576, torch.float16, 4, 0), (2, 4096, torch.float32, 8, 0), (5, 96, torch.float32, 4, 0),
-             (2, 12, torch.float16, 8, 0), (2, 32768, torch.float16, 0, 0), (2, 24576, torch.bfloat16, 4, 0),
-             (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0), (3, 14336, torch.bfloat16, 8, 0),
+    # exchange, 14336 with the shared tile; 600 rows: more than two rows a block).
+    cases = [(3, 576, torch.float16, 4, 0), (600, 14336, torch.float16, 4, 0), (2, 4096, torch.float32, 8, 0),
+             (5, 96, torch.float32, 4, 0), (2, 12, torch.float16, 8, 0), (2, 32768, torch.float16, 0, 0),
+             (2, 24576, torch.bfloat16, 4, 0), (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0), (3, 14336, torch.bfloat16, 8, 0),
              (2, 4096, torch.bfloat16, 8, 0), (3, 16384, torch.float16, 4, 0), (2, 1024, torch.bfloat16, 4, 0)]
     backends.status("cuda")  # loads quantkern._C (registers torch.ops.quantkern.*)
     tensor_core_sizes = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))

@@ -351,6 +351,26 @@ def test_cuda_tensor_core_path_edge_rows(n, dtype):
 
 @pytest.mark.gpu
 @needs_cuda_kernel
+@pytest.mark.parametrize("n", [4096, 8192, 14336])
+def test_cuda_tensor_core_path_many_rows_per_block(n):
+    """Persistent blocks loop over rows, the next row's loads in flight: with 4 rows or more per block each row's
+    codes and scale are those of a call where each block takes one row."""
+    dtype = torch.float16
+    if not on_tensor_cores(n, dtype):
+        pytest.skip("no tensor-core path for this size / dtype / device")
+    # More than 4 rows a block wherever at most 8 blocks fit an SM.
+    rows = 4 * 8 * torch.cuda.get_device_properties(0).multi_processor_count + 5
+    x = random_rows(rows, n, dtype)
+    for bits, packed in [(4, True), (8, True)]:
+        q, s = torch.ops.quantkern.hadamard_quantize(x, bits, 1.0, 0, packed)
+        for start in range(0, rows, 128):  # 128 rows: fewer than the blocks that fit, so one row a block
+            stop = min(rows, start + 128)
+            q_part, s_part = torch.ops.quantkern.hadamard_quantize(x[start:stop], bits, 1.0, 0, packed)
+            assert torch.equal(q[start:stop], q_part) and torch.equal(s[start:stop], s_part), (bits, start)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
 def test_cuda_misaligned_input_and_leading_dims():
     base = torch.randn(3 * 2 * 1024 + 1, device="cuda", dtype=torch.float16)
     x = base[1:].view(3, 2, 1024)  # 2-byte offset: not 16-byte aligned
