@@ -22,7 +22,7 @@
 //   round trips.
 // - Many rows (prefill), permute_rows_staged_kernel: there the first tiling's scattered 2-byte loads fetch a
 //   32-byte sector each (H100, 2048 rows: 49 us against index_select's 28 at K = 4096, 520 against 199 at 14336).
-//   A block takes kStagedRows rows (fewer where they would not fit kMaxStagedBytes of shared memory), copies them
+//   A block takes 4 rows (2 or 1 where 4 would not fit kMaxStagedBytes of shared memory), copies them
 //   into shared memory with 16-byte loads, then each thread loads the permutation entries of its columns once
 //   (int64 entries: 4-8x the row's own bytes, so read once per block, not per row) and gathers them from every
 //   staged row; stores coalesced across the warp. Where the row groups are fewer than 2 blocks per SM, the
@@ -52,7 +52,6 @@ constexpr int kThreads = 128;             // permute_columns_kernel
 constexpr int kRowsPerBlock = 4;          // permute_columns_kernel
 constexpr int64_t kMaxColumnKernelRows = 16;
 constexpr int kStagedThreads = 256;       // permute_rows_staged_kernel
-constexpr int kStagedRows = 4;            // rows per block (at most)
 constexpr int kStagedColumnsPerThread = 4;  // permutation loads in flight per thread
 constexpr int kStagedSplitColumns = kStagedThreads;  // a column split's width: a multiple of this
 constexpr int64_t kMaxStagedBytes = 96 * 1024;  // within every arch's opt-in shared memory per block (sm_89: 99 KiB)
@@ -157,14 +156,15 @@ void launch(const at::Tensor& x, const at::Tensor& permutation, at::Tensor& y, c
   const int64_t* pp = permutation.const_data_ptr<int64_t>();
   Word* yp = static_cast<Word*>(y.data_ptr());
   if (M > kMaxColumnKernelRows) {
-    // As many rows per block as fit (up to kStagedRows): the permutation is read once per block.
+    // As many rows per block as fit (4, 2 or 1): the permutation is read once per block.
     const int64_t fit = kMaxStagedBytes / (K * static_cast<int64_t>(sizeof(Word)));
     TORCH_CHECK(fit >= 1, "quantkern::permute_columns: internal error, a staged row does not fit");  // (caller checks)
-    TORCH_CHECK(M / std::min<int64_t>(fit, kStagedRows) < (int64_t{1} << 31), "quantkern::permute_columns: M = ", M,
-                " is too large");
-    if (fit >= 4) {
+    const int rows_per_block = fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+    TORCH_CHECK((M + rows_per_block - 1) / rows_per_block < (int64_t{1} << 31), "quantkern::permute_columns: M = ",
+                M, " is too large");
+    if (rows_per_block == 4) {
       launch_staged<Word, 4>(xp, pp, yp, M, K, x.get_device(), stream);
-    } else if (fit >= 2) {
+    } else if (rows_per_block == 2) {
       launch_staged<Word, 2>(xp, pp, yp, M, K, x.get_device(), stream);
     } else {
       launch_staged<Word, 1>(xp, pp, yp, M, K, x.get_device(), stream);
