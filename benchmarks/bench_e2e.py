@@ -45,6 +45,7 @@ import torch
 
 from common import print_table, write_json
 from quantkern.decoding import GraphDecoder
+from quantkern.nn import kernel_device
 
 CONFIGS = {  # from the models' published config.json files
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -89,7 +90,8 @@ def add_act_order_permutations(model) -> None:
             if role is None or not hasattr(module, "input_permutation"):
                 continue
             if role not in orders:
-                orders[role] = torch.randperm(module.in_features, device=module.qweight.device)
+                # (where the layer runs: once prepared, its canonical buffers are parked in host memory)
+                orders[role] = torch.randperm(module.in_features, device=kernel_device(module))
             module.input_permutation = orders[role]  # (the buffer's slot, None until now)
 
 
