@@ -140,7 +140,8 @@ def hadamard_cases():
     # exchange, 14336 with the shared tile; 600 rows: more than two rows a block).
     cases = [(3, 576, torch.float16, 4, 0), (600, 14336, torch.float16, 4, 0), (2, 4096, torch.float32, 8, 0),
              (5, 96, torch.float32, 4, 0), (2, 12, torch.float16, 8, 0), (2, 32768, torch.float16, 0, 0),
-             (2, 24576, torch.bfloat16, 4, 0), (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0), (3, 14336, torch.bfloat16, 8, 0),
+             (2, 24576, torch.bfloat16, 4, 0), (3, 896, torch.float16, 4, 128), (4, 14336, torch.float16, 4, 0),
+             (3, 14336, torch.bfloat16, 8, 0),
              (2, 4096, torch.bfloat16, 8, 0), (3, 16384, torch.float16, 4, 0), (2, 1024, torch.bfloat16, 4, 0)]
     backends.status("cuda")  # loads quantkern._C (registers torch.ops.quantkern.*)
     tensor_core_sizes = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))
