@@ -40,9 +40,10 @@ TORCH_LIBRARY(quantkern, m) {
   // quantkern.layout_cuda.prepare_w4a16), scales / zeros [K/group, N] in x's dtype, bias [N],
   // locks int32 scratch (all zeros before and after) -> y [M, N] in x's dtype.
   // split_k / tile_m: 0 = automatic (overrides for tuning; tile_m = 1: the small-M kernel, 2: the same without
-  // its weight ring).
+  // its weight ring). scales_fit_fp16 (prepare_w4a16 checks it once): bf16 x may run on the Hopper kernel's fp16
+  // path as an exact fp16 copy (csrc/w4a16_wgmma.cu, "bf16 activations staged as fp16").
   m.def("w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, Tensor locks, "
-        "int group_size, int split_k=0, int tile_m=0) -> Tensor");
+        "int group_size, int split_k=0, int tile_m=0, bool scales_fit_fp16=False) -> Tensor");
   // Integer GEMMs W8A8 / W4A4 / W4A8 (csrc/int_gemm.cu): a = quantize_per_token's q (int8 [M, K] or uint8
   // [M, K/2]), a_scale fp32 [M], w / w_scale in the layout of quantkern.layout_int.prepare_int_weight,
   // bias fp32 [N] -> y [M, N] in out_dtype (float16 / bfloat16). split_k / config: 0 = automatic.
@@ -71,7 +72,8 @@ namespace w4a16 {
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block);
 // csrc/w4a16_gemm.cu
-std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count);
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count,
+                                  bool scales_fit_fp16);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -151,13 +153,14 @@ PYBIND11_MODULE(_C, m) {
       "16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that many splits (at most 8).");
   m.def(
       "w4a16_automatic_kernel",
-      [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16, int sm_count) {
-        return quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available, float16, sm_count);
+      [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16, int sm_count, bool scales_fit_fp16) {
+        return quantkern::w4a16::automatic_kernel_name(M, N, K, wgmma_available, float16, sm_count, scales_fit_fp16);
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("wgmma_available"),
-      pybind11::arg("float16") = true, pybind11::arg("sm_count") = 132,
+      pybind11::arg("float16") = true, pybind11::arg("sm_count") = 132, pybind11::arg("scales_fit_fp16") = false,
       "The kernel that quantkern::w4a16_gemm runs for [M, K] x [K, N] when it chooses (tile_m = 0): 'small_m', "
       "'wgmma64' / 'wgmma128' / 'wgmma256' (the wgmma kernel and its tokens per tile; only where "
-      "wgmma_available: an sm_90 GPU and a build with 9.0a) or 'mma_sync'. float16: x is float16 (else "
-      "bfloat16); sm_count: the device's SMs.");
+      "wgmma_available: an sm_90 GPU and a build with 9.0a; '_staged' appended where bfloat16 x runs as a float16 "
+      "copy) or 'mma_sync'. float16: x is float16 (else bfloat16); sm_count: the device's SMs; scales_fit_fp16: "
+      "the prepared weight's flag of that name (quantkern.layout_cuda.prepare_w4a16).");
 }

@@ -253,11 +253,18 @@ struct WgmmaParams {
   int k_tiles;           // K / 64
   int tiles_per_split;   // k-tiles per split (the last split may get fewer)
   int splits;
+  const float* row_scale;  // bf16 x staged as fp16 (launch_wgmma's `staged`): per-token output multipliers
 };
 constexpr int kWgmmaChannels = 128;  // output channels per block of the wgmma kernel
 int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens);
 int wgmma_blocks_per_sm(bool bf16, int tokens);  // resident blocks per SM (its launch bound)
-void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream);
+void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream, bool staged = false);
+// bf16 activations on the fp16 kernel (csrc/w4a16_wgmma.cu, "bf16 staged as fp16"): the bf16 scales (and zeros)
+// are multiplied by 2^kStagedScaleShift as they are converted to fp16, so scales s with
+// 2^-(14 + shift) <= |s| <= 4094 * 2^-shift (or 0) convert exactly and (code - zero) * s stays finite; the caller
+// (quantkern.layout_cuda.prepare_w4a16) checks that range once, as `scales_fit_fp16`.
+constexpr int kStagedScaleShift = 8;
+void stage_bf16_rows(const void* x, void* x16, float* row_scale, int M, int K, cudaStream_t stream);
 
 }  // namespace w4a16
 }  // namespace quantkern

@@ -1,5 +1,6 @@
 // quantkern::w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias,
-//                       Tensor locks, int group_size, int split_k=0, int tile_m=0) -> Tensor y
+//                       Tensor locks, int group_size, int split_k=0, int tile_m=0,
+//                       bool scales_fit_fp16=False) -> Tensor y
 //
 // W4A16 linear layer on tensor cores: y[M, N] = x[M, K] @ dequant(W)^T (+ bias), x and y fp16 or
 // bf16, W int4 codes with one scale (and, asymmetric, one zero code) per group of `group_size`
@@ -41,7 +42,9 @@
 //   into registers, ~1.5x faster at M = 1), larger M on Hopper to the wgmma kernel (csrc/w4a16_wgmma.cu)
 //   except small weights at few tokens (the small-M kernel again), elsewhere to this file's kernel. tile_m = 1
 //   forces the small-M kernel (in tiles of 16 tokens), 2 the same without its weight ring (register stages
-//   only), 3 / 4 / 5 the wgmma kernel, 16 / 64 / 128 one of the tiles below.
+//   only), 3 / 4 / 5 the wgmma kernel, 16 / 64 / 128 one of the tiles below. On the wgmma kernel, bf16 x of
+//   enough tokens (stages_bf16) runs as an exact fp16 copy on the fp16 path where the caller says the scales
+//   allow it (scales_fit_fp16; csrc/w4a16_wgmma.cu, "bf16 activations staged as fp16").
 // Tiling: block tile BM x BN x 64 (BK), warps WM x WN, each warp a (BM/WM) x (BN/WN) tile of
 //   mma.sync.m16n8k16 (row.col, f32 accumulate; f16 or bf16 operands). Three configurations:
 //     tile_m 16 : BM = 16,  BN = 128, 4 warps (1 x 4), warp tile 16 x 32, 4 stages, 28 KiB smem
@@ -453,6 +456,23 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
   return Kernel::kWgmma;
 }
 
+// bf16 activations staged as fp16 for the wgmma kernel (csrc/w4a16_wgmma.cu): where the scales allow it and from
+// kStagedMinTokens tokens (kStagedMinTokensSmall for weights of at most kSmallWeightCodes codes), below which the
+// staging pass (and fp16's token tiles) cost more than the bf16 kernel's drains. H100, CUDA-graph medians
+// (`python scripts/probe_w4a16.py --cuda-graph --dtype bfloat16 --plain-bf16 --variants 0:0`, docs/PERF.md,
+// session 21), staged / bf16 path, us:
+// - M = 128: slower or equal on 4096 x 4096 (16.6 / 16.6) and 14336 x 4096 (36.9 / 36.2);
+// - M = 256: faster on the five larger Llama shapes (14336 x 4096 59.6 / 65.0, 8192 x 28672 193.3 / 279.0),
+//   slower on 4096 x 4096 (27.2 / 23.1) and 896 x 4864 (12.8 / 9.5);
+// - M = 512: slower on 4096 x 4096 (37.4 / 35.3) and 1024 x 3072 (14.3 / 10.7), faster on 896 x 4864 (14.8 /
+//   18.1) and the larger shapes; M = 2048: faster on all eight measured (4096 x 4096 110.8 / 140.7, 1024 x 3072
+//   28.2 / 31.2). Small weights between 512 and 2048 tokens were not measured.
+constexpr int64_t kStagedMinTokens = 256;
+constexpr int64_t kStagedMinTokensSmall = 1024;
+bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp16) {
+  return !fp16 && scales_fit_fp16 && M >= (K * N > kSmallWeightCodes ? kStagedMinTokens : kStagedMinTokensSmall);
+}
+
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count) {
   // 64-token tiles up to 64 tokens, and for small weights up to 256 in fp16: twice the blocks of 128-token
   // tiles where blocks are few. H200, same probe (tile_m 3 against the 128- and 256-token tiles): 4096 x 4096
@@ -478,12 +498,15 @@ int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_cou
   return M <= 128 ? 128 : 256;
 }
 
-std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count) {
+std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count,
+                                  bool scales_fit_fp16) {
+  const bool staged = stages_bf16(M, N, K, fp16, scales_fit_fp16);
   switch (automatic_kernel(M, N, K, wgmma_available)) {
     case Kernel::kSmallM:
       return "small_m";
     case Kernel::kWgmma:
-      return "wgmma" + std::to_string(wgmma_tokens_per_tile(M, N, K, fp16, sm_count));
+      return "wgmma" + std::to_string(wgmma_tokens_per_tile(M, N, K, fp16 || staged, sm_count)) +
+             (staged ? "_staged" : "");
     default:
       return "mma_sync";
   }
@@ -500,7 +523,8 @@ void check_float16(const at::Tensor& t, const char* name) {
 
 at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
-                           const at::Tensor& locks, int64_t group_size, int64_t split_k, int64_t tile_m) {
+                           const at::Tensor& locks, int64_t group_size, int64_t split_k, int64_t tile_m,
+                           bool scales_fit_fp16) {
   // ---- checks (all host-side metadata: no sync) ----------------------------------------------
   check_cuda(x, kOp, "x");
   check_dim(x, 2, kOp, "x");
@@ -632,24 +656,27 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const bool force_wgmma = tile_m == 3 || tile_m == 4 || tile_m == 5;
   TORCH_CHECK(on_hopper || !force_wgmma, kOp, ": tile_m 3, 4 and 5 (the wgmma kernel) need an sm_90 GPU and an "
               "extension built for it (TORCH_CUDA_ARCH_LIST with 9.0a)");
-  TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf, kOp, ": tile_m 5 (256-token tiles) is for float16 x");
+  TORCH_CHECK(tile_m != 5 || x.scalar_type() == at::kHalf || stages_bf16(M, N, K, false, scales_fit_fp16), kOp,
+              ": tile_m 5 (256-token tiles) is for float16 x, or bfloat16 x staged as float16 (scales_fit_fp16 and at "
+              "least ", kStagedMinTokens, " tokens, ", kStagedMinTokensSmall, " for weights of at most 2^24 codes)");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
     // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights: 64 up to 256 tokens, and up to 512
     // while one wave holds the blocks, then 128 up to 2048; else the smallest tile that holds M up to 128, then
-    // 256 in fp16: bf16's second accumulator set does not fit beside 256-token accumulators).
+    // 256 in fp16 and bf16 staged as fp16: bf16's second accumulator set does not fit beside 256-token
+    // accumulators).
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    const bool staged = stages_bf16(M, N, K, !bf16, scales_fit_fp16);
     const int tokens = tile_m == 3   ? 64
                        : tile_m == 4 ? 128
                        : tile_m == 5 ? 256
-                                     : wgmma_tokens_per_tile(M, N, K, x.scalar_type() == at::kHalf,
-                                                             num_sms(x.get_device()));
+                                     : wgmma_tokens_per_tile(M, N, K, !bf16 || staged, num_sms(x.get_device()));
     const int64_t m_tiles = (M + tokens - 1) / tokens;
     const int64_t tiles = m_tiles * ((N + kWgmmaChannels - 1) / kWgmmaChannels);
     TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * tokens, " rows per call)");
     // (Resident blocks per SM as in csrc/w4a16_wgmma.cu; H100, M = 64: 8 splits of 4096 x 4096 and
     // 14336 x 4096 1.25x / 1.68x of cuBLAS, 4 splits 1.20x / 1.42x.)
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    const int splits =
-        choose_splits(tiles, k_tiles, wgmma_blocks_per_sm(bf16, tokens), split_k, locks.numel(), x.get_device());
+    const int splits = choose_splits(tiles, k_tiles, wgmma_blocks_per_sm(bf16 && !staged, tokens), split_k,
+                                     locks.numel(), x.get_device());
     WgmmaParams wp;
     wp.x = xa.const_data_ptr();
     wp.qweight = static_cast<const uint4*>(qweight.const_data_ptr());
@@ -668,7 +695,17 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     at::Tensor partials;
     if (wp.splits > 1) partials = at::empty({wgmma_workspace_floats(wp, tokens)}, x.options().dtype(at::kFloat));
     wp.partials = wp.splits > 1 ? partials.data_ptr<float>() : nullptr;
-    launch_wgmma(bf16, tokens, wp, stream);
+    wp.row_scale = nullptr;
+    at::Tensor x16, row_scale;
+    if (staged) {  // bf16 rows as exact fp16 rows (csrc/w4a16_wgmma.cu, "bf16 activations staged as fp16")
+      x16 = at::empty({M, K}, x.options().dtype(at::kHalf));
+      row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+      stage_bf16_rows(xa.const_data_ptr(), x16.data_ptr(), row_scale.data_ptr<float>(), static_cast<int>(M),
+                      static_cast<int>(K), stream);
+      wp.x = x16.const_data_ptr();
+      wp.row_scale = row_scale.const_data_ptr<float>();
+    }
+    launch_wgmma(bf16, tokens, wp, stream, staged);
     return y;
   }
 

@@ -19,7 +19,12 @@
 //   error, so the operand stays (code - zero) and each group's wgmmas go to a partial accumulator,
 //   folded into the main one in fp32 (acc += pacc * scale) once the group's wgmmas have completed,
 //   as in the mma.sync kernel; that costs a second accumulator set and a drain of the warpgroup's
-//   wgmma pipeline per k-tile (see Pipeline).
+//   wgmma pipeline per k-tile (see Pipeline). So from 256 tokens (1024 for small weights) bf16 x goes the
+//   fp16 way instead (STAGED, the host's choice, stages_bf16 in csrc/w4a16_gemm.cu): stage_bf16_rows (below) writes each row times a power of two as
+//   an exact fp16 row, the bf16 scales (times 2^kStagedScaleShift) and zeros are converted to fp16
+//   as they are read (exact for bf16's 8 significant bits in the range the host checked), the
+//   weight operand is rounded to 11 bits as in fp16, and the epilogue multiplies each token's sums
+//   by the inverse powers of two and writes bf16.
 //
 // Tiling: a block is 2 warpgroups (256 threads) on 128 output channels (8 strips of 16: warp w of
 //   the block owns strip 8 * blockIdx.x + w) and TOKENS (64, 128, or 256 in fp16) tokens; K in tiles
@@ -53,8 +58,10 @@
 // Measured (fp16, group 128, CUDA-graph medians, `benchmarks/bench_w4a16.py --cuda-graph`, docs/PERF.md):
 //   H200, this version, 1.02-1.06x of cuBLAS fp16 at M = 2048 and 0.97-1.62x at M = 64 on the Llama
 //   shapes (the __syncthreads version: 0.99-1.02x and 0.94-1.59x; H100, when thread 0 issued every
-//   bulk copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100; 128-token tiles, one
+//   bulk copy: 0.76-0.82x at M = 2048; the mma.sync kernel: 0.27x). bf16 (H100, a40110a; 128-token tiles, one
 //   block per SM, a drain per k-tile): 0.35-0.39x of cuBLAS bf16 at M = 2048, 0.71-0.84x at M = 128.
+//   Staged bf16 (H100, session 21): 0.88-0.98x of cuBLAS bf16 at M = 2048 on the Llama shapes against
+//   0.67-0.72x for the bf16 path (its scale loads hoisted out of the k16 steps in the same change).
 //   ncu (H200, M = 64, 8192 x 28672, this version): issue slots 47% busy, tensor pipe 40% of elapsed
 //   cycles, 3.4 warps per scheduler, stalls per issued instruction mostly "wait" (1.5, fixed-latency
 //   dependencies) and long scoreboard (1.05); 0.85 waves (224 blocks on 132 SMs x 2). Cutting the
@@ -161,7 +168,7 @@ __device__ __forceinline__ uint32_t mul2_f16(uint32_t a, uint32_t b) {
 // Kernel
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int TOKENS, bool ASYM>
+template <typename T, int TOKENS, bool ASYM, bool STAGED>
 __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template blocks_per_sm<T>())
     w4a16_wgmma_kernel(const WgmmaParams p, const __grid_constant__ CUtensorMap x_map,
                        const __grid_constant__ CUtensorMap w_map, const __grid_constant__ CUtensorMap s_map,
@@ -174,6 +181,23 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // fp16: the scale goes into the operand; bf16: per-group partial sums scaled in fp32 (see header).
   constexpr bool kFoldScale = std::is_same_v<T, __half>;
   constexpr int kPartial = kFoldScale ? 1 : kAcc;
+  static_assert(!STAGED || kFoldScale, "bf16 staged as fp16 runs the fp16 kernel");
+  // STAGED: the scales and zeros in shared memory are bf16 (as prepared); to fp16, the scales times
+  // 2^kStagedScaleShift (exact in the range the host checked: bits << 16 is the bf16 value as fp32).
+  auto scale_bits = [](uint32_t raw) -> uint32_t {
+    if constexpr (STAGED) {
+      return __half_as_ushort(__float2half_rn(__uint_as_float(raw << 16) * static_cast<float>(1 << kStagedScaleShift)));
+    } else {
+      return raw;
+    }
+  };
+  auto zero_bits = [](uint32_t raw) -> uint32_t {
+    if constexpr (STAGED) {
+      return __half_as_ushort(__float2half_rn(__uint_as_float(raw << 16)));
+    } else {
+      return raw;
+    }
+  };
 
   extern __shared__ uint8_t smem_raw[];
   __shared__ int s_is_last;
@@ -269,30 +293,37 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     const uint32_t ss = ws + Cfg::kWBytes;
     [[maybe_unused]] const uint32_t zs = ss + Cfg::kSBytes;
 
-    // (MAGIC + zero) of channels ch0 (jn = 0) and ch0 + 8 (jn = 1), as pairs of equal halves.
-    auto zero_pair = [&](int row, int jn) -> uint32_t {
-      if constexpr (ASYM) {
-        const uint32_t z = ld_shared_u16(zs + row * kWgChannels * 2 + (ch0 + 8 * jn) * 2);
-        return Tr::add2(Tr::kMagic, z | (z << 16));
-      } else {
-        return static_cast<uint32_t>(Tr::kMagicPlus8) * 0x10001u;
+    // Per k-tile, once: (MAGIC + zero) and the scale of channels ch0 (jn = 0) and ch0 + 8 (jn = 1), as pairs of
+    // equal halves, for the k-tile's one row (two with group 32: k16 steps 2 and 3 take row 1).
+    uint32_t zero_pairs[2][2], scale_pairs[2][2] = {};
+#pragma unroll
+    for (int row = 0; row < 2; ++row) {
+#pragma unroll
+      for (int jn = 0; jn < 2; ++jn) {
+        if (row == 1 && !g32) {
+          zero_pairs[1][jn] = zero_pairs[0][jn];
+          scale_pairs[1][jn] = scale_pairs[0][jn];
+          continue;
+        }
+        [[maybe_unused]] const int offset = row * kWgChannels * 2 + (ch0 + 8 * jn) * 2;
+        if constexpr (ASYM) {
+          const uint32_t z = zero_bits(ld_shared_u16(zs + offset));
+          zero_pairs[row][jn] = Tr::add2(Tr::kMagic, z | (z << 16));
+        } else {
+          zero_pairs[row][jn] = static_cast<uint32_t>(Tr::kMagicPlus8) * 0x10001u;
+        }
+        if constexpr (kFoldScale) scale_pairs[row][jn] = scale_bits(ld_shared_u16(ss + offset)) * 0x10001u;
       }
-    };
+    }
     const uint4 wq = ld_shared_v4(ws + warp * kUnitBytes + lane * 16);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const int row = g32 ? (kk >> 1) : 0;
+      const int row = kk >> 1;
       const uint32_t q = kk == 0 ? wq.x : kk == 1 ? wq.y : kk == 2 ? wq.z : wq.w;
-      const uint32_t z0 = zero_pair(row, 0), z1 = zero_pair(row, 1);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // register i: channel ch0 + 8 (i & 1), k + 8 (i >> 1)
-        a[kk][i] = Tr::sub2(and_or(q >> (4 * i), 0x000F000Fu, Tr::kMagic), (i & 1) ? z1 : z0);
-      }
-      if constexpr (kFoldScale) {
-        const uint32_t s0 = ld_shared_u16(ss + row * kWgChannels * 2 + ch0 * 2);
-        const uint32_t s1 = ld_shared_u16(ss + row * kWgChannels * 2 + (ch0 + 8) * 2);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[kk][i] = mul2_f16(a[kk][i], (i & 1) ? s1 * 0x10001u : s0 * 0x10001u);
+        a[kk][i] = Tr::sub2(and_or(q >> (4 * i), 0x000F000Fu, Tr::kMagic), zero_pairs[row][i & 1]);
+        if constexpr (kFoldScale) a[kk][i] = mul2_f16(a[kk][i], scale_pairs[row][i & 1]);
       }
     }
     uint64_t desc[4];
@@ -406,8 +437,11 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   }
 
   // ---- epilogue: bias, convert, stage as [token][channel], coalesced 16-byte stores ------------
+  // (STAGED: the token's multiplier undoes its staging shift and the scales'; exact powers of two; y is bf16.)
+  using OutT = std::conditional_t<STAGED, __nv_bfloat16, T>;
+  using OutTr = W4Traits<OutT>;
   __syncthreads();  // every warpgroup is done with the stages
-  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  const OutT* __restrict__ bias = static_cast<const OutT*>(p.bias);
   float b0 = 0.0f, b1 = 0.0f;
   if (bias != nullptr) {
     const int c0 = min(n0 + ch0, p.N - 1), c1 = min(n0 + ch0 + 8, p.N - 1);
@@ -417,13 +451,76 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 #pragma unroll
   for (int j = 0; j < kAcc / 4; ++j) {
     const int tok = 8 * j + 2 * t;
-    const uint32_t lo = Tr::from_floats(acc[4 * j + 0] + b0, acc[4 * j + 2] + b1);  // token tok: channels g, g + 8
-    const uint32_t hi = Tr::from_floats(acc[4 * j + 1] + b0, acc[4 * j + 3] + b1);  // token tok + 1
+    if constexpr (STAGED) {
+      const float r0 = p.row_scale[min(m0 + tok, p.M - 1)], r1 = p.row_scale[min(m0 + tok + 1, p.M - 1)];
+      acc[4 * j + 0] *= r0;
+      acc[4 * j + 2] *= r0;
+      acc[4 * j + 1] *= r1;
+      acc[4 * j + 3] *= r1;
+    }
+    const uint32_t lo = OutTr::from_floats(acc[4 * j + 0] + b0, acc[4 * j + 2] + b1);  // token tok: channels g, g + 8
+    const uint32_t hi = OutTr::from_floats(acc[4 * j + 1] + b0, acc[4 * j + 3] + b1);  // token tok + 1
     stage_output_pairs<kWgChannels>(smem0, tok, ch0, lo, hi);
   }
   __syncthreads();
   store_staged_tile<kWgChannels, TOKENS, kWgThreads>(smem0, p.y, p.M, p.N, m0, n0);
 #endif  // QK_HAS_WGMMA
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 activations staged as fp16
+// ---------------------------------------------------------------------------------------------
+// Why: scaled weights rounded to bf16 would cost ~1.4e-3 relative error (2.2e-3 with y's own bf16 rounding, over
+// the 2e-3 bound; a CPU emulation), so the bf16 kernel above keeps per-group partial sums and drains its wgmmas
+// every k-tile: 0.67-0.70x of cuBLAS bf16 at M = 2048 on the H100 (session 21), where fp16 runs at 1.02-1.06x of
+// cuBLAS fp16. A bf16 row times the power of two that brings its largest magnitude into [2^14, 2^15) is exactly
+// an fp16 row (8 significant bits fit in 11; only values more than 2^28 below the row's largest become fp16
+// subnormals, their error below 2^-39 of it), so such rows run the fp16 kernel, which multiplies by the inverse
+// power of two (and the scales' 2^-kStagedScaleShift) in its epilogue and writes bf16. The weight operand
+// (code - zero) * scale is rounded to fp16's 11 bits where it needs 12 (with zero points: 1.1e-4 relative error
+// before y's rounding, in an emulation; exact without). Staged (H100, session 21, docs/PERF.md): 0.88-0.98x of
+// cuBLAS bf16 at M = 2048 on the six Llama shapes, 0.89-0.99x at M = 512 on the five larger ones.
+// One block per row, 16-byte vectors: the row's absolute maximum (NaNs skipped: they stay NaN), then the scaled
+// conversion, the row read twice (the second time from L1/L2).
+constexpr int kStageThreads = 128;
+
+__global__ void __launch_bounds__(kStageThreads) stage_bf16_rows_kernel(const uint4* __restrict__ x, uint4* __restrict__ x16,
+                                                                       float* __restrict__ row_scale, int vecs_per_row) {
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * vecs_per_row;
+  const int tid = threadIdx.x;
+  auto bf16_pair = [](uint32_t w) { return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u)); };
+  float amax = 0.0f;
+  for (int v = tid; v < vecs_per_row; v += kStageThreads) {
+    const uint4 u = x[base + v];
+    for (const uint32_t w : {u.x, u.y, u.z, u.w}) {
+      const float2 f = bf16_pair(w);
+      amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+  }
+  __shared__ float warp_max[kStageThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+  if ((tid & 31) == 0) warp_max[tid >> 5] = amax;
+  __syncthreads();
+  amax = warp_max[0];
+  for (int w = 1; w < kStageThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+  // amax in [2^e, 2^(e+1)) -> multiplier 2^(14 - e); rows of zeros or with an infinity keep 2^0. Rows below
+  // 2^-113 (bf16 reaches 2^-133) are scaled as if at 2^-113: the multiplier stays within fp32 (2^127) and the
+  // output multiplier 2^(e - 14 - kStagedScaleShift) >= 2^-135 an exact fp32 subnormal.
+  int shift = 0;
+  if (amax > 0.0f && amax <= 3.3895314e38f) shift = 14 - max(ilogbf(amax), -113);
+  const float multiplier = ldexpf(1.0f, shift);
+  if (tid == 0) row_scale[blockIdx.x] = ldexpf(1.0f, -shift - kStagedScaleShift);
+  for (int v = tid; v < vecs_per_row; v += kStageThreads) {
+    const uint4 u = x[base + v];
+    uint32_t out[4];
+    int i = 0;
+    for (const uint32_t w : {u.x, u.y, u.z, u.w}) {
+      const float2 f = bf16_pair(w);
+      const __half2 h = __floats2half2_rn(f.x * multiplier, f.y * multiplier);
+      out[i++] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    x16[base + v] = make_uint4(out[0], out[1], out[2], out[3]);
+  }
 }
 
 // The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host;
@@ -448,29 +545,35 @@ CUtensorMap make_scale_map(const void* scales, const WgmmaParams& p, bool bf16) 
                               CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
-template <typename T, int TOKENS>
+template <typename T, int TOKENS, bool STAGED = false>
 void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   constexpr int smem = WgmmaConfig<TOKENS>::kSmemBytes;
   constexpr bool kBf16 = !std::is_same_v<T, __half>;
   const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
   const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, kBf16, TOKENS);
   const CUtensorMap w_map = make_w_map(p);
-  const CUtensorMap s_map = make_scale_map(p.scales, p, kBf16);
-  const CUtensorMap z_map = p.zeros != nullptr ? make_scale_map(p.zeros, p, kBf16) : s_map;  // (unused if symmetric)
+  const CUtensorMap s_map = make_scale_map(p.scales, p, kBf16 || STAGED);
+  const CUtensorMap z_map = p.zeros != nullptr ? make_scale_map(p.zeros, p, kBf16 || STAGED) : s_map;  // (unused if symmetric)
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, kWgThreads, smem, stream>>>(p, x_map, w_map, s_map, z_map);
   };
   if (p.zeros != nullptr) {
-    launch(w4a16_wgmma_kernel<T, TOKENS, true>);
+    launch(w4a16_wgmma_kernel<T, TOKENS, true, STAGED>);
   } else {
-    launch(w4a16_wgmma_kernel<T, TOKENS, false>);
+    launch(w4a16_wgmma_kernel<T, TOKENS, false, STAGED>);
   }
   QK_CHECK_LAUNCH();
 }
 
 }  // namespace
+
+void stage_bf16_rows(const void* x, void* x16, float* row_scale, int M, int K, cudaStream_t stream) {
+  stage_bf16_rows_kernel<<<M, kStageThreads, 0, stream>>>(static_cast<const uint4*>(x), static_cast<uint4*>(x16),
+                                                          row_scale, K / 8);
+  QK_CHECK_LAUNCH();
+}
 
 int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens) {
   const int64_t tiles = static_cast<int64_t>((p.N + kWgChannels - 1) / kWgChannels) * ((p.M + tokens - 1) / tokens);
@@ -485,10 +588,14 @@ int wgmma_blocks_per_sm(bool bf16, int tokens) {
          : tokens == 128 ? WgmmaConfig<128>::blocks_per_sm<__half>() : WgmmaConfig<256>::blocks_per_sm<__half>();
 }
 
-void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream) {
-  TORCH_CHECK(tokens == 64 || tokens == 128 || (tokens == 256 && !bf16),
+void launch_wgmma(bool bf16, int tokens, const WgmmaParams& p, cudaStream_t stream, bool staged) {
+  TORCH_CHECK(tokens == 64 || tokens == 128 || (tokens == 256 && (!bf16 || staged)),
               "quantkern::w4a16_gemm: the wgmma kernel has tiles of 64 or 128 tokens, and 256 in fp16; got ", tokens);
-  if (bf16) {
+  if (staged) {  // x: the fp16 copy of bf16 activations (stage_bf16_rows); y, scales, zeros, bias: bf16
+    tokens == 64    ? launch_typed<__half, 64, true>(p, stream)
+    : tokens == 128 ? launch_typed<__half, 128, true>(p, stream)
+                    : launch_typed<__half, 256, true>(p, stream);
+  } else if (bf16) {
     tokens == 64 ? launch_typed<__nv_bfloat16, 64>(p, stream) : launch_typed<__nv_bfloat16, 128>(p, stream);
   } else if (tokens == 64) {
     launch_typed<__half, 64>(p, stream);

@@ -16,7 +16,8 @@ def quantize_per_token_fake(x: torch.Tensor, bits: int, clip_ratio: float, packe
 
 
 def w4a16_gemm_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros, bias,
-                    locks: torch.Tensor, group_size: int, split_k: int = 0, tile_m: int = 0):
+                    locks: torch.Tensor, group_size: int, split_k: int = 0, tile_m: int = 0,
+                    scales_fit_fp16: bool = False):
     # y [M, N] in x's dtype; N = scales.size(1) (scales are [K / group, N] in the kernel's layout).
     return x.new_empty((x.shape[0], scales.shape[1]))
 

@@ -17,6 +17,10 @@ the kernel reads, once, at load time, in plain torch (CPU or GPU tensors alike):
 * ``scales`` ``[G, N]`` in the activation dtype (transposed canonical scales, ``G = K / group``).
 * ``zeros`` ``[G, N]`` in the activation dtype (the zero codes, exact small integers), or ``None``
   for symmetric weights (implicit zero 8).
+* ``scales_fit_fp16`` (bfloat16 only): whether every scale ``s`` is 0 or has ``STAGED_SCALE_MIN <= |s| <=
+  STAGED_SCALE_MAX``; then, from 256 tokens (1024 for weights of at most 2^24 codes: ``stages_bf16`` in
+  ``csrc/w4a16_gemm.cu``), the Hopper kernel runs bf16 activations as exact fp16 copies on its fp16 path
+  (``csrc/w4a16_wgmma.cu``, "bf16 activations staged as fp16"), else on its slower bf16 path.
 * ``locks`` int32 zeros: scratch counters of the kernel's split-K reduction (restored to zero by every
   call; do not share one prepared weight between calls running concurrently on different streams).
 
@@ -36,6 +40,10 @@ N_STRIP = 16  # the kernel's weight strip: out_features must be a multiple of it
 LOCKS = 4096  # split-K counters per prepared weight (one per output tile of a split-K call)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 OP_NAME = "quantkern::w4a16_gemm"
+# The scales that convert exactly to fp16 once multiplied by 2^8 (kStagedScaleShift in csrc/w4a16_common.cuh),
+# with (code - zero) * scale finite: 2^-(14 + 8) (fp16's smallest normal) to 4094 * 2^-8 (16 x that below 65504).
+STAGED_SCALE_MIN = 2.0 ** -22
+STAGED_SCALE_MAX = 4094 * 2.0 ** -8
 
 
 def unsupported_reason(in_features: int, out_features: int, group_size: int) -> Optional[str]:
@@ -96,6 +104,13 @@ def unpack_w4a16_codes(qweight: torch.Tensor, in_features: int, out_features: in
     return c.reshape(n, k).contiguous()
 
 
+def scales_fit_fp16(scales: torch.Tensor) -> bool:
+    """Whether every scale is 0 or within [STAGED_SCALE_MIN, STAGED_SCALE_MAX] in magnitude (one device sync)."""
+    magnitudes = scales.float().abs()
+    fits = (magnitudes == 0) | ((magnitudes >= STAGED_SCALE_MIN) & (magnitudes <= STAGED_SCALE_MAX))
+    return bool(fits.all())
+
+
 def prepare_w4a16(qw: QuantizedWeight, dtype: torch.dtype) -> dict:
     """Repack a 4-bit ``QuantizedWeight`` for ``w4a16_linear`` with activations of ``dtype``.
 
@@ -121,6 +136,7 @@ def prepare_w4a16(qw: QuantizedWeight, dtype: torch.dtype) -> dict:
         "in_features": k,
         "out_features": n,
         "dtype": dtype,
+        "scales_fit_fp16": dtype == torch.bfloat16 and scales_fit_fp16(scales),
     }
 
 
@@ -142,7 +158,8 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
     if x2d.dim() != 2 or x2d.shape[1] != prepared["in_features"]:
         raise ValueError(f"x must be 2-D [tokens, {prepared['in_features']}], got shape {tuple(x2d.shape)}")
     return torch.ops.quantkern.w4a16_gemm(x2d, prepared["qweight"], prepared["scales"], prepared["zeros"], bias,
-                                          prepared["locks"], prepared["group_size"], split_k, tile_m)
+                                          prepared["locks"], prepared["group_size"], split_k, tile_m,
+                                          prepared.get("scales_fit_fp16", False))
 
 
 def wgmma_kernel_available(device=None) -> bool:

@@ -67,7 +67,9 @@ def w4a16_cases():
              (6208, 80, 2, -1, True, torch.float16, 1, 1), (8192, 48, 1, 128, True, torch.bfloat16, 1, 1)]
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
         cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
-                  (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5)]
+                  (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5),
+                  # bf16 staged as fp16 (from 256 tokens): the staging pass, fp16 tiles, partial blocks, splits
+                  (192, 208, 257, 32, False, torch.bfloat16, 3, 5), (1536, 576, 300, 128, True, torch.bfloat16, 0, 0)]
     for k, n, m, group, symmetric, dtype, split_k, tile_m in cases:
         w = torch.randn(n, k, device="cuda") / k ** 0.5
         qw = reference.quantize_weight(w, 4, group, symmetric, scale_dtype=dtype)
