@@ -3,6 +3,7 @@ or with --cuda-graph CUDA-graph medians with the weights rotated past L2, as ben
 
     python scripts/probe_w4a16.py                 # the sweep table
     python scripts/probe_w4a16.py --case K N M TILE_M  # run one configuration 20 times (for ncu)
+    python scripts/probe_w4a16.py --dtype bfloat16 --plain-bf16  # each variant also on the bf16 path
 """
 import argparse
 import sys
@@ -38,6 +39,9 @@ def main():
                     help="activations (and cuBLAS, the peer) in this dtype")
     ap.add_argument("--group", type=int, default=128, help="weight group size (-1: per channel)")
     ap.add_argument("--asym", action="store_true", help="asymmetric weights (zero points)")
+    ap.add_argument("--plain-bf16", action="store_true",
+                    help="bf16: time each variant also with scales_fit_fp16 off (the wgmma kernel's bf16 path, "
+                         "not bf16 staged as fp16), cell 'plain'")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="time CUDA-graph replays, weights rotated past the L2 (kernel time, no host time)")
     args = ap.parse_args()
@@ -72,12 +76,17 @@ def main():
             ref = x.float() @ deq.T
             t_cublas = timer(lambda: F.linear(x, next_w16()))
             cells = []
+            paths = [("", lambda t: t)]
+            if args.plain_bf16 and dtype == torch.bfloat16:
+                paths.append((" plain", lambda t: dict(t, scales_fit_fp16=False)))
             for v in args.variants.split(","):
                 tm, s = map(int, v.split(":"))
-                y = w4a16_linear(x, prep.tensors, split_k=s, tile_m=tm)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                t = timer(lambda: w4a16_linear(x, next_prep(), split_k=s, tile_m=tm))
-                cells.append(f"{v}:{t:.1f}us {t_cublas / t:.2f}x {wbytes / t / 1e3:.0f}GB/s" + ("" if err < 2e-3 else f" ERR {err:.1e}"))
+                for label, path in paths:
+                    y = w4a16_linear(x, path(prep.tensors), split_k=s, tile_m=tm)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    t = timer(lambda: w4a16_linear(x, path(next_prep()), split_k=s, tile_m=tm))
+                    cells.append(f"{v}{label}:{t:.1f}us {t_cublas / t:.2f}x {wbytes / t / 1e3:.0f}GB/s"
+                                 + ("" if err < 2e-3 else f" ERR {err:.1e}"))
             rows.append(f"{k}x{n} M={m} cublas {t_cublas:.1f}us | " + " | ".join(cells))
             print(rows[-1], flush=True)
     print()
