@@ -461,7 +461,8 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
 // staging pass (and fp16's token tiles) cost more than the bf16 kernel's drains. H100, CUDA-graph medians
 // (`python scripts/probe_w4a16.py --cuda-graph --dtype bfloat16 --plain-bf16 --variants 0:0`, docs/PERF.md,
 // session 21), staged / bf16 path, us:
-// - M = 128: slower or equal on 4096 x 4096 (16.6 / 16.6) and 14336 x 4096 (36.9 / 36.2);
+// - M = 128 (staging forced): slower on 4096 x 4096 (18.3 / 16.8), 4096 x 14336 (37.8 / 35.3) and 14336 x 4096
+//   (41.0 / 36.9), faster on 8192 x 28672 (121.9 / 139.9) and 28672 x 8192 (123.8 / 131.5);
 // - M = 256: faster on the five larger Llama shapes (14336 x 4096 59.6 / 65.0, 8192 x 28672 193.3 / 279.0),
 //   slower on 4096 x 4096 (27.2 / 23.1) and 896 x 4864 (12.8 / 9.5);
 // - M = 512: slower on 4096 x 4096 (37.4 / 35.3) and 1024 x 3072 (14.3 / 10.7), faster on 896 x 4864 (14.8 /
