@@ -20,11 +20,11 @@
 //   folded into the main one in fp32 (acc += pacc * scale) once the group's wgmmas have completed,
 //   as in the mma.sync kernel; that costs a second accumulator set and a drain of the warpgroup's
 //   wgmma pipeline per k-tile (see Pipeline). So from 256 tokens (1024 for small weights) bf16 x goes the
-//   fp16 way instead (STAGED, the host's choice, stages_bf16 in csrc/w4a16_gemm.cu): stage_bf16_rows (below) writes each row times a power of two as
-//   an exact fp16 row, the bf16 scales (times 2^kStagedScaleShift) and zeros are converted to fp16
-//   as they are read (exact for bf16's 8 significant bits in the range the host checked), the
-//   weight operand is rounded to 11 bits as in fp16, and the epilogue multiplies each token's sums
-//   by the inverse powers of two and writes bf16.
+//   fp16 way instead (STAGED, the host's choice: stages_bf16 in csrc/w4a16_gemm.cu): stage_bf16_rows
+//   (below) writes each row times a power of two as an exact fp16 row, the bf16 scales (times
+//   2^kStagedScaleShift) and zeros are converted to fp16 as they are read (exact for bf16's 8
+//   significant bits in the range the host checked), the weight operand is rounded to 11 bits as in
+//   fp16, and the epilogue multiplies each token's sums by the inverse powers of two and writes bf16.
 //
 // Tiling: a block is 2 warpgroups (256 threads) on 128 output channels (8 strips of 16: warp w of
 //   the block owns strip 8 * blockIdx.x + w) and TOKENS (64, 128, or 256 in fp16) tokens; K in tiles
@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // 2^kStagedScaleShift (exact in the range the host checked: bits << 16 is the bf16 value as fp32).
   auto scale_bits = [](uint32_t raw) -> uint32_t {
     if constexpr (STAGED) {
-      return __half_as_ushort(__float2half_rn(__uint_as_float(raw << 16) * static_cast<float>(1 << kStagedScaleShift)));
+      const float scale = __uint_as_float(raw << 16) * static_cast<float>(1 << kStagedScaleShift);
+      return __half_as_ushort(__float2half_rn(scale));
     } else {
       return raw;
     }
@@ -472,7 +473,7 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 // ---------------------------------------------------------------------------------------------
 // Why: scaled weights rounded to bf16 would cost ~1.4e-3 relative error (2.2e-3 with y's own bf16 rounding, over
 // the 2e-3 bound; a CPU emulation), so the bf16 kernel above keeps per-group partial sums and drains its wgmmas
-// every k-tile: 0.67-0.70x of cuBLAS bf16 at M = 2048 on the H100 (session 21), where fp16 runs at 1.02-1.06x of
+// every k-tile: 0.67-0.72x of cuBLAS bf16 at M = 2048 on the H100 (session 21), where fp16 runs at 1.02-1.06x of
 // cuBLAS fp16. A bf16 row times the power of two that brings its largest magnitude into [2^14, 2^15) is exactly
 // an fp16 row (8 significant bits fit in 11; only values more than 2^28 below the row's largest become fp16
 // subnormals, their error below 2^-39 of it), so such rows run the fp16 kernel, which multiplies by the inverse
@@ -484,8 +485,9 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
 // conversion, the row read twice (the second time from L1/L2).
 constexpr int kStageThreads = 128;
 
-__global__ void __launch_bounds__(kStageThreads) stage_bf16_rows_kernel(const uint4* __restrict__ x, uint4* __restrict__ x16,
-                                                                       float* __restrict__ row_scale, int vecs_per_row) {
+__global__ void __launch_bounds__(kStageThreads)
+    stage_bf16_rows_kernel(const uint4* __restrict__ x, uint4* __restrict__ x16, float* __restrict__ row_scale,
+                           int vecs_per_row) {
   const int64_t base = static_cast<int64_t>(blockIdx.x) * vecs_per_row;
   const int tid = threadIdx.x;
   auto bf16_pair = [](uint32_t w) { return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u)); };
@@ -552,8 +554,10 @@ void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
   const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, kBf16, TOKENS);
   const CUtensorMap w_map = make_w_map(p);
+  // (STAGED: the scales and zeros are bf16, converted in the kernel)
   const CUtensorMap s_map = make_scale_map(p.scales, p, kBf16 || STAGED);
-  const CUtensorMap z_map = p.zeros != nullptr ? make_scale_map(p.zeros, p, kBf16 || STAGED) : s_map;  // (unused if symmetric)
+  const CUtensorMap z_map =
+      p.zeros != nullptr ? make_scale_map(p.zeros, p, kBf16 || STAGED) : s_map;  // (unused if symmetric)
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
