@@ -499,12 +499,8 @@ __global__ void __launch_bounds__(kStageThreads)
       amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
     }
   }
-  __shared__ float warp_max[kStageThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
-  if ((tid & 31) == 0) warp_max[tid >> 5] = amax;
-  __syncthreads();
-  amax = warp_max[0];
-  for (int w = 1; w < kStageThreads / 32; ++w) amax = fmaxf(amax, warp_max[w]);
+  __shared__ float warp_max[kStageThreads / kWarpSize];
+  amax = group_reduce_max<kStageThreads>(amax, warp_max);  // (no NaN reaches it: fmaxf above skipped them)
   // amax in [2^e, 2^(e+1)) -> multiplier 2^(14 - e); rows of zeros or with an infinity keep 2^0. Rows below
   // 2^-113 (bf16 reaches 2^-133) are scaled as if at 2^-113: the multiplier stays within fp32 (2^127) and the
   // output multiplier 2^(e - 14 - kStagedScaleShift) >= 2^-135 an exact fp32 subnormal.
