@@ -93,7 +93,8 @@ def main(argv=None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         rows.append(run_row(name, args.out, calib, args.samples))
         (args.out / "accuracy.json").write_text(json.dumps({
-            "rows": rows, "calibration": {"file": str(calib), "sources": LICENSE_CALIBRATION_SOURCES, "samples": args.samples},
+            "rows": rows,
+            "calibration": {"file": str(calib), "sources": LICENSE_CALIBRATION_SOURCES, "samples": args.samples},
             "quantkern": quantkern.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine()}, indent=2))
 

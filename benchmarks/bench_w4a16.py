@@ -97,7 +97,8 @@ def main() -> None:
         parser.error("--after-other-kernel needs --cuda-graph")
     ours = [b for b in args.backends if "weight_only_linear" in backends.status(b).kernels]
     if not ours:
-        raise SystemExit("no W4A16 kernel is available: " + "; ".join(backends.status(b).reason for b in ("cuda", "triton")))
+        reasons = "; ".join(backends.status(b).reason for b in ("cuda", "triton"))
+        raise SystemExit("no W4A16 kernel is available: " + reasons)
 
     if args.shapes:
         shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes]

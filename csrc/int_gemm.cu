@@ -739,7 +739,9 @@ void launch_split_epilogue(const at::Tensor& ws, bool grouped, at::ScalarType ou
   const int N = static_cast<int>(out.size(1));
   const int64_t pairs = M * N / 2;
   const int blocks = static_cast<int>(std::min<int64_t>((pairs + 255) / 256, 8 * num_sms(out.get_device())));
-  auto run = [&](auto kernel, auto* y) { kernel<<<blocks, 256, 0, stream>>>(ws.const_data_ptr(), sx, sw, bias, y, M, N); };
+  auto run = [&](auto kernel, auto* y) {
+    kernel<<<blocks, 256, 0, stream>>>(ws.const_data_ptr(), sx, sw, bias, y, M, N);
+  };
   if (out_dtype == at::kHalf) {
     auto* y = static_cast<__half*>(out.data_ptr());
     grouped ? run(split_epilogue_kernel<true, __half>, y) : run(split_epilogue_kernel<false, __half>, y);

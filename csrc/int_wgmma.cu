@@ -166,14 +166,16 @@ __global__ void __launch_bounds__(kThreads, Config<WBITS, TOKENS>::kBlocksPerSm)
   // so that no warp carries every copy of the k-tile (see csrc/w4a16_wgmma.cu: one thread issuing all
   // of them put their serial instructions on every k-tile's path).
   StageRing<kStages> ring(smem_addr(&stage_full[0]));
-  auto arm_stage = [&](int stage) { mbarrier_expect_bytes(ring.barrier(stage), Cfg::kXBytes + units * Cfg::kUnitBytes); };
+  auto arm_stage = [&](int stage) {
+    mbarrier_expect_bytes(ring.barrier(stage), Cfg::kXBytes + units * Cfg::kUnitBytes);
+  };
   auto issue_copies = [&](int stage, int kt) {  // one elected lane of each warp, after arm_stage(stage)
     const uint32_t xs = smem0 + stage * Cfg::kStageBytes;
     const uint32_t bar = ring.barrier(stage);
     if (warp == 0) tma_load_2d(xs, &a_map, kt * kTileK, m0, bar);
     if ((warp & 3) == 0 && wg < units) {
-      tma_load_2d(xs + Cfg::kXBytes + wg * Cfg::kUnitBytes, &w_map, 0, ((2 * block_n + wg) * p.k_tiles + kt) * kUnitRows,
-                  bar);
+      tma_load_2d(xs + Cfg::kXBytes + wg * Cfg::kUnitBytes, &w_map, 0,
+                  ((2 * block_n + wg) * p.k_tiles + kt) * kUnitRows, bar);
     }
   };
 

@@ -549,7 +549,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
   const int64_t M = x.size(0), K = x.size(1);
   const int64_t N = scales.size(1), G = scales.size(0);
   TORCH_CHECK(K % kBK == 0 && K > 0, kOp, ": in_features (K = x.size(1)) must be a positive multiple of 64, got ", K);
-  TORCH_CHECK(N % 16 == 0 && N > 0, kOp, ": out_features (N = scales.size(1)) must be a positive multiple of 16, got ", N);
+  TORCH_CHECK(N % 16 == 0 && N > 0, kOp, ": out_features (N = scales.size(1)) must be a positive multiple of 16, got ",
+              N);
   TORCH_CHECK(qweight.size(0) == N / 16 && qweight.size(1) == 2 * K, kOp, ": qweight must have shape [N/16, 2K] = [",
               N / 16, ", ", 2 * K, "] for x with K = ", K, " and N = ", N, ", got ", qweight.sizes());
   const int64_t glen = group_size == -1 ? K : group_size;

@@ -138,9 +138,13 @@ __device__ __forceinline__ const P* advance_bytes(const P* p, int bytes) {
 template <typename T>
 __device__ __forceinline__ float bits_to_float(uint32_t v);
 template <>
-__device__ __forceinline__ float bits_to_float<__half>(uint32_t v) { return to_float(__ushort_as_half(static_cast<unsigned short>(v))); }
+__device__ __forceinline__ float bits_to_float<__half>(uint32_t v) {
+  return to_float(__ushort_as_half(static_cast<unsigned short>(v)));
+}
 template <>
-__device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint32_t v) { return to_float(__ushort_as_bfloat16(static_cast<unsigned short>(v))); }
+__device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint32_t v) {
+  return to_float(__ushort_as_bfloat16(static_cast<unsigned short>(v)));
+}
 
 // 8-token tiles per token tile of 16 for M tokens (TOKEN_TILES): one up to M = 8, else two (with M > 16
 // there are several token tiles of 16).

@@ -415,7 +415,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // ---- split K: publish the partial tile in fragment order; the last block sums in split order ----
   const int tile = token_tile * gridDim.x + block_n;
   if (p.splits > 1) {
-    float4* part = reinterpret_cast<float4*>(p.partials) + static_cast<int64_t>(tile) * p.splits * (kAcc / 4) * kWgThreads;
+    float4* part =
+        reinterpret_cast<float4*>(p.partials) + static_cast<int64_t>(tile) * p.splits * (kAcc / 4) * kWgThreads;
 #pragma unroll
     for (int i = 0; i < kAcc / 4; ++i) {
       __stcg(part + (static_cast<int64_t>(split) * (kAcc / 4) + i) * kWgThreads + tid,
@@ -524,8 +525,9 @@ __global__ void __launch_bounds__(kStageThreads)
 // The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host;
 // encoded per call, since x changes).
 CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
-  return encode_tensor_map_2d("quantkern::w4a16_gemm", bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                              x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens, CU_TENSOR_MAP_SWIZZLE_128B);
+  const CUtensorMapDataType dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode_tensor_map_2d("quantkern::w4a16_gemm", dtype, x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens,
+                              CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 // The weights' map: qweight [N/16, K/64, 32] uint4 as N/16 rows of 2K int32, boxes of the block's 8 strips x
@@ -582,7 +584,8 @@ int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens) {
 
 int wgmma_blocks_per_sm(bool bf16, int tokens) {
   if (bf16) {
-    return tokens == 64 ? WgmmaConfig<64>::blocks_per_sm<__nv_bfloat16>() : WgmmaConfig<128>::blocks_per_sm<__nv_bfloat16>();
+    return tokens == 64 ? WgmmaConfig<64>::blocks_per_sm<__nv_bfloat16>()
+                        : WgmmaConfig<128>::blocks_per_sm<__nv_bfloat16>();
   }
   return tokens == 64 ? WgmmaConfig<64>::blocks_per_sm<__half>()
          : tokens == 128 ? WgmmaConfig<128>::blocks_per_sm<__half>() : WgmmaConfig<256>::blocks_per_sm<__half>();

@@ -95,7 +95,8 @@ def unpack_w4a16_codes(qweight: torch.Tensor, in_features: int, out_features: in
     """Inverse of ``pack_codes_w4a16``: the kernel's int32 ``[N/16, 2K]`` -> uint8 codes ``[N, K]``."""
     n, k = int(out_features), int(in_features)
     if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n // 16, 2 * k):
-        raise ValueError(f"qweight must be int32 of shape {(n // 16, 2 * k)}, got {qweight.dtype} {tuple(qweight.shape)}")
+        raise ValueError(f"qweight must be int32 of shape {(n // 16, 2 * k)}, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}")
     words = qweight.reshape(-1, 1).to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=qweight.device)
     nib = ((words >> shifts) & 0xF).to(torch.uint8)            # (ns, kt, g, t, kk, h, jk, jn) flattened

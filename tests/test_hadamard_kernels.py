@@ -260,7 +260,8 @@ def test_cuda_hadamard_quantize_matches_reference(n, dtype, bits):
 
 @pytest.mark.gpu
 @needs_cuda_kernel
-@pytest.mark.parametrize("n,block", [(896, 128), (4864, 256), (11008, 256), (4096, 64), (576, 64), (14336, 128), (64, 8)])
+@pytest.mark.parametrize("n,block", [(896, 128), (4864, 256), (11008, 256), (4096, 64), (576, 64), (14336, 128),
+                                     (64, 8)])
 def test_cuda_blocked_mode(n, block):
     x = random_rows(6, n, torch.float16)
     assert_rotation_close(ops.hadamard(x, backend="cuda", block_size=block), block_hadamard_transform(x, block),

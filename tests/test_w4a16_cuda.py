@@ -519,7 +519,8 @@ def test_wgmma_kernel_edges(tile_m, group_size, dtype):
         for m in (17, 63, 64, 65, 127, 129, 255, 257):
             for split_k in (1, 3):
                 for symmetric in (True, False):
-                    y, y_ref, (x, prepared, bias) = run_case(k, n, m, group_size, symmetric, dtype, with_bias=m % 2 == 1)
+                    y, y_ref, (x, prepared, bias) = run_case(k, n, m, group_size, symmetric, dtype,
+                                                             with_bias=m % 2 == 1)
                     y = w4a16_linear(x, prepared, bias, split_k=split_k, tile_m=tile_m)
                     err = rel_err(y, y_ref.to(dtype))
                     assert err <= 2e-3, f"K={k} N={n} M={m} split {split_k}: relative error {err:.2e}"

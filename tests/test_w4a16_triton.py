@@ -53,7 +53,8 @@ def check(k, n, m, group_size, symmetric, dtype, with_bias, seed=0):
     assert y.dtype == dtype and y.shape == (m, n) and y.device == x.device
     assert torch.isfinite(y).all()
     err = rel_err(y, ref)
-    assert err <= TOL, f"relative error {err:.3g} > {TOL} (K={k}, N={n}, M={m}, g={group_size}, sym={symmetric}, {dtype})"
+    assert err <= TOL, (f"relative error {err:.3g} > {TOL} "
+                        f"(K={k}, N={n}, M={m}, g={group_size}, sym={symmetric}, {dtype})")
 
 
 def _grid(shapes, m_values):
@@ -113,7 +114,8 @@ def test_awkward_shapes(k, n, g, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("g", [64, -1])
-@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256), dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5),
+@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256),
+                                 dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5),
                                  CONFIGS["large"][1]], ids=["splitk4", "splitk5", "large"])
 def test_forced_configs(dtype, g, cfg):
     # Split-K (fp32 atomics; 9 K tiles over 4 splits leaves one empty, 18 over 5 are uneven; bias from
@@ -127,8 +129,8 @@ def test_forced_configs(dtype, g, cfg):
     assert y.dtype == dtype and rel_err(y, reference.weight_only_linear(x, qw, bias)) <= TOL
 
 
-@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256), dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5)],
-                         ids=["splitk4", "splitk5"])
+@pytest.mark.parametrize("cfg", [dict(CONFIGS["small"][3], BLOCK_N=256),
+                                 dict(CONFIGS["small"][6], BLOCK_N=256, SPLIT_K=5)], ids=["splitk4", "splitk5"])
 def test_split_k_is_deterministic_and_leaves_locks_zero(cfg):
     # The last split of a tile sums the partials in split order: the same result on every run, and the
     # prepared weight's locks are zero again afterwards (the next call relies on it).

@@ -18,8 +18,8 @@ x tile [BLOCK_M, BLOCK_K] and a [BLOCK_K/8, BLOCK_N] tile of int32 words (each w
 16-byte vectors along N; loading a [BLOCK_K, BLOCK_N] tile of duplicated word addresses instead
 made the software pipeline stage 8x the bytes in shared memory, 233 KB for 16x128x128), broadcasts
 it to [BLOCK_K/8, 8, BLOCK_N], shifts by 4*i and masks, reshapes to [BLOCK_K, BLOCK_N] (row 8j + i)
-and feeds ``tl.dot`` (fp16/bf16 inputs, fp32 accumulator; wgmma for BLOCK_M >= 64 on sm_90). BLOCK_K divides the group length, so a K tile lies in one group. Where the scale
-is applied (SCALE_MODE, chosen per call):
+and feeds ``tl.dot`` (fp16/bf16 inputs, fp32 accumulator; wgmma for BLOCK_M >= 64 on sm_90). BLOCK_K divides
+the group length, so a K tile lies in one group. Where the scale is applied (SCALE_MODE, chosen per call):
   0 ONE_GROUP  per-channel (one group over K): the loop accumulates x @ (code - zero) exactly and the
                scale is applied once, in fp32, in the epilogue.
   1 IN_TILE    fp16 x and fp16 scales, grouped: w = (code - zero) * scale rounded once to fp16 in
@@ -226,7 +226,8 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, partial_ptr, lock_pt
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
-                total += tl.load(partial_ptr + split * stride_partial + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.load(partial_ptr + split * stride_partial + tile, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn).to(tl.float32)[None, :]
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
