@@ -45,7 +45,9 @@ each 5-6 us per call at decode on the H100 beside a 5-15 us layer: docs/PERF.md,
 
 What is refused, with the reason: bit widths other than 4 (8 with quantized activations); group sizes other than
 32, 64, 128 and per-channel; a ``g_idx`` whose groups do not each hold ``group_size`` channels; packings meant for
-other kernels (GPTQ "marlin", AWQ "gemv", "exllama", ...); layers the CUDA kernels cannot serve; a mix of converted
+other kernels (GPTQ "marlin" or ``is_marlin_format``, AWQ "gemv", "exllama", ..., transformers' AWQ backend
+"llm-awq"); GPTQModel's codes packed into other words than int32 (``pack_dtype``) and its ``dynamic`` rules that give
+some layers other bits or groups; layers the CUDA kernels cannot serve; a mix of converted
 and float layers under one name (``model.layers.0.mlp.down_proj`` quantized but ``model.layers.1.mlp.down_proj``
 not), which quantkern's ``modules_not_converted`` cannot say.
 """
@@ -114,13 +116,30 @@ def _format(method, reader, layout, bits, group_size, qconfig, act_bits=None, sy
 def _gptq_or_awq_format(method: str, qconfig: dict, source) -> dict:
     bits = qconfig.get("bits", qconfig.get("w_bit"))  # (AutoAWQ's own names: w_bit, q_group_size)
     group_size = qconfig.get("group_size", qconfig.get("q_group_size"))
+    pack_dtype = str(qconfig.get("pack_dtype", "int32")).lower().replace("torch.", "")
+    if pack_dtype != "int32":  # GPTQModel can pack into int8, int16 or int64 words
+        raise UnsupportedCheckpointError(f"{source}: pack_dtype {pack_dtype!r}; this converter reads codes packed "
+                                         "into int32 words")
+    # GPTQModel's per-layer overrides ("dynamic": {regex: {...}}; a "-:" regex leaves layers in floating point)
+    for pattern, settings in (qconfig.get("dynamic") or {}).items():
+        own = {"bits": bits, "group_size": group_size}
+        differs = {key: settings[key] for key in own if isinstance(settings, dict) and key in settings
+                   and settings[key] != own[key]}
+        if differs and not str(pattern).startswith("-:"):
+            raise UnsupportedCheckpointError(f"{source}: layers matching {pattern!r} are quantized with {differs}, "
+                                             f"unlike the others ({own}); quantkern's checkpoints have one setting "
+                                             "for all")
     if method == "gptq":
         layout = str(qconfig.get("checkpoint_format", "gptq")).lower()
+        if qconfig.get("is_marlin_format"):  # (auto-gptq's older spelling of checkpoint_format "marlin")
+            layout = "marlin"
         if layout not in ("gptq", "gptq_v2"):
             raise UnsupportedCheckpointError(f"{source}: GPTQ checkpoint_format {layout!r} is packed for another "
                                              "kernel; this converter reads 'gptq' and 'gptq_v2'")
         return _format("gptq", "gptq_v1" if layout == "gptq" else "gptq_v2", layout, bits, group_size, qconfig)
     layout = str(qconfig.get("version", "gemm")).lower()
+    if str(qconfig.get("backend", "autoawq")).lower() == "llm-awq":  # (transformers' AwqConfig: mit-han-lab's packing)
+        layout = "llm-awq"
     if layout != "gemm":
         raise UnsupportedCheckpointError(f"{source}: AWQ version {layout!r} is packed for another kernel; this "
                                          "converter reads 'gemm'")
@@ -444,7 +463,7 @@ def convert_checkpoint(src, dst, overwrite: bool = False, progress: bool = False
     tensors = _read_tensors(src)
     marker, suffixes = READERS[fmt["reader"]]
 
-    model = empty_model(config_dict)
+    model = empty_model(config_dict, src / "config.json")
     linears = linear_layers(model, skip=())
     quantized = [(name, module) for name, module in linears if f"{name}.{marker}" in tensors]
     if not quantized:

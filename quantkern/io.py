@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .format import FORMAT_VERSION, LAYOUT
+from .format import FORMAT_VERSION, LAYOUT, SUPPORTED_GROUP_SIZES, SUPPORTED_SCALE_DTYPES, SUPPORTED_WEIGHT_BITS
 from .version import __version__
 
 WEIGHTS_FILE = "model.safetensors"
@@ -77,6 +77,9 @@ def quantization_config(method: str, bits: int, group_size: int, symmetric: bool
 
 
 LAYER_ATTRIBUTES = ("act_bits", "act_clip_ratio", "input_rotation")  # per-layer, beyond the weight
+# The dtypes docs/FORMAT.md gives a quantized layer's tensors (the bias: any floating-point dtype).
+STORED_DTYPES = {"qweight": (torch.uint8,), "scales": SUPPORTED_SCALE_DTYPES, "zeros": (torch.uint8,),
+                 "bias": (torch.float16, torch.bfloat16, torch.float32), "input_permutation": (torch.int64,)}
 
 
 def layer_overrides(model: torch.nn.Module, act_bits=None, act_clip_ratio: float = 1.0) -> dict:
@@ -164,14 +167,17 @@ def check_destination(dst, overwrite: bool) -> None:
 
 def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, tokenizer=None,
                    overwrite: bool = False) -> Path:
-    """Write a quantized model to ``dst`` atomically: into a staging directory beside it, then renamed into
-    place. An existing ``dst`` is refused, unless ``overwrite`` and it is a quantkern checkpoint
-    (``check_destination``); it is then replaced, and restored if the replacement fails."""
+    """Write a quantized model to ``dst`` atomically: into a staging directory beside it, flushed to disk, then
+    renamed into place. An existing ``dst`` is refused, unless ``overwrite`` and it is a quantkern checkpoint
+    (``check_destination``, checked again just before the rename: a directory that appeared meanwhile is never
+    replaced without leave); it is then replaced, and restored if the replacement fails."""
     from safetensors.torch import save_model
 
     dst = Path(dst).resolve()
     check_destination(dst, overwrite)
-    qconfig = _with_model_settings(model, qconfig)
+    qconfig = check_quantization_config(_with_model_settings(model, qconfig), "quantization_config to save")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tag"), str):
+        raise ValueError("metadata to save needs a 'tag' string (read_metadata and `quantkern info` expect one)")
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
@@ -183,6 +189,8 @@ def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, t
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         _apply_umask(staging)
+        _sync_tree(staging)  # the data on disk before the rename makes it visible
+        check_destination(dst, overwrite)
         if dst.exists():
             backup_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
             os.replace(dst, backup_dir / dst.name)
@@ -192,13 +200,30 @@ def save_quantized(model: torch.nn.Module, dst, qconfig: dict, metadata: dict, t
                 os.replace(backup_dir / dst.name, dst)  # the old checkpoint back in place
                 shutil.rmtree(backup_dir, ignore_errors=True)
                 raise
-            shutil.rmtree(backup_dir)
+            shutil.rmtree(backup_dir, ignore_errors=True)  # (the new checkpoint is in place: not an error)
         else:
             os.replace(staging, dst)
+        _fsync(dst.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dst
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # (some file systems cannot sync a directory)
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        _fsync(path)
+    _fsync(directory)
 
 
 def _apply_umask(directory: Path) -> None:
@@ -245,16 +270,53 @@ def check_quantization_config(qconfig, source) -> dict:
     if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{source} is not a quantkern checkpoint (config.json has no "
                          f"quantization_config with quant_method '{QUANT_METHOD}')")
-    if qconfig.get("format_version") != FORMAT_VERSION or qconfig.get("layout") != LAYOUT:
-        raise ValueError(f"{source} has format {qconfig.get('format_version')}/{qconfig.get('layout')}; "
-                         f"this quantkern {__version__} reads {FORMAT_VERSION}/{LAYOUT}")
+    version = qconfig.get("format_version")
+    if version != FORMAT_VERSION or qconfig.get("layout") != LAYOUT:
+        newer = type(version) is int and version > FORMAT_VERSION
+        raise ValueError(f"{source} has format {version}/{qconfig.get('layout')}; "
+                         f"this quantkern {__version__} reads {FORMAT_VERSION}/{LAYOUT}"
+                         + (" (the checkpoint is of a newer format: upgrade quantkern)" if newer else ""))
     missing = [key for key in REQUIRED_QCONFIG_KEYS if key not in qconfig]
     if missing:
         raise ValueError(f"{source}: quantization_config lacks {missing}; the checkpoint is corrupt")
     if not isinstance(qconfig["symmetric"], bool):
         raise ValueError(f"{source}: quantization_config symmetric must be true or false, "
                          f"got {qconfig['symmetric']!r}")
+    problems = _qconfig_value_problems(qconfig)
+    if problems:
+        raise ValueError(f"{source}: quantization_config has {'; '.join(problems)}; the checkpoint is corrupt")
     return qconfig
+
+
+def _is_int(value, allowed) -> bool:
+    return type(value) is int and value in allowed  # (not bool, not "4", not 4.0)
+
+
+def _qconfig_value_problems(qconfig: dict) -> list:
+    """What is malformed in the values of a quantization_config whose keys are there (a list of phrases)."""
+    problems = []
+    if not _is_int(qconfig["bits"], SUPPORTED_WEIGHT_BITS):
+        problems.append(f"bits {qconfig['bits']!r} (expected one of {SUPPORTED_WEIGHT_BITS})")
+    if not _is_int(qconfig["group_size"], SUPPORTED_GROUP_SIZES):
+        problems.append(f"group_size {qconfig['group_size']!r} (expected one of {SUPPORTED_GROUP_SIZES})")
+    for key in ("act_bits", "kv_bits"):
+        if qconfig.get(key) is not None and not _is_int(qconfig[key], (4, 8)):
+            problems.append(f"{key} {qconfig[key]!r} (expected null, 4 or 8)")
+    clip = qconfig.get("act_clip_ratio", 1.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        problems.append(f"act_clip_ratio {clip!r} (expected a number in (0, 1])")
+    if not isinstance(qconfig.get("kv_rotate_keys", False), bool):
+        problems.append(f"kv_rotate_keys {qconfig['kv_rotate_keys']!r} (expected true or false)")
+    skip = qconfig["modules_not_converted"]
+    if not isinstance(skip, (list, tuple)) or not all(isinstance(name, str) for name in skip):
+        problems.append(f"modules_not_converted {skip!r} (expected a list of names)")
+    layers = qconfig.get("layers")
+    if layers is not None and not (isinstance(layers, dict) and all(
+            isinstance(settings, dict) and set(settings) <= set(LAYER_ATTRIBUTES) for settings in layers.values())):
+        problems.append(f"layers {layers!r} (expected {{name: {{{', '.join(LAYER_ATTRIBUTES)}}}}})")
+    if qconfig.get("rotation") is not None and not isinstance(qconfig["rotation"], str):
+        problems.append(f"rotation {qconfig['rotation']!r} (expected null or a name)")
+    return problems
 
 
 def read_quantization_config(directory) -> dict:
@@ -295,11 +357,14 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
             raise ValueError(f"{source} has no quantized weight for {name}")
         attributes = {"act_bits": qconfig["act_bits"], "act_clip_ratio": qconfig.get("act_clip_ratio", 1.0),
                       "input_rotation": None, **overrides.get(name, {})}
-        layer = QuantLinear(
-            module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
-            qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors, scale_dtype=scales.dtype,
-            act_clip_ratio=attributes["act_clip_ratio"], input_rotation=attributes["input_rotation"],
-            input_permutation=prefix + "input_permutation" in tensors)
+        try:
+            layer = QuantLinear(
+                module.in_features, module.out_features, qconfig["bits"], qconfig["group_size"],
+                qconfig["symmetric"], attributes["act_bits"], bias=prefix + "bias" in tensors,
+                scale_dtype=scales.dtype, act_clip_ratio=attributes["act_clip_ratio"],
+                input_rotation=attributes["input_rotation"], input_permutation=prefix + "input_permutation" in tensors)
+        except ValueError as error:  # settings of quantization_config that no layer can have
+            raise ValueError(f"{source}: {name} as quantization_config describes it: {error}") from None
         if qconfig["symmetric"] and prefix + "zeros" in tensors:
             raise ValueError(f"{source} has zero points for {name}, but its quantization_config says symmetric")
         for key, expected in layer.state_dict().items():
@@ -310,16 +375,30 @@ def build_quantlinear_skeletons(model: torch.nn.Module, qconfig: dict, tensors, 
                 raise ValueError(f"{source}: {prefix + key} has shape {tuple(stored.shape)}, but quantization_config "
                                  f"(bits {qconfig['bits']}, group_size {qconfig['group_size']}) implies "
                                  f"{tuple(expected.shape)}")
+            allowed = STORED_DTYPES.get(key)
+            if allowed is not None and stored.dtype not in allowed:
+                raise ValueError(f"{source}: {prefix + key} is {stored.dtype}; the format stores it as "
+                                 f"{' or '.join(map(str, allowed))}")
+        zeros = tensors.get(prefix + "zeros")
+        if zeros is not None and not zeros.is_meta and zeros.numel() and int(zeros.max()) >= 1 << qconfig["bits"]:
+            raise ValueError(f"{source}: {prefix}zeros holds {int(zeros.max())}, outside the {qconfig['bits']}-bit "
+                             f"code range 0..{(1 << qconfig['bits']) - 1}")
         set_submodule(model, name, layer)
 
 
-def empty_model(config_dict: dict) -> torch.nn.Module:
+def empty_model(config_dict: dict, source=None) -> torch.nn.Module:
     """The causal LM of a config.json's contents, its parameters on "meta" (rotary buffers computed), for a
-    loader to fill with ``assign_tensors``."""
+    loader to fill with ``assign_tensors``. ``source`` (the config.json) names it in the error for a model_type
+    that transformers does not know."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**config_dict)
+    try:
+        config = AutoConfig.for_model(**config_dict)
+    except (ValueError, KeyError) as error:
+        reason = str(error) if len(str(error)) <= 120 else str(error)[:120] + "..."
+        raise ValueError(f"{source or 'config.json'}: model_type {config_dict.get('model_type')!r} is not one this "
+                         f"transformers knows ({reason})") from None
     with init_empty_weights(include_buffers=False):
         return AutoModelForCausalLM.from_config(config)
 
@@ -336,7 +415,10 @@ def assign_tensors(model: torch.nn.Module, tensors: dict, source) -> None:
         present = [name for name in names if name in tensors]
         for name in names if present else ():
             tensors.setdefault(name, tensors[present[0]])
-    incompatible = model.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        incompatible = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as error:  # a tensor of another shape (or a dtype a parameter cannot take)
+        raise ValueError(f"{source} does not fit the model its config.json describes: {error}") from None
     if incompatible.unexpected_keys:
         raise ValueError(f"{source} holds tensors the model does not have: {incompatible.unexpected_keys[:5]}")
     model.tie_weights()
@@ -369,7 +451,7 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     except SafetensorError as error:
         raise ValueError(f"{weights_path} is corrupt: {error}") from None
 
-    model = empty_model(config_dict)
+    model = empty_model(config_dict, directory / CONFIG_FILE)
     build_quantlinear_skeletons(model, qconfig, tensors, weights_path)
     assign_tensors(model, tensors, weights_path)
     dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else torch.float16)
@@ -377,7 +459,8 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     model = model.to(device).eval()
     if qconfig.get("kv_bits"):
         enable_kv_quantization(model, qconfig["kv_bits"], rotate_keys=qconfig.get("kv_rotate_keys", False))
-    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
+    has_tokenizer = (directory / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if has_tokenizer else None
     return model, tokenizer
 
 

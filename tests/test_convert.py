@@ -223,6 +223,10 @@ def test_a_g_idx_that_is_not_groups_of_group_size_is_refused_and_nothing_is_writ
     ({"quant_method": "quantkern"}, "quantkern checkpoint already"),
     ({"quant_method": "bitsandbytes"}, "not one this converter reads"),
     ({"group_size": 256}, "group_size 256"),
+    ({"pack_dtype": "int8"}, "pack_dtype 'int8'"),  # GPTQModel: codes packed into int8 words, not int32
+    ({"is_marlin_format": True}, "checkpoint_format 'marlin'"),  # auto-gptq's older spelling
+    ({"dynamic": {r"+:.*down_proj": {"bits": 8}}}, r"matching '\+:\.\*down_proj' are quantized with \{'bits': 8\}"),
+    ({"dynamic": {r".*\.mlp\..*": {"group_size": 64}}}, r"quantized with \{'group_size': 64\}"),
 ])
 def test_other_formats_are_refused_with_the_reason(tmp_path, change, message):
     src = write_source(quantized_llama(True, 32), tmp_path / "src", "gptq", extra_config=change)
@@ -230,10 +234,27 @@ def test_other_formats_are_refused_with_the_reason(tmp_path, change, message):
         convert_checkpoint(src, tmp_path / "dst")
 
 
+def test_gptqmodel_dynamic_rules_that_keep_the_settings_or_skip_layers_convert(tmp_path):
+    # GPTQModel's "dynamic": per-layer overrides by regex. Ones that repeat the checkpoint's settings change nothing,
+    # and "-:" rules leave layers in floating point (found as such by their tensors); pack_dtype int32 is the default.
+    torch.manual_seed(0)
+    model = replace_linear(LlamaForCausalLM(TINY_LLAMA).eval(), bits=4, group_size=32, skip=("lm_head", "down_proj"))
+    dynamic = {r"-:.*down_proj": {}, r"+:.*q_proj": {"bits": 4, "group_size": 32, "desc_act": True}}
+    src = write_source(model, tmp_path / "src", "gptq", extra_config={"dynamic": dynamic, "pack_dtype": "int32"})
+    converted, _ = load_quantized(convert_checkpoint(src, tmp_path / "dst"))
+    assert type(converted.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    for param in model.parameters():
+        param.data = param.data.half().float()
+    assert torch.equal(logits(converted, IDS), logits(model, IDS))
+
+
 def test_awq_gemv_and_broken_sources_are_refused(tmp_path):
     model = quantized_llama(False, 32)
     src = write_source(model, tmp_path / "gemv", "awq", layout="gemv")
     with pytest.raises(UnsupportedCheckpointError, match="AWQ version 'gemv'"):
+        convert_checkpoint(src, tmp_path / "dst")
+    src = write_source(model, tmp_path / "llm-awq", "awq", extra_config={"backend": "llm-awq"})  # another packing
+    with pytest.raises(UnsupportedCheckpointError, match="AWQ version 'llm-awq' is packed for another kernel"):
         convert_checkpoint(src, tmp_path / "dst")
     src = write_source(model, tmp_path / "no-zeros", "awq")
     from safetensors.torch import load_file

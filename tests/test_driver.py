@@ -42,7 +42,7 @@ def test_quantized_tied_lm_head_saves_untied_and_loads_back(tmp_path):
     assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings is False
     tokens = torch.randint(0, 128, (1, 10))
     expected = model(tokens).logits
-    save_quantized(model, tmp_path / "ckpt", quantization_config("rtn", 4, 32, True, modules_not_converted=()), {})
+    save_quantized(model, tmp_path / "ckpt", quantization_config("rtn", 4, 32, True, modules_not_converted=()), {"tag": "t"})
     loaded, _ = load_quantized(tmp_path / "ckpt")
     assert isinstance(loaded.lm_head, QuantLinear)
     torch.testing.assert_close(loaded(tokens).logits, expected)

@@ -1,5 +1,7 @@
 """The packed format: packing order, round trips, and validation of QuantizedWeight."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,3 +105,169 @@ def test_tensors_round_trip_by_name():
     assert (back.bits, back.group_size, back.in_features, back.out_features) == (4, 32, 64, 8)
     with pytest.raises(KeyError, match="missing tensors"):
         fmt.QuantizedWeight.from_tensors({}, "x", 4, 32, 64, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (quantkern.io): what load_quantized refuses, and how save_quantized writes
+# ---------------------------------------------------------------------------------------------------------------
+
+LAYER = "model.layers.0.mlp.up_proj"
+
+
+def _tiny_quantized_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkern.nn import replace_linear
+
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return replace_linear(LlamaForCausalLM(config).eval(), bits=4, group_size=32, symmetric=False,
+                          kernel_shapes="reference")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from quantkern import io
+
+    model = _tiny_quantized_llama()
+    qconfig = io.quantization_config("rtn", 4, 32, False)
+    return io.save_quantized(model, tmp_path_factory.mktemp("ckpt") / "ckpt", qconfig,
+                             io.build_metadata(qconfig, "tiny", None, {}))
+
+
+def _copy(checkpoint, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(checkpoint, tmp_path / "copy"))
+
+
+def _rewrite_tensor(directory, name, tensor):
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors[name] = tensor
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("suffix, make, message", [
+    ("qweight", lambda t: t.to(torch.int8), r"up_proj\.qweight is torch\.int8; the format stores it as torch\.uint8"),
+    ("scales", lambda t: t.float(), r"up_proj\.scales is torch\.float32; the format stores it as torch\.float16 or"),
+    ("zeros", lambda t: t.to(torch.int32), r"up_proj\.zeros is torch\.int32"),
+    ("zeros", lambda t: torch.full_like(t, 16), r"up_proj\.zeros holds 16, outside the 4-bit code range 0\.\.15"),
+    ("input_permutation", lambda t: torch.arange(128, dtype=torch.int32), r"input_permutation is torch\.int32"),
+])
+def test_load_refuses_a_quantized_tensor_of_another_dtype_or_range(checkpoint, tmp_path, suffix, make, message):
+    # Loading assigns the stored tensors as they are: a wrong dtype used to load and fail only at the first forward,
+    # an out-of-range zero code to run and compute garbage.
+    from safetensors.torch import load_file
+
+    from quantkern.io import load_quantized
+
+    directory = _copy(checkpoint, tmp_path)
+    stored = load_file(str(directory / "model.safetensors")).get(f"{LAYER}.{suffix}")
+    _rewrite_tensor(directory, f"{LAYER}.{suffix}", make(stored))
+    with pytest.raises(ValueError, match=f"{directory / 'model.safetensors'}: .*{message}"):
+        load_quantized(directory)
+
+
+def test_load_names_the_file_for_an_unquantized_tensor_of_another_shape(checkpoint, tmp_path):
+    from quantkern.io import load_quantized
+
+    directory = _copy(checkpoint, tmp_path)
+    _rewrite_tensor(directory, "model.norm.weight", torch.ones(5))
+    with pytest.raises(ValueError, match=r"(?s)model\.safetensors does not fit the model .*mismatch for model\.norm"):
+        load_quantized(directory)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"bits": "4"}, r"bits '4' \(expected one of \(4, 8\)\)"),
+    ({"group_size": "32"}, r"group_size '32'"),
+    ({"act_bits": 2}, r"act_bits 2 \(expected null, 4 or 8\)"),
+    ({"kv_bits": 3}, r"kv_bits 3"),
+    ({"act_clip_ratio": "x"}, r"act_clip_ratio 'x'"),
+    ({"modules_not_converted": "lm_head"}, r"modules_not_converted 'lm_head' \(expected a list of names\)"),
+    ({"modules_not_converted": None}, r"modules_not_converted None"),
+    ({"layers": []}, r"layers \[\]"),
+    ({"layers": {LAYER: {"act_bits": None, "clip": 1}}}, r"layers \{"),
+    ({"format_version": 2}, r"has format 2/canonical-v1; .* reads 1/canonical-v1 \(.* newer format: upgrade"),
+    ({"act_bits": 8}, r"model\.safetensors: model\.layers\.0\.self_attn\.q_proj as quantization_config describes "
+                      r"it: .* need symmetric weights"),
+])
+def test_load_refuses_a_malformed_quantization_config_naming_the_checkpoint(checkpoint, tmp_path, changes, message):
+    import json
+
+    from quantkern.io import load_quantized
+
+    directory = _copy(checkpoint, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{directory}.*{message}"):
+        load_quantized(directory)
+
+
+def test_load_names_the_config_for_an_unknown_model_type(checkpoint, tmp_path):
+    import json
+
+    from quantkern.io import load_quantized
+
+    directory = _copy(checkpoint, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'no-such-model' is not one this transformers"):
+        load_quantized(directory)
+
+
+def test_a_saved_checkpoint_loads_back_the_same(checkpoint):
+    from quantkern.io import load_quantized
+
+    model = _tiny_quantized_llama()
+    loaded, _ = load_quantized(checkpoint)
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_save_never_replaces_a_directory_that_appeared_while_it_wrote(tmp_path, monkeypatch):
+    # The destination is checked before the slow work and again just before the rename: a directory made meanwhile
+    # (another run writing the same --dst) used to be moved aside and deleted although overwriting was not asked.
+    from quantkern import io
+
+    model = _tiny_quantized_llama()
+    qconfig = io.quantization_config("rtn", 4, 32, False)
+    dst = tmp_path / "dst"
+    real_write = io._write_json
+
+    def write_then_race(path, data):
+        real_write(path, data)
+        if not dst.exists():
+            dst.mkdir()
+            (dst / "theirs.txt").write_text("keep")
+
+    monkeypatch.setattr(io, "_write_json", write_then_race)
+    with pytest.raises(FileExistsError, match="already exists"):
+        io.save_quantized(model, dst, qconfig, {"tag": "t"})
+    assert [p.name for p in dst.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no staging directory left behind
+
+
+def test_save_refuses_a_malformed_quantization_config_before_writing(tmp_path):
+    from quantkern import io
+
+    qconfig = {**io.quantization_config("rtn", 4, 32, False), "modules_not_converted": "lm_head"}
+    with pytest.raises(ValueError, match="modules_not_converted 'lm_head'"):
+        io.save_quantized(_tiny_quantized_llama(), tmp_path / "dst", qconfig, {"tag": "t"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_metadata_without_a_tag_before_writing(tmp_path):
+    # read_metadata (quantkern info, eval) refuses a checkpoint whose metadata has no tag: so does the writer.
+    from quantkern import io
+
+    qconfig = io.quantization_config("rtn", 4, 32, False)
+    for metadata in ({}, {"tag": 4}, None):
+        with pytest.raises(ValueError, match="needs a 'tag' string"):
+            io.save_quantized(_tiny_quantized_llama(), tmp_path / "dst", qconfig, metadata)
+    assert list(tmp_path.iterdir()) == []
