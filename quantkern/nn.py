@@ -8,6 +8,7 @@ path, on CUDA tensors a fast kernel or ``MissingKernelError`` (never a silent fp
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
@@ -30,6 +31,8 @@ def check_layer_options(in_features: int, out_features: int, bits: int, symmetri
         raise ValueError(f"a quantized layer needs in_features and out_features >= 1, got {in_features} -> "
                          f"{out_features}")
     check_bits(bits)
+    if bits == 4 and in_features % 2:
+        raise ValueError(f"4-bit weights are packed two per byte: in_features must be even, got {in_features}")
     if act_bits is not None:
         check_bits(act_bits)
         if (bits, act_bits) not in ops.ACTIVATION_MODES:
@@ -45,6 +48,20 @@ def check_layer_options(in_features: int, out_features: int, bits: int, symmetri
         raise ValueError(f"input_rotation='hadamard' needs a Hadamard matrix of order in_features={in_features}; "
                          f"supported orders are 2^k and 12/20/28/36/40 x 2^k")
     return act_clip_ratio
+
+
+def check_group_size(group_size) -> int:
+    """``group_size`` as an int (None and 0 mean per-channel, -1), else a clear error: float sizes reached
+    ``reshape`` (64.0: a TypeError about its shape argument) or were truncated (64.5 ran as 64)."""
+    if group_size is None:
+        return canonical_group_size(None)
+    try:
+        if isinstance(group_size, bool):
+            raise TypeError
+        return canonical_group_size(operator.index(group_size))
+    except TypeError:
+        raise TypeError(f"group_size must be an int (32, 64, 128, or -1 for per-channel), got "
+                        f"{type(group_size).__name__} {group_size!r}") from None
 
 
 def check_permutation(permutation: torch.Tensor, length: int, name: str) -> None:
@@ -95,7 +112,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits = bits, act_bits
         self.act_clip_ratio, self.input_rotation = act_clip_ratio, input_rotation
-        self.group_size = canonical_group_size(group_size)
+        self.group_size = check_group_size(group_size)
         groups = in_features // group_length(self.group_size, in_features)
         packed = in_features // 2 if bits == 4 else in_features
         self.register_buffer("qweight", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
@@ -107,6 +124,7 @@ class QuantLinear(nn.Module):
                              torch.arange(in_features, device=device) if input_permutation else None)
         self.backend: Optional[str] = None  # None: automatic choice (see quantkern.backends)
         self._prepared = None  # ops.PreparedWeight: the weight in its kernel's layout, made once
+        self._kernel_bias = None  # the bias in the prepared weight's device and dtype (stored bias: its own dtype)
         self._fusion = None  # (ProjectionFusion, index of this layer in it) once fuse_projections ran
 
     def prepare(self, dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, device=None):
@@ -130,6 +148,8 @@ class QuantLinear(nn.Module):
         device = kernel_device(self) if device is None else device  # not the buffers': they may be parked
         self._prepared = prepare_for_kernel(self.weight.to(torch.device(device)), self.act_bits,
                                             dtype or self.scales.dtype, self.backend)
+        # Cast once here, not in every call (a bf16-stored bias with fp16 activations; .to() is a no-op otherwise).
+        self._kernel_bias = None if self.bias is None else self.bias.to(self._prepared.device, self._prepared.dtype)
         self._park_canonical_buffers(self._prepared)
         return self
 
@@ -147,24 +167,36 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to()/.cuda() move the canonical buffers: the prepared copy is stale. .half()/.float()
-        # change the compute dtype, not the stored format: the scales keep their dtype.
+        # change the compute dtype, not the stored format: the scales and the bias keep their dtype
+        # (docs/FORMAT.md; prepare casts a copy of the bias for the kernel). Else .half() of bf16 storage
+        # would round the bias, or make inf of one beyond fp16's range, and .float() would save an fp32 bias.
+        # Kept by moving the original, not by casting back: fp16 -> bf16 -> fp16 loses 3 mantissa bits.
         self._forget_prepared()
-        scale_dtype = self.scales.dtype
-        result = super()._apply(fn, recurse)
-        if self.scales.dtype != scale_dtype:
-            self.scales = self.scales.to(scale_dtype)
-        return result
+        stored = {id(t) for t in (self.scales, self.bias) if t is not None}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        def apply_keeping_storage_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return t.to(moved.device) if id(t) in stored and moved.dtype != t.dtype else moved
+
+        return super()._apply(apply_keeping_storage_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if not local_metadata.get("assign_to_params_buffers", False):
+            # load_state_dict copies into the buffers, casting: bf16 scales beyond fp16's range became inf.
+            for name in ("scales", "bias"):
+                buffer, incoming = getattr(self, name), state_dict.get(prefix + name)
+                if buffer is not None and isinstance(incoming, torch.Tensor) and incoming.dtype != buffer.dtype:
+                    raise ValueError(f"{prefix + name} is {incoming.dtype} but the layer stores {buffer.dtype}: "
+                                     f"build it with scale_dtype={incoming.dtype}, or load with assign=True")
         self._forget_prepared()
-        result = super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        result = super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
         permutation = self.input_permutation
         if permutation is not None and not permutation.is_meta:
             check_permutation(permutation, self.in_features, f"{prefix}input_permutation")
         return result
 
     def _forget_prepared(self) -> None:
-        self._prepared = None
+        self._prepared = self._kernel_bias = None
         if self._fusion is not None:
             self._fusion[0].forget_prepared()
 
@@ -211,9 +243,13 @@ class QuantLinear(nn.Module):
         still computes ``W x``; the rotation spreads outlier channels before quantization."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected torch.nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError("the linear's weight is on the meta device: there are no values to quantize (load the "
+                             "model's weights first, or build an empty QuantLinear to load a checkpoint into)")
         if scale_dtype is None:
             scale_dtype = torch.bfloat16 if linear.weight.dtype == torch.bfloat16 else torch.float16
         rotation = "hadamard" if rotate else None
+        group_size = check_group_size(group_size)
         check_layer_options(linear.in_features, linear.out_features, bits, symmetric, act_bits, act_clip_ratio,
                             rotation)
         weight = linear.weight.detach()
@@ -223,10 +259,17 @@ class QuantLinear(nn.Module):
         return cls.from_quantized(qw, linear.bias, act_bits, act_clip_ratio, rotation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Checked before the weight is prepared for x's dtype: prepare's error would speak of its dtype argument.
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"QuantLinear: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in reference.FLOAT_DTYPES:
+            raise TypeError(f"QuantLinear: x must be float16 or bfloat16 (or float32 on the CPU reference path), "
+                            f"got {x.dtype}")
         if self._fusion is not None:
             fusion, index = self._fusion
             return fusion.output(x, index)
-        return self._linear(x, self._prepared_for(x), self.bias)
+        prepared = self._prepared_for(x)
+        return self._linear(x, prepared, self._kernel_bias)
 
     def _linear(self, x: torch.Tensor, prepared, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """This layer's computation on a prepared weight (its own, or its fusion's stacked one)."""
@@ -245,17 +288,21 @@ class QuantLinear(nn.Module):
         mode = f"W{self.bits}A{self.act_bits or 16}"
         kind = "symmetric" if self.zeros is None else "asymmetric"
         acts = f", act_clip_ratio={self.act_clip_ratio:g}" if self.act_bits is not None else ""
+        prepared = self._fusion[0].prepared if self._fusion else self._prepared
+        backend = self.backend or "auto" + (f" ({prepared.backend} on {prepared.device})" if prepared else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, {mode}{acts}, "
                 f"input_rotation={self.input_rotation}, "
                 + ("input_permutation, " if self.input_permutation is not None else "")
                 + f"group_size={group}, {kind}, bias={self.bias is not None}, "
-                f"backend={self.backend or 'auto'}"
+                f"backend={backend}"
                 + (f", fused: part {self._fusion[1] + 1} of {len(self._fusion[0].members)}" if self._fusion else ""))
 
 
 def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:
     """``(name, module)`` of every ``nn.Linear`` in ``model`` whose name's last part is not in ``skip``
     (names; a single name may be given as a string)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     skip = {skip} if isinstance(skip, str) else set(skip)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] not in skip]
@@ -263,8 +310,13 @@ def linear_layers(model: nn.Module, skip: Iterable[str] = ("lm_head",)) -> list:
 
 def choose_group_size(layers: list, requested) -> int:
     """``requested`` if given; for "auto"/None the largest of 128, 64, 32 dividing every layer's in_features."""
+    if isinstance(requested, str) and requested != "auto":
+        if not requested.lstrip("-").isdigit():
+            raise ValueError(f"group_size must be an int (32, 64, 128, or -1 for per-channel) or 'auto', "
+                             f"got {requested!r}")
+        requested = int(requested)  # as a command line gives it
     if requested not in (None, "auto"):
-        return int(requested)
+        return check_group_size(requested)
     for size in AUTO_GROUP_SIZES:
         if all(module.in_features % size == 0 for _, module in layers):
             return size
@@ -419,7 +471,7 @@ class ProjectionFusion:
         self.prepared = prepare_for_kernel(self.stacked_weight(device), first.act_bits, dtype, first.backend)
         biases = [member.bias for member in self.members]
         self.bias = None if all(b is None for b in biases) else torch.cat([
-            torch.zeros(m.out_features, dtype=first.scales.dtype, device=device) if b is None else b.to(device)
+            torch.zeros(m.out_features, dtype=dtype, device=device) if b is None else b.to(device, dtype)
             for m, b in zip(self.members, biases)])
         for member in self.members:
             member._park_canonical_buffers(self.prepared)
@@ -464,6 +516,8 @@ def fuse_projections(model: nn.Module) -> dict:
 
     Siblings fuse when they share the format, activation handling, backend and device (``_fusion_key``).
     Returns ``{"fused": [group names], "skipped": {group name: reason}}``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused, skipped = [], {}
     for parent_name, parent in model.named_modules():
         prefix = f"{parent_name}." if parent_name else ""

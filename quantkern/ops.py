@@ -99,6 +99,17 @@ class PreparedWeight:
     source: Optional[QuantizedWeight] = None
 
 
+def _check_weight(weight) -> None:
+    if not isinstance(weight, (QuantizedWeight, PreparedWeight)):
+        raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
+
+
+def _check_same_device(x: torch.Tensor, weight: PreparedWeight) -> None:
+    # (Else a torch error from deep inside the matmul, or, for a Triton kernel, a launch on the wrong device.)
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight on {weight.device}: move one of them")
+
+
 def _w4a16_module(backend: str):
     if backend == "cuda":
         from . import layout_cuda as module
@@ -165,6 +176,7 @@ def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedW
     if "act_bits" in weight.tensors:  # prepare_int_weight's: its layer quantizes the activations too
         raise ValueError(f"weight was prepared for {weight.tensors['act_bits']}-bit activations (prepare_int_weight): "
                          "run it with quantized_activation_linear, or prepare it with prepare_weight_only")
+    _check_same_device(x, weight)
     if weight.backend == "reference":
         return reference.weight_only_linear(x, weight.source, bias)
     reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
@@ -228,6 +240,9 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
         raise ValueError(f"weight was prepared for the {weight.backend} backend, not {backend!r}")
     elif weight.tensors.get("act_bits") != act_bits:
         raise ValueError(f"weight was prepared for {weight.tensors.get('act_bits')}-bit activations, not {act_bits}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    _check_same_device(x, weight)
     if weight.backend == "reference":
         if input_rotation == "hadamard":
             reference._check_float("x", x)
@@ -259,6 +274,7 @@ def w8a8_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
 
     Pass a ``PreparedWeight`` (``prepare_int_weight``; ``QuantLinear`` keeps one): a bare
     ``QuantizedWeight`` is repacked on every call."""
+    _check_weight(weight)
     if weight.bits != 8:
         raise ValueError(f"w8a8_linear needs 8-bit weights, got {weight.bits}-bit")
     return _int_linear(x, weight, 8, bias, clip_ratio, backend)
@@ -267,6 +283,7 @@ def w8a8_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
 def w4a4_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], bias: Optional[torch.Tensor] = None,
                 clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """W4A4: per-token int4 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
+    _check_weight(weight)
     if weight.bits != 4:
         raise ValueError(f"w4a4_linear needs 4-bit weights, got {weight.bits}-bit")
     return _int_linear(x, weight, 4, bias, clip_ratio, backend)
@@ -275,6 +292,7 @@ def w4a4_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
 def w4a8_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight], bias: Optional[torch.Tensor] = None,
                 clip_ratio: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """W4A8: per-token int8 activations times symmetric int4 weights, int32 accumulation, fp epilogue."""
+    _check_weight(weight)
     if weight.bits != 4:
         raise ValueError(f"w4a8_linear needs 4-bit weights, got {weight.bits}-bit")
     return _int_linear(x, weight, 8, bias, clip_ratio, backend)
@@ -291,11 +309,21 @@ def quantized_activation_linear(x: torch.Tensor, weight: Union[QuantizedWeight, 
 
     ``input_rotation="hadamard"``: the layer's input is rotated first (``hadamard(x)``, rounded to x's dtype),
     which on a GPU runs fused with the activation quantization (``hadamard_quantize``)."""
-    if not isinstance(weight, (QuantizedWeight, PreparedWeight)):
-        raise TypeError(f"weight must be a QuantizedWeight or PreparedWeight, got {type(weight).__name__}")
+    _check_weight(weight)
     if (weight.bits, act_bits) not in ACTIVATION_MODES:
         raise ValueError(f"supported activation modes are W8A8, W4A4 and W4A8; got W{weight.bits}A{act_bits}")
     return _int_linear(x, weight, act_bits, bias, clip_ratio, backend, input_rotation)
+
+
+def _check_hadamard_order(op: str, features: int) -> None:
+    """The same error on every backend for a row length with no Hadamard matrix (the Triton hadamard_quantize
+    failed with "cannot unpack non-iterable NoneType object")."""
+    from .rotation import _SUPPORTED_FORMS, is_hadamard_size
+
+    if not is_hadamard_size(features):
+        raise ValueError(f"{op}: no Hadamard matrix of order {features} (x's last dimension); supported: "
+                         f"{_SUPPORTED_FORMS}. Pass block_size= for the transform of each block of that many "
+                         f"entries (rotation.largest_hadamard_block)")
 
 
 def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optional[int] = None) -> torch.Tensor:
@@ -311,6 +339,8 @@ def hadamard(x: torch.Tensor, backend: Optional[str] = None, block_size: Optiona
     _check_input(x, "hadamard")
     if block_size is not None:
         block_size = check_block_size(block_size, x.shape[-1])
+    else:
+        _check_hadamard_order("hadamard", x.shape[-1])
     chosen = select("hadamard", x.device, backend)
     if chosen == "reference":
         return block_hadamard_transform(x, block_size) if block_size else reference.hadamard(x)
@@ -340,6 +370,8 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
         from .rotation import check_block_size
 
         block_size = check_block_size(block_size, rows.shape[-1])
+    else:
+        _check_hadamard_order("hadamard_quantize", rows.shape[-1])
     chosen = select("hadamard_quantize", x.device, backend)
     if chosen == "reference":
         from .rotation import block_hadamard_transform
@@ -404,8 +436,10 @@ def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):
     """
     reference._check_kv_input(x, bits)
     chosen = select("quantize_kv", x.device, backend)
-    if chosen != "triton":
+    if chosen == "reference":
         return reference.quantize_kv(x, bits)
+    if chosen != "triton":  # (no CUDA kernel: select never picks one, and a GPU never falls back to the reference)
+        raise MissingKernelError(f"quantize_kv: no {chosen} kernel")
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     codes, scale, offset = _triton_op("quantize_kv")(rows, bits)
     lead = x.shape[:-1]

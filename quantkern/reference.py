@@ -127,8 +127,15 @@ def _check_linear_input(x: torch.Tensor, in_features: int, bias: Optional[torch.
     _check_float("x", x)
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have last dimension {in_features} (in_features), got shape {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point torch.Tensor or None, got "
+                        f"{bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x on {x.device}")
 
 
 def weight_only_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -234,3 +234,8 @@ def test_prepare_on_a_member_prepares_the_stacked_weight_for_the_whole_group():
     for layer, want in zip(layers, expected):
         torch.testing.assert_close(layer(x).float(), want, rtol=2e-3, atol=2e-3)
     assert "fused: part 2 of 3" in repr(layers[1])
+
+
+def test_fusing_something_that_is_not_a_model_is_a_type_error():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):  # was an AttributeError
+        quantkern.fuse_projections({})

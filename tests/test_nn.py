@@ -132,6 +132,47 @@ def test_half_and_float_keep_the_stored_scale_dtype():
     assert torch.equal(layer(x), reference.weight_only_linear(x, layer.weight, layer.bias))
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_dtype_changes_leave_the_stored_scales_and_bias_bit_for_bit(scale_dtype):
+    """The scales and the bias are the checkpoint's, in its dtype: .bfloat16() then .half() cast them through
+    bf16 (3 mantissa bits lost), .half() made a bf16 bias beyond fp16's range inf, .float() saved an fp32 bias."""
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.bias[0] = 1e5 if scale_dtype == torch.bfloat16 else 1.2345
+    layer = QuantLinear.from_linear(linear, 4, 64, scale_dtype=scale_dtype)
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    x = torch.randn(2, 128)
+    expected = layer(x)
+    for change in (layer.bfloat16, layer.half, layer.float, lambda: layer.to(torch.float16), lambda: layer.to("cpu")):
+        change()
+        after = layer.state_dict()
+        assert {name: t.dtype for name, t in after.items()} == {name: t.dtype for name, t in before.items()}
+        assert all(torch.equal(after[name], before[name]) for name in before)
+    assert torch.equal(layer(x), expected)
+
+
+def test_the_bias_is_cast_once_for_the_kernel_and_stays_in_its_stored_dtype():
+    # A bf16-stored bias run with fp16 activations: cast when the weight is prepared, not in every call.
+    layer = QuantLinear.from_linear(nn.Linear(64, 16), 4, 32, scale_dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.float16)
+    y = layer(x)
+    assert layer.bias.dtype == torch.bfloat16 and layer._kernel_bias.dtype == torch.float16
+    assert torch.equal(y, reference.weight_only_linear(x, layer.weight, layer.bias.half()))
+    layer.load_state_dict(layer.state_dict())  # a reload forgets the prepared weight and its bias
+    assert layer._prepared is None and layer._kernel_bias is None
+
+
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_forward_names_x_when_it_is_not_a_floating_tensor(act_bits):
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), 4, 32, act_bits=act_bits)
+    for bad in (torch.ones(2, 64, dtype=torch.int32), torch.ones(2, 64, dtype=torch.float64)):
+        with pytest.raises(TypeError, match=f"QuantLinear: x must be float16 or bfloat16.*got {bad.dtype}"):
+            layer(bad)
+    with pytest.raises(TypeError, match="QuantLinear: x must be a torch.Tensor, got list"):
+        layer([[0.0] * 64])
+    assert layer._prepared is None  # refused before anything was prepared for the bad dtype
+
+
 @pytest.mark.gpu
 def test_gpu_layer_holds_the_weight_once_and_still_saves_the_canonical_format():
     from quantkern import backends
@@ -213,3 +254,54 @@ def test_cuda_graph_decoding_refuses_a_model_off_the_gpu_or_with_a_quantized_kv_
     enable_kv_quantization(model, bits=4)  # QuantKVCache grows by concatenation: no static cache to capture
     with pytest.raises(ValueError, match="quantizes its KV cache"):
         greedy_decode(model, torch.zeros(1, 3, dtype=torch.long), 4)
+
+
+def test_group_size_must_be_an_int_everywhere_it_is_given():
+    """64.5 ran as group 64 (int() truncated it), 64.0 failed in reshape with a TypeError about its shape."""
+    makers = (lambda g: QuantLinear(128, 8, group_size=g), lambda g: QuantLinear.from_linear(nn.Linear(128, 8), 4, g),
+              lambda g: replace_linear(nn.Sequential(nn.Linear(128, 8)), group_size=g, kernel_shapes="reference")[0])
+    for make in makers:
+        for bad in (64.5, 64.0, True):
+            with pytest.raises(TypeError, match=f"group_size must be an int .* got {type(bad).__name__} {bad}"):
+                make(bad)
+        assert make(64).group_size == 64
+    with pytest.raises(ValueError, match="group_size must be an int .* or 'auto', got 'abc'"):
+        makers[2]("abc")
+    assert makers[2]("64").group_size == 64  # as a command line passes it
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):  # was an AttributeError
+        replace_linear("model.safetensors")
+
+
+def test_layers_refuse_shapes_and_weights_they_cannot_hold():
+    with pytest.raises(ValueError, match="in_features must be even, got 255"):  # was built: qweight [8, 127]
+        QuantLinear(255, 8, bits=4, group_size=-1)
+    assert QuantLinear(255, 8, bits=8, group_size=-1).qweight.shape == (8, 255)
+    with pytest.raises(ValueError, match="weight is on the meta device"):  # was: Tensor.item() ... meta tensors
+        QuantLinear.from_linear(nn.Linear(64, 8, device="meta"), 4, 32)
+
+
+def test_repr_tells_the_format_and_the_backend_that_runs_the_layer():
+    layer = QuantLinear.from_linear(nn.Linear(64, 8), 4, 32, symmetric=False)
+    assert repr(layer).endswith("W4A16, input_rotation=None, group_size=32, asymmetric, bias=True, backend=auto)")
+    layer(torch.randn(1, 64))  # the automatic choice, once made, is shown (it said "auto" only)
+    assert repr(layer).endswith("backend=auto (reference on cpu))")
+    layer.prepare(backend="reference")
+    assert repr(layer).endswith("backend=reference)")
+    assert "group_size=per-channel" in repr(QuantLinear.from_linear(nn.Linear(64, 8), 8, -1))
+
+
+def test_loading_scales_of_another_dtype_is_refused_not_cast():
+    """load_state_dict copies with a cast: bf16 scales beyond fp16's range loaded as inf (inf outputs)."""
+    linear = nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight[0] *= 1e7
+    state = QuantLinear.from_linear(linear, 4, 32, scale_dtype=torch.bfloat16).state_dict()
+    layer = QuantLinear(64, 8, 4, 32, bias=True)  # fp16 scales
+    with pytest.raises(ValueError, match="scales is torch.bfloat16 but the layer stores torch.float16"):
+        layer.load_state_dict(state)
+    assert torch.equal(layer.scales, torch.ones_like(layer.scales))  # nothing loaded
+    right = QuantLinear(64, 8, 4, 32, bias=True, scale_dtype=torch.bfloat16)
+    right.load_state_dict(state)
+    assert torch.isfinite(right(torch.randn(2, 64))).all()
+    layer.load_state_dict(state, assign=True)  # takes the tensors as they are
+    assert layer.scales.dtype == torch.bfloat16 and torch.equal(layer.scales, state["scales"])

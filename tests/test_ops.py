@@ -248,3 +248,40 @@ def test_weight_only_linear_refuses_a_weight_prepared_for_quantized_activations(
     with pytest.raises(ValueError, match="prepared for 4-bit activations"):
         ops.weight_only_linear(torch.randn(2, 64), ops.prepare_int_weight(weight, 4))
     assert ops.weight_only_linear(torch.randn(2, 64), ops.prepare_weight_only(weight, torch.float32)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["hadamard", "hadamard_quantize"])
+def test_a_row_length_without_a_hadamard_matrix_is_refused_naming_the_op(name, backend):
+    # 4864 = 19 x 256 (Qwen2.5-0.5B's intermediate size): the Triton hadamard_quantize failed with
+    # "TypeError: cannot unpack non-iterable NoneType object" (100 here: the interpreter is slow).
+    if name not in backends.status(backend).kernels:
+        pytest.skip(f"no {backend} {name} kernel: {backends.status(backend).reason}")
+    for features in (100, 4864):
+        with pytest.raises(ValueError, match=rf"^{name}: no Hadamard matrix of order {features} .*block_size="):
+            getattr(ops, name)(torch.zeros(2, features).half(), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", [ops.weight_only_linear, ops.w4a4_linear, ops.w4a8_linear])
+def test_linear_ops_check_the_bias_the_weight_and_the_devices(op, backend):
+    qw = reference.quantize_weight(torch.randn(16, 64), 4, 32)
+    x = torch.randn(2, 64).half()
+    for bias, error, match in ((torch.zeros(16, dtype=torch.int32), TypeError, "bias must be a floating-point"),
+                               ([0.0] * 16, TypeError, "bias must be a floating-point torch.Tensor or None, got list"),
+                               (torch.zeros(16, device="meta"), ValueError, "bias is on meta but x on cpu")):
+        with pytest.raises(error, match=match):  # were: accepted (int), AttributeError, a torch device error
+            op(x, qw, bias, backend=backend)
+    with pytest.raises(TypeError, match="weight must be a QuantizedWeight or PreparedWeight, got Tensor"):
+        op(x, torch.randn(16, 64), backend=backend)  # was: AttributeError: 'Tensor' object has no attribute 'bits'
+    with pytest.raises(ValueError, match="x is on meta but the weight on cpu"):
+        op(x.to("meta"), qw, backend=backend)  # Triton's int ops returned a tensor; the reference: a torch error
+    assert op(x, qw, torch.zeros(16, dtype=torch.bfloat16), backend=backend).shape == (2, 16)
+
+
+def test_quantize_kv_never_runs_the_reference_for_another_backend(monkeypatch):
+    # It ran reference.quantize_kv for any choice but "triton": a CUDA kernel registered for it later would have
+    # been bypassed by plain PyTorch on the GPU without a word.
+    monkeypatch.setattr(ops, "select", lambda op, device, backend=None: "cuda")
+    with pytest.raises(MissingKernelError, match="quantize_kv: no cuda kernel"):
+        ops.quantize_kv(torch.randn(2, 4, 64).half(), 4)

@@ -214,3 +214,27 @@ def test_old_configs_without_the_new_fields_still_load(tmp_path):
     ids = torch.randint(0, 128, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# The layer's own Triton path against its reference path at the models' widths (576 = 36 x 16, 896 = 28 x 32, 4864 =
+# 19 x 256: no rotation, 4096, 14336), 3-D input. The kernels are tested alone elsewhere (test_w4a16_triton.py,
+# test_int_gemm.py, test_hadamard_kernels.py); this is the layer's wiring of them (preparation, rotation, fused
+# quantization, bias, leading dims). 32 outputs and 6 tokens keep the interpreter quick.
+@pytest.mark.skipif(not backends.status("triton").available, reason="triton missing")
+@pytest.mark.parametrize("features,act_bits,rotate,group_size,dtype", [
+    (576, None, True, 64, torch.float16), (896, 4, True, 128, torch.bfloat16), (896, 8, False, 32, torch.float16),
+    (4864, None, False, 128, torch.bfloat16), (4864, 4, False, -1, torch.float16), (4096, 4, True, 128, torch.float16),
+    (14336, None, False, 128, torch.float16)])
+def test_triton_layer_matches_its_reference_path_at_model_widths(features, act_bits, rotate, group_size, dtype):
+    linear = linear_with_bias(features, 32).to(dtype)
+    layer = QuantLinear.from_linear(linear, 4, group_size, act_bits=act_bits, rotate=rotate)
+    x = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = layer(x)
+    assert layer._prepared.backend == "reference"
+    got = layer.prepare(backend="triton")(x)
+    assert layer._prepared.backend == "triton" and got.shape == (2, 3, 32) and got.dtype == dtype
+    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    if act_bits is not None and not rotate:
+        assert torch.equal(got, expected)  # integer accumulation, the same fp32 epilogue
+    else:  # fp32 accumulation in another order (W4A16); the fused rotation may move a code by one at a boundary
+        assert error < (2e-3 if act_bits is None else 1e-2)
