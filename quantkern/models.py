@@ -8,7 +8,10 @@ structure that Llama, Mistral, Qwen2, Qwen3 and SmolLM2 share; nothing here look
 class or ``model_type``. Anything else in a block that holds weights (for example Qwen3's per-head
 ``q_norm``/``k_norm``, which act on head outputs and need no special care) is allowed as long as it
 is not an ``nn.Linear``: an unknown Linear is an error that names it, because a quantizer that
-skipped it silently would leave a layer in fp16 or fold a scale into the wrong place.
+skipped it silently would leave a layer in fp16 or fold a scale into the wrong place. So is a third
+norm over the hidden size (Gemma2/Gemma3's sandwich norms, where ``post_attention_layernorm`` is not
+the MLP's input norm). The norms' form is the methods' concern: those that fold into them (AWQ,
+SmoothQuant, QuaRot) check it and refuse, e.g., Gemma's ``1 + weight``.
 """
 
 from __future__ import annotations
@@ -140,6 +143,14 @@ def model_structure(model: nn.Module) -> ModelStructure:
             if norm is None or not _is_norm(norm, hidden):
                 raise UnsupportedModelError(f"{name}.{role}: missing, or not a norm over the hidden size {hidden}")
             norms[role] = norm
+        known_norms = {id(norm) for norm in norms.values()}
+        for sub_name, sub in block.named_modules():
+            if sub_name and id(sub) not in known_norms and _is_norm(sub, hidden):
+                # Gemma2/Gemma3's sandwich norms: post_attention_layernorm then normalises the attention's
+                # output and another norm feeds the MLP, so the roles above would be wrong.
+                raise UnsupportedModelError(f"{name}.{sub_name}: a norm over the hidden size with no known role "
+                                            f"(known: {', '.join(NORM_ROLES)}, the pre-norms of attention and "
+                                            f"MLP); post- or sandwich norms are not supported")
         for role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             if linears[role].in_features != hidden:
                 raise UnsupportedModelError(f"{linear_names[role]}: in_features {linears[role].in_features} "

@@ -250,3 +250,17 @@ def test_good_options_are_accepted():
     quantizer = AWQQuantizer(QuantizeConfig(method="awq", options={"max_shrink": 0, "search_windows": 3,
                                                                    "clip": False, "n_grid": 1}), 64)
     assert quantizer.options["search_windows"] == 3 and quantizer.options["n_grid"] == 1
+
+
+def test_a_norm_it_cannot_fold_into_is_refused_before_calibration():
+    model = tiny_llama(4)
+    model.model.layers[1].post_attention_layernorm = OnePlusWeightNorm(64)
+    # The check comes first: the missing calibration file is never read.
+    config = QuantizeConfig(method="awq", group_size=32, calib_path="/nonexistent/calibration.txt", calib_seq_len=32)
+    with pytest.raises(UnsupportedModelError, match=r"awq: model\.layers\.1\.post_attention_layernorm: "
+                                                    r"OnePlusWeightNorm does not scale its output by its weight"):
+        quantize_model(model, None, config, progress=False)
+    # Without the scale search nothing is folded into the norms: no refusal (the calibration file is).
+    config.options = {"scale": False}
+    with pytest.raises(FileNotFoundError):
+        quantize_model(model, None, config, progress=False)

@@ -84,3 +84,42 @@ def test_unknown_option_is_refused(smollm_3_blocks):
     with pytest.raises(ValueError, match=r"gptq: unknown option\(s\) \['dampening'\]"):
         quantize_model(copy.deepcopy(model), tokenizer, QuantizeConfig(method="gptq", group_size=64,
                        calib_path=str(calib), options={"dampening": 0.1}), progress=False)
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"act_order": "False"}, "act_order must be true or false"),  # --option act_order=False is not JSON
+    ({"true_sequential": "no"}, "true_sequential must be true or false"),
+    ({"static_groups": 1}, "static_groups must be true or false"),
+    ({"damp": -0.1}, "damp must be a finite number > 0"),
+    ({"damp": "abc"}, "damp must be a finite number > 0"),
+    ({"damp": float("nan")}, "damp must be a finite number > 0"),
+    ({"block_size": 0}, "block_size must be an integer >= 1"),
+    ({"block_size": 1.5}, "block_size must be an integer >= 1"),
+])
+def test_invalid_option_values_are_refused_before_any_work(options, match):
+    from quantkern.quantizers.gptq import GPTQQuantizer
+
+    with pytest.raises(ValueError, match=f"gptq: option {match}"):
+        GPTQQuantizer(QuantizeConfig(method="gptq", options=options), 64)
+    # The CLI's JSON spelling is read as a bool and runs as given.
+    quantizer = GPTQQuantizer(QuantizeConfig(method="gptq", group_size=-1, options={"act_order": False}), -1)
+    assert quantizer.options["act_order"] is False
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_activations_with_asymmetric_weights_are_refused_before_any_work(method):
+    # QuantLinear refuses zero points with act_bits, but only once the first block had been quantized,
+    # leaving that block's weights fake-quantized in place; the driver now refuses up front.
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)).eval()
+    before = copy.deepcopy(model.state_dict())
+    windows = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    config = QuantizeConfig(method=method, bits=4, group_size=32, act_bits=8, symmetric=False,
+                            kernel_shapes="reference", calib_windows=windows)
+    with pytest.raises(ValueError, match="act_bits=8: integer-activation GEMMs need symmetric weights"):
+        quantize_model(model, None, config, progress=False)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -71,3 +71,17 @@ def test_other_architectures_are_refused_with_the_module_named():
         model_structure(opt)
     with pytest.raises(UnsupportedModelError, match="no nn.ModuleList of decoder blocks"):
         model_structure(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_sandwich_norms_are_refused_with_the_norm_named():
+    # Gemma2: post_attention_layernorm normalises the attention output and pre_feedforward_layernorm feeds
+    # the MLP, so taking post_attention_layernorm as the MLP's input norm would fold scales wrongly.
+    import transformers
+
+    config = transformers.Gemma2Config(**SMALL, head_dim=16)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError,
+                       match=r"model\.layers\.0\.pre_feedforward_layernorm: a norm over the hidden size with no known"):
+        model_structure(model)
+    # Qwen3's per-head q_norm/k_norm (over head_dim) are not such norms.
+    assert len(model_structure(tiny_model("qwen3")).blocks) == 2

@@ -341,3 +341,34 @@ def test_gptq_for_quantized_inputs_lowers_the_error_of_what_runs():
     xq = fake_quantize_tokens(x, 4, 0.9)
     target = quantized_input_target(w, xq.T @ xq, x.T @ xq, 0.1)
     torch.testing.assert_close(target[:, :32], w[:, :32])
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"online_hadamard": "False"}, "online_hadamard must be true or false"),  # --option online_hadamard=False
+    ({"rotate_keys": "off"}, "rotate_keys must be true or false"),
+    ({"gptq_act_order": 0}, "gptq_act_order must be true or false"),
+    ({"act_clip_tokens": True}, "act_clip_tokens must be an integer >= 1"),
+    ({"gptq_block_size": 0}, "gptq_block_size must be an integer >= 1"),
+    ({"gptq_damp": -1}, "gptq_damp must be a finite number > 0"),
+])
+def test_option_values_are_checked_before_the_model_is_touched(options, match):
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"quarot: option {match}"):
+        quantize_model(model, None, small_config(options={"weights": "rtn", **options}), progress=False)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_a_model_without_lm_head_is_refused():
+    # Without a head, the final norm's weight is set to 1 with nowhere to fold it, and the residual
+    # rotation stays in the outputs (the hidden states changed by ~130% before this was refused).
+    with pytest.raises(ValueError, match="quarot: the model has no lm_head"):
+        quantize_model(tiny_llama(tie=False).model, None, small_config(), progress=False)
+
+
+@pytest.mark.parametrize("group_size, act_order, recorded", [(32, True, True), (-1, True, False), (32, False, False)])
+def test_the_metadata_records_the_static_groups_that_ran(group_size, act_order, recorded):
+    from quantkern.quantizers.quarot import QuaRotQuantizer
+
+    config = small_config(group_size=group_size, options={"gptq_act_order": act_order})
+    assert QuaRotQuantizer(config, group_size).extra_config()["options"]["gptq_static_groups"] is recorded

@@ -222,3 +222,50 @@ def test_bad_configurations_raise(config, match, calibration_file):
     full = {**W8A8, "calib_path": calibration_file, "kernel_shapes": "reference", **config}
     with pytest.raises(ValueError, match=match):
         quantize_model(model, _CharTokenizer(), QuantizeConfig(**full), progress=False)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"smooth_o_proj": "False"}, "smooth_o_proj must be true or false"),  # --option smooth_o_proj=False
+    ({"smooth_down_proj": 0}, "smooth_down_proj must be true or false"),
+    ({"auto_tokens": "x"}, "auto_tokens must be an integer >= 1"),
+    ({"auto_tokens": 0}, "auto_tokens must be an integer >= 1"),
+    ({"alpha": True}, "alpha must be a number"),
+    ({"alpha_grid": [0.5, True]}, "alpha_grid"),
+    ({"alpha_grid": "0.5"}, "alpha_grid"),
+])
+def test_bad_option_values_raise_at_construction(options, match):
+    with pytest.raises(ValueError, match=match):
+        SmoothQuantQuantizer(QuantizeConfig(**W8A8, options=options), -1)
+
+
+def test_norms_that_do_not_scale_by_their_weight_are_refused_before_any_work(calibration_file):
+    # Gemma's RMSNorm computes x / rms(x) * (1 + weight): dividing its weight by s does not divide its
+    # output by s, and the smoothing silently changed the model (relative logit change ~1 on a tiny Gemma).
+    import transformers
+
+    from quantkern.models import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64)).eval()
+    before = copy.deepcopy(model.state_dict())
+    full = {**W8A8, "calib_path": calibration_file, "kernel_shapes": "reference"}
+    with pytest.raises(UnsupportedModelError, match=r"smoothquant: model\.layers\.0\.input_layernorm: "
+                                                    r"GemmaRMSNorm does not scale its output by its weight"):
+        quantize_model(model, _CharTokenizer(), QuantizeConfig(**full), progress=False)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_norm_fold_check_accepts_rms_and_layer_norms():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from quantkern.quantizers.base import check_norm_folds
+
+    layer_norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():
+        layer_norm.bias.normal_()
+    for norm in (LlamaRMSNorm(64), layer_norm):
+        saved = [p.detach().clone() for p in norm.parameters()]
+        check_norm_folds(norm, "norm", "smoothquant")  # no error
+        assert all(torch.equal(p, s) for p, s in zip(norm.parameters(), saved))

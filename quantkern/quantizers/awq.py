@@ -75,8 +75,8 @@ from torch import nn
 
 from .. import reference
 from ..format import QuantizedWeight, group_length, implicit_zero
-from ..models import DecoderBlock, UnsupportedModelError
-from .base import ALL_ROLES, BlockRunner, Quantizer, check_finite_inputs, set_fake_quantized
+from ..models import DecoderBlock, ModelStructure, UnsupportedModelError
+from .base import ALL_ROLES, BlockRunner, Quantizer, check_finite_inputs, check_norm_folds, set_fake_quantized
 
 # The captured inputs: which Linear's input, and the roles that read it.
 INPUT_OF = {"qkv": "q_proj", "o": "o_proj", "gate_up": "gate_proj", "down": "down_proj"}
@@ -153,6 +153,13 @@ class AWQQuantizer(Quantizer):
         # Per block, in order: {pair name: alpha chosen} and {role: mean clip ratio chosen}.
         self.alphas: List[Dict[str, float]] = []
         self.clip_ratios: List[Dict[str, float]] = []
+
+    def check(self, structure: ModelStructure) -> None:
+        super().check(structure)
+        if self.options["scale"]:  # refuse a norm the scales cannot fold into before any calibration
+            for block in structure.blocks:
+                for role, norm in block.norms.items():
+                    check_norm_folds(norm, f"{block.name}.{role}", self.name)
 
     # ------------------------------------------------------------------------------------------
     def quantize_block(self, block: DecoderBlock, runner: Optional[BlockRunner]) -> Dict[str, QuantizedWeight]:

@@ -30,7 +30,8 @@ from torch import nn
 from .. import ops, reference
 from ..calibration import check_seq_len
 from ..format import QuantizedWeight, check_bits, group_length
-from ..models import ATTENTION_ROLES, MLP_ROLES, DecoderBlock, ModelStructure, model_structure
+from ..models import (ATTENTION_ROLES, MLP_ROLES, DecoderBlock, ModelStructure, UnsupportedModelError,
+                      model_structure)
 from ..nn import AUTO_GROUP_SIZES, QuantLinear, set_submodule
 
 ALL_ROLES = ATTENTION_ROLES + MLP_ROLES
@@ -132,6 +133,58 @@ def check_finite_inputs(statistic: torch.Tensor, layer_name: str) -> None:
                          f"on the calibration windows: an fp16 model? quantize a bfloat16 or float32 copy)")
 
 
+def check_bool_options(method: str, options: dict, names) -> None:
+    """ValueError unless each option in ``names`` is a bool: a CLI ``--option act_order=False`` (not JSON:
+    read as the string "False") must not run as True."""
+    for name in names:
+        if not isinstance(options[name], bool):
+            raise ValueError(f"{method}: option {name} must be true or false (JSON: --option {name}=false), "
+                             f"got {options[name]!r}")
+
+
+def check_int_option(method: str, options: dict, name: str, minimum: int = 1) -> None:
+    """ValueError unless option ``name`` is an int (not a bool) of at least ``minimum``."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{method}: option {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_positive_option(method: str, options: dict, name: str) -> None:
+    """ValueError unless option ``name`` is a finite number > 0 (not a bool)."""
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{method}: option {name} must be a finite number > 0, got {value!r}")
+
+
+@torch.no_grad()
+def check_norm_folds(norm: nn.Module, name: str, method: str) -> None:
+    """``UnsupportedModelError`` naming ``name`` unless multiplying the norm's weight (and bias) by a
+    per-channel factor multiplies its output by that factor, which folding a scale into it assumes
+    (false for Gemma's ``x / rms(x) * (1 + weight)``). The norm is left as it was."""
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise UnsupportedModelError(f"{method}: {name}: {type(norm).__name__} has no weight vector to fold into")
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(4, weight.shape[0], generator=generator).to(device=weight.device, dtype=weight.dtype)
+    factor = (torch.rand(weight.shape[0], generator=generator) + 0.5).to(device=weight.device)
+    saved = [(t, t.data) for t in (weight, bias) if t is not None]
+    expected = norm(probe).float() * factor
+    try:
+        for t, data in saved:
+            t.data = (data.float() * factor).to(data.dtype)
+        got = norm(probe).float()
+    finally:
+        for t, data in saved:
+            t.data = data
+    error = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+    if not error < 1e-2:
+        raise UnsupportedModelError(f"{method}: {name}: {type(norm).__name__} does not scale its output by its "
+                                    f"weight (relative error {error:.3g}; e.g. Gemma's 1 + weight): "
+                                    f"{method} cannot fold its scales into it")
+
+
 def set_fake_quantized(linear: nn.Linear, qw: QuantizedWeight) -> None:
     """Make ``linear`` compute with the dequantized weights of ``qw`` (what its QuantLinear will use)."""
     linear.weight.data = reference.dequantize_weight(qw, linear.weight.dtype).to(linear.weight.device)
@@ -205,6 +258,9 @@ def _check_layers(structure: ModelStructure, config: QuantizeConfig, group_size:
     check_bits(config.bits)
     if config.act_bits is not None:
         check_bits(config.act_bits)
+        if not config.symmetric:  # else QuantLinear refuses it only after the first block is quantized
+            raise ValueError(f"act_bits={config.act_bits}: integer-activation GEMMs need symmetric weights "
+                             f"(no zero points); drop --asymmetric or --act-bits")
     if config.kv_bits is not None:
         check_bits(config.kv_bits)
     if config.scale_dtype not in (torch.float16, torch.bfloat16):

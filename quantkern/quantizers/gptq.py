@@ -59,7 +59,8 @@ import torch
 from ..format import QuantizedWeight, check_bits, group_length, implicit_zero, pack_int4
 from ..models import SEQUENTIAL_GROUPS, DecoderBlock
 from ..reference import weight_quant_params
-from .base import BlockRunner, Quantizer, set_fake_quantized
+from .base import (BlockRunner, Quantizer, check_bool_options, check_int_option, check_positive_option,
+                   set_fake_quantized)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHOLESKY_RETRIES = 4  # after the first try, each retry multiplies the dampening by 10
@@ -298,6 +299,9 @@ class GPTQQuantizer(Quantizer):
 
     def __init__(self, config, group_size: int):
         super().__init__(config, group_size)
+        check_positive_option(self.name, self.options, "damp")
+        check_bool_options(self.name, self.options, ("act_order", "static_groups", "true_sequential"))
+        check_int_option(self.name, self.options, "block_size")
         if self.options["act_order"] and group_size != -1:  # as _gptq forces it: the metadata records what ran
             self.options["static_groups"] = True
 
@@ -320,7 +324,10 @@ class GPTQQuantizer(Quantizer):
                              int(o["block_size"]), self.config.scale_dtype)
 
     def quantize_block(self, block: DecoderBlock, runner: Optional[BlockRunner]) -> Dict[str, QuantizedWeight]:
-        stages = [[roles] for roles in SEQUENTIAL_GROUPS] if self.options["true_sequential"] else [list(SEQUENTIAL_GROUPS)]
+        if self.options["true_sequential"]:
+            stages = [[roles] for roles in SEQUENTIAL_GROUPS]
+        else:
+            stages = [list(SEQUENTIAL_GROUPS)]
         quantized = {}
         for stage in stages:
             for roles, hessian in self.hessians(block, runner, stage).items():

@@ -92,7 +92,8 @@ Options (``QuantizeConfig.options``): ``weights`` ("gptq" | "rtn"), ``weight_cli
 rotations; False keeps only the offline ones), ``rotate_keys`` (True), ``pca_source`` ("blocks" |
 "embeddings"), ``pca_hadamard`` (True), ``gptq_damp`` (0.01), ``gptq_quantized_inputs`` (True),
 ``gptq_target_ridge`` (0.1), ``gptq_act_order`` (True),
-``gptq_static_groups`` (False), ``gptq_block_size`` (128). ``QuantizeConfig.seed`` seeds the random
+``gptq_static_groups`` (False; forced True, and recorded so, with ``gptq_act_order`` and a group size,
+as in ``gptq.gptq_quantize``), ``gptq_block_size`` (128). ``QuantizeConfig.seed`` seeds the random
 Hadamard's signs.
 """
 
@@ -107,13 +108,15 @@ from .. import reference
 from ..format import QuantizedWeight, group_length, implicit_zero
 from ..models import SEQUENTIAL_GROUPS, DecoderBlock, ModelStructure
 from ..rotation import block_diagonal_hadamard, hadamard_transform, is_hadamard_size, pca_rotation, random_signs
-from .base import (BlockRunner, Quantizer, _device_of, _first_block_inputs, check_finite_inputs,
-                   set_fake_quantized)
+from .base import (BlockRunner, Quantizer, _device_of, _first_block_inputs, check_bool_options, check_finite_inputs,
+                   check_int_option, check_positive_option, set_fake_quantized)
 
 ROTATIONS = ("hadamard", "pca")
 READERS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # read the residual stream
 WRITERS = ("o_proj", "down_proj")  # add into the residual stream
 ONLINE_ROLES = ("o_proj", "down_proj")  # get an online Hadamard of their input
+BOOL_OPTIONS = ("act_clip_search", "calibrate_quantized_activations", "weight_clip", "online_hadamard", "rotate_keys",
+                "pca_hadamard", "gptq_quantized_inputs", "gptq_act_order", "gptq_static_groups")
 ACT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)  # searched per layer
 
 
@@ -139,7 +142,8 @@ def check_rms_norm(norm: nn.Module, name: str) -> None:
     no bias, no mean subtraction, no ``1 + weight``): only that form can be folded and rotated."""
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
-        raise ValueError(f"{name}: QuaRot needs RMSNorm-like norms with a weight vector; {type(norm).__name__} has none")
+        raise ValueError(f"{name}: QuaRot needs RMSNorm-like norms with a weight vector; "
+                         f"{type(norm).__name__} has none")
     if getattr(norm, "bias", None) is not None:
         raise ValueError(f"{name}: {type(norm).__name__} has a bias; QuaRot folds RMSNorm-like norms (weight, no bias)")
     # Large values with a non-zero mean: eps is negligible and a LayerNorm (mean subtraction) shows.
@@ -147,7 +151,8 @@ def check_rms_norm(norm: nn.Module, name: str) -> None:
     x = (torch.randn(4, weight.shape[0], generator=generator) * 4 + 3).to(device=weight.device, dtype=weight.dtype)
     expected = weight.float() * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True))
     got = norm(x).float()
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-2, atol=1e-3 * float(weight.abs().max())):
+    atol = 1e-3 * float(weight.abs().max())
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-2, atol=atol):
         raise ValueError(f"{name}: {type(norm).__name__} does not compute weight * x / rms(x); QuaRot folds "
                          f"and rotates RMSNorm-like norms only")
 
@@ -484,6 +489,12 @@ class QuaRotQuantizer(Quantizer):
 
     def __init__(self, config, group_size):
         super().__init__(config, group_size)
+        check_bool_options(self.name, self.options, BOOL_OPTIONS)
+        check_int_option(self.name, self.options, "act_clip_tokens")
+        check_int_option(self.name, self.options, "gptq_block_size")
+        check_positive_option(self.name, self.options, "gptq_damp")
+        if self.options["gptq_act_order"] and group_size != -1:  # as gptq_quantize forces it: record what runs
+            self.options["gptq_static_groups"] = True
         self.rotation = config.rotation or "hadamard"
         # Hadamard + RTN needs no data: skip cutting calibration windows then.
         self.search_clips = config.act_bits is not None and bool(self.options["act_clip_search"])
@@ -508,13 +519,16 @@ class QuaRotQuantizer(Quantizer):
         if options["weights"] not in ("gptq", "rtn"):
             raise ValueError(f"quarot: option weights must be 'gptq' or 'rtn', got {options['weights']!r}")
         reference._check_clip_ratio(options["act_clip_ratio"])
-        if not isinstance(options["act_clip_tokens"], int) or options["act_clip_tokens"] < 1:
-            raise ValueError(f"quarot: option act_clip_tokens must be a positive int, got {options['act_clip_tokens']!r}")
+        if structure.lm_head is None:
+            raise ValueError("quarot: the model has no lm_head (an nn.Linear output embedding): the final norm's "
+                             "weight and the residual rotation would be left in its outputs; quantize the "
+                             "...ForCausalLM model")
         ridge = options["gptq_target_ridge"]
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
             raise ValueError(f"quarot: option gptq_target_ridge must be a number >= 0, got {ridge!r}")
         if options["pca_source"] not in ("blocks", "embeddings"):
-            raise ValueError(f"quarot: option pca_source must be 'blocks' or 'embeddings', got {options['pca_source']!r}")
+            raise ValueError(f"quarot: option pca_source must be 'blocks' or 'embeddings', "
+                             f"got {options['pca_source']!r}")
         for name, norm in norms_of(structure):
             check_rms_norm(norm, f"quarot: {name}")
         if not is_hadamard_size(structure.hidden_size):

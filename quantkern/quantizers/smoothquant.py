@@ -70,7 +70,8 @@ from torch import nn
 from .. import reference
 from ..format import QuantizedWeight
 from ..models import DecoderBlock, ModelStructure
-from .base import ALL_ROLES, BlockRunner, Quantizer, check_finite_inputs, set_fake_quantized
+from .base import (ALL_ROLES, BlockRunner, Quantizer, check_bool_options, check_finite_inputs, check_int_option,
+                   check_norm_folds, set_fake_quantized)
 
 ACT_BITS = 8
 DEFAULT_ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
@@ -131,13 +132,14 @@ class SmoothQuantQuantizer(Quantizer):
     def __init__(self, config, group_size: int):
         super().__init__(config, group_size)
         alpha = self.options["alpha"]
-        if alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= float(alpha) <= 1.0):
+        if alpha != "auto" and not (_is_number(alpha) and 0.0 <= float(alpha) <= 1.0):
             raise ValueError(f"smoothquant: alpha must be a number in [0, 1] or 'auto', got {alpha!r}")
         grid = self.options["alpha_grid"]
-        if not grid or not all(isinstance(a, (int, float)) and 0.0 <= float(a) <= 1.0 for a in grid):
+        if (not isinstance(grid, (list, tuple)) or not grid
+                or not all(_is_number(a) and 0.0 <= float(a) <= 1.0 for a in grid)):
             raise ValueError(f"smoothquant: alpha_grid must be a non-empty list of numbers in [0, 1], got {grid!r}")
-        if int(self.options["auto_tokens"]) < 1:
-            raise ValueError(f"smoothquant: auto_tokens must be at least 1, got {self.options['auto_tokens']!r}")
+        check_bool_options(self.name, self.options, ("smooth_o_proj", "smooth_down_proj"))
+        check_int_option(self.name, self.options, "auto_tokens")
         self.alphas: List[Dict[str, float]] = []  # per block: group -> alpha used
         self.structure: Optional[ModelStructure] = None
 
@@ -154,6 +156,9 @@ class SmoothQuantQuantizer(Quantizer):
         if config.bits == 8 and self.group_size != -1:
             raise ValueError(f"smoothquant W8A8 quantizes weights per output channel: pass group_size=-1 "
                              f"(--group-size -1), got group size {self.group_size}")
+        for block in structure.blocks:  # the factors are folded into the norms: they must scale their output
+            for role, norm in block.norms.items():
+                check_norm_folds(norm, f"{block.name}.{role}", self.name)
         self.structure = structure
 
     # ------------------------------------------------------------------------------------------
@@ -293,3 +298,7 @@ class SmoothQuantQuantizer(Quantizer):
         options = dict(self.options)
         options["alpha_grid"] = list(options["alpha_grid"])
         return {"options": options, "alphas": self.alphas}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
