@@ -200,9 +200,16 @@ def load_builtin_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     model_dir = builtin_model_dir(cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        # A cache damaged after it was built (the build itself is atomic): say how to rebuild it.
+        raise ValueError(f"the {DEFAULT_MODEL_NAME} cache {model_dir} is unreadable ({error}); delete that "
+                         f"directory and the next run rebuilds it") from None
     model.to(device)
     model.eval()
     return model, tokenizer

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from .format import SUPPORTED_GROUP_SIZES
+
 
 def _print_table(rows, headers) -> None:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
@@ -35,7 +37,8 @@ def cmd_info(args) -> int:
 
     print(f"quantkern {__version__}, torch {torch.__version__}")
     if torch.cuda.is_available():
-        print(f"CUDA device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        arch = "".join(map(str, torch.cuda.get_device_capability()))
+        print(f"CUDA device: {torch.cuda.get_device_name()} (sm_{arch})")
         mismatch = backends.status("cuda").available and backends.cuda_device_mismatch(torch.device("cuda"))
         if mismatch:
             print(f"  the cuda backend cannot run here: {mismatch}")
@@ -64,12 +67,35 @@ def _load_source(src, device):
         return model, tokenizer, DEFAULT_MODEL_NAME
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     src = Path(src)
+    _check_source(src)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # truncated or corrupt files
+        raise ValueError(f"--src {src}: cannot load the model: {error}") from None
+    return model.eval(), tokenizer, str(src)
+
+
+def _check_source(src: Path) -> None:
+    """A float Hugging Face model directory, checked before the model is loaded."""
+    import json
+
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"--src {src} has no config.json: not a Hugging Face model directory")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
-    return model.eval(), tokenizer, str(src)
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--src {src}/config.json is corrupt: {error}") from None
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    if qconfig is not None:
+        method = qconfig.get("quant_method", "?") if isinstance(qconfig, dict) else "?"
+        hint = "" if method == "quantkern" else "; `quantkern convert` imports GPTQ, AWQ, AutoRound and " \
+                                                "compressed-tensors checkpoints"
+        raise ValueError(f"--src {src} is already quantized (quant_method {method}): quantize its float "
+                         f"model{hint}")
 
 
 def _parse_options(pairs) -> dict:
@@ -94,6 +120,8 @@ def _check_evaluation_inputs(text_path, seq_len: int) -> None:
         raise ValueError(f"--seq-len must be at least 2 (one context token and one predicted), got {seq_len}")
     if not Path(text_path).is_file():
         raise FileNotFoundError(f"--eval-text {text_path}: no such file")
+    if not Path(text_path).read_text(encoding="utf-8").strip():
+        raise ValueError(f"--eval-text {text_path} is empty")
 
 
 def _check_device(device: str) -> None:
@@ -106,6 +134,27 @@ def _check_device(device: str) -> None:
         raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is visible to torch {torch.__version__}")
+
+
+def _check_writable(dst) -> None:
+    """Fail now, not after the slow work, where ``dst``'s staging directory cannot be made: write
+    permission bits do not bind root, and read-only or pseudo file systems (/proc) refuse anyway."""
+    import os
+    import tempfile
+
+    dst = Path(dst).absolute()
+    ancestor = dst.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".quantkern-write-test-", dir=ancestor))
+    except OSError as error:
+        raise PermissionError(f"cannot write {dst}: {ancestor} refuses new files ({error.strerror})") from None
+
+
+def _check_not_inside(src, dst) -> None:
+    if src and Path(src).resolve().is_relative_to(Path(dst).resolve()):
+        raise ValueError("--dst must not be --src or contain it: quantkern never writes into the source model")
 
 
 def evaluation_dtype(device, storage_dtype):
@@ -135,9 +184,18 @@ def cmd_quantize(args) -> int:
             setattr(args, name, value)
     if args.calib is not None and not method.needs_calibration:
         raise ValueError(f"--calib is not used by {args.method}, which needs no calibration data")
+    if args.bits == 8 and args.acts_bits != 8:  # refused anyway, but only after the model has loaded
+        raise ValueError(f"--bits 8 needs --acts-bits 8 (W8A8), got W8A{args.acts_bits or 16}: the weight-only "
+                         f"kernels are 4-bit and W8A4 is no mode")
+    if method.needs_calibration and args.calib_samples < 1:
+        raise ValueError(f"--calib-samples must be at least 1, got {args.calib_samples}")
+    if method.needs_calibration and args.calib_seq_len < 2:
+        raise ValueError(f"--calib-seq-len must be at least 2, got {args.calib_seq_len}")
     options = _parse_options(args.option)
     if args.dst:  # fail before the slow work
         check_destination(args.dst, args.overwrite)
+        _check_writable(args.dst)
+        _check_not_inside(args.src, args.dst)
     if args.calib is not None:
         read_calibration_texts(args.calib)  # a missing or empty file fails now, not after loading the model
     if not args.no_eval:  # the evaluation runs after the checkpoint is written: check its inputs now
@@ -155,8 +213,8 @@ def cmd_quantize(args) -> int:
     tag = quant_tag(args.method, args.bits, group_size, args.acts_bits, args.kv_bits, args.keep_lm_head_fp16)
     dst = Path(args.dst) if args.dst else Path(f"{Path(source).name}_{tag}")
     check_destination(dst, args.overwrite)
-    if args.src and Path(args.src).resolve().is_relative_to(dst.resolve()):
-        raise ValueError("--dst must not be --src or contain it: quantkern never writes into the source model")
+    _check_writable(dst)
+    _check_not_inside(args.src, dst)
     fp16_bytes = sum(p.numel() * 2 for p in model.parameters())
     storage_dtype = getattr(torch, args.dtype)
     config = QuantizeConfig(
@@ -211,6 +269,9 @@ def cmd_eval(args) -> int:
     from .io import directory_size, load_quantized, read_metadata
 
     _check_device(args.device)
+    if args.gen_tokens is not None and args.gen_tokens < 0:
+        raise ValueError(f"--gen-tokens must be 0 (skip) or more, got {args.gen_tokens}")
+    _check_evaluation_inputs(args.eval_text or DEFAULT_EVAL_TEXT, args.seq_len)
     metadata = read_metadata(args.directory)
     model, tokenizer = load_quantized(args.directory, device=args.device)
     if tokenizer is None:
@@ -240,8 +301,10 @@ def cmd_eval(args) -> int:
             if on_cuda:
                 torch.cuda.synchronize()
         new_tokens = out.shape[1] - prompt.shape[1]
+        bound = "bound by Python overhead, not by the kernels" if on_cuda else \
+            "the CPU reference path dequantizes every layer at every token"
         print(f"generation: {new_tokens / (time.perf_counter() - start):.1f} tokens/s on {args.device} "
-              f"(greedy, batch 1, eager HF generate: bound by Python overhead, not by the kernels)")
+              f"(greedy, batch 1, eager HF generate: {bound})")
         if on_cuda and args.gen_tokens > 1:
             from .decoding import capture_refusal, greedy_decode
 
@@ -325,6 +388,7 @@ def cmd_convert(args) -> int:
     from .convert import convert_checkpoint
     from .io import directory_size, read_metadata
 
+    _check_writable(args.dst)
     start = time.perf_counter()
     dst = convert_checkpoint(args.src, args.dst, overwrite=args.overwrite, progress=True)
     metadata = read_metadata(dst)
@@ -430,13 +494,16 @@ def main(argv=None) -> int:
             args.group_size = int(args.group_size)
         except ValueError:
             build_parser().error(f"--group-size must be an integer or 'auto', got {args.group_size!r}")
-        if args.group_size == 0 or args.group_size < -1:
-            build_parser().error(f"--group-size must be positive, -1 (per channel) or 'auto', got {args.group_size}")
+        if args.group_size not in SUPPORTED_GROUP_SIZES:  # checked before the model loads
+            build_parser().error(f"--group-size must be 32, 64, 128, -1 (per channel) or 'auto', got {args.group_size}")
     try:
         return args.func(args)
     except (ValueError, OSError, TypeError, KeyError) as error:  # OSError: files, directories, permissions
         print(f"quantkern {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a checkpoint is written through a staging directory: none is left half-written
+        print(f"\nquantkern {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

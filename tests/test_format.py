@@ -271,3 +271,12 @@ def test_save_refuses_metadata_without_a_tag_before_writing(tmp_path):
         with pytest.raises(ValueError, match="needs a 'tag' string"):
             io.save_quantized(_tiny_quantized_llama(), tmp_path / "dst", qconfig, metadata)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_names_the_checkpoint_for_corrupt_tokenizer_files(checkpoint, tmp_path):
+    from quantkern.io import load_quantized
+
+    directory = _copy(checkpoint, tmp_path)
+    (directory / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"copy: its tokenizer files are corrupt"):  # was json's bare message
+        load_quantized(directory)
