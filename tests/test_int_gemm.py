@@ -93,7 +93,10 @@ def test_prepare_refuses_asymmetric_and_odd_shapes():
 # ----------------------------------------------------------------------------------------------
 
 triton_ok = pytest.mark.skipif(not backends.status("triton").available, reason="triton missing")
-TRITON_SHAPES = [(1, 64, 8), (5, 128, 48), (17, 96, 40)] if DEVICE == "cpu" else \
+# CPU: small shapes, and the real widths as K (SmolLM2 576, Qwen 896 / 4864, Llama 4096) or N (576) at one program's
+# worth of the other dimensions (the interpreter runs a K step in about 3 ms).
+TRITON_SHAPES = [(1, 64, 8), (5, 128, 48), (17, 96, 40), (1, 576, 8), (2, 896, 8), (1, 4864, 8), (1, 4096, 8),
+                 (3, 64, 576)] if DEVICE == "cpu" else \
     [(1, 576, 896), (5, 896, 576), (33, 4096, 256), (130, 4864, 128), (300, 576, 4864)]
 
 

@@ -172,3 +172,72 @@ def test_block_rotate_quantize_propagates_nan_and_inf(bits, dtype, features, b, 
         assert_same_as_reference((got[0], got[1][[0, 2, 4]]), (expected[0], expected[1][[0, 2, 4]]))
         assert got[1][[0, 4]].isnan().all() and not got[1][[1, 3]].isfinite().any()
     assert not got[0][[0, 1, 3, 4]].any()
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton entry points called directly (quantkern.triton_kernels, the KERNELS table, torch.ops.quantkern_triton)
+# with strided inputs: quantkern.ops copies its inputs to contiguous rows first, these must too (their kernels
+# index rows as row * K + column); they gave wrong values, silently, before.
+# ----------------------------------------------------------------------------------------------
+
+def _strided_inputs(rows, features, dtype):
+    """x [rows, features] three ways: every other column of a wider tensor, a transpose, a column slice."""
+    g = torch.Generator().manual_seed(3)
+    wide = (torch.randn(rows, 2 * features, generator=g) * 3).to(DEVICE, dtype)
+    tall = (torch.randn(features, rows, generator=g) * 3).to(DEVICE, dtype)
+    return {"every other column": wide[:, ::2], "transposed": tall.t(), "column slice": wide[:, 3:features + 3]}
+
+
+@pytest.mark.parametrize("layout", ["every other column", "transposed", "column slice"])
+def test_direct_triton_calls_take_strided_inputs(layout):
+    from quantkern import triton_kernels as tk
+
+    x = _strided_inputs(5, 64, torch.float16)[layout]
+    assert not x.is_contiguous() or layout == "column slice"
+    for bits in (8, 4):
+        assert_same_as_reference(tk.quantize_per_token(x, bits, 0.9), reference.quantize_per_token(x, bits, 0.9))
+        assert_same_as_reference(tk.quantize_kv(x, bits), reference.quantize_kv(x, bits))
+        rotated = reference.hadamard(x)
+        assert_same_as_reference(tk.hadamard_quantize(x, bits, 0.9), reference.quantize_per_token(rotated, bits, 0.9))
+    torch.testing.assert_close(tk.hadamard(x), reference.hadamard(x), rtol=2 ** -10, atol=1e-3)
+    # Both operands strided: the permutation too, every other entry of a [64, 2] tensor.
+    permutation = torch.randperm(64, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    strided_permutation = torch.stack((permutation, permutation), dim=-1)[:, 0]
+    assert not strided_permutation.is_contiguous()
+    assert torch.equal(tk.permute_columns(x, strided_permutation), reference.permute_columns(x, permutation))
+    rotation = hadamard_rotation_of(16).to(DEVICE)  # +-1/4: exact in fp16, any summation order
+    torch.testing.assert_close(tk.block_rotate(x, rotation), reference.block_rotate(x, rotation), rtol=0, atol=0)
+    for bits in (8, 4):
+        assert_same_as_reference(tk.block_rotate_quantize(x, rotation, bits, 0.9),
+                                 reference.quantize_per_token(reference.block_rotate(x, rotation), bits, 0.9))
+
+
+def hadamard_rotation_of(b):
+    from quantkern.rotation import hadamard_matrix
+
+    return (hadamard_matrix(b, dtype=torch.float32) / b ** 0.5).contiguous()
+
+
+def test_direct_triton_calls_refuse_what_their_kernels_cannot_run():
+    """The checks of quantkern.ops, repeated by the Triton entry points where their kernels would otherwise fail
+    with an unrelated error or leave outputs unwritten."""
+    from quantkern import triton_kernels as tk
+
+    x = torch.randn(2, 100, device=DEVICE, dtype=torch.float16)
+    for bits in (8, 4):  # (int4 went through the fallback test first: "cannot unpack non-iterable NoneType object")
+        with pytest.raises(ValueError, match="n = 100"):
+            tk.hadamard_quantize(x, bits)
+    # int4 with an odd number of features: the last column was dropped from the codes.
+    odd = torch.randn(3, 9, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match="even number of features"):
+        tk.quantize_per_token(odd, 4)
+    with pytest.raises(ValueError, match="even head_dim"):
+        tk.quantize_kv(odd, 4)
+    # A last dimension that is not a multiple of the block: its tail was never written (torch.empty's values).
+    rotation = hadamard_rotation_of(16).to(DEVICE)
+    with pytest.raises(ValueError, match="multiple of the rotation's block size"):
+        tk.block_rotate(x, rotation)
+    with pytest.raises(ValueError, match="multiple of the rotation's block size"):
+        tk.block_rotate_quantize(x, rotation, 8)
+    with pytest.raises(ValueError, match="blocks"):
+        tk.block_rotate(x[:, :96], rotation.expand(4, 16, 16).contiguous())

@@ -281,3 +281,42 @@ def test_autotuned_config_is_reused(monkeypatch, m):
     assert torch.equal(first, second)
     for y in (first, second):
         assert rel_err(y, reference.weight_only_linear(x, qw)) <= TOL
+
+
+def test_qweight_must_hold_the_padded_k():
+    # The kernel reads whole K tiles of words, up to K rounded up to K_ALIGN (prepare_w4a16 pads to it): a qweight
+    # of ceil(K / 8) rows passed the check before, and its last tile's loads ran past the tensor's end.
+    qw = random_weight(200, 40, -1, True, torch.float16)
+    p = prepare_w4a16(qw, torch.float16)
+    assert p["qweight"].shape == (32, 40)
+    x = torch.randn(3, 200).half().to(DEVICE)
+    with pytest.raises(ValueError, match="qweight"):
+        _w4a16_gemm_op(x, p["qweight"][:25].contiguous(), p["scales"], None, None, 200, 200)
+
+
+def test_strided_weight_tensors_are_refused():
+    # The kernel indexes qweight, scales and zeros as contiguous [rows, N]: a transposed view of the canonical
+    # [N, G] scales (equal values as [G, N]) gave a relative error of 1.04, silently, before.
+    qw = random_weight(128, 48, 32, False, torch.float16)
+    p = prepare_w4a16(qw, torch.float16)
+    x = torch.randn(3, 128).half().to(DEVICE)
+    assert torch.equal(qw.scales.t(), p["scales"]) and torch.equal(qw.zeros.t(), p["zeros"])
+    with pytest.raises(ValueError, match="contiguous"):
+        _w4a16_gemm_op(x, p["qweight"], qw.scales.t(), p["zeros"], None, 32, 128)
+    with pytest.raises(ValueError, match="contiguous"):
+        _w4a16_gemm_op(x, p["qweight"], p["scales"], qw.zeros.t(), None, 32, 128)
+    qweight = torch.stack((p["qweight"], p["qweight"]), dim=-1)[..., 0]  # equal values, strides (2N, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        _w4a16_gemm_op(x, qweight, p["scales"], p["zeros"], None, 32, 128)
+
+
+def test_strided_bias():
+    # ops.weight_only_linear passes the caller's bias as is; the kernel read a strided one as contiguous (relative
+    # error 1.3 before).
+    from quantkern import ops
+
+    qw = random_weight(128, 48, 32, True, torch.float16)
+    x = torch.randn(3, 128).half().to(DEVICE)
+    bias = (torch.randn(96) * 10).half().to(DEVICE)[::2]
+    y = ops.weight_only_linear(x, ops.prepare_weight_only(qw, torch.float16, backend="triton"), bias)
+    assert rel_err(y, reference.weight_only_linear(x, qw, bias)) <= TOL

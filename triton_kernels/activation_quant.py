@@ -86,10 +86,14 @@ def _quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x_row, stride_
 
 @triton_op("quantkern_triton::quantize_per_token", quantize_per_token_fake)
 def _quantize_per_token_op(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    q, scales = quantize_per_token_fake(x, bits, clip_ratio)
     tokens, features = x.shape
+    if bits == 4 and features % 2:  # (quantkern.ops checks it first; the kernel would drop the last column)
+        raise ValueError(f"int4 activations need an even number of features, got {features}")
+    q, scales = quantize_per_token_fake(x, bits, clip_ratio)
     if tokens == 0:
         return q, scales
+    if x.stride(1) != 1:  # the kernel takes any row stride, unit column stride
+        x = x.contiguous()
     work = features // 2 if bits == 4 else features
     block = min(next_power_of_2(max(work, 1)), MAX_BLOCK)
     _quantize_per_token_kernel[(tokens,)](
@@ -99,5 +103,6 @@ def _quantize_per_token_op(x: torch.Tensor, bits: int, clip_ratio: float) -> tup
 
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float = 1.0):
-    """Triton backend of ``quantkern.ops.quantize_per_token`` for a 2-D contiguous ``x``."""
+    """Triton backend of ``quantkern.ops.quantize_per_token`` for a 2-D ``x`` (copied first if its columns are
+    strided)."""
     return _quantize_per_token_op(x, bits, clip_ratio)

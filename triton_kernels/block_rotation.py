@@ -153,6 +153,12 @@ def _check(x: torch.Tensor, rotation: torch.Tensor, quant: bool, bits: int) -> i
         raise ValueError(f"the Triton block rotation takes blocks of at most {MAX_BLOCK} entries, got {b}")
     if rotation.dtype != torch.float32 or not rotation.is_contiguous():
         raise ValueError("the Triton block rotation takes a contiguous fp32 rotation (quantkern.ops converts it)")
+    # (reference.check_block_rotation's shape checks, which quantkern.ops runs first: the grid covers K // b blocks)
+    features = x.shape[-1]
+    if features % b:
+        raise ValueError(f"x's last dimension ({features}) is not a multiple of the rotation's block size {b}")
+    if rotation.dim() == 3 and rotation.shape[0] != features // b:
+        raise ValueError(f"rotation has {rotation.shape[0]} blocks, x's last dimension has {features // b} of size {b}")
     return b
 
 
@@ -184,7 +190,7 @@ def _launch(x: torch.Tensor, rotation: torch.Tensor, out: torch.Tensor, scales, 
 
 
 def _block_rotate_fake(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the op's output
 
 
 def _block_rotate_quantize_fake(x: torch.Tensor, rotation: torch.Tensor, bits: int, clip_ratio: float):
@@ -193,6 +199,7 @@ def _block_rotate_quantize_fake(x: torch.Tensor, rotation: torch.Tensor, bits: i
 
 @triton_op("quantkern_triton::block_rotate", _block_rotate_fake)
 def _block_rotate_op(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    x = x.contiguous()  # the kernel indexes rows as row * K
     out = torch.empty_like(x)
     if x.shape[0]:
         _launch(x, rotation, out, None, False, 8, 1.0)
@@ -202,6 +209,7 @@ def _block_rotate_op(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 @triton_op("quantkern_triton::block_rotate_quantize", _block_rotate_quantize_fake)
 def _block_rotate_quantize_op(x: torch.Tensor, rotation: torch.Tensor, bits: int,
                               clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()  # the kernel indexes rows as row * K
     q, scales = quantize_per_token_fake(x, bits, clip_ratio)
     if x.shape[0]:
         _launch(x, rotation, q, scales, True, bits, clip_ratio)
@@ -209,10 +217,11 @@ def _block_rotate_quantize_op(x: torch.Tensor, rotation: torch.Tensor, bits: int
 
 
 def block_rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Triton backend of ``quantkern.ops.block_rotate`` for a 2-D contiguous ``x`` and an fp32 ``rotation``."""
+    """Triton backend of ``quantkern.ops.block_rotate`` for a 2-D ``x`` (copied first if not contiguous) and a
+    contiguous fp32 ``rotation``."""
     return _block_rotate_op(x, rotation)
 
 
 def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int, clip_ratio: float = 1.0):
-    """Triton backend of ``quantkern.ops.block_rotate_quantize`` for a 2-D contiguous ``x``."""
+    """Triton backend of ``quantkern.ops.block_rotate_quantize`` for a 2-D ``x`` (copied first if not contiguous)."""
     return _block_rotate_quantize_op(x, rotation, bits, clip_ratio)

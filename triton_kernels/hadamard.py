@@ -259,6 +259,7 @@ def _launch(x: torch.Tensor, out: torch.Tensor, scales, quant: bool, bits: int, 
 
 @triton_op("quantkern_triton::hadamard", hadamard_fake)
 def _hadamard_op(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
+    x = x.contiguous()  # the kernels index rows as row * n
     n = x.shape[-1]
     size = block_size or n
     _check_size(size)
@@ -276,11 +277,13 @@ def _hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block
 @triton_op("quantkern_triton::hadamard_quantize", _hadamard_quantize_fake)
 def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
                           block_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()  # the kernels index rows as row * n
     rows, n = x.shape
+    if not block_size:
+        _check_size(n)  # (before _split, which fails with a TypeError on a size with no Hadamard matrix)
     if block_size or (bits == 4 and _split(n)[1] == 1):
         # Two-pass fallbacks (see the module docstring).
         return _quantize_per_token(_hadamard_op(x, block_size), bits, clip_ratio)
-    _check_size(n)
     q, scales = hadamard_quantize_fake(x, bits, clip_ratio, block_size)
     if rows:
         _launch(x, q, scales, True, bits, clip_ratio)
@@ -288,10 +291,10 @@ def _hadamard_quantize_op(x: torch.Tensor, bits: int, clip_ratio: float,
 
 
 def hadamard(x: torch.Tensor, block_size: int = 0) -> torch.Tensor:
-    """Triton backend of ``quantkern.ops.hadamard`` for a contiguous ``x`` [..., n]."""
+    """Triton backend of ``quantkern.ops.hadamard`` for ``x`` [..., n] (copied first if not contiguous)."""
     return _hadamard_op(x, block_size)
 
 
 def hadamard_quantize(x: torch.Tensor, bits: int, clip_ratio: float = 1.0, block_size: int = 0):
-    """Triton backend of ``quantkern.ops.hadamard_quantize`` for a 2-D contiguous ``x``."""
+    """Triton backend of ``quantkern.ops.hadamard_quantize`` for a 2-D ``x`` (copied first if not contiguous)."""
     return _hadamard_quantize_op(x, bits, clip_ratio, block_size)

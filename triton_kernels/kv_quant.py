@@ -88,10 +88,13 @@ def _quantize_kv_fake(x: torch.Tensor, bits: int):
 
 @triton_op("quantkern_triton::quantize_kv", _quantize_kv_fake)
 def _quantize_kv_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    codes, scale, offset = _quantize_kv_fake(x, bits)
     rows, d = x.shape
+    if bits == 4 and d % 2:  # (quantkern.ops checks it first; the kernel would drop the last column)
+        raise ValueError(f"int4 KV needs an even head_dim, got {d}")
+    codes, scale, offset = _quantize_kv_fake(x, bits)
     if rows == 0:
         return codes, scale, offset
+    x = x.contiguous()  # the kernel indexes rows as row * D
     block = next_power_of_2(max(d // 2 if bits == 4 else d, 1))
     _quantize_kv_kernel[(cdiv(rows, ROWS),)](x, codes, scale, offset, rows, d, BITS=bits,
                                              IS_BF16=x.dtype == torch.bfloat16,
@@ -100,5 +103,6 @@ def _quantize_kv_op(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def quantize_kv(x: torch.Tensor, bits: int):
-    """Triton backend of ``quantkern.ops.quantize_kv`` for a 2-D contiguous ``x`` [rows, head_dim]."""
+    """Triton backend of ``quantkern.ops.quantize_kv`` for a 2-D ``x`` [rows, head_dim] (copied first if not
+    contiguous)."""
     return _quantize_kv_op(x, bits)

@@ -33,6 +33,7 @@ def _permute_columns_kernel(x_ptr, permutation_ptr, y_ptr, M, K, ROWS_PER_PROGRA
 
 @triton_op("quantkern_triton::permute_columns", permute_columns_fake)
 def _permute_columns_op(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    x, permutation = x.contiguous(), permutation.contiguous()  # the kernel indexes both as contiguous
     y = permute_columns_fake(x, permutation)
     rows, features = x.shape
     if rows:
@@ -42,5 +43,6 @@ def _permute_columns_op(x: torch.Tensor, permutation: torch.Tensor) -> torch.Ten
 
 
 def permute_columns(x: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
-    """Triton backend of ``quantkern.ops.permute_columns`` for a 2-D contiguous ``x`` [M, K]."""
+    """Triton backend of ``quantkern.ops.permute_columns`` for a 2-D ``x`` [M, K] (copied first if not
+    contiguous, as is the permutation)."""
     return _permute_columns_op(x, permutation)

@@ -358,7 +358,9 @@ def _check_inputs(x, qweight, scales, zeros, bias, group_len: int, in_features: 
         raise ValueError(f"x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
     if x.shape[1] != in_features:
         raise ValueError(f"x has {x.shape[1]} features but the weight has in_features {in_features}")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * 8 < in_features:
+    # K tiles read whole words up to K rounded up to K_ALIGN (prepare_w4a16's padding): no weight mask.
+    k_pad = cdiv(in_features, K_ALIGN) * K_ALIGN
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] * 8 < k_pad:
         raise ValueError(f"qweight must be int32 [K_pad/8, N] (from prepare_w4a16), got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
     n = qweight.shape[1]
@@ -377,6 +379,11 @@ def _check_inputs(x, qweight, scales, zeros, bias, group_len: int, in_features: 
     devices = {t.device for t in (x, qweight, scales, zeros, bias, locks) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, the prepared weight and bias must be on one device, got {sorted(map(str, devices))}")
+    # The kernel indexes them as contiguous [rows, N] (prepare_w4a16 makes them so); a copy here on every call of a
+    # strided weight would hide a slow path.
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (as prepare_w4a16 makes it), got strides {t.stride()}")
 
 
 def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
@@ -389,6 +396,8 @@ def _launch(x, qweight, scales, zeros, bias, group_len: int, in_features: int,
         return x.new_empty((0, n))
     if x.stride(1) != 1:
         x = x.contiguous()
+    if bias is not None and bias.stride(0) != 1:  # (ops.weight_only_linear passes the caller's bias as is)
+        bias = bias.contiguous()
     n_groups = k // group_len
     if n_groups == 1:
         mode = ONE_GROUP
