@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .kv_cache import kv_quantization_settings
+from .kv_cache import cache_argument_name, kv_quantization_settings
 
 
 def capture_refusal(model) -> Optional[str]:
@@ -47,12 +47,14 @@ class GraphDecoder:
         if self.device.type != "cuda":
             raise ValueError(f"CUDA-graph decoding needs the model on a CUDA device, not {self.device}")
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        # ``cache`` from transformers 5.24 on (``past_key_values`` there is deprecated, warns, and goes in 5.40).
+        self.cache_keyword = cache_argument_name(model.forward)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph = None
 
     def _step(self):
-        logits = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position,
+        logits = self.forward(input_ids=self.ids, **{self.cache_keyword: self.cache}, cache_position=self.position,
                               use_cache=True).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
@@ -63,7 +65,7 @@ class GraphDecoder:
         # static layers count written tokens on the device and write there, whatever cache_position says.
         self.cache.reset()
         positions = torch.arange(prompt.shape[1], device=self.device)
-        logits = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=positions,
+        logits = self.model(input_ids=prompt, **{self.cache_keyword: self.cache}, cache_position=positions,
                             use_cache=True).logits
         self.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.position.fill_(prompt.shape[1])
@@ -114,7 +116,8 @@ def greedy_decode(model, prompt: torch.Tensor, max_new_tokens: int, forward=None
     """Greedy decoding of ``prompt`` [batch, T] on the model's CUDA device: the first new token from the
     prefill, each further one a CUDA-graph replay of ``forward`` (default: the model). Stops after
     ``max_new_tokens``, or once every row has produced ``eos_token_id`` (which costs one small device-to-host
-    copy a step). ``streamer`` (e.g. ``transformers.TextStreamer``, batch 1) gets the prompt, then each token."""
+    copy a step); a row that ends before the others reads ``eos_token_id`` from its eos on. ``streamer``
+    (e.g. ``transformers.TextStreamer``, batch 1) gets the prompt, then each token."""
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, tokens] with at least one token, got {tuple(prompt.shape)}")
     if max_new_tokens < 1:
@@ -134,12 +137,14 @@ def greedy_decode(model, prompt: torch.Tensor, max_new_tokens: int, forward=None
 
     def emit(token):
         nonlocal finished
+        if eos_token_id is not None:
+            # A row that has produced eos has ended: what the model decodes after it (the other rows going on)
+            # is not its text, so it reads eos there, as generate pads finished rows.
+            token.masked_fill_(finished[:, None], eos_token_id)
+            finished = finished | (token[:, 0] == eos_token_id)
         if streamer is not None:
             streamer.put(token.cpu())
-        if eos_token_id is not None:
-            finished = finished | (token[:, 0] == eos_token_id)
-            return bool(finished.all())
-        return False
+        return eos_token_id is not None and bool(finished.all())
 
     start = time.perf_counter()
     done = emit(tokens[0])

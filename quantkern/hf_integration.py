@@ -92,7 +92,7 @@ class QuantkernConfig(QuantizationConfigMixin):
 def _checkpoint_tensors(checkpoint_files) -> dict:
     """``{name: meta tensor}`` with the dtype and shape of every tensor of the checkpoint files,
     read from their safetensors headers (no data is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not checkpoint_files:
         raise ValueError("a quantkern checkpoint loads from its files (from_pretrained(directory)); "
@@ -101,12 +101,15 @@ def _checkpoint_tensors(checkpoint_files) -> dict:
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             raise ValueError(f"quantkern checkpoints are safetensors files; got {path}")
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                header = handle.get_slice(name)
-                # Other dtypes (e.g. fp8) cannot be QuantLinear tensors; uint8 stands in for them.
-                dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), torch.uint8)
-                tensors[name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    header = handle.get_slice(name)
+                    # Other dtypes (e.g. fp8) cannot be QuantLinear tensors; uint8 stands in for them.
+                    dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), torch.uint8)
+                    tensors[name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+        except SafetensorError as error:  # as load_quantized says it: the file named, not a bare header error
+            raise ValueError(f"{path} is corrupt: {error}") from None
     return tensors
 
 

@@ -269,6 +269,20 @@ def test_corrupt_checkpoints_are_clear_errors(tmp_path):
         io.read_metadata(tmp_path / "ckpt")
 
 
+
+def test_a_corrupt_weights_file_is_an_error_naming_it(tmp_path):
+    # With a dtype given, transformers leaves the file to the quantizer, whose header reading let safetensors'
+    # bare "Error while deserializing header" through, naming no file (load_quantized names it).
+    model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
+    save(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / io.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:100])
+    match = r"ckpt/model\.safetensors is corrupt: .*header"
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float16)
+    with pytest.raises(ValueError, match=match):
+        io.load_quantized(tmp_path / "ckpt")
+
 def test_layer_settings_for_layers_that_are_not_quantized_are_refused(tmp_path):
     # A per-layer override naming no converted layer was dropped without a word: the config is another model's.
     model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
@@ -397,3 +411,73 @@ def test_overwrite_replaces_only_a_checkpoint_and_restores_it_on_failure(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "notes"]  # no staging or backup left
     write(ckpt, overwrite=True)  # a checkpoint is replaced
     assert torch.equal(logits(io.load_quantized(ckpt)[0]), logits(model))
+
+
+# ---- quantkern.decoding's host-side logic (its CUDA-graph path runs in tests/test_models_gpu.py) -----------------
+
+def test_static_cache_decoder_uses_this_transformers_cache_keyword_and_decodes_as_generate():
+    """GraphDecoder's prefill and decode step, run eagerly on the CPU: HF greedy generate's tokens, with the cache
+    passed under the keyword the model's forward takes. It passed ``past_key_values``, which transformers 5.24 on
+    deprecates (a FutureWarning every call; removal in 5.40)."""
+    import warnings
+
+    from transformers import StaticCache
+
+    from quantkern import decoding
+    from quantkern.kv_cache import cache_argument_name
+
+    model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
+    prompt, steps = INPUT_IDS[:, :5], 6
+    decoder = decoding.GraphDecoder.__new__(decoding.GraphDecoder)  # its state, without the CUDA device check
+    decoder.model = decoder.forward = model
+    decoder.device = torch.device("cpu")
+    decoder.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + steps + 2)
+    decoder.ids = torch.zeros(prompt.shape[0], 1, dtype=torch.long)
+    decoder.position = torch.zeros(1, dtype=torch.long)
+    decoder.cache_keyword = cache_argument_name(model.forward)  # as GraphDecoder.__init__ sets it
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        decoder.prefill(prompt)
+        decoder._step(), decoder._step()  # the warm-up steps of capture() move the cache on, as on the GPU
+        decoder.prefill(prompt)
+        tokens = torch.cat([decoder.ids.clone()] + decoder.decode(steps - 1, use_graph=False), dim=1)
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                  do_sample=False, pad_token_id=0, eos_token_id=None)[:, prompt.shape[1]:]
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not deprecations, deprecations
+    assert torch.equal(tokens, expected)
+
+
+def test_greedy_decode_rows_that_end_early_read_eos_after_it(monkeypatch):
+    """greedy_decode with batch > 1 and eos: a row that produced eos kept the tokens the model decoded after it
+    while the other rows went on; those are not its text (generate pads them). The graph is scripted here."""
+    from quantkern import decoding
+
+    eos = 2
+    script = torch.tensor([[5, eos, 7, 8, 9], [3, 4, 6, eos, 9]])  # the tokens each step decodes, per row
+
+    class ScriptedDecoder:
+        def __init__(self, model, batch, max_len, forward=None):
+            self.device, self.step = torch.device("cpu"), 0
+
+        def prefill(self, prompt):
+            self.step = 0
+            self.ids = script[:, :1].clone()
+
+        def capture(self):
+            return 0.0
+
+        def decode(self, steps, use_graph):
+            out = []
+            for _ in range(steps):
+                self.step += 1
+                out.append(script[:, self.step:self.step + 1].clone())
+            return out
+
+    monkeypatch.setattr(decoding, "GraphDecoder", ScriptedDecoder)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    decoded = decoding.greedy_decode(None, torch.zeros(2, 3, dtype=torch.long), 5, eos_token_id=eos)
+    # Both rows have ended at the fourth token: the decode stops there, row 0 reading eos after its own.
+    assert decoded.tokens.tolist() == [[5, eos, eos, eos], [3, 4, 6, eos]]
+    without_eos = decoding.greedy_decode(None, torch.zeros(2, 3, dtype=torch.long), 5).tokens
+    assert torch.equal(without_eos, script)
