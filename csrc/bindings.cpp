@@ -121,6 +121,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "w4a16_small_m_plan",
       [](int64_t M, int64_t N, int64_t K, int64_t group_size, bool symmetric, int sm_count, int smem_per_block) {
+        // (M = 0 or N = 0 would divide by zero blocks in the plan: the op returns before planning there)
+        TORCH_CHECK(M > 0 && N > 0 && K > 0 && sm_count > 0, "w4a16_small_m_plan: M, N, K and sm_count must be "
+                    "positive, got M = ", M, ", N = ", N, ", K = ", K, ", sm_count = ", sm_count);
+        TORCH_CHECK(group_size == -1 || group_size == 32 || group_size == 64 || group_size == 128,
+                    "w4a16_small_m_plan: group_size must be 32, 64, 128 or -1 (per-channel), got ", group_size);
         const int64_t group_len = group_size == -1 ? K : group_size;  // -1: per-channel, as in the ops
         const std::vector<int64_t> plan =
             quantkern::w4a16::small_m_plan(M, N, K, group_len, !symmetric, sm_count, smem_per_block);
@@ -139,6 +144,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "int_small_m_plan",
       [](int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int sm_count) {
+        TORCH_CHECK(w_bits == 4 || w_bits == 8, "int_small_m_plan: w_bits must be 4 or 8, got ", w_bits);
+        TORCH_CHECK(M > 0 && N > 0 && K > 0 && sm_count > 0, "int_small_m_plan: M, N, K and sm_count must be "
+                    "positive, got M = ", M, ", N = ", N, ", K = ", K, ", sm_count = ", sm_count);
         const quantkern::int_small_m::Plan plan =
             quantkern::int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, sm_count);
         pybind11::dict out;

@@ -198,6 +198,11 @@ template <bool QUANT>
 void dispatch(const at::Tensor& x, const Plan& plan, int64_t rows, cudaStream_t stream, const char* op) {
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat, op, ": unsupported dtype ", dtype);
+  // The row lives in shared memory as fp32: up to 160 KiB (n = 40960), more than sm_86 / sm_89 give a block.
+  const int64_t smem_limit = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(x.get_device());
+  TORCH_CHECK(static_cast<int64_t>(plan.smem) <= smem_limit, op, ": a row of ", plan.p.n, " entries needs ",
+              plan.smem, " bytes of shared memory (4 per entry), more than this GPU's ", smem_limit,
+              " per block (the reference path, quantkern.rotation, serves it)");
   if (plan.small) {
     switch (dtype) {
       case at::kHalf: launch_small<__half, QUANT>(plan, rows, stream); break;

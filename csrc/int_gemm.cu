@@ -601,6 +601,10 @@ Plan make_plan(int64_t M, int64_t N, int64_t K, bool per_channel, int64_t split_
 // H100, 28.5 against 42.6 us for W4A4 8192 x 8192, so the threshold may come down).
 constexpr int64_t kWgmmaMinTokens = 65;
 
+// Its grid walks the tokens along y (at most 65535 tiles); the automatic choice leaves larger M to the mma.sync
+// tiles (grid x).
+constexpr int64_t kMaxGridY = 65535;
+
 bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
   const bool available = hopper::wgmma_available(device);
   if (config == kWgmma128 || config == kWgmma256) {
@@ -608,9 +612,13 @@ bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool g
                 "for 9.0a");
     TORCH_CHECK(a_bits == 8 && !grouped, op, ": configs 6 and 7 (the wgmma kernel) take int8 activations and "
                 "per-channel weights");
+    const int64_t tokens = config == kWgmma128 ? 128 : 256;
+    TORCH_CHECK((M + tokens - 1) / tokens <= kMaxGridY, op, ": config ", config, " (the wgmma kernel, ", tokens,
+                "-token tiles) takes at most ", kMaxGridY * tokens, " rows, got M = ", M);
     return true;
   }
-  return config == kAuto && available && a_bits == 8 && !grouped && M >= kWgmmaMinTokens;
+  return config == kAuto && available && a_bits == 8 && !grouped && M >= kWgmmaMinTokens &&
+         (M + 255) / 256 <= kMaxGridY;
 }
 
 // The few-token kernel (csrc/int_small_m.cu): int8 activations and per-channel weights on an sm_90 GPU,
@@ -625,6 +633,9 @@ bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool
     TORCH_CHECK(available, op, ": config 8 (the few-token kernel) needs an sm_90 GPU and an extension built for 9.0a");
     TORCH_CHECK(a_bits == 8 && !grouped, op, ": config 8 (the few-token kernel) takes int8 activations and "
                 "per-channel weights");
+    TORCH_CHECK((M + int_small_m::kTokens - 1) / int_small_m::kTokens <= kMaxGridY, op,
+                ": config 8 (the few-token kernel) takes at most ", kMaxGridY * int_small_m::kTokens,
+                " rows (grid z), got M = ", M);
     return true;
   }
   return config == kAuto && available && a_bits == 8 && !grouped && M <= kSmallMMaxTokens;
@@ -799,27 +810,33 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   TORCH_CHECK(group_len > 0 && group_len % 32 == 0 && K % group_len == 0, op,
               ": group_len must be a positive multiple of 32 dividing K = ", K, ", got ", group_len);
   const bool grouped = group_len < K;
-  TORCH_CHECK(!(grouped && a_bits == 4 && w_bits == 4 && group_len % 64 != 0 && [] {
-                int dev = 0, major = 0;
-                cudaGetDevice(&dev);
-                cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-                return major < 9;
-              }()),
+  // (a's device, not the current one: the guard below is not set yet)
+  TORCH_CHECK(!(grouped && a_bits == 4 && w_bits == 4 && group_len % 64 != 0 &&
+                device_attribute<cudaDevAttrComputeCapabilityMajor>(a.get_device()) < 9),
               op, ": W4A4 with group 32 needs sm_90 (the native int4 path steps 64 k at a time)");
-  for (const auto* t : {&a_scale, &w_scale}) {
-    check_cuda(*t, op, "scale");
-    check_contiguous(*t, op, "scale");
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": scales must be float32");
-  }
-  TORCH_CHECK(a_scale.dim() == 1 && a_scale.size(0) == M, op, ": a_scale must be [M] = [", M, "]");
+  const auto check_scale = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, op, name);
+    check_contiguous(t, op, name);
+    TORCH_CHECK(t.device() == a.device(), op, ": ", name, " must be on a's device ", a.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  };
+  check_scale(a_scale, "a_scale");
+  check_scale(w_scale, "w_scale");
+  TORCH_CHECK(a_scale.dim() == 1 && a_scale.size(0) == M, op, ": a_scale must be [M] = [", M, "], got ",
+              a_scale.sizes());
   TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == K / group_len && w_scale.size(1) == N, op,
               ": w_scale must be [K / group_len, N] = [", K / group_len, ", ", N, "], got ", w_scale.sizes());
+  // The mma.sync kernel reads w_scale as float2 pairs (N is even): a view at an odd float offset would fault.
+  TORCH_CHECK(is_aligned(w_scale.const_data_ptr(), 8), op, ": w_scale must be 8-byte aligned: pass a whole tensor, "
+              "not a view at an odd offset");
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     check_cuda(*bias, op, "bias");
     check_contiguous(*bias, op, "bias");
+    TORCH_CHECK(bias->device() == a.device(), op, ": bias must be on a's device ", a.device(), ", got ",
+                bias->device());
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N, op,
-                ": bias must be float32 [N]");
+                ": bias must be float32 [N] = [", N, "], got ", bias->scalar_type(), " ", bias->sizes());
     bias_ptr = bias->data_ptr<float>();
   }
   const c10::cuda::CUDAGuard device_guard(a.device());

@@ -589,8 +589,10 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               "kernel's tiles), got ",
               tile_m);
   TORCH_CHECK(split_k >= 0, kOp, ": split_k must be >= 0 (0 = automatic), got ", split_k);
-  TORCH_CHECK(K <= std::numeric_limits<int32_t>::max() / 2 && N <= std::numeric_limits<int32_t>::max() &&
-                  M <= std::numeric_limits<int32_t>::max(), kOp, ": sizes too large");
+  // K < 2^29: the small-M kernel steps x by two rows in a 32-bit byte offset (4 K bytes; csrc/w4a16_small_m.cu).
+  TORCH_CHECK(K < (int64_t{1} << 29) && N <= std::numeric_limits<int32_t>::max() &&
+                  M <= std::numeric_limits<int32_t>::max(),
+              kOp, ": sizes too large (K below 2^29, M and N below 2^31), got M = ", M, ", N = ", N, ", K = ", K);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = at::empty({M, N}, x.options());

@@ -47,13 +47,37 @@ def permute_columns_fake(x: torch.Tensor, permutation: torch.Tensor):
     return torch.empty_like(x)
 
 
+# Every op of csrc/bindings.cpp's TORCH_LIBRARY(quantkern, ...) and its fake (tests/test_cuda_kernels.py checks that
+# the two lists agree and that each fake takes its schema's arguments).
+FAKES = {
+    "quantize_per_token": quantize_per_token_fake,
+    "w4a16_gemm": w4a16_gemm_fake,
+    "int_gemm": int_gemm_fake,
+    "int_gemm_acc": int_gemm_acc_fake,
+    "permute_columns": permute_columns_fake,
+    "hadamard": hadamard_fake,
+    "hadamard_quantize": hadamard_quantize_fake,
+}
+# Absent from extensions built before csrc/hadamard.cu and csrc/permute.cu.
+_OPTIONAL = ("hadamard", "hadamard_quantize", "permute_columns")
+
+
+_registered = False
+
+
 def register_extension_fakes() -> None:
-    """Called once, right after quantkern._C is loaded (its ops must exist first)."""
-    torch.library.register_fake("quantkern::quantize_per_token")(quantize_per_token_fake)
-    torch.library.register_fake("quantkern::w4a16_gemm")(w4a16_gemm_fake)
-    torch.library.register_fake("quantkern::int_gemm")(int_gemm_fake)
-    torch.library.register_fake("quantkern::int_gemm_acc")(int_gemm_acc_fake)
-    for name, fake in (("hadamard", hadamard_fake), ("hadamard_quantize", hadamard_quantize_fake),
-                       ("permute_columns", permute_columns_fake)):
-        if hasattr(torch.ops.quantkern, name):  # absent from extensions built before csrc/hadamard.cu, permute.cu
+    """Called right after quantkern._C is loaded (its ops must exist first); registers once per process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for name, fake in FAKES.items():
+        if name not in _OPTIONAL or hasattr(torch.ops.quantkern, name):
             torch.library.register_fake(f"quantkern::{name}")(fake)
+
+
+# csrc/bindings.cpp names this module (m.set_python_module) as the home of the fakes, and torch.compile's error for
+# an op without one says to import it: importing it registers them wherever the extension is loaded (also when
+# quantkern._C was imported directly, without quantkern.backends).
+if hasattr(torch.ops.quantkern, "quantize_per_token"):
+    register_extension_fakes()

@@ -113,6 +113,12 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
     values = signed_weight_values(qw)  # int8 [N, K], logical order
     # The int8 activation codes the CUDA GEMM reads: W8A8, W4A8, and W4A4 on GPUs without int4 tensor cores.
     gemm_act_bits = 8 if act_bits == 8 or (backend == "cuda" and not has_int4_tensor_cores(values.device)) else 4
+    if backend == "cuda" and gemm_act_bits == 4 and qw.group_length < qw.in_features and qw.group_length % 64:
+        # The native int4 mma steps 64 k at a time: quantkern::int_gemm refuses such groups on every call.
+        from .backends import MissingKernelError
+
+        raise MissingKernelError(f"the CUDA W4A4 GEMM needs a group length that is a multiple of 64 on "
+                                 f"sm_80-sm_89 (int4 tensor cores), got {qw.group_length}")
     if qw.bits == 8:
         w = values.contiguous()
     else:
