@@ -22,6 +22,7 @@ nibble order (``pack_int4_signed``), which is what integer tensor cores consume.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +36,18 @@ SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
 PER_CHANNEL = -1
 
 
+def _integer(name: str, value) -> int:
+    """``value`` as an int; a float or bool is refused (``64.0 in (32, 64)`` holds, then 64.0 reached reshape)."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
 def check_bits(bits: int, allowed=SUPPORTED_WEIGHT_BITS) -> int:
+    bits = _integer("bits", bits)
     if bits not in allowed:
         raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
     return bits
@@ -43,7 +55,10 @@ def check_bits(bits: int, allowed=SUPPORTED_WEIGHT_BITS) -> int:
 
 def group_length(group_size: int, in_features: int) -> int:
     """Number of input channels sharing one scale; validates ``group_size`` against ``in_features``."""
-    if group_size is None or group_size in (0, PER_CHANNEL):
+    if group_size is None:
+        return in_features
+    group_size = _integer("group_size", group_size)
+    if group_size in (0, PER_CHANNEL):
         return in_features
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(

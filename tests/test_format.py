@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from quantkern import format as fmt
+from quantkern import reference
 
 
 def test_pack_int4_nibble_order_is_low_first():
@@ -53,6 +54,14 @@ def test_group_length_validation():
         fmt.group_length(128, 576)
     with pytest.raises(ValueError, match="group_size must be one of"):
         fmt.group_length(48, 576)
+    # 64.0 in (32, 64, 128, -1) holds: a float size reached reshape (a TypeError about its shape argument)
+    for bad in (64.0, -1.0, True):
+        with pytest.raises(TypeError, match=f"group_size must be an int, got {type(bad).__name__}"):
+            fmt.group_length(bad, 576)
+    with pytest.raises(TypeError, match="group_size must be an int, got float 64.0"):
+        reference.quantize_weight(torch.randn(4, 576), 4, 64.0)
+    with pytest.raises(TypeError, match="bits must be an int, got float 4.0"):
+        reference.quantize_weight(torch.randn(4, 576), 4.0, 64)
 
 
 def _weight(n=8, k=64, bits=4, group=32, symmetric=True):
