@@ -73,7 +73,8 @@ CONFIG_SOURCE = "the checkpoint"
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -105,8 +106,10 @@ def _checkpoint_tensors(checkpoint_files) -> dict:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
                     header = handle.get_slice(name)
-                    # Other dtypes (e.g. fp8) cannot be QuantLinear tensors; uint8 stands in for them.
-                    dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), torch.uint8)
+                    dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+                    if dtype is None:  # (the loader's dtype checks name the others: fp8 codes, say)
+                        raise ValueError(f"{path}: {name} is of dtype {header.get_dtype()}, which no quantkern "
+                                         "checkpoint holds")
                     tensors[name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
         except SafetensorError as error:  # as load_quantized says it: the file named, not a bare header error
             raise ValueError(f"{path} is corrupt: {error}") from None

@@ -283,6 +283,23 @@ def test_a_corrupt_weights_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=match):
         io.load_quantized(tmp_path / "ckpt")
 
+
+def test_quantized_tensors_of_another_dtype_are_refused_naming_them(tmp_path):
+    # fp8 codes were read from the header as uint8 (any unknown dtype was), so they passed the dtype check.
+    from safetensors.torch import load_file, save_file
+
+    model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
+    save(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / io.WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    name = "model.layers.0.mlp.up_proj.qweight"
+    tensors[name] = tensors[name].view(torch.float8_e4m3fn)
+    save_file(tensors, str(weights), metadata={"format": "pt", "quant_method": "quantkern"})
+    with pytest.raises(ValueError, match=r"up_proj\.qweight is torch\.float8_e4m3fn; the format stores it as "
+                                         r"torch\.uint8"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float16)
+
+
 def test_layer_settings_for_layers_that_are_not_quantized_are_refused(tmp_path):
     # A per-layer override naming no converted layer was dropped without a word: the config is another model's.
     model = replace_linear(tiny_llama(), bits=4, group_size=32, kernel_shapes="reference")
