@@ -100,7 +100,7 @@ def _check_source(src: Path) -> None:
 
 def _parse_options(pairs) -> dict:
     """``--option key=value`` pairs of a method's own knobs; values read as JSON where they parse
-    (numbers, true/false, null), otherwise as strings."""
+    (numbers, true/false, null; Python's True/False too), otherwise as strings."""
     import json
 
     options = {}
@@ -108,6 +108,8 @@ def _parse_options(pairs) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        if value in ("True", "False"):  # (not JSON: it would stay the string "False", which is truthy)
+            value = value.lower()
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -179,6 +179,14 @@ def test_unknown_method_and_bad_options_are_usage_errors(tmp_path, capsys):
     assert "unknown --option ['dampening']" in capsys.readouterr().err
 
 
+def test_option_values_read_as_json_and_python_booleans():
+    from quantkern.cli import _parse_options
+
+    options = _parse_options(["act_order=False", "static_groups=true", "damp=0.01", "weights=rtn", "x=None"])
+    # "False" stayed the string "False" (truthy: GPTQ then ran with act-order); "None" is no JSON and stays a string
+    assert options == {"act_order": False, "static_groups": True, "damp": 0.01, "weights": "rtn", "x": "None"}
+
+
 def test_existing_destination_is_refused_before_any_work(tmp_path, capsys):
     dst = tmp_path / "exists"
     dst.mkdir()
