@@ -453,9 +453,9 @@ def permute_columns(x: torch.Tensor, permutation: torch.Tensor, backend: Optiona
     ``permutation``: int64 [K] on x's device, a permutation of 0..K-1. Its values are not checked here (that would
     cost a device sync per call): layers check theirs where they are built or loaded (``nn.check_permutation``),
     and the CUDA kernel stops with a device error on an entry outside [0, K).
-    GPU kernels: csrc/permute.cu up to 16 rows (after it a few-token W4A16 GEMM starts early under CUDA graphs:
-    programmatic dependent launch), torch's index_select for more rows (faster there); else
-    triton_kernels/permute.py.
+    GPU kernels: csrc/permute.cu (up to 16 rows a column per thread, after which a few-token W4A16 GEMM starts
+    early under CUDA graphs: programmatic dependent launch; from 17 rows the rows staged in shared memory; rows
+    over 96 KiB go to torch's index_select); else triton_kernels/permute.py.
     """
     reference.check_permute_columns_input(x, permutation)
     chosen = select("permute_columns", x.device, backend)

@@ -188,7 +188,7 @@ def dequantize_per_token(q: torch.Tensor, scale: torch.Tensor, bits: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# Integer GEMM with scale epilogue: W8A8 and W4A4
+# Integer GEMM with scale epilogue: W8A8, W4A4 and W4A8
 # ----------------------------------------------------------------------------------------------
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -213,7 +213,7 @@ def signed_weight_values(qw: QuantizedWeight) -> torch.Tensor:
 
 def quantized_activation_linear(x: torch.Tensor, qw: QuantizedWeight, act_bits: int,
                                 bias: Optional[torch.Tensor] = None, clip_ratio: float = 1.0) -> torch.Tensor:
-    """W4A4 / W8A8 linear: per-token symmetric activation quantization, int32 accumulation per weight
+    """W8A8 / W4A4 / W4A8 linear: per-token symmetric activation quantization, int32 accumulation per weight
     group, then the epilogue ``y = sx * sum_g(acc_g * sw_g) + bias`` in fp32, returned in ``x.dtype``."""
     _check_linear_input(x, qw.in_features, bias, qw.out_features)
     lead = x.shape[:-1]
