@@ -372,3 +372,12 @@ def test_the_metadata_records_the_static_groups_that_ran(group_size, act_order, 
 
     config = small_config(group_size=group_size, options={"gptq_act_order": act_order})
     assert QuaRotQuantizer(config, group_size).extra_config()["options"]["gptq_static_groups"] is recorded
+
+
+def test_calibration_that_these_settings_do_not_read_is_reported(tmp_path):
+    # RTN weights on a Hadamard rotation without a clip search read no data: the file was dropped without a word.
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text that nothing reads\n" * 20)
+    with pytest.warns(UserWarning, match="quarot with these settings reads no calibration data"):
+        result = quantize_model(tiny_llama(), None, small_config(calib_path=str(calib)), progress=False)
+    assert result.calibration is None

@@ -21,6 +21,7 @@ Methods are registered in ``quantkern.quantizers.METHODS`` by their CLI name.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
@@ -365,6 +366,10 @@ def quantize_model(model: nn.Module, tokenizer, config: QuantizeConfig, progress
     device = torch.device(config.device)
 
     windows, calibration = None, None
+    if not quantizer.needs_calibration and (config.calib_path is not None or config.calib_windows is not None):
+        # (QuaRot decides per run: RTN weights on a Hadamard rotation, with no clip search, read no data)
+        warnings.warn(f"{config.method} with these settings reads no calibration data: the calibration given is "
+                      f"not used", stacklevel=2)
     if quantizer.needs_calibration:
         calib_start = time.perf_counter()
         model_home = _device_of(model)
