@@ -86,6 +86,10 @@ def main(argv=None) -> int:
 
     import quantkern
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import commit_info
+
+    commit, dirty = commit_info()  # (the figures belong to a commit: QUANTKERN_COMMIT, else git's HEAD)
     rows = []
     if not args.no_fp32:
         rows.append({"row": "fp32", "config": "fp32", "perplexity": fp32_perplexity()})
@@ -95,7 +99,8 @@ def main(argv=None) -> int:
         (args.out / "accuracy.json").write_text(json.dumps({
             "rows": rows,
             "calibration": {"file": str(calib), "sources": LICENSE_CALIBRATION_SOURCES, "samples": args.samples},
-            "quantkern": quantkern.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "quantkern": quantkern.__version__, "commit": commit, "dirty": dirty, "torch": torch.__version__,
+            "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine()}, indent=2))
 
     print("| config | perplexity | before (RTN, anchor figures) | target | quantize time | disk |")

@@ -6,7 +6,9 @@ torch.compile (Inductor fuses it into one Triton kernel). ``cuda`` times the ext
 directly; ``ops`` times it through ``quantkern.ops`` (Python validation and dispatch included).
 Figures: effective bandwidth (minimal bytes read + written) as a fraction of the device copy
 bandwidth measured in the same run, and speed-ups of the CUDA kernel over the peers. The table
-printed last keeps the bandwidth-bound shapes (2048+ rows); the JSON has every shape.
+printed last keeps the bandwidth-bound shapes (2048+ rows); the JSON has every shape. Before timing, our
+CUDA and Triton kernels are checked bit for bit against the reference, and the peers within a rounding
+step (a warning if not).
 
     python benchmarks/bench_activation_quant.py --json out/bench_activation_quant.json
 """
@@ -17,8 +19,9 @@ import argparse
 
 import torch
 
-from common import copy_bandwidth_gbs, median_us, print_table, write_json
+from common import copy_bandwidth_gbs, median_us, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
+from quantkern.format import unpack_int4_signed
 
 HIDDEN_SIZES = [576, 896, 4096, 4864, 8192, 14336, 16384]
 ROWS = [1, 16, 2048, 16384]
@@ -32,6 +35,20 @@ def torch_per_token_quant(x: torch.Tensor, bits: int):
     if bits == 4:
         q = ((q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)).to(torch.uint8)
     return q, scale.squeeze(-1)
+
+
+def peer_difference(got, expected, bits: int) -> str:
+    """'' where a peer's (codes, scales) are the reference's up to rounding (an ulp on a scale, a code one off
+    at a tie, as benchmarks/test_bench_kernels.py allows torch.compile), else what is off."""
+    codes = [(unpack_int4_signed(q) if bits == 4 else q).int() for q in (got[0], expected[0])]
+    if codes[0].shape != codes[1].shape or got[1].shape != expected[1].shape:
+        return f"shapes {tuple(got[0].shape)}, {tuple(got[1].shape)}"
+    diff = (codes[0] - codes[1]).abs()
+    scale_error = ((got[1].float() - expected[1]).abs() / expected[1].abs()).max().item()
+    worst, share = (diff.max().item(), (diff != 0).float().mean().item()) if diff.numel() else (0, 0.0)
+    if worst > 1 or share > 0.01 or scale_error > 1e-6:
+        return f"codes up to {worst} off ({share:.2%} of them), scales {scale_error:.1e} relative"
+    return ""
 
 
 def minimal_bytes(rows: int, features: int, dtype: torch.dtype, bits: int) -> int:
@@ -48,6 +65,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    warm_up_gpu()  # (an idle GPU's first rows come out erratic: benchmarks/common.py)
     copy_gbs = copy_bandwidth_gbs()
     # One specialised compilation per shape: lift Dynamo's recompile limit (default 8), past which
     # it would silently run the peer eagerly.
@@ -69,6 +87,13 @@ def main() -> None:
                 got = torch.ops.quantkern.quantize_per_token(x, bits, 1.0)
                 if not (torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])):
                     raise SystemExit(f"CUDA kernel disagrees with the reference at {rows}x{features} int{bits}")
+                got = ops.quantize_per_token(x, bits, backend="triton")  # bit-exact too (tests/test_triton_kernels)
+                if not (torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])):
+                    raise SystemExit(f"Triton kernel disagrees with the reference at {rows}x{features} int{bits}")
+                for name, peer in (("torch_eager", torch_per_token_quant), ("torch_compile", compiled_peer)):
+                    off = peer_difference(peer(x, bits), expected, bits)
+                    if off:
+                        print(f"warning: peer {name} at {rows}x{features} int{bits}: {off}")
                 times = {
                     "cuda": median_us(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0)),
                     "ops": median_us(lambda: ops.quantize_per_token(x, bits)),

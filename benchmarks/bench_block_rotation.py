@@ -6,8 +6,10 @@ nothing rotated stored between them), ``rotate`` = ``ops.block_rotate`` alone (f
 Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM (``x.view(-1, b) @ R.T`` for a shared R,
 one ``torch.bmm`` over the blocks for one R per block; R in x's dtype), then our ``quantize_per_token`` (the
 CUDA kernel where built); ``copy`` = a device copy of the same bytes as the fused op moves at least (x read,
-codes + scales written), the roofline. Timing: CUDA-graph replays (no host time). Figures: microseconds and
-the share of the same-bytes copy's rate.
+codes + scales written), the roofline. Timing: CUDA-graph replays (no host time; nothing rotated past the L2:
+x, its outputs and the copy's buffers stay in the L2 alike where they fit). Figures: microseconds and the share
+of the same-bytes copy's rate. Before timing, ours is checked against the reference (tests/test_block_rotation.py's
+bounds; fatal) and the peer within a rounding step (its R is rounded to fp16; a warning).
 
     python benchmarks/bench_block_rotation.py --json out/bench_block_rotation.json
 """
@@ -18,8 +20,8 @@ import argparse
 
 import torch
 
-from common import graph_us, print_table, write_json
-from quantkern import backends, ops
+from common import graph_us, print_table, warm_up_gpu, write_json
+from quantkern import backends, ops, reference
 
 SHAPES = [(576, 64), (4096, 128), (8192, 128)]  # K, block (head_dim): SmolLM2, Llama-3-8B, Llama-3-70B
 ROWS = [1, 16, 2048, 8192]
@@ -35,6 +37,7 @@ def main() -> None:
     if "block_rotate_quantize" not in backends.status("triton").kernels:
         raise SystemExit(f"the Triton kernels are missing: {backends.status('triton').reason}")
     dtype = torch.float16
+    warm_up_gpu()  # (an idle GPU's first rows come out erratic: benchmarks/common.py)
     results, table = [], []
     for k, b in SHAPES:
         for per_block in (False, True):
@@ -53,6 +56,22 @@ def main() -> None:
                         y = (x.view(-1, b) @ rotation16.T).view(m, k)
                     return ops.quantize_per_token(y, 4)
 
+                # correctness first: one fp32 summation order against another, rounded to fp16 (the tests' bounds)
+                expected = reference.block_rotate(x, rotation)
+                rotated = ops.block_rotate(x, rotation)
+                if not torch.allclose(rotated.float(), expected.float(), rtol=2 ** -10, atol=2 ** -10):
+                    raise SystemExit(f"block_rotate disagrees with the reference at M={m} K={k} b={b}")
+                q_ref, s_ref = reference.quantize_per_token(expected, 4)
+                for name, fn, scale_tol in (("block_rotate_quantize", lambda: ops.block_rotate_quantize(x, rotation, 4),
+                                             2 ** -10), ("cublas+quant", peer, 2e-3)):
+                    q, scales = fn()
+                    diff = (reference.unpack_int4_signed(q).int() - reference.unpack_int4_signed(q_ref).int()).abs()
+                    if not (diff.max().item() <= 1 and diff.float().mean().item() < 0.01
+                            and torch.allclose(scales, s_ref, rtol=scale_tol, atol=0)):
+                        message = f"{name} disagrees with the reference at M={m} K={k} b={b}"
+                        if name != "cublas+quant":
+                            raise SystemExit(message)
+                        print("warning: " + message, flush=True)
                 moved = m * k * 2 + m * k // 2 + m * 4  # x read; int4 codes and fp32 scales written
                 src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
                 dst = torch.empty_like(src)

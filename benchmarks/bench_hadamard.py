@@ -4,7 +4,8 @@ Ours: ``hadamard`` (rotation alone, fp16 out) and ``hadamard_quantize`` (rotatio
 pass), called as the extension's ops (torch.ops.quantkern.*), and the Triton versions.
 Peers, same inputs, same run:
   * ``fht``: Dao-AILab ``fast_hadamard_transform.hadamard_transform`` (``_28N`` for 14336 = 28 x 512; its
-    28 x 28 matrix is its own table, the timing is what matters), when importable. The GPU machine has no
+    28 x 28 matrix is its own table, the timing is what matters; at powers of two, Sylvester's matrix as ours,
+    its output is checked against ours before timing, a warning if off), when importable. The GPU machine has no
     package registry: scripts/gpu_check.sh (QUANTKERN_BENCH=hadamard, carry ``.peers``) builds it from its
     sources in the git-ignored ``.peers/fast-hadamard-transform`` (a copy of the GitHub repository at v1.1.0,
     setup.py cut to sm_90: the PyPI sdist, also there, carries no csrc); without it this peer is skipped and
@@ -20,7 +21,8 @@ Peers, same inputs, same run:
 Sizes: 4096, 8192, 14336, 16384 (the targets), 576 = 36 x 16 (SmolLM2), and 4864 = 19 x 256, which has no
 Hadamard matrix: it runs in blocked mode (block 256), and the peers on the same 256-blocks.
 Figures: GB/s counting bytes read + written (x read once; y or q + scales written once) and the fraction
-of the same-bytes copy. Timing: triton.testing.do_bench medians (L2 flushed between repetitions).
+of the same-bytes copy. Timing: triton.testing.do_bench medians (L2 flushed between repetitions). Before
+timing, our CUDA and Triton ops are checked against the reference.
 
     python benchmarks/bench_hadamard.py --json out/bench_hadamard.json   (--no-triton: skip the Triton timings,
     whose per-shape compilations take minutes on the GPU machine)
@@ -33,7 +35,7 @@ import math
 
 import torch
 
-from common import HADAMARD_QUANTIZE_TARGET, copy_bandwidth_gbs, median_us, print_table, write_json
+from common import HADAMARD_QUANTIZE_TARGET, copy_bandwidth_gbs, median_us, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
 from quantkern.format import unpack_int4_signed
 from quantkern.rotation import hadamard_matrix
@@ -75,6 +77,7 @@ def main() -> None:
     if "hadamard_quantize" not in backends.status("cuda").kernels:
         raise SystemExit(f"the CUDA extension lacks the hadamard kernels: {backends.status('cuda').reason}")
     dtype = torch.float16
+    warm_up_gpu()  # (an idle GPU's first rows come out erratic: benchmarks/common.py)
     copy_1g = copy_bandwidth_gbs()
     fht, fht_status = load_fht()
     tensor_core_sizes = set(backends.cuda_build_info().get("hadamard_quantize_tensor_core_sizes", ()))
@@ -102,6 +105,13 @@ def main() -> None:
             else:
                 assert (q != q_ref).float().mean().item() < 0.01
             assert torch.allclose(s, s_ref, rtol=2e-3)
+            if not args.no_triton:  # the Triton ops too, within tests/test_hadamard_kernels.py's bounds for them
+                y_tr = ops.hadamard(x, backend="triton", block_size=block)
+                assert (y_tr.float() - y_ref.float()).abs().max() <= 2e-3 * y_ref.float().abs().max()
+                q_tr, s_tr = ops.hadamard_quantize(x, 4, backend="triton", block_size=block)
+                code_diff = (unpack_int4_signed(q_tr).int() - unpack_int4_signed(q_ref).int()).abs()
+                assert code_diff.max() <= 1 and (code_diff != 0).float().mean() <= 0.01
+                assert torch.allclose(s_tr, s_ref, rtol=8e-3, atol=0)
             bytes_rot = 2 * rows * n * 2
             bytes_q = rows * n * 2 + rows * n // 2 + rows * 4
             times = {
@@ -123,7 +133,11 @@ def main() -> None:
                     lambda: ops.hadamard_quantize(x, 4, backend="triton", block_size=block))
             call = fht_call(fht, x, n, block) if fht else None
             if call:
-                call()
+                y_fht = call().view(rows, n)
+                if size & (size - 1) == 0:  # Sylvester's matrix, as ours: the same transform
+                    fht_error = (y_fht.float() - y_ref.float()).abs().max()
+                    if fht_error > 2e-3 * y_ref.float().abs().max():
+                        print(f"warning: fht differs from the reference by {fht_error:.2e} at {rows}x{n}")
                 times["fht"] = median_us(call)
                 times["fht+quant"] = median_us(
                     lambda: torch.ops.quantkern.quantize_per_token(call().view(rows, n), 4, 1.0))

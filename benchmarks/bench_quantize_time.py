@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,7 +44,11 @@ def random_llama(layers: int, dtype=torch.bfloat16):
 
 
 def main(argv=None) -> int:
+    import quantkern
     from quantkern.quantizers import QuantizeConfig, quantize_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import commit_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", default="gptq")
@@ -70,8 +76,9 @@ def main(argv=None) -> int:
         "group_size": args.group_size, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "quantize_s": round(seconds, 1), "per_block_s": round(seconds / args.layers, 2),
         "projected_32_blocks_s": round(seconds / args.layers * 32, 1), "build_model_s": round(build_s, 1),
-        "timings_s": result.timings_s, "torch": torch.__version__,
+        "timings_s": result.timings_s, "torch": torch.__version__, "quantkern": quantkern.__version__,
     }
+    report["commit"], report["dirty"] = commit_info()
     if args.device == "cuda":
         report["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(report))

@@ -48,7 +48,10 @@ def median_us(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
 # CUDA-graph timing with weights rotated past the L2 cache (50 MB on the H100 and the H200): each timed call
 # reads another copy, so each streams its weights from memory.
 ROTATE_BYTES = 200 << 20  # a weight's copies together at least this
-MAX_COPIES = 8
+# (The cap was 8: small weights' copies then fit in the L2 together, e.g. 8 int4 copies of 896 x 4864 make 17 MB
+# and of 576 x 1536 3.5 MB, while cuBLAS's 8 fp16 copies of 896 x 4864 made 70 MB: ours read the L2, the peer HBM.
+# The copies of a weight stay near ROTATE_BYTES together whatever the cap, so it only bounds the count.)
+MAX_COPIES = 1024
 
 
 def graph_us(fn) -> float:
@@ -98,16 +101,25 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (median_us(lambda: dst.copy_(src)) * 1e3)
 
 
-def environment() -> dict:
-    commit, dirty = os.environ.get("QUANTKERN_COMMIT"), None  # the GPU machine gets no .git
+def commit_info() -> tuple:
+    """``(commit, dirty)``: ``QUANTKERN_COMMIT`` where set (the GPU machine gets no .git; dirty then None),
+    else git's short HEAD and whether tracked files differ from it; ``(None, None)`` without either."""
+    commit, dirty = os.environ.get("QUANTKERN_COMMIT"), None
     try:
         if commit is None:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip() or None
-            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                        text=True, cwd=Path(__file__).parent, check=False).stdout.strip())
+                                    cwd=Path(__file__).parent, check=False).stdout.strip() or None
+            if commit is not None:  # (outside a git work tree git status fails: no verdict, not "clean")
+                dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                            capture_output=True, text=True, cwd=Path(__file__).parent,
+                                            check=False).stdout.strip())
     except OSError:
         commit, dirty = None, None
+    return commit, dirty
+
+
+def environment() -> dict:
+    commit, dirty = commit_info()
     import triton
 
     import quantkern

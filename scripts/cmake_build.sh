@@ -21,7 +21,7 @@ for arg in "$@"; do
   case "$arg" in
     --inplace) INPLACE=1 ;;
     --clean) rm -rf "$BUILD_DIR" ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "cmake_build.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done

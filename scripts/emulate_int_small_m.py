@@ -19,7 +19,6 @@ def run(wbits, M, K, N):
     wq = permute_w4a8(w) if wbits == 4 else w
     tiled = tile_int_weight(wq if wbits == 8 else pack_int4_signed(wq), wbits).numpy().view(np.uint8)
     k_tiles = tiled.shape[1]
-    row_bytes = 128 * wbits // 8
     A = a.numpy().view(np.uint8)
     Kp = k_tiles * 128
     Apad = np.zeros((16, Kp), np.uint8); Apad[:M, :K] = A
@@ -63,5 +62,8 @@ def run(wbits, M, K, N):
                     out[:, n0 + c] = acc[c, :M] >> shift
     ref = reference.int_matmul(a, w).numpy()
     print(wbits, M, K, N, "exact" if np.array_equal(out, ref) else "MISMATCH")
+    return np.array_equal(out, ref)
 
-run(4, 5, 160, 72); run(8, 5, 160, 72); run(4, 16, 256, 200); run(8, 9, 384, 136)
+# (a mismatch exits 1: it printed MISMATCH and exited 0 before)
+ok = [run(4, 5, 160, 72), run(8, 5, 160, 72), run(4, 16, 256, 200), run(8, 9, 384, 136)]
+raise SystemExit(0 if all(ok) else 1)

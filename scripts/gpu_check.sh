@@ -11,7 +11,9 @@
 # QUANTKERN_W4A16_ARGS (default --quick; " " for every shape), QUANTKERN_SKIP_BUILD=1 and
 # QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only), QUANTKERN_TESTS
 # (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1,
-# QUANTKERN_SANITIZE_CASES (case groups of scripts/sanitize_cases.py, default all; e.g. "int_gemm").
+# QUANTKERN_SANITIZE_CASES (case groups of scripts/sanitize_cases.py, default all; e.g. "int_gemm"),
+# QUANTKERN_COMMIT (the commit the benchmarks' JSON records: the GPU machine's copy has no .git).
+# Exit status: 0 when every step that ran passed, 1 otherwise (the summary table says which failed).
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
@@ -32,6 +34,9 @@ step() {  # step NAME LOGFILE COMMAND...: run, log, remember pass/fail and time
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+if [ -z "${QUANTKERN_COMMIT:-}" ] && ! git rev-parse --git-dir >/dev/null 2>&1; then
+    echo "WARNING: QUANTKERN_COMMIT is not set and there is no .git: the benchmarks' JSON will record commit null"
+fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
     cap=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
     [ "$cap" = "9.0" ] && cap="9.0a"
@@ -84,6 +89,12 @@ for bench in $BENCHES; do  # each benchmark prints its table last, after a blank
     [ -f "$OUTDIR/bench_$bench.log" ] && awk 'BEGIN{RS=""} {last=$0} END{print last}' "$OUTDIR/bench_$bench.log" && echo
 done
 printf '%-24s %s\n' step result
-for name in build info tests memcheck racecheck $(for b in $BENCHES; do echo "bench_$b"; done); do
+for name in build info tests memcheck racecheck peer_fht $(for b in $BENCHES; do echo "bench_$b"; done); do
     [ -n "${STATUS[$name]:-}" ] && printf '%-24s %s\n' "$name" "${STATUS[$name]}"
 done
+# (The loop's last test used to be the exit status: 0 with failed tests, 1 when the last step was skipped.)
+failed=0
+for name in "${!STATUS[@]}"; do
+    case ${STATUS[$name]} in PASS*) ;; *) failed=1 ;; esac
+done
+exit "$failed"
