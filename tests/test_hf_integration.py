@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from quantkern import io  # importing quantkern registers the quantizer with transformers
 from quantkern.hf_integration import QuantkernConfig, QuantkernHfQuantizer
-from quantkern.kv_cache import CONFIG_ATTR, enable_kv_quantization, kv_quantization_settings, output_cache
+from quantkern.kv_cache import (CONFIG_ATTR, cache_argument_name, enable_kv_quantization,
+                                kv_quantization_settings, output_cache)
 from quantkern.nn import QuantLinear, fuse_projections, replace_linear, set_submodule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,11 +149,12 @@ def test_whole_model_compiles_to_one_graph_over_a_static_cache(act_bits, fuse):
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=recording_backend, fullgraph=True, dynamic=False)
     outputs = []
+    keyword = cache_argument_name(model.forward)  # ("cache" from transformers 5.24: past_key_values warns)
     for forward in (model, compiled):
         cache = StaticCache(config=model.config, max_cache_len=16)
         with torch.no_grad():
-            model(input_ids=INPUT_IDS, past_key_values=cache, cache_position=torch.arange(12), use_cache=True)
-            outputs.append(forward(input_ids=INPUT_IDS[:, :1], past_key_values=cache,
+            model(input_ids=INPUT_IDS, **{keyword: cache}, cache_position=torch.arange(12), use_cache=True)
+            outputs.append(forward(input_ids=INPUT_IDS[:, :1], **{keyword: cache},
                                    cache_position=torch.tensor([12]), use_cache=True).logits)
     assert len(graphs) == 1
     # (Within fp32 rounding: under compilation transformers builds the attention mask another way.)

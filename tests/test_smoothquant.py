@@ -152,6 +152,7 @@ def output_error(model, tok, calib, **config):
     with torch.no_grad():
         ref = model.model(ids).last_hidden_state
     quantized = copy.deepcopy(model)
+    calib = None if config.get("method") == "rtn" else calib  # (RTN reads none)
     result = quantize_model(quantized, tok, QuantizeConfig(calib_path=calib, calib_samples=4, calib_seq_len=256,
                                                            **config), progress=False)
     with torch.no_grad():
