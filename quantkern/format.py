@@ -36,18 +36,22 @@ SUPPORTED_SCALE_DTYPES = (torch.float16, torch.bfloat16)
 PER_CHANNEL = -1
 
 
-def _integer(name: str, value) -> int:
-    """``value`` as an int; a float or bool is refused (``64.0 in (32, 64)`` holds, then 64.0 reached reshape)."""
+GROUP_SIZE_TYPE = "an int (32, 64, 128, or -1 for per-channel)"
+
+
+def as_int(name: str, value, expected: str = "an int") -> int:
+    """``value`` as an int; a float or bool is refused (``64.0 in (32, 64)`` holds, then 64.0 reached reshape;
+    ``int(64.5)`` ran as 64)."""
     if not isinstance(value, bool):
         try:
             return operator.index(value)
         except TypeError:
             pass
-    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 def check_bits(bits: int, allowed=SUPPORTED_WEIGHT_BITS) -> int:
-    bits = _integer("bits", bits)
+    bits = as_int("bits", bits)
     if bits not in allowed:
         raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
     return bits
@@ -57,7 +61,7 @@ def group_length(group_size: int, in_features: int) -> int:
     """Number of input channels sharing one scale; validates ``group_size`` against ``in_features``."""
     if group_size is None:
         return in_features
-    group_size = _integer("group_size", group_size)
+    group_size = as_int("group_size", group_size, GROUP_SIZE_TYPE)
     if group_size in (0, PER_CHANNEL):
         return in_features
     if group_size not in SUPPORTED_GROUP_SIZES:

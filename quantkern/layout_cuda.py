@@ -158,8 +158,6 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
         raise TypeError(f"x has dtype {x2d.dtype} but the weight was prepared for {prepared['dtype']}")
     if x2d.dim() != 2 or x2d.shape[1] != prepared["in_features"]:
         raise ValueError(f"x must be 2-D [tokens, {prepared['in_features']}], got shape {tuple(x2d.shape)}")
-    if bias is not None:
-        bias = bias.contiguous()  # the op takes a contiguous bias (ops.weight_only_linear passes the caller's)
     return torch.ops.quantkern.w4a16_gemm(x2d, prepared["qweight"], prepared["scales"], prepared["zeros"], bias,
                                           prepared["locks"], prepared["group_size"], split_k, tile_m,
                                           prepared.get("scales_fit_fp16", False))

@@ -8,7 +8,6 @@ path, on CUDA tensors a fast kernel or ``MissingKernelError`` (never a silent fp
 
 from __future__ import annotations
 
-import operator
 import warnings
 from typing import Iterable, NamedTuple, Optional
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .format import QuantizedWeight, canonical_group_size, check_bits, group_length
+from .format import GROUP_SIZE_TYPE, QuantizedWeight, as_int, canonical_group_size, check_bits, group_length
 from .models import SEQUENTIAL_GROUPS
 from .rotation import is_hadamard_size
 
@@ -51,17 +50,8 @@ def check_layer_options(in_features: int, out_features: int, bits: int, symmetri
 
 
 def check_group_size(group_size) -> int:
-    """``group_size`` as an int (None and 0 mean per-channel, -1), else a clear error: float sizes reached
-    ``reshape`` (64.0: a TypeError about its shape argument) or were truncated (64.5 ran as 64)."""
-    if group_size is None:
-        return canonical_group_size(None)
-    try:
-        if isinstance(group_size, bool):
-            raise TypeError
-        return canonical_group_size(operator.index(group_size))
-    except TypeError:
-        raise TypeError(f"group_size must be an int (32, 64, 128, or -1 for per-channel), got "
-                        f"{type(group_size).__name__} {group_size!r}") from None
+    """``group_size`` as an int (None and 0 mean per-channel, -1), else a TypeError (``format.as_int``)."""
+    return canonical_group_size(None if group_size is None else as_int("group_size", group_size, GROUP_SIZE_TYPE))
 
 
 def check_permutation(permutation: torch.Tensor, length: int, name: str) -> None:

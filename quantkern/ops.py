@@ -182,8 +182,8 @@ def weight_only_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedW
     reference._check_linear_input(x, weight.in_features, bias, weight.out_features)
     if x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but the weight was prepared for {weight.dtype} activations")
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    if bias is not None:  # (the kernels read it as a contiguous [N] vector)
+        bias = bias.to(x.dtype).contiguous()
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.in_features).contiguous()
     y = _w4a16_module(weight.backend).w4a16_linear(x2d, weight.tensors, bias)

@@ -258,11 +258,12 @@ def test_prepare_int_weight_refuses_cuda_w4a4_groups_the_native_int4_gemm_cannot
     layout_int.prepare_int_weight(reference.quantize_weight(torch.randn(8, 256), 4, 32), 4, "triton")
 
 
-def test_w4a16_linear_passes_a_contiguous_bias(monkeypatch):
-    # quantkern::w4a16_gemm refuses a strided bias; ops.weight_only_linear passes the caller's bias as it is.
+def test_weight_only_linear_passes_the_kernel_a_contiguous_bias(monkeypatch):
+    # quantkern::w4a16_gemm refuses a strided bias: ops.weight_only_linear, which hands the caller's bias to every
+    # backend, makes it contiguous.
     import types
 
-    from quantkern import layout_cuda
+    from quantkern import layout_cuda, ops
 
     seen = {}
 
@@ -272,9 +273,10 @@ def test_w4a16_linear_passes_a_contiguous_bias(monkeypatch):
 
     monkeypatch.setattr(torch.ops, "quantkern", types.SimpleNamespace(w4a16_gemm=op), raising=False)
     qw = reference.quantize_weight(torch.randn(32, 64), 4, 32)
-    prepared = layout_cuda.prepare_w4a16(qw, torch.float16)
+    prepared = ops.PreparedWeight("cuda", torch.device("cpu"), torch.float16, 4, 32, 64, 32,
+                                  tensors=layout_cuda.prepare_w4a16(qw, torch.float16))
     bias = torch.randn(32, 2, dtype=torch.float16)[:, 0]
-    layout_cuda.w4a16_linear(torch.randn(3, 64, dtype=torch.float16), prepared, bias)
+    ops.weight_only_linear(torch.randn(3, 64, dtype=torch.float16), prepared, bias)
     assert seen["bias"].is_contiguous() and torch.equal(seen["bias"], bias)
 
 
