@@ -408,6 +408,20 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _group_size_argument(text: str):
+    """--group-size: 'auto' or a supported size, checked as the arguments are parsed (before the model loads), so
+    that the error names the subcommand's usage."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {text!r}") from None
+    if value not in SUPPORTED_GROUP_SIZES:
+        raise argparse.ArgumentTypeError(f"must be 32, 64, 128, -1 (per channel) or 'auto', got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantkern", description="Low-bit LLM quantization and kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -424,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default: rtn)")
     q.add_argument("--bits", type=int, default=None, choices=[4, 8],
                    help="weight bits (default: 4; smoothquant: 8)")
-    q.add_argument("--group-size", default=None,
+    q.add_argument("--group-size", default=None, type=_group_size_argument,
                    help="32, 64, 128, -1 (per-channel) or auto: the largest of 128/64/32 dividing every layer "
                         "(default: auto; smoothquant: -1)")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weights with zero points")
@@ -491,13 +505,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "group_size", None) not in (None, "auto"):
-        try:
-            args.group_size = int(args.group_size)
-        except ValueError:
-            build_parser().error(f"--group-size must be an integer or 'auto', got {args.group_size!r}")
-        if args.group_size not in SUPPORTED_GROUP_SIZES:  # checked before the model loads
-            build_parser().error(f"--group-size must be 32, 64, 128, -1 (per channel) or 'auto', got {args.group_size}")
     try:
         return args.func(args)
     except (ValueError, OSError, TypeError, KeyError) as error:  # OSError: files, directories, permissions

@@ -140,13 +140,15 @@ def test_generate_refuses_a_missing_checkpoint(tmp_path, capsys):
 def test_bad_group_size_spelling_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--group-size", "big"])
-    assert "--group-size must be an integer" in capsys.readouterr().err
+    assert "argument --group-size: must be an integer" in capsys.readouterr().err
     # 0 was saved as group_size 0 and loaded back per channel; 48 and 256 were refused only after the model loaded.
     for value in ("0", "-2", "48", "256"):
         with pytest.raises(SystemExit) as exit_info:
             main(["quantize", "--group-size", value])
         assert exit_info.value.code == 2
-        assert f"--group-size must be 32, 64, 128, -1 (per channel) or 'auto', got {value}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"argument --group-size: must be 32, 64, 128, -1 (per channel) or 'auto', got {value}" in err
+        assert "usage: quantkern quantize" in err  # the subcommand's usage, not the top-level one
 
 
 @pytest.mark.parametrize("make_calib, message", [
