@@ -16,15 +16,18 @@ BUILD_DIR="$ROOT/build/cmake"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 CMAKE="${CMAKE:-cmake}"
 INPLACE=0
+CLEAN=0
 
+# Every argument is read before anything is done: `--clean --help` prints the help and removes nothing.
 for arg in "$@"; do
   case "$arg" in
     --inplace) INPLACE=1 ;;
-    --clean) rm -rf "$BUILD_DIR" ;;
+    --clean) CLEAN=1 ;;
     -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "cmake_build.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
+if [[ "$CLEAN" == 1 ]]; then rm -rf "$BUILD_DIR"; fi
 
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDA_HOME=/usr/local/cuda
