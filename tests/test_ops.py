@@ -6,6 +6,14 @@ import torch
 from quantkern import backends, ops, reference
 from quantkern.backends import MissingKernelError
 
+# Where a backend's kernels take their tensors: Triton on the GPU when there is one, else under TRITON_INTERPRET=1
+# on the CPU (tests/conftest.py); the reference anywhere (the CPU here).
+GPU = torch.cuda.is_available()
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and GPU else "cpu"
+
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
 
@@ -232,7 +240,7 @@ def test_public_names_after_a_plain_import():
 def test_blocked_hadamard_checks_the_block_size_on_every_backend(backend, block_size, error, match):
     if "hadamard" not in backends.status(backend).kernels:
         pytest.skip(f"no {backend} hadamard kernel: {backends.status(backend).reason}")
-    x = torch.randn(2, 48).half()
+    x = torch.randn(2, 48).half().to(device_for(backend))
     with pytest.raises(error, match=match):
         ops.hadamard(x, backend=backend, block_size=block_size)
     with pytest.raises(error, match=match):
@@ -265,18 +273,21 @@ def test_a_row_length_without_a_hadamard_matrix_is_refused_naming_the_op(name, b
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("op", [ops.weight_only_linear, ops.w4a4_linear, ops.w4a8_linear])
 def test_linear_ops_check_the_bias_the_weight_and_the_devices(op, backend):
-    qw = reference.quantize_weight(torch.randn(16, 64), 4, 32)
-    x = torch.randn(2, 64).half()
-    for bias, error, match in ((torch.zeros(16, dtype=torch.int32), TypeError, "bias must be a floating-point"),
+    device = device_for(backend)
+    qw = reference.quantize_weight(torch.randn(16, 64, device=device), 4, 32)
+    x = torch.randn(2, 64, device=device).half()
+    for bias, error, match in ((torch.zeros(16, dtype=torch.int32, device=device), TypeError,
+                                "bias must be a floating-point"),
                                ([0.0] * 16, TypeError, "bias must be a floating-point torch.Tensor or None, got list"),
-                               (torch.zeros(16, device="meta"), ValueError, "bias is on meta but x on cpu")):
+                               (torch.zeros(16, device="meta"), ValueError, f"bias is on meta but x on {x.device}")):
         with pytest.raises(error, match=match):  # were: accepted (int), AttributeError, a torch device error
             op(x, qw, bias, backend=backend)
     with pytest.raises(TypeError, match="weight must be a QuantizedWeight or PreparedWeight, got Tensor"):
         op(x, torch.randn(16, 64), backend=backend)  # was: AttributeError: 'Tensor' object has no attribute 'bits'
-    with pytest.raises(ValueError, match="x is on meta but the weight on cpu"):
+    with pytest.raises(ValueError, match=f"x is on meta but the weight on {x.device}"):
         op(x.to("meta"), qw, backend=backend)  # Triton's int ops returned a tensor; the reference: a torch error
-    assert op(x, qw, torch.zeros(16, dtype=torch.bfloat16), backend=backend).shape == (2, 16)
+    bias = torch.zeros(16, dtype=torch.bfloat16, device=device)
+    assert op(x, qw, bias, backend=backend).shape == (2, 16)
 
 
 def test_quantize_kv_never_runs_the_reference_for_another_backend(monkeypatch):

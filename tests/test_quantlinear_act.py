@@ -1,6 +1,7 @@
 """QuantLinear with quantized activations (W4A8, W4A4, W8A8), an activation clip ratio and an online
 input Hadamard rotation (QuaRot's pieces), and their save/load round trip (CPU, reference path)."""
 
+import copy
 import math
 
 import pytest
@@ -228,11 +229,15 @@ def test_old_configs_without_the_new_fields_still_load(tmp_path):
 def test_triton_layer_matches_its_reference_path_at_model_widths(features, act_bits, rotate, group_size, dtype):
     linear = linear_with_bias(features, 32).to(dtype)
     layer = QuantLinear.from_linear(linear, 4, group_size, act_bits=act_bits, rotate=rotate)
+    # The Triton copy runs on the GPU when there is one, else under the interpreter on the CPU (conftest.py).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_layer = copy.deepcopy(layer).to(device)
     x = torch.randn(2, 3, features, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = layer(x)
     assert layer._prepared.backend == "reference"
-    got = layer.prepare(backend="triton")(x)
-    assert layer._prepared.backend == "triton" and got.shape == (2, 3, 32) and got.dtype == dtype
+    got = triton_layer.prepare(backend="triton")(x.to(device))
+    assert triton_layer._prepared.backend == "triton" and got.shape == (2, 3, 32) and got.dtype == dtype
+    got = got.cpu()
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     if act_bits is not None and not rotate:
         assert torch.equal(got, expected)  # integer accumulation, the same fp32 epilogue
