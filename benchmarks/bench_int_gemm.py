@@ -81,6 +81,13 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def triton_weight_copies(prepared):
+    """``prepared`` and clones of its packed weight, enough to rotate past the L2 (common.copies_for)."""
+    w = prepared.tensors["w"]
+    return [prepared] + [dataclasses.replace(prepared, tensors=dict(prepared.tensors, w=w.clone()))
+                         for _ in range(copies_for(w.numel() * w.element_size()) - 1)]
+
+
 ROTATED_SHAPES = [(4096, 4096), (14336, 4096), (8192, 8192)]  # K x N: Llama-3-8B o_proj, down_proj; 70B o_proj
 
 
@@ -182,10 +189,7 @@ def main() -> None:
             t4 = ops.prepare_int_weight(qw4, 4, dtype, backend="triton")
             t8 = ops.prepare_int_weight(qw8, 8, dtype, backend="triton")
             # rotated past the L2 like the CUDA rows' weights (one copy left 8192x8192's int4 weights in the L2)
-            t4s = [t4] + [dataclasses.replace(t4, tensors=dict(t4.tensors, w=t4.tensors["w"].clone()))
-                          for _ in range(copies_for(t4.tensors["w"].numel() * t4.tensors["w"].element_size()) - 1)]
-            t8s = [t8] + [dataclasses.replace(t8, tensors=dict(t8.tensors, w=t8.tensors["w"].clone()))
-                          for _ in range(copies_for(t8.tensors["w"].numel() * t8.tensors["w"].element_size()) - 1)]
+            t4s, t8s = triton_weight_copies(t4), triton_weight_copies(t8)
         # torch._int_mm takes B as [K, N] (a column-major view of a row-major int8 [N, K] suits cuBLASLt).
         w8_rows = reference.signed_weight_values(qw8)
         w8_views = [w8_rows.t()] + [w8_rows.clone().t() for _ in range(copies_for(n * k) - 1)]

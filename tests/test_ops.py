@@ -6,16 +6,14 @@ import torch
 from quantkern import backends, ops, reference
 from quantkern.backends import MissingKernelError
 
-# Where a backend's kernels take their tensors: Triton on the GPU when there is one, else under TRITON_INTERPRET=1
-# on the CPU (tests/conftest.py); the reference anywhere (the CPU here).
-GPU = torch.cuda.is_available()
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if backend == "triton" and GPU else "cpu"
-
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's kernels take their tensors here: Triton on the GPU when there is one, else under
+    TRITON_INTERPRET=1 on the CPU (tests/conftest.py); the reference on the CPU."""
+    return CUDA if backend == "triton" and torch.cuda.is_available() else CPU
 
 
 def test_cpu_tensors_run_the_reference_by_default():
