@@ -133,6 +133,7 @@ PYBIND11_MODULE(_C, m) {
         out["warps"] = plan[0];
         out["splits"] = plan[1];
         out["weight_ring"] = plan[2] != 0;
+        out["paired"] = plan[3] != 0;
         return out;
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("group_size"),
@@ -140,7 +141,9 @@ PYBIND11_MODULE(_C, m) {
       "The W4A16 small-M kernel's launch plan (M <= 16, group_size 32, 64, 128 or -1 for per-channel) on a device "
       "with sm_count SMs and smem_per_block bytes of opt-in shared memory per block: {'warps': warps per block "
       "(2, 4, 8 or 16), 'splits': K splits, 'weight_ring': whether the weights go through each warp's "
-      "shared-memory ring (M < 5, group 32 with zero points, where an SM holds 16 warps' rings)}.");
+      "shared-memory ring (M < 5, group 32 with zero points, where an SM holds 16 warps' rings), 'paired': whether "
+      "warp pairs on 64-channel blocks share each chunk's activations (9 or more tokens, where those blocks fill "
+      "7/8 of the SMs)}.");
   m.def(
       "int_small_m_plan",
       [](int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int sm_count) {

@@ -205,25 +205,28 @@ struct SmallMParams {
   int k_tiles;           // K / 64
   int chunks_per_split;  // 128-deep chunks of K per split (the last split may get fewer)
   int splits;
-  int warps;             // per block (each block: kSmallMChannels output channels)
+  int warps;             // per block (each block: kSmallMChannels output channels, twice that when paired)
   bool weight_ring;      // M < 5, group 32, zeros: weights, scales and zeros through each warp's smem ring
+  bool paired;           // two token tiles: warp pairs sharing activations (2 kSmallMChannels per block)
   bool programmatic;     // launched as a programmatic dependent of the previous kernel (sm_90+)
 };
 
-// Channels and tokens per block of the small-M kernel, and its launch configuration for a problem:
-// warps per block and K splits (1 when `max_locks` cannot count the tiles); smem_per_block: the device's
-// opt-in maximum of shared memory per block.
+// Channels and tokens per block of the small-M kernel (twice the channels with warp pairs), and its launch
+// configuration for a problem: warps per block, K splits (1 when `max_locks` cannot count the tiles), the weight
+// ring, warp pairs (only with allow_paired: a forced split count takes 32-channel blocks); smem_per_block: the
+// device's opt-in maximum of shared memory per block.
 constexpr int kSmallMChannels = 32;
 constexpr int kSmallMTokens = 16;
 struct SmallMConfig {
   int splits;
   int warps;
   bool weight_ring;
+  bool paired;
 };
 SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
-                            int smem_per_block, int64_t max_locks);
-// {warps per block, K splits, weight ring (0/1)} of small_m_config for a device of sm_count SMs (no limit on
-// the lock counters): quantkern._C.w4a16_small_m_plan, so that tests without a GPU can check the launch rule.
+                            int smem_per_block, int64_t max_locks, bool allow_paired);
+// {warps per block, K splits, weight ring (0/1), warp pairs (0/1)} of small_m_config for a device of sm_count SMs
+// (no limit on the lock counters): quantkern._C.w4a16_small_m_plan, so tests without a GPU can check the launch rule.
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block);
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream);

@@ -618,10 +618,12 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
     TORCH_CHECK(token_tiles <= 65535, kOp, ": M = ", M, " is too large for the small-M kernel");
     const int64_t chunks = (k_tiles + 1) / 2;
+    // (A forced split count runs 32-channel blocks: warp pairs are planned for no split.)
     const SmallMConfig config =
         small_m_config(M, N, K, glen, zeros.has_value(), num_sms(x.get_device()), smem_per_block(x.get_device()),
-                       locks.numel());
-    const int64_t tiles = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
+                       locks.numel(), /*allow_paired=*/split_k == 0);
+    const int64_t channels_per_block = config.paired ? 2 * kSmallMChannels : kSmallMChannels;
+    const int64_t tiles = (N + channels_per_block - 1) / channels_per_block * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {
       splits = static_cast<int>(std::min<int64_t>(split_k, chunks));
@@ -650,6 +652,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     sp.splits = splits;
     sp.warps = config.warps;
     sp.weight_ring = config.weight_ring && tile_m != 2;
+    sp.paired = config.paired;
     sp.programmatic = follows_trigger_kernel(stream, x.get_device());
     launch_small_m(x.scalar_type() == at::kBFloat16, sp, stream);
     record_trigger_kernel(stream);  // (the small-M kernel calls allow_dependent_launch)

@@ -64,6 +64,11 @@
 //   order. (A second variant, 4 warps on 128 channels sharing each chunk's activations through one
 //   shared-memory ring per block, was removed once X_PRIVATE beat it at M = 9 and 16 on every shape,
 //   dtype and group kind measured on the H200: 8192 x 28672 fp16 g128 58 us against 67 us.)
+//   Warp pairs (PAIRED, two token tiles, where 64-channel blocks fill at least 7/8 of the SMs: small_m_config):
+//   a block's warps work in pairs on 64 channels, each warp on 2 strips, both warps of a pair on the same
+//   chunks; each copies 8 of a chunk's 16 token rows into the pair's ring (kPairXSlots slots), and they meet
+//   at a named barrier per chunk. Half the activation bytes per warp from L2 (at 16 tokens a chunk's x is 4 KB
+//   against 2 KB of the warp's weights).
 //   Only when the blocks do not cover the SMs is K also split across blocks (grid.y): each
 //   writes an fp32 partial tile to a workspace and counts itself in locks[tile]; the last one
 //   sums the partials in split order (bit-identical whichever block is last), adds the bias, writes y
@@ -108,6 +113,13 @@ constexpr int x_slot_bytes(int n8_tiles) { return n8_tiles * 8 * kXRowBytes; }
 constexpr int kXRingMinTokens = 5;
 constexpr int kXSlots = 2;
 constexpr int kXAlign = 256;
+// Warp pairs (template parameter PAIRED, two token tiles; small_m_config says where): the two warps of a pair
+// take the same chunks for 2 strips each (blocks of 2 kSmallMChannels) and share each chunk's activations in one
+// ring per pair of kPairXSlots slots, each warp copying 8 of the 16 token rows. A slot is refilled at step i with
+// chunk i + 2 once both warps have passed step i's pair barrier, so after both are done with chunk i - 1 (its
+// slot): hence 3 slots, and one barrier per chunk.
+constexpr int kPairXSlots = 3;
+constexpr int block_channels(bool paired) { return paired ? 2 * kSmallMChannels : kSmallMChannels; }
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
 enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
@@ -161,8 +173,14 @@ constexpr bool uses_x_ring(int n8_tiles, bool x_ring_one_tile) { return n8_tiles
 // 16 channels (32 B) per strip and group row.
 constexpr int scale_slot_bytes(int group_rows, bool asym) { return group_rows * kStrips * 32 * (asym ? 2 : 1); }
 // The activation rings: per warp kXSlots slots of activations, then kXSlots slots of scale and zero rows.
-constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring, int group_rows, bool asym) {
-  return x_ring ? warps * kXSlots * (x_slot_bytes(n8_tiles) + scale_slot_bytes(group_rows, asym)) + kXAlign : 0;
+// Paired: per pair kPairXSlots slots of activations (two token tiles), then per warp kPairXSlots slots of its
+// strips' scale and zero rows.
+constexpr int dynamic_smem_bytes(int n8_tiles, int warps, bool x_ring, int group_rows, bool asym,
+                                 bool paired = false) {
+  const int scale_slot = scale_slot_bytes(group_rows, asym);
+  return paired   ? (warps / 2) * kPairXSlots * x_slot_bytes(2) + warps * kPairXSlots * scale_slot + kXAlign
+         : x_ring ? warps * kXSlots * (x_slot_bytes(n8_tiles) + scale_slot) + kXAlign
+                  : 0;
 }
 // The weight ring (W_RING, M < kXRingMinTokens, group 32 with zeros, where shared memory allows, see
 // small_m_config): each warp's chunks of weights, scales and zeros go through kWSlots slots of its own, issued
@@ -198,10 +216,20 @@ struct Stage {
   uint32_t x[X_STAGED ? kChunkTiles : 1][4][2];
 };
 
-// The block's warps share 2 strips and split K.
-template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool X_RING, bool W_RING>
+// The named barrier of warp pair `pair` of a block (ids 1-8; 0 is __syncthreads'): its two warps' 64 threads.
+__device__ __forceinline__ void pair_barrier(int pair) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(1 + pair) : "memory");
+}
+
+// The block's warps share 2 strips and split K; PAIRED: the block's pairs share 4 strips (each warp of a pair 2 of
+// them) and split K.
+template <typename T, int TOKEN_TILES, int GK, bool ASYM, int WARPS, bool X_RING, bool W_RING, bool PAIRED>
 __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m_kernel(const SmallMParams p) {
   constexpr int kWarps = WARPS, kThreads = WARPS * 32;
+  static_assert(!PAIRED || (TOKEN_TILES == 2 && WARPS % 2 == 0), "warp pairs are built for two token tiles");
+  // Who takes chunks: the warps, or the pairs (both warps of a pair take the same chunks).
+  constexpr int kUnits = PAIRED ? kWarps / 2 : kWarps;
+  constexpr int kBlockStrips = PAIRED ? 2 * kStrips : kStrips;
   using Tr = W4Traits<T>;
   // Activations ride in the stage when the registers allow (one token tile, few scale rows).
   constexpr bool X_STAGED = TOKEN_TILES == 1 && !X_RING && !ASYM && GK != kGroup32;
@@ -214,6 +242,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // and read with ldmatrix, instead of loading them from L2 right before their mma.
   constexpr bool X_PRIVATE = uses_x_ring(TOKEN_TILES, X_RING);
   constexpr int kXSlotBytes = x_slot_bytes(TOKEN_TILES);
+  constexpr int kSlots = PAIRED ? kPairXSlots : kXSlots;  // of the activation ring
   static_assert(!(W_RING && X_PRIVATE), "the weight ring is for one token tile without the activation ring");
   // The chunk's scale and zero rows come through shared memory with either ring (in its slot), else in
   // the register stage.
@@ -223,8 +252,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   constexpr int kWSlotBytes = w_slot_bytes(kRows, ASYM);
   constexpr int kScaleSlotBytes = scale_slot_bytes(kRows, ASYM);
   __shared__ float4 partial_sums[kWarps][kStrips][TOKEN_TILES][32];
-  // X_PRIVATE: [warp][kXSlots][kXSlotBytes] (kXAlign-aligned), then [warp][kXSlots][kScaleSlotBytes];
-  // W_RING: [warp][kWSlots][kWSlotBytes].
+  // X_PRIVATE: [unit][kSlots][kXSlotBytes] (kXAlign-aligned; a unit: a warp, or a pair), then
+  // [warp][kSlots][kScaleSlotBytes]; W_RING: [warp][kWSlots][kWSlotBytes].
   extern __shared__ __align__(128) uint8_t warp_rings[];
   __shared__ int s_is_last;
   static_assert(sizeof(partial_sums) + sizeof(s_is_last) <= static_smem_bytes(TOKEN_TILES, kWarps),
@@ -233,18 +262,20 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int block_n = blockIdx.x, split = blockIdx.y, token_tile = blockIdx.z;
-  const int strip0 = block_n * kStrips;  // the block's first strip
+  const int unit = PAIRED ? warp / 2 : warp, half = PAIRED ? warp % 2 : 0;  // (half: the warp's place in its pair)
+  const int block_strip0 = block_n * kBlockStrips;  // the block's first strip
+  const int strip0 = block_strip0 + half * kStrips;  // the warp's first strip
   const int strips = p.N / 16;
   const int tok0 = token_tile * kSmallMTokens;
   const T* __restrict__ x = static_cast<const T*>(p.x);
 
-  // This warp's chunks: c = c_first + i * chunk_step for i < my_chunks.
+  // This warp's chunks (its unit's): c = c_first + i * chunk_step for i < my_chunks.
   const int n_chunks = (p.k_tiles + kChunkTiles - 1) / kChunkTiles;
   const int c_begin = split * p.chunks_per_split;
   const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
-  constexpr int chunk_step = kWarps;
-  const int my_chunks = max(0, (c_end - c_begin - warp + kWarps - 1) / kWarps);
-  const int c_first = c_begin + warp;
+  constexpr int chunk_step = kUnits;
+  const int my_chunks = max(0, (c_end - c_begin - unit + kUnits - 1) / kUnits);
+  const int c_first = c_begin + unit;
 
   // Running pointers of the next chunk to load (advanced by chunk_step chunks per load). A strip past
   // N reads strip 0 (its sums are never stored); a token past M reads row 0 (likewise).
@@ -433,7 +464,8 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 
   // X_PRIVATE: this warp's chunk c (its chunks only) into its slot `slot`: 16 rows x 16 pieces of
   // 16 B, the pieces of a row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different
-  // bank groups. Lane l always copies piece l % 16 of rows r0 + 2 j (r0 = l / 16, j < 8). A missing second
+  // bank groups. Lane l always copies piece l % 16 of rows r0 + 2 j (r0 = l / 16, j < 8; PAIRED: the pair's
+  // slot, r0 = l / 16 + 8 half and j < 4, the partner copying the other 8 rows). A missing second
   // tile and chunks past the range read nothing and are zero. A row past M: with two tiles it re-reads the
   // lane's last row that exists (its token's sums are never stored), so one predicate serves the lane's 8
   // copies; with one tile it reads nothing (M = 5-7: re-reading had made the Llama shapes 2-8% slower on
@@ -446,11 +478,12 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // (kXAlign = 256-byte aligned, so that a row's 16-byte pieces differ only in address bits 4-7: see
   // compute.)
   const uint32_t x_rings_base = (smem_addr(warp_rings) + (kXAlign - 1)) & ~uint32_t(kXAlign - 1);
-  const uint32_t x_private_base = x_rings_base + warp * kXSlots * kXSlotBytes;
-  const uint32_t x_scale_base = x_rings_base + kWarps * kXSlots * kXSlotBytes + warp * kXSlots * kScaleSlotBytes;
-  const int x_piece = lane & 15, x_row0 = lane >> 4;
+  const uint32_t x_private_base = x_rings_base + unit * kSlots * kXSlotBytes;
+  const uint32_t x_scale_base = x_rings_base + kUnits * kSlots * kXSlotBytes + warp * kSlots * kScaleSlotBytes;
+  constexpr int kXCopies = PAIRED ? 2 * TOKEN_TILES : 4 * TOKEN_TILES;  // rows r0 + 2 j a lane copies
+  const int x_piece = lane & 15, x_row0 = (lane >> 4) + 8 * half;
   const T* x_lane = x + static_cast<int64_t>(min(tok0 + x_row0, p.M - 1)) * p.K + x_piece * 8;
-  const uint32_t x_lane_dst = x_private_base + x_row0 * kXRowBytes + ((x_piece ^ x_row0) << 4);
+  const uint32_t x_lane_dst = x_private_base + x_row0 * kXRowBytes + ((x_piece ^ (x_row0 & 7)) << 4);
   const int x_rows_ok = p.M - tok0 - x_row0;  // the lane's rows r0 + 2 j with 2 j < x_rows_ok exist
   const int x_last_pair = max(0, (x_rows_ok - 1) / 2);  // the last of them (the source stays there)
   const int x_pair_bytes = 2 * p.K * static_cast<int>(sizeof(T));  // (16 rows of K fit 32 bits)
@@ -460,7 +493,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     const T* src = x_lane + (chunk_ok ? c * (kChunkTiles * kBK) : 0);
     const uint32_t lane_dst = x_lane_dst + slot * kXSlotBytes;
 #pragma unroll
-    for (int j = 0; j < TOKEN_TILES * 4; ++j) {
+    for (int j = 0; j < kXCopies; ++j) {
       cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src,
                  piece_ok && (TOKEN_TILES == 2 || 2 * j < x_rows_ok));
       src = advance_bytes(src, j < x_last_pair ? x_pair_bytes : 0);
@@ -600,7 +633,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   wait_for_prior_grids();
   StageT stage0, stage1;
   if constexpr (X_PRIVATE) {
-    static_assert(kXSlots == 2, "the ring's prologue fills slots 0 and 1");
+    static_assert(kXSlots == 2 && kPairXSlots == 3, "the ring's prologue fills slots 0 and 1");
     load_x_chunk_private(c_first, 0);
     cp_async_commit();
     load_x_chunk_private(c_first + chunk_step, 1);
@@ -613,7 +646,9 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // One chunk: the math, then the weights of the chunk two ahead. X_PRIVATE: first wait for the
   // warp's own chunk i (one cp.async group per chunk, always committed, empty past the range),
   // compute from slot i % kXSlots, then refill that slot with chunk i + kXSlots once every lane is
-  // done reading it. W_RING: first refill the slot that chunk i - 1 used with chunk i + kWSlots - 1 (the
+  // done reading it. PAIRED: wait for the warp's copies of chunk i, meet the partner at the pair barrier (its
+  // copies are in, and both are done with chunk i - 1), refill chunk i - 1's slot with chunk i + 2, then compute
+  // from slot i % kPairXSlots. W_RING: first refill the slot that chunk i - 1 used with chunk i + kWSlots - 1 (the
   // previous step's last __syncwarp: every lane is done reading its scales), then wait for chunk i.
   auto step = [&](StageT& st, int i) {
     if constexpr (W_RING) {
@@ -621,13 +656,18 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
       cp_async_wait<kWSlots - 1>();
       __syncwarp();
     }
-    if constexpr (X_PRIVATE) {
+    if constexpr (PAIRED) {
+      cp_async_wait<1>();
+      pair_barrier(unit);
+      load_x_chunk_private(c_first + (i + 2) * chunk_step, (i + 2) % kPairXSlots);
+      cp_async_commit();
+    } else if constexpr (X_PRIVATE) {
       cp_async_wait<kXSlots - 1>();
       __syncwarp();
     }
-    compute(st, i % (W_RING ? kWSlots : kXSlots), EARLY_REFILL && i + 2 < my_chunks);
+    compute(st, i % (W_RING ? kWSlots : kSlots), EARLY_REFILL && i + 2 < my_chunks);
     if constexpr (W_RING) __syncwarp();
-    if constexpr (X_PRIVATE) {
+    if constexpr (X_PRIVATE && !PAIRED) {
       __syncwarp();
       load_x_chunk_private(c_first + (i + kXSlots) * chunk_step, i % kXSlots);
       cp_async_commit();
@@ -640,12 +680,20 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     step(stage0, i);
     if (i + 1 < my_chunks) step(stage1, i + 1);
   }
+  if constexpr (PAIRED) {
+    // Every pair passes as many pair barriers as the first (which has the most chunks). Not needed for
+    // correctness: without it compute-sanitizer's racecheck (CUDA 13.0) reported the warps' sums in
+    // partial_sums, written before the __syncthreads below and read after it, as races wherever pairs had
+    // different chunk counts (and only there).
+    const int most_chunks = (c_end - c_begin + kUnits - 1) / kUnits;
+    for (int i = my_chunks; i < most_chunks; ++i) pair_barrier(unit);
+  }
   if constexpr (X_PRIVATE || W_RING) cp_async_wait<0>();
   // The weight stream is done: the next kernel may launch and start its own (it waits for this grid's
   // completion before it touches y, the partials or the locks).
   allow_dependent_launch();
 
-  // ---- the block's sum over its warps, in warp order --------------------------------------------
+  // ---- the block's sum over its warps, in warp order (PAIRED: each half's warps, in pair order) -------
 #pragma unroll
   for (int s = 0; s < kStrips; ++s)
 #pragma unroll
@@ -656,24 +704,32 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   const T* __restrict__ bias = static_cast<const T*>(p.bias);
   T* __restrict__ y = static_cast<T*>(p.y);
   constexpr int kElems = kStrips * TOKEN_TILES * 32 * 4;  // one warp's sums; the block adds its warps
+  constexpr int kBlockElems = kElems * (PAIRED ? 2 : 1);   // the block's outputs (PAIRED: both halves')
   const float* sums = reinterpret_cast<const float*>(partial_sums);
   const int64_t split_stride = static_cast<int64_t>(p.M) * p.N;
-  // Element e of the (strip, token tile, lane) fragment: channel g + 8 (e / 2), token 2t + e % 2.
+  // Output idx of the block: element e of the (half, strip, token tile, lane) fragment: channel g + 8 (e / 2),
+  // token 2t + e % 2.
   auto element = [&](int idx, int& tok, int& ch) {
     const int e = idx & 3, l = (idx >> 2) & 31, j = (idx >> 7) % TOKEN_TILES, s = (idx >> 7) / TOKEN_TILES;
-    ch = (strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);
+    ch = (block_strip0 + s) * 16 + (l >> 2) + 8 * (e >> 1);  // (s counts on into the second half's strips)
     tok = tok0 + 8 * j + 2 * (l & 3) + (e & 1);
+  };
+  // The warps' sums of output idx, in unit order.
+  auto block_sum = [&](int idx) {
+    const int half_of_idx = idx / kElems, warp_idx = idx % kElems;
+    float v = 0.0f;
+#pragma unroll
+    for (int u = 0; u < kUnits; ++u) v += sums[(PAIRED ? 2 * u + half_of_idx : u) * kElems + warp_idx];
+    return v;
   };
   auto store = [&](int tok, int ch, float v) {
     if (bias != nullptr) v += to_float(bias[ch]);
     y[static_cast<int64_t>(tok) * p.N + ch] = from_float<T>(v);
   };
-  for (int idx = threadIdx.x; idx < kElems; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kBlockElems; idx += kThreads) {
     int tok, ch;
     element(idx, tok, ch);
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += sums[w * kElems + idx];
+    const float v = block_sum(idx);
     if (tok >= p.M || ch >= p.N) continue;
     if (p.splits == 1) {
       store(tok, ch, v);
@@ -686,7 +742,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // ---- split K: the last block of this tile sums the splits' partials in split order -------------
   int* lock = p.locks + token_tile * gridDim.x + block_n;
   if (!split_k_is_last_block(lock, p.splits, &s_is_last)) return;
-  for (int idx = threadIdx.x; idx < kElems; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kBlockElems; idx += kThreads) {
     int tok, ch;
     element(idx, tok, ch);
     if (tok >= p.M || ch >= p.N) continue;
@@ -699,12 +755,12 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
 }
 
 
-template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING, bool W_RING>
+template <typename T, int TOKEN_TILES, int GK, int WARPS, bool X_RING, bool W_RING, bool PAIRED>
 void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   auto launch = [&](auto kernel, bool asym) {
     const int smem = W_RING ? w_ring_smem_bytes(WARPS, group_rows_per_chunk(GK), asym)
                             : dynamic_smem_bytes(TOKEN_TILES, WARPS, uses_x_ring(TOKEN_TILES, X_RING),
-                                                 group_rows_per_chunk(GK), asym);
+                                                 group_rows_per_chunk(GK), asym, PAIRED);
     // Not stream operations: fine during CUDA graph capture. (W_RING: the largest carveout, so that the
     // SM holds its 16 warps' rings.)
     if (smem > 0) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -723,53 +779,59 @@ void launch_warps(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
   };
   if (p.zeros != nullptr) {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, X_RING, W_RING>, true);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, true, WARPS, X_RING, W_RING, PAIRED>, true);
   } else if constexpr (W_RING) {
     TORCH_CHECK(false, "w4a16 small-M kernel: the weight ring is only built for weights with zero points");
   } else {
-    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, X_RING, W_RING>, false);
+    launch(w4a16_small_m_kernel<T, TOKEN_TILES, GK, false, WARPS, X_RING, W_RING, PAIRED>, false);
   }
 }
 
-template <typename T, int TOKEN_TILES, int GK, bool X_RING, bool W_RING>
+template <typename T, int TOKEN_TILES, int GK, bool X_RING, bool W_RING, bool PAIRED>
 void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
   if (p.warps == 16) {
-    launch_warps<T, TOKEN_TILES, GK, 16, X_RING, W_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 16, X_RING, W_RING, PAIRED>(p, grid, stream);
   } else if (p.warps == 4) {
-    launch_warps<T, TOKEN_TILES, GK, 4, X_RING, W_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 4, X_RING, W_RING, PAIRED>(p, grid, stream);
   } else if (p.warps == 2) {  // small_m_config gives 2 warps only to one token tile and groups other than 32
-    if constexpr (TOKEN_TILES == 1 && GK != kGroup32) {
-      launch_warps<T, TOKEN_TILES, GK, 2, X_RING, W_RING>(p, grid, stream);
+    if constexpr (TOKEN_TILES == 1 && GK != kGroup32 && !PAIRED) {
+      launch_warps<T, TOKEN_TILES, GK, 2, X_RING, W_RING, PAIRED>(p, grid, stream);
     } else {
       TORCH_CHECK(false, "w4a16 small-M kernel: no 2-warp instance for this token tile count and group size");
     }
   } else {
-    launch_warps<T, TOKEN_TILES, GK, 8, X_RING, W_RING>(p, grid, stream);
+    launch_warps<T, TOKEN_TILES, GK, 8, X_RING, W_RING, PAIRED>(p, grid, stream);
   }
 }
 
-template <typename T, int TOKEN_TILES, bool X_RING, bool W_RING = false>
+template <typename T, int TOKEN_TILES, bool X_RING, bool W_RING = false, bool PAIRED = false>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
-  const dim3 grid((p.N + kSmallMChannels - 1) / kSmallMChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
+  constexpr int kChannels = block_channels(PAIRED);
+  const dim3 grid((p.N + kChannels - 1) / kChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
   if constexpr (W_RING) {  // built for group 32 with zeros only (small_m_config)
     TORCH_CHECK(p.group_len == 32, "w4a16 small-M kernel: the weight ring is only built for group 32");
-    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING, PAIRED>(p, grid, stream);
   } else if (p.group_len == 32) {
-    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup32, X_RING, W_RING, PAIRED>(p, grid, stream);
   } else if (p.group_len == 64) {
-    launch_kind<T, TOKEN_TILES, kGroup64, X_RING, W_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroup64, X_RING, W_RING, PAIRED>(p, grid, stream);
   } else {
-    launch_kind<T, TOKEN_TILES, kGroupWide, X_RING, W_RING>(p, grid, stream);
+    launch_kind<T, TOKEN_TILES, kGroupWide, X_RING, W_RING, PAIRED>(p, grid, stream);
   }
   QK_CHECK_LAUNCH();
 }
 
-// Two token tiles (M > 8) always stage x in the ring; one tile does from kXRingMinTokens tokens (see X_RING);
-// below that, the weights go through the weight ring where small_m_config says so (W_RING).
+// Two token tiles (M > 8) always stage x in the ring (per warp pair where small_m_config pairs them); one tile
+// does from kXRingMinTokens tokens (see X_RING); below that, the weights go through the weight ring where
+// small_m_config says so (W_RING).
 template <typename T>
 void launch_for_tokens(const SmallMParams& p, cudaStream_t stream) {
   if (n8_tiles_for(p.M) == 2) {
-    launch_typed<T, 2, false>(p, stream);
+    if (p.paired) {
+      launch_typed<T, 2, false, false, true>(p, stream);
+    } else {
+      launch_typed<T, 2, false>(p, stream);
+    }
   } else if (p.M >= kXRingMinTokens) {
     launch_typed<T, 1, true>(p, stream);
   } else if (p.weight_ring) {
@@ -782,22 +844,36 @@ void launch_for_tokens(const SmallMParams& p, cudaStream_t stream) {
 }  // namespace
 
 SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
-                            int smem_per_block, int64_t max_locks) {
+                            int smem_per_block, int64_t max_locks, bool allow_paired) {
   const int64_t token_tiles = (M + kSmallMTokens - 1) / kSmallMTokens;
   const int64_t chunks = (K / kBK + kChunkTiles - 1) / kChunkTiles;
   SmallMConfig config;
-  const int64_t blocks = (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
+  // Warp pairs (PAIRED, two token tiles) where their blocks of 64 channels still fill at least 7/8 of the SMs (so
+  // need no K split either). Pairs halve the activations each warp copies from L2 (at 16 tokens 4 KB per 2 KB of
+  // weights a chunk). H100, fp16 g128, CUDA-graph medians, same build, 32-channel blocks -> pairs, us at M = 9 /
+  // 16: 8192 x 8192 16.6 -> 15.6 / 15.5 -> 14.4, 28672 x 8192 52.6 -> 46.5 / 47.0 -> 44.1, 4096 x 14336 18.0 ->
+  // 16.7 / 14.7 -> 14.0, 8192 x 28672 53.5 -> 55.7 (slower) / 51.8 -> 49.3; at M = 32 (two token tiles of small
+  // weights) 4096 x 4096 8.7 -> 8.3, 896 x 4864 4.9 -> 5.0. Pairs everywhere (session 23) were slower where fewer
+  // blocks made the plan split K (4096 x 4096 at M = 16: 6.5 -> 8.3) or left SMs idle (896 x 4864: 76 blocks of
+  // pairs against 152 of 8 warps, 3.6 -> 3.8).
+  // Only where a block of 16 paired warps fits (Hopper's 227 KB; measured only there).
+  const int n8_tiles = n8_tiles_for(M);
+  const int group_rows = group_rows_per_chunk(group_len == 32 ? kGroup32 : group_len == 64 ? kGroup64 : kGroupWide);
+  auto fits16 = [&](bool paired) {
+    return static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true, group_rows, asym, paired) <=
+           smem_per_block;
+  };
+  const int64_t paired_blocks = (N + block_channels(true) - 1) / block_channels(true) * token_tiles;
+  config.paired = allow_paired && n8_tiles == 2 && fits16(true) &&
+                  8 * paired_blocks >= 7 * static_cast<int64_t>(sm_count);
+  const int64_t blocks = config.paired ? paired_blocks : (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
   // 16-warp blocks when they all run in one wave (one per SM) and 16 warps' shared memory fits a block (two
   // token tiles: 160 KB, more than sm_89's 99 KB). Between one and two blocks per SM, 16-warp blocks had
   // run a second wave: 8-warp ones in one wave measured on the H200 (fp16, same call, M = 1 / 16), group
   // 128: 896 x 4864 (152 blocks) 4.6 -> 3.2 us / 6.9 -> 4.6, 8192 x 8192 (256) 13.8 -> 11.5 / 19.0 -> 16.8,
   // 28672 x 8192 33.4 -> 31.5 / 53.4 -> 53.3, 2048 x 8192 6.3 -> 5.2 / 8.9 -> 6.8; group 32 with zeros
   // 1.03-1.59x faster on the same shapes.
-  const int n8_tiles = n8_tiles_for(M);
-  const int group_rows = group_rows_per_chunk(group_len == 32 ? kGroup32 : group_len == 64 ? kGroup64 : kGroupWide);
-  const bool fits16 =
-      static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true, group_rows, asym) <= smem_per_block;
-  config.warps = blocks <= sm_count && fits16 ? 16 : 8;
+  config.warps = blocks <= sm_count && fits16(config.paired) ? 16 : 8;
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
   // blocks): 6-10% faster at M = 1..16; with more blocks than one wave holds (8192 x 28672) no gain.
@@ -835,8 +911,8 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
                                   int smem_per_block) {
   const SmallMConfig config =
-      small_m_config(M, N, K, group_len, asym, sm_count, smem_per_block, std::numeric_limits<int64_t>::max());
-  return {config.warps, config.splits, config.weight_ring ? 1 : 0};
+      small_m_config(M, N, K, group_len, asym, sm_count, smem_per_block, std::numeric_limits<int64_t>::max(), true);
+  return {config.warps, config.splits, config.weight_ring ? 1 : 0, config.paired ? 1 : 0};
 }
 
 void launch_small_m(bool bf16, const SmallMParams& p, cudaStream_t stream) {

@@ -64,7 +64,11 @@ def w4a16_cases():
              (576, 400, 4, 32, False, torch.float16, 2, 0), (192, 80, 2, 32, False, torch.bfloat16, 0, 0),
              (576, 400, 3, 32, False, torch.bfloat16, 2, 2),
              # below 5 tokens, symmetric, group 128 / per channel: the early refill (3-4 chunks per warp, odd k-tiles)
-             (6208, 80, 2, -1, True, torch.float16, 1, 1), (8192, 48, 1, 128, True, torch.bfloat16, 1, 1)]
+             (6208, 80, 2, -1, True, torch.float16, 1, 1), (8192, 48, 1, 128, True, torch.bfloat16, 1, 1),
+             # 9-16 tokens a tile where 64-channel blocks fill the SMs (132 of them; Hopper's shared memory): warp
+             # pairs sharing each chunk's activations (odd k-tiles, pairs without a chunk, a half-empty last block)
+             (576, 8192, 13, 64, False, torch.bfloat16, 0, 1), (192, 8240, 16, 32, True, torch.float16, 0, 0),
+             (1024, 8192, 31, 128, True, torch.float16, 0, 1)]
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
         cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
                   (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5),

@@ -208,55 +208,67 @@ HOPPER_SMEM, AMPERE_SMEM, ADA_SMEM = 232448, 166912, 101376
 
 @needs_extension
 @pytest.mark.parametrize(
-    "m,n,k,group,symmetric,sms,smem,warps,splits,weight_ring",
+    "m,n,k,group,symmetric,sms,smem,warps,splits,weight_ring,paired",
     [
         # Blocks of 32 channels that fit one per SM: 16-warp blocks, K split up to one block per SM; between one
         # and two per SM, 8-warp blocks (one wave: Qwen2.5-0.5B's 4864, 152 blocks; Llama's 8192, 256).
-        (1, 4864, 896, 128, True, 132, HOPPER_SMEM, 8, 1, False),
-        (16, 8192, 8192, 128, True, 132, HOPPER_SMEM, 8, 1, False),
-        (1, 4224, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 4225, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False),
-        (1, 4096, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 2048, 8192, 128, True, 132, HOPPER_SMEM, 16, 2, False),
-        (1, 1536, 576, -1, True, 132, HOPPER_SMEM, 16, 1, False),
+        (1, 4864, 896, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (1, 8192, 8192, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (1, 4224, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False, False),
+        (1, 4225, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (1, 4096, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False, False),
+        (1, 2048, 8192, 128, True, 132, HOPPER_SMEM, 16, 2, False, False),
+        (1, 1536, 576, -1, True, 132, HOPPER_SMEM, 16, 1, False, False),
         # Two token tiles: 16 warps' activation rings (131 KB) do not fit sm_89's 99 KB: 8-warp blocks.
-        (16, 4096, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False),
-        (16, 4096, 4096, 128, True, 128, ADA_SMEM, 8, 1, False),
+        (16, 4096, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False, False),
+        (16, 4096, 4096, 128, True, 128, ADA_SMEM, 8, 1, False, False),
         # More than one wave of 8-warp blocks, one wave of 4-warp blocks (Llama's 14336: 448 blocks).
-        (1, 14336, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False),
-        (16, 14336, 4096, 32, True, 128, ADA_SMEM, 4, 1, False),
-        (1, 8449, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False),
-        (1, 8448, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False),
+        (1, 14336, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False, False),
+        (16, 14336, 4096, 32, True, 128, ADA_SMEM, 4, 1, False, False),
+        (1, 8449, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False, False),
+        (1, 8448, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
         # More than one wave of 4-warp blocks, one wave of 2-warp blocks, at one token tile (M <= 8) and
         # groups other than 32 (Llama's 28672: 896 blocks; Qwen2.5-7B's 18944: 592).
-        (1, 28672, 8192, 128, True, 132, HOPPER_SMEM, 2, 1, False),
-        (8, 28672, 8192, -1, True, 132, HOPPER_SMEM, 2, 1, False),
-        (4, 18944, 3584, 64, True, 128, ADA_SMEM, 2, 1, False),
-        (1, 16928, 4096, 128, True, 132, HOPPER_SMEM, 2, 1, False),
-        (1, 16896, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False),
-        (1, 33792, 4096, 128, True, 132, HOPPER_SMEM, 2, 1, False),
+        (1, 28672, 8192, 128, True, 132, HOPPER_SMEM, 2, 1, False, False),
+        (8, 28672, 8192, -1, True, 132, HOPPER_SMEM, 2, 1, False, False),
+        (4, 18944, 3584, 64, True, 128, ADA_SMEM, 2, 1, False, False),
+        (1, 16928, 4096, 128, True, 132, HOPPER_SMEM, 2, 1, False, False),
+        (1, 16896, 4096, 128, True, 132, HOPPER_SMEM, 4, 1, False, False),
+        (1, 33792, 4096, 128, True, 132, HOPPER_SMEM, 2, 1, False, False),
         # More than one wave either way (or two token tiles, or group 32): 8-warp blocks.
-        (1, 33824, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False),
-        (9, 28672, 8192, 128, True, 132, HOPPER_SMEM, 8, 1, False),
-        (1, 28672, 8192, 32, True, 132, HOPPER_SMEM, 8, 1, False),
+        (1, 33824, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (9, 28672, 8192, 128, True, 128, ADA_SMEM, 8, 1, False, False),
+        (1, 28672, 8192, 32, True, 132, HOPPER_SMEM, 8, 1, False, False),
         # The weight ring: below 5 tokens, group 32 with zero points, where an SM holds 16 warps' rings (Hopper,
         # not sm_80/86/89).
-        (4, 4096, 4096, 32, False, 132, HOPPER_SMEM, 16, 1, True),
-        (1, 28672, 8192, 32, False, 132, HOPPER_SMEM, 8, 1, True),
-        (1, 2048, 8192, 32, False, 132, HOPPER_SMEM, 16, 2, True),
-        (4, 4096, 4096, 32, True, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 4096, 4096, 128, False, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 4096, 4096, -1, False, 132, HOPPER_SMEM, 16, 1, False),
-        (5, 4096, 4096, 32, False, 132, HOPPER_SMEM, 16, 1, False),
-        (1, 4096, 4096, 32, False, 108, AMPERE_SMEM, 8, 1, False),
-        (1, 28672, 8192, 32, False, 128, ADA_SMEM, 8, 1, False),
+        (4, 4096, 4096, 32, False, 132, HOPPER_SMEM, 16, 1, True, False),
+        (1, 28672, 8192, 32, False, 132, HOPPER_SMEM, 8, 1, True, False),
+        (1, 2048, 8192, 32, False, 132, HOPPER_SMEM, 16, 2, True, False),
+        (4, 4096, 4096, 32, True, 132, HOPPER_SMEM, 16, 1, False, False),
+        (1, 4096, 4096, 128, False, 132, HOPPER_SMEM, 16, 1, False, False),
+        (1, 4096, 4096, -1, False, 132, HOPPER_SMEM, 16, 1, False, False),
+        (5, 4096, 4096, 32, False, 132, HOPPER_SMEM, 16, 1, False, False),
+        (1, 4096, 4096, 32, False, 108, AMPERE_SMEM, 8, 1, False, False),
+        (1, 28672, 8192, 32, False, 128, ADA_SMEM, 8, 1, False, False),
+        # Warp pairs (two token tiles, 9-16 tokens a tile) on 64-channel blocks where those fill at least 7/8 of
+        # the SMs and a block of 16 paired warps fits (Hopper): Llama's 8192 (128 blocks), 28672 (448: 4 warps).
+        (16, 8192, 8192, 128, True, 132, HOPPER_SMEM, 16, 1, False, True),
+        (9, 28672, 8192, 128, True, 132, HOPPER_SMEM, 4, 1, False, True),
+        (16, 14336, 4096, 32, False, 132, HOPPER_SMEM, 8, 1, False, True),
+        (32, 4864, 896, 64, True, 132, HOPPER_SMEM, 8, 1, False, True),
+        (16, 7424, 4096, 128, True, 132, HOPPER_SMEM, 16, 1, False, True),
+        # Not: 115 blocks of 64 channels are fewer than 7/8 of 132 SMs (4096: 64; Qwen's 4864 at 16 tokens: 76),
+        # nor on sm_89, where 16 paired warps' rings do not fit a block.
+        (16, 7360, 4096, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (16, 4864, 896, 128, True, 132, HOPPER_SMEM, 8, 1, False, False),
+        (16, 8192, 8192, 128, True, 128, ADA_SMEM, 8, 1, False, False),
     ],
 )
-def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits, weight_ring):
+def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits, weight_ring, paired):
     from quantkern import _C
 
     plan = _C.w4a16_small_m_plan(m, n, k, group, symmetric, sms, smem)
-    assert plan == {"warps": warps, "splits": splits, "weight_ring": weight_ring}
+    assert plan == {"warps": warps, "splits": splits, "weight_ring": weight_ring, "paired": paired}
 
 
 @needs_extension
@@ -479,6 +491,37 @@ def test_small_m_partial_token_tiles(k, n, group_size, symmetric, dtype):
         y = w4a16_linear(x, prepared, bias, tile_m=1)  # (forced: M = 17 and 31 may go elsewhere automatically)
         assert torch.isfinite(y).all()
         assert rel_err(y, y_ref.to(dtype)) <= 4e-4, f"M={m}"
+        assert not prepared["locks"].any()
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size,symmetric", [(32, False), (64, True), (128, True), (-1, False)])
+# (576, 8192): an odd number of k-tiles; (192, 8240): 2 chunks for up to 8 pairs (pairs without a chunk), 515
+# strips (the last block's second warp of each pair has one strip left, then none); (4096, 14336): 4-warp blocks.
+@pytest.mark.parametrize("k,n", [(576, 8192), (192, 8240), (4096, 14336)])
+def test_small_m_warp_pairs_match_the_reference(k, n, group_size, symmetric, dtype):
+    # From 9 tokens a tile, where 64-channel blocks fill the SMs, the small-M kernel's warps work in pairs that
+    # share each chunk's activations (PAIRED in csrc/w4a16_small_m.cu): every count of rows in a last token tile
+    # of two 8-token tiles, and two token tiles (M = 17, 31), against the reference; the same bits twice.
+    from quantkern import _C
+
+    if not fits(k, group_size):
+        pytest.skip(f"group {group_size} does not divide K={k}")
+    props = torch.cuda.get_device_properties(0)
+    qw = random_qweight(k, n, group_size, symmetric, scale_dtype=dtype, device="cuda")
+    for m in (9, 10, 11, 12, 13, 14, 15, 16, 17, 31):
+        plan = _C.w4a16_small_m_plan(m, n, k, group_size, symmetric, props.multi_processor_count,
+                                     props.shared_memory_per_block_optin)
+        if not plan["paired"]:
+            pytest.skip(f"no warp pairs for {m} x {k} x {n} on this GPU ({props.multi_processor_count} SMs)")
+        _, y_ref, (x, prepared, bias) = run_case(k, n, m, group_size, symmetric, dtype, with_bias=m % 2 == 0,
+                                                 seed=m, weight=qw)
+        y = w4a16_linear(x, prepared, bias, tile_m=1)  # (forced: M = 17 and 31 may go elsewhere automatically)
+        assert torch.isfinite(y).all()
+        assert rel_err(y, y_ref.to(dtype)) <= 4e-4, f"M={m}"
+        assert torch.equal(y, w4a16_linear(x, prepared, bias, tile_m=1)), f"M={m}"
         assert not prepared["locks"].any()
 
 
