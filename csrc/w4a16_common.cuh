@@ -216,6 +216,7 @@ struct SmallMParams {
 // ring, warp pairs (only with allow_paired: a forced split count takes 32-channel blocks); smem_per_block: the
 // device's opt-in maximum of shared memory per block.
 constexpr int kSmallMChannels = 32;
+constexpr int small_m_block_channels(bool paired) { return paired ? 2 * kSmallMChannels : kSmallMChannels; }
 constexpr int kSmallMTokens = 16;
 struct SmallMConfig {
   int splits;

@@ -622,7 +622,7 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     const SmallMConfig config =
         small_m_config(M, N, K, glen, zeros.has_value(), num_sms(x.get_device()), smem_per_block(x.get_device()),
                        locks.numel(), /*allow_paired=*/split_k == 0);
-    const int64_t channels_per_block = config.paired ? 2 * kSmallMChannels : kSmallMChannels;
+    const int64_t channels_per_block = small_m_block_channels(config.paired);
     const int64_t tiles = (N + channels_per_block - 1) / channels_per_block * token_tiles;
     int splits = config.splits;
     if (split_k > 0) {

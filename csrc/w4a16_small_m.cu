@@ -114,12 +114,11 @@ constexpr int kXRingMinTokens = 5;
 constexpr int kXSlots = 2;
 constexpr int kXAlign = 256;
 // Warp pairs (template parameter PAIRED, two token tiles; small_m_config says where): the two warps of a pair
-// take the same chunks for 2 strips each (blocks of 2 kSmallMChannels) and share each chunk's activations in one
-// ring per pair of kPairXSlots slots, each warp copying 8 of the 16 token rows. A slot is refilled at step i with
-// chunk i + 2 once both warps have passed step i's pair barrier, so after both are done with chunk i - 1 (its
-// slot): hence 3 slots, and one barrier per chunk.
+// take the same chunks for 2 strips each (blocks of small_m_block_channels(true)) and share each chunk's
+// activations in one ring per pair of kPairXSlots slots, each warp copying 8 of the 16 token rows. A slot is
+// refilled at step i with chunk i + 2 once both warps have passed step i's pair barrier, so after both are done
+// with chunk i - 1 (its slot): hence 3 slots, and one barrier per chunk.
 constexpr int kPairXSlots = 3;
-constexpr int block_channels(bool paired) { return paired ? 2 * kSmallMChannels : kSmallMChannels; }
 
 // Group kinds (template parameter): how many scale rows a chunk of 128 needs, where groups start.
 enum GroupKind { kGroup32 = 0, kGroup64 = 1, kGroupWide = 2 /* 128, or per-channel */ };
@@ -806,7 +805,7 @@ void launch_kind(const SmallMParams& p, dim3 grid, cudaStream_t stream) {
 
 template <typename T, int TOKEN_TILES, bool X_RING, bool W_RING = false, bool PAIRED = false>
 void launch_typed(const SmallMParams& p, cudaStream_t stream) {
-  constexpr int kChannels = block_channels(PAIRED);
+  constexpr int kChannels = small_m_block_channels(PAIRED);
   const dim3 grid((p.N + kChannels - 1) / kChannels, p.splits, (p.M + kSmallMTokens - 1) / kSmallMTokens);
   if constexpr (W_RING) {  // built for group 32 with zeros only (small_m_config)
     TORCH_CHECK(p.group_len == 32, "w4a16 small-M kernel: the weight ring is only built for group 32");
@@ -863,10 +862,13 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
     return static_smem_bytes(n8_tiles, 16) + dynamic_smem_bytes(n8_tiles, 16, true, group_rows, asym, paired) <=
            smem_per_block;
   };
-  const int64_t paired_blocks = (N + block_channels(true) - 1) / block_channels(true) * token_tiles;
+  auto blocks_of = [&](bool paired) {
+    return (N + small_m_block_channels(paired) - 1) / small_m_block_channels(paired) * token_tiles;
+  };
+  const int64_t paired_blocks = blocks_of(true);
   config.paired = allow_paired && n8_tiles == 2 && fits16(true) &&
                   8 * paired_blocks >= 7 * static_cast<int64_t>(sm_count);
-  const int64_t blocks = config.paired ? paired_blocks : (N + kSmallMChannels - 1) / kSmallMChannels * token_tiles;
+  const int64_t blocks = blocks_of(config.paired);
   // 16-warp blocks when they all run in one wave (one per SM) and 16 warps' shared memory fits a block (two
   // token tiles: 160 KB, more than sm_89's 99 KB). Between one and two blocks per SM, 16-warp blocks had
   // run a second wave: 8-warp ones in one wave measured on the H200 (fp16, same call, M = 1 / 16), group
