@@ -121,6 +121,11 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
+// Orders this thread's generic-proxy writes to shared memory before later async-proxy reads of it (wgmma operands).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // Keep the compiler from moving accesses of wgmma operand registers across a wgmma fence, issue or
 // wait (volatile asm statements stay in program order).
 template <int N>

@@ -258,6 +258,7 @@ struct WgmmaParams {
   int tiles_per_split;   // k-tiles per split (the last split may get fewer)
   int splits;
   const float* row_scale;  // bf16 x staged as fp16 (launch_wgmma's `staged`): per-token output multipliers
+  int x_box_rows;          // rows of x's copy box (the launcher sets it: x_box_rows in csrc/w4a16_wgmma.cu)
 };
 constexpr int kWgmmaChannels = 128;  // output channels per block of the wgmma kernel
 int64_t wgmma_workspace_floats(const WgmmaParams& p, int tokens);

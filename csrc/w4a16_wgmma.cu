@@ -36,8 +36,13 @@
 //   map with the 128-byte swizzle (token row r at r * 128 bytes, its 16-byte chunk c at chunk position
 //   c ^ (r % 8); 1024-byte aligned; wgmma descriptor stride 1024 bytes per 8 rows, +32 bytes per k16
 //   step), the block's 8 weight units (512 bytes each, strip-major: qweight seen as a 2-D int32 tensor),
-//   the k-tile's one or two rows of 128 scales (and zeros). Rows past M, strips and channels past N
-//   arrive as zeros, so every stage's full barrier expects the same bytes.
+//   the k-tile's one or two rows of 128 scales (and zeros). Strips and channels past N, and rows past M of a
+//   last token tile, arrive as zeros, so every stage's full barrier expects the same bytes. One token tile of
+//   fewer tokens (M < TOKENS) copies a box of M rows rounded up to 8 instead (x_box_rows: the copy engine's
+//   zero fill of a box reaching past M was slow, up to 1.3x the kernel's time at M = 17), and the tile's
+//   other rows are zeroed once in every stage before the main loop. Zeros, not whatever the shared memory
+//   held: those columns' sums are never stored, but with the stale bytes 28672 x 8192 at M = 24-32 ran 5-6%
+//   slower than with the whole box (why was not measured; docs/PERF.md, session 25).
 // Pipeline: kStages - 2 k-tiles in flight ahead of the one computed; no block barrier in the main loop.
 //   Two mbarriers per stage: full (the arming lane's arrival plus the bytes) and empty (one arrival per
 //   warp). Per k-tile: wgmma.wait_group 1 (the k-tile before the previous one is done in this
@@ -225,7 +230,8 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
   // channels arrive as zeros and count towards the stage's bytes like the others, so every stage
   // expects the same bytes. (Before, every warp issued its own weight unit's bulk copy and the last
   // warp the scale rows: ~60 of the ~235 SASS instructions each warp spent per k-tile at M = 64.)
-  const uint32_t stage_bytes = Cfg::kXBytes + Cfg::kWBytes + (g32 ? 2 : 1) * kWgChannels * 2 * (ASYM ? 2 : 1);
+  const uint32_t stage_bytes =
+      p.x_box_rows * kBK * 2 + Cfg::kWBytes + (g32 ? 2 : 1) * kWgChannels * 2 * (ASYM ? 2 : 1);
   // k-tile -> its (first) group: group 64 one per k-tile, 128 one per two, per-channel (group_len = K)
   // always 0 (a shift of 31 on a k-tile index); group 32 two per k-tile (the box has two rows).
   const int group_shift = p.group_len == p.K ? 31 : p.group_len == 128 ? 1 : 0;
@@ -398,7 +404,19 @@ __global__ void __launch_bounds__(kWgThreads, WgmmaConfig<TOKENS>::template bloc
     mbarrier_init_fence();
     for (int s = 0; s < kStages - 2 && s < nk; ++s) issue_copies(s, kt_begin + s);
   }
-  __syncthreads();  // the barriers are initialized before any wait
+  // A box of fewer rows than the tile (one token tile of M < TOKENS tokens): the copies never write the tile's
+  // rows from x_box_rows on, so they are zeroed once in every stage, as the copy's out-of-bounds fill would be.
+  const int pad_offset = p.x_box_rows * kBK * 2, pad_bytes = Cfg::kXBytes - pad_offset;
+  if (pad_bytes > 0) {
+    for (int s = 0; s < kStages; ++s) {
+      const uint32_t pad = smem0 + s * Cfg::kStageBytes + pad_offset;
+      for (int i = 16 * tid; i < pad_bytes; i += 16 * kWgThreads) {
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(pad + i), "r"(0u) : "memory");
+      }
+    }
+    fence_proxy_async_shared();  // before the wgmmas read them
+  }
+  __syncthreads();  // the barriers are initialized (and the padding rows zeroed) before any wait
   // Pairs of k-tiles (the two A register sets), then an odd last one: no branch inside the pair
   // (a conditional second step made ptxas serialize the wgmmas).
   int it = 0;
@@ -522,11 +540,17 @@ __global__ void __launch_bounds__(kStageThreads)
   }
 }
 
-// The TMA descriptor of x [M, K] for boxes of TOKENS rows x 64 k with the 128-byte swizzle (host;
-// encoded per call, since x changes).
-CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int tokens) {
+// Rows of x's copy box: the token tile's, or with one tile of fewer tokens (M < TOKENS) M rounded up to 8 (the
+// kernel zeroes the tile's other rows once). A box reaching past M has the copy engine fill the missing rows with
+// zeros on every copy, and that was slow: H100, fp16 g128, M = 17 on 64-token tiles, 8192 x 28672 96.0 us with the
+// whole box against 74.2 with a box of 24 rows (4096 x 14336 30.0 against 23.8; docs/PERF.md, session 25).
+int x_box_rows(int M, int tokens) { return M < tokens ? (M + 7) / 8 * 8 : tokens; }
+
+// The TMA descriptor of x [M, K] for boxes of box_rows rows x 64 k with the 128-byte swizzle (host; encoded per
+// call, since x changes).
+CUtensorMap make_x_map(const void* x, int M, int K, bool bf16, int box_rows) {
   const CUtensorMapDataType dtype = bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode_tensor_map_2d("quantkern::w4a16_gemm", dtype, x, K, M, static_cast<int64_t>(K) * 2, kBK, tokens,
+  return encode_tensor_map_2d("quantkern::w4a16_gemm", dtype, x, K, M, static_cast<int64_t>(K) * 2, kBK, box_rows,
                               CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
@@ -550,7 +574,9 @@ void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   constexpr int smem = WgmmaConfig<TOKENS>::kSmemBytes;
   constexpr bool kBf16 = !std::is_same_v<T, __half>;
   const dim3 grid((p.N + kWgChannels - 1) / kWgChannels, (p.M + TOKENS - 1) / TOKENS, p.splits);
-  const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, kBf16, TOKENS);
+  WgmmaParams q = p;
+  q.x_box_rows = x_box_rows(p.M, TOKENS);
+  const CUtensorMap x_map = make_x_map(p.x, p.M, p.K, kBf16, q.x_box_rows);
   const CUtensorMap w_map = make_w_map(p);
   // (STAGED: the scales and zeros are bf16, converted in the kernel)
   const CUtensorMap s_map = make_scale_map(p.scales, p, kBf16 || STAGED);
@@ -559,7 +585,7 @@ void launch_typed(const WgmmaParams& p, cudaStream_t stream) {
   auto launch = [&](auto kernel) {
     // Not a stream operation: fine during CUDA graph capture.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<grid, kWgThreads, smem, stream>>>(p, x_map, w_map, s_map, z_map);
+    kernel<<<grid, kWgThreads, smem, stream>>>(q, x_map, w_map, s_map, z_map);
   };
   if (p.zeros != nullptr) {
     launch(w4a16_wgmma_kernel<T, TOKENS, true, STAGED>);

@@ -72,6 +72,8 @@ def w4a16_cases():
     if wgmma_kernel_available():  # the Hopper kernel: partial blocks and tiles, splits inside groups
         cases += [(192, 208, 65, 32, False, torch.bfloat16, 3, 4), (576, 576, 100, 64, False, torch.float16, 2, 3),
                   (1536, 576, 129, -1, True, torch.bfloat16, 3, 4), (576, 208, 300, 64, False, torch.float16, 2, 5),
+                  # one token tile of fewer tokens: a box of fewer rows, the tile's other rows zeroed once
+                  (576, 400, 20, 64, False, torch.bfloat16, 2, 3), (1024, 256, 40, 128, True, torch.float16, 0, 4),
                   # bf16 staged as fp16 (from 1024 tokens for weights of up to 2^24 codes, stages_bf16 in
                   # csrc/w4a16_gemm.cu): the staging pass, fp16 tiles, partial blocks, splits
                   (192, 208, 1025, 32, False, torch.bfloat16, 3, 5), (1536, 576, 1100, 128, True, torch.bfloat16, 0, 0)]

@@ -570,6 +570,25 @@ def test_wgmma_kernel_edges(tile_m, group_size, dtype):
                     assert not prepared["locks"].any()
 
 
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tile_m,tokens", [(3, 64), (4, 128)])
+def test_wgmma_fewer_tokens_than_a_tile_give_the_full_tile_s_rows(tile_m, tokens, dtype):
+    # One token tile of M < tokens copies only the x rows that exist (a box of M rounded up to 8 rows) and zeroes
+    # the tile's other rows once: each output row is the same sum as in a full tile, bit for bit (every token is
+    # its own wgmma column), with splits and a partial channel block.
+    if not wgmma_kernel_available():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU and an extension built for 9.0a")
+    k, n = 1024, 208
+    _, _, (x_full, prepared, bias) = run_case(k, n, tokens, 128, False, dtype, with_bias=True)
+    for split_k in (1, 3):
+        y_full = w4a16_linear(x_full, prepared, bias, split_k=split_k, tile_m=tile_m)
+        for m in (17, 24, 33, tokens - 1):
+            y = w4a16_linear(x_full[:m].clone(), prepared, bias, split_k=split_k, tile_m=tile_m)
+            assert torch.equal(y, y_full[:m]), f"M={m} split {split_k}"
+
+
 def staged_and_bf16_path(x, prepared, bias, tile_m=0, split_k=0):
     """The op on bf16 x twice: as prepared (staged as fp16 where it qualifies) and with scales_fit_fp16 off (where
     256-token tiles, tile_m 5, are refused: 128 instead)."""
