@@ -11,6 +11,8 @@
 // Measured (H100, docs/PERF.md session 25): RS m64n64k16 963-969 TFLOP/s alone, 732-745 with the conversion
 // (2 blocks per SM; 660-721 with one), whichever comes first in a k-tile, the conversion or the issue; RS
 // m64n128k16 884-970 with or without it (within one run, equal); SS m64n64k16 964-983 with or without it.
+// Not yet run: the last two rows (a converter warpgroup storing fp16 A tiles beside SS wgmmas, a ceiling for
+// moving the dequantization off the wgmma warps).
 #include <cstdint>
 #include <cstdio>
 
@@ -180,6 +182,92 @@ void run(const char* name, int sms, float* out) {
          flop / best_ms / 1e9, best_ms * 1e-3 * 1.98e9 / k_tiles, err == cudaSuccess ? "" : cudaGetErrorString(err));
 }
 
+// The layout that would keep the dequantization off the wgmma warps: a third warpgroup converts each k-tile's
+// weights (the same ALU work, 4 words a thread) and stores them as an fp16 A tile to shared memory (8 KB per
+// consumer k-tile: 4 st.shared.v4 a thread), while two consumer warpgroups issue SS m64n64k16 wgmmas. No
+// synchronization between them (a ceiling: the stores go to a scratch tile the wgmmas do not read), so the kernel
+// takes the longer of the two loops.
+template <int BLOCKS_PER_SM>
+__global__ void __launch_bounds__(384, BLOCKS_PER_SM)
+    probe_converter_warpgroup(int k_tiles, uint32_t seed, float* out) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;  // A (8 KB), B (8 KB), scratch A tile (8 KB)
+  for (int i = threadIdx.x; i < 16384 / 4; i += 384) {
+    const uint32_t v = 0x3C003C00u ^ (i * 2654435761u & 0x00FF00FFu);
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(base + 4 * i), "r"(v));
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const int warpgroup = threadIdx.x / 128, t128 = threadIdx.x % 128;
+  if (warpgroup == 2) {  // the converter: two k-tiles (one per consumer) per step
+    const uint32_t word = seed ^ threadIdx.x, scratch = base + 16384 + 64 * t128;
+    for (int t = 0; t < 2 * k_tiles; ++t) {
+      uint32_t a[4][4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t q = word * (k + 1) + t;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[k][i] = mul2(sub2(and_or(q >> (4 * i), 0x000F000Fu, 0x64006400u), 0x64086408u),
+                                                   0x2C002C00u);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(scratch + 16 * k), "r"(a[k][0]),
+                     "r"(a[k][1]), "r"(a[k][2]), "r"(a[k][3])
+                     : "memory");
+      }
+    }
+    return;
+  }
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.0f;
+  for (int t = 0; t < k_tiles; ++t) {
+    wgmma_wait<1>();
+    uint64_t da[4], db[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      da[k] = descriptor(base + 32 * k);
+      db[k] = descriptor(base + 8192 + 32 * k);
+      asm volatile("" : "+l"(da[k]), "+l"(db[k]));
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) Wgmma<64>::ss(d, da[k], db[k]);
+    wgmma_commit();
+  }
+  wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  float sum = 0.0f;
+  for (int i = 0; i < 32; ++i) sum += d[i];
+  if (sum == 1234.5f) out[threadIdx.x] = sum;
+}
+
+template <int BLOCKS_PER_SM>
+void run_converter_warpgroup(int sms, float* out) {
+  const int smem = 1024 + 3 * 8192, k_tiles = 4000, blocks = sms * BLOCKS_PER_SM;
+  auto kernel = probe_converter_warpgroup<BLOCKS_PER_SM>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kernel<<<blocks, 384, smem>>>(100, 1, out);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  float best_ms = 1e30f;
+  for (int r = 0; r < 5; ++r) {
+    cudaEventRecord(start);
+    kernel<<<blocks, 384, smem>>>(k_tiles, r + 1, out);
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms;
+    cudaEventElapsedTime(&ms, start, stop);
+    best_ms = ms < best_ms ? ms : best_ms;
+  }
+  const double flop = 2.0 * blocks * 2 * static_cast<double>(k_tiles) * 4 * 64.0 * 64 * 16;
+  const cudaError_t err = cudaGetLastError();
+  printf("%-32s %d block(s)/SM: %7.1f TFLOP/s, %6.1f cycles per k-tile step at 1.98 GHz %s\n",
+         "SS m64n64k16 + converter WG", BLOCKS_PER_SM, flop / best_ms / 1e9, best_ms * 1e-3 * 1.98e9 / k_tiles,
+         err == cudaSuccess ? "" : cudaGetErrorString(err));
+}
+
 int main() {
   int sms;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
@@ -193,5 +281,7 @@ int main() {
   run<64, false, true, 2>("SS m64n64k16 + conversion beside", sms, out);
   run<128, true, false, 1>("RS m64n128k16", sms, out);
   run<128, true, true, 1>("RS m64n128k16 + conversion", sms, out);
+  run_converter_warpgroup<1>(sms, out);  // (not yet run on a GPU)
+  run_converter_warpgroup<2>(sms, out);
   return 0;
 }
