@@ -157,29 +157,37 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) probe(int k_tiles, uint32_
   if (sum == 1234.5f) out[threadIdx.x] = sum;  // (keeps the sums alive)
 }
 
-template <int N, bool RS, bool CONVERT, int BLOCKS_PER_SM>
-void run(const char* name, int sms, float* out) {
-  const int smem = 1024 + 8192 + N * 128, k_tiles = 4000, blocks = sms * BLOCKS_PER_SM;
-  auto kernel = probe<N, RS, CONVERT, BLOCKS_PER_SM>;
+// Times `kernel` (threads a block, dynamic shared memory) on blocks_per_sm blocks an SM, the best of 5 launches
+// of k_tiles k-tiles after a warm-up, and prints its rate: 2 consumer warpgroups a block, 4 wgmmas of 64 x
+// tokens x 16 a k-tile each.
+template <typename Kernel>
+void time_and_print(const char* name, Kernel kernel, int threads, int smem, int tokens, int blocks_per_sm, int sms,
+                    float* out) {
+  const int k_tiles = 4000, blocks = sms * blocks_per_sm;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<blocks, 256, smem>>>(100, 1, out);  // warm-up
+  kernel<<<blocks, threads, smem>>>(100, 1, out);  // warm-up
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   float best_ms = 1e30f;
   for (int r = 0; r < 5; ++r) {
     cudaEventRecord(start);
-    kernel<<<blocks, 256, smem>>>(k_tiles, r + 1, out);
+    kernel<<<blocks, threads, smem>>>(k_tiles, r + 1, out);
     cudaEventRecord(stop);
     cudaEventSynchronize(stop);
     float ms;
     cudaEventElapsedTime(&ms, start, stop);
     best_ms = ms < best_ms ? ms : best_ms;
   }
-  const double flop = 2.0 * blocks * 2 * static_cast<double>(k_tiles) * 4 * 64.0 * N * 16;
+  const double flop = 2.0 * blocks * 2 * static_cast<double>(k_tiles) * 4 * 64.0 * tokens * 16;
   const cudaError_t err = cudaGetLastError();
-  printf("%-32s %d block(s)/SM: %7.1f TFLOP/s, %6.1f cycles per k-tile step at 1.98 GHz %s\n", name, BLOCKS_PER_SM,
+  printf("%-32s %d block(s)/SM: %7.1f TFLOP/s, %6.1f cycles per k-tile step at 1.98 GHz %s\n", name, blocks_per_sm,
          flop / best_ms / 1e9, best_ms * 1e-3 * 1.98e9 / k_tiles, err == cudaSuccess ? "" : cudaGetErrorString(err));
+}
+
+template <int N, bool RS, bool CONVERT, int BLOCKS_PER_SM>
+void run(const char* name, int sms, float* out) {
+  time_and_print(name, probe<N, RS, CONVERT, BLOCKS_PER_SM>, 256, 1024 + 8192 + N * 128, N, BLOCKS_PER_SM, sms, out);
 }
 
 // The layout that would keep the dequantization off the wgmma warps: a third warpgroup converts each k-tile's
@@ -244,28 +252,8 @@ __global__ void __launch_bounds__(384, BLOCKS_PER_SM)
 
 template <int BLOCKS_PER_SM>
 void run_converter_warpgroup(int sms, float* out) {
-  const int smem = 1024 + 3 * 8192, k_tiles = 4000, blocks = sms * BLOCKS_PER_SM;
-  auto kernel = probe_converter_warpgroup<BLOCKS_PER_SM>;
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<blocks, 384, smem>>>(100, 1, out);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start);
-  cudaEventCreate(&stop);
-  float best_ms = 1e30f;
-  for (int r = 0; r < 5; ++r) {
-    cudaEventRecord(start);
-    kernel<<<blocks, 384, smem>>>(k_tiles, r + 1, out);
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float ms;
-    cudaEventElapsedTime(&ms, start, stop);
-    best_ms = ms < best_ms ? ms : best_ms;
-  }
-  const double flop = 2.0 * blocks * 2 * static_cast<double>(k_tiles) * 4 * 64.0 * 64 * 16;
-  const cudaError_t err = cudaGetLastError();
-  printf("%-32s %d block(s)/SM: %7.1f TFLOP/s, %6.1f cycles per k-tile step at 1.98 GHz %s\n",
-         "SS m64n64k16 + converter WG", BLOCKS_PER_SM, flop / best_ms / 1e9, best_ms * 1e-3 * 1.98e9 / k_tiles,
-         err == cudaSuccess ? "" : cudaGetErrorString(err));
+  time_and_print("SS m64n64k16 + converter WG", probe_converter_warpgroup<BLOCKS_PER_SM>, 384, 1024 + 3 * 8192, 64,
+                 BLOCKS_PER_SM, sms, out);
 }
 
 int main() {
