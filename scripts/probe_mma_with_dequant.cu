@@ -1,18 +1,19 @@
-// Probe (run by hand on an sm_90 GPU, not part of the build): how fast wgmma m64nNk16 runs when its A operand comes
-// from registers (RS: the W4A16 wgmma kernel's weights, csrc/w4a16_wgmma.cu) or from shared memory (SS), alone and
-// with the kernel's per-k-tile conversion work (4 packed words -> 16 fp16x2 registers: shift, lop3, sub, mul) in the
-// same warps. No global memory: every block loops over one resident stage, 256 threads (2 warpgroups) a block, one
-// or two blocks per SM, 4 wgmmas per k-tile and one commit, the A registers in two sets (wait_group 1), as in the
-// kernel. Prints TFLOP/s and the cycles per k-tile step at 1.98 GHz.
+// Probe (run by hand on an sm_90 GPU, not part of the build): how fast the tensor cores run beside the W4A16
+// kernels' dequantization. First wgmma m64nNk16 with its A operand from registers (RS: the W4A16 wgmma kernel's
+// weights, csrc/w4a16_wgmma.cu) or from shared memory (SS), alone and with the kernel's per-k-tile conversion work
+// (4 packed words -> 16 fp16x2 registers: shift, lop3, sub, mul) in the same warps. No global memory: every block
+// loops over one resident stage, 256 threads (2 warpgroups) a block, one or two blocks per SM, 4 wgmmas per k-tile
+// and one commit, the A registers in two sets (wait_group 1), as in the kernel. Then two other layouts (below).
+// Prints TFLOP/s and the cycles per k-tile step at 1.98 GHz.
 //
-//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/probe_wgmma_rs.cu -o /tmp/probe_wgmma_rs
-//   /tmp/probe_wgmma_rs
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a scripts/probe_mma_with_dequant.cu -o /tmp/probe
+//   /tmp/probe
 //
 // Measured (H100, docs/PERF.md session 25): RS m64n64k16 963-969 TFLOP/s alone, 732-745 with the conversion
 // (2 blocks per SM; 660-721 with one), whichever comes first in a k-tile, the conversion or the issue; RS
 // m64n128k16 884-970 with or without it (within one run, equal); SS m64n64k16 964-983 with or without it.
-// Not yet run: the last two rows (a converter warpgroup storing fp16 A tiles beside SS wgmmas, a ceiling for
-// moving the dequantization off the wgmma warps).
+// Not yet run: the last four rows (a converter warpgroup storing fp16 A tiles beside SS wgmmas, a ceiling for
+// moving the dequantization off the wgmma warps; mma.sync at 64 tokens with and without the conversion).
 #include <cstdint>
 #include <cstdio>
 
@@ -158,11 +159,11 @@ __global__ void __launch_bounds__(256, BLOCKS_PER_SM) probe(int k_tiles, uint32_
 }
 
 // Times `kernel` (threads a block, dynamic shared memory) on blocks_per_sm blocks an SM, the best of 5 launches
-// of k_tiles k-tiles after a warm-up, and prints its rate: 2 consumer warpgroups a block, 4 wgmmas of 64 x
-// tokens x 16 a k-tile each.
+// of k_tiles k-tiles after a warm-up, and prints its rate: each block multiplies `channels` weight rows by `tokens`
+// tokens over 64 k a k-tile.
 template <typename Kernel>
-void time_and_print(const char* name, Kernel kernel, int threads, int smem, int tokens, int blocks_per_sm, int sms,
-                    float* out) {
+void time_and_print(const char* name, Kernel kernel, int threads, int smem, int channels, int tokens,
+                    int blocks_per_sm, int sms, float* out) {
   const int k_tiles = 4000, blocks = sms * blocks_per_sm;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   kernel<<<blocks, threads, smem>>>(100, 1, out);  // warm-up
@@ -179,7 +180,7 @@ void time_and_print(const char* name, Kernel kernel, int threads, int smem, int 
     cudaEventElapsedTime(&ms, start, stop);
     best_ms = ms < best_ms ? ms : best_ms;
   }
-  const double flop = 2.0 * blocks * 2 * static_cast<double>(k_tiles) * 4 * 64.0 * tokens * 16;
+  const double flop = 2.0 * blocks * static_cast<double>(k_tiles) * channels * tokens * 64;
   const cudaError_t err = cudaGetLastError();
   printf("%-32s %d block(s)/SM: %7.1f TFLOP/s, %6.1f cycles per k-tile step at 1.98 GHz %s\n", name, blocks_per_sm,
          flop / best_ms / 1e9, best_ms * 1e-3 * 1.98e9 / k_tiles, err == cudaSuccess ? "" : cudaGetErrorString(err));
@@ -187,7 +188,8 @@ void time_and_print(const char* name, Kernel kernel, int threads, int smem, int 
 
 template <int N, bool RS, bool CONVERT, int BLOCKS_PER_SM>
 void run(const char* name, int sms, float* out) {
-  time_and_print(name, probe<N, RS, CONVERT, BLOCKS_PER_SM>, 256, 1024 + 8192 + N * 128, N, BLOCKS_PER_SM, sms, out);
+  time_and_print(name, probe<N, RS, CONVERT, BLOCKS_PER_SM>, 256, 1024 + 8192 + N * 128, 128, N, BLOCKS_PER_SM, sms,
+                 out);
 }
 
 // The layout that would keep the dequantization off the wgmma warps: a third warpgroup converts each k-tile's
@@ -250,10 +252,81 @@ __global__ void __launch_bounds__(384, BLOCKS_PER_SM)
   if (sum == 1234.5f) out[threadIdx.x] = sum;
 }
 
+// The few-token kernel's way at 64 tokens, for comparison: mma.sync m16n8k16 with the weights as the A operand (one
+// packed word a strip and k16 step, converted in registers when CONVERT) and the 64 tokens as 8 n8 tiles of a
+// resident x tile read with ldmatrix (4 ldmatrix.x4 a k16 step, shared by the warp's 2 strips); 8 warps a block, two
+// blocks an SM (16 warps, as csrc/w4a16_small_m.cu). No global memory.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <bool CONVERT>
+__global__ void __launch_bounds__(256, 2) probe_mma_sync(int k_tiles, uint32_t seed, float* out) {
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_u32(smem_raw) + 1023) & ~1023u;  // x: 64 token rows x 64 k, 128-byte rows, swizzled
+  for (int i = threadIdx.x; i < 8192 / 4; i += 256) {
+    const uint32_t v = 0x3C003C00u ^ (i * 2654435761u & 0x00FF00FFu);
+    asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(base + 4 * i), "r"(v));
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int row = (lane & 7) + 8 * (lane >> 4), half = (lane >> 3) & 1;  // ldmatrix.x4: 16 tokens x k16
+  float acc[2][8][4];
+  for (int s = 0; s < 2; ++s)
+    for (int j = 0; j < 8; ++j)
+      for (int i = 0; i < 4; ++i) acc[s][j][i] = 0.0f;
+  uint32_t a[2][4];
+  for (int s = 0; s < 2; ++s)
+    for (int i = 0; i < 4; ++i) a[s][i] = 0x3C003C00u ^ (seed * (s + 7 * i + threadIdx.x));
+  const uint32_t word = seed ^ threadIdx.x;
+  for (int t = 0; t < k_tiles; ++t) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t b[8][2];
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) {
+        const int r = 16 * jp + row, chunk = 2 * kk + half;
+        uint32_t m[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(m[0]), "=r"(m[1]), "=r"(m[2]), "=r"(m[3])
+                     : "r"(base + r * 128 + ((chunk ^ (r & 7)) << 4)));
+        b[2 * jp][0] = m[0];
+        b[2 * jp][1] = m[1];
+        b[2 * jp + 1][0] = m[2];
+        b[2 * jp + 1][1] = m[3];
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        if (CONVERT) {
+          const uint32_t q = word * (s + 1) + 4 * t + kk;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[s][i] = mul2(sub2(and_or(q >> (4 * i), 0x000F000Fu, 0x64006400u), 0x64086408u),
+                                                     0x2C002C00u);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) mma_m16n8k16(acc[s][j], a[s], b[j][0], b[j][1]);
+      }
+    }
+  }
+  float sum = 0.0f;
+  for (int s = 0; s < 2; ++s)
+    for (int j = 0; j < 8; ++j)
+      for (int i = 0; i < 4; ++i) sum += acc[s][j][i];
+  if (sum == 1234.5f) out[threadIdx.x] = sum;
+}
+
+template <bool CONVERT>
+void run_mma_sync(const char* name, int sms, float* out) {
+  time_and_print(name, probe_mma_sync<CONVERT>, 256, 1024 + 8192, 8 * 32, 64, 2, sms, out);  // 8 warps x 2 strips
+}
+
 template <int BLOCKS_PER_SM>
 void run_converter_warpgroup(int sms, float* out) {
-  time_and_print("SS m64n64k16 + converter WG", probe_converter_warpgroup<BLOCKS_PER_SM>, 384, 1024 + 3 * 8192, 64,
-                 BLOCKS_PER_SM, sms, out);
+  time_and_print("SS m64n64k16 + converter WG", probe_converter_warpgroup<BLOCKS_PER_SM>, 384, 1024 + 3 * 8192, 128,
+                 64, BLOCKS_PER_SM, sms, out);
 }
 
 int main() {
@@ -269,7 +342,9 @@ int main() {
   run<64, false, true, 2>("SS m64n64k16 + conversion beside", sms, out);
   run<128, true, false, 1>("RS m64n128k16", sms, out);
   run<128, true, true, 1>("RS m64n128k16 + conversion", sms, out);
-  run_converter_warpgroup<1>(sms, out);  // (not yet run on a GPU)
+  run_converter_warpgroup<1>(sms, out);  // (this and the rows below: not yet run on a GPU)
   run_converter_warpgroup<2>(sms, out);
+  run_mma_sync<false>("mma.sync m16n8k16, 64 tokens", sms, out);
+  run_mma_sync<true>("mma.sync m16n8k16 + conversion", sms, out);
   return 0;
 }
