@@ -52,51 +52,37 @@ __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
   return d;
 }
 
-// D[64 x N] += A[64 x 16] * B[16 x N], fp16 in, fp32 accumulators (N / 2 per thread).
+// D[64 x N] += A[64 x 16] * B[16 x N], fp16 in, fp32 accumulators (N / 2 per thread): rs() with A from registers,
+// ss() with A from shared memory. ACC_REGS is the "{%0, ...}," list of the N / 2 accumulators and the variadic
+// arguments their operands; A's registers (or its descriptor) and B's descriptor follow them.
 template <int N>
 struct Wgmma;
-template <>
-struct Wgmma<64> {
-  __device__ static void rs(float* d, const uint32_t* a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"
-        " {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
-        : ACC8(0), ACC8(8), ACC8(16), ACC8(24)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-  }
-  __device__ static void ss(float* d, uint64_t a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"
-        " %32, %33, 1, 1, 1, 0, 0;\n"
-        : ACC8(0), ACC8(8), ACC8(16), ACC8(24)
-        : "l"(a), "l"(b));
-  }
-};
-template <>
-struct Wgmma<128> {
-  __device__ static void rs(float* d, const uint32_t* a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-        " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-        " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"
-        " {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
-        : ACC8(0), ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-  }
-  __device__ static void ss(float* d, uint64_t a, uint64_t b) {
-    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-        " %16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-        " %32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-        " %48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"
-        " %64, %65, 1, 1, 1, 0, 0;\n"
-        : ACC8(0), ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56)
-        : "l"(a), "l"(b));
-  }
-};
+#define DEFINE_WGMMA(N, ACC_REGS, RS_TAIL, SS_TAIL, ...)                                                         \
+  template <>                                                                                                    \
+  struct Wgmma<N> {                                                                                              \
+    __device__ static void rs(float* d, const uint32_t* a, uint64_t b) {                                         \
+      asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 " ACC_REGS RS_TAIL                    \
+                   : __VA_ARGS__                                                                                 \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                        \
+    }                                                                                                            \
+    __device__ static void ss(float* d, uint64_t a, uint64_t b) {                                                \
+      asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 " ACC_REGS SS_TAIL                    \
+                   : __VA_ARGS__                                                                                 \
+                   : "l"(a), "l"(b));                                                                            \
+    }                                                                                                            \
+  };
+#define ACC_REGS_32                                                                   \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21," \
+  "%22,%23,%24,%25,%26,%27,%28,%29,%30,%31},"
+#define ACC_REGS_64                                                                   \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21," \
+  "%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41," \
+  "%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61," \
+  "%62,%63},"
+DEFINE_WGMMA(64, ACC_REGS_32, " {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n", " %32, %33, 1, 1, 1, 0, 0;\n", ACC8(0),
+             ACC8(8), ACC8(16), ACC8(24))
+DEFINE_WGMMA(128, ACC_REGS_64, " {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n", " %64, %65, 1, 1, 1, 0, 0;\n", ACC8(0),
+             ACC8(8), ACC8(16), ACC8(24), ACC8(32), ACC8(40), ACC8(48), ACC8(56))
 
 // RS: A from registers (converted each k-tile when CONVERT); SS: A from shared memory (the conversion, when asked,
 // still runs on registers the wgmmas do not read).
