@@ -73,6 +73,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -474,6 +475,79 @@ bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp1
   return !fp16 && scales_fit_fp16 && M >= (K * N > kSmallWeightCodes ? kStagedMinTokens : kStagedMinTokensSmall);
 }
 
+// Tiny weights in fp16 (or bf16 staged as fp16) from 257 tokens: the wgmma kernel's token tile and K splits come
+// from a cost model, the tile and split with the least predicted time (modelled_wgmma_tiling). A fixed rule did
+// not fit these shapes: their few 128-channel blocks leave SMs idle (a wave of 264 blocks holds only some token
+// tiles), so the tile, the blocks per SM and the splits trade against each other, and a split costs its fp32
+// partials (splits x M x N x 4 bytes, written and read back) plus the last block's serial sum. H100, fp16 g128,
+// CUDA-graph medians (`python scripts/probe_w4a16.py --cuda-graph --variants 0:0,3:1,3:2,3:4,4:1,4:2,4:3,5:1,5:2
+// --batches 512,1024,2048`, six Qwen/SmolLM2 shapes; docs/PERF.md, session 26): the rule before (64-token tiles
+// up to 512 tokens while one wave held them, then 128 up to 2048, splits filling the resident blocks) against
+// the best of the nine, us: 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at M = 2048
+// 17.1 (three splits) against 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6. The model, a
+// least-squares fit to those 162 timings (median error 6%), picks, fitted without the shape it picks for,
+// within 2% of the best on the 18 points in total (the old rule: 11% over); its one loss there, 3072 x 1024 at
+// M = 512, 15.6 us against 13.3. Its terms (us, for one SM's busiest share of the grid; the launch's fixed ~3
+// us left out, the same for every candidate):
+//   compute: per k-tile of 64 tokens of a block's tile, alone on its SM 0.378 (64-token tiles) / 0.222 (128),
+//     sharing it 0.278 / 0.195 for each of the SM's blocks; 256-token tiles (one block per SM) 0.157 a block;
+//   split: 0.288 per MB of partials, and 0.149 per split and 64 tokens of the tile (the last block's sum).
+constexpr int64_t kModelledTilingMinTokens = 257;
+bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K, bool fp16) {
+  return fp16 && M >= kModelledTilingMinTokens && K * N <= kTinyWeightCodes;
+}
+
+namespace {
+constexpr int kModelMaxSplits = 4;  // the largest split measured for the model
+
+double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits, int sm_count) {
+  const int64_t k_tiles = K / kBK;
+  const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
+  const int64_t used_splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
+  const int64_t blocks = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + tokens - 1) / tokens) * used_splits;
+  const int64_t busiest = (blocks + sm_count - 1) / sm_count;  // blocks on the busiest SM
+  const double work = static_cast<double>(tiles_per_split) * tokens / 64;  // a block's k-tiles of 64 tokens
+  double us;
+  if (tokens == 256) {
+    us = 0.157 * work * busiest;
+  } else if (busiest == 1) {
+    us = (tokens == 64 ? 0.378 : 0.222) * work;
+  } else {
+    us = (tokens == 64 ? 0.278 : 0.195) * work * busiest;
+  }
+  if (used_splits > 1) {
+    const double partial_mb = 2.0 * used_splits * M * N * 4 / 1e6;
+    us += 0.288 * partial_mb + 0.149 * used_splits * tokens / 64;
+  }
+  return us;
+}
+}  // namespace
+
+WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, int sm_count, int64_t max_locks) {
+  constexpr int kMinTilesPerSplit = 4;  // as choose_splits
+  const int64_t k_tiles = K / kBK;
+  WgmmaTiling best{0, 1};
+  double best_us = 0;
+  for (const int t : {64, 128, 256}) {
+    if (tokens != 0 && t != tokens) continue;
+    const int64_t tiles = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + t - 1) / t);
+    for (int splits = 1; splits <= kModelMaxSplits; ++splits) {
+      if (splits > 1 && (k_tiles / splits < kMinTilesPerSplit || tiles > max_locks)) break;
+      const double us = modelled_wgmma_us(M, N, K, t, splits, sm_count);
+      if (best.tokens == 0 || us < best_us) {
+        best = {t, splits};
+        best_us = us;
+      }
+    }
+  }
+  return best;
+}
+
+std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, int sm_count) {
+  const WgmmaTiling tiling = modelled_wgmma_tiling(M, N, K, tokens, sm_count, std::numeric_limits<int64_t>::max());
+  return {tiling.tokens, tiling.splits};
+}
+
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count) {
   // 64-token tiles up to 64 tokens, and for small weights up to 256 in fp16: twice the blocks of 128-token
   // tiles where blocks are few. H200, same probe (tile_m 3 against the 128- and 256-token tiles): 4096 x 4096
@@ -483,18 +557,10 @@ int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_cou
   if (M <= 64) return 64;
   if (!fp16) return 128;
   if (M <= 256 && K * N <= kSmallWeightCodes) return 64;
-  if (K * N <= kTinyWeightCodes) {
-    // Tiny weights in fp16 from 257 tokens: 64-token tiles up to 512 tokens while their blocks fit one wave
-    // (wgmma_blocks_per_sm: two per SM), then 128-token tiles up to 2048. H100, same probe with CUDA graphs, us
-    // (tile_m 3 / 4 / 5):
-    // M = 512: 4864 x 896 16.0 / 21.5 / 22.9, 1024 x 3072 11.1 / 14.7 / 17.4, 3072 x 1024 13.3 / 17.6 / 21.3,
-    // 1536 x 576 10.1 / 11.5 / 16.0, 576 x 1536 (group 64) 8.8 / 10.0 / 13.6; 896 x 4864 (304 blocks of 64
-    // tokens: more than a wave) 15.7 / 13.0 / 12.6. M = 2048, 128 against 256: 896 x 4864 36.2 / 37.4,
-    // 1024 x 3072 25.4 / 27.4, 3072 x 1024 27.8 / 28.5, 1536 x 576 17.2 / 18.7, 576 x 1536 9.8 / 10.1,
-    // 4864 x 896 38.3 / 37.0. (Larger weights, such as 4096 x 4096, and M > 2048 not measured: as before.)
-    const int64_t blocks64 = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + 63) / 64);
-    if (M <= 512 && blocks64 <= static_cast<int64_t>(wgmma_blocks_per_sm(false, 64)) * sm_count) return 64;
-    if (M > 512 && M <= 2048) return 128;
+  // (The model splits only while the tiles are fewer than about two per SM, else a split adds whole rounds of
+  // blocks: far below the launcher's lock counters, so the tile does not depend on them.)
+  if (uses_modelled_tiling(M, N, K, fp16)) {
+    return modelled_wgmma_tiling(M, N, K, 0, sm_count, std::numeric_limits<int64_t>::max()).tokens;
   }
   return M <= 128 ? 128 : 256;
 }
@@ -667,10 +733,10 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               ": tile_m 5 (256-token tiles) is for float16 x, or bfloat16 x staged as float16 (scales_fit_fp16 and at "
               "least ", kStagedMinTokens, " tokens, ", kStagedMinTokensSmall, " for weights of at most 2^24 codes)");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
-    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights: 64 up to 256 tokens, and up to 512
-    // while one wave holds the blocks, then 128 up to 2048; else the smallest tile that holds M up to 128, then
-    // 256 in fp16 and bf16 staged as fp16: bf16's second accumulator set does not fit beside 256-token
-    // accumulators).
+    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights: 64 up to 256 tokens; tiny weights
+    // from 257 the cost model's tile; else the smallest tile that holds M up to 128, then 256 in fp16 and bf16
+    // staged as fp16: bf16's second accumulator set does not fit beside 256-token accumulators). Splits: forced,
+    // the cost model's for tiny weights from 257 tokens, else choose_splits.
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     const bool staged = stages_bf16(M, N, K, !bf16, scales_fit_fp16);
     const int tokens = tile_m == 3   ? 64
@@ -682,8 +748,11 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     TORCH_CHECK(m_tiles <= 65535, kOp, ": M = ", M, " is too large (at most ", 65535 * tokens, " rows per call)");
     // (Resident blocks per SM as in csrc/w4a16_wgmma.cu; H100, M = 64: 8 splits of 4096 x 4096 and
     // 14336 x 4096 1.25x / 1.68x of cuBLAS, 4 splits 1.20x / 1.42x.)
-    const int splits = choose_splits(tiles, k_tiles, wgmma_blocks_per_sm(bf16 && !staged, tokens), split_k,
-                                     locks.numel(), x.get_device());
+    const int splits =
+        split_k == 0 && uses_modelled_tiling(M, N, K, !bf16 || staged)
+            ? modelled_wgmma_tiling(M, N, K, tokens, num_sms(x.get_device()), locks.numel()).splits
+            : choose_splits(tiles, k_tiles, wgmma_blocks_per_sm(bf16 && !staged, tokens), split_k, locks.numel(),
+                            x.get_device());
     WgmmaParams wp;
     wp.x = xa.const_data_ptr();
     wp.qweight = static_cast<const uint4*>(qweight.const_data_ptr());

@@ -297,14 +297,14 @@ def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits
         (256, 4096, 4096, True, True, "wgmma64"),
         (257, 4096, 4096, True, True, "wgmma256"),
         (65, 4096, 4096, True, False, "wgmma128"),
-        # ... tiny weights (at most 2^23 codes) in fp16: 64 up to 512 tokens while their blocks fit one wave (at
-        # most 264 of 64 tokens on 132 SMs), then 128 up to 2048 ...
-        (512, 3072, 1024, True, True, "wgmma64"),
-        (512, 896, 4864, True, True, "wgmma64"),
+        # ... tiny weights (at most 2^23 codes) in fp16 from 257 tokens: the cost model's tile (see
+        # test_modelled_wgmma_plan) ...
+        (256, 3072, 1024, True, True, "wgmma64"),
+        (512, 3072, 1024, True, True, "wgmma128"),
+        (512, 896, 4864, True, True, "wgmma128"),
         (512, 4864, 896, True, True, "wgmma256"),
-        (513, 3072, 1024, True, True, "wgmma128"),
         (2048, 576, 1536, True, True, "wgmma128"),
-        (2049, 576, 1536, True, True, "wgmma256"),
+        (2048, 896, 4864, True, True, "wgmma256"),
         (512, 3072, 1024, True, False, "wgmma128"),
         # ... else 128 up to 128 tokens, then 256 (fp16) or 128 (bf16).
         (512, 4096, 4096, True, True, "wgmma256"),
@@ -329,7 +329,7 @@ def test_automatic_kernel_choice(m, n, k, hopper, float16, kernel):
     (1024, 4096, 4096, False, True, "wgmma256_staged"),
     (2048, 4096, 4096, False, False, "wgmma128"),        # scales out of fp16's range: the bf16 path
     (2048, 4096, 4096, True, True, "wgmma256"),          # (the flag means nothing for fp16)
-    (1024, 3072, 1024, False, True, "wgmma128_staged"),  # a tiny weight: fp16's tile rule
+    (1024, 3072, 1024, False, True, "wgmma256_staged"),  # a tiny weight: fp16's tile rule (the cost model)
     (16, 4096, 4096, False, True, "small_m"),
 ])
 def test_automatic_kernel_stages_bf16(m, n, k, float16, fits_fp16, kernel):
@@ -342,9 +342,49 @@ def test_automatic_kernel_stages_bf16(m, n, k, float16, fits_fp16, kernel):
 def test_automatic_token_tiles_follow_the_device_s_sm_count():
     from quantkern import _C
 
-    # 896 x 4864 at 512 tokens: 38 x 8 blocks of 64 tokens, one wave on 160 SMs (two blocks each), not on 132.
+    # 896 x 4864 at 512 tokens (the cost model): 38 x 2 blocks of 256 tokens fill 132 SMs better than 38 x 4 of 128
+    # (two on some SMs), which 160 SMs hold one each.
     assert _C.w4a16_automatic_kernel(512, 4864, 896, True, True, sm_count=132) == "wgmma256"
-    assert _C.w4a16_automatic_kernel(512, 4864, 896, True, True, sm_count=160) == "wgmma64"
+    assert _C.w4a16_automatic_kernel(512, 4864, 896, True, True, sm_count=160) == "wgmma128"
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "m,n,k,tokens,plan_tokens,splits",
+    [
+        # The best of nine tiles and splits measured on the H100 (docs/PERF.md, session 26; 1024 x 576 x 1536
+        # within 2% of it):
+        (512, 1536, 576, 0, 64, 1),
+        (1024, 1536, 576, 0, 128, 1),
+        (2048, 576, 1536, 0, 128, 1),
+        (1024, 576, 1536, 0, 128, 3),
+        (512, 3072, 1024, 0, 128, 1),
+        (2048, 1024, 3072, 0, 128, 1),
+        (1024, 1024, 3072, 0, 128, 2),
+        (1024, 896, 4864, 0, 128, 2),
+        (2048, 896, 4864, 0, 256, 2),
+        # Many tiles: no split.
+        (8192, 896, 4864, 0, 256, 1),
+        # A fixed tile: its splits (at most 4, the most measured, though K = 1536's 24 k-tiles would allow 6).
+        (1024, 896, 4864, 64, 64, 2),
+        (2048, 576, 1536, 256, 256, 2),
+        (257, 576, 1536, 64, 64, 4),
+    ],
+)
+def test_modelled_wgmma_plan(m, n, k, tokens, plan_tokens, splits):
+    from quantkern import _C
+
+    assert _C.w4a16_modelled_wgmma_plan(m, n, k, tokens) == {"tokens": plan_tokens, "splits": splits}
+
+
+@needs_extension
+def test_modelled_wgmma_plan_refuses_bad_arguments():
+    from quantkern import _C
+
+    with pytest.raises(RuntimeError, match="tokens must be"):
+        _C.w4a16_modelled_wgmma_plan(512, 1536, 576, 32)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        _C.w4a16_modelled_wgmma_plan(512, 1536, 500)
 
 
 @needs_extension
