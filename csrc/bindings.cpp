@@ -180,9 +180,10 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("tokens") = 0,
       pybind11::arg("sm_count") = 132,
-      "The wgmma kernel's launch plan from its cost model (tiny weights, at most 2^23 codes, in float16 or bfloat16 "
-      "staged as float16, from 257 tokens; csrc/w4a16_gemm.cu): {'tokens': tokens per tile, 'splits': K splits} "
-      "on a device of sm_count SMs; tokens > 0 fixes the tile (as tile_m 3, 4, 5 do) and asks for its splits.");
+      "The wgmma kernel's launch plan from its cost model (weights of at most 2^24 codes in float16 or bfloat16 "
+      "staged as float16, from 65 tokens, 129 above 2^23 codes; csrc/w4a16_gemm.cu): {'tokens': tokens per tile, "
+      "'splits': K splits} on a device of sm_count SMs; tokens > 0 fixes the tile (as tile_m 3, 4, 5 do) and asks "
+      "for its splits.");
   m.def(
       "w4a16_automatic_kernel",
       [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16, int sm_count, bool scales_fit_fp16) {

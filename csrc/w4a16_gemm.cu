@@ -451,9 +451,14 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available) {
   // - small weights up to 32 tokens: 896 x 4864 5.1-5.3 us against 7.1, 4864 x 896 6.7 against 12.0 (4096 x
   //   4096 even: 12.0 against 11.7 at M = 17, 12.2 both at M = 32; 8192 x 8192 at M = 32 29.9 against 24.9);
   // - up to 128 tokens where N <= 1536 (at most 12 blocks): 4864 x 896 at M = 128 12.6 us against 26.7,
-  //   3072 x 1024 9.6 against 14.2; the one loss measured, 576 x 1536 at M = 64, 6.6 against 6.1.
+  //   3072 x 1024 9.6 against 14.2; the one loss measured, 576 x 1536 at M = 64, 6.6 against 6.1;
+  // - tiny weights up to 64 tokens (H100, session 26, against the wgmma kernel's best of six tiles and splits):
+  //   896 x 4864 at M = 64 6.9 us against 7.6, 1024 x 3072 5.6 against 7.5 (at 128: 7.6 against 8.2, but 896 x
+  //   4864 12.5 against 7.7).
   // Not measured on sm_89, where the alternative is the mma.sync kernel: the rule applies on Hopper only.
-  if ((M <= 32 && K * N <= kSmallWeightCodes) || (M <= 128 && N <= 1536)) return Kernel::kSmallM;
+  if ((M <= 32 && K * N <= kSmallWeightCodes) || (M <= 64 && K * N <= kTinyWeightCodes) || (M <= 128 && N <= 1536)) {
+    return Kernel::kSmallM;
+  }
   return Kernel::kWgmma;
 }
 
@@ -475,26 +480,27 @@ bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp1
   return !fp16 && scales_fit_fp16 && M >= (K * N > kSmallWeightCodes ? kStagedMinTokens : kStagedMinTokensSmall);
 }
 
-// Tiny weights in fp16 (or bf16 staged as fp16) from 257 tokens: the wgmma kernel's token tile and K splits come
-// from a cost model, the tile and split with the least predicted time (modelled_wgmma_tiling). A fixed rule did
-// not fit these shapes: their few 128-channel blocks leave SMs idle (a wave of 264 blocks holds only some token
-// tiles), so the tile, the blocks per SM and the splits trade against each other, and a split costs its fp32
-// partials (splits x M x N x 4 bytes, written and read back) plus the last block's serial sum. H100, fp16 g128,
-// CUDA-graph medians (`python scripts/probe_w4a16.py --cuda-graph --variants 0:0,3:1,3:2,3:4,4:1,4:2,4:3,5:1,5:2
-// --batches 512,1024,2048`, six Qwen/SmolLM2 shapes; docs/PERF.md, session 26): the rule before (64-token tiles
-// up to 512 tokens while one wave held them, then 128 up to 2048, splits filling the resident blocks) against
-// the best of the nine, us: 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at M = 2048
-// 17.1 (three splits) against 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6. The model, a
-// least-squares fit to those 162 timings (median error 6%), picks, fitted without the shape it picks for,
-// within 2% of the best on the 18 points in total (the old rule: 11% over); its one loss there, 3072 x 1024 at
-// M = 512, 15.6 us against 13.3. Its terms (us, for one SM's busiest share of the grid; the launch's fixed ~3
-// us left out, the same for every candidate):
+// Small weights (at most 2^24 codes) in fp16, or bf16 staged as fp16, from 65 tokens (129 for those above 2^23
+// codes): the wgmma kernel's token tile and K splits come from a cost model, the tile and split with the least
+// predicted time (modelled_wgmma_tiling). Fixed rules did not fit these shapes: their few 128-channel blocks leave
+// SMs idle (a wave of 264 blocks holds only some token tiles), so the tile, the blocks per SM and the splits trade
+// against each other, and a split costs its fp32 partials (splits x M x N x 4 bytes, written and read back) plus
+// the last block's serial sum. H100, fp16, CUDA-graph medians (`python scripts/probe_w4a16.py --cuda-graph
+// --variants ...`, the Qwen/SmolLM2 shapes and 4096 x 4096; docs/PERF.md, session 26), the rules before against
+// the best measured tile and split, us: 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at
+// M = 2048 17.1 (three splits) against 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6, 896 x 4864 at M = 128
+// 9.9 against 7.7, 4096 x 4096 at 256 24.8 against 21.7. The model is a least-squares fit to 162 timings at 512,
+// 1024 and 2048 tokens (nine tiles and splits each; median error 6%). Fitted without the shape it picks for, it
+// picked within 2% of the best on those 18 points in total (the rules before: 11% over). On 240 later timings at
+// 64-4096 tokens it picked the best or within 3% of it at 34 of 37 points; the losses: 3072 x 1024 at M = 512
+// 15.6 us against 13.3, 576 x 1536 at 2048 10.3 against 9.9, 4096 x 4096 at 128 16.1 (128-token tiles) against
+// 15.4 (64), hence from 129 tokens there. Its terms (us, for one SM's busiest share of the grid; the launch's
+// fixed ~3 us left out, the same for every candidate):
 //   compute: per k-tile of 64 tokens of a block's tile, alone on its SM 0.378 (64-token tiles) / 0.222 (128),
 //     sharing it 0.278 / 0.195 for each of the SM's blocks; 256-token tiles (one block per SM) 0.157 a block;
 //   split: 0.288 per MB of partials, and 0.149 per split and 64 tokens of the tile (the last block's sum).
-constexpr int64_t kModelledTilingMinTokens = 257;
 bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K, bool fp16) {
-  return fp16 && M >= kModelledTilingMinTokens && K * N <= kTinyWeightCodes;
+  return fp16 && K * N <= kSmallWeightCodes && M > (K * N <= kTinyWeightCodes ? 64 : 128);
 }
 
 namespace {
@@ -549,19 +555,18 @@ std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int to
 }
 
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count) {
-  // 64-token tiles up to 64 tokens, and for small weights up to 256 in fp16: twice the blocks of 128-token
-  // tiles where blocks are few. H200, same probe (tile_m 3 against the 128- and 256-token tiles): 4096 x 4096
-  // at M = 65-128 15.3-15.8 us against 20.8-22.8, 1024 x 3072 at M = 256 9.7 against 16.0, 4864 x 896 12.5
-  // against 22.2; the one loss, 4096 x 4096 at M = 256, 24.4 against 23.2 (22.2 with 128-token tiles). Larger
-  // weights keep the larger tiles (8192 x 8192 at M = 128: 46.5 against 38.2). bf16 (not measured) keeps them.
+  // 64-token tiles up to 64 tokens; in fp16 the cost model's tile for small weights from 65 or 129 tokens; 64 for
+  // the others up to 128 (4096 x 4096: twice the blocks of 128-token tiles where blocks are few; H200, tile_m 3
+  // against 4 and 5 with choose_splits' splits, 15.3-15.8 us against 20.8-22.8 at M = 65-128). Larger weights
+  // keep the larger tiles (H200, 8192 x 8192 at M = 128: 46.5 us against 38.2). bf16 (not measured) keeps them.
   if (M <= 64) return 64;
   if (!fp16) return 128;
-  if (M <= 256 && K * N <= kSmallWeightCodes) return 64;
   // (The model splits only while the tiles are fewer than about two per SM, else a split adds whole rounds of
   // blocks: far below the launcher's lock counters, so the tile does not depend on them.)
   if (uses_modelled_tiling(M, N, K, fp16)) {
     return modelled_wgmma_tiling(M, N, K, 0, sm_count, std::numeric_limits<int64_t>::max()).tokens;
   }
+  if (M <= 128 && K * N <= kSmallWeightCodes) return 64;  // (4096 x 4096 at 65-128 tokens)
   return M <= 128 ? 128 : 256;
 }
 
@@ -733,10 +738,11 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               ": tile_m 5 (256-token tiles) is for float16 x, or bfloat16 x staged as float16 (scales_fit_fp16 and at "
               "least ", kStagedMinTokens, " tokens, ", kStagedMinTokensSmall, " for weights of at most 2^24 codes)");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
-    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights: 64 up to 256 tokens; tiny weights
-    // from 257 the cost model's tile; else the smallest tile that holds M up to 128, then 256 in fp16 and bf16
-    // staged as fp16: bf16's second accumulator set does not fit beside 256-token accumulators). Splits: forced,
-    // the cost model's for tiny weights from 257 tokens, else choose_splits.
+    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights above 64 or 128 tokens: the cost
+    // model's tile; else 64 up to 64 tokens and for small weights up to 128, else the smallest tile that holds M
+    // up to 128, then 256 in fp16 and bf16 staged as fp16: bf16's second accumulator set does not fit beside
+    // 256-token accumulators). Splits: forced, else the cost model's where it applies (to a forced tile too), else
+    // choose_splits.
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     const bool staged = stages_bf16(M, N, K, !bf16, scales_fit_fp16);
     const int tokens = tile_m == 3   ? 64

@@ -285,29 +285,35 @@ def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits
         (32, 4864, 896, True, True, "small_m"),
         (32, 4096, 4096, True, False, "small_m"),
         (32, 4112, 4096, True, True, "wgmma64"),
-        (33, 4864, 896, True, True, "wgmma64"),
+        (33, 4096, 4096, True, True, "wgmma64"),
         (32, 8192, 8192, True, True, "wgmma64"),
+        # ... for tiny ones (at most 2^23 codes) up to 64 ...
+        (64, 4864, 896, True, True, "small_m"),
+        (64, 3072, 1024, True, False, "small_m"),
+        (65, 4864, 896, True, True, "wgmma128"),
         # ... and for N <= 1536 up to 128 tokens.
         (128, 896, 4864, True, True, "small_m"),
         (128, 1536, 576, True, False, "small_m"),
         (129, 896, 4864, True, True, "wgmma64"),
-        (64, 1552, 576, True, True, "wgmma64"),
-        # The wgmma kernel's token tiles: 64 up to 64 tokens, and up to 256 for small weights in fp16 ...
+        (128, 1552, 4096, True, True, "wgmma64"),
+        # The wgmma kernel's token tiles: 64 up to 64 tokens; small weights in fp16 from 65 tokens (129 above 2^23
+        # codes) the cost model's (see test_modelled_wgmma_plan), 64 before ...
         (65, 4096, 4096, True, True, "wgmma64"),
-        (256, 4096, 4096, True, True, "wgmma64"),
-        (257, 4096, 4096, True, True, "wgmma256"),
-        (65, 4096, 4096, True, False, "wgmma128"),
-        # ... tiny weights (at most 2^23 codes) in fp16 from 257 tokens: the cost model's tile (see
-        # test_modelled_wgmma_plan) ...
+        (128, 4096, 4096, True, True, "wgmma64"),
+        (129, 4096, 4096, True, True, "wgmma128"),
+        (512, 4096, 4096, True, True, "wgmma128"),
+        (1024, 4096, 4096, True, True, "wgmma256"),
+        (65, 3072, 1024, True, True, "wgmma64"),
         (256, 3072, 1024, True, True, "wgmma64"),
         (512, 3072, 1024, True, True, "wgmma128"),
         (512, 896, 4864, True, True, "wgmma128"),
         (512, 4864, 896, True, True, "wgmma256"),
         (2048, 576, 1536, True, True, "wgmma128"),
         (2048, 896, 4864, True, True, "wgmma256"),
+        # ... not for bf16 (its own path, below 1024 tokens for small weights) ...
+        (65, 4096, 4096, True, False, "wgmma128"),
         (512, 3072, 1024, True, False, "wgmma128"),
         # ... else 128 up to 128 tokens, then 256 (fp16) or 128 (bf16).
-        (512, 4096, 4096, True, True, "wgmma256"),
         (65, 4096, 14336, True, True, "wgmma128"),
         (129, 4096, 14336, True, True, "wgmma256"),
         (2048, 28672, 8192, True, True, "wgmma256"),
@@ -363,6 +369,12 @@ def test_automatic_token_tiles_follow_the_device_s_sm_count():
         (1024, 1024, 3072, 0, 128, 2),
         (1024, 896, 4864, 0, 128, 2),
         (2048, 896, 4864, 0, 256, 2),
+        # 65-256 tokens (measured: the best of six, 4096 x 4096 at 256 included):
+        (128, 4864, 896, 0, 64, 1),
+        (256, 4864, 896, 0, 128, 1),
+        (256, 3072, 1024, 0, 64, 1),
+        (128, 3072, 1024, 0, 64, 2),
+        (256, 4096, 4096, 0, 128, 2),
         # Many tiles: no split.
         (8192, 896, 4864, 0, 256, 1),
         # A fixed tile: its splits (at most 4, the most measured, though K = 1536's 24 k-tiles would allow 6).
