@@ -151,8 +151,9 @@ def w4a16_linear(x2d: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor]
     only where ``wgmma_kernel_available()``), 16, 64 or 128 the mma.sync kernel's token tiles
     (``csrc/w4a16_gemm.cu``). Automatic
     (``quantkern._C.w4a16_automatic_kernel`` says which): the small-M kernel up to 16 tokens, then the wgmma
-    kernel on an sm_90 GPU (except small weights at up to 128 tokens: the small-M kernel again), the mma.sync
-    kernel elsewhere.
+    kernel on an sm_90 GPU (except small weights at up to 32-128 tokens: the small-M kernel again; for weights of
+    up to 2^24 codes from 65 or 129 tokens its tile and K splits come from a cost model,
+    ``quantkern._C.w4a16_modelled_wgmma_plan``), the mma.sync kernel elsewhere.
     """
     if x2d.dtype != prepared["dtype"]:
         raise TypeError(f"x has dtype {x2d.dtype} but the weight was prepared for {prepared['dtype']}")

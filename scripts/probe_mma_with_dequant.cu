@@ -12,8 +12,11 @@
 // Measured (H100, docs/PERF.md session 25): RS m64n64k16 963-969 TFLOP/s alone, 732-745 with the conversion
 // (2 blocks per SM; 660-721 with one), whichever comes first in a k-tile, the conversion or the issue; RS
 // m64n128k16 884-970 with or without it (within one run, equal); SS m64n64k16 964-983 with or without it.
-// Not yet run: the last four rows (a converter warpgroup storing fp16 A tiles beside SS wgmmas, a ceiling for
-// moving the dequantization off the wgmma warps; mma.sync at 64 tokens with and without the conversion).
+// The last four rows (session 26): a converter warpgroup storing fp16 A tiles beside SS wgmmas 341 TFLOP/s at one
+// block per SM (the converter's loop, 803 cycles a step, is the longer one), 305 at two (1,798 cycles a step; a
+// guess, not measured: shared memory's bandwidth, the SS reads and the stores asking ~168 bytes a cycle at the
+// wgmmas' rate against its 128); mma.sync m16n8k16 at 64 tokens 568 alone, 495 with the conversion. Neither beats
+// the RS wgmmas' 735 with the conversion on their own warps.
 #include <cstdint>
 #include <cstdio>
 
@@ -328,7 +331,7 @@ int main() {
   run<64, false, true, 2>("SS m64n64k16 + conversion beside", sms, out);
   run<128, true, false, 1>("RS m64n128k16", sms, out);
   run<128, true, true, 1>("RS m64n128k16 + conversion", sms, out);
-  run_converter_warpgroup<1>(sms, out);  // (this and the rows below: not yet run on a GPU)
+  run_converter_warpgroup<1>(sms, out);
   run_converter_warpgroup<2>(sms, out);
   run_mma_sync<false>("mma.sync m16n8k16, 64 tokens", sms, out);
   run_mma_sync<true>("mma.sync m16n8k16 + conversion", sms, out);
