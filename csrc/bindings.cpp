@@ -75,7 +75,7 @@ std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group
 std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count,
                                   bool scales_fit_fp16);
 // {tokens per tile, K splits} of the wgmma kernel's cost model for tiny weights (no limit on the lock counters)
-std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, int sm_count);
+std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count);
 }  // namespace w4a16
 }  // namespace quantkern
 
@@ -166,24 +166,25 @@ PYBIND11_MODULE(_C, m) {
       "16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that many splits (at most 8).");
   m.def(
       "w4a16_modelled_wgmma_plan",
-      [](int64_t M, int64_t N, int64_t K, int tokens, int sm_count) {
+      [](int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count) {
         TORCH_CHECK(M > 0 && N > 0 && K > 0 && K % 64 == 0 && sm_count > 0, "w4a16_modelled_wgmma_plan: M, N, K "
                     "and sm_count must be positive and K a multiple of 64, got M = ", M, ", N = ", N, ", K = ", K,
                     ", sm_count = ", sm_count);
         TORCH_CHECK(tokens == 0 || tokens == 64 || tokens == 128 || tokens == 256,
                     "w4a16_modelled_wgmma_plan: tokens must be 0 (the model chooses), 64, 128 or 256, got ", tokens);
-        const std::vector<int64_t> plan = quantkern::w4a16::modelled_wgmma_plan(M, N, K, tokens, sm_count);
+        TORCH_CHECK(!(bf16_path && tokens == 256), "w4a16_modelled_wgmma_plan: bf16's path has no 256-token tile");
+        const std::vector<int64_t> plan = quantkern::w4a16::modelled_wgmma_plan(M, N, K, tokens, bf16_path, sm_count);
         pybind11::dict out;
         out["tokens"] = plan[0];
         out["splits"] = plan[1];
         return out;
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("tokens") = 0,
-      pybind11::arg("sm_count") = 132,
-      "The wgmma kernel's launch plan from its cost model (weights of at most 2^24 codes in float16 or bfloat16 "
-      "staged as float16, from 65 tokens, 129 above 2^23 codes; csrc/w4a16_gemm.cu): {'tokens': tokens per tile, "
-      "'splits': K splits} on a device of sm_count SMs; tokens > 0 fixes the tile (as tile_m 3, 4, 5 do) and asks "
-      "for its splits.");
+      pybind11::arg("bf16_path") = false, pybind11::arg("sm_count") = 132,
+      "The wgmma kernel's launch plan from its cost model (weights of at most 2^24 codes from 65 tokens, 129 above "
+      "2^23 codes; csrc/w4a16_gemm.cu): {'tokens': tokens per tile, 'splits': K splits} on a device of sm_count "
+      "SMs; tokens > 0 fixes the tile (as tile_m 3, 4, 5 do) and asks for its splits; bf16_path: bfloat16 x on "
+      "the kernel's bf16 path (not staged as float16).");
   m.def(
       "w4a16_automatic_kernel",
       [](int64_t M, int64_t N, int64_t K, bool wgmma_available, bool float16, int sm_count, bool scales_fit_fp16) {

@@ -239,15 +239,17 @@ Kernel automatic_kernel(int64_t M, int64_t N, int64_t K, bool wgmma_available);
 // The wgmma kernel's tokens per tile when it chooses (64, 128 or 256; fp16: x is float16, else bfloat16) on a
 // device of sm_count SMs.
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count);
-// Small weights in fp16 (or bf16 staged as fp16) from 65 or 129 tokens (uses_modelled_tiling): the wgmma kernel's
-// token tile and K splits from a cost model fitted on the H100 (csrc/w4a16_gemm.cu). tokens = 0: the model chooses
-// the tile too; else its splits for that tile. Splits > 1 only where the tiles need at most max_locks counters.
-bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K, bool fp16);
+// Small weights from 65 or 129 tokens (uses_modelled_tiling): the wgmma kernel's token tile and K splits from a cost
+// model fitted on the H100 (csrc/w4a16_gemm.cu); bf16_path: bf16 x not staged as fp16 (its kernel holds one
+// 128-token block per SM and has no 256-token tile). tokens = 0: the model chooses the tile too; else its splits
+// for that tile. Splits > 1 only where the tiles need at most max_locks counters.
+bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K);
 struct WgmmaTiling {
   int tokens;  // 64, 128 or 256
   int splits;
 };
-WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, int sm_count, int64_t max_locks);
+WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count,
+                                  int64_t max_locks);
 
 // The Hopper kernel (csrc/w4a16_wgmma.cu): y = x @ dequant(W)^T (+ bias) with wgmma, in tiles of 128
 // channels x `tokens` (64, 128 or 256) tokens; sm_90a only (see hopper::wgmma_available in csrc/hopper.cuh).

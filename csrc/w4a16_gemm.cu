@@ -480,33 +480,39 @@ bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp1
   return !fp16 && scales_fit_fp16 && M >= (K * N > kSmallWeightCodes ? kStagedMinTokens : kStagedMinTokensSmall);
 }
 
-// Small weights (at most 2^24 codes) in fp16, or bf16 staged as fp16, from 65 tokens (129 for those above 2^23
-// codes): the wgmma kernel's token tile and K splits come from a cost model, the tile and split with the least
-// predicted time (modelled_wgmma_tiling). Fixed rules did not fit these shapes: their few 128-channel blocks leave
-// SMs idle (a wave of 264 blocks holds only some token tiles), so the tile, the blocks per SM and the splits trade
-// against each other, and a split costs its fp32 partials (splits x M x N x 4 bytes, written and read back) plus
-// the last block's serial sum. H100, fp16, CUDA-graph medians (`python scripts/probe_w4a16.py --cuda-graph
-// --variants ...`, the Qwen/SmolLM2 shapes and 4096 x 4096; docs/PERF.md, session 26), the rules before against
-// the best measured tile and split, us: 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at
-// M = 2048 17.1 (three splits) against 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6, 896 x 4864 at M = 128
-// 9.9 against 7.7, 4096 x 4096 at 256 24.8 against 21.7. The model is a least-squares fit to 162 timings at 512,
-// 1024 and 2048 tokens (nine tiles and splits each; median error 6%). Fitted without the shape it picks for, it
-// picked within 2% of the best on those 18 points in total (the rules before: 11% over). On 240 later timings at
-// 64-4096 tokens it picked the best or within 3% of it at 34 of 37 points; the losses: 3072 x 1024 at M = 512
-// 15.6 us against 13.3, 576 x 1536 at 2048 10.3 against 9.9, 4096 x 4096 at 128 16.1 (128-token tiles) against
-// 15.4 (64), hence from 129 tokens there. Its terms (us, for one SM's busiest share of the grid; the launch's
-// fixed ~3 us left out, the same for every candidate):
+// Small weights (at most 2^24 codes) from 65 tokens (129 for those above 2^23 codes): the wgmma kernel's token tile
+// and K splits come from a cost model, the tile and split with the least predicted time (modelled_wgmma_tiling).
+// Fixed rules did not fit these shapes: their few 128-channel blocks leave SMs idle (a wave of 264 blocks holds
+// only some token tiles), so the tile, the blocks per SM and the splits trade against each other, and a split
+// costs its fp32 partials (splits x M x N x 4 bytes, written and read back) plus the last block's serial sum.
+// H100, CUDA-graph medians (`python scripts/probe_w4a16.py --cuda-graph --variants ...`, the Qwen/SmolLM2 shapes
+// and 4096 x 4096; docs/PERF.md, session 26), the rules before against the best measured tile and split, us, fp16:
+// 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at M = 2048 17.1 (three splits) against
+// 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6, 896 x 4864 at M = 128 9.9 against 7.7, 4096 x 4096 at 256
+// 24.8 against 21.7; bf16 (its own path, below 1024 tokens here): 896 x 4864 at 128 11.8 against 8.3, 1024 x 3072
+// at 128 10.8 against 8.4, 1536 x 576 at 512 11.9 against 9.4. The model is a least-squares fit to 162 fp16
+// timings at 512, 1024 and 2048 tokens (nine tiles and splits each; median error 6%). Fitted without the shape it
+// picks for, it picked within 2% of the best on those 18 points in total (the rules before: 11% over; its worst,
+// 3072 x 1024 at M = 512, 15.6 us against 13.3). Later sweeps: at 300-4096 tokens (30 points) the automatic plan
+// was the best or within 3% of it; at 64-256 tokens (23 points, given the measured plans) the model picked the
+// best but on 4096 x 4096 at M = 128 (16.1 us, 128-token tiles, against 15.4 with 64: hence from 129 tokens
+// there) and 576 x 1536 at 64 and 128 (where the few-token kernel runs); bf16 at 128 and 512 tokens (not fitted
+// to them; 8 points where the model plans), the best at 5, within 1.1% at 2, and on 3072 x 1024 at 512 15.6 us
+// against 14.1 (the rule before: 15.7).
+// Its terms (us, for one SM's busiest share of the grid; the launch's fixed ~3 us left out, the same for every
+// candidate):
 //   compute: per k-tile of 64 tokens of a block's tile, alone on its SM 0.378 (64-token tiles) / 0.222 (128),
-//     sharing it 0.278 / 0.195 for each of the SM's blocks; 256-token tiles (one block per SM) 0.157 a block;
+//     sharing it 0.278 / 0.195 for each of the SM's blocks; where one block fits an SM (bf16's path at 128 tokens)
+//     the blocks run one after another at the alone rate; 256-token tiles (one block per SM) 0.157 a block;
 //   split: 0.288 per MB of partials, and 0.149 per split and 64 tokens of the tile (the last block's sum).
-bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K, bool fp16) {
-  return fp16 && K * N <= kSmallWeightCodes && M > (K * N <= kTinyWeightCodes ? 64 : 128);
+bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K) {
+  return K * N <= kSmallWeightCodes && M > (K * N <= kTinyWeightCodes ? 64 : 128);
 }
 
 namespace {
 constexpr int kModelMaxSplits = 4;  // the largest split measured for the model
 
-double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits, int sm_count) {
+double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits, bool bf16_path, int sm_count) {
   const int64_t k_tiles = K / kBK;
   const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
   const int64_t used_splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
@@ -516,8 +522,8 @@ double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits
   double us;
   if (tokens == 256) {
     us = 0.157 * work * busiest;
-  } else if (busiest == 1) {
-    us = (tokens == 64 ? 0.378 : 0.222) * work;
+  } else if (busiest == 1 || wgmma_blocks_per_sm(bf16_path, tokens) == 1) {  // (one block on its SM at a time)
+    us = (tokens == 64 ? 0.378 : 0.222) * work * busiest;
   } else {
     us = (tokens == 64 ? 0.278 : 0.195) * work * busiest;
   }
@@ -529,17 +535,18 @@ double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits
 }
 }  // namespace
 
-WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, int sm_count, int64_t max_locks) {
+WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count,
+                                  int64_t max_locks) {
   constexpr int kMinTilesPerSplit = 4;  // as choose_splits
   const int64_t k_tiles = K / kBK;
   WgmmaTiling best{0, 1};
   double best_us = 0;
   for (const int t : {64, 128, 256}) {
-    if (tokens != 0 && t != tokens) continue;
+    if ((tokens != 0 && t != tokens) || (bf16_path && t == 256)) continue;  // (no 256-token tile for bf16's path)
     const int64_t tiles = (N + kWgmmaChannels - 1) / kWgmmaChannels * ((M + t - 1) / t);
     for (int splits = 1; splits <= kModelMaxSplits; ++splits) {
       if (splits > 1 && (k_tiles / splits < kMinTilesPerSplit || tiles > max_locks)) break;
-      const double us = modelled_wgmma_us(M, N, K, t, splits, sm_count);
+      const double us = modelled_wgmma_us(M, N, K, t, splits, bf16_path, sm_count);
       if (best.tokens == 0 || us < best_us) {
         best = {t, splits};
         best_us = us;
@@ -549,23 +556,24 @@ WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, i
   return best;
 }
 
-std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, int sm_count) {
-  const WgmmaTiling tiling = modelled_wgmma_tiling(M, N, K, tokens, sm_count, std::numeric_limits<int64_t>::max());
+std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count) {
+  const WgmmaTiling tiling =
+      modelled_wgmma_tiling(M, N, K, tokens, bf16_path, sm_count, std::numeric_limits<int64_t>::max());
   return {tiling.tokens, tiling.splits};
 }
 
 int wgmma_tokens_per_tile(int64_t M, int64_t N, int64_t K, bool fp16, int sm_count) {
-  // 64-token tiles up to 64 tokens; in fp16 the cost model's tile for small weights from 65 or 129 tokens; 64 for
+  // 64-token tiles up to 64 tokens; the cost model's tile for small weights from 65 or 129 tokens; in fp16 64 for
   // the others up to 128 (4096 x 4096: twice the blocks of 128-token tiles where blocks are few; H200, tile_m 3
   // against 4 and 5 with choose_splits' splits, 15.3-15.8 us against 20.8-22.8 at M = 65-128). Larger weights
   // keep the larger tiles (H200, 8192 x 8192 at M = 128: 46.5 us against 38.2). bf16 (not measured) keeps them.
   if (M <= 64) return 64;
-  if (!fp16) return 128;
   // (The model splits only while the tiles are fewer than about two per SM, else a split adds whole rounds of
   // blocks: far below the launcher's lock counters, so the tile does not depend on them.)
-  if (uses_modelled_tiling(M, N, K, fp16)) {
-    return modelled_wgmma_tiling(M, N, K, 0, sm_count, std::numeric_limits<int64_t>::max()).tokens;
+  if (uses_modelled_tiling(M, N, K)) {
+    return modelled_wgmma_tiling(M, N, K, 0, !fp16, sm_count, std::numeric_limits<int64_t>::max()).tokens;
   }
+  if (!fp16) return 128;
   if (M <= 128 && K * N <= kSmallWeightCodes) return 64;  // (4096 x 4096 at 65-128 tokens)
   return M <= 128 ? 128 : 256;
 }
@@ -738,8 +746,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
               ": tile_m 5 (256-token tiles) is for float16 x, or bfloat16 x staged as float16 (scales_fit_fp16 and at "
               "least ", kStagedMinTokens, " tokens, ", kStagedMinTokensSmall, " for weights of at most 2^24 codes)");
   if (force_wgmma || (tile_m == 0 && automatic == Kernel::kWgmma)) {
-    // Tokens per tile: forced, or wgmma_tokens_per_tile (fp16 small weights above 64 or 128 tokens: the cost
-    // model's tile; else 64 up to 64 tokens and for small weights up to 128, else the smallest tile that holds M
+    // Tokens per tile: forced, or wgmma_tokens_per_tile (small weights above 64 or 128 tokens: the cost model's
+    // tile; else 64 up to 64 tokens and in fp16 for small weights up to 128, else the smallest tile that holds M
     // up to 128, then 256 in fp16 and bf16 staged as fp16: bf16's second accumulator set does not fit beside
     // 256-token accumulators). Splits: forced, else the cost model's where it applies (to a forced tile too), else
     // choose_splits.
@@ -755,8 +763,8 @@ at::Tensor w4a16_gemm_cuda(const at::Tensor& x, const at::Tensor& qweight, const
     // (Resident blocks per SM as in csrc/w4a16_wgmma.cu; H100, M = 64: 8 splits of 4096 x 4096 and
     // 14336 x 4096 1.25x / 1.68x of cuBLAS, 4 splits 1.20x / 1.42x.)
     const int splits =
-        split_k == 0 && uses_modelled_tiling(M, N, K, !bf16 || staged)
-            ? modelled_wgmma_tiling(M, N, K, tokens, num_sms(x.get_device()), locks.numel()).splits
+        split_k == 0 && uses_modelled_tiling(M, N, K)
+            ? modelled_wgmma_tiling(M, N, K, tokens, bf16 && !staged, num_sms(x.get_device()), locks.numel()).splits
             : choose_splits(tiles, k_tiles, wgmma_blocks_per_sm(bf16 && !staged, tokens), split_k, locks.numel(),
                             x.get_device());
     WgmmaParams wp;

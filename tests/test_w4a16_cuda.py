@@ -296,8 +296,8 @@ def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits
         (128, 1536, 576, True, False, "small_m"),
         (129, 896, 4864, True, True, "wgmma64"),
         (128, 1552, 4096, True, True, "wgmma64"),
-        # The wgmma kernel's token tiles: 64 up to 64 tokens; small weights in fp16 from 65 tokens (129 above 2^23
-        # codes) the cost model's (see test_modelled_wgmma_plan), 64 before ...
+        # The wgmma kernel's token tiles: 64 up to 64 tokens; for small weights from 65 tokens (129 above 2^23
+        # codes) the cost model's (see test_modelled_wgmma_plan), in fp16 64 before ...
         (65, 4096, 4096, True, True, "wgmma64"),
         (128, 4096, 4096, True, True, "wgmma64"),
         (129, 4096, 4096, True, True, "wgmma128"),
@@ -310,9 +310,10 @@ def test_small_m_launch_plan(m, n, k, group, symmetric, sms, smem, warps, splits
         (512, 4864, 896, True, True, "wgmma256"),
         (2048, 576, 1536, True, True, "wgmma128"),
         (2048, 896, 4864, True, True, "wgmma256"),
-        # ... not for bf16 (its own path, below 1024 tokens for small weights) ...
-        (65, 4096, 4096, True, False, "wgmma128"),
+        # ... bf16 (its own path, below 1024 tokens for small weights): the model's tile, or 128 ...
+        (128, 4864, 896, True, False, "wgmma64"),
         (512, 3072, 1024, True, False, "wgmma128"),
+        (65, 4096, 4096, True, False, "wgmma128"),
         # ... else 128 up to 128 tokens, then 256 (fp16) or 128 (bf16).
         (65, 4096, 14336, True, True, "wgmma128"),
         (129, 4096, 14336, True, True, "wgmma256"),
@@ -356,37 +357,44 @@ def test_automatic_token_tiles_follow_the_device_s_sm_count():
 
 @needs_extension
 @pytest.mark.parametrize(
-    "m,n,k,tokens,plan_tokens,splits",
+    "m,n,k,tokens,bf16_path,plan_tokens,splits",
     [
         # The best of nine tiles and splits measured on the H100 (docs/PERF.md, session 26; 1024 x 576 x 1536
         # within 2% of it):
-        (512, 1536, 576, 0, 64, 1),
-        (1024, 1536, 576, 0, 128, 1),
-        (2048, 576, 1536, 0, 128, 1),
-        (1024, 576, 1536, 0, 128, 3),
-        (512, 3072, 1024, 0, 128, 1),
-        (2048, 1024, 3072, 0, 128, 1),
-        (1024, 1024, 3072, 0, 128, 2),
-        (1024, 896, 4864, 0, 128, 2),
-        (2048, 896, 4864, 0, 256, 2),
+        (512, 1536, 576, 0, False, 64, 1),
+        (1024, 1536, 576, 0, False, 128, 1),
+        (2048, 576, 1536, 0, False, 128, 1),
+        (1024, 576, 1536, 0, False, 128, 3),
+        (512, 3072, 1024, 0, False, 128, 1),
+        (2048, 1024, 3072, 0, False, 128, 1),
+        (1024, 1024, 3072, 0, False, 128, 2),
+        (1024, 896, 4864, 0, False, 128, 2),
+        (2048, 896, 4864, 0, False, 256, 2),
         # 65-256 tokens (measured: the best of six, 4096 x 4096 at 256 included):
-        (128, 4864, 896, 0, 64, 1),
-        (256, 4864, 896, 0, 128, 1),
-        (256, 3072, 1024, 0, 64, 1),
-        (128, 3072, 1024, 0, 64, 2),
-        (256, 4096, 4096, 0, 128, 2),
+        (128, 4864, 896, 0, False, 64, 1),
+        (256, 4864, 896, 0, False, 128, 1),
+        (256, 3072, 1024, 0, False, 64, 1),
+        (128, 3072, 1024, 0, False, 64, 2),
+        (256, 4096, 4096, 0, False, 128, 2),
+        # bf16's path (one 128-token block per SM, no 256-token tile; measured: the best of seven):
+        (128, 4864, 896, 0, True, 64, 1),
+        (128, 3072, 1024, 0, True, 64, 2),
+        (512, 4864, 896, 0, True, 64, 1),
+        (512, 4096, 4096, 0, True, 128, 1),
+        (2048, 896, 4864, 0, True, 128, 1),
         # Many tiles: no split.
-        (8192, 896, 4864, 0, 256, 1),
+        (8192, 896, 4864, 0, False, 256, 1),
         # A fixed tile: its splits (at most 4, the most measured, though K = 1536's 24 k-tiles would allow 6).
-        (1024, 896, 4864, 64, 64, 2),
-        (2048, 576, 1536, 256, 256, 2),
-        (257, 576, 1536, 64, 64, 4),
+        (1024, 896, 4864, 64, False, 64, 2),
+        (2048, 576, 1536, 256, False, 256, 2),
+        (257, 576, 1536, 64, False, 64, 4),
     ],
 )
-def test_modelled_wgmma_plan(m, n, k, tokens, plan_tokens, splits):
+def test_modelled_wgmma_plan(m, n, k, tokens, bf16_path, plan_tokens, splits):
     from quantkern import _C
 
-    assert _C.w4a16_modelled_wgmma_plan(m, n, k, tokens) == {"tokens": plan_tokens, "splits": splits}
+    plan = _C.w4a16_modelled_wgmma_plan(m, n, k, tokens, bf16_path=bf16_path)
+    assert plan == {"tokens": plan_tokens, "splits": splits}
 
 
 @needs_extension
@@ -397,6 +405,8 @@ def test_modelled_wgmma_plan_refuses_bad_arguments():
         _C.w4a16_modelled_wgmma_plan(512, 1536, 576, 32)
     with pytest.raises(RuntimeError, match="multiple of 64"):
         _C.w4a16_modelled_wgmma_plan(512, 1536, 500)
+    with pytest.raises(RuntimeError, match="no 256-token tile"):
+        _C.w4a16_modelled_wgmma_plan(512, 1536, 576, 256, bf16_path=True)
 
 
 @needs_extension
