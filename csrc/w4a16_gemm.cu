@@ -490,8 +490,9 @@ bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp1
 // 576 x 1536 at M = 1024 13.4 (two splits) against 7.0 (none), 1536 x 576 at M = 2048 17.1 (three splits) against
 // 13.1 (none), 3072 x 1024 at 2048 29.1 against 26.6, 896 x 4864 at M = 128 9.9 against 7.7, 4096 x 4096 at 256
 // 24.8 against 21.7; bf16 (its own path, below 1024 tokens here): 896 x 4864 at 128 11.8 against 8.3, 1024 x 3072
-// at 128 10.8 against 8.4, 1536 x 576 at 512 11.9 against 9.4. The model is a least-squares fit to 162 fp16
-// timings at 512, 1024 and 2048 tokens (nine tiles and splits each; median error 6%). Fitted without the shape it
+// at 128 10.8 against 8.4, 1536 x 576 at 512 11.9 against 9.4. The model is a least-squares fit to 144 fp16
+// timings of forced plans at 512, 1024 and 2048 tokens (eight tiles and splits at each of 18 points; median error
+// 6%; scripts/fit_wgmma_plan.py on docs/results/h100_probe_w4a16_plans_3ad4a7c.txt). Fitted without the shape it
 // picks for, it picked within 2% of the best on those 18 points in total (the rules before: 11% over; its worst,
 // 3072 x 1024 at M = 512, 15.6 us against 13.3). Later sweeps: at 300-4096 tokens (30 points) the automatic plan
 // was the best or within 3% of it; at 64-256 tokens (23 points, given the measured plans) the model picked the
@@ -499,18 +500,29 @@ bool stages_bf16(int64_t M, int64_t N, int64_t K, bool fp16, bool scales_fit_fp1
 // there) and 576 x 1536 at 64 and 128 (where the few-token kernel runs); bf16 at 128 and 512 tokens (not fitted
 // to them; 8 points where the model plans), the best at 5, within 1.1% at 2, and on 3072 x 1024 at 512 15.6 us
 // against 14.1 (the rule before: 15.7).
-// Its terms (us, for one SM's busiest share of the grid; the launch's fixed ~3 us left out, the same for every
-// candidate):
-//   compute: per k-tile of 64 tokens of a block's tile, alone on its SM 0.378 (64-token tiles) / 0.222 (128),
-//     sharing it 0.278 / 0.195 for each of the SM's blocks; where one block fits an SM (bf16's path at 128 tokens)
-//     the blocks run one after another at the alone rate; 256-token tiles (one block per SM) 0.157 a block;
-//   split: 0.288 per MB of partials, and 0.149 per split and 64 tokens of the tile (the last block's sum).
+// Its terms (us, for one SM's busiest share of the grid; the launch's fixed ~3 us, the same for every candidate,
+// left out; coefficients kModel* below):
+//   compute: per k-tile of 64 tokens of a block's tile, alone on its SM or sharing it (for each of the SM's blocks),
+//     by tile size; where one block fits an SM (bf16's path at 128 tokens) the blocks run one after another at
+//     the alone rate; 256-token tiles (one block per SM) one coefficient;
+//   split: per MB of partials, and per split and 64 tokens of the tile (the last block's sum).
 bool uses_modelled_tiling(int64_t M, int64_t N, int64_t K) {
   return K * N <= kSmallWeightCodes && M > (K * N <= kTinyWeightCodes ? 64 : 128);
 }
 
 namespace {
 constexpr int kModelMaxSplits = 4;  // the largest split measured for the model
+// The model's coefficients (us), fitted by `python scripts/fit_wgmma_plan.py
+// docs/results/h100_probe_w4a16_plans_3ad4a7c.txt` (tests/test_wgmma_plan_fit.py checks that they are its fit):
+// per k-tile of 64 tokens of a block's tile, alone on its SM / sharing it, by tile; per MB of split partials; per
+// split and 64 tokens of the tile (the last block's sum).
+constexpr double kModelAlone64 = 0.378;
+constexpr double kModelShared64 = 0.278;
+constexpr double kModelAlone128 = 0.222;
+constexpr double kModelShared128 = 0.195;
+constexpr double kModelTile256 = 0.157;
+constexpr double kModelPartialMB = 0.288;
+constexpr double kModelSplitSum = 0.149;
 
 double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits, bool bf16_path, int sm_count) {
   const int64_t k_tiles = K / kBK;
@@ -521,15 +533,15 @@ double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits
   const double work = static_cast<double>(tiles_per_split) * tokens / 64;  // a block's k-tiles of 64 tokens
   double us;
   if (tokens == 256) {
-    us = 0.157 * work * busiest;
+    us = kModelTile256 * work * busiest;
   } else if (busiest == 1 || wgmma_blocks_per_sm(bf16_path, tokens) == 1) {  // (one block on its SM at a time)
-    us = (tokens == 64 ? 0.378 : 0.222) * work * busiest;
+    us = (tokens == 64 ? kModelAlone64 : kModelAlone128) * work * busiest;
   } else {
-    us = (tokens == 64 ? 0.278 : 0.195) * work * busiest;
+    us = (tokens == 64 ? kModelShared64 : kModelShared128) * work * busiest;
   }
   if (used_splits > 1) {
     const double partial_mb = 2.0 * used_splits * M * N * 4 / 1e6;
-    us += 0.288 * partial_mb + 0.149 * used_splits * tokens / 64;
+    us += kModelPartialMB * partial_mb + kModelSplitSum * used_splits * tokens / 64;
   }
   return us;
 }
