@@ -359,8 +359,8 @@ def test_automatic_token_tiles_follow_the_device_s_sm_count():
 @pytest.mark.parametrize(
     "m,n,k,tokens,bf16_path,plan_tokens,splits",
     [
-        # The best of nine tiles and splits measured on the H100 (docs/PERF.md, session 26; 1024 x 576 x 1536
-        # within 2% of it):
+        # The best of eight forced plans measured on the H100 (docs/PERF.md, session 26; 1024 x 576 x 1536 within
+        # 2% of it):
         (512, 1536, 576, 0, False, 64, 1),
         (1024, 1536, 576, 0, False, 128, 1),
         (2048, 576, 1536, 0, False, 128, 1),
@@ -370,17 +370,18 @@ def test_automatic_token_tiles_follow_the_device_s_sm_count():
         (1024, 1024, 3072, 0, False, 128, 2),
         (1024, 896, 4864, 0, False, 128, 2),
         (2048, 896, 4864, 0, False, 256, 2),
-        # 65-256 tokens (measured: the best of six, 4096 x 4096 at 256 included):
+        # 65-256 tokens (measured: the best of six forced plans, 4096 x 4096 at 256 included):
         (128, 4864, 896, 0, False, 64, 1),
         (256, 4864, 896, 0, False, 128, 1),
         (256, 3072, 1024, 0, False, 64, 1),
         (128, 3072, 1024, 0, False, 64, 2),
         (256, 4096, 4096, 0, False, 128, 2),
-        # bf16's path (one 128-token block per SM, no 256-token tile; measured: the best of seven):
+        # bf16's path (one 128-token block per SM, no 256-token tile; measured: the best of six forced plans) ...
         (128, 4864, 896, 0, True, 64, 1),
         (128, 3072, 1024, 0, True, 64, 2),
         (512, 4864, 896, 0, True, 64, 1),
         (512, 4096, 4096, 0, True, 128, 1),
+        # ... and where fp16 takes 256-token tiles (not measured in bf16):
         (2048, 896, 4864, 0, True, 128, 1),
         # Many tiles: no split.
         (8192, 896, 4864, 0, False, 256, 1),
