@@ -416,6 +416,9 @@ void launch_config(int bm, const Params& p, dim3 grid, cudaStream_t stream) {
 // The device's opt-in maximum of shared memory per block (csrc/common.cuh caches the query).
 int smem_per_block(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
+// The fewest k-tiles an automatic K split gives each block (choose_splits, and the cost model's splits below).
+constexpr int kMinTilesPerSplit = 4;
+
 // K splits for `tiles` output tiles of blocks_per_sm resident blocks per SM: split_k > 0 forces a
 // count; automatic: as many as keep every block resident at once (rounded down: one block more
 // than the GPU holds costs a whole second wave), each split at least kMinTilesPerSplit k-tiles long.
@@ -426,7 +429,6 @@ int choose_splits(int64_t tiles, int k_tiles, int blocks_per_sm, int64_t split_k
                 "), locks has ", max_locks);
     return splits;
   }
-  constexpr int kMinTilesPerSplit = 4;
   const int64_t target = static_cast<int64_t>(num_sms(device)) * blocks_per_sm;
   if (tiles >= target || tiles > max_locks) return 1;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target / tiles, k_tiles / kMinTilesPerSplit)));
@@ -549,7 +551,6 @@ double modelled_wgmma_us(int64_t M, int64_t N, int64_t K, int tokens, int splits
 
 WgmmaTiling modelled_wgmma_tiling(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count,
                                   int64_t max_locks) {
-  constexpr int kMinTilesPerSplit = 4;  // as choose_splits
   const int64_t k_tiles = K / kBK;
   WgmmaTiling best{0, 1};
   double best_us = 0;
