@@ -84,7 +84,10 @@ def w4a16_cases():
         x = torch.randn(m, k, device="cuda").to(dtype)
         bias = torch.randn(n, device="cuda").to(dtype)
         y = w4a16_linear(x, prepared, bias, split_k=split_k, tile_m=tile_m)
-        error = relative_error(y, reference.weight_only_linear(x.float(), qw, bias.float()))
+        # Against the reference rounded to y's dtype, as tests/test_w4a16_cuda.py does: against the fp32 one a bf16
+        # output's own rounding reaches ~2e-3 where y has few elements (8192 x 48 at M = 1 measured 2.006e-3).
+        y_ref = reference.weight_only_linear(x.float(), qw, bias.float()).to(dtype)
+        error = relative_error(y, y_ref)
         assert error < 2e-3, (k, n, m, group, error)
         print("w4a16_gemm", k, n, m, group, symmetric, dtype, split_k, tile_m, f"error {error:.1e}", flush=True)
     # Back to back in a captured CUDA graph, each call reading the previous one's output: on sm_90 every call
@@ -221,6 +224,7 @@ if __name__ == "__main__":
     unknown = [name for name in chosen if name not in groups]
     if unknown:
         sys.exit(f"unknown case groups {unknown}; choose from {list(groups)}")
+    torch.manual_seed(0)  # the same cases every run
     for name in chosen:
         groups[name]()
     torch.cuda.synchronize()
