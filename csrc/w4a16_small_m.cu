@@ -874,7 +874,10 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   // run a second wave: 8-warp ones in one wave measured on the H200 (fp16, same call, M = 1 / 16), group
   // 128: 896 x 4864 (152 blocks) 4.6 -> 3.2 us / 6.9 -> 4.6, 8192 x 8192 (256) 13.8 -> 11.5 / 19.0 -> 16.8,
   // 28672 x 8192 33.4 -> 31.5 / 53.4 -> 53.3, 2048 x 8192 6.3 -> 5.2 / 8.9 -> 6.8; group 32 with zeros
-  // 1.03-1.59x faster on the same shapes.
+  // 1.03-1.59x faster on the same shapes. In one wave, 8 warps instead (H100, session 27, fp16 g128, M = 1 / 4,
+  // us, back to back; then each call after another kernel): 14336 x 4096 11.5 -> 13.6 / 12.7 -> 14.6 (12.6 ->
+  // 13.4 / 13.9 -> 14.2), 3072 x 1024 and 1536 x 576 slower too; 4096 x 4096 5.9 -> 5.5 / 6.2 -> 5.9 back to
+  // back only (the next call's blocks fit beside 8-warp ones); after another kernel 5.9 / 6.1 either way.
   config.warps = blocks <= sm_count && fits16(config.paired) ? 16 : 8;
   // 4-warp blocks (4 per SM) when 8-warp ones would run in more than one wave and 4-warp ones fit in
   // one: no partial second wave. Measured on the H200 (4096 x 14336: 448 blocks, 1.7 waves of 8-warp
@@ -901,8 +904,9 @@ SmallMConfig small_m_config(int64_t M, int64_t N, int64_t K, int64_t group_len, 
   config.weight_ring = M < kXRingMinTokens && group_len == 32 && asym && ring_block_bytes <= smem_per_block &&
                        blocks_per_sm * (ring_block_bytes + 1024) <= smem_per_block + 1024;
   // Splitting K costs a partial tile to write and read and a serial step at the end (measured on the
-  // H100: a second split made every Llama shape slower once the blocks cover the SMs), so split only
-  // up to one block per SM, and keep at least one chunk per warp.
+  // H100: a second split made every Llama shape slower once the blocks cover the SMs, also where the blocks
+  // fill the SMs unevenly, e.g. 8192 x 28672 at M = 16, 448 blocks: 47.6 us, 2 splits 51.8-66.6; session 27),
+  // so split only up to one block per SM, and keep at least one chunk per warp.
   config.splits = 1;
   if (blocks < sm_count && blocks <= max_locks) {
     config.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(sm_count / blocks, chunks / config.warps)));
