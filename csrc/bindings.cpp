@@ -74,7 +74,8 @@ std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group
 // csrc/w4a16_gemm.cu
 std::string automatic_kernel_name(int64_t M, int64_t N, int64_t K, bool wgmma_available, bool fp16, int sm_count,
                                   bool scales_fit_fp16);
-// {tokens per tile, K splits} of the wgmma kernel's cost model for tiny weights (no limit on the lock counters)
+// {tokens per tile, K splits} of the wgmma kernel's cost model for weights of up to 2^24 codes (no limit on the
+// lock counters)
 std::vector<int64_t> modelled_wgmma_plan(int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count);
 }  // namespace w4a16
 }  // namespace quantkern
