@@ -465,10 +465,12 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
   // 16 B, the pieces of a row XOR-swizzled by (row & 7) so that ldmatrix's 8 row reads hit 8 different
   // bank groups. Lane l always copies piece l % 16 of rows r0 + 2 j (r0 = l / 16, j < 8; PAIRED: the pair's
   // slot, r0 = l / 16 + 8 half and j < 4, the partner copying the other 8 rows). A missing second
-  // tile and chunks past the range read nothing and are zero. A row past M: with two tiles it re-reads the
-  // lane's last row that exists (its token's sums are never stored), so one predicate serves the lane's 8
-  // copies; with one tile it reads nothing (M = 5-7: re-reading had made the Llama shapes 2-8% slower on
-  // the H200, the same time as M = 8, while the per-row predicate costs 4 instructions per chunk).
+  // tile, chunks past the range and rows past M read nothing and are zero (the source address stays at the
+  // lane's last row that exists). Rows past M had re-read that row instead, which spares a predicate per
+  // copy but sends many copies to the same few L2 lines (probably why it was slow): with one tile (M = 5-7)
+  // that made the Llama shapes 2-8% slower on the H200; with two, M = 9 took up to 15% longer than M = 16
+  // (H100, session 28, fp16 g128, us, re-read -> zeros: 8192 x 28672 57.0 -> 47.1, 4096 x 14336 16.2 ->
+  // 13.6, 14336 x 4096 15.4 -> 13.3; M = 10-13 up to 8% faster, M = 16 unchanged).
   // Addresses: with the slot 256-byte aligned, row r0 + 2 j's swizzled piece is the lane's row-r0 address
   // XOR ((2 j) & 7) << 4 (since (r0 + 2 j) & 7 = r0 ^ ((2 j) & 7)) plus the row offset, a constant of the
   // copy instruction; the source steps by two rows of x per copy. (The previous loader selected between
@@ -493,8 +495,7 @@ __global__ void __launch_bounds__(WARPS * 32, kWarpsPerSM / WARPS) w4a16_small_m
     const uint32_t lane_dst = x_lane_dst + slot * kXSlotBytes;
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
-      cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src,
-                 piece_ok && (TOKEN_TILES == 2 || 2 * j < x_rows_ok));
+      cp_async16((lane_dst ^ (((2 * j) & 7) << 4)) + 2 * j * kXRowBytes, src, piece_ok && 2 * j < x_rows_ok);
       src = advance_bytes(src, j < x_last_pair ? x_pair_bytes : 0);
     }
     if (copies_piece) copy_scale_piece(c, x_scale_base + slot * kScaleSlotBytes);

@@ -542,9 +542,9 @@ def test_small_m_weight_ring_matches_register_stages(k, n, dtype):
 # (192, 80) and (576, 1536): an odd number of k-tiles (the last chunk has no second tile of activations).
 @pytest.mark.parametrize("k,n", [(192, 80), (576, 1536), (4096, 4096), (8192, 1024)])
 def test_small_m_partial_token_tiles(k, n, group_size, symmetric, dtype):
-    # From 5 tokens the small-M kernel stages activations in each warp's ring; rows past M read as zeros at
-    # one 8-token tile and re-read the lane's last row that exists at two. Every count of rows in a last token
-    # tile of one or two 8-token tiles, and a second token tile (M = 17, 31), against the reference.
+    # From 5 tokens the small-M kernel stages activations in each warp's ring, where rows past M read as zeros.
+    # Every count of rows in a last token tile of one or two 8-token tiles, and a second token tile (M = 17,
+    # 31), against the reference.
     if not fits(k, group_size):
         pytest.skip(f"group {group_size} does not divide K={k}")
     qw = random_qweight(k, n, group_size, symmetric, scale_dtype=dtype, device="cuda")
