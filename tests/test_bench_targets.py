@@ -30,13 +30,16 @@ def test_w4a16_verdicts_of_the_h100_runs(name):
     assert met == {1: 4, 16: 1, 64: 0, 2048: 6}  # as README's "Speed against the targets" says
 
 
-@pytest.mark.parametrize("name", ["h100_bench_int_gemm_2ad4959.json", "h100_bench_int_gemm_f3a10d2.json"])
-def test_int_linear_verdicts_of_the_h100_runs(name):
+# Session 15's run (every M), and session 29's of f3a10d2 (M = 1, 16, 2048 and 8192 only).
+@pytest.mark.parametrize("name,ran_128_tokens", [("h100_bench_int_gemm_2ad4959.json", True),
+                                                 ("h100_bench_int_gemm_f3a10d2.json", False)])
+def test_int_linear_verdicts_of_the_h100_runs(name, ran_128_tokens):
     rows = json.loads((RESULTS / name).read_text())["results"]
     by_case = {(r["N"], r["M"]): int_linear_verdicts(r["M"], r["time_us"]) for r in rows}
     assert by_case[(28672, 1)] == "w4a4/bf16 >=3x met"
     assert by_case[(8192, 1)] == by_case[(8192, 16)] == by_case[(28672, 16)] == "w4a4/bf16 >=3x MISSED"
-    if (8192, 128) in by_case:  # (session 29 ran M = 1, 16, 2048 and 8192 only)
+    assert ((8192, 128) in by_case) == ran_128_tokens
+    if ran_128_tokens:
         assert by_case[(8192, 128)] == "w8a8/int_mm >=1x met"  # no W4A4 target between 17 and 2047 tokens
     for n in (8192, 28672):
         for m in (2048, 8192):
