@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from common import copies_for, cycling, graph_us, int_linear_verdicts, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
-from quantkern.layout_int import int_gemm_cuda
+from quantkern.layout_int import activations_packed, int_gemm_cuda
 
 SHAPES = [(8192, 8192), (8192, 28672)]  # K x N
 MORE_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -63,9 +63,11 @@ def sweep(shapes, small_only: bool = False) -> None:
                 if small_only and m > 32:
                     continue
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"])
-                tq = graph_us(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0, p["packed_activations"]))
+                # (W4A4 on sm_90: the few-token kernel takes packed int4 codes, the other kernels one per byte)
+                packed = activations_packed(p, m)
+                tq = graph_us(lambda: torch.ops.quantkern.quantize_per_token(x, bits, 1.0, packed))
                 for config, split in cands:
+                    q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, packed and config in (0, 8))
                     nxt = cycling(ps)
                     t = graph_us(lambda: int_gemm_cuda(q, sx, nxt(), None, torch.bfloat16, split, config))
                     tops = 2 * m * n * k / (t * 1e-6) / 1e12
@@ -106,8 +108,8 @@ def rotated(shapes, ms, json_path=None) -> None:
                                                                               w=prepared.tensors["w"].clone()))
                                   for _ in range(copies - 1)]
             nxt_fused, nxt_two = cycling(preps), cycling(preps)
-            packed = prepared.tensors["packed_activations"]
             for m in ms:
+                packed = activations_packed(prepared.tensors, m)
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 exact = None
                 if m in (1, 16, 2048):  # correctness first (the reference runs int_matmul in float64)
@@ -202,7 +204,7 @@ def main() -> None:
 
             def ours(bits, nxt):
                 prepared = nxt()
-                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, prepared["packed_activations"])
+                q, sx = torch.ops.quantkern.quantize_per_token(x, bits, 1.0, activations_packed(prepared, m))
                 return int_gemm_cuda(q, sx, prepared, None, dtype)
 
             def int_mm_peer():

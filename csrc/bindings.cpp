@@ -47,10 +47,13 @@ TORCH_LIBRARY(quantkern, m) {
   // Integer GEMMs W8A8 / W4A4 / W4A8 (csrc/int_gemm.cu): a = quantize_per_token's q (int8 [M, K] or uint8
   // [M, K/2]), a_scale fp32 [M], w / w_scale in the layout of quantkern.layout_int.prepare_int_weight,
   // bias fp32 [N] -> y [M, N] in out_dtype (float16 / bfloat16). split_k / config: 0 = automatic.
+  // w4a8_layout: int4 w in the W4A8 layout (prepare_int_weight on sm_90); with a_bits = 4 (packed codes) only
+  // the sm_90 few-token kernel takes that pair (per-channel, M <= build_info()["int_small_m_max_tokens"]).
   m.def("int_gemm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int a_bits, int w_bits, "
-        "int group_len, ScalarType out_dtype, int split_k=0, int config=0) -> Tensor");
+        "int group_len, ScalarType out_dtype, int split_k=0, int config=0, bool w4a8_layout=False) -> Tensor");
   // The exact int32 accumulator a @ w^T [M, n] of the same operands (test hook).
-  m.def("int_gemm_acc(Tensor a, Tensor w, int n, int a_bits, int w_bits, int split_k=0, int config=0) -> Tensor");
+  m.def("int_gemm_acc(Tensor a, Tensor w, int n, int a_bits, int w_bits, int split_k=0, int config=0, "
+        "bool w4a8_layout=False) -> Tensor");
   // The input gather of act-order layers (csrc/permute.cu): x [M, K] fp16/bf16/fp32 contiguous, permutation int64
   // [K] -> y [M, K], y[m, j] = x[m, permutation[j]] (x.index_select(-1, permutation)).
   m.def("permute_columns(Tensor x, Tensor permutation) -> Tensor");
@@ -115,12 +118,14 @@ PYBIND11_MODULE(_C, m) {
         info["torch_version"] = std::string(TORCH_VERSION);
         info["kernels"] = cuda_kernels();
         info["hadamard_quantize_tensor_core_sizes"] = quantkern::hadamard_quantize_tensor_core_sizes();
+        info["int_small_m_max_tokens"] = quantkern::int_small_m::kMaxTokens;
         return info;
       },
       "How this extension was built: {'cuda_version': CUDA runtime version at build time, "
       "'archs': the TORCH_CUDA_ARCH_LIST it was compiled for, 'torch_version': torch at build time, "
       "'kernels': names of the quantkern ops with a CUDA kernel, 'hadamard_quantize_tensor_core_sizes': the row "
-      "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+)}.");
+      "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+), 'int_small_m_max_tokens': the "
+      "most tokens for which int_gemm takes the sm_90 few-token kernel (packed int4 activations need it)}.");
   m.def(
       "w4a16_small_m_plan",
       [](int64_t M, int64_t N, int64_t K, int64_t group_size, bool symmetric, int sm_count, int smem_per_block) {
@@ -149,22 +154,26 @@ PYBIND11_MODULE(_C, m) {
       "7/8 of the SMs)}.");
   m.def(
       "int_small_m_plan",
-      [](int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int sm_count) {
+      [](int64_t M, int64_t N, int64_t K, int64_t w_bits, int64_t split_k, int sm_count, int64_t a_bits) {
         TORCH_CHECK(w_bits == 4 || w_bits == 8, "int_small_m_plan: w_bits must be 4 or 8, got ", w_bits);
+        TORCH_CHECK(a_bits == 8 || (a_bits == 4 && w_bits == 4), "int_small_m_plan: a_bits must be 8, or 4 with "
+                    "int4 weights, got a_bits = ", a_bits, ", w_bits = ", w_bits);
         TORCH_CHECK(M > 0 && N > 0 && K > 0 && sm_count > 0, "int_small_m_plan: M, N, K and sm_count must be "
                     "positive, got M = ", M, ", N = ", N, ", K = ", K, ", sm_count = ", sm_count);
         const quantkern::int_small_m::Plan plan =
-            quantkern::int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, sm_count);
+            quantkern::int_small_m::plan(M, N, K, static_cast<int>(w_bits), static_cast<int>(a_bits), split_k,
+                                         sm_count);
         pybind11::dict out;
         out["warps"] = plan.warps;
         out["splits"] = plan.splits;
         return out;
       },
       pybind11::arg("M"), pybind11::arg("N"), pybind11::arg("K"), pybind11::arg("w_bits"),
-      pybind11::arg("split_k") = 0, pybind11::arg("sm_count") = 132,
-      "The sm_90 few-token integer GEMM's launch plan (M <= 16, int8 activations; csrc/int_small_m.cu) for "
-      "w_bits-bit weights on a device with sm_count SMs: {'warps': warps per 32-channel block (1, 2, 4, 8 or "
-      "16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that many splits (at most 8).");
+      pybind11::arg("split_k") = 0, pybind11::arg("sm_count") = 132, pybind11::arg("a_bits") = 8,
+      "The sm_90 few-token integer GEMM's launch plan (M <= 16; csrc/int_small_m.cu) for w_bits-bit weights and "
+      "a_bits-bit activations (8, or 4: packed int4 codes) on a device with sm_count SMs: {'warps': warps per "
+      "32-channel block (1, 2, 4, 8 or 16), 'splits': blocks of a cluster splitting K}. split_k > 0 asks for that "
+      "many splits (at most 8).");
   m.def(
       "w4a16_modelled_wgmma_plan",
       [](int64_t M, int64_t N, int64_t K, int tokens, bool bf16_path, int sm_count) {

@@ -621,24 +621,30 @@ bool use_wgmma(const char* op, int64_t config, int64_t M, int64_t a_bits, bool g
          (M + 255) / 256 <= kMaxGridY;
 }
 
-// The few-token kernel (csrc/int_small_m.cu): int8 activations and per-channel weights on an sm_90 GPU,
-// automatic up to kSmallMMaxTokens tokens (its plan: int_small_m::plan). On the H200 it streams int4 weights
-// at 2.9 TB/s at 8192 x 8192 and 3.6 TB/s at 8192 x 28672 (M = 1); on the H100 the best mma.sync tile and
-// split had reached 1.9 and 2.3.
-constexpr int64_t kSmallMMaxTokens = 16;
-
-bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool grouped, int device) {
+// The few-token kernel (csrc/int_small_m.cu): per-channel weights on an sm_90 GPU, int8 activations or
+// packed int4 ones with int4 weights in the W4A8 layout (w4a8_layout), automatic up to int_small_m::kMaxTokens
+// tokens (its plan: int_small_m::plan). On the H200 it streams int4 weights at 2.9 TB/s at 8192 x 8192 and
+// 3.6 TB/s at 8192 x 28672 (M = 1); on the H100 the best mma.sync tile and split had reached 1.9 and 2.3.
+bool use_small_m(const char* op, int64_t config, int64_t M, int64_t a_bits, bool w4a8_layout, bool grouped,
+                 int device) {
   const bool available = hopper::wgmma_available(device);  // an sm_90 GPU and an sm_90 build
+  const bool takes_a = a_bits == 8 || w4a8_layout;
   if (config == kSmallM) {
     TORCH_CHECK(available, op, ": config 8 (the few-token kernel) needs an sm_90 GPU and an extension built for 9.0a");
-    TORCH_CHECK(a_bits == 8 && !grouped, op, ": config 8 (the few-token kernel) takes int8 activations and "
-                "per-channel weights");
+    TORCH_CHECK(takes_a && !grouped, op, ": config 8 (the few-token kernel) takes int8 activations (or packed int4 "
+                "ones with weights in the W4A8 layout) and per-channel weights");
     TORCH_CHECK((M + int_small_m::kTokens - 1) / int_small_m::kTokens <= kMaxGridY, op,
                 ": config 8 (the few-token kernel) takes at most ", kMaxGridY * int_small_m::kTokens,
                 " rows (grid z), got M = ", M);
     return true;
   }
-  return config == kAuto && available && a_bits == 8 && !grouped && M <= kSmallMMaxTokens;
+  const bool chosen = config == kAuto && available && takes_a && !grouped && M <= int_small_m::kMaxTokens;
+  // Packed int4 activations against W4A8-layout weights: no other kernel takes that pair.
+  TORCH_CHECK(chosen || a_bits == 8 || !w4a8_layout, op, ": packed int4 activations with weights in the W4A8 "
+              "layout run only on the sm_90 few-token kernel (per-channel weights, M <= ", int_small_m::kMaxTokens,
+              "; here M = ", M, grouped ? ", grouped weights" : "", available ? "" : ", no sm_90 GPU and 9.0a build",
+              "): quantize the activations with packed=False");
+  return chosen;
 }
 
 struct WgmmaPlan {
@@ -688,7 +694,7 @@ int tiles_per_split(const at::Tensor& w, int splits) {
 
 // Checks a and the tiled w against each other; returns K. N: the true out_features (<= w's padded rows).
 int64_t check_operands(const char* op, const at::Tensor& a, const at::Tensor& w, int64_t N, int64_t a_bits,
-                       int64_t w_bits) {
+                       int64_t w_bits, bool w4a8_layout) {
   check_cuda(a, op, "a");
   check_cuda(w, op, "w");
   check_dim(a, 2, op, "a");
@@ -697,6 +703,7 @@ int64_t check_operands(const char* op, const at::Tensor& a, const at::Tensor& w,
   check_contiguous(w, op, "w");
   TORCH_CHECK((a_bits == 8 && w_bits == 8) || (a_bits == 4 && w_bits == 4) || (a_bits == 8 && w_bits == 4), op,
               ": supported (a_bits, w_bits) are (8, 8), (4, 4) and (8, 4), got (", a_bits, ", ", w_bits, ")");
+  TORCH_CHECK(!w4a8_layout || w_bits == 4, op, ": w4a8_layout describes int4 weights, got ", w_bits, "-bit ones");
   TORCH_CHECK(a.scalar_type() == (a_bits == 8 ? at::kChar : at::kByte), op, ": a must be ",
               a_bits == 8 ? "int8" : "uint8 (packed int4)", ", got ", a.scalar_type());
   TORCH_CHECK(w.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), op, ": w must be ",
@@ -764,18 +771,21 @@ void launch_split_epilogue(const at::Tensor& ws, bool grouped, at::ScalarType ou
 }
 
 at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n, int64_t a_bits, int64_t w_bits,
-                             int64_t split_k, int64_t config) {
+                             int64_t split_k, int64_t config, bool w4a8_layout) {
   constexpr const char* op = "quantkern::int_gemm_acc";
-  const int64_t K = check_operands(op, a, w, n, a_bits, w_bits);
+  const int64_t K = check_operands(op, a, w, n, a_bits, w_bits, w4a8_layout);
   const int64_t M = a.size(0), N = n;
   const c10::cuda::CUDAGuard device_guard(a.device());
   at::Tensor out = at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
-  if (use_small_m(op, config == kAuto ? -1 : config, M, a_bits, false, a.get_device())) {
-    const int_small_m::Plan plan =
-        int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, num_sms(a.get_device()));
-    int_small_m::launch(static_cast<int>(w_bits), true, at::kInt,
+  // (config 0 here: the automatic choice but for the few-token kernel, which config 8 asks for; packed int4 codes
+  // with W4A8 weights take it either way)
+  const int64_t small_m_config = config == kAuto && !(a_bits == 4 && w4a8_layout) ? -1 : config;
+  if (use_small_m(op, small_m_config, M, a_bits, w4a8_layout, false, a.get_device())) {
+    const int_small_m::Plan plan = int_small_m::plan(M, N, K, static_cast<int>(w_bits), static_cast<int>(a_bits),
+                                                     split_k, num_sms(a.get_device()));
+    int_small_m::launch(static_cast<int>(w_bits), static_cast<int>(a_bits), true, at::kInt,
                         hopper_params(a, w, nullptr, nullptr, nullptr, out.data_ptr(), M, N, K,
                                       tiles_per_split(w, plan.splits)),
                         plan, stream);
@@ -801,10 +811,10 @@ at::Tensor int_gemm_acc_cuda(const at::Tensor& a, const at::Tensor& w, int64_t n
 at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                          const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t a_bits,
                          int64_t w_bits, int64_t group_len, at::ScalarType out_dtype, int64_t split_k,
-                         int64_t config) {
+                         int64_t config, bool w4a8_layout) {
   constexpr const char* op = "quantkern::int_gemm";
   TORCH_CHECK(w_scale.dim() == 2, op, ": w_scale must be 2-D [K / group_len, N]");
-  const int64_t K = check_operands(op, a, w, w_scale.size(1), a_bits, w_bits);
+  const int64_t K = check_operands(op, a, w, w_scale.size(1), a_bits, w_bits, w4a8_layout);
   const int64_t M = a.size(0), N = w_scale.size(1);
   TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kBFloat16, op, ": out_dtype must be float16 or bfloat16");
   TORCH_CHECK(group_len > 0 && group_len % 32 == 0 && K % group_len == 0, op,
@@ -845,10 +855,10 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(a.get_device()).stream();
   const float* sw = w_scale.data_ptr<float>();
   const float* sx = a_scale.data_ptr<float>();
-  if (use_small_m(op, config, M, a_bits, grouped, a.get_device())) {
-    const int_small_m::Plan plan =
-        int_small_m::plan(M, N, K, static_cast<int>(w_bits), split_k, num_sms(a.get_device()));
-    int_small_m::launch(static_cast<int>(w_bits), false, out_dtype,
+  if (use_small_m(op, config, M, a_bits, w4a8_layout, grouped, a.get_device())) {
+    const int_small_m::Plan plan = int_small_m::plan(M, N, K, static_cast<int>(w_bits), static_cast<int>(a_bits),
+                                                     split_k, num_sms(a.get_device()));
+    int_small_m::launch(static_cast<int>(w_bits), static_cast<int>(a_bits), false, out_dtype,
                         hopper_params(a, w, sx, sw, bias_ptr, out.data_ptr(), M, N, K, tiles_per_split(w, plan.splits)),
                         plan, stream);
     return out;

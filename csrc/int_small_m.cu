@@ -1,7 +1,8 @@
-// The integer GEMM for few tokens (decode) on Hopper: W8A8 and W4A8 with int8 mma.sync, and W4A4 on
-// sm_90 as W4A8 on the int4 codes stored one per byte (Hopper has no int4 tensor cores). Semantics,
-// weight layouts and operand checks are those of csrc/int_gemm.cu, whose host function calls launch()
-// for M <= 16, int8 activations and per-channel weights on an sm_90 GPU; this file holds the kernel.
+// The integer GEMM for few tokens (decode) on Hopper: W8A8 and W4A8 with int8 mma.sync, and W4A4 (Hopper has
+// no int4 tensor cores) on its packed int4 codes, widened to int8 in registers like the weights. Semantics,
+// weight layouts and operand checks are those of csrc/int_gemm.cu, whose host function calls launch() for
+// M <= kMaxTokens, per-channel weights on an sm_90 GPU, and int8 activations or packed int4 ones with int4
+// weights in the W4A8 layout; this file holds the kernel.
 //
 // Why: at M <= 16 the op streams the weights and little else. The mma.sync tiles of csrc/int_gemm.cu
 // move them through a cp.async ring in shared memory with a barrier per k-tile, and split K with int32
@@ -20,6 +21,14 @@
 //   care as long as the activations follow: lane t's B fragment for step s is read from the same k,
 //   so each lane loads the matching 2 x 16 bytes of each of its token rows (L1/L2 hits: every warp of
 //   the block, and every block, reads the same activations).
+// Packed int4 activations (W4A4, ABITS = 4; quantize_per_token's packed codes, code 2i in byte i's low
+//   nibble): lane t loads the 16 bytes of k 32t..32t+31 of each token row, and step s widens the nibbles
+//   of k 32t+4s..+3 (b0) and 32t+16+4s..+3 (b1) to int8 lanes at 16 x the code (a byte permute of the word
+//   and its copy shifted by 4, then a mask): the same k as the W4A8 weights' fragments. Both operands at
+//   16 x their values: the sums are shifted back by 8. Half the activation bytes and registers of int4 codes
+//   stored one per byte, so these instances hold 16 warps per SM at two token tiles too (3 stages, 119
+//   registers) where the byte codes' held 8 (182): H100, W4A4 linear, 16 tokens, 8192 x 28672 53.9 -> 45.3 us,
+//   8192 x 8192 19.4 -> 17.5 (docs/PERF.md, session 30).
 // Pipeline: STAGES k-tiles of weights and activations in registers, the next k-tile's loads issued as
 //   soon as a stage is consumed; no shared memory and no barrier in the main loop. The first stages'
 //   weight loads are issued before griddepcontrol.wait, so under programmatic dependent launch (the
@@ -70,24 +79,30 @@ constexpr int kTileK = 128;        // k per k-tile: one unit's width
 
 static_assert(kChannels == kStripsPerWarp * 16, "a warp covers the block's channels");
 
-template <int WBITS>
+template <int WBITS, int ABITS>
 struct Layout {
+  static_assert(ABITS == 8 || (ABITS == 4 && WBITS == 4), "packed int4 activations go with int4 weights");
   static constexpr int kRowBytes = kTileK * WBITS / 8;         // 64 (int4) or 128 (int8)
   static constexpr int kUnitBytes = kUnitRows * kRowBytes;     // 4 or 8 KB
   static constexpr int kChunks = WBITS == 4 ? 1 : 2;           // 16-byte loads per row per k-tile
-  static constexpr int kStages = WBITS == 4 ? 4 : 3;           // k-tiles in registers
-  // Byte offsets (within a k-tile row) of lane t's two 16-byte activation pieces.
-  __device__ static int x_offset(int t, int piece) { return WBITS == 4 ? 32 * t + 16 * piece : 16 * t + 64 * piece; }
+  static constexpr int kStages = ABITS == 4 ? 3 : (WBITS == 4 ? 4 : 3);  // k-tiles in registers
+  static constexpr int kXPieces = ABITS == 4 ? 1 : 2;          // 16-byte activation loads per token row per k-tile
+  // Byte offsets (within a token row's k-tile) of lane t's 16-byte activation pieces.
+  __device__ static int x_offset(int t, int piece) {
+    return ABITS == 4 ? 16 * t : (WBITS == 4 ? 32 * t + 16 * piece : 16 * t + 64 * piece);
+  }
+  // The first k of lane t's piece (a piece is wholly inside or outside K, a multiple of 32).
+  __device__ static int x_first_k(int t, int piece) { return ABITS == 4 ? 32 * t : x_offset(t, piece); }
   // Byte offset (within a 128-byte-or-less weight row) of lane t's chunk c.
   __device__ static int w_offset(int t, int c) { return 16 * t + 64 * c; }
 };
 
 // One pipeline stage of a warp: its weight fragments (2 strips x rows g / g + 8 x chunks) and
-// activation pieces (token tiles x 2) for one k-tile.
-template <int WBITS, int TOKEN_TILES>
+// activation pieces (token tiles x pieces) for one k-tile.
+template <int WBITS, int ABITS, int TOKEN_TILES>
 struct Stage {
-  uint4 w[kStripsPerWarp][2][Layout<WBITS>::kChunks];
-  uint4 x[TOKEN_TILES][2];
+  uint4 w[kStripsPerWarp][2][Layout<WBITS, ABITS>::kChunks];
+  uint4 x[TOKEN_TILES][Layout<WBITS, ABITS>::kXPieces];
 };
 
 // The device helpers exist only where the kernel has a body (sm_90 and up).
@@ -105,6 +120,12 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 // Widen 8 signed nibbles (one word) to two words of 4 int8 lanes, each 16 x its nibble.
 __device__ __forceinline__ uint32_t widen_lo(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
 __device__ __forceinline__ uint32_t widen_hi(uint32_t w) { return w & 0xF0F0F0F0u; }
+// Widen the 4 packed codes of halfword `half` of w (natural order: code 2i in byte i's low nibble) to 4 int8
+// lanes, each 16 x its code; shifted = w << 4 (shared by both halves).
+__device__ __forceinline__ uint32_t widen_half(uint32_t w, uint32_t shifted, int half) {
+  // Bytes (shifted.b, w.b, shifted.b+1, w.b+1), b = 2 half: codes 4 half + 0..3 in the high nibbles.
+  return __byte_perm(w, shifted, half == 0 ? 0x1504u : 0x3726u) & 0xF0F0F0F0u;
+}
 
 // Activations: 16 bytes, or zeros when !ok (a predicated load: nothing waits for it before its use).
 __device__ __forceinline__ uint4 load_act(const uint8_t* p, bool ok) {
@@ -144,33 +165,37 @@ __device__ __forceinline__ void store4(OutT* p, const float (&v)[4]) {
 #endif  // QK_SMALL_M_BODY
 
 // Warps per SM each instance is built for (its launch bound, with blocks of up to that many warps; a block of 8
-// warps where this is 12 runs one to an SM): 16 for int4 weights at one token tile (126 registers), 12 for int8 at
-// one (146-170), 8 for int8 at two (about 180; at 12 they spilled 36-44 bytes). int4 at two tiles: 8 (up to 255
-// registers) except for blocks of 2 warps, 12, so that grids of ~600 blocks still run in one wave. (At 12 for every
-// width the 170-register cap changed the 1- and 4-warp blocks' code: H200, W4A4 M = 16, GEMM alone, 8192 x 8192
-// 15.7 us against 14.5 at 8, 8192 x 28672 52.2 against 48.2; at 8 the 2-warp blocks of 3584 x 18944 took two waves:
-// 22.5 against 15.3. docs/PERF.md, sessions 9 and 10.)
-constexpr int warps_per_sm(int w_bits, int token_tiles, int warps) {
+// warps where this is 12 runs one to an SM). Int8 activations: 16 for int4 weights at one token tile (126
+// registers), 12 for int8 at one (146-170), 8 for int8 at two (about 180; at 12 they spilled 36-44 bytes); int4
+// at two tiles: 8 (up to 255 registers) except for blocks of 2 warps, 12, so that grids of ~600 blocks still run in
+// one wave. (At 12 for every width the 170-register cap changed the 1- and 4-warp blocks' code: H200, W4A4 M = 16,
+// GEMM alone, 8192 x 8192 15.7 us against 14.5 at 8, 8192 x 28672 52.2 against 48.2; at 8 the 2-warp blocks of
+// 3584 x 18944 took two waves: 22.5 against 15.3. docs/PERF.md, sessions 9 and 10.) Packed int4 activations: 16 at
+// both token tile counts (95 and 119 registers).
+constexpr int warps_per_sm(int w_bits, int a_bits, int token_tiles, int warps) {
+  if (a_bits == 4) return 16;
   if (w_bits == 4) return token_tiles == 1 ? 16 : (warps == 2 ? 12 : 8);
   return token_tiles == 1 ? 12 : 8;
 }
 // Blocks of `warps` warps an SM holds.
-constexpr int blocks_per_sm(int w_bits, int token_tiles, int warps) {
-  return warps_per_sm(w_bits, token_tiles, warps) / warps > 1 ? warps_per_sm(w_bits, token_tiles, warps) / warps : 1;
+constexpr int blocks_per_sm(int w_bits, int a_bits, int token_tiles, int warps) {
+  return std::max(1, warps_per_sm(w_bits, a_bits, token_tiles, warps) / warps);
 }
 
-// OutT int: the raw int32 sums (test hook). TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps
-// per block, all on the block's 32 channels, taking its k-tiles round-robin.
-template <int WBITS, int TOKEN_TILES, int WARPS, typename OutT>
-__global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, WARPS))
+// OutT int: the raw int32 sums (test hook). ABITS: 8 (int8 codes, one per byte) or 4 (packed int4 codes).
+// TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps per block, all on the block's 32 channels,
+// taking its k-tiles round-robin.
+template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT>
+__global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_TILES, WARPS))
     int_small_m_kernel(const Params p) {
 #if QK_SMALL_M_BODY
-  using L = Layout<WBITS>;
-  using StageT = Stage<WBITS, TOKEN_TILES>;
+  using L = Layout<WBITS, ABITS>;
+  using StageT = Stage<WBITS, ABITS, TOKEN_TILES>;
   constexpr int kThreads = WARPS * 32;
   constexpr int kStages = L::kStages;
-  constexpr int kRows = 8 * TOKEN_TILES;      // token rows of the block's tile
-  constexpr int kShift = WBITS == 4 ? 4 : 0;  // widened nibbles are 16 x their value
+  constexpr int kRows = 8 * TOKEN_TILES;  // token rows of the block's tile
+  // Widened nibbles are 16 x their value, in the weights and (ABITS 4) in the activations.
+  constexpr int kShift = (WBITS == 4 ? 4 : 0) + (ABITS == 4 ? 4 : 0);
   constexpr int kPartStride = kChannels + 4;  // int32 row stride of the block's tile: lanes hit distinct banks
   __shared__ __align__(16) int part[kRows][kPartStride];
 
@@ -197,7 +222,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, 
   for (int tt = 0; tt < TOKEN_TILES; ++tt) {
     const int m = m0 + 8 * tt + g;
     x_ok[tt] = m < p.M;
-    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * p.K;
+    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * (p.K * ABITS / 8);
   }
 
   // The warp's i-th k-tile into st (nothing past its tiles).
@@ -219,9 +244,10 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, 
 #pragma unroll
       for (int tt = 0; tt < TOKEN_TILES; ++tt)
 #pragma unroll
-        for (int piece = 0; piece < 2; ++piece) {
-          const int k = kt * kTileK + L::x_offset(t, piece);
-          st.x[tt][piece] = load_act(x_row[tt] + k, x_ok[tt] && k < p.K);
+        for (int piece = 0; piece < L::kXPieces; ++piece) {
+          const int k = kt * kTileK + L::x_first_k(t, piece);
+          const uint8_t* src = x_row[tt] + kt * (kTileK * ABITS / 8) + L::x_offset(t, piece);
+          st.x[tt][piece] = load_act(src, x_ok[tt] && k < p.K);
         }
     }
   };
@@ -234,7 +260,12 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, 
       uint32_t b[TOKEN_TILES][2];
 #pragma unroll
       for (int tt = 0; tt < TOKEN_TILES; ++tt) {
-        if constexpr (WBITS == 4) {
+        if constexpr (ABITS == 4) {
+          // k 32t+4s..+3: halfword s % 2 of word s / 2; k 32t+16+4s..+3: the same halfword of word 2 + s / 2.
+          const uint32_t lo = word(st.x[tt][0], step / 2), hi = word(st.x[tt][0], 2 + step / 2);
+          b[tt][0] = widen_half(lo, lo << 4, step % 2);
+          b[tt][1] = widen_half(hi, hi << 4, step % 2);
+        } else if constexpr (WBITS == 4) {
           b[tt][0] = word(st.x[tt][0], step);
           b[tt][1] = word(st.x[tt][1], step);
         } else {
@@ -329,7 +360,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, TOKEN_TILES, 
 #endif
 }
 
-template <int WBITS, int TOKEN_TILES, int WARPS, typename OutT>
+template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT>
 void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((p.N + kChannels - 1) / kChannels, splits, (p.M + kTokens - 1) / kTokens);
@@ -346,42 +377,42 @@ void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   attributes[1] = programmatic_launch_attribute();
   config.attrs = attributes;
   config.numAttrs = 2;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, TOKEN_TILES, WARPS, OutT>, p));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, OutT>, p));
 }
 
-template <int WBITS, int TOKEN_TILES, int WARPS>
+template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS>
 void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
   if (raw) {
-    launch_kernel<WBITS, TOKEN_TILES, WARPS, int>(p, splits, stream);
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, int>(p, splits, stream);
   } else if (out_dtype == at::kHalf) {
-    launch_kernel<WBITS, TOKEN_TILES, WARPS, __half>(p, splits, stream);
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __half>(p, splits, stream);
   } else {
-    launch_kernel<WBITS, TOKEN_TILES, WARPS, __nv_bfloat16>(p, splits, stream);
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __nv_bfloat16>(p, splits, stream);
   }
 }
 
-template <int WBITS, int TOKEN_TILES>
+template <int WBITS, int ABITS, int TOKEN_TILES>
 void launch_warps(int warps, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
   if (warps == 1) {
-    launch_out<WBITS, TOKEN_TILES, 1>(raw, out_dtype, p, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 1>(raw, out_dtype, p, splits, stream);
   } else if (warps == 2) {
-    launch_out<WBITS, TOKEN_TILES, 2>(raw, out_dtype, p, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 2>(raw, out_dtype, p, splits, stream);
   } else if (warps == 4) {
-    launch_out<WBITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
   } else if (warps == 8) {
-    launch_out<WBITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
   } else {
     // 16-warp blocks are built only where the instance holds 16 warps per SM.
-    constexpr bool kHas16 = warps_per_sm(WBITS, TOKEN_TILES, 16) == 16;
+    constexpr bool kHas16 = warps_per_sm(WBITS, ABITS, TOKEN_TILES, 16) == 16;
     TORCH_CHECK(kHas16 && warps == 16, "int_small_m: no ", warps, "-warp instance for int", WBITS,
-                " weights and ", TOKEN_TILES, " token tile(s)");
-    if constexpr (kHas16) launch_out<WBITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
+                " weights, ", ABITS, "-bit activations and ", TOKEN_TILES, " token tile(s)");
+    if constexpr (kHas16) launch_out<WBITS, ABITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   }
 }
 
 }  // namespace
 
-Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_count) {
+Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int a_bits, int64_t split_k, int sm_count) {
   const int64_t k_tiles = (K + kTileK - 1) / kTileK;
   const int token_tiles = M <= 8 ? 1 : 2;
   const int64_t blocks = (N + kChannels - 1) / kChannels * ((M + kTokens - 1) / kTokens);
@@ -390,15 +421,15 @@ Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_c
   // warp when none does.
   plan.warps = 1;
   for (const int warps : {16, 8, 4, 2}) {
-    if (warps <= warps_per_sm(w_bits, token_tiles, warps) &&
-        blocks <= static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, token_tiles, warps)) {
+    if (warps <= warps_per_sm(w_bits, a_bits, token_tiles, warps) &&
+        blocks <= static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, a_bits, token_tiles, warps)) {
       plan.warps = warps;
       break;
     }
   }
   // K split over a cluster where the blocks leave SMs idle: double it while the grid still runs in one wave and
   // each warp keeps at least two k-tiles.
-  const int64_t wave = static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, token_tiles, plan.warps);
+  const int64_t wave = static_cast<int64_t>(sm_count) * blocks_per_sm(w_bits, a_bits, token_tiles, plan.warps);
   int64_t splits = split_k;
   if (splits <= 0) {
     splits = 1;
@@ -412,18 +443,21 @@ Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int64_t split_k, int sm_c
   return plan;
 }
 
-void launch(int w_bits, bool raw, at::ScalarType out_dtype, const Params& p, const Plan& plan, cudaStream_t stream) {
+void launch(int w_bits, int a_bits, bool raw, at::ScalarType out_dtype, const Params& p, const Plan& plan,
+            cudaStream_t stream) {
   const int splits = plan.splits;
   TORCH_CHECK(splits >= 1 && splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits, ", got ", splits);
+  TORCH_CHECK(a_bits == 8 || (a_bits == 4 && w_bits == 4), "int_small_m: packed int4 activations need int4 weights");
   const bool one_tile = p.M <= 8;  // one n8 token tile per block
-  if (w_bits == 4 && one_tile) {
-    launch_warps<4, 1>(plan.warps, raw, out_dtype, p, splits, stream);
+  if (a_bits == 4) {
+    one_tile ? launch_warps<4, 4, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<4, 4, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   } else if (w_bits == 4) {
-    launch_warps<4, 2>(plan.warps, raw, out_dtype, p, splits, stream);
-  } else if (one_tile) {
-    launch_warps<8, 1>(plan.warps, raw, out_dtype, p, splits, stream);
+    one_tile ? launch_warps<4, 8, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<4, 8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   } else {
-    launch_warps<8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
+    one_tile ? launch_warps<8, 8, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<8, 8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   }
 }
 

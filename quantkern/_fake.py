@@ -24,13 +24,13 @@ def w4a16_gemm_fake(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
 
 def int_gemm_fake(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias,
                   a_bits: int, w_bits: int, group_len: int, out_dtype: torch.dtype, split_k: int = 0,
-                  config: int = 0):
+                  config: int = 0, w4a8_layout: bool = False):
     # y [M, N] in out_dtype; N = w_scale.size(1) (w is tiled and padded, see quantkern.layout_int).
     return a.new_empty((a.shape[0], w_scale.shape[1]), dtype=out_dtype)
 
 
 def int_gemm_acc_fake(a: torch.Tensor, w: torch.Tensor, n: int, a_bits: int, w_bits: int, split_k: int = 0,
-                      config: int = 0):
+                      config: int = 0, w4a8_layout: bool = False):
     return a.new_empty((a.shape[0], n), dtype=torch.int32)
 
 

@@ -21,6 +21,10 @@ tensors the kernels read, once, at load time, in plain torch (CPU or GPU tensors
   8 KB units (full DRAM bursts instead of 64-byte pieces of rows 4-16 KB apart).
 * ``w_scale``: fp32 ``[G, N]``, the transposed canonical scales (exact widening of fp16/bf16).
 * ``group_len``: channels per scale group (``K`` for per-channel).
+* How the GEMM takes the activation codes (``activations_packed``): ``packed_activations`` (int4 codes two per
+  byte, as ``quantize_per_token`` packs them; else W4A4 on sm_90 takes them one per byte), and
+  ``packed_activations_max_tokens``: W4A4 on sm_90 with per-channel weights takes packed codes up to that many
+  tokens anyway (the few-token kernel widens them in registers: half the activation bytes and registers).
 
 ``unpack_int_weight`` undoes it (signed int8 ``[N, K]``), for the tests.
 """
@@ -127,6 +131,15 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
         w = _pack_signed_nibbles(values).contiguous()
     if backend == "cuda":
         w = tile_int_weight(w, qw.bits)
+    packed_max_tokens = 0
+    if (backend == "cuda" and (qw.bits, act_bits, gemm_act_bits) == (4, 4, 8) and qw.group_length == qw.in_features
+            and values.is_cuda):
+        from .layout_cuda import wgmma_kernel_available
+
+        if wgmma_kernel_available(values.device):  # (the few-token kernel's test: csrc/int_gemm.cu, use_small_m)
+            from . import _C
+
+            packed_max_tokens = int(_C.build_info()["int_small_m_max_tokens"])
     return {
         "w": w,
         "w_scale": qw.scales.float().t().contiguous(),
@@ -135,6 +148,7 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
         "act_bits": act_bits,
         "gemm_act_bits": gemm_act_bits,
         "packed_activations": gemm_act_bits == act_bits,  # False: int4 codes one per byte (ops.quantize_per_token)
+        "packed_activations_max_tokens": packed_max_tokens,  # ...but packed up to this many tokens
         "layout": ("cuda-tiled-w4a8" if (qw.bits == 4 and gemm_act_bits == 8) else "cuda-tiled")
         if backend == "cuda" else "natural",
         "in_features": qw.in_features,
@@ -162,11 +176,19 @@ def has_int4_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8
 
 
+def activations_packed(prepared: dict, tokens: int) -> bool:
+    """Whether the GEMM of a prepared weight takes ``tokens`` rows of int4 activation codes packed two per byte
+    (``quantize_per_token(..., packed=True)``) rather than one per byte."""
+    return bool(prepared.get("packed_activations", True)) or tokens <= prepared.get("packed_activations_max_tokens", 0)
+
+
 def int_gemm_cuda(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor],
                   out_dtype: torch.dtype, split_k: int = 0, config: int = 0) -> torch.Tensor:
     """``torch.ops.quantkern.int_gemm`` on quantized activations ``(q, sx)`` and a prepared weight;
-    q as ``ops.quantize_per_token(x, prepared["act_bits"], packed=prepared["packed_activations"])`` makes it.
-    ``config``: 0 automatic; 1-5 the mma.sync tiles; 6, 7 the sm_90 wgmma kernel (128 / 256 tokens); 8 the
-    sm_90 few-token kernel (csrc/int_small_m.cu)."""
-    return torch.ops.quantkern.int_gemm(q, sx, prepared["w"], prepared["w_scale"], bias, prepared["gemm_act_bits"],
-                                        prepared["bits"], prepared["group_len"], out_dtype, split_k, config)
+    q as ``ops.quantize_per_token(x, prepared["act_bits"], packed=activations_packed(prepared, len(x)))`` makes
+    it (uint8 q: packed int4 codes). ``config``: 0 automatic; 1-5 the mma.sync tiles; 6, 7 the sm_90 wgmma kernel
+    (128 / 256 tokens); 8 the sm_90 few-token kernel (csrc/int_small_m.cu)."""
+    a_bits = 4 if q.dtype == torch.uint8 else 8
+    return torch.ops.quantkern.int_gemm(q, sx, prepared["w"], prepared["w_scale"], bias, a_bits, prepared["bits"],
+                                        prepared["group_len"], out_dtype, split_k, config,
+                                        prepared["layout"] == "cuda-tiled-w4a8")

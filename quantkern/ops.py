@@ -66,7 +66,8 @@ def quantize_per_token(x: torch.Tensor, bits: int = 8, clip_ratio: float = 1.0, 
     Returns ``(q, scales)``: q int8 [..., K] (bits=8) or uint8 [..., K/2] (bits=4, signed nibbles,
     element 2j in the low nibble); scales fp32 [...]. Non-contiguous inputs are copied first.
     ``packed=False`` with bits=4: the same int4 codes as int8 [..., K], one per byte (how the sm_90
-    integer GEMM takes W4A4 activations: Hopper's tensor cores have no int4 mode).
+    integer GEMMs take W4A4 activations past a few tokens: Hopper's tensor cores have no int4 mode;
+    ``layout_int.activations_packed`` says which a prepared weight takes).
     """
     rows, lead, clip_ratio = _activation_rows("quantize_per_token", x, bits, clip_ratio)
     chosen = select("quantize_per_token", x.device, backend)
@@ -256,7 +257,9 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
     x2d = x.reshape(-1, weight.in_features).contiguous()
     # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
     quantizer_backend = None if weight.backend == "cuda" else weight.backend
-    packed = weight.tensors.get("packed_activations", True)
+    from .layout_int import activations_packed
+
+    packed = activations_packed(weight.tensors, x2d.shape[0])
     if input_rotation == "hadamard":
         # One pass over the activations: rotation, per-token scale and codes in one kernel.
         q, sx = hadamard_quantize(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
@@ -357,7 +360,8 @@ def hadamard_quantize(x: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0, b
     one pass over memory on the GPU. ``QuantLinear(input_rotation="hadamard")`` with quantized activations
     runs it (``quantized_activation_linear(..., input_rotation="hadamard")``).
     Returns ``(q, scales)`` in quantize_per_token's layout (int8 [..., K] or uint8 [..., K/2]; fp32 [...]);
-    ``packed=False`` with bits=4: the int4 codes one per byte, int8 [..., K] (the sm_90 W4A4 GEMM's input).
+    ``packed=False`` with bits=4: the int4 codes one per byte, int8 [..., K] (the sm_90 W4A4 GEMMs' input past a
+    few tokens).
     CUDA: fp16/bf16 rows of 1024, 2048, 4096, 8192, 16384 and 14336 entries run on tensor cores
     (csrc/hadamard_mma.cu, sm_80+), which round intermediate sums to x's dtype: a code can differ from the
     two-call path's where the rotated value lies within a few units in the last place of x's dtype of a

@@ -116,14 +116,15 @@ def int_gemm_cases():
         cases += [(1, 160, 24, 4, 4, -1, 1, 8), (16, 896, 200, 8, 8, -1, 3, 8), (20, 576, 72, 4, 8, -1, 2, 8)]
         # and its narrow blocks (on 132 SMs: 4 warps; at two token tiles 2 warps and 1)
         cases += [(2, 384, 12288, 4, 4, -1, 0, 8), (12, 256, 17408, 4, 4, -1, 0, 8), (12, 256, 26624, 4, 4, -1, 0, 8)]
-    from quantkern.layout_int import int_gemm_cuda
+    from quantkern.layout_int import activations_packed, int_gemm_cuda
 
     for m, k, n, bits, act_bits, group, split_k, config in cases:
         qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), bits, group, scale_dtype=torch.bfloat16)
         prepared = ops.prepare_int_weight(qw, act_bits, torch.bfloat16, backend="cuda")
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         bias = torch.randn(n, device="cuda")
-        q, sx = ops.quantize_per_token(x, act_bits, packed=prepared.tensors["packed_activations"])
+        # (W4A4 on sm_90 at M <= 16: packed int4 codes, which the few-token kernel widens in registers)
+        q, sx = ops.quantize_per_token(x, act_bits, packed=activations_packed(prepared.tensors, m))
         y = int_gemm_cuda(q, sx, prepared.tensors, bias, torch.bfloat16, split_k, config)
         error = relative_error(y, reference.quantized_activation_linear(x, qw, act_bits, bias))
         assert error < 1e-2, (m, k, n, bits, act_bits, group, split_k, config, error)

@@ -9,8 +9,8 @@ from torch import nn
 
 from quantkern import backends, ops, reference
 from quantkern.format import pack_int4_signed
-from quantkern.layout_int import (permute_w4a8, prepare_int_weight, tile_int_weight, unpack_int_weight,
-                                  untile_int_weight, unpermute_w4a8)
+from quantkern.layout_int import (activations_packed, permute_w4a8, prepare_int_weight, tile_int_weight,
+                                  unpack_int_weight, untile_int_weight, unpermute_w4a8)
 from quantkern.nn import QuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +64,29 @@ def test_w4a8_permutation_is_the_documented_one():
                 assert p[0, 8 * t + 2 * j + h] == 16 * h + 4 * t + j  # physical p holds logical k
                 assert p[0, 32 + 8 * t + 2 * j + h] == 32 + 16 * h + 4 * t + j
     assert torch.equal(unpermute_w4a8(p), v)
+
+
+def test_small_m_fragments_emulated_on_the_cpu():
+    """scripts/emulate_int_small_m.py rebuilds csrc/int_small_m.cu's mma fragments (which weight and activation
+    bytes each lane feeds each step, the packed int4 codes' byte permutes included) and checks the sums."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "emulate_int_small_m.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("exact") == 6 and "W4A4" in result.stdout
+
+
+def test_activations_packed_follows_the_prepared_weight():
+    assert activations_packed({"packed_activations": True}, 4096)
+    few = {"packed_activations": False, "packed_activations_max_tokens": 16}
+    assert activations_packed(few, 1) and activations_packed(few, 16) and not activations_packed(few, 17)
+    # Prepared away from an sm_90 GPU (here on the CPU): one per byte, or packed at every M.
+    for act_bits in (4, 8):
+        prepared = prepare_int_weight(reference.quantize_weight(torch.randn(64, 256), 4, -1), act_bits, "cuda")
+        assert prepared["packed_activations_max_tokens"] == 0
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -212,30 +235,36 @@ def test_cuda_int32_accumulator_is_exact(w_bits, a_bits, m, k, n, config, split_
 
 
 # The few-token kernel's plan (csrc/int_small_m.cu, host code: no GPU needed). Warps per 32-channel block: the
-# most with which the blocks run in one wave (an SM holds 16 warps of int4 one-tile blocks, 12 of int8 one-tile
-# ones and of int4 two-tile blocks of 2 warps, 8 of the other two-tile ones; blocks of 8 warps one per SM); K split
-# over a cluster only while the doubled grid still runs in one wave and each warp keeps two k-tiles.
+# most with which the blocks run in one wave (with int8 activation codes an SM holds 16 warps of int4 one-tile
+# blocks, 12 of int8 one-tile ones and of int4 two-tile blocks of 2 warps, 8 of the other two-tile ones; with packed
+# int4 codes 16 at both; blocks of 8 warps one per SM); K split over a cluster only while the doubled grid still
+# runs in one wave and each warp keeps two k-tiles.
 @needs_cuda_kernel
-@pytest.mark.parametrize("m,n,k,w_bits,split_k,sms,warps,splits", [
-    (1, 8192, 8192, 4, 0, 132, 8, 1),     # 256 blocks: 2 of 8 warps per SM
-    (1, 28672, 8192, 4, 0, 132, 2, 1),    # 896 blocks: 8 of 2 warps per SM
-    (1, 14336, 4096, 4, 0, 132, 4, 1),    # 448 blocks
-    (1, 4096, 14336, 4, 0, 132, 16, 1),   # 128 blocks: one of 16 warps per SM
-    (1, 8192, 8192, 4, 0, 114, 4, 1),     # the same on 114 SMs: 8-warp blocks would take two waves
-    (16, 8192, 8192, 4, 0, 132, 4, 1),    # two token tiles: 4-warp blocks two per SM
-    (16, 8192, 8192, 4, 0, 114, 2, 2),    # on 114 SMs 228 such blocks < 256: 2-warp blocks six per SM, K in two
-    (16, 18944, 3584, 4, 0, 132, 2, 1),   # 592 blocks: 2-warp blocks six per SM
-    (16, 28672, 8192, 4, 0, 132, 1, 1),   # 896 blocks of one warp, eight per SM
-    (1, 28672, 8192, 8, 0, 132, 1, 1),    # int8 weights, one tile: 792 two-warp slots < 896 blocks
-    (16, 8192, 8192, 8, 0, 132, 4, 1),
-    (1, 576, 14336, 4, 0, 132, 16, 2),    # 18 blocks: K split in two (four would leave warps < 2 k-tiles)
-    (1, 576, 14336, 4, 3, 132, 16, 3),    # a split asked for
-    (1, 576, 256, 4, 8, 132, 16, 2),      # at most one split per k-tile
+@pytest.mark.parametrize("m,n,k,w_bits,split_k,sms,warps,splits,a_bits", [
+    (1, 8192, 8192, 4, 0, 132, 8, 1, 8),     # 256 blocks: 2 of 8 warps per SM
+    (1, 28672, 8192, 4, 0, 132, 2, 1, 8),    # 896 blocks: 8 of 2 warps per SM
+    (1, 14336, 4096, 4, 0, 132, 4, 1, 8),    # 448 blocks
+    (1, 4096, 14336, 4, 0, 132, 16, 1, 8),   # 128 blocks: one of 16 warps per SM
+    (1, 8192, 8192, 4, 0, 114, 4, 1, 8),     # the same on 114 SMs: 8-warp blocks would take two waves
+    (16, 8192, 8192, 4, 0, 132, 4, 1, 8),    # two token tiles: 4-warp blocks two per SM
+    (16, 8192, 8192, 4, 0, 114, 2, 2, 8),    # on 114 SMs 228 such blocks < 256: 2-warp blocks six per SM, K in two
+    (16, 18944, 3584, 4, 0, 132, 2, 1, 8),   # 592 blocks: 2-warp blocks six per SM
+    (16, 28672, 8192, 4, 0, 132, 1, 1, 8),   # 896 blocks of one warp, eight per SM
+    (1, 28672, 8192, 8, 0, 132, 1, 1, 8),    # int8 weights, one tile: 792 two-warp slots < 896 blocks
+    (16, 8192, 8192, 8, 0, 132, 4, 1, 8),
+    (1, 576, 14336, 4, 0, 132, 16, 2, 8),    # 18 blocks: K split in two (four would leave warps < 2 k-tiles)
+    (1, 576, 14336, 4, 3, 132, 16, 3, 8),    # a split asked for
+    (1, 576, 256, 4, 8, 132, 16, 2, 8),      # at most one split per k-tile
+    # Packed int4 activations (W4A4): 16 warps per SM at two token tiles too.
+    (16, 8192, 8192, 4, 0, 132, 8, 1, 4),    # 256 blocks: 2 of 8 warps per SM (int8 codes: 4 warps)
+    (16, 28672, 8192, 4, 0, 132, 2, 1, 4),   # 896 blocks: 8 of 2 warps per SM (int8 codes: 1 warp)
+    (16, 4096, 14336, 4, 0, 132, 16, 1, 4),  # 128 blocks: one of 16 warps per SM
+    (1, 28672, 8192, 4, 0, 132, 2, 1, 4),    # one token tile: as with int8 codes
 ])
-def test_small_m_plan(m, n, k, w_bits, split_k, sms, warps, splits):
+def test_small_m_plan(m, n, k, w_bits, split_k, sms, warps, splits, a_bits):
     from quantkern import _C
 
-    assert _C.int_small_m_plan(m, n, k, w_bits, split_k, sms) == {"warps": warps, "splits": splits}
+    assert _C.int_small_m_plan(m, n, k, w_bits, split_k, sms, a_bits) == {"warps": warps, "splits": splits}
 
 
 # The sm_90 wgmma kernel (configs 6 and 7: 128- and 256-token tiles): int8 activations (W8A8, W4A8, and
@@ -278,6 +307,26 @@ def test_hopper_int32_accumulator_is_exact(w_bits, m, k, n, config, split_k):
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
+@pytest.mark.parametrize("m,k,n", SMALL_M_SHAPES + [(16, 14336, 4096), (1, 65536, 64)])
+@pytest.mark.parametrize("config,split_k", [(0, 0), (8, 1), (8, 3), (8, 8)])
+def test_small_m_packed_int4_accumulator_is_exact(m, k, n, config, split_k):
+    """W4A4 on sm_90 at few tokens: packed int4 activation codes (widened in registers) against the W4A8-layout
+    weights, automatic (config 0) and forced, against int_matmul; extreme codes (-8 x -8 at K = 65536: 2^30 after
+    the kernel's 256x widening) included."""
+    a, w = random_values(m, k, 4), random_values(n, k, 4)
+    a[0, :k // 2], w[0, :k // 2], w[-1, k // 2:] = -8, -8, 7
+    tiled = tile_int_weight(packed(permute_w4a8(w), 4), 4).cuda()
+    run = lambda: torch.ops.quantkern.int_gemm_acc(packed(a, 4).cuda(), tiled, n, 4, 4, split_k, config, True)  # noqa
+    if config == 0 and m > 16:  # past the few-token kernel's M no kernel takes this pair
+        with pytest.raises(RuntimeError, match="few-token kernel"):
+            run()
+        return
+    assert torch.equal(run().cpu(), reference.int_matmul(a, w))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
 @pytest.mark.parametrize("bits,act_bits", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 # (100, 4096, 1024): 8 blocks of 128 tokens x 128 channels, which the automatic plan splits 8 ways over K.
@@ -287,6 +336,9 @@ def test_wgmma_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m
                                                       [(6, 1), (7, 1), (6, 4), (7, 0)])
     assert prepared["gemm_act_bits"] == 8  # sm_90: W4A4 runs on int8 tensor cores
     assert prepared["packed_activations"] == (act_bits == 8)
+    # ...but takes packed codes at few tokens (the few-token kernel), here the prefill's M one per byte.
+    assert prepared["packed_activations_max_tokens"] == (16 if (bits, act_bits) == (4, 4) else 0)
+    assert not activations_packed(prepared, m) or act_bits == 8
 
 
 def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, configs):
@@ -300,7 +352,7 @@ def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, confi
     assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
     from quantkern.layout_int import int_gemm_cuda
 
-    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=activations_packed(prepared.tensors, m))
     for config, split_k in configs:
         y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, config)
         assert torch.equal(y, expected), (config, split_k)
@@ -316,8 +368,24 @@ def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, confi
 @pytest.mark.parametrize("bits,act_bits", MODES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 200), (7, 4864, 896), (16, 4096, 576)])
-def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n):
+def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n, monkeypatch):
+    packed_args = []  # what the layer asked the quantizer for
+    quantize = ops.quantize_per_token
+    monkeypatch.setattr(ops, "quantize_per_token",
+                        lambda *args, **kw: packed_args.append(kw["packed"]) or quantize(*args, **kw))
     assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, [(8, 1), (8, 2), (8, 8)])
+    assert packed_args[0] is True  # W4A4: packed int4 codes at few tokens (8-bit codes: no packing either way)
+    if (bits, act_bits) == (4, 4):  # int4 codes one per byte (the W4A8 instances) give the same bits
+        from quantkern.layout_int import int_gemm_cuda
+
+        qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), 4, -1, scale_dtype=dtype)
+        prepared = ops.prepare_int_weight(qw, 4, dtype, backend="cuda").tensors
+        x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+        expected = reference.quantized_activation_linear(x, qw, 4, None, 0.9)
+        for packed_codes in (True, False):
+            q, sx = ops.quantize_per_token(x, 4, 0.9, packed=packed_codes)
+            assert q.dtype == (torch.uint8 if packed_codes else torch.int8)
+            assert torch.equal(int_gemm_cuda(q, sx, prepared, None, dtype), expected), packed_codes
 
 
 @pytest.mark.gpu
@@ -377,6 +445,28 @@ def test_chained_linears_under_cuda_graph(m, k):
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
+def test_packed_int4_codes_with_w4a8_weights_only_at_few_tokens():
+    """Only the few-token kernel takes packed int4 codes against the sm_90 (W4A8-layout) weights: past its M, or
+    forced onto another kernel, the op refuses, and the layer quantizes one code per byte there."""
+    from quantkern.layout_int import int_gemm_cuda
+
+    qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, -1, scale_dtype=torch.float16)
+    prepared = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda")
+    assert prepared.tensors["layout"] == "cuda-tiled-w4a8"
+    x = torch.randn(17, 256, device="cuda", dtype=torch.float16)
+    q, sx = ops.quantize_per_token(x, 4, packed=True)
+    with pytest.raises(RuntimeError, match="few-token kernel"):
+        int_gemm_cuda(q, sx, prepared.tensors, None, torch.float16)
+    with pytest.raises(RuntimeError, match="few-token kernel"):
+        int_gemm_cuda(q[:4], sx[:4], prepared.tensors, None, torch.float16, 1, 6)
+    assert not activations_packed(prepared.tensors, 17)
+    y = ops.quantized_activation_linear(x, prepared, 4)
+    assert torch.equal(y, reference.quantized_activation_linear(x, qw, 4))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@needs_wgmma
 @pytest.mark.parametrize("config,m", [(6, 100), (7, 300), (8, 4)])
 def test_hopper_configs_refuse_what_they_cannot_run(config, m):
     """The wgmma (6, 7) and few-token (8) kernels take int8 activations and per-channel weights only."""
@@ -413,12 +503,14 @@ def test_cuda_linear_matches_reference(bits, act_bits, group, dtype, m, k, n):
     # One split (or exact int32 split-K per-channel): the epilogue rounds exactly like the reference.
     from quantkern.layout_int import int_gemm_cuda
 
-    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
+    q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=activations_packed(prepared.tensors, m))
     exact = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k=1)
     assert torch.equal(exact, expected)
     if group == -1:
         assert torch.equal(y, expected)
-        for config in (3, 4, 5):  # 128x128, 128x256 and 256x128 tiles
+        # 128x128, 128x256 and 256x128 tiles (which take W4A4's codes one per byte on sm_90 at every M)
+        q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=prepared.tensors["packed_activations"])
+        for config in (3, 4, 5):
             assert torch.equal(int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, 1, config), expected)
 
 
@@ -452,7 +544,7 @@ def test_quantlinear_with_hadamard_rotation_on_the_gpu(bits, act_bits, monkeypat
     x = torch.randn(8, 2048, device="cuda", dtype=torch.float16)
     calls = record_calls(monkeypatch, ("hadamard", "hadamard_quantize", "quantize_per_token"))
     y = layer(x)
-    assert calls == ["hadamard_quantize"]  # one fused pass (W4A4 on sm_90: int4 codes one per byte)
+    assert calls == ["hadamard_quantize"]  # one fused pass
     # The GEMM is exact on the codes the fused pass produced...
     q, token_scales = ops.hadamard_quantize(x, act_bits)
     codes = reference.unpack_int4_signed(q) if act_bits == 4 else q
