@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
   for (int tt = 0; tt < TOKEN_TILES; ++tt) {
     const int m = m0 + 8 * tt + g;
     x_ok[tt] = m < p.M;
-    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * (p.K * ABITS / 8);
+    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * (ABITS == 8 ? p.K : p.K / 2);
   }
 
   // The warp's i-th k-tile into st (nothing past its tiles).
@@ -245,9 +245,9 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
       for (int tt = 0; tt < TOKEN_TILES; ++tt)
 #pragma unroll
         for (int piece = 0; piece < L::kXPieces; ++piece) {
-          const int k = kt * kTileK + L::x_first_k(t, piece);
-          const uint8_t* src = x_row[tt] + kt * (kTileK * ABITS / 8) + L::x_offset(t, piece);
-          st.x[tt][piece] = load_act(src, x_ok[tt] && k < p.K);
+          const int k = kt * kTileK + L::x_first_k(t, piece);  // the piece's first k
+          const int byte = ABITS == 8 ? k : kt * (kTileK / 2) + L::x_offset(t, piece);
+          st.x[tt][piece] = load_act(x_row[tt] + byte, x_ok[tt] && k < p.K);
         }
     }
   };
