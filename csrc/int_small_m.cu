@@ -27,8 +27,8 @@
 //   and its copy shifted by 4, then a mask): the same k as the W4A8 weights' fragments. Both operands at
 //   16 x their values: the sums are shifted back by 8. Half the activation bytes and registers of int4 codes
 //   stored one per byte, so these instances hold 16 warps per SM at two token tiles too (3 stages, 119
-//   registers) where the byte codes' held 8 (182): H100, W4A4 linear, 16 tokens, 8192 x 28672 53.9 -> 45.3 us,
-//   8192 x 8192 19.4 -> 17.5 (docs/PERF.md, session 30).
+//   registers) where the byte codes' held 8 (182): H100, W4A4 linear at 16 tokens, 8192 x 28672 54.1 -> 45.5 us,
+//   8192 x 8192 19.4 -> 17.8 (two machines of one kind; docs/PERF.md, session 30).
 // Pipeline: STAGES k-tiles of weights and activations in registers, the next k-tile's loads issued as
 //   soon as a stage is consumed; no shared memory and no barrier in the main loop. The first stages'
 //   weight loads are issued before griddepcontrol.wait, so under programmatic dependent launch (the
@@ -222,7 +222,8 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
   for (int tt = 0; tt < TOKEN_TILES; ++tt) {
     const int m = m0 + 8 * tt + g;
     x_ok[tt] = m < p.M;
-    x_row[tt] = static_cast<const uint8_t*>(p.a) + static_cast<int64_t>(x_ok[tt] ? m : 0) * (ABITS == 8 ? p.K : p.K / 2);
+    x_row[tt] = static_cast<const uint8_t*>(p.a) +
+                static_cast<int64_t>(x_ok[tt] ? m : 0) * (ABITS == 8 ? p.K : p.K / 2);  // (row bytes)
   }
 
   // The warp's i-th k-tile into st (nothing past its tiles).

@@ -57,7 +57,8 @@ def run(wbits, M, K, N, abits=8):  # abits 4: packed int4 activation codes (W4A4
                             for tt in range(2):
                                 xr = Apad[8 * tt + g, kt * 16 * abits:(kt + 1) * 16 * abits]
                                 if abits == 4:  # lane t's 16 bytes: k 32t..32t+31, two codes a byte
-                                    lo, hi = word(xr, 16 * t + 4 * (step // 2)), word(xr, 16 * t + 8 + 4 * (step // 2))
+                                    lo = word(xr, 16 * t + 4 * (step // 2))
+                                    hi = word(xr, 16 * t + 8 + 4 * (step // 2))
                                     b0, b1 = widen_half(lo, step % 2), widen_half(hi, step % 2)
                                 elif wbits == 4:
                                     p0, p1 = 32 * t, 32 * t + 16
