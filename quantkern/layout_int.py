@@ -171,7 +171,8 @@ def unpack_int_weight(prepared: dict) -> torch.Tensor:
 
 def has_int4_tensor_cores(device: torch.device) -> bool:
     """Whether a CUDA device multiplies int4 natively (sm_80 to sm_89). Hopper (sm_90) has int8 tensor
-    cores only: there W4A4 runs as W4A8 on the int4 codes stored one per byte (the same int32 sums)."""
+    cores only: there W4A4 runs as W4A8 on the int4 codes stored one per byte (the same int32 sums), or, at up
+    to 16 tokens, on its packed codes widened to int8 in registers (``activations_packed``)."""
     device = torch.device(device)
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8
 

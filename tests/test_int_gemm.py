@@ -178,7 +178,7 @@ def test_triton_rotated_linear_quantizes_in_one_fused_pass(bits, act_bits, dtype
 
 
 def test_rotated_linear_with_unpacked_int4_codes_fuses_too(monkeypatch):
-    """W4A4 on sm_90 takes int4 codes one per byte: the layer asks the fused op for them (packed=False)."""
+    """W4A4 on sm_90 takes int4 codes one per byte past 16 tokens: the layer asks the fused op for them."""
     prepared = ops.PreparedWeight("triton", torch.device("cpu"), torch.float16, 4, -1, 64, 16,
                                   tensors={"act_bits": 4, "packed_activations": False})
     calls = []
