@@ -45,10 +45,11 @@
 //   32.4; W8A8 M = 16 8192 x 8192 27.1 -> 20.5; 8192 x 28672 3-4% slower in W4A4 at M = 16 and in W8A8
 //   (docs/PERF.md, session 9).)
 // Split K in a cluster, where the blocks alone leave SMs idle (few channels): the `splits` blocks of a
-//   cluster (along grid.y, at most 8) take contiguous k-tile ranges; each holds its int32 tile in its own
-//   shared memory, the cluster syncs, and block r reduces its share of the tile's 4-channel vectors over
-//   the cluster's blocks (distributed shared memory, exact int32 sums), applies the epilogue and writes y
-//   with 8-byte stores. One launch, no workspace, no counters.
+//   cluster (along grid.y, at most 8; without a split the launch takes no cluster attribute, which cost ~1 us)
+//   take contiguous k-tile ranges; each holds its int32 tile in its own shared memory, the cluster syncs, and
+//   block r reduces its share of the tile's 4-channel vectors over the cluster's blocks (distributed shared
+//   memory, exact int32 sums), applies the epilogue and writes y with 8-byte stores. One launch, no workspace,
+//   no counters.
 // Epilogue: y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32 like the
 //   reference (bit-identical), then cast.
 //
@@ -368,16 +369,23 @@ void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
-  cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = 1;
-  attributes[0].val.clusterDim.y = splits;
-  attributes[0].val.clusterDim.z = 1;
   // Programmatic dependent launch: the blocks may start while the previous kernel (the activation
   // quantization) finishes; they wait for it (griddepcontrol.wait) before reading its output.
-  attributes[1] = programmatic_launch_attribute();
+  cudaLaunchAttribute attributes[2];
+  attributes[0] = programmatic_launch_attribute();
   config.attrs = attributes;
-  config.numAttrs = 2;
+  config.numAttrs = 1;
+  // K split over a cluster (splits > 1). Without a split the launch takes no cluster attribute (the kernel's
+  // cluster is then its own block, cluster.sync() a block barrier): a 1 x 1 x 1 cluster launch cost the GEMM about
+  // 1 us (H100, W4A4 GEMM alone, M = 1: 8192 x 8192 14.4 -> 13.4 us, 4096 x 4096 6.3 -> 5.2; docs/PERF.md,
+  // session 31).
+  if (splits > 1) {
+    attributes[1].id = cudaLaunchAttributeClusterDimension;
+    attributes[1].val.clusterDim.x = 1;
+    attributes[1].val.clusterDim.y = splits;
+    attributes[1].val.clusterDim.z = 1;
+    config.numAttrs = 2;
+  }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, OutT>, p));
 }
 
