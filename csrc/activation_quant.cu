@@ -50,6 +50,11 @@
 //           (round half to even; NaN -> 0, like the float->int8 cast of the reference), clamp in
 //           integer, pack, and write one store per input vector: 8 B (bits=8, fp16/bf16),
 //           4 B (bits=8 fp32, bits=4 fp16/bf16) or 2 B (bits=4 fp32).
+//   one round: where one round of loads covers the row (at most kUnroll vectors a thread of its group: K up to
+//           1024 fp16 / bf16 or 512 fp32 with a warp a row, up to 8192 or 4096 with a block a row) the row stays
+//           in registers from pass 1 to pass 2 and is read once. At decode the quantizer is on a W4A4 layer's
+//           critical path (its GEMM waits for it); H100, whole layer, 8192 x 8192: M = 1 16.0 -> 15.9 us, M = 16
+//           17.0 -> 16.7; 4096 x 4096: 7.4 -> 7.2, 8.2 -> 8.0 (docs/PERF.md, session 31).
 //
 // Compiled without --use_fast_math: the divisions must be IEEE for bit-exact results.
 
@@ -126,7 +131,40 @@ __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scal
   store_packed<kBytes>(qrow + i * kBytes, packed);
 }
 
-template <typename T, int BITS, int SBITS, bool VEC, int GROUP>
+// The vector path of a row that one round of loads covers (at most kUnroll vectors a thread of its group): the
+// row stays in registers from the absmax to the codes, read once (the two-pass loop below re-reads it from L2,
+// a round trip on the critical path of a decode step's quantization).
+template <typename T, int BITS, int SBITS, int GROUP>
+__device__ __forceinline__ void quantize_row_in_registers(const T* __restrict__ xrow, uint8_t* __restrict__ qrow,
+                                                          float* __restrict__ scale_out, int64_t K, float clip,
+                                                          int t, float* smem) {
+  constexpr int kElems = Vec16<T>::kElems;
+  const int64_t nvec = K / kElems;
+  Vec16<T> v[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = t + u * GROUP;
+    if (i < nvec) {
+      v[u] = load_vec16(xrow + i * kElems);
+    } else {
+      *reinterpret_cast<uint4*>(&v[u]) = make_uint4(0, 0, 0, 0);  // |0| is neutral for the max
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) amax = vec_absmax(v[u], amax);
+  amax = group_reduce_max<GROUP>(amax, smem);
+  const float scale = per_token_scale(amax, clip, static_cast<float>(kQmaxOf<BITS>));
+  if (t == 0) *scale_out = scale;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t i = t + u * GROUP;
+    if (i < nvec) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i);
+  }
+}
+
+// ONE_ROUND (with VEC): every row has at most kUnroll * GROUP vectors (quantize_row_in_registers).
+template <typename T, int BITS, int SBITS, bool VEC, int GROUP, bool ONE_ROUND>
 __global__ void __launch_bounds__(kThreads)
 quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, float* __restrict__ scales,
                           int64_t M, int64_t K, float clip) {
@@ -146,6 +184,11 @@ quantize_per_token_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, floa
 
   const T* __restrict__ xrow = x + row * K;
   uint8_t* __restrict__ qrow = q + row * (K * SBITS / 8);
+  if constexpr (ONE_ROUND) {
+    static_assert(VEC, "one round of 16-byte vectors");
+    quantize_row_in_registers<T, BITS, SBITS, GROUP>(xrow, qrow, scales + row, K, clip, t, smem);
+    return;
+  }
 
   // ---- pass 1: absmax ----------------------------------------------------------------------
   float amax = 0.0f;
@@ -291,18 +334,25 @@ void launch_cluster(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, 
                                     vecs_per_block));
 }
 
-template <typename T, int BITS, int SBITS, bool VEC>
+template <typename T, int BITS, int SBITS, bool VEC, bool ONE_ROUND>
 void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, cudaStream_t stream) {
   if (K <= kWarpPerRowMaxK) {
     constexpr int kRowsPerBlock = kThreads / kWarpSize;
     const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
-    quantize_per_token_kernel<T, BITS, SBITS, VEC, kWarpSize>
+    quantize_per_token_kernel<T, BITS, SBITS, VEC, kWarpSize, ONE_ROUND>
         <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
   } else {
-    quantize_per_token_kernel<T, BITS, SBITS, VEC, kThreads>
+    quantize_per_token_kernel<T, BITS, SBITS, VEC, kThreads, ONE_ROUND>
         <<<static_cast<unsigned>(M), kThreads, 0, stream>>>(x, q, scale, M, K, clip);
   }
   QK_CHECK_LAUNCH();
+}
+
+// Whether one round of loads covers a row of K elements (kUnroll vectors a thread of its row group).
+template <typename T>
+bool fits_one_round(int64_t K) {
+  const int64_t group = K <= kWarpPerRowMaxK ? kWarpSize : kThreads;
+  return K / Vec16<T>::kElems <= kUnroll * group;
 }
 
 template <typename T, int BITS, int SBITS>
@@ -315,10 +365,12 @@ void launch(const at::Tensor& x, at::Tensor& q, at::Tensor& scale, float clip, c
   const int cluster_blocks = vec ? cluster_blocks_for(M, K / Vec16<T>::kElems, x.get_device()) : 0;
   if (cluster_blocks > 0) {
     launch_cluster<T, BITS, SBITS>(xp, qp, sp, M, K, clip, cluster_blocks, stream);
+  } else if (vec && fits_one_round<T>(K)) {
+    launch_group<T, BITS, SBITS, true, true>(xp, qp, sp, M, K, clip, stream);
   } else if (vec) {
-    launch_group<T, BITS, SBITS, true>(xp, qp, sp, M, K, clip, stream);
+    launch_group<T, BITS, SBITS, true, false>(xp, qp, sp, M, K, clip, stream);
   } else {
-    launch_group<T, BITS, SBITS, false>(xp, qp, sp, M, K, clip, stream);
+    launch_group<T, BITS, SBITS, false, false>(xp, qp, sp, M, K, clip, stream);
   }
 }
 

@@ -58,9 +58,10 @@ def test_quantize_per_token_is_bit_exact(bits, dtype, tokens, features):
 @pytest.mark.gpu
 @needs_extension
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("rows,features", [(4, 16392), (4, 14336), (70, 14336)])
+@pytest.mark.parametrize("rows,features", [(4, 16392), (4, 14336), (70, 14336), (4, 8192), (4, 8000), (9, 1024)])
 def test_quantize_per_token_special_values_are_bit_exact(bits, rows, features):
-    """NaN and infinite entries and an all-zero row, in the cluster path (few rows, on sm_90) and one block a row."""
+    """NaN and infinite entries and an all-zero row, in the cluster path (few rows, on sm_90), one block a row, and
+    rows that one round of loads covers (8192 and fewer: kept in registers; 1024: a warp a row)."""
     x = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16)
     x[0, features - 1] = float("nan")
     x[1, 7] = float("inf")
