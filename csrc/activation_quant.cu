@@ -131,6 +131,37 @@ __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scal
   store_packed<kBytes>(qrow + i * kBytes, packed);
 }
 
+// Vectors first, first + stride, ... (N of them) of a row into v, every load issued before any use; zeros past end
+// (|0| is neutral for the max). Returns their absmax. (Index: the type first + u * stride is computed in.)
+template <typename T, int N, typename Index>
+__device__ __forceinline__ float load_vectors_absmax(Vec16<T> (&v)[N], const T* __restrict__ xrow, Index first,
+                                                     int stride, int64_t end) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    const int64_t i = first + u * stride;
+    if (i < end) {
+      v[u] = load_vec16(xrow + i * Vec16<T>::kElems);
+    } else {
+      *reinterpret_cast<uint4*>(&v[u]) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int u = 0; u < N; ++u) amax = vec_absmax(v[u], amax);
+  return amax;
+}
+
+// Quantize, pack and store the vectors that load_vectors_absmax loaded (those before end).
+template <typename T, int BITS, int SBITS, int N, typename Index>
+__device__ __forceinline__ void quantize_store_vectors(const Vec16<T> (&v)[N], float scale, uint8_t* __restrict__ qrow,
+                                                       Index first, int stride, int64_t end) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    const int64_t i = first + u * stride;
+    if (i < end) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i);
+  }
+}
+
 // The vector path of a row that one round of loads covers (at most kUnroll vectors a thread of its group): the
 // row stays in registers from the absmax to the codes, read once (the two-pass loop below re-reads it from L2,
 // a round trip on the critical path of a decode step's quantization).
@@ -138,29 +169,13 @@ template <typename T, int BITS, int SBITS, int GROUP>
 __device__ __forceinline__ void quantize_row_in_registers(const T* __restrict__ xrow, uint8_t* __restrict__ qrow,
                                                           float* __restrict__ scale_out, int64_t K, float clip,
                                                           int t, float* smem) {
-  constexpr int kElems = Vec16<T>::kElems;
-  const int64_t nvec = K / kElems;
+  const int64_t nvec = K / Vec16<T>::kElems;
   Vec16<T> v[kUnroll];
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = t + u * GROUP;
-    if (i < nvec) {
-      v[u] = load_vec16(xrow + i * kElems);
-    } else {
-      *reinterpret_cast<uint4*>(&v[u]) = make_uint4(0, 0, 0, 0);  // |0| is neutral for the max
-    }
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) amax = vec_absmax(v[u], amax);
+  float amax = load_vectors_absmax(v, xrow, t, GROUP, nvec);
   amax = group_reduce_max<GROUP>(amax, smem);
   const float scale = per_token_scale(amax, clip, static_cast<float>(kQmaxOf<BITS>));
   if (t == 0) *scale_out = scale;
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int64_t i = t + u * GROUP;
-    if (i < nvec) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i);
-  }
+  quantize_store_vectors<T, BITS, SBITS>(v, scale, qrow, t, GROUP, nvec);
 }
 
 // ONE_ROUND (with VEC): every row has at most kUnroll * GROUP vectors (quantize_row_in_registers).
@@ -269,18 +284,7 @@ quantize_rows_cluster_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, f
 
   // ---- this block's vectors into registers (every load issued first), their absmax ----------------
   Vec16<T> v[kClusterVecsPerThread];
-#pragma unroll
-  for (int u = 0; u < kClusterVecsPerThread; ++u) {
-    const int64_t i = first + threadIdx.x + u * kThreads;
-    if (i < end) {
-      v[u] = load_vec16(xrow + i * kElems);
-    } else {
-      *reinterpret_cast<uint4*>(&v[u]) = make_uint4(0, 0, 0, 0);  // |0| is neutral for the max
-    }
-  }
-  float amax = 0.0f;
-#pragma unroll
-  for (int u = 0; u < kClusterVecsPerThread; ++u) amax = vec_absmax(v[u], amax);
+  float amax = load_vectors_absmax(v, xrow, first + threadIdx.x, kThreads, end);
   amax = group_reduce_max<kThreads>(amax, warp_max);
   if (threadIdx.x == 0) block_max = amax;
 
@@ -292,11 +296,7 @@ quantize_rows_cluster_kernel(const T* __restrict__ x, uint8_t* __restrict__ q, f
   if (rank == 0 && threadIdx.x == 0) scales[row] = scale;
 
   // ---- quantize, pack, store this block's vectors ------------------------------------------------
-#pragma unroll
-  for (int u = 0; u < kClusterVecsPerThread; ++u) {
-    const int64_t i = first + threadIdx.x + u * kThreads;
-    if (i < end) quantize_store_vec<T, BITS, SBITS>(v[u], scale, qrow, i);
-  }
+  quantize_store_vectors<T, BITS, SBITS>(v, scale, qrow, first + threadIdx.x, kThreads, end);
   cluster.sync();  // no block leaves while another may still read its block_max
 #endif
 }
