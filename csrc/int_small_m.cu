@@ -52,6 +52,18 @@
 //   no counters.
 // Epilogue: y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32 like the
 //   reference (bit-identical), then cast.
+// Quantizing its own input (QUANTIZE_X, W4A4, launch_quantizing; quantkern::quantize_int_gemm): at decode the
+//   quantizer was a kernel of its own, and the GEMM, its programmatic dependent, waited for its completion: H100,
+//   8192 x 8192, M = 1, the layer 15.9 us against 13.4 for the GEMM alone (docs/PERF.md, session 31). Here each
+//   block first issues its weight stages, as above; then the blocks of split 0 with blockIdx.x < M claim token
+//   rows from counters[0] and quantize them, the whole block on one row (csrc/per_token_quant.cuh's helpers:
+//   quantize_per_token's codes and scales bit for bit), storing the packed codes and scale to p.a / p.a_scale and
+//   counting the row in counters[1] (a release); every block's thread 0 then polls counters[1] (acquire) until
+//   it reaches M, the block barrier passes that on, and the activation loads read the codes from L2 (.cg: this
+//   kernel wrote them). Rows are claimed, not assigned, so that a block waits only once every row is claimed by a
+//   block that is running: no deadlock in any order of the blocks (a sanitizer may run them one by one). The last
+//   block past the wait zeroes both counters for the next call. Launched plainly (the kernel before it, which
+//   wrote x, is not ours).
 //
 // Compiled without --use_fast_math. Below sm_90 (no clusters) the kernel body is empty and the host
 // never launches it.
