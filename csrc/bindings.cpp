@@ -51,13 +51,6 @@ TORCH_LIBRARY(quantkern, m) {
   // the sm_90 few-token kernel takes that pair (per-channel, M <= build_info()["int_small_m_max_tokens"]).
   m.def("int_gemm(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int a_bits, int w_bits, "
         "int group_len, ScalarType out_dtype, int split_k=0, int config=0, bool w4a8_layout=False) -> Tensor");
-  // W4A4 at decode in one launch (sm_90, csrc/int_small_m.cu): x [M <= 16, K] fp16/bf16, w / w_scale of a
-  // per-channel W4A4 weight (prepare_int_weight on sm_90: the W4A8 layout), bias fp32 [N], counters int32 [2]
-  // scratch (zeros before and after; one per prepared weight: do not run one weight on two streams at once) ->
-  // (y [M, N] in x's dtype, q uint8 [M, K/2], scale fp32 [M]): quantize_per_token(x, 4, clip_ratio) then int_gemm,
-  // bit for bit.
-  m.def("quantize_int_gemm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, float clip_ratio, Tensor counters, "
-        "int split_k=0) -> (Tensor, Tensor, Tensor)");
   // The exact int32 accumulator a @ w^T [M, n] of the same operands (test hook).
   m.def("int_gemm_acc(Tensor a, Tensor w, int n, int a_bits, int w_bits, int split_k=0, int config=0, "
         "bool w4a8_layout=False) -> Tensor");

@@ -4,9 +4,6 @@
 //       y[M, N] = sx[m] * sum_g(acc_g[m, n] * sw[g, n]) (+ bias[n])      (fp32, cast to fp16/bf16)
 //   quantkern::int_gemm_acc(a, w, n, a_bits, w_bits, split_k, config)
 //       the exact int32 accumulator acc[m, n] = sum_k a[m, k] * w[n, k] (test hook; also checks split-K)
-//   quantkern::quantize_int_gemm(x, w, w_scale, bias, clip_ratio, counters, split_k)
-//       W4A4 at up to 16 tokens on sm_90 in one launch: quantize_per_token(x, 4, clip_ratio) inside the few-token
-//       kernel, then int_gemm on those codes; returns (y, q, scale), bit-identical to the two ops in turn.
 //
 // Semantics: quantkern.reference.quantized_activation_linear after quantize_per_token. The int32 sums
 // are exact (bit-exact with reference.int_matmul). The epilogue rounds like the reference, step by step:
@@ -75,7 +72,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <tuple>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -696,16 +692,24 @@ int tiles_per_split(const at::Tensor& w, int splits) {
   return static_cast<int>((w.size(1) + splits - 1) / splits);
 }
 
-// Checks the tiled w against K (the activations' row length) and N (the true out_features, <= w's padded rows),
-// and that it is on a's device.
-void check_tiled_weight(const char* op, const at::Tensor& w, const at::Tensor& a, int64_t K, int64_t N,
-                        int64_t w_bits) {
+// Checks a and the tiled w against each other; returns K. N: the true out_features (<= w's padded rows).
+int64_t check_operands(const char* op, const at::Tensor& a, const at::Tensor& w, int64_t N, int64_t a_bits,
+                       int64_t w_bits, bool w4a8_layout) {
+  check_cuda(a, op, "a");
   check_cuda(w, op, "w");
+  check_dim(a, 2, op, "a");
   check_dim(w, 4, op, "w (tiled: [N_pad / 64, K_pad / 128, 64, 128 * w_bits / 8])");
+  check_contiguous(a, op, "a");
   check_contiguous(w, op, "w");
+  TORCH_CHECK((a_bits == 8 && w_bits == 8) || (a_bits == 4 && w_bits == 4) || (a_bits == 8 && w_bits == 4), op,
+              ": supported (a_bits, w_bits) are (8, 8), (4, 4) and (8, 4), got (", a_bits, ", ", w_bits, ")");
+  TORCH_CHECK(!w4a8_layout || w_bits == 4, op, ": w4a8_layout describes int4 weights, got ", w_bits, "-bit ones");
+  TORCH_CHECK(a.scalar_type() == (a_bits == 8 ? at::kChar : at::kByte), op, ": a must be ",
+              a_bits == 8 ? "int8" : "uint8 (packed int4)", ", got ", a.scalar_type());
   TORCH_CHECK(w.scalar_type() == (w_bits == 8 ? at::kChar : at::kByte), op, ": w must be ",
               w_bits == 8 ? "int8" : "uint8 (packed int4)", ", got ", w.scalar_type());
-  TORCH_CHECK(a.device() == w.device(), op, ": the activations and w must be on the same device");
+  TORCH_CHECK(a.device() == w.device(), op, ": a and w must be on the same device");
+  const int64_t K = a_bits == 8 ? a.size(1) : 2 * a.size(1);
   TORCH_CHECK(K % 32 == 0 && K > 0, op, ": K must be a positive multiple of 32, got ", K);
   TORCH_CHECK(K <= 65536, op, ": K must be at most 65536 (int32 headroom of the widened products), got ", K);
   TORCH_CHECK(w.size(1) == (K + kTileK - 1) / kTileK && w.size(2) == kUnitRows && w.size(3) == kTileK * w_bits / 8,
@@ -715,41 +719,8 @@ void check_tiled_weight(const char* op, const at::Tensor& w, const at::Tensor& a
               ": N = ", N, " must be a multiple of 8 that fits w's ", w.size(0) * kUnitRows, " padded rows");
   TORCH_CHECK(a.size(0) <= std::numeric_limits<int32_t>::max() / 2 && N < (1 << 30), op, ": too many rows");
   TORCH_CHECK(is_aligned(a.const_data_ptr(), 16) && is_aligned(w.const_data_ptr(), 16), op,
-              ": the activations and w must be 16-byte aligned");
-}
-
-// Checks a and the tiled w against each other; returns K. N: the true out_features (<= w's padded rows).
-int64_t check_operands(const char* op, const at::Tensor& a, const at::Tensor& w, int64_t N, int64_t a_bits,
-                       int64_t w_bits, bool w4a8_layout) {
-  check_cuda(a, op, "a");
-  check_dim(a, 2, op, "a");
-  check_contiguous(a, op, "a");
-  TORCH_CHECK((a_bits == 8 && w_bits == 8) || (a_bits == 4 && w_bits == 4) || (a_bits == 8 && w_bits == 4), op,
-              ": supported (a_bits, w_bits) are (8, 8), (4, 4) and (8, 4), got (", a_bits, ", ", w_bits, ")");
-  TORCH_CHECK(!w4a8_layout || w_bits == 4, op, ": w4a8_layout describes int4 weights, got ", w_bits, "-bit ones");
-  TORCH_CHECK(a.scalar_type() == (a_bits == 8 ? at::kChar : at::kByte), op, ": a must be ",
-              a_bits == 8 ? "int8" : "uint8 (packed int4)", ", got ", a.scalar_type());
-  const int64_t K = a_bits == 8 ? a.size(1) : 2 * a.size(1);
-  check_tiled_weight(op, w, a, K, N, w_bits);
+              ": a and w must be 16-byte aligned");
   return K;
-}
-
-// The fp32 operands (scales, bias): CUDA, contiguous, float32, on a's device.
-void check_fp32_operand(const char* op, const at::Tensor& t, const at::Tensor& a, const char* name) {
-  check_cuda(t, op, name);
-  check_contiguous(t, op, name);
-  TORCH_CHECK(t.device() == a.device(), op, ": ", name, " must be on the activations' device ", a.device(), ", got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-}
-
-// The bias pointer (nullptr for none) after its checks: fp32 [N] on a's device.
-const float* checked_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& a, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  check_fp32_operand(op, *bias, a, "bias");
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be float32 [N] = [", N, "], got ",
-              bias->sizes());
-  return bias->data_ptr<float>();
 }
 
 template <int ABITS, int WBITS>
@@ -853,8 +824,14 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   TORCH_CHECK(!(grouped && a_bits == 4 && w_bits == 4 && group_len % 64 != 0 &&
                 device_attribute<cudaDevAttrComputeCapabilityMajor>(a.get_device()) < 9),
               op, ": W4A4 with group 32 needs sm_90 (the native int4 path steps 64 k at a time)");
-  check_fp32_operand(op, a_scale, a, "a_scale");
-  check_fp32_operand(op, w_scale, a, "w_scale");
+  const auto check_scale = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, op, name);
+    check_contiguous(t, op, name);
+    TORCH_CHECK(t.device() == a.device(), op, ": ", name, " must be on a's device ", a.device(), ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  };
+  check_scale(a_scale, "a_scale");
+  check_scale(w_scale, "w_scale");
   TORCH_CHECK(a_scale.dim() == 1 && a_scale.size(0) == M, op, ": a_scale must be [M] = [", M, "], got ",
               a_scale.sizes());
   TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == K / group_len && w_scale.size(1) == N, op,
@@ -862,7 +839,16 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   // The mma.sync kernel reads w_scale as float2 pairs (N is even): a view at an odd float offset would fault.
   TORCH_CHECK(is_aligned(w_scale.const_data_ptr(), 8), op, ": w_scale must be 8-byte aligned: pass a whole tensor, "
               "not a view at an odd offset");
-  const float* bias_ptr = checked_bias(op, bias, a, N);
+  const float* bias_ptr = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_cuda(*bias, op, "bias");
+    check_contiguous(*bias, op, "bias");
+    TORCH_CHECK(bias->device() == a.device(), op, ": bias must be on a's device ", a.device(), ", got ",
+                bias->device());
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N, op,
+                ": bias must be float32 [N] = [", N, "], got ", bias->scalar_type(), " ", bias->sizes());
+    bias_ptr = bias->data_ptr<float>();
+  }
   const c10::cuda::CUDAGuard device_guard(a.device());
   at::Tensor out = at::empty({M, N}, a.options().dtype(out_dtype));
   if (M == 0 || N == 0) return out;
@@ -910,58 +896,10 @@ at::Tensor int_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   return out;
 }
 
-// W4A4 at decode in one launch: the few-token kernel quantizes x itself (int_small_m::launch_quantizing). Returns
-// (y, q, scale), q and scale as quantize_per_token(x, 4, clip_ratio) gives them (the kernel's own codes).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int_gemm_cuda(const at::Tensor& x_in, const at::Tensor& w,
-                                                                      const at::Tensor& w_scale,
-                                                                      const std::optional<at::Tensor>& bias,
-                                                                      double clip_ratio, const at::Tensor& counters,
-                                                                      int64_t split_k) {
-  constexpr const char* op = "quantkern::quantize_int_gemm";
-  check_per_token_quant_input(x_in, 4, clip_ratio, op);
-  // The kernel reads x in 16-byte vectors: a view at an odd offset is copied (the allocator aligns).
-  const at::Tensor x = is_aligned(x_in.const_data_ptr(), 16) ? x_in : x_in.clone();
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(hopper::wgmma_available(x.get_device()), op,
-              ": the quantizing few-token kernel needs an sm_90 GPU and an extension built for 9.0a");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= int_small_m::kMaxTokens, op, ": takes at most ", int_small_m::kMaxTokens,
-              " tokens (rows of x), got ", M);
-  TORCH_CHECK(w_scale.dim() == 2 && w_scale.size(0) == 1, op,
-              ": w_scale must be per-channel, [1, N] (the few-token kernel), got ", w_scale.sizes());
-  const int64_t N = w_scale.size(1);
-  TORCH_CHECK(N > 0, op, ": N (w_scale.size(1)) must be positive");
-  check_tiled_weight(op, w, x, K, N, 4);
-  check_fp32_operand(op, w_scale, x, "w_scale");
-  const float* bias_ptr = checked_bias(op, bias, x, N);
-  check_cuda(counters, op, "counters");
-  check_contiguous(counters, op, "counters");
-  TORCH_CHECK(counters.device() == x.device() && counters.scalar_type() == at::kInt &&
-                  counters.numel() >= int_small_m::kQuantizeCounters, op, ": counters must be ",
-              int_small_m::kQuantizeCounters, " int32 zeros on x's device (the kernel's, zero between calls), got ",
-              counters.scalar_type(), " ", counters.sizes(), " on ", counters.device());
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor codes = at::empty({M, K / 2}, x.options().dtype(at::kByte));
-  at::Tensor scales = at::empty({M}, x.options().dtype(at::kFloat));
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0) return {out, codes, scales};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
-  const int_small_m::Plan plan = int_small_m::plan(M, N, K, 4, 4, split_k, num_sms(x.get_device()));
-  const int_small_m::QuantizeInput input{x.const_data_ptr(), codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-                                         counters.data_ptr<int>(), static_cast<float>(clip_ratio)};
-  int_small_m::launch_quantizing(x.scalar_type(),
-                                 hopper_params(codes, w, scales.data_ptr<float>(), w_scale.data_ptr<float>(), bias_ptr,
-                                               out.data_ptr(), M, N, K, tiles_per_split(w, plan.splits)),
-                                 input, plan, stream);
-  return {out, codes, scales};
-}
-
 }  // namespace
 }  // namespace quantkern
 
 TORCH_LIBRARY_IMPL(quantkern, CUDA, m) {
   m.impl("int_gemm", &quantkern::int_gemm_cuda);
   m.impl("int_gemm_acc", &quantkern::int_gemm_acc_cuda);
-  m.impl("quantize_int_gemm", &quantkern::quantize_int_gemm_cuda);
 }

@@ -52,18 +52,6 @@
 //   no counters.
 // Epilogue: y = (float(acc) * w_scale[n]) * a_scale[m] + bias[n], each step rounded to fp32 like the
 //   reference (bit-identical), then cast.
-// Quantizing its own input (QUANTIZE_X, W4A4, launch_quantizing; quantkern::quantize_int_gemm): at decode the
-//   quantizer was a kernel of its own, and the GEMM, its programmatic dependent, waited for its completion: H100,
-//   8192 x 8192, M = 1, the layer 15.9 us against 13.4 for the GEMM alone (docs/PERF.md, session 31). Here each
-//   block first issues its weight stages, as above; then the blocks of split 0 with blockIdx.x < M claim token
-//   rows from counters[0] and quantize them, the whole block on one row (csrc/per_token_quant.cuh's helpers:
-//   quantize_per_token's codes and scales bit for bit), storing the packed codes and scale to p.a / p.a_scale and
-//   counting the row in counters[1] (a release); every block's thread 0 then polls counters[1] (acquire) until
-//   it reaches M, the block barrier passes that on, and the activation loads read the codes from L2 (.cg: this
-//   kernel wrote them). Rows are claimed, not assigned, so that a block waits only once every row is claimed by a
-//   block that is running: no deadlock in any order of the blocks (a sanitizer may run them one by one). The last
-//   block past the wait zeroes both counters for the next call. Launched plainly (the kernel before it, which
-//   wrote x, is not ours).
 //
 // Compiled without --use_fast_math. Below sm_90 (no clusters) the kernel body is empty and the host
 // never launches it.
@@ -79,7 +67,6 @@
 
 #include "common.cuh"
 #include "int_small_m.cuh"
-#include "per_token_quant.cuh"
 
 namespace quantkern {
 namespace int_small_m {
@@ -141,96 +128,16 @@ __device__ __forceinline__ uint32_t widen_half(uint32_t w, uint32_t shifted, int
   return __byte_perm(w, shifted, half == 0 ? 0x1504u : 0x3726u) & 0xF0F0F0F0u;
 }
 
-// Activations: 16 bytes, or zeros when !ok (a predicated load: nothing waits for it before its use). Read-only
-// (.nc) where a previous kernel wrote them; from L2 (.cg) where this kernel's blocks did (QUANTIZE_X: the
-// non-coherent path is only defined for data the kernel does not write).
-template <bool FROM_THIS_KERNEL>
+// Activations: 16 bytes, or zeros when !ok (a predicated load: nothing waits for it before its use).
 __device__ __forceinline__ uint4 load_act(const uint8_t* p, bool ok) {
   uint4 v;
-  if constexpr (FROM_THIS_KERNEL) {
-    asm volatile(
-        "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @q ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(static_cast<int>(ok)));
-  } else {
-    asm volatile(
-        "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(static_cast<int>(ok)));
-  }
+  asm volatile(
+      "{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @q ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(ok)));
   return v;
-}
-
-// QUANTIZE_X: quantize token row `row` of x with the whole block (THREADS threads) into packed int4 codes and its
-// fp32 scale, with csrc/per_token_quant.cuh's helpers, as quantize_per_token does (bit-identical); kRound 16-byte
-// vectors a thread in flight. Where one round covers the row it stays in registers, else it is read twice. Then
-// counts the row in q.counters[1] (release: one fence by thread 0 after the barrier makes the whole block's stores
-// visible, fences being cumulative; the pattern of split_k_is_last_block, csrc/common.cuh).
-template <typename T, int THREADS>
-__device__ __forceinline__ void quantize_row(const Params& p, const QuantizeInput& q, int row, float* warp_max) {
-  constexpr int kRound = 4;
-  const int64_t vectors = p.K / Vec16<T>::kElems;  // (K % 32 == 0)
-  const T* __restrict__ xrow = static_cast<const T*>(q.x) + static_cast<int64_t>(row) * p.K;
-  uint8_t* __restrict__ qrow = q.codes + static_cast<int64_t>(row) * (p.K / 2);
-  Vec16<T> v[kRound];
-  float amax = 0.0f;
-  for (int64_t first = threadIdx.x; first < vectors; first += kRound * THREADS) {
-    amax = max_propagate_nan(amax, load_vectors_absmax(v, xrow, first, THREADS, vectors));
-  }
-  amax = group_reduce_max<THREADS>(amax, warp_max);
-  const float scale = per_token_scale(amax, q.clip, static_cast<float>(kQmaxOf<4>));
-  if (threadIdx.x == 0) q.scales[row] = scale;
-  if (vectors <= kRound * THREADS) {
-    quantize_store_vectors<T, 4, 4>(v, scale, qrow, static_cast<int64_t>(threadIdx.x), THREADS, vectors);
-  } else {
-    for (int64_t first = threadIdx.x; first < vectors; first += kRound * THREADS) {
-      load_vectors_absmax(v, xrow, first, THREADS, vectors);
-      quantize_store_vectors<T, 4, 4>(v, scale, qrow, first, THREADS, vectors);
-    }
-  }
-  __syncthreads();  // (also: warp_max is free for the next row)
-  if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(q.counters + 1, 1);
-  }
-}
-
-// QUANTIZE_X, in the blocks of split 0 with blockIdx.x < M: claim rows (q.counters[0]) and quantize them until
-// none is left. Claimed, not assigned: a block waits for the codes only once every row is claimed by a running
-// block, so the kernel finishes whatever order (or serialization, as under a sanitizer) its blocks run in.
-template <typename T, int THREADS>
-__device__ __forceinline__ void quantize_claimed_rows(const Params& p, const QuantizeInput& q, float* warp_max,
-                                                      int* claimed) {
-  while (true) {
-    if (threadIdx.x == 0) *claimed = atomicAdd(q.counters, 1);
-    __syncthreads();
-    const int row = *claimed;
-    __syncthreads();  // (every thread has read it before thread 0 claims again)
-    if (row >= p.M) return;
-    quantize_row<T, THREADS>(p, q, row, warp_max);
-  }
-}
-
-// QUANTIZE_X: thread 0 waits until all M rows are counted in q.counters[1] (its acquire, passed on to the block by
-// the barrier), then counts the block there; the grid's last block resets both counters for the next call (every
-// block has claimed its last row and passed its wait by then). One poller a block keeps the polls few.
-__device__ __forceinline__ void wait_for_codes(const Params& p, const QuantizeInput& q) {
-  if (threadIdx.x == 0) {
-    int done;
-    do {
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(done) : "l"(q.counters + 1) : "memory");
-    } while (done < p.M);
-    const int blocks = static_cast<int>(gridDim.x * gridDim.y * gridDim.z);
-    if (atomicAdd(q.counters + 1, 1) == p.M + blocks - 1) {
-      atomicExch(q.counters, 0);
-      atomicExch(q.counters + 1, 0);
-    }
-  }
-  __syncthreads();
 }
 
 // D = A * B + D, m16n8k32, int8 x int8 -> int32.
@@ -278,13 +185,11 @@ constexpr int blocks_per_sm(int w_bits, int a_bits, int token_tiles, int warps) 
 
 // OutT int: the raw int32 sums (test hook). ABITS: 8 (int8 codes, one per byte) or 4 (packed int4 codes).
 // TOKEN_TILES: n8 token tiles per block (1 for M <= 8). WARPS: warps per block, all on the block's 32 channels,
-// taking its k-tiles round-robin. QUANTIZE_X (W4A4, OutT the dtype of x): the kernel quantizes q.x itself into
-// p.a / p.a_scale (launch_quantizing); else it reads the codes a previous kernel made and q is unused.
-template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT, bool QUANTIZE_X>
+// taking its k-tiles round-robin.
+template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT>
 __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_TILES, WARPS))
-    int_small_m_kernel(const Params p, const QuantizeInput q) {
+    int_small_m_kernel(const Params p) {
 #if QK_SMALL_M_BODY
-  static_assert(!QUANTIZE_X || (ABITS == 4 && !std::is_same_v<OutT, int>), "QUANTIZE_X: W4A4, x's dtype out");
   using L = Layout<WBITS, ABITS>;
   using StageT = Stage<WBITS, ABITS, TOKEN_TILES>;
   constexpr int kThreads = WARPS * 32;
@@ -344,7 +249,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
         for (int piece = 0; piece < L::kXPieces; ++piece) {
           const int k = kt * kTileK + L::x_first_k(t, piece);  // the piece's first k
           const int byte = ABITS == 8 ? k : kt * (kTileK / 2) + L::x_offset(t, piece);
-          st.x[tt][piece] = load_act<QUANTIZE_X>(x_row[tt] + byte, x_ok[tt] && k < p.K);
+          st.x[tt][piece] = load_act(x_row[tt] + byte, x_ok[tt] && k < p.K);
         }
     }
   };
@@ -393,19 +298,11 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
 
   for (int i = threadIdx.x; i < kRows * kPartStride; i += kThreads) (&part[0][0])[i] = 0;
 
-  // ---- pipeline: weights first (independent of the activations), then wait for them, then activations ----
+  // ---- pipeline: weights first (independent of the previous kernel), then wait, then activations ----
   StageT stages[kStages];
 #pragma unroll
   for (int i = 0; i < kStages; ++i) load_weights(stages[i], i);
-  if constexpr (QUANTIZE_X) {
-    // The first blocks quantize the token rows while every block's first weight stages are in flight.
-    __shared__ float warp_max[WARPS];
-    __shared__ int claimed;
-    if (blockIdx.y == 0 && blockIdx.x < p.M) quantize_claimed_rows<OutT, kThreads>(p, q, warp_max, &claimed);
-    wait_for_codes(p, q);
-  } else {
-    wait_for_prior_grids();  // no-op unless launched as a dependent
-  }
+  wait_for_prior_grids();  // no-op unless launched as a dependent
 #pragma unroll
   for (int i = 0; i < kStages; ++i) load_acts(stages[i], i);
 
@@ -451,7 +348,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
       *reinterpret_cast<int4*>(static_cast<int*>(p.out) + static_cast<int64_t>(m) * p.N + n) =
           make_int4(sums[0], sums[1], sums[2], sums[3]);
     } else {
-      const float sx = QUANTIZE_X ? __ldcg(p.a_scale + m) : p.a_scale[m];  // (see load_act)
+      const float sx = p.a_scale[m];
       float y[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -465,76 +362,60 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
 #endif
 }
 
-template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT, bool QUANTIZE_X = false>
-void launch_kernel(const Params& p, const QuantizeInput& q, int splits, cudaStream_t stream) {
+template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS, typename OutT>
+void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((p.N + kChannels - 1) / kChannels, splits, (p.M + kTokens - 1) / kTokens);
   config.blockDim = dim3(WARPS * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
   // Programmatic dependent launch: the blocks may start while the previous kernel (the activation
-  // quantization) finishes; they wait for it (griddepcontrol.wait) before reading its output. (QUANTIZE_X: a plain
-  // launch, since the kernel before it, which wrote x, is not ours.)
+  // quantization) finishes; they wait for it (griddepcontrol.wait) before reading its output.
   cudaLaunchAttribute attributes[2];
-  int count = 0;
-  if (!QUANTIZE_X) attributes[count++] = programmatic_launch_attribute();
+  attributes[0] = programmatic_launch_attribute();
+  config.attrs = attributes;
+  config.numAttrs = 1;
   // K split over a cluster (splits > 1). Without a split the launch takes no cluster attribute (the kernel's
   // cluster is then its own block, cluster.sync() a block barrier): a 1 x 1 x 1 cluster launch cost the GEMM about
   // 1 us (H100, W4A4 GEMM alone, M = 1: 8192 x 8192 14.4 -> 13.4 us, 4096 x 4096 6.3 -> 5.2; docs/PERF.md,
   // session 31).
   if (splits > 1) {
-    attributes[count].id = cudaLaunchAttributeClusterDimension;
-    attributes[count].val.clusterDim.x = 1;
-    attributes[count].val.clusterDim.y = splits;
-    attributes[count].val.clusterDim.z = 1;
-    ++count;
+    attributes[1].id = cudaLaunchAttributeClusterDimension;
+    attributes[1].val.clusterDim.x = 1;
+    attributes[1].val.clusterDim.y = splits;
+    attributes[1].val.clusterDim.z = 1;
+    config.numAttrs = 2;
   }
-  config.attrs = attributes;
-  config.numAttrs = count;
-  C10_CUDA_CHECK(
-      cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, OutT, QUANTIZE_X>, p, q));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, OutT>, p));
 }
 
-// quantize: QUANTIZE_X, with x in out_dtype (W4A4 only).
 template <int WBITS, int ABITS, int TOKEN_TILES, int WARPS>
-void launch_out(bool raw, bool quantize, at::ScalarType out_dtype, const Params& p, const QuantizeInput& q, int splits,
-                cudaStream_t stream) {
-  if (quantize) {
-    if constexpr (ABITS == 4) {
-      if (out_dtype == at::kHalf) {
-        launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __half, true>(p, q, splits, stream);
-      } else {
-        launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __nv_bfloat16, true>(p, q, splits, stream);
-      }
-    } else {
-      TORCH_CHECK(false, "int_small_m: only the W4A4 instances quantize their input");
-    }
-  } else if (raw) {
-    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, int>(p, q, splits, stream);
+void launch_out(bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
+  if (raw) {
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, int>(p, splits, stream);
   } else if (out_dtype == at::kHalf) {
-    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __half>(p, q, splits, stream);
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __half>(p, splits, stream);
   } else {
-    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __nv_bfloat16>(p, q, splits, stream);
+    launch_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, __nv_bfloat16>(p, splits, stream);
   }
 }
 
 template <int WBITS, int ABITS, int TOKEN_TILES>
-void launch_warps(int warps, bool raw, bool quantize, at::ScalarType out_dtype, const Params& p,
-                  const QuantizeInput& q, int splits, cudaStream_t stream) {
+void launch_warps(int warps, bool raw, at::ScalarType out_dtype, const Params& p, int splits, cudaStream_t stream) {
   if (warps == 1) {
-    launch_out<WBITS, ABITS, TOKEN_TILES, 1>(raw, quantize, out_dtype, p, q, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 1>(raw, out_dtype, p, splits, stream);
   } else if (warps == 2) {
-    launch_out<WBITS, ABITS, TOKEN_TILES, 2>(raw, quantize, out_dtype, p, q, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 2>(raw, out_dtype, p, splits, stream);
   } else if (warps == 4) {
-    launch_out<WBITS, ABITS, TOKEN_TILES, 4>(raw, quantize, out_dtype, p, q, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 4>(raw, out_dtype, p, splits, stream);
   } else if (warps == 8) {
-    launch_out<WBITS, ABITS, TOKEN_TILES, 8>(raw, quantize, out_dtype, p, q, splits, stream);
+    launch_out<WBITS, ABITS, TOKEN_TILES, 8>(raw, out_dtype, p, splits, stream);
   } else {
     // 16-warp blocks are built only where the instance holds 16 warps per SM.
     constexpr bool kHas16 = warps_per_sm(WBITS, ABITS, TOKEN_TILES, 16) == 16;
     TORCH_CHECK(kHas16 && warps == 16, "int_small_m: no ", warps, "-warp instance for int", WBITS,
                 " weights, ", ABITS, "-bit activations and ", TOKEN_TILES, " token tile(s)");
-    if constexpr (kHas16) launch_out<WBITS, ABITS, TOKEN_TILES, 16>(raw, quantize, out_dtype, p, q, splits, stream);
+    if constexpr (kHas16) launch_out<WBITS, ABITS, TOKEN_TILES, 16>(raw, out_dtype, p, splits, stream);
   }
 }
 
@@ -577,28 +458,16 @@ void launch(int w_bits, int a_bits, bool raw, at::ScalarType out_dtype, const Pa
   TORCH_CHECK(splits >= 1 && splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits, ", got ", splits);
   TORCH_CHECK(a_bits == 8 || (a_bits == 4 && w_bits == 4), "int_small_m: packed int4 activations need int4 weights");
   const bool one_tile = p.M <= 8;  // one n8 token tile per block
-  const QuantizeInput none = {};
   if (a_bits == 4) {
-    one_tile ? launch_warps<4, 4, 1>(plan.warps, raw, false, out_dtype, p, none, splits, stream)
-             : launch_warps<4, 4, 2>(plan.warps, raw, false, out_dtype, p, none, splits, stream);
+    one_tile ? launch_warps<4, 4, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<4, 4, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   } else if (w_bits == 4) {
-    one_tile ? launch_warps<4, 8, 1>(plan.warps, raw, false, out_dtype, p, none, splits, stream)
-             : launch_warps<4, 8, 2>(plan.warps, raw, false, out_dtype, p, none, splits, stream);
+    one_tile ? launch_warps<4, 8, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<4, 8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   } else {
-    one_tile ? launch_warps<8, 8, 1>(plan.warps, raw, false, out_dtype, p, none, splits, stream)
-             : launch_warps<8, 8, 2>(plan.warps, raw, false, out_dtype, p, none, splits, stream);
+    one_tile ? launch_warps<8, 8, 1>(plan.warps, raw, out_dtype, p, splits, stream)
+             : launch_warps<8, 8, 2>(plan.warps, raw, out_dtype, p, splits, stream);
   }
-}
-
-void launch_quantizing(at::ScalarType dtype, const Params& p, const QuantizeInput& q, const Plan& plan,
-                       cudaStream_t stream) {
-  TORCH_CHECK(plan.splits >= 1 && plan.splits <= kMaxSplits, "int_small_m: splits must be 1..", kMaxSplits,
-              ", got ", plan.splits);
-  TORCH_CHECK(p.M >= 1 && p.M <= kMaxTokens, "int_small_m: the quantizing kernel takes 1..", kMaxTokens,
-              " tokens, got ", p.M);
-  TORCH_CHECK(q.codes == p.a && q.scales == p.a_scale, "int_small_m: the quantizing kernel reads back its codes");
-  p.M <= 8 ? launch_warps<4, 4, 1>(plan.warps, false, true, dtype, p, q, plan.splits, stream)
-           : launch_warps<4, 4, 2>(plan.warps, false, true, dtype, p, q, plan.splits, stream);
 }
 
 }  // namespace int_small_m

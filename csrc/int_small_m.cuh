@@ -1,8 +1,7 @@
 // The integer GEMM for few tokens on Hopper (csrc/int_small_m.cu): W8A8, W4A8 and W4A4 (its packed int4
 // codes widened to int8 in registers, or the codes stored one per byte), per-channel weights, int8 mma.sync
 // fed straight from global memory, 32-channel blocks whose warps split K, and K split across the blocks of a
-// thread-block cluster where the blocks are few; for W4A4 it may also quantize its own input (launch_quantizing).
-// Declared here for the host code of csrc/int_gemm.cu, which
+// thread-block cluster where the blocks are few. Declared here for the host code of csrc/int_gemm.cu, which
 // checks the operands and calls it on an sm_90 GPU, and for quantkern._C.int_small_m_plan (csrc/bindings.cpp).
 #pragma once
 
@@ -38,23 +37,6 @@ Plan plan(int64_t M, int64_t N, int64_t K, int w_bits, int a_bits, int64_t split
 // the k-tiles of one block of a cluster (ceil(k_tiles / plan.splits)).
 void launch(int w_bits, int a_bits, bool raw, at::ScalarType out_dtype, const Params& p, const Plan& plan,
             cudaStream_t stream);
-
-// The activations of launch_quantizing: x and where its codes and scales go. p.a and p.a_scale must be codes and
-// scales (the kernel's blocks read them back).
-struct QuantizeInput {
-  const void* x;   // [M, K] fp16 / bf16 (the output dtype), contiguous, 16-byte aligned
-  uint8_t* codes;  // [M, K / 2] packed int4 codes, as quantize_per_token(x, 4, clip) (= p.a)
-  float* scales;   // [M] (= p.a_scale)
-  int* counters;   // two int32: rows claimed, rows done (+ blocks past the wait); zero before a call and after it
-  float clip;      // clip ratio, in (0, 1]
-};
-constexpr int kQuantizeCounters = 2;
-
-// W4A4 (int4 weights in the W4A8 layout, per-channel) on x itself: the kernel's first blocks quantize x's rows per
-// token, bit-identical to quantize_per_token, and every block reads the codes once all are counted. One launch
-// instead of the quantizer plus the GEMM. y in dtype (x's). M <= kMaxTokens.
-void launch_quantizing(at::ScalarType dtype, const Params& p, const QuantizeInput& q, const Plan& plan,
-                       cudaStream_t stream);
 
 }  // namespace int_small_m
 }  // namespace quantkern

@@ -34,12 +34,6 @@ def int_gemm_acc_fake(a: torch.Tensor, w: torch.Tensor, n: int, a_bits: int, w_b
     return a.new_empty((a.shape[0], n), dtype=torch.int32)
 
 
-def quantize_int_gemm_fake(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias, clip_ratio: float,
-                           counters: torch.Tensor, split_k: int = 0):
-    # (y [M, N] in x's dtype, then quantize_per_token's packed int4 codes and scales of x)
-    return (x.new_empty((x.shape[0], w_scale.shape[1])), *quantize_per_token_fake(x, 4, clip_ratio))
-
-
 def hadamard_fake(x: torch.Tensor, block_size: int = 0):
     return torch.empty_like(x)
 
@@ -60,7 +54,6 @@ FAKES = {
     "w4a16_gemm": w4a16_gemm_fake,
     "int_gemm": int_gemm_fake,
     "int_gemm_acc": int_gemm_acc_fake,
-    "quantize_int_gemm": quantize_int_gemm_fake,
     "permute_columns": permute_columns_fake,
     "hadamard": hadamard_fake,
     "hadamard_quantize": hadamard_quantize_fake,

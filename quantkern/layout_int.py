@@ -25,10 +25,6 @@ tensors the kernels read, once, at load time, in plain torch (CPU or GPU tensors
   byte, as ``quantize_per_token`` packs them; else W4A4 on sm_90 takes them one per byte), and
   ``packed_activations_max_tokens``: W4A4 on sm_90 with per-channel weights takes packed codes up to that many
   tokens anyway (the few-token kernel widens them in registers: half the activation bytes and registers).
-* ``counters`` (W4A4 on sm_90, per-channel: where ``packed_activations_max_tokens`` > 0): two int32 zeros, the
-  scratch with which the few-token kernel quantizes the activations itself up to that many tokens
-  (``quantize_int_gemm_cuda``: one launch instead of two; zero again after every call). One per prepared weight:
-  do not run one prepared weight on two streams at once.
 
 ``unpack_int_weight`` undoes it (signed int8 ``[N, K]``), for the tests.
 """
@@ -144,7 +140,7 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
             from . import _C
 
             packed_max_tokens = int(_C.build_info()["int_small_m_max_tokens"])
-    prepared = {
+    return {
         "w": w,
         "w_scale": qw.scales.float().t().contiguous(),
         "group_len": qw.group_length,
@@ -158,9 +154,6 @@ def prepare_int_weight(qw: QuantizedWeight, act_bits: int, backend: str = "cuda"
         "in_features": qw.in_features,
         "out_features": qw.out_features,
     }
-    if packed_max_tokens:
-        prepared["counters"] = torch.zeros(2, dtype=torch.int32, device=values.device)
-    return prepared
 
 
 def unpack_int_weight(prepared: dict) -> torch.Tensor:
@@ -188,21 +181,6 @@ def activations_packed(prepared: dict, tokens: int) -> bool:
     """Whether the GEMM of a prepared weight takes ``tokens`` rows of int4 activation codes packed two per byte
     (``quantize_per_token(..., packed=True)``) rather than one per byte."""
     return bool(prepared.get("packed_activations", True)) or tokens <= prepared.get("packed_activations_max_tokens", 0)
-
-
-def quantizes_in_gemm(prepared: dict, tokens: int) -> bool:
-    """Whether the CUDA GEMM of a prepared weight quantizes ``tokens`` rows of (unrotated) activations itself
-    (``quantize_int_gemm_cuda``): W4A4 on sm_90, per-channel, 1 to ``packed_activations_max_tokens`` tokens."""
-    return "counters" in prepared and 1 <= tokens <= prepared.get("packed_activations_max_tokens", 0)
-
-
-def quantize_int_gemm_cuda(x: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor], clip_ratio: float = 1.0,
-                           split_k: int = 0):
-    """``quantize_per_token(x, 4, clip_ratio)`` and ``int_gemm_cuda`` on its codes in one launch (where
-    ``quantizes_in_gemm``): ``(y, q, sx)``, each bit-identical to the two ops' results. x: ``[M, K]`` fp16 / bf16;
-    bias fp32 or None; y in x's dtype."""
-    return torch.ops.quantkern.quantize_int_gemm(x, prepared["w"], prepared["w_scale"], bias, clip_ratio,
-                                                 prepared["counters"], split_k)
 
 
 def int_gemm_cuda(q: torch.Tensor, sx: torch.Tensor, prepared: dict, bias: Optional[torch.Tensor],

@@ -229,8 +229,7 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
                 bias: Optional[torch.Tensor], clip_ratio: float, backend: Optional[str],
                 input_rotation: Optional[str] = None) -> torch.Tensor:
     """Per-token activation quantization (``quantize_per_token``; with ``input_rotation="hadamard"`` the
-    fused ``hadamard_quantize``) + the integer GEMM with its epilogue. W4A4 at decode on sm_90 (per-channel, up to
-    16 tokens, no rotation) runs both in one kernel (``layout_int.quantize_int_gemm_cuda``), with the same result."""
+    fused ``hadamard_quantize``) + the integer GEMM with its epilogue."""
     if input_rotation not in (None, "hadamard"):
         raise ValueError(f"input_rotation must be None or 'hadamard', got {input_rotation!r}")
     if isinstance(weight, QuantizedWeight):
@@ -256,22 +255,18 @@ def _int_linear(x: torch.Tensor, weight: Union[QuantizedWeight, PreparedWeight],
         raise TypeError(f"the {weight.backend} integer GEMMs take float16 or bfloat16 activations, not {x.dtype}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.in_features).contiguous()
-    if bias is not None:
-        bias = bias.float().contiguous()
-    from .layout_int import activations_packed, quantize_int_gemm_cuda, quantizes_in_gemm
-
-    if weight.backend == "cuda" and input_rotation is None and quantizes_in_gemm(weight.tensors, x2d.shape[0]):
-        # W4A4 at decode on sm_90: the few-token kernel quantizes x itself (one launch; same codes and output).
-        y, _, _ = quantize_int_gemm_cuda(x2d, weight.tensors, bias, clip_ratio)
-        return y.reshape(*lead, weight.out_features)
     # The activation quantizer: the CUDA kernel where built, else Triton (never the reference on a GPU).
     quantizer_backend = None if weight.backend == "cuda" else weight.backend
+    from .layout_int import activations_packed
+
     packed = activations_packed(weight.tensors, x2d.shape[0])
     if input_rotation == "hadamard":
         # One pass over the activations: rotation, per-token scale and codes in one kernel.
         q, sx = hadamard_quantize(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
     else:
         q, sx = quantize_per_token(x2d, act_bits, clip_ratio, backend=quantizer_backend, packed=packed)
+    if bias is not None:
+        bias = bias.float().contiguous()
     y = _int_gemm_fn(weight.backend)(q, sx, weight.tensors, bias, x.dtype)
     return y.reshape(*lead, weight.out_features)
 

@@ -130,38 +130,20 @@ def int_gemm_cases():
         assert error < 1e-2, (m, k, n, bits, act_bits, group, split_k, config, error)
         print("int_gemm", m, k, n, f"W{bits}A{act_bits}", group, split_k, config, f"error {error:.1e}", flush=True)
     if torch.cuda.get_device_capability() == (9, 0):
-        # W4A4 at few tokens in one launch (the few-token kernel quantizes x): one / two token tiles, more rows than
-        # blocks along x (N = 24), clusters, rows over two rounds of loads (K = 32768), narrow blocks.
-        from quantkern.layout_int import quantize_int_gemm_cuda
+        # W4A4 layers back to back in a captured graph, each quantizer (one warp a row, then the cluster kernel at
+        # K = 9216) reading the previous GEMM's output, each GEMM launched as its quantizer's programmatic dependent.
+        for m, k in ((1, 576), (2, 9216)):
+            weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, 4, -1,
+                                                 scale_dtype=torch.bfloat16) for _ in range(2)]
+            prepared = [ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda") for qw in weights]
 
-        for m, k, n, split_k in ((1, 160, 24, 1), (16, 160, 24, 2), (9, 896, 200, 3), (3, 32768, 64, 0),
-                                 (12, 256, 17408, 0), (2, 384, 12288, 0)):
-            qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), 4, -1, scale_dtype=torch.bfloat16)
-            prepared = ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda").tensors
-            x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            bias = torch.randn(n, device="cuda")
-            y, q, sx = quantize_int_gemm_cuda(x, prepared, bias, 0.9, split_k)
-            q_two, sx_two = ops.quantize_per_token(x, 4, 0.9, packed=True)
-            assert torch.equal(q, q_two) and torch.equal(sx, sx_two), (m, k, n, split_k)
-            assert torch.equal(y, int_gemm_cuda(q_two, sx_two, prepared, bias, torch.bfloat16, split_k, 8))
-            assert prepared["counters"].tolist() == [0, 0], (m, k, n, split_k)
-            print("quantize_int_gemm", m, k, n, split_k, "equal to the two kernels", flush=True)
-        # Layers back to back in a captured graph, each reading the previous one's output: W4A4 (the quantizing
-        # kernel), and W8A8 (each quantizer, one warp a row and then the cluster kernel at K = 9216, followed by its
-        # GEMM launched as the quantizer's programmatic dependent).
-        for bits in (4, 8):
-            for m, k in ((1, 576), (2, 9216)):
-                weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, bits, -1,
-                                                     scale_dtype=torch.bfloat16) for _ in range(2)]
-                prepared = [ops.prepare_int_weight(qw, bits, torch.bfloat16, backend="cuda") for qw in weights]
+            def chain(t):
+                for p in prepared:
+                    t = ops.quantized_activation_linear(t, p, 4, None)
+                return t
 
-                def chain(t, bits=bits, prepared=prepared):
-                    for p in prepared:
-                        t = ops.quantized_activation_linear(t, p, bits, None)
-                    return t
-
-                check_chain_in_graph(chain, torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
-                                     f"int_gemm W{bits}A{bits} chained in a CUDA graph {m} {k}")
+            check_chain_in_graph(chain, torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+                                 f"int_gemm W4A4 chained in a CUDA graph {m} {k}")
 
 
 def hadamard_cases():

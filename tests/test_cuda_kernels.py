@@ -216,9 +216,6 @@ FAKE_CASES = [("quantize_per_token", *case) for case in Q_PER_TOKEN] + [
     ("int_gemm", (((5, 128), U8), ((5,), F32), ((2, 2, 64, 64), U8), ((2, 72), F32), ((72,), F32), 4, 4, 128, H),
      {"split_k": 3, "config": 1}, [((5, 72), H)]),
     ("int_gemm_acc", (((5, 256), I8), ((2, 2, 64, 64), U8), 72, 8, 4), {}, [((5, 72), I32)]),
-    # quantize_int_gemm: (y [M, N] in x's dtype, packed int4 codes [M, K/2], scales [M])
-    ("quantize_int_gemm", (((5, 256), B), ((2, 2, 64, 64), U8), ((1, 72), F32), None, 1.0, ((2,), I32)),
-     {"split_k": 2}, [((5, 72), B), ((5, 128), U8), ((5,), F32)]),
     ("permute_columns", (((3, 256), B), ((256,), torch.int64)), {}, [((3, 256), B)]),
     ("hadamard", (((2, 3, 128), F32),), {}, [((2, 3, 128), F32)]),
     ("hadamard", (((4, 256), H),), {"block_size": 16}, [((4, 256), H)]),

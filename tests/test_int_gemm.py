@@ -9,9 +9,8 @@ from torch import nn
 
 from quantkern import backends, ops, reference
 from quantkern.format import pack_int4_signed
-from quantkern.layout_int import (activations_packed, int_gemm_cuda, permute_w4a8, prepare_int_weight,
-                                  quantize_int_gemm_cuda, quantizes_in_gemm, tile_int_weight, unpack_int_weight,
-                                  untile_int_weight, unpermute_w4a8)
+from quantkern.layout_int import (activations_packed, permute_w4a8, prepare_int_weight, tile_int_weight,
+                                  unpack_int_weight, untile_int_weight, unpermute_w4a8)
 from quantkern.nn import QuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -325,100 +324,6 @@ def test_small_m_packed_int4_accumulator_is_exact(m, k, n, config, split_k):
     assert torch.equal(run().cpu(), reference.int_matmul(a, w))
 
 
-# (M, K, N) of the quantizing few-token kernel: the models' sizes; rows past the grid's blocks (16 rows, N = 24: one
-# block along x); rows over several rounds of a 1-warp block's loads (K = 65536); clusters splitting K (small N).
-QUANTIZING_SHAPES = [(1, 576, 1536), (3, 896, 4864), (8, 4864, 896), (9, 4096, 4096), (16, 14336, 4096),
-                     (16, 8192, 8192), (2, 1536, 576), (16, 160, 24), (5, 65536, 64), (12, 256, 17408),
-                     (1, 8192, 28672), (16, 3072, 1024)]
-
-
-def quantizing_case(m, k, n, dtype, seed=0):
-    """A per-channel W4A4 weight prepared on sm_90, and x [m, k] with an all-zero row and a row of large values."""
-    torch.manual_seed(seed)
-    qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), 4, -1, scale_dtype=dtype)
-    prepared = ops.prepare_int_weight(qw, 4, dtype, backend="cuda").tensors
-    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
-    if m > 1:
-        x[1] = 0  # scale 1, codes 0
-    x[-1, : k // 2] *= 1e4 if dtype == torch.bfloat16 else 20  # (fp16: still finite)
-    return qw, prepared, x
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@needs_wgmma
-@pytest.mark.parametrize("m,k,n", QUANTIZING_SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("split_k", [0, 1, 3, 8])
-def test_quantizing_kernel_matches_the_two_kernels(m, k, n, dtype, split_k):
-    """W4A4 at few tokens in one launch: its codes and scales are quantize_per_token's and its output the GEMM's
-    on them, bit for bit (and the reference's), with and without bias and clipping, over every plan; the counter
-    is back to zero after each call."""
-    qw, prepared, x = quantizing_case(m, k, n, dtype)
-    assert quantizes_in_gemm(prepared, m) and prepared["counters"].tolist() == [0, 0]
-    bias = torch.randn(n, device="cuda").to(dtype)  # (the layer passes it on as fp32)
-    for b, clip in ((None, 1.0), (bias, 0.9)):
-        b32 = None if b is None else b.float()
-        y, q, sx = quantize_int_gemm_cuda(x, prepared, b32, clip, split_k)
-        q_two, sx_two = ops.quantize_per_token(x, 4, clip, packed=True)
-        assert torch.equal(q, q_two) and torch.equal(sx, sx_two)
-        assert torch.equal(y, int_gemm_cuda(q_two, sx_two, prepared, b32, dtype, split_k, 8))
-        assert torch.equal(y, reference.quantized_activation_linear(x, qw, 4, b, clip))
-        assert prepared["counters"].tolist() == [0, 0]
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@needs_wgmma
-def test_quantizing_kernel_back_to_back_and_across_token_counts():
-    """Calls queued back to back (no sync between them) on one weight and counter, M changing from call to call,
-    each against the two-kernel path; an x view at a 2-byte offset (copied to an aligned buffer by the op)."""
-    qw, prepared, _ = quantizing_case(16, 4096, 4096, torch.bfloat16)
-    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for m in (1, 16, 5, 9, 1, 12, 16, 2)]
-    ys = [quantize_int_gemm_cuda(x, prepared, None)[0] for x in xs]
-    for x, y in zip(xs, ys):
-        q, sx = ops.quantize_per_token(x, 4, packed=True)
-        assert torch.equal(y, int_gemm_cuda(q, sx, prepared, None, torch.bfloat16))
-    assert prepared["counters"].tolist() == [0, 0]
-    flat = torch.randn(4 * 4096 + 1, device="cuda", dtype=torch.bfloat16)
-    view = flat[1:].view(4, 4096)  # contiguous, 2 bytes past a 16-byte boundary
-    assert view.data_ptr() % 16 != 0
-    assert torch.equal(quantize_int_gemm_cuda(view, prepared, None)[0],
-                       quantize_int_gemm_cuda(view.clone(), prepared, None)[0])
-
-
-@pytest.mark.gpu
-@needs_cuda_kernel
-@needs_wgmma
-def test_quantizing_kernel_refuses_what_it_cannot_run():
-    qw, prepared, x = quantizing_case(4, 256, 64, torch.float16)
-    op = torch.ops.quantkern.quantize_int_gemm
-    w, sw, counters = prepared["w"], prepared["w_scale"], prepared["counters"]
-    with pytest.raises(RuntimeError, match="at most 16 tokens"):
-        op(torch.randn(17, 256, device="cuda", dtype=torch.float16), w, sw, None, 1.0, counters)
-    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
-        op(x.float(), w, sw, None, 1.0, counters)
-    with pytest.raises(RuntimeError, match="per-channel"):
-        op(x, w, sw.expand(2, -1).contiguous(), None, 1.0, counters)
-    with pytest.raises(RuntimeError, match="counters must be 2 int32"):
-        op(x, w, sw, None, 1.0, counters.float())
-    with pytest.raises(RuntimeError, match="counters must be 2 int32"):
-        op(x, w, sw, None, 1.0, counters[:1])
-    with pytest.raises(RuntimeError, match="clip_ratio"):
-        op(x, w, sw, None, 0.0, counters)
-    with pytest.raises(RuntimeError, match="tiled"):
-        op(torch.randn(4, 512, device="cuda", dtype=torch.float16), w, sw, None, 1.0, counters)
-    with pytest.raises(RuntimeError, match="bias"):
-        op(x, w, sw, torch.zeros(64, device="cuda", dtype=torch.float16), 1.0, counters)
-    assert counters.tolist() == [0, 0]
-    # Rotated layers, other modes and grouped weights take the two kernels: no counter on their prepared weights.
-    for bits, act_bits, group in ((8, 8, -1), (4, 8, -1), (4, 4, 128)):
-        other = ops.prepare_int_weight(reference.quantize_weight(torch.randn(64, 256, device="cuda"), bits, group),
-                                       act_bits, torch.float16, backend="cuda").tensors
-        assert not quantizes_in_gemm(other, 4) and "counters" not in other
-    assert not quantizes_in_gemm(prepared, 17) and not quantizes_in_gemm(prepared, 0)
-
-
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
@@ -445,6 +350,8 @@ def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, confi
     prepared = ops.prepare_int_weight(qw, act_bits, dtype, backend="cuda")
     expected = reference.quantized_activation_linear(x, qw, act_bits, bias, 0.9)
     assert torch.equal(ops.quantized_activation_linear(x, prepared, act_bits, bias, 0.9), expected)  # automatic
+    from quantkern.layout_int import int_gemm_cuda
+
     q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=activations_packed(prepared.tensors, m))
     for config, split_k in configs:
         y = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k, config)
@@ -462,20 +369,15 @@ def assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, confi
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,k,n", [(1, 576, 200), (7, 4864, 896), (16, 4096, 576)])
 def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype, m, k, n, monkeypatch):
-    from quantkern import layout_int
-
-    calls = []  # what the layer ran: the quantizer (and whether it asked for packed codes), or the quantizing GEMM
-    quantize, quantizing_gemm = ops.quantize_per_token, layout_int.quantize_int_gemm_cuda
+    packed_args = []  # what the layer asked the quantizer for
+    quantize = ops.quantize_per_token
     monkeypatch.setattr(ops, "quantize_per_token",
-                        lambda *args, **kw: calls.append(("quantize", kw["packed"])) or quantize(*args, **kw))
-    monkeypatch.setattr(layout_int, "quantize_int_gemm_cuda",
-                        lambda *args, **kw: calls.append(("quantizing gemm",)) or quantizing_gemm(*args, **kw))
+                        lambda *args, **kw: packed_args.append(kw["packed"]) or quantize(*args, **kw))
     assert_hopper_linear_matches_reference(bits, act_bits, dtype, m, k, n, [(8, 1), (8, 2), (8, 8)])
-    # W4A4: the few-token kernel quantizes x itself; W8A8 / W4A8: the quantizer, then the GEMM. (The helper's own
-    # quantize_per_token call comes after: packed int4 codes for W4A4 at few tokens.)
-    assert calls[0] == (("quantizing gemm",) if act_bits == 4 else ("quantize", True))
-    assert calls[1] == ("quantize", True)
+    assert packed_args[0] is True  # W4A4: packed int4 codes at few tokens (8-bit codes: no packing either way)
     if (bits, act_bits) == (4, 4):  # int4 codes one per byte (the W4A8 instances) give the same bits
+        from quantkern.layout_int import int_gemm_cuda
+
         qw = reference.quantize_weight(torch.randn(n, k, device="cuda"), 4, -1, scale_dtype=dtype)
         prepared = ops.prepare_int_weight(qw, 4, dtype, backend="cuda").tensors
         x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
@@ -490,7 +392,7 @@ def test_small_m_linear_is_bit_identical_to_the_reference(bits, act_bits, dtype,
 @needs_cuda_kernel
 @needs_wgmma
 def test_small_m_kernel_under_cuda_graph():
-    # W4A4 at 16 tokens: the quantizing kernel, whose counter must be back to zero at every replay.
+    # Captured right after the quantization kernel it depends on (programmatic dependent launch).
     qw = reference.quantize_weight(torch.randn(4096, 4096, device="cuda"), 4, -1, scale_dtype=torch.bfloat16)
     prepared = ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda")
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
@@ -506,27 +408,24 @@ def test_small_m_kernel_under_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, expected)
-    assert prepared.tensors["counters"].tolist() == [0, 0]
 
 
 @pytest.mark.gpu
 @needs_cuda_kernel
 @needs_wgmma
 @pytest.mark.parametrize("m,k", [(1, 4096), (16, 576), (1, 14336)])  # (14336: the quantizer's cluster kernel)
-@pytest.mark.parametrize("bits", [4, 8])
-def test_chained_linears_under_cuda_graph(m, k, bits):
-    # Layer after layer in a captured graph, each layer reading the previous one's output (W4A4: the quantizing
-    # kernels one after another; W8A8: each GEMM launched as its quantizer's programmatic dependent); a new input
-    # at every replay.
+def test_chained_linears_under_cuda_graph(m, k):
+    # Layer after layer in a captured graph, each layer reading the previous one's output (each GEMM is launched as
+    # its quantizer's programmatic dependent); a new input at every replay.
     torch.manual_seed(0)
-    weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, bits, -1,
+    weights = [reference.quantize_weight(torch.randn(k, k, device="cuda") / k ** 0.5, 4, -1,
                                          scale_dtype=torch.bfloat16) for _ in range(3)]
-    prepared = [ops.prepare_int_weight(qw, bits, torch.bfloat16, backend="cuda") for qw in weights]
+    prepared = [ops.prepare_int_weight(qw, 4, torch.bfloat16, backend="cuda") for qw in weights]
 
     def chain(t, reference_path=False):
         for qw, p in zip(weights, prepared):
-            t = (reference.quantized_activation_linear(t, qw, bits, None) if reference_path
-                 else ops.quantized_activation_linear(t, p, bits, None))
+            t = (reference.quantized_activation_linear(t, qw, 4, None) if reference_path
+                 else ops.quantized_activation_linear(t, p, 4, None))
         return t
 
     static_x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -549,6 +448,8 @@ def test_chained_linears_under_cuda_graph(m, k, bits):
 def test_packed_int4_codes_with_w4a8_weights_only_at_few_tokens():
     """Only the few-token kernel takes packed int4 codes against the sm_90 (W4A8-layout) weights: past its M, or
     forced onto another kernel, the op refuses, and the layer quantizes one code per byte there."""
+    from quantkern.layout_int import int_gemm_cuda
+
     qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, -1, scale_dtype=torch.float16)
     prepared = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda")
     assert prepared.tensors["layout"] == "cuda-tiled-w4a8"
@@ -569,6 +470,8 @@ def test_packed_int4_codes_with_w4a8_weights_only_at_few_tokens():
 @pytest.mark.parametrize("config,m", [(6, 100), (7, 300), (8, 4)])
 def test_hopper_configs_refuse_what_they_cannot_run(config, m):
     """The wgmma (6, 7) and few-token (8) kernels take int8 activations and per-channel weights only."""
+    from quantkern.layout_int import int_gemm_cuda
+
     qw = reference.quantize_weight(torch.randn(64, 256, device="cuda"), 4, 128)
     grouped = ops.prepare_int_weight(qw, 4, torch.float16, backend="cuda").tensors
     q, sx = ops.quantize_per_token(torch.randn(m, 256, device="cuda", dtype=torch.float16), 4, packed=False)
@@ -598,6 +501,8 @@ def test_cuda_linear_matches_reference(bits, act_bits, group, dtype, m, k, n):
     assert y.dtype == dtype and y.shape == expected.shape
     assert relative_error(y, expected) < 1e-3
     # One split (or exact int32 split-K per-channel): the epilogue rounds exactly like the reference.
+    from quantkern.layout_int import int_gemm_cuda
+
     q, sx = ops.quantize_per_token(x, act_bits, 0.9, packed=activations_packed(prepared.tensors, m))
     exact = int_gemm_cuda(q, sx, prepared.tensors, bias.float(), dtype, split_k=1)
     assert torch.equal(exact, expected)
