@@ -1,10 +1,8 @@
 """Dense per-block rotation (PCA of head_dim blocks) + per-token int4 quantization: ours against peers in
 the same run.
 
-Ours: ``fused`` = ``ops.block_rotate_quantize`` as it runs by default: the CUDA kernel (csrc/block_rotation.cu, one
-pass) for a shared R where it applies, else the Triton kernel (the ``ours`` column says which); ``triton`` = the same op
-on the Triton kernel (triton_kernels/block_rotation.py: two launches, nothing rotated stored between them);
-``rotate`` = ``ops.block_rotate`` alone (Triton, fp16 out).
+Ours (Triton, triton_kernels/block_rotation.py): ``fused`` = ``ops.block_rotate_quantize`` (two launches,
+nothing rotated stored between them), ``rotate`` = ``ops.block_rotate`` alone (fp16 out).
 Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM (``x.view(-1, b) @ R.T`` for a shared R,
 one ``torch.bmm`` over the blocks for one R per block; R in x's dtype), then our ``quantize_per_token`` (the
 CUDA kernel where built); ``copy`` = a device copy of the same bytes as the fused op moves at least (x read,
@@ -38,7 +36,6 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU")
     if "block_rotate_quantize" not in backends.status("triton").kernels:
         raise SystemExit(f"the Triton kernels are missing: {backends.status('triton').reason}")
-    has_cuda = "block_rotate_quantize" in backends.status("cuda").kernels
     dtype = torch.float16
     warm_up_gpu()  # (an idle GPU's first rows come out erratic: benchmarks/common.py)
     results, table = [], []
@@ -65,12 +62,8 @@ def main() -> None:
                 if not torch.allclose(rotated.float(), expected.float(), rtol=2 ** -10, atol=2 ** -10):
                     raise SystemExit(f"block_rotate disagrees with the reference at M={m} K={k} b={b}")
                 q_ref, s_ref = reference.quantize_per_token(expected, 4)
-                ours = "cuda" if has_cuda and ops._cuda_block_rotation_fits(x, rotation) else "triton"
-                for name, fn, scale_tol in (
-                        ("block_rotate_quantize", lambda: ops.block_rotate_quantize(x, rotation, 4), 2 ** -10),
-                        ("block_rotate_quantize (triton)",
-                         lambda: ops.block_rotate_quantize(x, rotation, 4, backend="triton"), 2 ** -10),
-                        ("cublas+quant", peer, 2e-3)):
+                for name, fn, scale_tol in (("block_rotate_quantize", lambda: ops.block_rotate_quantize(x, rotation, 4),
+                                             2 ** -10), ("cublas+quant", peer, 2e-3)):
                     q, scales = fn()
                     diff = (reference.unpack_int4_signed(q).int() - reference.unpack_int4_signed(q_ref).int()).abs()
                     if not (diff.max().item() <= 1 and diff.float().mean().item() < 0.01
@@ -84,24 +77,22 @@ def main() -> None:
                 dst = torch.empty_like(src)
                 times = {
                     "fused": graph_us(lambda: ops.block_rotate_quantize(x, rotation, 4)),
-                    "triton": graph_us(lambda: ops.block_rotate_quantize(x, rotation, 4, backend="triton")),
                     "rotate": graph_us(lambda: ops.block_rotate(x, rotation)),
                     "cublas+quant": graph_us(peer),
                     "copy": graph_us(lambda: dst.copy_(src)),
                 }
                 share = times["copy"] / times["fused"]
                 results.append({"K": k, "block": b, "per_block_rotation": per_block, "M": m, "dtype": "float16",
-                                "ours": ours, "time_us": times, "bytes_moved": moved, "copy_share": share})
-                table.append([k, b, "per block" if per_block else "shared", m, ours, f"{times['fused']:.1f}",
-                              f"{times['triton']:.1f}", f"{times['rotate']:.1f}", f"{times['cublas+quant']:.1f}",
-                              f"{times['copy']:.1f}", f"{times['cublas+quant'] / times['fused']:.2f}x",
-                              f"{share:.2f}"])
+                                "time_us": times, "bytes_moved": moved, "copy_share": share})
+                table.append([k, b, "per block" if per_block else "shared", m, f"{times['fused']:.1f}",
+                              f"{times['rotate']:.1f}", f"{times['cublas+quant']:.1f}", f"{times['copy']:.1f}",
+                              f"{times['cublas+quant'] / times['fused']:.2f}x", f"{share:.2f}"])
                 print(table[-1], flush=True)
     if args.json:
-        write_json(args.json, results, {"timing": "do_bench_cudagraph median"})
+        write_json(args.json, results, {"timing": "do_bench_cudagraph median", "ours": "Triton"})
     print("\ndense per-block rotation + per-token int4 (fp16 rows); us, CUDA graphs")
-    print_table(table, ["K", "b", "rotation", "M", "ours", "fused", "triton", "rotate alone", "cublas+quant",
-                        "copy (same bytes)", "peer/fused", "copy share"])
+    print_table(table, ["K", "b", "rotation", "M", "fused", "rotate alone", "cublas+quant", "copy (same bytes)",
+                        "peer/fused", "copy share"])
 
 
 if __name__ == "__main__":
