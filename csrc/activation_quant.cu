@@ -334,9 +334,13 @@ void launch_cluster(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, 
                                     vecs_per_block));
 }
 
+// Threads on one row in the group kernels: a warp for rows of up to kWarpPerRowMaxK (8 rows a block), else the
+// whole block (one row).
+int64_t row_group_threads(int64_t K) { return K <= kWarpPerRowMaxK ? kWarpSize : kThreads; }
+
 template <typename T, int BITS, int SBITS, bool VEC, bool ONE_ROUND>
 void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, float clip, cudaStream_t stream) {
-  if (K <= kWarpPerRowMaxK) {
+  if (row_group_threads(K) == kWarpSize) {
     constexpr int kRowsPerBlock = kThreads / kWarpSize;
     const int64_t blocks = (M + kRowsPerBlock - 1) / kRowsPerBlock;
     quantize_per_token_kernel<T, BITS, SBITS, VEC, kWarpSize, ONE_ROUND>
@@ -351,8 +355,7 @@ void launch_group(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, fl
 // Whether one round of loads covers a row of K elements (kUnroll vectors a thread of its row group).
 template <typename T>
 bool fits_one_round(int64_t K) {
-  const int64_t group = K <= kWarpPerRowMaxK ? kWarpSize : kThreads;
-  return K / Vec16<T>::kElems <= kUnroll * group;
+  return K / Vec16<T>::kElems <= kUnroll * row_group_threads(K);
 }
 
 template <typename T, int BITS, int SBITS>

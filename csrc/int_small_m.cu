@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(WARPS * 32, blocks_per_sm(WBITS, ABITS, TOKEN_
 #pragma unroll
         for (int piece = 0; piece < L::kXPieces; ++piece) {
           const int k = kt * kTileK + L::x_first_k(t, piece);  // the piece's first k
-          const int byte = ABITS == 8 ? k : kt * (kTileK / 2) + L::x_offset(t, piece);
+          const int byte = kt * (kTileK * ABITS / 8) + L::x_offset(t, piece);  // (a token row's k-tile bytes)
           st.x[tt][piece] = load_act(x_row[tt] + byte, x_ok[tt] && k < p.K);
         }
     }
