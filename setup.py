@@ -26,7 +26,8 @@ EXT_NAME = "quantkern._C"
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0a"
 EXT_SOURCES = ["csrc/bindings.cpp", "csrc/activation_quant.cu", "csrc/w4a16_gemm.cu", "csrc/w4a16_small_m.cu", "csrc/w4a16_wgmma.cu", "csrc/int_gemm.cu", "csrc/int_wgmma.cu", "csrc/int_small_m.cu",
                "csrc/hadamard.cu", "csrc/permute.cu",
-               "csrc/hadamard_paley1.cu", "csrc/hadamard_paley2.cu", "csrc/hadamard_mma.cu"]  # paths relative to setup.py
+               "csrc/hadamard_paley1.cu", "csrc/hadamard_paley2.cu", "csrc/hadamard_mma.cu",
+               "csrc/block_rotation.cu"]  # paths relative to setup.py
 
 
 def log(msg: str) -> None:

@@ -1,8 +1,11 @@
 """Dense per-block rotation (PCA of head_dim blocks) + per-token int4 quantization: ours against peers in
 the same run.
 
-Ours (Triton, triton_kernels/block_rotation.py): ``fused`` = ``ops.block_rotate_quantize`` (two launches,
-nothing rotated stored between them), ``rotate`` = ``ops.block_rotate`` alone (fp16 out).
+Ours: ``fused`` = ``ops.block_rotate_quantize`` as it runs by default: the CUDA kernel (csrc/block_rotation.cu, one
+pass) for a shared R where it applies and rows of at most ``ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K``, else the
+Triton kernel (the ``ours`` column says which); ``triton`` = the same op on the Triton kernel
+(triton_kernels/block_rotation.py: two launches, nothing rotated stored between them); ``cuda`` = the same op on
+the CUDA kernel wherever it applies; ``rotate`` = ``ops.block_rotate`` alone (Triton, fp16 out).
 Peers, same inputs: ``cublas+quant`` = the rotation as one cuBLAS GEMM (``x.view(-1, b) @ R.T`` for a shared R,
 one ``torch.bmm`` over the blocks for one R per block; R in x's dtype), then our ``quantize_per_token`` (the
 CUDA kernel where built); ``copy`` = a device copy of the same bytes as the fused op moves at least (x read,
@@ -36,6 +39,7 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU")
     if "block_rotate_quantize" not in backends.status("triton").kernels:
         raise SystemExit(f"the Triton kernels are missing: {backends.status('triton').reason}")
+    has_cuda = "block_rotate_quantize" in backends.status("cuda").kernels
     dtype = torch.float16
     warm_up_gpu()  # (an idle GPU's first rows come out erratic: benchmarks/common.py)
     results, table = [], []
@@ -62,8 +66,14 @@ def main() -> None:
                 if not torch.allclose(rotated.float(), expected.float(), rtol=2 ** -10, atol=2 ** -10):
                     raise SystemExit(f"block_rotate disagrees with the reference at M={m} K={k} b={b}")
                 q_ref, s_ref = reference.quantize_per_token(expected, 4)
-                for name, fn, scale_tol in (("block_rotate_quantize", lambda: ops.block_rotate_quantize(x, rotation, 4),
-                                             2 ** -10), ("cublas+quant", peer, 2e-3)):
+                cuda_fits = has_cuda and ops._cuda_block_rotation_fits(x, rotation)
+                ours = "cuda" if cuda_fits and k <= ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K else "triton"
+                candidates = {"fused": lambda: ops.block_rotate_quantize(x, rotation, 4),
+                              "triton": lambda: ops.block_rotate_quantize(x, rotation, 4, backend="triton")}
+                if cuda_fits:  # the CUDA kernel where it runs, also past the automatic choice's widths
+                    candidates["cuda"] = lambda: ops.block_rotate_quantize(x, rotation, 4, backend="cuda")
+                for name, fn, scale_tol in (*((name, fn, 2 ** -10) for name, fn in candidates.items()),
+                                            ("cublas+quant", peer, 2e-3)):
                     q, scales = fn()
                     diff = (reference.unpack_int4_signed(q).int() - reference.unpack_int4_signed(q_ref).int()).abs()
                     if not (diff.max().item() <= 1 and diff.float().mean().item() < 0.01
@@ -75,24 +85,26 @@ def main() -> None:
                 moved = m * k * 2 + m * k // 2 + m * 4  # x read; int4 codes and fp32 scales written
                 src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
                 dst = torch.empty_like(src)
-                times = {
-                    "fused": graph_us(lambda: ops.block_rotate_quantize(x, rotation, 4)),
+                times = {name: graph_us(fn) for name, fn in candidates.items()}
+                times.update({
                     "rotate": graph_us(lambda: ops.block_rotate(x, rotation)),
                     "cublas+quant": graph_us(peer),
                     "copy": graph_us(lambda: dst.copy_(src)),
-                }
+                })
                 share = times["copy"] / times["fused"]
                 results.append({"K": k, "block": b, "per_block_rotation": per_block, "M": m, "dtype": "float16",
-                                "time_us": times, "bytes_moved": moved, "copy_share": share})
-                table.append([k, b, "per block" if per_block else "shared", m, f"{times['fused']:.1f}",
-                              f"{times['rotate']:.1f}", f"{times['cublas+quant']:.1f}", f"{times['copy']:.1f}",
-                              f"{times['cublas+quant'] / times['fused']:.2f}x", f"{share:.2f}"])
+                                "ours": ours, "time_us": times, "bytes_moved": moved, "copy_share": share})
+                table.append([k, b, "per block" if per_block else "shared", m, ours, f"{times['fused']:.1f}",
+                              f"{times['triton']:.1f}", f"{times['cuda']:.1f}" if cuda_fits else "-",
+                              f"{times['rotate']:.1f}", f"{times['cublas+quant']:.1f}",
+                              f"{times['copy']:.1f}", f"{times['cublas+quant'] / times['fused']:.2f}x",
+                              f"{share:.2f}"])
                 print(table[-1], flush=True)
     if args.json:
-        write_json(args.json, results, {"timing": "do_bench_cudagraph median", "ours": "Triton"})
+        write_json(args.json, results, {"timing": "do_bench_cudagraph median"})
     print("\ndense per-block rotation + per-token int4 (fp16 rows); us, CUDA graphs")
-    print_table(table, ["K", "b", "rotation", "M", "fused", "rotate alone", "cublas+quant", "copy (same bytes)",
-                        "peer/fused", "copy share"])
+    print_table(table, ["K", "b", "rotation", "M", "ours", "fused", "triton", "cuda", "rotate alone", "cublas+quant",
+                        "copy (same bytes)", "peer/fused", "copy share"])
 
 
 if __name__ == "__main__":

@@ -66,10 +66,17 @@ TORCH_LIBRARY(quantkern, m) {
   // packed = false with bits = 4: int4 codes one per byte (int8 [M, K]), as quantize_per_token(packed=False).
   m.def("hadamard_quantize(Tensor x, int bits, float clip_ratio, int block_size=0, bool packed=True) "
         "-> (Tensor, Tensor)");
+  // Fused dense per-block rotation + quantize_per_token (csrc/block_rotation.cu): x [M, K] fp16/bf16, rotation fp32
+  // [b, b] (b = 64 or 128, the same for every block) -> (q, scale) as quantize_per_token of each block's x @ R^T
+  // rounded to x's dtype. block_rotation_fits (below) says where it runs.
+  m.def("block_rotate_quantize(Tensor x, Tensor rotation, int bits, float clip_ratio) -> (Tensor, Tensor)");
 }
 
 namespace quantkern {
 std::vector<int64_t> hadamard_quantize_tensor_core_sizes();  // csrc/hadamard_mma.cu
+namespace block_rotation {
+bool block_rotation_fits(int64_t K, int64_t b, int device);  // csrc/block_rotation.cu
+}  // namespace block_rotation
 namespace w4a16 {
 // csrc/w4a16_small_m.cu
 std::vector<int64_t> small_m_plan(int64_t M, int64_t N, int64_t K, int64_t group_len, bool asym, int sm_count,
@@ -126,6 +133,11 @@ PYBIND11_MODULE(_C, m) {
       "'kernels': names of the quantkern ops with a CUDA kernel, 'hadamard_quantize_tensor_core_sizes': the row "
       "lengths whose fp16/bf16 hadamard_quantize runs on tensor cores (sm_80+), 'int_small_m_max_tokens': the "
       "most tokens for which int_gemm takes the sm_90 few-token kernel (packed int4 activations need it)}.");
+  m.def("block_rotation_fits", &quantkern::block_rotation::block_rotation_fits, pybind11::arg("features"),
+        pybind11::arg("block_size"), pybind11::arg("device"),
+        "Whether quantkern::block_rotate_quantize takes rows of `features` entries rotated in blocks of `block_size` "
+        "(one [b, b] matrix) on CUDA device `device`: b = 64 or 128, and R and a tile of 4 rows fit its shared "
+        "memory. Elsewhere ops.block_rotate_quantize takes the Triton kernel.");
   m.def(
       "w4a16_small_m_plan",
       [](int64_t M, int64_t N, int64_t K, int64_t group_size, bool symmetric, int sm_count, int smem_per_block) {

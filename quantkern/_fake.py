@@ -43,6 +43,10 @@ def hadamard_quantize_fake(x: torch.Tensor, bits: int, clip_ratio: float, block_
     return quantize_per_token_fake(x, bits, clip_ratio, packed)
 
 
+def block_rotate_quantize_fake(x: torch.Tensor, rotation: torch.Tensor, bits: int, clip_ratio: float):
+    return quantize_per_token_fake(x, bits, clip_ratio)
+
+
 def permute_columns_fake(x: torch.Tensor, permutation: torch.Tensor):
     return torch.empty_like(x)
 
@@ -57,9 +61,10 @@ FAKES = {
     "permute_columns": permute_columns_fake,
     "hadamard": hadamard_fake,
     "hadamard_quantize": hadamard_quantize_fake,
+    "block_rotate_quantize": block_rotate_quantize_fake,
 }
-# Absent from extensions built before csrc/hadamard.cu and csrc/permute.cu.
-_OPTIONAL = ("hadamard", "hadamard_quantize", "permute_columns")
+# Absent from extensions built before csrc/hadamard.cu, csrc/permute.cu and csrc/block_rotation.cu.
+_OPTIONAL = ("hadamard", "hadamard_quantize", "permute_columns", "block_rotate_quantize")
 
 
 _registered = False

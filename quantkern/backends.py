@@ -47,6 +47,7 @@ EXTENSION_OPS = {
     "w4a4_linear": "int_gemm",
     "w4a8_linear": "int_gemm",
     "permute_columns": "permute_columns",
+    "block_rotate_quantize": "block_rotate_quantize",
 }
 
 

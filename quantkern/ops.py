@@ -8,13 +8,14 @@ triton, on CUDA tensors; reference on CPU tensors). A CUDA tensor with no fast k
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
 from . import reference
-from .backends import MissingKernelError, select  # noqa: F401  (MissingKernelError is public here)
+from .backends import ENV_BACKEND, MissingKernelError, select  # noqa: F401  (MissingKernelError is public here)
 from .format import QuantizedWeight, check_bits
 
 __all__ = [
@@ -416,20 +417,57 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor, backend: Optional[str]
     return _triton_op("block_rotate")(rows, rotation.float().contiguous()).reshape(x.shape)
 
 
+# The widest rows for which the automatic choice takes csrc/block_rotation.cu: on the H100 it was faster than the
+# Triton kernel at 576 and 4096 at every row count, and slower at 8192 from 16 rows on (docs/PERF.md, session 34).
+CUDA_BLOCK_ROTATION_AUTO_MAX_K = 4096
+
+
 def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
                           backend: Optional[str] = None):
     """Fused dense per-block rotation + per-token quantization:
     ``quantize_per_token(block_rotate(x, rotation), bits, clip_ratio)``, the rotated values rounded to x's
     dtype before quantizing (as the two calls do). Returns ``(q, scales)`` in quantize_per_token's layout.
-    GPU kernel: triton_kernels/block_rotation.py (two launches; no CUDA kernel yet)."""
-    rows, lead, clip_ratio = _activation_rows("block_rotate_quantize", x, bits, clip_ratio)
-    reference.check_block_rotation(x, rotation, "block_rotate_quantize")
-    chosen = select("block_rotate_quantize", x.device, backend)
+    GPU kernels: csrc/block_rotation.cu (one pass over memory) for fp16/bf16 rows with one [b, b] rotation for
+    every block, b = 64 or 128, where a tile of 4 rows fits the GPU's shared memory (``_C.block_rotation_fits``:
+    rows of up to about 28,000 entries on an H100, 12,000 on an RTX 4090); otherwise
+    triton_kernels/block_rotation.py (two launches), also when the automatic choice is the cuda backend. The
+    automatic choice takes the CUDA kernel for rows of at most ``CUDA_BLOCK_ROTATION_AUTO_MAX_K`` entries only.
+    Asking for ``backend="cuda"`` where its kernel does not apply raises ``MissingKernelError``."""
+    op = "block_rotate_quantize"
+    rows, lead, clip_ratio = _activation_rows(op, x, bits, clip_ratio)
+    reference.check_block_rotation(x, rotation, op)
+    chosen = select(op, x.device, backend)
+    rotation32 = rotation.float().contiguous()
+    asked_for_cuda = (backend or os.environ.get(ENV_BACKEND)) == "cuda"
+    if chosen == "cuda" and not _cuda_block_rotation_fits(rows, rotation32):
+        if asked_for_cuda:
+            raise MissingKernelError(
+                f"{op}: the CUDA kernel takes fp16/bf16 rows and one [b, b] rotation with b = 64 or 128 that fits "
+                f"the GPU's shared memory; got {rows.dtype} rows of {rows.shape[-1]} and a rotation of shape "
+                f"{tuple(rotation.shape)}: use backend='triton'")
+        chosen = select(op, x.device, "triton")
+    elif chosen == "cuda" and not asked_for_cuda and rows.shape[-1] > CUDA_BLOCK_ROTATION_AUTO_MAX_K:
+        chosen = select(op, x.device, "triton")
     if chosen == "reference":
         q, scales = reference.quantize_per_token(reference.block_rotate(rows, rotation), bits, clip_ratio)
+    elif chosen == "cuda":
+        q, scales = _cuda_op(op)(rows, rotation32, bits, clip_ratio)
     else:
-        q, scales = _triton_op("block_rotate_quantize")(rows, rotation.float().contiguous(), bits, clip_ratio)
+        q, scales = _triton_op(op)(rows, rotation32, bits, clip_ratio)
     return q.reshape(*lead, q.shape[-1]), scales.reshape(lead)
+
+
+def _cuda_block_rotation_fits(rows: torch.Tensor, rotation: torch.Tensor) -> bool:
+    """Whether csrc/block_rotation.cu takes these rows and this fp32 rotation."""
+    return (rows.dtype in (torch.float16, torch.bfloat16) and rotation.dim() == 2
+            and _block_rotation_fits_device(rows.shape[-1], rotation.shape[-1], rows.device.index))
+
+
+@torch.compiler.assume_constant_result  # a pybind11 call: torch.compile takes its answer as a constant
+def _block_rotation_fits_device(features: int, block: int, device_index: int) -> bool:
+    from . import _C
+
+    return bool(_C.block_rotation_fits(features, block, device_index))
 
 
 def quantize_kv(x: torch.Tensor, bits: int, backend: Optional[str] = None):

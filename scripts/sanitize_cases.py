@@ -213,6 +213,26 @@ def permute_cases():
                              f"permute_columns then w4a16_gemm in a CUDA graph {k} {m}")
 
 
+def block_rotation_cases():
+    # csrc/block_rotation.cu: tiles of 4 and 8 rows (the last partial), b = 64 (576: a last step of one block) and 128,
+    # int4 and int8, fp16 and bf16, clusters (few rows on the H100) and none, a misaligned input (copied first); then
+    # in a CUDA graph.
+    for rows, k, b, dtype in ((1, 576, 64, torch.float16), (6, 896, 64, torch.bfloat16), (17, 4096, 128, torch.float16),
+                              (9, 8192, 128, torch.bfloat16), (35, 2048, 64, torch.float16)):
+        x = torch.randn(rows, k, device="cuda").to(dtype)
+        rotation = torch.linalg.qr(torch.randn(b, b, device="cuda"))[0].contiguous()
+        for bits in (4, 8):
+            q, s = torch.ops.quantkern.block_rotate_quantize(x, rotation, bits, 0.9)
+            q_ref, s_ref = reference.quantize_per_token(reference.block_rotate(x, rotation), bits, 0.9)
+            assert torch.allclose(s, s_ref, rtol=2 ** -7, atol=0), (rows, k, b, dtype, bits)
+        print("block_rotate_quantize", rows, k, b, dtype, flush=True)
+    base = torch.randn(1 + 3 * 1024, device="cuda", dtype=torch.float16)
+    torch.ops.quantkern.block_rotate_quantize(base[1:].view(3, 1024), torch.eye(128, device="cuda"), 4, 1.0)
+    rotation = torch.linalg.qr(torch.randn(128, 128, device="cuda"))[0].contiguous()
+    check_chain_in_graph(lambda t: torch.ops.quantkern.block_rotate_quantize(t, rotation, 4, 1.0)[1].unsqueeze(1) * t,
+                         torch.randn(12, 4096, device="cuda", dtype=torch.float16), "block_rotate_quantize in a graph")
+
+
 if __name__ == "__main__":
     if not backends.status("cuda").available or not torch.cuda.is_available():
         sys.exit(f"needs the CUDA extension and a GPU: {backends.status('cuda').reason}")
@@ -221,6 +241,8 @@ if __name__ == "__main__":
         groups["hadamard"] = hadamard_cases
     if "permute_columns" in backends.status("cuda").kernels:
         groups["permute"] = permute_cases
+    if "block_rotate_quantize" in backends.status("cuda").kernels:
+        groups["block_rotation"] = block_rotation_cases
     chosen = sys.argv[1:] or list(groups)  # e.g. `sanitize_cases.py int_gemm`: that group only
     unknown = [name for name in chosen if name not in groups]
     if unknown:

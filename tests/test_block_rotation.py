@@ -124,6 +124,23 @@ def test_triton_block_rotate_matches_the_reference(rows, k, b, dtype, shared):
     assert torch.allclose(y.float(), expected.float(), rtol=tol, atol=tol)
 
 
+def assert_fused_result_matches_the_reference(q, scales, x, rotation, bits, clip):
+    """The bounds every fused kernel meets: its own split of R and fp32 summation order, against the reference."""
+    q_ref, s_ref = reference.quantize_per_token(reference.block_rotate(x, rotation), bits, clip)
+    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and scales.shape == s_ref.shape
+    # The scale comes from the absmax of the rotated values rounded to x's dtype: that rounding can move by
+    # one unit of x's dtype where the fp32 sums differ in their last bits.
+    assert torch.allclose(scales, s_ref, rtol=tolerance(x.dtype, rotation.shape[-1]), atol=0)
+    diff = (codes_of(q, bits) - codes_of(q_ref, bits)).abs()
+    if diff.numel():
+        assert diff.max().item() <= 1  # one step at a rounding boundary, no more
+        # int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits): more of
+        # them sit at a boundary (measured up to 1.3% of codes over 400 draws at 17 x 576, b = 64).
+        assert diff.float().mean().item() < (0.03 if bits == 8 and x.dtype == torch.bfloat16 else 0.01)
+    if x.shape[0] > 2:  # the callers zero row 1: an all-zero row takes the scale-1 path
+        assert torch.equal(scales[1], torch.ones((), device=x.device)) and not codes_of(q[1], bits).any()
+
+
 @triton_ok
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("shared", [True, False])
@@ -138,19 +155,7 @@ def test_triton_fused_rotation_and_quantization_match_the_reference(rows, k, b, 
     rotation = orthogonal(b, None if shared else k // b, seed=1).to(DEVICE)
     clip = 0.9 if shared else 1.0
     q, scales = ops.block_rotate_quantize(x, rotation, bits, clip, backend="triton")
-    q_ref, s_ref = reference.quantize_per_token(reference.block_rotate(x, rotation), bits, clip)
-    assert q.dtype == q_ref.dtype and q.shape == q_ref.shape and scales.shape == s_ref.shape
-    # The scale comes from the absmax of the rotated values rounded to x's dtype: that rounding can move by
-    # one unit of x's dtype where the fp32 sums differ in their last bits.
-    assert torch.allclose(scales, s_ref, rtol=tolerance(dtype, b), atol=0)
-    diff = (codes_of(q, bits) - codes_of(q_ref, bits)).abs()
-    if diff.numel():
-        assert diff.max().item() <= 1  # one step at a rounding boundary, no more
-        # int8 codes of bf16 rows are finer than bf16 itself (127 steps against 8 significant bits): more of
-        # them sit at a boundary (measured up to 1.3% of codes over 400 draws at 17 x 576, b = 64).
-        assert diff.float().mean().item() < (0.03 if bits == 8 and dtype == torch.bfloat16 else 0.01)
-    if rows > 2:
-        assert torch.equal(scales[1], torch.ones((), device=DEVICE)) and not codes_of(q[1], bits).any()
+    assert_fused_result_matches_the_reference(q, scales, x, rotation, bits, clip)
 
 
 @triton_ok
@@ -187,3 +192,207 @@ def test_gpu_compile_and_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(eager, captured))
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA kernel (csrc/block_rotation.cu): fp16/bf16 rows, one [b, b] rotation for every block, b = 64 or 128
+# ----------------------------------------------------------------------------------------------
+
+cuda_status = backends.status("cuda")
+needs_cuda_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() and "block_rotate_quantize" in cuda_status.kernels),
+    reason=f"no CUDA block_rotate_quantize kernel here: {cuda_status.reason}")
+
+# (rows, K, b): tiles of 4 and 8 rows (the last one partial, or past M), SmolLM2 (576 = 9 x 64: a last step of one
+# block), Qwen2.5-0.5B (896), Llama-3-8B and -70B (4096, 8192), one step and many, clusters of 1-8 CTAs on the
+# H100 (few rows) and none (many), no rows.
+CUDA_SHAPES = [(1, 576, 64), (5, 576, 64), (3, 192, 64), (17, 896, 64), (3, 4096, 128), (16, 4096, 128),
+               (33, 4096, 128), (2, 8192, 128), (20, 8192, 128), (9, 128, 128), (300, 2048, 64), (1100, 1024, 128),
+               (0, 256, 64)]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,b", CUDA_SHAPES)
+def test_cuda_fused_rotation_and_quantization_match_the_reference(rows, k, b, dtype, bits):
+    generator = torch.Generator().manual_seed(rows * 100003 + k * 101 + b)
+    x = (torch.randn(rows, k, generator=generator) * 3).to("cuda", dtype)
+    if rows > 2:
+        x[1] = 0  # an all-zero row takes the scale-1 path
+    rotation = orthogonal(b, seed=1).cuda()
+    clip = 0.9 if bits == 4 else 1.0
+    q, scales = ops.block_rotate_quantize(x, rotation, bits, clip, backend="cuda")
+    assert_fused_result_matches_the_reference(q, scales, x, rotation, bits, clip)
+    again = ops.block_rotate_quantize(x, rotation, bits, clip, backend="cuda")
+    assert torch.equal(again[0], q) and torch.equal(again[1], scales)  # the same bits every run
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_rows_of_exact_values_give_the_reference_bits(dtype):
+    # +-1/8 and 0 entries in R and small integers in x: every product and sum is exact in any order, so the
+    # kernel's codes and scales must equal the reference's bit for bit (no rounding-boundary slack).
+    g = torch.Generator().manual_seed(3)
+    rotation = ((torch.randint(0, 3, (128, 128), generator=g).float() - 1) / 8).cuda()
+    x = torch.randint(-8, 9, (37, 4096), generator=g).float().to("cuda", dtype)
+    for bits in (4, 8):
+        got = ops.block_rotate_quantize(x, rotation, bits, 0.9, backend="cuda")
+        want = reference.quantize_per_token(reference.block_rotate(x, rotation), bits, 0.9)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_nan_and_inf_rows(dtype):
+    from tests.test_triton_kernels import rows_with_special_values
+
+    rotation = orthogonal(64, seed=2).cuda()
+    x = rows_with_special_values(128, dtype).cuda()
+    x[2] = 0
+    q, scales = ops.block_rotate_quantize(x, rotation, 4, 0.9, backend="cuda")
+    # NaN rows: NaN scale; +-inf rows: inf * R_lo = NaN (documented, as the Triton kernel), so NaN or inf; the
+    # codes of every such row are 0, as the reference's.
+    assert scales[[0, 4]].isnan().all() and not scales[[1, 3]].isfinite().any()
+    assert torch.equal(scales[2], torch.ones((), device="cuda")) and not q.any()
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_kernel_takes_misaligned_inputs_and_keeps_the_leading_shape():
+    base = torch.randn(1 + 6 * 256, device="cuda", dtype=torch.float16)
+    x = base[1:].view(2, 3, 256)  # a storage offset of one element: copied to aligned rows first
+    rotation = orthogonal(64).cuda()
+    q, scales = ops.block_rotate_quantize(x, rotation, 4, backend="cuda")
+    q2, s2 = ops.block_rotate_quantize(x.clone().reshape(6, 256), rotation, 4, backend="cuda")
+    r_base = torch.zeros(1 + 64 * 64, device="cuda")
+    r_base[1:] = rotation.flatten()
+    q3, s3 = torch.ops.quantkern.block_rotate_quantize(x.reshape(6, 256), r_base[1:].view(64, 64), 4, 1.0)
+    assert q.shape == (2, 3, 128) and scales.shape == (2, 3)
+    assert torch.equal(q.reshape(6, 128), q2) and torch.equal(scales.reshape(6), s2)
+    assert torch.equal(q3, q2) and torch.equal(s3, s2)  # a misaligned rotation too
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_automatic_choice_takes_triton_where_the_cuda_kernel_does_not_apply_or_is_slower():
+    x = torch.randn(5, 576, device="cuda", dtype=torch.float16)
+    # One rotation per block, b = 96, fp32 rows.
+    for rotation, rows in ((orthogonal(64, 9).cuda(), x), (orthogonal(96).cuda(), x),
+                           (orthogonal(64).cuda(), x.float())):
+        auto = ops.block_rotate_quantize(rows, rotation, 4)
+        triton = ops.block_rotate_quantize(rows, rotation, 4, backend="triton")
+        assert torch.equal(auto[0], triton[0]) and torch.equal(auto[1], triton[1])
+        with pytest.raises(backends.MissingKernelError, match="use backend='triton'"):
+            ops.block_rotate_quantize(rows, rotation, 4, backend="cuda")
+    shared = orthogonal(64).cuda().contiguous()  # and the CUDA kernel where it applies (QR gives columns)
+    auto = ops.block_rotate_quantize(x, shared, 4)
+    cuda = torch.ops.quantkern.block_rotate_quantize(x, shared, 4, 1.0)
+    assert torch.equal(auto[0], cuda[0]) and torch.equal(auto[1], cuda[1])
+    # Rows wider than CUDA_BLOCK_ROTATION_AUTO_MAX_K take Triton unless the cuda backend is asked for.
+    wide = torch.randn(3, 2 * ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K, device="cuda", dtype=torch.float16)
+    shared = orthogonal(128).cuda().contiguous()
+    auto = ops.block_rotate_quantize(wide, shared, 4)
+    triton = ops.block_rotate_quantize(wide, shared, 4, backend="triton")
+    assert torch.equal(auto[0], triton[0]) and torch.equal(auto[1], triton[1])
+    asked = ops.block_rotate_quantize(wide, shared, 4, backend="cuda")
+    cuda = torch.ops.quantkern.block_rotate_quantize(wide, shared, 4, 1.0)
+    assert torch.equal(asked[0], cuda[0]) and torch.equal(asked[1], cuda[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+@pytest.mark.parametrize("call,message", [
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x.float(), r, 4, 1.0), "float16 or bfloat16"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x, r.double(), 4, 1.0), "float32"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x, torch.eye(96, device="cuda"), 4, 1.0), "64 or 128"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x, r.expand(4, 64, 64).contiguous(), 4, 1.0),
+     r"one \[b, b\] matrix"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x, r.cpu(), 4, 1.0), "rotation"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x[:, :192], r, 4, 1.0), "contiguous"),
+    (lambda x, r: torch.ops.quantkern.block_rotate_quantize(x, r, 3, 1.0), "bits"),
+])
+def test_cuda_kernel_refuses_bad_inputs_clearly(call, message):
+    x, rotation = torch.randn(2, 256, device="cuda", dtype=torch.float16), orthogonal(64).cuda().contiguous()
+    with pytest.raises(RuntimeError, match=message):
+        call(x, rotation)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
+def test_cuda_kernel_under_compile_and_cuda_graph_capture():
+    x = torch.randn(40, 4096, device="cuda", dtype=torch.bfloat16)
+    rotation = orthogonal(128).cuda().contiguous()
+    eager = ops.block_rotate_quantize(x, rotation, 4)
+    assert torch.equal(eager[0], torch.ops.quantkern.block_rotate_quantize(x, rotation, 4, 1.0)[0])  # CUDA ran
+    compiled = torch.compile(lambda t: ops.block_rotate_quantize(t, rotation, 4), fullgraph=True)(x)
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ops.block_rotate_quantize(x, rotation, 4)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(eager, captured))
+
+
+# ----------------------------------------------------------------------------------------------
+# csrc/block_rotation.cu's bookkeeping on the CPU: which lane holds which k, the R swizzle, the outputs' places
+# ----------------------------------------------------------------------------------------------
+
+def emulate_block_rotation_kernel(x, rotation, tokens):
+    """The kernel's rotation step for one tile, register by register, with mma.m16n8k16's fragment semantics
+    (PTX ISA: lane 4g + t holds A rows g, g + 8 at columns 2t, 2t + 1, 2t + 8, 2t + 9; B column g at rows 2t, 2t + 1,
+    2t + 8, 2t + 9; D rows g, g + 8 at columns 2t, 2t + 1). x [tokens, K], rotation [b, b] in fp64; returns the
+    tile as the kernel writes it back (fp64 sums, no rounding: this checks places, not precision)."""
+    k = x.shape[1]
+    b = rotation.shape[0]
+    tile = x.clone()
+    for j in range(k // b):
+        block_x = x[:, j * b:(j + 1) * b]
+        results = {}  # (out0, lane) -> the lane's 4 sums
+        for out0 in range(0, b, 16):  # one warp per 16 outputs, R's rows out0 .. out0 + 15 held as A operands
+            acc = torch.zeros(32, 4, dtype=torch.float64)
+            for c in range(b // 32):
+                for step in range(2):  # k 32c + 8t + 4 step + 0..3
+                    a = torch.zeros(16, 16, dtype=torch.float64)
+                    bmat = torch.zeros(16, 8, dtype=torch.float64)
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        ks = 32 * c + 8 * t + 4 * step
+                        r_g, r_g8 = rotation[out0 + g, ks:ks + 4], rotation[out0 + g + 8, ks:ks + 4]
+                        # a0 = r_g[0:2], a1 = r_g8[0:2], a2 = r_g[2:4], a3 = r_g8[2:4]
+                        a[g, 2 * t:2 * t + 2], a[g + 8, 2 * t:2 * t + 2] = r_g[0:2], r_g8[0:2]
+                        a[g, 2 * t + 8:2 * t + 10], a[g + 8, 2 * t + 8:2 * t + 10] = r_g[2:4], r_g8[2:4]
+                        # b0, b1: token g's 16-byte load, words of this step (zeros past the tile's rows)
+                        xs = block_x[g, ks:ks + 4] if g < tokens else torch.zeros(4, dtype=torch.float64)
+                        bmat[2 * t:2 * t + 2, g], bmat[2 * t + 8:2 * t + 10, g] = xs[0:2], xs[2:4]
+                    d = a @ bmat
+                    for lane in range(32):
+                        g, t = lane // 4, lane % 4
+                        acc[lane] += torch.stack([d[g, 2 * t], d[g, 2 * t + 1], d[g + 8, 2 * t], d[g + 8, 2 * t + 1]])
+            for lane in range(32):
+                results[out0, lane] = acc[lane]
+        for (out0, lane), y in results.items():  # the exchange with lane g ^ 1, then the pair stores
+            g, t = lane // 4, lane % 4
+            other = results[out0, lane ^ 4]
+            token = 2 * t + (g & 1)
+            pair, pair8 = ((other[1], y[1]), (other[3], y[3])) if g & 1 else ((y[0], other[0]), (y[2], other[2]))
+            column = j * b + out0 + (g & ~1)
+            if token < tokens:
+                tile[token, column:column + 2] = torch.stack(pair)
+                tile[token, column + 8:column + 10] = torch.stack(pair8)
+    return tile
+
+
+@pytest.mark.parametrize("tokens,b", [(8, 64), (8, 128), (4, 64)])
+def test_kernel_bookkeeping_gives_each_block_times_r_transposed(tokens, b):
+    g = torch.Generator().manual_seed(tokens + b)
+    k = 2 * b
+    x = torch.randn(tokens, k, generator=g, dtype=torch.float64)
+    rotation = torch.randn(b, b, generator=g, dtype=torch.float64)
+    got = emulate_block_rotation_kernel(x, rotation, tokens)
+    expected = reference.block_rotate(x, rotation)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -12,6 +12,8 @@ earlier case left; and the programmatic dependent launch of the small-M kernels,
 CUDA graph, after one of our kernels (tests/test_int_gemm.py and tests/test_w4a16_cuda.py chain them in graphs).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -55,6 +57,12 @@ def random(*shape, dtype=torch.float16, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def rotation128():
+    """An orthogonal [128, 128] rotation on the GPU, made once (outside the timed stream)."""
+    return torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(0)))[0].to("cuda")
+
+
 ACTIVATION_OPS = {  # name: (op, how it is called); the Hadamard ops at 4096, 576 (36 x 16) and in blocks
     "quantize_per_token": ("quantize_per_token", lambda x, b: ops.quantize_per_token(x, 4, backend=b)),
     "hadamard": ("hadamard", lambda x, b: ops.hadamard(x, backend=b)),
@@ -63,6 +71,8 @@ ACTIVATION_OPS = {  # name: (op, how it is called); the Hadamard ops at 4096, 57
     "hadamard_quantize_576": ("hadamard_quantize", lambda x, b: ops.hadamard_quantize(x[:, :576], 8, backend=b)),
     "hadamard_quantize_blocks": ("hadamard_quantize",
                                  lambda x, b: ops.hadamard_quantize(x, 4, backend=b, block_size=128)),
+    "block_rotate_quantize": ("block_rotate_quantize",
+                              lambda x, b: ops.block_rotate_quantize(x, rotation128(), 4, backend=b)),
 }
 
 
