@@ -136,7 +136,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("block_rotation_fits", &quantkern::block_rotation::block_rotation_fits, pybind11::arg("features"),
         pybind11::arg("block_size"), pybind11::arg("device"),
         "Whether quantkern::block_rotate_quantize takes rows of `features` entries rotated in blocks of `block_size` "
-        "(one [b, b] matrix) on CUDA device `device`: b = 64 or 128, and R and a tile of 4 rows fit its shared "
+        "(one [b, b] matrix) on CUDA device `device`: b = 64 or 128, and a tile of 4 rows fits its shared "
         "memory. Elsewhere ops.block_rotate_quantize takes the Triton kernel.");
   m.def(
       "w4a16_small_m_plan",
