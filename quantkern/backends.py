@@ -218,13 +218,18 @@ def _can_run(name: str, op: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def requested_backend(backend: Optional[str] = None) -> str:
+    """The backend asked for: ``backend`` (argument), else ``QUANTKERN_BACKEND`` (environment), else "auto"."""
+    return check_backend_name(backend or os.environ.get(ENV_BACKEND) or "auto")
+
+
 def select(op: str, device: torch.device, backend: Optional[str] = None) -> str:
     """The backend that runs ``op`` for tensors on ``device``.
 
     ``backend`` (argument) overrides ``QUANTKERN_BACKEND`` (environment), which overrides the
     automatic choice: cuda, then triton, for CUDA tensors; reference for CPU tensors.
     """
-    requested = check_backend_name(backend or os.environ.get(ENV_BACKEND) or "auto")
+    requested = requested_backend(backend)
     if requested != "auto":
         reason = _can_run(requested, op, device)
         if reason:

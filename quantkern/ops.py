@@ -8,14 +8,13 @@ triton, on CUDA tensors; reference on CPU tensors). A CUDA tensor with no fast k
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
 from . import reference
-from .backends import ENV_BACKEND, MissingKernelError, select  # noqa: F401  (MissingKernelError is public here)
+from .backends import MissingKernelError, requested_backend, select  # noqa: F401  (MissingKernelError is public here)
 from .format import QuantizedWeight, check_bits
 
 __all__ = [
@@ -438,16 +437,16 @@ def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4
     reference.check_block_rotation(x, rotation, op)
     chosen = select(op, x.device, backend)
     rotation32 = rotation.float().contiguous()
-    asked_for_cuda = (backend or os.environ.get(ENV_BACKEND)) == "cuda"
-    if chosen == "cuda" and not _cuda_block_rotation_fits(rows, rotation32):
-        if asked_for_cuda:
-            raise MissingKernelError(
-                f"{op}: the CUDA kernel takes fp16/bf16 rows and one [b, b] rotation with b = 64 or 128 that fits "
-                f"the GPU's shared memory; got {rows.dtype} rows of {rows.shape[-1]} and a rotation of shape "
-                f"{tuple(rotation.shape)}: use backend='triton'")
-        chosen = select(op, x.device, "triton")
-    elif chosen == "cuda" and not asked_for_cuda and rows.shape[-1] > CUDA_BLOCK_ROTATION_AUTO_MAX_K:
-        chosen = select(op, x.device, "triton")
+    if chosen == "cuda":
+        fits = _cuda_block_rotation_fits(rows, rotation32)
+        if requested_backend(backend) == "cuda":
+            if not fits:
+                raise MissingKernelError(
+                    f"{op}: the CUDA kernel takes fp16/bf16 rows and one [b, b] rotation with b = 64 or 128 that "
+                    f"fits the GPU's shared memory; got {rows.dtype} rows of {rows.shape[-1]} and a rotation of "
+                    f"shape {tuple(rotation.shape)}: use backend='triton'")
+        elif not fits or rows.shape[-1] > CUDA_BLOCK_ROTATION_AUTO_MAX_K:
+            chosen = select(op, x.device, "triton")
     if chosen == "reference":
         q, scales = reference.quantize_per_token(reference.block_rotate(rows, rotation), bits, clip_ratio)
     elif chosen == "cuda":

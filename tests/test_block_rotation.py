@@ -276,6 +276,43 @@ def test_cuda_kernel_takes_misaligned_inputs_and_keeps_the_leading_shape():
     assert torch.equal(q3, q2) and torch.equal(s3, s2)  # a misaligned rotation too
 
 
+@pytest.mark.parametrize("k,backend,env,fits,expected", [
+    (4096, None, None, True, "cuda"),                           # the automatic choice up to the cut-off
+    (2 * ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K, None, None, True, "triton"),  # past it
+    (2 * ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K, "cuda", None, True, "cuda"),  # asked for: any width that fits
+    (2 * ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K, None, "cuda", True, "cuda"),  # asked for through the environment
+    (4096, None, None, False, "triton"),                        # where the CUDA kernel does not apply
+    (4096, "cuda", None, False, backends.MissingKernelError),
+])
+def test_dispatch_between_the_cuda_and_triton_kernels(monkeypatch, k, backend, env, fits, expected):
+    # ops.block_rotate_quantize's choice alone, on the CPU: select() as on a GPU with both backends built, the
+    # kernels replaced by recorders.
+    ran = []
+
+    def recorder(name):
+        def kernel(rows, rotation, bits, clip_ratio):
+            ran.append(name)
+            return torch.zeros(rows.shape[0], rows.shape[1] // 2, dtype=torch.uint8), torch.ones(rows.shape[0])
+        return kernel
+
+    monkeypatch.setattr(ops, "select", lambda op, device, backend=None: backend or env or "cuda")
+    monkeypatch.setattr(ops, "_cuda_block_rotation_fits", lambda rows, rotation: fits)
+    monkeypatch.setattr(ops, "_cuda_op", lambda op: recorder("cuda"))
+    monkeypatch.setattr(ops, "_triton_op", lambda op: recorder("triton"))
+    if env is None:
+        monkeypatch.delenv("QUANTKERN_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("QUANTKERN_BACKEND", env)
+    call = lambda: ops.block_rotate_quantize(torch.zeros(2, k), torch.eye(128), 4, backend=backend)  # noqa: E731
+    if expected is backends.MissingKernelError:
+        with pytest.raises(backends.MissingKernelError, match="use backend='triton'"):
+            call()
+        assert ran == []
+    else:
+        call()
+        assert ran == [expected]
+
+
 @pytest.mark.gpu
 @needs_cuda_kernel
 def test_automatic_choice_takes_triton_where_the_cuda_kernel_does_not_apply_or_is_slower():
