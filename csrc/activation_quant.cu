@@ -82,53 +82,12 @@ constexpr int kThreads = 256;             // threads per block, both variants
 constexpr int kUnroll = 4;                // 16-byte vectors in flight per thread in the main loops
 constexpr int64_t kWarpPerRowMaxK = 1024;  // K up to this: one warp per row
 
-// The code range of BITS-bit codes (qmax = 2^(BITS-1) - 1: 7 or 127) and the mask of a code stored in
-// SBITS bits (BITS, or 8 for unpacked int4).
-template <int BITS>
-constexpr int kQmaxOf = (1 << (BITS - 1)) - 1;
-template <int SBITS>
-constexpr uint32_t kMaskOf = (1u << SBITS) - 1;
-
-// Quantize one value with the row's scale (csrc/per_token_quant.cuh).
-template <int BITS>
-__device__ __forceinline__ int quantize_one(float v, float scale) {
-  static_assert(BITS == 4 || BITS == 8, "bits must be 4 or 8");
-  return quantize_code(v, scale, kQmaxOf<BITS>);
-}
-
-// Store the low NBYTES bytes of `packed` (little-endian) at p, which is NBYTES-aligned.
-template <int NBYTES>
-__device__ __forceinline__ void store_packed(uint8_t* p, uint64_t packed) {
-  if constexpr (NBYTES == 8) {
-    *reinterpret_cast<uint2*>(p) = make_uint2(static_cast<uint32_t>(packed), static_cast<uint32_t>(packed >> 32));
-  } else if constexpr (NBYTES == 4) {
-    *reinterpret_cast<uint32_t*>(p) = static_cast<uint32_t>(packed);
-  } else if constexpr (NBYTES == 2) {
-    *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(packed);
-  } else {
-    static_assert(NBYTES == 8 || NBYTES == 4 || NBYTES == 2, "unsupported store width");
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ float vec_absmax(const Vec16<T>& v, float m) {
 #pragma unroll
   for (int e = 0; e < Vec16<T>::kElems; ++e) m = max_propagate_nan(m, fabsf(to_float(v.v[e])));
   return m;
-}
-
-template <typename T, int BITS, int SBITS>
-__device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i) {
-  constexpr int kElems = Vec16<T>::kElems;
-  constexpr int kBytes = kElems * SBITS / 8;
-  uint64_t packed = 0;
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) {
-    const uint32_t code =
-        static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & kMaskOf<SBITS>;
-    packed |= static_cast<uint64_t>(code) << (SBITS * e);
-  }
-  store_packed<kBytes>(qrow + i * kBytes, packed);
 }
 
 // Vectors first, first + stride, ... (N of them) of a row into v, every load issued before any use; zeros past end
