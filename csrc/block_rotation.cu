@@ -5,9 +5,11 @@
 // b = 64 or 128 (head_dim); one R per block ([K / b, b, b]), other b and fp32 rows take the Triton kernel
 // (triton_kernels/block_rotation.py), which ops.block_rotate_quantize chooses (block_rotation_fits); its automatic
 // choice also takes Triton for rows wider than 4096 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
-// Speed (H100, docs/PERF.md session 34): faster than the Triton kernel at K = 576 and 4096 (1.1-2.9x), slower at 8192
-// from 16 rows on; against cuBLAS + the quantizer 0.89-1.07x at 576 and 0.39-0.70x at 4096 and 8192. A CTA loads,
-// rotates and quantizes its tile in turn with one or two CTAs an SM: little overlap between memory and math.
+// Speed (H100, docs/PERF.md session 35, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 27.9 /
+// 108.9 us, K = 8192 77.1 / 304.8 (1.33-1.45x the first version's speed, same run), 6.6-8.7 us at 1-16 rows; K = 576
+// level with the first version (4.9-20.0 us). Against cuBLAS + the quantizer still 0.54-0.89x at 4096 and 8192,
+// 0.81-1.03x at 576. Latency-bound: two CTAs an SM at b = 128 (ncu: 0.9 eligible warps per scheduler, issue slots
+// half busy).
 //
 // Why not cuBLAS + the quantizer: the rotated rows make a round trip through memory, and the GEMM of [M K / b, b]
 // by [b, b] is far from cuBLAS's shapes; the Triton kernel reads x twice and does the math twice (its absmax pass).
@@ -30,14 +32,22 @@
 // Results: lane (g, t) holds outputs 16o + g (+ 8) of tokens 2t, 2t + 1; one exchange with lane g ^ 1 gives each
 //   lane two adjacent outputs of one token (even g: token 2t, odd g: token 2t + 1), rounded to x's dtype as a pair,
 //   its |max| kept per token (NaN-propagating), and stored as one 32-bit word over the block's x.
-// Shared memory: only the tile [TOKENS][K + 8] (the 8 elements of padding keep the pair stores conflict-free);
-//   TOKENS is 4 for M <= 4, else 8, halved while the tile does not fit (block_rotation_fits says whether 4 do).
-// Pipeline: every thread issues cp.async for its pieces of all of the CTA's blocks at the start, one commit group per
-//   step (block, or pair of blocks), then loads and splits its warp's R while they are in flight. Per step: wait
-//   for the step's group, barrier (the step's x has landed everywhere), each warp reads its B operands, barrier
-//   (every warp has read the block before any overwrites it), 16 mmas per 32 k (b = 128: 4 chunks), the pairs
-//   stored. Then the maxima over the warps and the cluster's CTAs give the scales, and warp w quantizes row w from
-//   shared memory (4- or 8-byte code stores, consecutive lanes on consecutive bytes).
+// Shared memory: only the tile, TOKENS rows of K elements, each row shifted within its 128-byte pitch so that the
+//   step's loads and stores hit distinct banks (row_pitch_bytes, row_shift_bytes). TOKENS is 4 for M <= 4, else 8,
+//   halved while the tile does not fit (block_rotation_fits says whether 4 do). Two CTAs an SM at b = 128 (<= 128
+//   registers), three at b = 64.
+// Pipeline: the copies of the CTA's first kStepsAhead (16) steps are issued at the start, one commit group per step,
+//   and each step issues those of the step 16 ahead (empty groups past the last step), so "step s has landed" is
+//   always the same cp.async.wait_group; R is loaded and split while the first copies are in flight. (The first
+//   version issued every step's copies at once; its waits could name only a bounded count of groups, so at K = 4096
+//   its first step waited for 25 of the 32 steps.) Per step: 16 mmas per 32 k (b = 128: 4 chunks) on operands
+//   already in registers; the pairs rounded and their maxima kept; the wait for step s + 1's copies and one barrier
+//   (every warp has read step s, which the results now overwrite, and step s + 1 is visible to all); the pairs
+//   stored, and step s + 1's operands read. (The first version waited and read before its mmas, with a second
+//   barrier.) Then the maxima over the warps and the cluster's CTAs give the scales, and warp w quantizes row w
+//   from shared memory with quantize_store_vec (4- or 8-byte code stores, consecutive lanes on consecutive bytes),
+//   multiplying by the inverse scale and dividing only near a rounding boundary: the same codes as quantize_code's
+//   division (csrc/per_token_quant.cuh).
 // NaN and inf: a row holding NaN rotates to NaN: NaN scale, codes 0 (as the reference). A row holding +-inf
 //   gives inf * R_lo = NaN where R is exact in x's dtype (R_lo = 0), so such rows get a NaN scale where the
 //   reference's is inf; the codes are 0 either way (the Triton kernel behaves the same).
@@ -47,6 +57,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -80,12 +91,20 @@ namespace cg = cooperative_groups;
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
-constexpr int kRowPadElems = 8;  // a tile row is K + 8 elements: rows 16 bytes apart modulo 128
 constexpr int kMaxTokens = 8;    // the mma's 8 B columns
 constexpr int kMaxSplits = 8;    // CTAs of a cluster (the portable cluster size)
 constexpr int kStepColumns = 128;  // columns a CTA step covers: one block of 128, or two of 64
+constexpr int kStepsAhead = 16;    // steps whose copies are in flight ahead of the one rotated (32 KiB at 8 rows)
 
-int64_t tile_bytes(int64_t tokens, int64_t K) { return tokens * (K + kRowPadElems) * 2; }
+// The tile's rows: row r starts at r * row_pitch_bytes(K) + row_shift_bytes(r), the pitch a multiple of 128 bytes
+// with room for the shifts. The shifts (16 bytes times 0, 4, 1, 5, 2, 6, 3, 7) keep both of the step's shared-memory
+// patterns free of bank conflicts: the B-operand loads (lanes 8q .. 8q + 7 read 16 bytes t = 0..3 of rows 2q and
+// 2q + 1: rows 64 bytes apart modulo 128) and the pair stores (8 rows, the same 16 bytes of each: rows at 8 distinct
+// 16-byte positions modulo 128). (Rows K + 8 elements apart served the stores only: each load took two wavefronts
+// a quarter warp; ncu counted 47% of the first versions' shared wavefronts as excess.)
+__host__ __device__ constexpr int64_t row_pitch_bytes(int64_t K) { return (2 * K + 127) / 128 * 128 + 128; }
+__device__ __forceinline__ int row_shift_bytes(int r) { return 16 * ((r >> 1) + 4 * (r & 1)); }
+int64_t tile_bytes(int64_t tokens, int64_t K) { return tokens * row_pitch_bytes(K); }
 
 struct Params {
   const void* x;
@@ -102,22 +121,8 @@ struct Params {
 #if QK_BLOCK_ROTATION_BODY
 using w4a16::cp_async16;
 using w4a16::cp_async_commit;
+using w4a16::cp_async_wait;
 using w4a16::smem_addr;
-
-// Waits until at most `pending` of this thread's cp.async groups are in flight (more than 7 waits for 7: safe,
-// it only waits longer).
-__device__ __forceinline__ void cp_async_wait_at_most(int pending) {
-  switch (pending) {
-    case 0: w4a16::cp_async_wait<0>(); break;
-    case 1: w4a16::cp_async_wait<1>(); break;
-    case 2: w4a16::cp_async_wait<2>(); break;
-    case 3: w4a16::cp_async_wait<3>(); break;
-    case 4: w4a16::cp_async_wait<4>(); break;
-    case 5: w4a16::cp_async_wait<5>(); break;
-    case 6: w4a16::cp_async_wait<6>(); break;
-    default: w4a16::cp_async_wait<7>(); break;
-  }
-}
 
 __device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v));
@@ -137,7 +142,7 @@ __device__ __forceinline__ void split_pairs(const float (&v)[8], uint32_t (&hi)[
 #endif
 
 template <typename T, int TOKENS, int B>
-__global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quantize_kernel(const Params p) {
 #if QK_BLOCK_ROTATION_BODY
   using Traits = w4a16::W4Traits<T>;
   constexpr int kChunks = B / 32;                // chunks of 32 k per block
@@ -150,28 +155,39 @@ __global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(cons
   __shared__ float row_scale[kMaxTokens];
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, g = lane / 4, t = lane % 4;
-  const int K = p.K, pitch = K + kRowPadElems, step_count = (K + kStepColumns - 1) / kStepColumns;
+  const int K = p.K, step_count = (K + kStepColumns - 1) / kStepColumns;
   const int rank = static_cast<int>(blockIdx.x % p.splits);  // this CTA's place in its cluster
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.splits) * TOKENS;
   const T* x = static_cast<const T*>(p.x);
-  const uint32_t tile = smem_addr(smem);  // [TOKENS][pitch] of T
+  const uint32_t tile = smem_addr(smem);  // TOKENS rows of K elements of T (row_pitch_bytes, row_shift_bytes)
+  const int pitch_bytes = static_cast<int>(row_pitch_bytes(K));
+  auto element = [&](int r, int column) {  // the shared address of row r's element `column`
+    return tile + static_cast<uint32_t>(r * pitch_bytes + row_shift_bytes(r) + column * 2);
+  };
   // The CTA's steps: rank, rank + splits, ...; this warp's outputs and block within a step.
   const int steps = (step_count - rank + p.splits - 1) / p.splits;
   const int out0 = 16 * (warp % kOutputTiles), block_in_step = warp / kOutputTiles;
 
-  // 1. All of the CTA's x into the tile, one commit group per step (rows past M arrive as zeros).
+  // 1. The copies of the CTA's first kStepsAhead steps (rows past M arrive as zeros): one commit group per step,
+  //    also for steps past the last (empty), so that "step s has landed" is always the same wait.
   constexpr int kUnitsPerRow = kStepColumns / 8;
-  for (int s = 0; s < steps; ++s) {
-    const int column0 = (rank + s * p.splits) * kStepColumns;
-    for (int i = threadIdx.x; i < TOKENS * kUnitsPerRow; i += kThreads) {
-      const int r = i / kUnitsPerRow, column = column0 + 8 * (i % kUnitsPerRow);
-      if (column >= K) continue;  // b = 64 with an odd number of blocks: the last step has one
-      const bool ok = row0 + r < p.rows;
-      const T* src = x + (ok ? (row0 + r) * K + column : 0);
-      cp_async16(tile + static_cast<uint32_t>((r * pitch + column) * 2), src, ok);
+  static_assert(TOKENS * kUnitsPerRow <= kThreads, "at most one 16-byte piece a thread and step");
+  // This thread's piece of every step: row copy_row, 8 columns from copy_column0 plus the step's offset (held across
+  // the steps: recomputing row, column and source every step cost registers and about 1.2x the time at K >= 4096).
+  const int copy_row = threadIdx.x / kUnitsPerRow;
+  const int copy_column0 = rank * kStepColumns + 8 * (threadIdx.x % kUnitsPerRow);
+  const bool copies = threadIdx.x < TOKENS * kUnitsPerRow, copy_valid = row0 + copy_row < p.rows;
+  const T* copy_row_src = x + (copy_valid ? (row0 + copy_row) * K : 0);
+  auto issue_step = [&](int s) {
+    const int column = copy_column0 + s * p.splits * kStepColumns;
+    // (b = 64 with an odd number of blocks: the last step has one)
+    if (copies && s < steps && column < K) {
+      cp_async16(element(copy_row, column), copy_row_src + (copy_valid ? column : 0), copy_valid);
     }
     cp_async_commit();
-  }
+  };
+#pragma unroll 1
+  for (int s = 0; s < kStepsAhead; ++s) issue_step(s);
 
   // 2. This warp's rows of R (16 outputs) as mma A operands, split into R_hi + R_lo, while x is in flight:
   //    a[c][s][0..3] = R_hi, a[c][s][4..7] = R_lo for chunk c, k-step s (rows g, g + 8; k 32c + 8t + 4s + 0..3).
@@ -196,20 +212,25 @@ __global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(cons
     }
   }
 
-  // 3. Step by step: every warp rotates its 16 outputs of its block for all TOKENS rows.
-  float amax = 0.0f;  // token 2t + (g & 1)
-  for (int s = 0; s < steps; ++s) {
-    cp_async_wait_at_most(steps - 1 - s);
-    __syncthreads();  // the step's x has landed, from every thread's copies
-    const int column0 = (rank + s * p.splits) * kStepColumns + block_in_step * B;
-    const bool active = column0 < K;  // (the barriers stay uniform)
-    uint4 xb[kChunks];
+  // 3. Step by step: every warp rotates its 16 outputs of its block for all TOKENS rows. One barrier a step: it
+  //    follows every warp's reads of step s (so step s's results may overwrite them) and every thread's wait for
+  //    step s + 1's copies (so they may be read); the mmas of step s run before it, on operands in registers.
+  auto step_column = [&](int s) { return (rank + s * p.splits) * kStepColumns + block_in_step * B; };
+  uint4 xb[kChunks];
+  auto read_operands = [&](int s) {
+    const int column0 = step_column(s);
+    const bool active = column0 < K;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      const uint32_t address = tile + static_cast<uint32_t>((g * pitch + column0 + 32 * c + 8 * t) * 2);
-      xb[c] = active && g < TOKENS ? ld_shared_v4(address) : make_uint4(0, 0, 0, 0);
+      xb[c] = active && g < TOKENS ? ld_shared_v4(element(g, column0 + 32 * c + 8 * t)) : make_uint4(0, 0, 0, 0);
     }
-    __syncthreads();  // every warp has read the block before any overwrites it
+  };
+  cp_async_wait<kStepsAhead - 1>();  // this thread's copies of step 0
+  __syncthreads();                    // everyone's
+  read_operands(0);
+  issue_step(kStepsAhead);
+  float amax = 0.0f;  // token 2t + (g & 1)
+  for (int s = 0; s < steps; ++s) {
     float hi[4] = {0.0f, 0.0f, 0.0f, 0.0f}, lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
@@ -234,11 +255,15 @@ __global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(cons
     const float2 f = Traits::to_float2(pair), f8 = Traits::to_float2(pair8);
     amax = max_propagate_nan(amax, max_propagate_nan(max_propagate_nan(fabsf(f.x), fabsf(f.y)),
                                                      max_propagate_nan(fabsf(f8.x), fabsf(f8.y))));
-    const int token = 2 * t + (odd ? 1 : 0), column = column0 + out0 + (g & ~1);
-    if (active && token < TOKENS) {
-      st_shared_u32(tile + static_cast<uint32_t>((token * pitch + column) * 2), pair);
-      st_shared_u32(tile + static_cast<uint32_t>((token * pitch + column + 8) * 2), pair8);
+    cp_async_wait<kStepsAhead - 1>();  // this thread's copies of step s + 1
+    __syncthreads();
+    const int token = 2 * t + (odd ? 1 : 0), column0 = step_column(s), column = column0 + out0 + (g & ~1);
+    if (column0 < K && token < TOKENS) {
+      st_shared_u32(element(token, column), pair);
+      st_shared_u32(element(token, column + 8), pair8);
     }
+    if (s + 1 < steps) read_operands(s + 1);
+    issue_step(s + 1 + kStepsAhead);
   }
 
   // 4. Per-token maxima: lanes of the same t and g parity hold one token's; then over the warps, then over the
@@ -255,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(cons
     for (int w = 0; w < kWarps; ++w) m = max_propagate_nan(m, warp_amax[w][threadIdx.x]);
     cta_amax[threadIdx.x] = m;
   }
-  const int qmax = p.bits == 4 ? 7 : 127;
+  const int qmax = p.bits == 4 ? kQmaxOf<4> : kQmaxOf<8>;
 #if QK_BLOCK_ROTATION_CLUSTER
   const cg::cluster_group cluster = cg::this_cluster();  // launched without clusters: the CTA itself
   cluster.sync();  // every CTA's maxima are stored and visible across the cluster
@@ -276,38 +301,28 @@ __global__ void __launch_bounds__(kThreads, 2) block_rotate_quantize_kernel(cons
     p.scales[row0 + threadIdx.x] = row_scale[threadIdx.x];
   }
 
-  // 5. Codes: warp w quantizes row w's columns of this CTA's steps, 8 values a lane at a time.
+  // 5. Codes: warp w quantizes row w's columns of this CTA's steps, a 16-byte vector (8 values) a lane at a time,
+  //    packed and stored as csrc/activation_quant.cu does (quantize_store_vec: 4- or 8-byte stores, consecutive
+  //    lanes on consecutive bytes).
   constexpr int kVecsPerStep = kStepColumns / 8;
-  for (int r = warp; r < TOKENS && row0 + r < p.rows; r += kWarps) {
-    const int64_t row = row0 + r;
-    const float scale = row_scale[r];
-    for (int i = lane; i < steps * kVecsPerStep; i += kWarpSize) {
-      const int column = (rank + (i / kVecsPerStep) * p.splits) * kStepColumns + 8 * (i % kVecsPerStep);
-      if (column >= K) continue;
-      const uint4 v = ld_shared_v4(tile + static_cast<uint32_t>((r * pitch + column) * 2));
-      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-      int codes[8];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 f = Traits::to_float2(words[e]);
-        codes[2 * e] = quantize_code(f.x, scale, qmax);
-        codes[2 * e + 1] = quantize_code(f.y, scale, qmax);
-      }
-      if (p.bits == 4) {  // element 2j in byte j's low nibble
-        uint32_t packed = 0;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) packed |= static_cast<uint32_t>(codes[e] & 0xF) << (4 * e);
-        *reinterpret_cast<uint32_t*>(p.q + row * (K / 2) + column / 2) = packed;
-      } else {
-        uint32_t lo = 0, hi = 0;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          lo |= static_cast<uint32_t>(codes[e] & 0xFF) << (8 * e);
-          hi |= static_cast<uint32_t>(codes[4 + e] & 0xFF) << (8 * e);
-        }
-        *reinterpret_cast<uint2*>(p.q + row * K + column) = make_uint2(lo, hi);
+  auto store_codes = [&](auto bits_constant) {
+    constexpr int kBits = decltype(bits_constant)::value;
+    for (int r = warp; r < TOKENS && row0 + r < p.rows; r += kWarps) {
+      const float scale = row_scale[r], inverse = usable_inverse(scale);
+      uint8_t* qrow = p.q + (row0 + r) * (K * kBits / 8);
+      for (int i = lane; i < steps * kVecsPerStep; i += kWarpSize) {
+        const int column = (rank + (i / kVecsPerStep) * p.splits) * kStepColumns + 8 * (i % kVecsPerStep);
+        if (column >= K) continue;
+        Vec16<T> v;
+        *reinterpret_cast<uint4*>(&v) = ld_shared_v4(element(r, column));
+        quantize_store_vec<T, kBits, kBits, true>(v, scale, qrow, column / Vec16<T>::kElems, inverse);
       }
     }
+  };
+  if (p.bits == 4) {
+    store_codes(std::integral_constant<int, 4>{});
+  } else {
+    store_codes(std::integral_constant<int, 8>{});
   }
 #endif
 }

@@ -7,10 +7,11 @@
 //   code  = clamp(round_half_even(x / scale), -qmax, qmax)   (IEEE fp32 division; NaN -> 0)
 //
 // qmax = 2^(bits - 1) - 1: 7 for int4 codes, 127 for int8. Compile without --use_fast_math.
-// Also the packing of a 16-byte vector's codes (quantize_store_vec): element 2j in the low nibble of byte j (int4),
-// one byte per code (int8, or unpacked int4).
+// Also the packing of a 16-byte vector's codes (quantize_store_vec), shared by csrc/activation_quant.cu and
+// csrc/block_rotation.cu: element 2j in the low nibble of byte j (int4), one byte per code (int8, or unpacked int4).
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -27,6 +28,23 @@ __device__ __forceinline__ float per_token_scale(float amax, float clip, float q
 __device__ __forceinline__ int quantize_code(float v, float scale, int qmax) {
   const int r = __float2int_rn(__fdiv_rn(v, scale));  // saturates on +-inf, NaN -> 0
   return min(max(r, -qmax), qmax);
+}
+
+// quantize_code's result, with a multiplication by inverse = 1 / scale in place of the division where that gives
+// the same code (a kernel quantizing from registers or shared memory is bound by the division's ~20 instructions):
+// q = fl(v * fl(1 / scale)) is within 2^-22 |v / scale| of fl(v / scale) (two roundings of 2^-24 each, one more for
+// the division's own), so the two round to different integers only where a half-integer lies between them; only
+// codes with |v / scale| < qmax + 1 <= 128 can differ after the clamp, so q within 2^-15 of a half-integer. Those
+// (q within 2^-12 of one), and rows whose inverse is not a normal float (usable_inverse gives 0), divide.
+__device__ __forceinline__ float usable_inverse(float scale) {
+  const float inverse = __frcp_rn(scale);
+  return inverse >= FLT_MIN && inverse <= FLT_MAX ? inverse : 0.0f;  // (NaN: 0)
+}
+
+__device__ __forceinline__ int quantize_code_by_inverse(float v, float scale, float inverse, int qmax) {
+  const float q = __fmul_rn(v, inverse);
+  if (inverse == 0.0f || fabsf(q - floorf(q) - 0.5f) < 0x1p-12f) return quantize_code(v, scale, qmax);
+  return min(max(__float2int_rn(q), -qmax), qmax);  // (+-inf saturates, NaN -> 0, as quantize_code)
 }
 
 // The code range of BITS-bit codes (qmax = 2^(BITS-1) - 1: 7 or 127) and the mask of a code stored in
@@ -57,16 +75,20 @@ __device__ __forceinline__ void store_packed(uint8_t* p, uint64_t packed) {
   }
 }
 
-// The codes of vector i of a row (its elements i * kElems ...), packed in SBITS bits each and stored at qrow.
-template <typename T, int BITS, int SBITS>
-__device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i) {
+// The codes of vector i of a row (its elements i * kElems ...), packed in SBITS bits each and stored at qrow. With
+// an inverse (usable_inverse(scale)), quantize_code_by_inverse computes them: the same codes.
+template <typename T, int BITS, int SBITS, bool BY_INVERSE = false>
+__device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i,
+                                                   float inverse = 0.0f) {
   constexpr int kElems = Vec16<T>::kElems;
   constexpr int kBytes = kElems * SBITS / 8;
   uint64_t packed = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
-    const uint32_t code =
-        static_cast<uint32_t>(quantize_one<BITS>(to_float(v.v[e]), scale)) & kMaskOf<SBITS>;
+    const float x = to_float(v.v[e]);
+    const int raw = BY_INVERSE ? quantize_code_by_inverse(x, scale, inverse, kQmaxOf<BITS>)
+                               : quantize_one<BITS>(x, scale);
+    const uint32_t code = static_cast<uint32_t>(raw) & kMaskOf<SBITS>;
     packed |= static_cast<uint64_t>(code) << (SBITS * e);
   }
   store_packed<kBytes>(qrow + i * kBytes, packed);
