@@ -246,6 +246,22 @@ def test_cuda_kernel_rows_of_exact_values_give_the_reference_bits(dtype):
 
 @pytest.mark.gpu
 @needs_cuda_kernel
+@pytest.mark.parametrize("b", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernel_with_the_identity_gives_quantize_per_token_bits(dtype, b):
+    # R = I rotates every row to itself exactly, so codes and scales must be quantize_per_token's bit for bit. Random
+    # values put some of the 300,000 quotients near a rounding boundary, where the kernel's multiplication by the
+    # inverse scale must fall back to the division (csrc/per_token_quant.cuh, quantize_code_by_inverse).
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(75, 4096, generator=g) * 3).to("cuda", dtype)
+    for bits, clip in ((4, 1.0), (8, 0.9)):
+        got = ops.block_rotate_quantize(x, torch.eye(b, device="cuda"), bits, clip, backend="cuda")
+        want = reference.quantize_per_token(x, bits, clip)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@needs_cuda_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_kernel_nan_and_inf_rows(dtype):
     from tests.test_triton_kernels import rows_with_special_values
