@@ -418,6 +418,7 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor, backend: Optional[str]
 
 # The widest rows for which the automatic choice takes csrc/block_rotation.cu: on the H100 it was faster than the
 # Triton kernel at 576 and 4096 at every row count, and slower at 8192 from 16 rows on (docs/PERF.md, session 34).
+# Session 35's faster kernel may win at 8192 too (measured against Triton only across two runs): not yet re-decided.
 CUDA_BLOCK_ROTATION_AUTO_MAX_K = 4096
 
 
