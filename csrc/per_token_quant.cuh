@@ -1,6 +1,6 @@
 // The per-token quantization formula of quantkern.reference.quantize_per_token, in one place for every
-// kernel that quantizes activations (csrc/activation_quant.cu and the Hadamard kernels), so their codes and
-// scales are bit-identical:
+// kernel that quantizes activations (csrc/activation_quant.cu, the Hadamard kernels, csrc/block_rotation.cu), so
+// their codes and scales are bit-identical:
 //
 //   scale = (absmax(row) * clip) / qmax   in fp32, each step rounded to nearest (no FMA, no reciprocal);
 //           1 where that is 0 (an all-zero row); NaN stays NaN
