@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
         if (column >= K) continue;
         Vec16<T> v;
         *reinterpret_cast<uint4*>(&v) = ld_shared_v4(element(r, column));
-        quantize_store_vec<T, kBits, kBits, true>(v, scale, qrow, column / Vec16<T>::kElems, inverse);
+        quantize_store_vec<T, kBits, kBits>(v, scale, qrow, column / Vec16<T>::kElems, inverse);
       }
     }
   };

@@ -31,7 +31,8 @@ __device__ __forceinline__ int quantize_code(float v, float scale, int qmax) {
 }
 
 // quantize_code's result, with a multiplication by inverse = 1 / scale in place of the division where that gives
-// the same code (a kernel quantizing from registers or shared memory is bound by the division's ~20 instructions):
+// the same code (fewer instructions than the IEEE division; csrc/block_rotation.cu uses it, where its gain was not
+// measured apart from the other changes of docs/PERF.md session 35's v4a, which together changed little):
 // q = fl(v * fl(1 / scale)) is within 2^-22 |v / scale| of fl(v / scale) (two roundings of 2^-24 each, one more for
 // the division's own), so the two round to different integers only where a half-integer lies between them; only
 // codes with |v / scale| < qmax + 1 <= 128 can differ after the clamp, so q within 2^-15 of a half-integer. Those
@@ -76,8 +77,8 @@ __device__ __forceinline__ void store_packed(uint8_t* p, uint64_t packed) {
 }
 
 // The codes of vector i of a row (its elements i * kElems ...), packed in SBITS bits each and stored at qrow. With
-// an inverse (usable_inverse(scale)), quantize_code_by_inverse computes them: the same codes.
-template <typename T, int BITS, int SBITS, bool BY_INVERSE = false>
+// an inverse (usable_inverse(scale)), by quantize_code_by_inverse: the same codes.
+template <typename T, int BITS, int SBITS>
 __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scale, uint8_t* qrow, int64_t i,
                                                    float inverse = 0.0f) {
   constexpr int kElems = Vec16<T>::kElems;
@@ -85,9 +86,7 @@ __device__ __forceinline__ void quantize_store_vec(const Vec16<T>& v, float scal
   uint64_t packed = 0;
 #pragma unroll
   for (int e = 0; e < kElems; ++e) {
-    const float x = to_float(v.v[e]);
-    const int raw = BY_INVERSE ? quantize_code_by_inverse(x, scale, inverse, kQmaxOf<BITS>)
-                               : quantize_one<BITS>(x, scale);
+    const int raw = quantize_code_by_inverse(to_float(v.v[e]), scale, inverse, kQmaxOf<BITS>);  // (inverse 0: divides)
     const uint32_t code = static_cast<uint32_t>(raw) & kMaskOf<SBITS>;
     packed |= static_cast<uint64_t>(code) << (SBITS * e);
   }
