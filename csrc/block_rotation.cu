@@ -4,12 +4,11 @@
 // scales (csrc/per_token_quant.cuh's formula), in one pass over memory: x read once, codes and scales written once.
 // b = 64 or 128 (head_dim); one R per block ([K / b, b, b]), other b and fp32 rows take the Triton kernel
 // (triton_kernels/block_rotation.py), which ops.block_rotate_quantize chooses (block_rotation_fits); its automatic
-// choice also takes Triton for rows wider than 4096 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
-// Speed (H100, docs/PERF.md session 35, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 27.9 /
-// 108.9 us, K = 8192 77.1 / 304.8 (1.33-1.45x the first version's speed, same run), 6.6-8.7 us at 1-16 rows; K = 576
-// level with the first version (4.9-20.0 us). Against cuBLAS + the quantizer still 0.54-0.89x at 4096 and 8192,
-// 0.81-1.03x at 576. Latency-bound: two CTAs an SM at b = 128 (ncu: 0.9 eligible warps per scheduler, issue slots
-// half busy).
+// choice also takes Triton for rows wider than 8192 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
+// Speed (H100, docs/PERF.md sessions 35-36, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 28.5 /
+// 110.9 us, K = 8192 57.9 / 224.3 (clusters of 2: 1.37-1.39x the one-CTA tiles), 6.6-9.0 us at 1-16 rows. Against
+// cuBLAS + the quantizer still 0.75-0.87x at 4096 and 8192 from 2,048 rows, 0.78-0.99x at 576. Latency-bound: two
+// CTAs an SM at b = 128 (ncu at K = 4096: 0.93 eligible warps per scheduler, issue slots 53% busy).
 //
 // Why not cuBLAS + the quantizer: the rotated rows make a round trip through memory, and the GEMM of [M K / b, b]
 // by [b, b] is far from cuBLAS's shapes; the Triton kernel reads x twice and does the math twice (its absmax pass).
@@ -18,9 +17,11 @@
 //   rows live in shared memory for the whole CTA: x arrives there, is rotated in place and quantized from there.
 //   Warp w owns 16 outputs of a block (rows 16 (w % (b / 16)) .. + 15 of R) and keeps their R in registers for the
 //   whole CTA; the b / 16 warps of a block's outputs take the CTA's blocks one by one (b = 64: two blocks at a
-//   time, the last step of an odd number of blocks one). On sm_90, where the tiles leave SMs idle (few rows), a
-//   cluster of S <= 8 CTAs shares each tile (splits_for): CTA r takes steps r, r + S, ..., and the CTAs exchange
-//   their per-token maxima through distributed shared memory.
+//   time, the last step of an odd number of blocks one). On sm_90 a cluster of S <= 8 CTAs shares each tile
+//   (splits_for) where the tiles leave SMs idle (few rows), and where a whole-row tile would hold fewer CTAs an SM
+//   than the registers allow (K = 8192: S = 2, two CTAs an SM instead of one; 14336: S = 4): CTA r takes steps r,
+//   r + S, ..., holds only their columns, and the CTAs exchange their per-token maxima through distributed shared
+//   memory.
 // Math: mma.m16n8k16 with R's rows as A (16 outputs) and the tokens as B (8 of them: TOKENS real, the rest zeros):
 //   D[n][token] = sum_k R[n][k] x[token][k]. Which k sits in which mma slot does not matter to a dot product as long
 //   as A and B agree: lane (g, t) takes k = 32c + 8t + 0..3 in k-step 0 of chunk c and + 4..7 in step 1, so its B
@@ -32,10 +33,10 @@
 // Results: lane (g, t) holds outputs 16o + g (+ 8) of tokens 2t, 2t + 1; one exchange with lane g ^ 1 gives each
 //   lane two adjacent outputs of one token (even g: token 2t, odd g: token 2t + 1), rounded to x's dtype as a pair,
 //   its |max| kept per token (NaN-propagating), and stored as one 32-bit word over the block's x.
-// Shared memory: only the tile, TOKENS rows of K elements, each row shifted within its 128-byte pitch so that the
-//   step's loads and stores hit distinct banks (row_pitch_bytes, row_shift_bytes). TOKENS is 4 for M <= 4, else 8,
-//   halved while the tile does not fit (block_rotation_fits says whether 4 do). Two CTAs an SM at b = 128 (<= 128
-//   registers), three at b = 64.
+// Shared memory: only the tile, TOKENS rows of the CTA's columns (K, or its steps' share of K in a cluster), each row
+//   shifted within its 128-byte pitch so that the step's loads and stores hit distinct banks (row_pitch_bytes,
+//   row_shift_bytes). TOKENS is 4 for M <= 4, else 8, halved while the tile does not fit (block_rotation_fits says
+//   whether 4 of whole rows do). Two CTAs an SM at b = 128 (<= 128 registers), three at b = 64.
 // Pipeline: the copies of the CTA's first kStepsAhead (16) steps are issued at the start, one commit group per step,
 //   and each step issues those of the step 16 ahead (empty groups past the last step), so "step s has landed" is
 //   always the same cp.async.wait_group; R is loaded and split while the first copies are in flight. (The first
@@ -47,7 +48,7 @@
 //   barrier.) Then the maxima over the warps and the cluster's CTAs give the scales, and warp w quantizes row w
 //   from shared memory with quantize_store_vec (4- or 8-byte code stores, consecutive lanes on consecutive bytes),
 //   multiplying by the inverse scale and dividing only near a rounding boundary: the same codes as quantize_code's
-//   division (csrc/per_token_quant.cuh).
+//   division (csrc/per_token_quant.cuh), which would cost 6-15% more time.
 // NaN and inf: a row holding NaN rotates to NaN: NaN scale, codes 0 (as the reference). A row holding +-inf
 //   gives inf * R_lo = NaN where R is exact in x's dtype (R_lo = 0), so such rows get a NaN scale where the
 //   reference's is inf; the codes are 0 either way (the Triton kernel behaves the same).
@@ -104,7 +105,13 @@ constexpr int kStepsAhead = 16;    // steps whose copies are in flight ahead of 
 // a quarter warp; ncu counted 47% of the first versions' shared wavefronts as excess.)
 __host__ __device__ constexpr int64_t row_pitch_bytes(int64_t K) { return (2 * K + 127) / 128 * 128 + 128; }
 __device__ __forceinline__ int row_shift_bytes(int r) { return 16 * ((r >> 1) + 4 * (r & 1)); }
-int64_t tile_bytes(int64_t tokens, int64_t K) { return tokens * row_pitch_bytes(K); }
+// Columns a CTA's tile holds when `splits` CTAs deal a row's steps out: the most steps one CTA takes.
+__host__ __device__ constexpr int64_t held_columns(int64_t K, int64_t splits) {
+  return ((K + kStepColumns - 1) / kStepColumns + splits - 1) / splits * kStepColumns;
+}
+int64_t tile_bytes(int64_t tokens, int64_t K, int64_t splits) {
+  return tokens * row_pitch_bytes(held_columns(K, splits));
+}
 
 struct Params {
   const void* x;
@@ -159,13 +166,14 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
   const int rank = static_cast<int>(blockIdx.x % p.splits);  // this CTA's place in its cluster
   const int64_t row0 = static_cast<int64_t>(blockIdx.x / p.splits) * TOKENS;
   const T* x = static_cast<const T*>(p.x);
-  const uint32_t tile = smem_addr(smem);  // TOKENS rows of K elements of T (row_pitch_bytes, row_shift_bytes)
-  const int pitch_bytes = static_cast<int>(row_pitch_bytes(K));
-  auto element = [&](int r, int column) {  // the shared address of row r's element `column`
-    return tile + static_cast<uint32_t>(r * pitch_bytes + row_shift_bytes(r) + column * 2);
-  };
-  // The CTA's steps: rank, rank + splits, ...; this warp's outputs and block within a step.
+  // The CTA's steps: rank, rank + splits, ...; its tile holds only their columns, step s at columns s * 128 ...
   const int steps = (step_count - rank + p.splits - 1) / p.splits;
+  const uint32_t tile = smem_addr(smem);  // TOKENS rows (row_pitch_bytes, row_shift_bytes)
+  const int pitch_bytes = static_cast<int>(row_pitch_bytes(held_columns(K, p.splits)));
+  auto element = [&](int r, int held_column) {  // the shared address of row r's held column
+    return tile + static_cast<uint32_t>(r * pitch_bytes + row_shift_bytes(r) + held_column * 2);
+  };
+  // This warp's outputs and block within a step.
   const int out0 = 16 * (warp % kOutputTiles), block_in_step = warp / kOutputTiles;
 
   // 1. The copies of the CTA's first kStepsAhead steps (rows past M arrive as zeros): one commit group per step,
@@ -174,15 +182,16 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
   static_assert(TOKENS * kUnitsPerRow <= kThreads, "at most one 16-byte piece a thread and step");
   // This thread's piece of every step: row copy_row, 8 columns from copy_column0 plus the step's offset (held across
   // the steps: recomputing row, column and source every step cost registers and about 1.2x the time at K >= 4096).
-  const int copy_row = threadIdx.x / kUnitsPerRow;
-  const int copy_column0 = rank * kStepColumns + 8 * (threadIdx.x % kUnitsPerRow);
+  const int copy_row = threadIdx.x / kUnitsPerRow, copy_offset = 8 * (threadIdx.x % kUnitsPerRow);
+  const int copy_column0 = rank * kStepColumns + copy_offset;
   const bool copies = threadIdx.x < TOKENS * kUnitsPerRow, copy_valid = row0 + copy_row < p.rows;
   const T* copy_row_src = x + (copy_valid ? (row0 + copy_row) * K : 0);
   auto issue_step = [&](int s) {
     const int column = copy_column0 + s * p.splits * kStepColumns;
     // (b = 64 with an odd number of blocks: the last step has one)
     if (copies && s < steps && column < K) {
-      cp_async16(element(copy_row, column), copy_row_src + (copy_valid ? column : 0), copy_valid);
+      cp_async16(element(copy_row, s * kStepColumns + copy_offset), copy_row_src + (copy_valid ? column : 0),
+                 copy_valid);
     }
     cp_async_commit();
   };
@@ -218,11 +227,11 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
   auto step_column = [&](int s) { return (rank + s * p.splits) * kStepColumns + block_in_step * B; };
   uint4 xb[kChunks];
   auto read_operands = [&](int s) {
-    const int column0 = step_column(s);
-    const bool active = column0 < K;
+    const bool active = step_column(s) < K;
+    const int held0 = s * kStepColumns + block_in_step * B;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      xb[c] = active && g < TOKENS ? ld_shared_v4(element(g, column0 + 32 * c + 8 * t)) : make_uint4(0, 0, 0, 0);
+      xb[c] = active && g < TOKENS ? ld_shared_v4(element(g, held0 + 32 * c + 8 * t)) : make_uint4(0, 0, 0, 0);
     }
   };
   cp_async_wait<kStepsAhead - 1>();  // this thread's copies of step 0
@@ -257,8 +266,8 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
                                                      max_propagate_nan(fabsf(f8.x), fabsf(f8.y))));
     cp_async_wait<kStepsAhead - 1>();  // this thread's copies of step s + 1
     __syncthreads();
-    const int token = 2 * t + (odd ? 1 : 0), column0 = step_column(s), column = column0 + out0 + (g & ~1);
-    if (column0 < K && token < TOKENS) {
+    const int token = 2 * t + (odd ? 1 : 0), column = s * kStepColumns + block_in_step * B + out0 + (g & ~1);
+    if (step_column(s) < K && token < TOKENS) {
       st_shared_u32(element(token, column), pair);
       st_shared_u32(element(token, column + 8), pair8);
     }
@@ -314,7 +323,7 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
         const int column = (rank + (i / kVecsPerStep) * p.splits) * kStepColumns + 8 * (i % kVecsPerStep);
         if (column >= K) continue;
         Vec16<T> v;
-        *reinterpret_cast<uint4*>(&v) = ld_shared_v4(element(r, column));
+        *reinterpret_cast<uint4*>(&v) = ld_shared_v4(element(r, 8 * i));
         quantize_store_vec<T, kBits, kBits>(v, scale, qrow, column / Vec16<T>::kElems, inverse);
       }
     }
@@ -329,30 +338,44 @@ __global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quanti
 
 bool block_size_supported(int64_t b) { return b == 64 || b == 128; }
 
-// Token rows per CTA for M rows of K on a device with `smem_optin` bytes of shared memory per block: 4 for M <= 4,
-// else 8, halved while the tile does not fit; 0 when 4 do not.
-int tokens_per_cta(int64_t M, int64_t K, int64_t smem_optin) {
+constexpr int64_t kStaticSmemBytes = (kWarps + 2) * kMaxTokens * sizeof(float);  // warp_amax, cta_amax, row_scale
+
+// Token rows per CTA for M rows of K dealt over `splits` CTAs, on a device with `smem_optin` bytes of shared memory
+// per block: 4 for M <= 4, else 8, halved while the tile does not fit; 0 when 4 do not.
+int tokens_per_cta(int64_t M, int64_t K, int64_t splits, int64_t smem_optin) {
   int tokens = M <= 4 ? 4 : kMaxTokens;
-  const int64_t budget = smem_optin - static_cast<int64_t>((kWarps + 2) * kMaxTokens * sizeof(float));  // static
-  while (tokens >= 4 && tile_bytes(tokens, K) > budget) tokens /= 2;
+  while (tokens >= 4 && tile_bytes(tokens, K, splits) > smem_optin - kStaticSmemBytes) tokens /= 2;
   return tokens >= 4 ? tokens : 0;
 }
 
 int64_t smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
-// CTAs per tile: on sm_90, where the tiles leave SMs idle (few rows: decode), a cluster of up to 8 CTAs deals each
-// tile's steps out, at least one step a CTA; elsewhere 1.
-int splits_for(int64_t M, int tokens, int64_t steps, int device) {
+// CTAs an SM holds by shared memory alone, for a tile of `tile` bytes.
+int64_t ctas_by_smem(int64_t tile, int device) {
+  const int64_t per_cta = tile + kStaticSmemBytes + device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device);
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device) / per_cta;
+}
+
+// CTAs per tile (a cluster on sm_90 that deals each tile's steps out, at least one step a CTA; elsewhere 1):
+// - while the tile holds fewer CTAs an SM than the registers allow (wide rows: K = 8192 at 8 rows takes 129 KiB, one
+//   CTA an SM, 8 warps), so that each CTA holds a shorter tile;
+// - while the tiles leave SMs idle (few rows: decode).
+int splits_for(int64_t M, int64_t K, int64_t b, int device) {
   if (!hopper::wgmma_available(device)) return 1;
+  const int64_t steps = (K + kStepColumns - 1) / kStepColumns;
+  const int64_t ctas_by_registers = b == 64 ? 3 : 2;  // the kernel's __launch_bounds__
+  const int tokens = M <= 4 ? 4 : kMaxTokens;
   const int64_t tiles = (M + tokens - 1) / tokens;
   int splits = 1;
-  while (splits * 2 <= kMaxSplits && splits * 2 <= steps && tiles * splits * 2 <= num_sms(device)) splits *= 2;
+  auto may_double = [&] { return splits * 2 <= kMaxSplits && splits * 2 <= steps; };
+  while (may_double() && ctas_by_smem(tile_bytes(tokens, K, splits), device) < ctas_by_registers) splits *= 2;
+  while (may_double() && tiles * splits * 2 <= num_sms(device)) splits *= 2;
   return splits;
 }
 
 template <typename T, int TOKENS, int B>
 void launch_instance(const Params& p, int64_t ctas, cudaStream_t stream) {
-  const int smem = static_cast<int>(tile_bytes(TOKENS, p.K));
+  const int smem = static_cast<int>(tile_bytes(TOKENS, p.K, p.splits));
   auto kernel = block_rotate_quantize_kernel<T, TOKENS, B>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   cudaLaunchConfig_t config = {};
@@ -406,7 +429,8 @@ std::tuple<at::Tensor, at::Tensor> block_rotate_quantize_cuda(const at::Tensor& 
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   TORCH_CHECK(major >= 8, op, ": needs sm_80 or newer (bf16 mma.sync), this GPU is sm_", major, "x");
-  const int tokens = tokens_per_cta(M, K, smem_optin(device));
+  const int splits = splits_for(M, K, b, device);
+  const int tokens = tokens_per_cta(M, K, splits, smem_optin(device));
   TORCH_CHECK(tokens > 0, op, ": rows of ", K, " with blocks of ", b, " do not fit this GPU's shared memory (",
               smem_optin(device), " bytes per block); the Triton kernel takes them");
   // 16-byte units (cp.async of x, vector loads of R): a storage offset off that grid takes an aligned copy.
@@ -418,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor> block_rotate_quantize_cuda(const at::Tensor& 
   if (M == 0) return {q, scales};
   const Params p{x.const_data_ptr(), rot.const_data_ptr<float>(), static_cast<uint8_t*>(q.data_ptr()),
                  scales.data_ptr<float>(), M, static_cast<int>(K), static_cast<float>(clip_ratio),
-                 static_cast<int>(bits), splits_for(M, tokens, (K + kStepColumns - 1) / kStepColumns, device)};
+                 static_cast<int>(bits), splits};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   if (x.scalar_type() == at::kHalf) {
     launch<__half>(p, b, tokens, stream);
@@ -433,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor> block_rotate_quantize_cuda(const at::Tensor& 
 // Whether block_rotate_quantize_cuda takes rows of K with blocks of b on `device` (b = 64 or 128, a tile of at least
 // 4 rows in shared memory); exposed to Python as quantkern._C.block_rotation_fits.
 bool block_rotation_fits(int64_t K, int64_t b, int device) {
-  return block_size_supported(b) && K > 0 && K % b == 0 && tokens_per_cta(1, K, smem_optin(device)) > 0;
+  return block_size_supported(b) && K > 0 && K % b == 0 && tokens_per_cta(1, K, 1, smem_optin(device)) > 0;
 }
 
 }  // namespace block_rotation

@@ -31,8 +31,8 @@ __device__ __forceinline__ int quantize_code(float v, float scale, int qmax) {
 }
 
 // quantize_code's result, with a multiplication by inverse = 1 / scale in place of the division where that gives
-// the same code (fewer instructions than the IEEE division; csrc/block_rotation.cu uses it, where its gain was not
-// measured apart from the other changes of docs/PERF.md session 35's v4a, which together changed little):
+// the same code (fewer instructions than the IEEE division; csrc/block_rotation.cu uses it: with the division there
+// the whole kernel took 6-15% longer on the H100, docs/PERF.md session 36):
 // q = fl(v * fl(1 / scale)) is within 2^-22 |v / scale| of fl(v / scale) (two roundings of 2^-24 each, one more for
 // the division's own), so the two round to different integers only where a half-integer lies between them; only
 // codes with |v / scale| < qmax + 1 <= 128 can differ after the clamp, so q within 2^-15 of a half-integer. Those
