@@ -416,10 +416,10 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor, backend: Optional[str]
     return _triton_op("block_rotate")(rows, rotation.float().contiguous()).reshape(x.shape)
 
 
-# The widest rows for which the automatic choice takes csrc/block_rotation.cu: on the H100 it was faster than the
-# Triton kernel at 576 and 4096 at every row count, and slower at 8192 from 16 rows on (docs/PERF.md, session 34).
-# Session 35's faster kernel may win at 8192 too (measured against Triton only across two runs): not yet re-decided.
-CUDA_BLOCK_ROTATION_AUTO_MAX_K = 4096
+# The widest rows for which the automatic choice takes csrc/block_rotation.cu. On the H100 (docs/PERF.md, session 36,
+# both kernels in one run) it was faster than the Triton kernel at 576, 4096 and 8192 at 1-8,192 rows; at 14336 it
+# was slower at 1 and 16 rows (12.3 / 12.0 against 11.7 / 9.7 us) and faster from 2,048.
+CUDA_BLOCK_ROTATION_AUTO_MAX_K = 8192
 
 
 def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
