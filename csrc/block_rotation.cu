@@ -7,7 +7,7 @@
 // choice also takes Triton for rows wider than 8192 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
 // Speed (H100, docs/PERF.md sessions 35-36, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 28.5 /
 // 110.9 us, K = 8192 57.9 / 224.3 (clusters of 2: 1.37-1.39x the one-CTA tiles), 6.6-9.0 us at 1-16 rows. Against
-// cuBLAS + the quantizer still 0.75-0.87x at 4096 and 8192 from 2,048 rows, 0.78-0.99x at 576. Latency-bound: two
+// cuBLAS + the quantizer still 0.75-0.87x at 4096 and 8192 from 2,048 rows, 0.78-1.01x at 576. Latency-bound: two
 // CTAs an SM at b = 128 (ncu at K = 4096: 0.93 eligible warps per scheduler, issue slots 53% busy).
 //
 // Why not cuBLAS + the quantizer: the rotated rows make a round trip through memory, and the GEMM of [M K / b, b]
