@@ -205,8 +205,8 @@ needs_cuda_kernel = pytest.mark.skipif(
 
 # (rows, K, b): tiles of 4 and 8 rows (the last one partial, or past M), SmolLM2 (576 = 9 x 64: a last step of one
 # block), Qwen2.5-0.5B (896), Llama-3-8B and -70B (4096, 8192), one step and many, clusters of 1-8 CTAs on the
-# H100 for few rows, none for many rows of up to 4096, and for many wide rows clusters of 2 (8192) and 4 (14336, a
-# number of steps not a multiple of 8) that keep two CTAs an SM; no rows.
+# H100 for few rows, none for many rows of up to 4096, and for many wide rows clusters of 2 (8192) and 4 (14336: 28 of
+# its 112 steps a CTA) that keep two CTAs an SM; no rows.
 CUDA_SHAPES = [(1, 576, 64), (5, 576, 64), (3, 192, 64), (17, 896, 64), (3, 4096, 128), (16, 4096, 128),
                (33, 4096, 128), (2, 8192, 128), (20, 8192, 128), (9, 128, 128), (300, 2048, 64), (1100, 1024, 128),
                (300, 8192, 128), (300, 14336, 128), (0, 256, 64)]
