@@ -82,7 +82,6 @@ constexpr int kThreads = 256;             // threads per block, both variants
 constexpr int kUnroll = 4;                // 16-byte vectors in flight per thread in the main loops
 constexpr int64_t kWarpPerRowMaxK = 1024;  // K up to this: one warp per row
 
-
 template <typename T>
 __device__ __forceinline__ float vec_absmax(const Vec16<T>& v, float m) {
 #pragma unroll

@@ -96,6 +96,10 @@ constexpr int kMaxTokens = 8;    // the mma's 8 B columns
 constexpr int kMaxSplits = 8;    // CTAs of a cluster (the portable cluster size)
 constexpr int kStepColumns = 128;  // columns a CTA step covers: one block of 128, or two of 64
 constexpr int kStepsAhead = 16;    // steps whose copies are in flight ahead of the one rotated (32 KiB at 8 rows)
+// CTAs an SM that the registers allow (the kernel's __launch_bounds__: <= 128 registers at b = 128, <= 80 at 64).
+constexpr int ctas_by_registers(int b) { return b == 64 ? 3 : 2; }
+// Token rows a CTA starts from for M rows: 4 for M <= 4 (decode), else the mma's 8.
+constexpr int initial_tokens(int64_t M) { return M <= 4 ? 4 : kMaxTokens; }
 
 // The tile's rows: row r starts at r * row_pitch_bytes(K) + row_shift_bytes(r), the pitch a multiple of 128 bytes
 // with room for the shifts. The shifts (16 bytes times 0, 4, 1, 5, 2, 6, 3, 7) keep both of the step's shared-memory
@@ -149,7 +153,7 @@ __device__ __forceinline__ void split_pairs(const float (&v)[8], uint32_t (&hi)[
 #endif
 
 template <typename T, int TOKENS, int B>
-__global__ void __launch_bounds__(kThreads, B == 64 ? 3 : 2) block_rotate_quantize_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, ctas_by_registers(B)) block_rotate_quantize_kernel(const Params p) {
 #if QK_BLOCK_ROTATION_BODY
   using Traits = w4a16::W4Traits<T>;
   constexpr int kChunks = B / 32;                // chunks of 32 k per block
@@ -343,7 +347,7 @@ constexpr int64_t kStaticSmemBytes = (kWarps + 2) * kMaxTokens * sizeof(float); 
 // Token rows per CTA for M rows of K dealt over `splits` CTAs, on a device with `smem_optin` bytes of shared memory
 // per block: 4 for M <= 4, else 8, halved while the tile does not fit; 0 when 4 do not.
 int tokens_per_cta(int64_t M, int64_t K, int64_t splits, int64_t smem_optin) {
-  int tokens = M <= 4 ? 4 : kMaxTokens;
+  int tokens = initial_tokens(M);
   while (tokens >= 4 && tile_bytes(tokens, K, splits) > smem_optin - kStaticSmemBytes) tokens /= 2;
   return tokens >= 4 ? tokens : 0;
 }
@@ -363,12 +367,11 @@ int64_t ctas_by_smem(int64_t tile, int device) {
 int splits_for(int64_t M, int64_t K, int64_t b, int device) {
   if (!hopper::wgmma_available(device)) return 1;
   const int64_t steps = (K + kStepColumns - 1) / kStepColumns;
-  const int64_t ctas_by_registers = b == 64 ? 3 : 2;  // the kernel's __launch_bounds__
-  const int tokens = M <= 4 ? 4 : kMaxTokens;
+  const int tokens = initial_tokens(M);
   const int64_t tiles = (M + tokens - 1) / tokens;
   int splits = 1;
   auto may_double = [&] { return splits * 2 <= kMaxSplits && splits * 2 <= steps; };
-  while (may_double() && ctas_by_smem(tile_bytes(tokens, K, splits), device) < ctas_by_registers) splits *= 2;
+  while (may_double() && ctas_by_smem(tile_bytes(tokens, K, splits), device) < ctas_by_registers(b)) splits *= 2;
   while (may_double() && tiles * splits * 2 <= num_sms(device)) splits *= 2;
   return splits;
 }
