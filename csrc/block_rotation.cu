@@ -4,11 +4,12 @@
 // scales (csrc/per_token_quant.cuh's formula), in one pass over memory: x read once, codes and scales written once.
 // b = 64 or 128 (head_dim); one R per block ([K / b, b, b]), other b and fp32 rows take the Triton kernel
 // (triton_kernels/block_rotation.py), which ops.block_rotate_quantize chooses (block_rotation_fits); its automatic
-// choice also takes Triton for rows wider than 8192 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
-// Speed (H100, docs/PERF.md sessions 35-36, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 28.5 /
-// 110.9 us, K = 8192 57.9 / 224.3 (clusters of 2: 1.37-1.39x the one-CTA tiles), 6.6-9.0 us at 1-16 rows. Against
-// cuBLAS + the quantizer still 0.75-0.87x at 4096 and 8192 from 2,048 rows, 0.78-1.01x at 576. Latency-bound: two
-// CTAs an SM at b = 128 (ncu at K = 4096: 0.93 eligible warps per scheduler, issue slots 53% busy).
+// choice also takes Triton for rows wider than 14336 (ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K).
+// Speed (H100, docs/PERF.md sessions 35-37, fp16, one shared R, CUDA graphs): K = 4096 at 2,048 / 8,192 rows 28.5 /
+// 110.9 us, K = 8192 57.9 / 224.3 (clusters of 2: 1.37-1.39x the one-CTA tiles); at 1-16 rows 5.8-5.9 us at 4096,
+// 6.9-7.0 at 8192, 8.7-8.8 at 14336 (clusters of 16). Against cuBLAS + the quantizer still 0.75-0.87x at 4096 and
+// 8192 from 2,048 rows, 0.78-1.01x at 576, 0.73-0.85x at 1-16 rows of 4096-14336. Latency-bound: two CTAs an SM at
+// b = 128 (ncu at K = 4096: 0.93 eligible warps per scheduler, issue slots 53% busy).
 //
 // Why not cuBLAS + the quantizer: the rotated rows make a round trip through memory, and the GEMM of [M K / b, b]
 // by [b, b] is far from cuBLAS's shapes; the Triton kernel reads x twice and does the math twice (its absmax pass).
@@ -18,7 +19,8 @@
 //   Warp w owns 16 outputs of a block (rows 16 (w % (b / 16)) .. + 15 of R) and keeps their R in registers for the
 //   whole CTA; the b / 16 warps of a block's outputs take the CTA's blocks one by one (b = 64: two blocks at a
 //   time, the last step of an odd number of blocks one). On sm_90 a cluster of S <= 8 CTAs shares each tile
-//   (splits_for) where the tiles leave SMs idle (few rows), and where a whole-row tile would hold fewer CTAs an SM
+//   (splits_for) where the tiles leave SMs idle (few rows; S <= 16 for one or two tiles, a non-portable cluster size
+//   where the device runs it: max_splits), and where a whole-row tile would hold fewer CTAs an SM
 //   than the registers allow (K = 8192: S = 2, two CTAs an SM instead of one; 14336: S = 4): CTA r takes steps r,
 //   r + S, ..., holds only their columns, and the CTAs exchange their per-token maxima through distributed shared
 //   memory.
@@ -93,7 +95,9 @@ namespace cg = cooperative_groups;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kMaxTokens = 8;    // the mma's 8 B columns
-constexpr int kMaxSplits = 8;    // CTAs of a cluster (the portable cluster size)
+constexpr int kMaxPortableSplits = 8;  // CTAs of a cluster: the portable cluster size,
+constexpr int kMaxSplits = 16;         // or the non-portable one at decode where the device runs it (max_splits)
+constexpr int kMaxTilesForWideClusters = 2;  // token tiles (M <= 16 rows) that may take more than 8 CTAs (splits_for)
 constexpr int kStepColumns = 128;  // columns a CTA step covers: one block of 128, or two of 64
 constexpr int kStepsAhead = 16;    // steps whose copies are in flight ahead of the one rotated (32 KiB at 8 rows)
 // CTAs an SM that the registers allow (the kernel's __launch_bounds__: <= 128 registers at b = 128, <= 80 at 64).
@@ -298,8 +302,15 @@ __global__ void __launch_bounds__(kThreads, ctas_by_registers(B)) block_rotate_q
   const cg::cluster_group cluster = cg::this_cluster();  // launched without clusters: the CTA itself
   cluster.sync();  // every CTA's maxima are stored and visible across the cluster
   if (threadIdx.x < TOKENS) {
+    // Every CTA's maximum read at once (a loop over p.splits read them one round trip after another).
+    float remote[kMaxSplits];
+#pragma unroll
+    for (int r = 0; r < kMaxSplits; ++r) {
+      remote[r] = r < p.splits ? *cluster.map_shared_rank(&cta_amax[threadIdx.x], r) : 0.0f;
+    }
     float m = 0.0f;
-    for (int r = 0; r < p.splits; ++r) m = max_propagate_nan(m, *cluster.map_shared_rank(&cta_amax[threadIdx.x], r));
+#pragma unroll
+    for (int r = 0; r < kMaxSplits; ++r) m = max_propagate_nan(m, remote[r]);
     row_scale[threadIdx.x] = per_token_scale(m, p.clip, static_cast<float>(qmax));
   }
   cluster.sync();  // no CTA leaves while another may still read its maxima; row_scale is visible to the CTA
@@ -360,19 +371,54 @@ int64_t ctas_by_smem(int64_t tile, int device) {
   return device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device) / per_cta;
 }
 
+// The largest cluster the kernel may take on `device` (sm_90): kMaxSplits CTAs where the device schedules such a
+// cluster (non-portable: the H100 does), else kMaxPortableSplits. Asked once per device, of one instance with a
+// decode-sized tile (every instance's CTA has the same threads; a larger tile only comes with fewer splits).
+int max_splits(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    auto kernel = block_rotate_quantize_kernel<__half, 4, 128>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(kMaxSplits);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = static_cast<size_t>(tile_bytes(4, 32 * kStepColumns, kMaxSplits));
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = kMaxSplits;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    (void)cudaGetLastError();  // (a refusal is an answer here, not an error to report later)
+    cached[device] = ok ? kMaxSplits : kMaxPortableSplits;
+  }
+  return cached[device];
+}
+
 // CTAs per tile (a cluster on sm_90 that deals each tile's steps out, at least one step a CTA; elsewhere 1):
 // - while the tile holds fewer CTAs an SM than the registers allow (wide rows: K = 8192 at 8 rows takes 129 KiB, one
 //   CTA an SM, 8 warps), so that each CTA holds a shorter tile;
-// - while the tiles leave SMs idle (few rows: decode).
+// - while the tiles leave SMs idle (few rows: decode): up to 16 CTAs for one or two tiles where the device runs such
+//   clusters, else up to 8. At decode each CTA's steps run one after another, about 0.5 us each (H100, 1 and 16 rows,
+//   16 CTAs against 8: K = 4096 6.8 -> 5.9 us, 8192 8.9 -> 7.0, 14336 12.0 -> 8.7); at 64 rows (8 tiles) 16 CTAs
+//   ran 0.93-1.11x as fast as 8 (slower at K = 4096), hence the tile limit (docs/PERF.md, session 37).
 int splits_for(int64_t M, int64_t K, int64_t b, int device) {
   if (!hopper::wgmma_available(device)) return 1;
   const int64_t steps = (K + kStepColumns - 1) / kStepColumns;
   const int tokens = initial_tokens(M);
   const int64_t tiles = (M + tokens - 1) / tokens;
+  const int decode_limit = tiles <= kMaxTilesForWideClusters ? max_splits(device) : kMaxPortableSplits;
   int splits = 1;
-  auto may_double = [&] { return splits * 2 <= kMaxSplits && splits * 2 <= steps; };
-  while (may_double() && ctas_by_smem(tile_bytes(tokens, K, splits), device) < ctas_by_registers(b)) splits *= 2;
-  while (may_double() && tiles * splits * 2 <= num_sms(device)) splits *= 2;
+  auto may_double = [&](int limit) { return splits * 2 <= limit && splits * 2 <= steps; };
+  while (may_double(kMaxPortableSplits) &&
+         ctas_by_smem(tile_bytes(tokens, K, splits), device) < ctas_by_registers(b)) {
+    splits *= 2;
+  }
+  while (may_double(decode_limit) && tiles * splits * 2 <= num_sms(device)) splits *= 2;
   return splits;
 }
 
@@ -387,6 +433,9 @@ void launch_instance(const Params& p, int64_t ctas, cudaStream_t stream) {
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute[1];
+  if (p.splits > kMaxPortableSplits) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  }
   if (p.splits > 1) {  // (no cluster attribute otherwise: the CTA is its own cluster)
     attribute[0].id = cudaLaunchAttributeClusterDimension;
     attribute[0].val.clusterDim.x = p.splits;

@@ -215,11 +215,12 @@ def permute_cases():
 
 def block_rotation_cases():
     # csrc/block_rotation.cu: tiles of 4 and 8 rows (the last partial), b = 64 (576: a last step of one block) and 128,
-    # int4 and int8, fp16 and bf16, clusters (few rows on the H100; many wide rows: 8192 and 14336) and none, a
-    # misaligned input (copied first); then in a CUDA graph.
+    # int4 and int8, fp16 and bf16, clusters (few rows on the H100: 16 CTAs at 9 rows of 8192 and 1 of 14336, 8 at 17
+    # of 4096; many wide rows: 8192 and 14336) and none, a misaligned input (copied first); then in a CUDA graph.
     for rows, k, b, dtype in ((1, 576, 64, torch.float16), (6, 896, 64, torch.bfloat16), (17, 4096, 128, torch.float16),
-                              (9, 8192, 128, torch.bfloat16), (35, 2048, 64, torch.float16),
-                              (300, 8192, 128, torch.float16), (290, 14336, 128, torch.bfloat16)):
+                              (9, 8192, 128, torch.bfloat16), (1, 14336, 128, torch.float16),
+                              (35, 2048, 64, torch.float16), (300, 8192, 128, torch.float16),
+                              (290, 14336, 128, torch.bfloat16)):
         x = torch.randn(rows, k, device="cuda").to(dtype)
         rotation = torch.linalg.qr(torch.randn(b, b, device="cuda"))[0].contiguous()
         for bits in (4, 8):

@@ -204,12 +204,13 @@ needs_cuda_kernel = pytest.mark.skipif(
     reason=f"no CUDA block_rotate_quantize kernel here: {cuda_status.reason}")
 
 # (rows, K, b): tiles of 4 and 8 rows (the last one partial, or past M), SmolLM2 (576 = 9 x 64: a last step of one
-# block), Qwen2.5-0.5B (896), Llama-3-8B and -70B (4096, 8192), one step and many, clusters of 1-8 CTAs on the
-# H100 for few rows, none for many rows of up to 4096, and for many wide rows clusters of 2 (8192) and 4 (14336: 28 of
-# its 112 steps a CTA) that keep two CTAs an SM; no rows.
+# block), Qwen2.5-0.5B (896), Llama-3-8B and -70B (4096, 8192), one step and many, clusters of 1-16 CTAs on the
+# H100 for few rows (16 for one or two tiles: 3 and 16 rows of 4096, 2 of 8192, 1 of 14336), none for many rows of up
+# to 4096, and for many wide rows clusters of 2 (8192) and 4 (14336: 28 of its 112 steps a CTA) that keep two CTAs an
+# SM; no rows.
 CUDA_SHAPES = [(1, 576, 64), (5, 576, 64), (3, 192, 64), (17, 896, 64), (3, 4096, 128), (16, 4096, 128),
                (33, 4096, 128), (2, 8192, 128), (20, 8192, 128), (9, 128, 128), (300, 2048, 64), (1100, 1024, 128),
-               (300, 8192, 128), (300, 14336, 128), (0, 256, 64)]
+               (300, 8192, 128), (1, 14336, 128), (300, 14336, 128), (0, 256, 64)]
 
 
 @pytest.mark.gpu
@@ -346,8 +347,9 @@ def test_automatic_choice_takes_triton_where_the_cuda_kernel_does_not_apply_or_i
     auto = ops.block_rotate_quantize(x, shared, 4)
     cuda = torch.ops.quantkern.block_rotate_quantize(x, shared, 4, 1.0)
     assert torch.equal(auto[0], cuda[0]) and torch.equal(auto[1], cuda[1])
-    # Rows wider than CUDA_BLOCK_ROTATION_AUTO_MAX_K take Triton unless the cuda backend is asked for.
-    wide = torch.randn(3, 2 * ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K, device="cuda", dtype=torch.float16)
+    # Rows wider than CUDA_BLOCK_ROTATION_AUTO_MAX_K take Triton unless the cuda backend is asked for (one block
+    # wider: the CUDA kernel takes rows of up to about 28,000 on the H100).
+    wide = torch.randn(3, ops.CUDA_BLOCK_ROTATION_AUTO_MAX_K + 128, device="cuda", dtype=torch.float16)
     shared = orthogonal(128).cuda().contiguous()
     auto = ops.block_rotate_quantize(wide, shared, 4)
     triton = ops.block_rotate_quantize(wide, shared, 4, backend="triton")
