@@ -26,7 +26,7 @@ import torch
 from common import graph_us, print_table, warm_up_gpu, write_json
 from quantkern import backends, ops, reference
 
-SHAPES = [(576, 64), (4096, 128), (8192, 128)]  # K, block (head_dim): SmolLM2, Llama-3-8B, Llama-3-70B
+SHAPES = [(576, 64), (4096, 128), (8192, 128), (14336, 128)]  # K, b: SmolLM2, Llama-3-8B, -70B, -8B's MLP width
 ROWS = [1, 16, 2048, 8192]
 
 

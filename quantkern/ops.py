@@ -416,10 +416,11 @@ def block_rotate(x: torch.Tensor, rotation: torch.Tensor, backend: Optional[str]
     return _triton_op("block_rotate")(rows, rotation.float().contiguous()).reshape(x.shape)
 
 
-# The widest rows for which the automatic choice takes csrc/block_rotation.cu. On the H100 (docs/PERF.md, session 36,
-# both kernels in one run) it was faster than the Triton kernel at 576, 4096 and 8192 at 1-8,192 rows; at 14336 it
-# was slower at 1 and 16 rows (12.3 / 12.0 against 11.7 / 9.7 us) and faster from 2,048.
-CUDA_BLOCK_ROTATION_AUTO_MAX_K = 8192
+# The widest rows for which the automatic choice takes csrc/block_rotation.cu. On the H100 (docs/PERF.md, sessions 36
+# and 37, both kernels in one run) it was faster than the Triton kernel at 576, 4096 and 8192 at 1-8,192 rows, and
+# since session 37's clusters of 16 at decode also at 14336 at 1-2,048 rows (1 and 16 rows: 8.8 / 8.7 against 11.9 /
+# 9.9 us; 8,192 rows in session 36: 421.1 against 497.9). Wider rows were not timed.
+CUDA_BLOCK_ROTATION_AUTO_MAX_K = 14336
 
 
 def block_rotate_quantize(x: torch.Tensor, rotation: torch.Tensor, bits: int = 4, clip_ratio: float = 1.0,
