@@ -281,11 +281,7 @@ void launch_cluster(const T* x, uint8_t* q, float* scale, int64_t M, int64_t K, 
   config.gridDim = dim3(blocks, static_cast<unsigned>(M), 1);
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = blocks;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attribute[1] = {cluster_launch_attribute(static_cast<unsigned>(blocks))};
   config.attrs = attribute;
   config.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, quantize_rows_cluster_kernel<T, BITS, SBITS>, x, q, scale, K, clip,

@@ -384,11 +384,7 @@ int max_splits(int device) {
     config.gridDim = dim3(kMaxSplits);
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = static_cast<size_t>(tile_bytes(4, 32 * kStepColumns, kMaxSplits));
-    cudaLaunchAttribute attribute[1];
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = kMaxSplits;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+    cudaLaunchAttribute attribute[1] = {cluster_launch_attribute(kMaxSplits)};
     config.attrs = attribute;
     config.numAttrs = 1;
     int clusters = 0;
@@ -437,10 +433,7 @@ void launch_instance(const Params& p, int64_t ctas, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   }
   if (p.splits > 1) {  // (no cluster attribute otherwise: the CTA is its own cluster)
-    attribute[0].id = cudaLaunchAttributeClusterDimension;
-    attribute[0].val.clusterDim.x = p.splits;
-    attribute[0].val.clusterDim.y = 1;
-    attribute[0].val.clusterDim.z = 1;
+    attribute[0] = cluster_launch_attribute(static_cast<unsigned>(p.splits));
     config.attrs = attribute;
     config.numAttrs = 1;
   }

@@ -94,6 +94,16 @@ inline cudaLaunchAttribute programmatic_launch_attribute() {
   return attribute;
 }
 
+// The launch attribute of a thread-block cluster of x * y blocks (cudaLaunchKernelEx; sm_90+).
+inline cudaLaunchAttribute cluster_launch_attribute(unsigned x, unsigned y = 1) {
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = x;
+  attribute.val.clusterDim.y = y;
+  attribute.val.clusterDim.z = 1;
+  return attribute;
+}
+
 // When to launch that way: only inside CUDA-graph capture, right after one of our kernels that calls
 // allow_dependent_launch (record_trigger_kernel says which). The capture's tail node tells: it is that kernel's
 // node exactly when nothing else was captured on the stream since. After any other kernel a programmatic launch

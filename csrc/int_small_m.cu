@@ -380,10 +380,7 @@ void launch_kernel(const Params& p, int splits, cudaStream_t stream) {
   // 1 us (H100, W4A4 GEMM alone, M = 1: 8192 x 8192 14.4 -> 13.4 us, 4096 x 4096 6.3 -> 5.2; docs/PERF.md,
   // session 31).
   if (splits > 1) {
-    attributes[1].id = cudaLaunchAttributeClusterDimension;
-    attributes[1].val.clusterDim.x = 1;
-    attributes[1].val.clusterDim.y = splits;
-    attributes[1].val.clusterDim.z = 1;
+    attributes[1] = cluster_launch_attribute(1, static_cast<unsigned>(splits));
     config.numAttrs = 2;
   }
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, int_small_m_kernel<WBITS, ABITS, TOKEN_TILES, WARPS, OutT>, p));
