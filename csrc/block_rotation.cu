@@ -372,8 +372,9 @@ int64_t ctas_by_smem(int64_t tile, int device) {
 }
 
 // The largest cluster the kernel may take on `device` (sm_90): kMaxSplits CTAs where the device schedules such a
-// cluster (non-portable: the H100 does), else kMaxPortableSplits. Asked once per device, of one instance with a
-// decode-sized tile (every instance's CTA has the same threads; a larger tile only comes with fewer splits).
+// cluster (non-portable: the H100 does), else kMaxPortableSplits. Asked once per device, of a b = 128 instance: its
+// registers allow the fewest CTAs an SM (2), which binds; the tiles of such decode clusters (at most 8 rows of 7
+// steps: about 15 KiB at K = 14336) do not.
 int max_splits(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
