@@ -45,6 +45,9 @@
 // and block row) are staged in shared memory and written with coalesced 16-byte stores. (The next row's
 // loads are issued after the mma phase there: 64 accumulators + 28 load registers + the rest fill the 128
 // registers that 2 CTAs per SM allow; H28's fragments are re-read from L1 for every row for the same reason.)
+// Tried on the H100 and slower (docs/PERF.md, session 38): the mma phase computed twice, for the absmax and then
+// for the codes, so that the loads could go out after phase 1 (1-11%); and, in this and the 2^k kernels, the
+// rows ahead asked into L2 with cp.async.bulk.prefetch (3-11% one round ahead, more at two).
 // Quantization: per-thread |max| (NaN propagates), warp shuffles, one shared exchange between warps;
 // scale = T(amax(v) * 256 / sqrt(n)) * clip / qmax (amax of the values rounded to T, as the two-kernel path
 // sees them; 1 where 0), then code = rni(max(v * (256 / sqrt(n) / scale), -qmax)) and cvt.pack.sat
