@@ -12,19 +12,50 @@
 # QUANTKERN_SKIP_TESTS=1 (a second call on a still-warm machine: benchmarks only), QUANTKERN_TESTS
 # (test files to run, default: all that need no package registry), QUANTKERN_SKIP_SANITIZERS=1,
 # QUANTKERN_SANITIZE_CASES (case groups of scripts/sanitize_cases.py, default all; e.g. "int_gemm"),
-# QUANTKERN_COMMIT (the commit the benchmarks' JSON records: the GPU machine's copy has no .git).
-# Exit status: 0 when every step that ran passed, 1 otherwise (the summary table says which failed).
+# QUANTKERN_COMMIT (the commit the benchmarks' JSON records: the GPU machine's copy has no .git),
+# QUANTKERN_TESTS_PER_FILE=1 (one pytest run, log and junit XML per test file: a failure or a cut-off costs one
+# file's results, and the summary has a line per file; each run pays pytest's and torch's start-up again),
+# QUANTKERN_DEADLINE_S (seconds from the script's start after which no further step starts, a running one going
+# on: a device call's limit then leaves the summary intact; the test files not reached go to
+# OUTDIR/tests_not_run.txt, ready to be passed as QUANTKERN_TESTS in the next call).
+# Exit status: 0 when every step ran and passed, 1 otherwise (the summary table says which failed or did not run).
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# The default tests: every test but those that need the built-in model's wheel (no package registry on the GPU
+# machine). QUANTKERN_TESTS_PER_FILE=1: the test files, checked before anything is built.
+NEEDS_MODEL_WHEEL=" tests/test_builtin_model.py tests/test_cli.py "
+DEFAULT_TESTS="tests$(for file in $NEEDS_MODEL_WHEEL; do printf ' --ignore=%s' "$file"; done)"
+TEST_FILES=()
+if [ "${QUANTKERN_TESTS_PER_FILE:-0}" = 1 ]; then
+    if [ -n "${QUANTKERN_TESTS:-}" ]; then
+        read -r -a TEST_FILES <<< "$QUANTKERN_TESTS"
+    else
+        for file in tests/test_*.py; do
+            [[ $NEEDS_MODEL_WHEEL == *" $file "* ]] || TEST_FILES+=("$file")
+        done
+    fi
+    for file in "${TEST_FILES[@]}"; do
+        [ -f "$file" ] || { echo "QUANTKERN_TESTS_PER_FILE=1 takes test files; no file $file" >&2; exit 1; }
+    done
+fi
 declare -A STATUS
+ORDER=()  # step names in the order they came
 
-step() {  # step NAME LOGFILE COMMAND...: run, log, remember pass/fail and time
+past_deadline() { [ -n "${QUANTKERN_DEADLINE_S:-}" ] && [ "$SECONDS" -ge "$QUANTKERN_DEADLINE_S" ]; }
+
+step() {  # step NAME LOGFILE COMMAND...: run, log, remember pass/fail and time (or that the deadline skipped it)
     local name=$1 log=$2; shift 2
     local start=$SECONDS
+    ORDER+=("$name")
+    if past_deadline; then
+        echo "=== $name: not run (past QUANTKERN_DEADLINE_S=$QUANTKERN_DEADLINE_S at ${SECONDS}s)"
+        STATUS[$name]="NOT RUN (deadline)"
+        return 1
+    fi
     echo "=== $name: $*"
     "$@" >"$OUTDIR/$log" 2>&1
     local rc=$?
@@ -53,10 +84,19 @@ if [ "${QUANTKERN_SKIP_BUILD:-0}" != 1 ]; then
 fi
 step info info.txt $PY -m quantkern info
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ]; then
-# Every test but the two that need the built-in model's wheel (no package registry on the GPU machine).
 # (QUANTKERN_TRITON_AUTOTUNE=0: one Triton config per kernel, so tests don't spend minutes autotuning.)
-step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
-    ${QUANTKERN_TESTS:-tests --ignore=tests/test_builtin_model.py --ignore=tests/test_cli.py}
+if [ "${QUANTKERN_TESTS_PER_FILE:-0}" = 1 ]; then
+    : > "$OUTDIR/tests_not_run.txt"
+    for file in "${TEST_FILES[@]}"; do
+        base=$(basename "$file" .py)
+        step "tests:$base" "tests_$base.log" env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs \
+            --junitxml="$OUTDIR/tests_$base.xml" "$file"
+        [ "${STATUS[tests:$base]}" = "NOT RUN (deadline)" ] && echo "$file" >> "$OUTDIR/tests_not_run.txt"
+    done
+else
+    step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
+        ${QUANTKERN_TESTS:-$DEFAULT_TESTS}
+fi
 fi
 if [ "${QUANTKERN_SKIP_TESTS:-0}" != 1 ] && [ "${QUANTKERN_SKIP_SANITIZERS:-0}" != 1 ]; then
 SAN="compute-sanitizer --target-processes all --error-exitcode 99"
@@ -84,13 +124,22 @@ done
 echo
 echo "=== summary ($(head -n1 "$OUTDIR/gpu.txt"), archs $TORCH_CUDA_ARCH_LIST)"
 [ -f "$OUTDIR/tests.log" ] && grep -hE "passed|failed" "$OUTDIR/tests.log" | tail -n1
-[ -f "$OUTDIR/memcheck.log" ] && grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/memcheck.log" "$OUTDIR/racecheck.log" | sort | uniq -c
+for name in "${ORDER[@]}"; do  # QUANTKERN_TESTS_PER_FILE=1: pytest's last line per file, in the order run
+    log="$OUTDIR/tests_${name#tests:}.log"
+    [ "${name#tests:}" != "$name" ] && [ -f "$log" ] || continue
+    printf '%-40s %s\n' "$name" "$(grep -hE "passed|failed|error|no tests ran" "$log" | tail -n1)"
+done
+if [ -s "$OUTDIR/tests_not_run.txt" ]; then
+    echo "test files not run (deadline): $(tr '\n' ' ' < "$OUTDIR/tests_not_run.txt")"
+fi
+[ -f "$OUTDIR/memcheck.log" ] \
+    && grep -hE "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/memcheck.log" "$OUTDIR/racecheck.log" | sort | uniq -c
 for bench in $BENCHES; do  # each benchmark prints its table last, after a blank line
     [ -f "$OUTDIR/bench_$bench.log" ] && awk 'BEGIN{RS=""} {last=$0} END{print last}' "$OUTDIR/bench_$bench.log" && echo
 done
-printf '%-24s %s\n' step result
-for name in build info tests memcheck racecheck peer_fht $(for b in $BENCHES; do echo "bench_$b"; done); do
-    [ -n "${STATUS[$name]:-}" ] && printf '%-24s %s\n' "$name" "${STATUS[$name]}"
+printf '%-40s %s\n' step result
+for name in "${ORDER[@]}"; do
+    printf '%-40s %s\n' "$name" "${STATUS[$name]}"
 done
 # (The loop's last test used to be the exit status: 0 with failed tests, 1 when the last step was skipped.)
 failed=0
