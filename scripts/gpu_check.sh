@@ -32,7 +32,7 @@ DEFAULT_TESTS="tests$(for file in $NEEDS_MODEL_WHEEL; do printf ' --ignore=%s' "
 TEST_FILES=()
 if [ "${QUANTKERN_TESTS_PER_FILE:-0}" = 1 ]; then
     if [ -n "${QUANTKERN_TESTS:-}" ]; then
-        read -r -a TEST_FILES <<< "$QUANTKERN_TESTS"
+        read -r -d '' -a TEST_FILES <<< "$QUANTKERN_TESTS" || true  # words on any lines (tests_not_run.txt's)
     else
         for file in tests/test_*.py; do
             [[ $NEEDS_MODEL_WHEEL == *" $file "* ]] || TEST_FILES+=("$file")

@@ -20,10 +20,11 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def run_script(out: Path, tests: list[Path], deadline: int | None = None) -> subprocess.CompletedProcess:
+def run_script(out: Path, tests: list[Path] | str, deadline: int | None = None) -> subprocess.CompletedProcess:
+    """gpu_check.sh on the CPU, test steps only; `tests`: files, or QUANTKERN_TESTS's text itself."""
     env = dict(os.environ, PYTHON=sys.executable, TORCH_CUDA_ARCH_LIST="8.9", QUANTKERN_SKIP_BUILD="1",
                QUANTKERN_SKIP_SANITIZERS="1", QUANTKERN_SKIP_BENCH="1", QUANTKERN_TESTS_PER_FILE="1",
-               QUANTKERN_TESTS=" ".join(str(t) for t in tests))
+               QUANTKERN_TESTS=tests if isinstance(tests, str) else " ".join(str(t) for t in tests))
     env.pop("QUANTKERN_DEADLINE_S", None)
     if deadline is not None:
         env["QUANTKERN_DEADLINE_S"] = str(deadline)
@@ -71,6 +72,16 @@ def test_past_the_deadline_no_step_starts_and_the_files_are_listed(tmp_path, two
                     "tests:test_fails": "NOT RUN (deadline)"}
     assert (out / "tests_not_run.txt").read_text().split() == [str(f) for f in two_test_files]
     assert not (out / "tests_test_passes.log").exists()
+
+
+def test_the_files_not_run_pass_on_to_the_next_call(tmp_path, two_test_files):
+    first = tmp_path / "first"
+    run_script(first, two_test_files, deadline=0)
+    not_run = (first / "tests_not_run.txt").read_text()
+    assert not_run.count("\n") == 2  # a file a line
+    result = run_script(tmp_path / "second", not_run)
+    rows = summary_rows(result.stdout)
+    assert rows["tests:test_passes"].startswith("PASS") and rows["tests:test_fails"].startswith("FAIL")
 
 
 def test_all_passing_files_exit_zero(tmp_path, two_test_files):
