@@ -44,6 +44,7 @@ if [ "${QUANTKERN_TESTS_PER_FILE:-0}" = 1 ]; then
 fi
 declare -A STATUS
 ORDER=()  # step names in the order they came
+NOT_RUN="NOT RUN (deadline)"  # a step's status when the deadline kept it from starting
 
 past_deadline() { [ -n "${QUANTKERN_DEADLINE_S:-}" ] && [ "$SECONDS" -ge "$QUANTKERN_DEADLINE_S" ]; }
 
@@ -53,7 +54,7 @@ step() {  # step NAME LOGFILE COMMAND...: run, log, remember pass/fail and time 
     ORDER+=("$name")
     if past_deadline; then
         echo "=== $name: not run (past QUANTKERN_DEADLINE_S=$QUANTKERN_DEADLINE_S at ${SECONDS}s)"
-        STATUS[$name]="NOT RUN (deadline)"
+        STATUS[$name]=$NOT_RUN
         return 1
     fi
     echo "=== $name: $*"
@@ -91,7 +92,7 @@ if [ "${QUANTKERN_TESTS_PER_FILE:-0}" = 1 ]; then
         base=$(basename "$file" .py)
         step "tests:$base" "tests_$base.log" env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs \
             --junitxml="$OUTDIR/tests_$base.xml" "$file"
-        [ "${STATUS[tests:$base]}" = "NOT RUN (deadline)" ] && echo "$file" >> "$OUTDIR/tests_not_run.txt"
+        [ "${STATUS[tests:$base]}" = "$NOT_RUN" ] && echo "$file" >> "$OUTDIR/tests_not_run.txt"
     done
 else
     step tests tests.log env QUANTKERN_TRITON_AUTOTUNE=0 $PY -m pytest -q -rs --junitxml="$OUTDIR/tests.xml" \
