@@ -124,11 +124,12 @@ done
 
 echo
 echo "=== summary ($(head -n1 "$OUTDIR/gpu.txt"), archs $TORCH_CUDA_ARCH_LIST)"
-[ -f "$OUTDIR/tests.log" ] && grep -hE "passed|failed" "$OUTDIR/tests.log" | tail -n1
-for name in "${ORDER[@]}"; do  # QUANTKERN_TESTS_PER_FILE=1: pytest's last line per file, in the order run
+pytest_result() { grep -hE "passed|failed|error|no tests ran" "$1" | tail -n1; }  # pytest's last line in log $1
+[ -f "$OUTDIR/tests.log" ] && pytest_result "$OUTDIR/tests.log"
+for name in "${ORDER[@]}"; do  # QUANTKERN_TESTS_PER_FILE=1: one line per file, in the order run
     log="$OUTDIR/tests_${name#tests:}.log"
     [ "${name#tests:}" != "$name" ] && [ -f "$log" ] || continue
-    printf '%-40s %s\n' "$name" "$(grep -hE "passed|failed|error|no tests ran" "$log" | tail -n1)"
+    printf '%-40s %s\n' "$name" "$(pytest_result "$log")"
 done
 if [ -s "$OUTDIR/tests_not_run.txt" ]; then
     echo "test files not run (deadline): $(tr '\n' ' ' < "$OUTDIR/tests_not_run.txt")"
