@@ -9,7 +9,6 @@ directory that is renamed into place only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -112,10 +111,6 @@ def _with_model_settings(model: torch.nn.Module, qconfig: dict) -> dict:
         raise ValueError(f"the model quantizes its KV cache with {kv} but quantization_config has "
                          f"kv_bits={qconfig.get('kv_bits')}, kv_rotate_keys={qconfig.get('kv_rotate_keys', False)}")
     return {**qconfig, "layers": overrides}
-
-
-def sha256_of_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def build_metadata(qconfig: dict, source: str, calibration: Optional[dict], timings: dict,

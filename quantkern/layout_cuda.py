@@ -39,7 +39,6 @@ K_TILE = 64   # the kernel's k-tile: in_features must be a multiple of it
 N_STRIP = 16  # the kernel's weight strip: out_features must be a multiple of it
 LOCKS = 4096  # split-K counters per prepared weight (one per output tile of a split-K call)
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
-OP_NAME = "quantkern::w4a16_gemm"
 # The scales that convert exactly to fp16 once multiplied by 2^8 (kStagedScaleShift in csrc/w4a16_common.cuh),
 # with (code - zero) * scale finite: 2^-(14 + 8) (fp16's smallest normal) to 4094 * 2^-8 (16 x that below 65504).
 STAGED_SCALE_MIN = 2.0 ** -22

@@ -37,7 +37,6 @@ import torch
 
 from .format import QuantizedWeight
 
-CUDA_OP = "quantkern::int_gemm"
 UNIT_ROWS = 64   # rows of one unit of the CUDA layout
 TILE_K = 128     # k values of one unit
 
